@@ -1,0 +1,8 @@
+//! The vfplane node agent as a library: the binary in `main.rs` only parses
+//! arguments and calls in here.
+//!
+//! Today it discovers the node (`vfplane-agent discover`); reconciling a
+//! desired node state comes with issue 3.
+#![forbid(unsafe_code)]
+
+pub mod discover;

@@ -1,0 +1,349 @@
+//! Unit tests of the host model on fake sysfs trees.
+
+use std::fs;
+
+use super::*;
+use crate::fake::{FakeDevice, FakeSysfs};
+
+fn addr(text: &str) -> PciAddress {
+    text.parse().unwrap()
+}
+
+const PF: &str = "0000:00:02.0";
+
+/// A node like the testbed's: one igb PF with IOMMU group 3 and `vfs` VFs in
+/// groups 4.., the first one bound to vfio-pci with its /dev/vfio node.
+fn testbed_like(vfs: u16) -> FakeSysfs {
+    let fake = FakeSysfs::new().unwrap();
+    let mut pf = FakeDevice::igb_pf(addr(PF));
+    pf.iommu_group = Some(3);
+    fake.add_pf(&pf, 7, "eth0").unwrap();
+    let made = fake.add_vfs(addr(PF), vfs, Some(4), -1).unwrap();
+    if let Some(first) = made.first() {
+        fake.set_driver(*first, Some("vfio-pci")).unwrap();
+        fake.add_vfio_node(4).unwrap();
+    }
+    fake
+}
+
+#[test]
+fn discovers_pf_vfs_groups_and_vfio_nodes() {
+    let fake = testbed_like(4);
+    let model = fake.host().discover().unwrap();
+    assert!(model.problems.is_empty(), "{:?}", model.problems);
+    assert_eq!(
+        model.iommu,
+        IommuState {
+            enabled: true,
+            groups: 5
+        }
+    );
+    assert_eq!(model.pfs.len(), 1);
+    let pf = &model.pfs[0];
+    assert_eq!(pf.pci.address, addr(PF));
+    assert_eq!(
+        (
+            pf.pci.vendor.as_str(),
+            pf.pci.device.as_str(),
+            pf.pci.class.as_str()
+        ),
+        ("8086", "10c9", "020000")
+    );
+    assert_eq!(pf.pci.driver.as_deref(), Some("igb"));
+    assert_eq!(pf.pci.numa_node, None);
+    assert_eq!((pf.total_vfs, pf.num_vfs), (7, 4));
+    assert_eq!(pf.vf_device.as_deref(), Some("10ca"));
+    assert_eq!(pf.netdevs.len(), 1);
+    assert_eq!(pf.netdevs[0].name, "eth0");
+    assert_eq!(pf.netdevs[0].carrier, Some(true));
+    assert_eq!(pf.netdevs[0].mtu, Some(1500));
+    let addresses: Vec<String> = pf.vfs.iter().map(|vf| vf.pci.address.to_string()).collect();
+    assert_eq!(
+        addresses,
+        ["0000:00:12.0", "0000:00:12.2", "0000:00:12.4", "0000:00:12.6"]
+    );
+    for (i, vf) in pf.vfs.iter().enumerate() {
+        assert_eq!(usize::from(vf.index), i);
+        assert_eq!(vf.pf, addr(PF));
+        let group = vf.iommu.as_ref().unwrap();
+        assert_eq!(group.id, 4 + i as u32);
+        assert_eq!(group.members, [vf.pci.address]);
+        assert!(vf.isolated);
+    }
+    assert_eq!(pf.vfs[0].pci.driver.as_deref(), Some("vfio-pci"));
+    assert!(pf.vfs[0].vfio_device.as_deref().unwrap().ends_with("dev/vfio/4"));
+    assert_eq!(pf.vfs[1].pci.driver, None);
+    assert_eq!(pf.vfs[1].vfio_device, None);
+}
+
+#[test]
+fn node_without_iommu_has_no_groups_and_nothing_isolated() {
+    let fake = FakeSysfs::new().unwrap();
+    fake.add_pf(&FakeDevice::igb_pf(addr(PF)), 7, "eth0").unwrap();
+    fake.add_vfs(addr(PF), 2, None, 0).unwrap();
+    let model = fake.host().discover().unwrap();
+    assert!(model.problems.is_empty(), "{:?}", model.problems);
+    assert!(!model.iommu.enabled);
+    let vfs = &model.pfs[0].vfs;
+    assert_eq!(vfs.len(), 2);
+    assert!(
+        vfs.iter()
+            .all(|vf| vf.iommu.is_none() && !vf.isolated && vf.vfio_device.is_none())
+    );
+    assert!(vfs.iter().all(|vf| vf.pci.numa_node == Some(0)));
+}
+
+#[test]
+fn group_shared_by_two_devices_is_not_isolated() {
+    let fake = testbed_like(2);
+    // Another function lands in VF 1's group (group 5), as behind a
+    // non-ACS bridge.
+    let intruder = FakeDevice {
+        address: addr("0000:00:03.0"),
+        vendor: 0x1234,
+        device: 0x1111,
+        class: 0x030000,
+        numa_node: -1,
+        driver: None,
+        iommu_group: Some(5),
+    };
+    fake.add_device(&intruder).unwrap();
+    let model = fake.host().discover().unwrap();
+    let vfs = &model.pfs[0].vfs;
+    assert!(vfs[0].isolated);
+    assert!(!vfs[1].isolated);
+    assert_eq!(
+        vfs[1].iommu.as_ref().unwrap().members,
+        [addr("0000:00:03.0"), addr("0000:00:12.2")]
+    );
+}
+
+#[test]
+fn vf_that_vanished_mid_read_is_a_problem_and_the_rest_is_reported() {
+    let fake = testbed_like(3);
+    fake.remove_device_dir(addr("0000:00:12.2")).unwrap();
+    let model = fake.host().discover().unwrap();
+    let vfs: Vec<u16> = model.pfs[0].vfs.iter().map(|vf| vf.index).collect();
+    assert_eq!(vfs, [0, 2]);
+    assert_eq!(model.problems.len(), 1);
+    assert_eq!(model.problems[0].address, Some(addr("0000:00:12.2")));
+    assert!(
+        model.problems[0].message.contains("vanished"),
+        "{}",
+        model.problems[0].message
+    );
+}
+
+#[test]
+fn garbage_files_name_the_file_and_do_not_hide_other_devices() {
+    let fake = testbed_like(2);
+    let second_pf = addr("0000:00:03.0");
+    fake.add_pf(&FakeDevice::igb_pf(second_pf), 7, "eth1").unwrap();
+    fake.write("devices/pci0000:00/0000:00:03.0/sriov_totalvfs", "lots\n")
+        .unwrap();
+    fake.write("devices/pci0000:00/0000:00:12.2/numa_node", "north\n")
+        .unwrap();
+    let model = fake.host().discover().unwrap();
+    assert_eq!(
+        model.pfs.len(),
+        1,
+        "the PF with a garbage total is reported as a problem"
+    );
+    assert_eq!(model.pfs[0].vfs.len(), 1);
+    let messages: Vec<&str> = model.problems.iter().map(|p| p.message.as_str()).collect();
+    assert_eq!(messages.len(), 2, "{messages:?}");
+    assert!(
+        messages
+            .iter()
+            .any(|m| m.contains("sriov_totalvfs") && m.contains("\"lots\"")),
+        "{messages:?}"
+    );
+    assert!(
+        messages
+            .iter()
+            .any(|m| m.contains("numa_node") && m.contains("\"north\"")),
+        "{messages:?}"
+    );
+}
+
+#[test]
+fn garbage_in_ids_and_links_is_an_error_not_a_panic() {
+    let fake = testbed_like(1);
+    let host = fake.host();
+    let vf = addr("0000:00:12.0");
+    fake.write("devices/pci0000:00/0000:00:12.0/vendor", "\u{0}\u{ff}junk")
+        .unwrap();
+    let err = host.pci_device(vf).unwrap_err();
+    assert!(matches!(err, HostError::Parse { .. }), "{err}");
+    assert!(err.to_string().contains("vendor"));
+    // Non-UTF-8 content is a read error naming the file.
+    fs::write(fake.device_dir(vf).join("vendor"), [0xff, 0xfe]).unwrap();
+    assert!(host.pci_device(vf).unwrap_err().to_string().contains("vendor"));
+    // A virtfn link that points at something that is not an address.
+    let link = fake.device_dir(addr(PF)).join("virtfn5");
+    std::os::unix::fs::symlink("../not-a-device", &link).unwrap();
+    let err = host.vf_addresses(addr(PF)).unwrap_err();
+    assert!(err.to_string().contains("virtfn5"), "{err}");
+    // Discovery reports it as a problem of the PF instead of failing.
+    let model = host.discover().unwrap();
+    assert!(model.pfs.is_empty());
+    assert!(model.problems.iter().any(|p| p.message.contains("virtfn5")));
+}
+
+#[test]
+fn unreadable_file_is_a_read_error_naming_it() {
+    let fake = testbed_like(1);
+    let vf = addr("0000:00:12.0");
+    // A directory where a file should be cannot be read as a file, even as root.
+    let path = fake.device_dir(vf).join("class");
+    fs::remove_file(&path).unwrap();
+    fs::create_dir(&path).unwrap();
+    let err = fake.host().pci_device(vf).unwrap_err();
+    assert!(matches!(err, HostError::Read { .. }), "{err}");
+    assert!(err.to_string().contains("class"), "{err}");
+}
+
+#[test]
+fn unknown_device_is_device_not_found() {
+    let fake = testbed_like(0);
+    let host = fake.host();
+    let missing = addr("0000:42:00.0");
+    let err = host.pci_device(missing).unwrap_err();
+    assert!(matches!(err, HostError::DeviceNotFound { .. }));
+    assert!(err.to_string().contains("0000:42:00.0"));
+    assert!(matches!(
+        host.set_num_vfs(missing, 1),
+        Err(HostError::DeviceNotFound { .. })
+    ));
+    assert!(matches!(
+        host.bind_driver(missing, "vfio-pci"),
+        Err(HostError::DeviceNotFound { .. })
+    ));
+}
+
+#[test]
+fn num_vfs_beyond_total_is_refused_and_nothing_is_written() {
+    let fake = testbed_like(2);
+    let err = fake.host().set_num_vfs(addr(PF), 8).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            HostError::TooManyVfs {
+                requested: 8,
+                total: 7,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("at most 7"));
+    assert_eq!(
+        fake.read("devices/pci0000:00/0000:00:02.0/sriov_numvfs")
+            .unwrap()
+            .trim(),
+        "2"
+    );
+}
+
+#[test]
+fn set_num_vfs_on_a_device_without_sriov_is_refused() {
+    let fake = testbed_like(1);
+    let err = fake.host().set_num_vfs(addr("0000:00:12.0"), 1).unwrap_err();
+    assert!(matches!(err, HostError::NotPhysicalFunction { .. }), "{err}");
+}
+
+#[test]
+fn set_num_vfs_writes_the_count() {
+    let fake = testbed_like(0);
+    fake.host().set_num_vfs(addr(PF), 4).unwrap();
+    assert_eq!(
+        fake.read("devices/pci0000:00/0000:00:02.0/sriov_numvfs").unwrap(),
+        "4"
+    );
+}
+
+#[test]
+fn num_vfs_changes_between_non_zero_counts_go_through_zero() {
+    assert_eq!(num_vfs_steps(0, 4), [4]);
+    assert_eq!(num_vfs_steps(4, 4), Vec::<u16>::new());
+    assert_eq!(num_vfs_steps(4, 0), [0]);
+    assert_eq!(num_vfs_steps(4, 2), [0, 2]);
+    assert_eq!(num_vfs_steps(2, 7), [0, 7]);
+}
+
+#[test]
+fn bind_writes_override_unbind_and_probe_then_checks_the_result() {
+    let fake = testbed_like(2);
+    let host = fake.host();
+    let vf = addr("0000:00:12.2");
+    fake.set_driver(vf, Some("igbvf")).unwrap();
+    // The fake tree does not rebind by itself, so the bind is reported as failed...
+    let err = host.bind_driver(vf, "vfio-pci").unwrap_err();
+    assert!(
+        matches!(&err, HostError::BindFailed { actual, .. } if actual == "igbvf"),
+        "{err}"
+    );
+    // ...after writing exactly what the kernel needs.
+    assert_eq!(
+        fake.read("devices/pci0000:00/0000:00:12.2/driver_override")
+            .unwrap(),
+        "vfio-pci"
+    );
+    assert_eq!(fake.read("bus/pci/drivers/igbvf/unbind").unwrap(), "0000:00:12.2");
+    assert_eq!(fake.read("bus/pci/drivers_probe").unwrap(), "0000:00:12.2");
+    // Already on the wanted driver: nothing to do.
+    fake.set_driver(vf, Some("vfio-pci")).unwrap();
+    host.bind_driver(vf, "vfio-pci").unwrap();
+    assert!(matches!(
+        host.bind_driver(vf, "../evil"),
+        Err(HostError::InvalidDriverName(_))
+    ));
+    assert!(matches!(
+        host.bind_driver(vf, ""),
+        Err(HostError::InvalidDriverName(_))
+    ));
+}
+
+#[test]
+fn link_down_pf_has_no_carrier() {
+    let fake = testbed_like(0);
+    fake.write("devices/pci0000:00/0000:00:02.0/net/eth0/operstate", "down\n")
+        .unwrap();
+    fs::remove_file(fake.device_dir(addr(PF)).join("net/eth0/carrier")).unwrap();
+    let netdevs = fake.host().netdevs(addr(PF)).unwrap();
+    assert_eq!(netdevs[0].operstate, "down");
+    assert_eq!(netdevs[0].carrier, None);
+}
+
+#[test]
+fn physfn_and_iommu_group_of_a_vf() {
+    let fake = testbed_like(2);
+    let host = fake.host();
+    assert_eq!(host.physfn(addr("0000:00:12.2")).unwrap(), Some(addr(PF)));
+    assert_eq!(host.physfn(addr(PF)).unwrap(), None);
+    assert_eq!(host.iommu_group_id(addr("0000:00:12.2")).unwrap(), Some(5));
+}
+
+#[test]
+fn vf_addresses_follow_offset_and_stride() {
+    assert_eq!(FakeSysfs::vf_address(addr(PF), 0), addr("0000:00:12.0"));
+    assert_eq!(FakeSysfs::vf_address(addr(PF), 3), addr("0000:00:12.6"));
+    assert_eq!(
+        FakeSysfs::vf_address(addr("0000:21:00.0"), 0),
+        addr("0000:21:10.0")
+    );
+}
+
+#[test]
+fn model_json_round_trips_with_camel_case_fields() {
+    let fake = testbed_like(1);
+    let model = fake.host().discover().unwrap();
+    let json = serde_json::to_value(&model).unwrap();
+    let pf = &json["pfs"][0];
+    assert_eq!(pf["address"], "0000:00:02.0");
+    assert_eq!(pf["totalVfs"], 7);
+    assert_eq!(pf["vfs"][0]["iommu"]["id"], 4);
+    assert_eq!(pf["vfs"][0]["driver"], "vfio-pci");
+    let back: HostModel = serde_json::from_value(json).unwrap();
+    assert_eq!(back, model);
+}

@@ -1,0 +1,4 @@
+//! `cargo xtask`: the project's own tooling as a library, so the tests in
+//! `tests/` can boot the same testbed the command line does.
+
+pub mod testbed;

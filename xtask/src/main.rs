@@ -1,0 +1,137 @@
+//! `cargo xtask`: the testbed, the demo, and the project's other chores.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result};
+use clap::{Parser, Subcommand};
+use xtask::testbed::{GuestOptions, Testbed, Topology};
+
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// The emulated SR-IOV node.
+    Testbed {
+        #[command(subcommand)]
+        command: TestbedCommand,
+    },
+    /// The end-to-end demo on the testbed node.
+    Demo {
+        #[command(flatten)]
+        guest: GuestArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum TestbedCommand {
+    /// Install, fetch and build everything the testbed needs, then stop.
+    Prepare,
+    /// Boot the node, run FILE as root inside it, print its output, exit with its code.
+    Run {
+        /// The shell script to run in the guest.
+        #[arg(long)]
+        script: PathBuf,
+        #[command(flatten)]
+        guest: GuestArgs,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct GuestArgs {
+    /// VFs to create on every PF before the script runs.
+    #[arg(long, default_value_t = 0)]
+    vfs: u16,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 1024)]
+    memory: u32,
+    /// Guest CPUs.
+    #[arg(long, default_value_t = 2)]
+    cpus: u32,
+    /// Two NUMA nodes with a PF on each (0000:00:02.0 and 0000:21:00.0).
+    #[arg(long)]
+    numa: bool,
+    /// Load the kernel VF driver (igbvf) at boot.
+    #[arg(long)]
+    kernel_vf_driver: bool,
+    /// Kill the guest after this many seconds.
+    #[arg(long, default_value_t = 300)]
+    timeout: u64,
+}
+
+impl GuestArgs {
+    fn options(&self) -> GuestOptions {
+        GuestOptions {
+            vfs: self.vfs,
+            memory_mib: self.memory,
+            cpus: self.cpus,
+            topology: if self.numa {
+                Topology::TwoNumaNodes
+            } else {
+                Topology::SinglePf
+            },
+            kernel_vf_driver: self.kernel_vf_driver,
+            timeout: Duration::from_secs(self.timeout),
+            files: Vec::new(),
+        }
+    }
+}
+
+const DEMO_SCRIPT: &str = include_str!("demo.sh");
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("xtask: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    let begun = Instant::now();
+    match cli.command {
+        Command::Testbed {
+            command: TestbedCommand::Prepare,
+        } => {
+            let testbed = Testbed::prepare()?;
+            eprintln!(
+                "testbed: ready in {:.1} s ({:?}, {} guest binaries)",
+                begun.elapsed().as_secs_f64(),
+                testbed.accel(),
+                testbed.binaries().len()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Testbed {
+            command: TestbedCommand::Run { script, guest },
+        } => {
+            let text =
+                std::fs::read_to_string(&script).with_context(|| format!("reading {}", script.display()))?;
+            run_guest(&text, &guest.options(), begun)
+        }
+        Command::Demo { guest } => run_guest(DEMO_SCRIPT, &guest.options(), begun),
+    }
+}
+
+fn run_guest(script: &str, options: &GuestOptions, begun: Instant) -> Result<ExitCode> {
+    let testbed = Testbed::prepare()?;
+    let prepared = begun.elapsed().as_secs_f64();
+    let outcome = testbed.run(script, options, true)?;
+    if let Some(after) = outcome.script_started_after {
+        eprintln!(
+            "testbed: prepared in {prepared:.1} s, script started {:.1} s after boot ({:.1} s after the command), exit {}",
+            after,
+            prepared + after,
+            outcome.exit_code
+        );
+    }
+    Ok(ExitCode::from(u8::try_from(outcome.exit_code).unwrap_or(1)))
+}

@@ -1,0 +1,729 @@
+//! The emulated SR-IOV node: QEMU's `igb` (an Intel 82576 with SR-IOV)
+//! behind an emulated `intel-iommu`, a Debian 6.12 guest kernel with the real
+//! igb and vfio-pci drivers, busybox, and the workspace's binaries linked
+//! statically and on `PATH`.
+//!
+//! [`Testbed::prepare`] installs and caches what it needs (idempotently);
+//! [`Testbed::start`] boots a guest that runs one script as root and powers
+//! off; [`RunningGuest::wait`] collects its output and exit code. Frames the
+//! guest's PFs send leave through `-netdev dgram` as UDP datagrams on
+//! 127.0.0.1: [`RunningGuest::pf_link`] gives the host side of each link.
+
+mod cpio;
+mod kernel;
+
+use std::fs::{self, File};
+use std::io::{Read as _, Seek as _, SeekFrom};
+use std::net::UdpSocket;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, bail};
+
+pub use cpio::CpioArchive;
+pub use kernel::GuestKernel;
+
+const INIT_SCRIPT: &str = include_str!("init.sh");
+const START_MARKER: &str = "VFPLANE-TESTBED-START";
+const EXIT_MARKER: &str = "VFPLANE-TESTBED-EXIT ";
+
+/// How the guest's NICs are laid out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Topology {
+    /// One igb PF at 0000:00:02.0 on the root bus (NUMA node unknown).
+    #[default]
+    SinglePf,
+    /// Two NUMA nodes with one CPU each, a PF on each: 0000:00:02.0 behind
+    /// nothing (node unknown) and 0000:21:00.0 behind a pxb-pcie on node 1.
+    TwoNumaNodes,
+}
+
+impl Topology {
+    /// How many PFs (and so UDP links) the guest has.
+    pub fn pf_count(self) -> usize {
+        match self {
+            Self::SinglePf => 1,
+            Self::TwoNumaNodes => 2,
+        }
+    }
+}
+
+/// What kind of acceleration QEMU uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accel {
+    /// Software emulation: always works.
+    Tcg,
+    /// KVM: used only when a probe guest really ran under it on this machine.
+    Kvm,
+}
+
+/// Options of one guest run.
+#[derive(Debug, Clone)]
+pub struct GuestOptions {
+    /// VFs the init creates on every PF before the script (0: none).
+    pub vfs: u16,
+    /// Guest memory in MiB.
+    pub memory_mib: u32,
+    /// Guest CPUs.
+    pub cpus: u32,
+    /// PF layout.
+    pub topology: Topology,
+    /// Load the kernel VF driver (igbvf) at boot.
+    pub kernel_vf_driver: bool,
+    /// The guest is killed after this long.
+    pub timeout: Duration,
+    /// Extra files put into the guest: (guest path, contents, mode).
+    pub files: Vec<(String, Vec<u8>, u32)>,
+}
+
+impl Default for GuestOptions {
+    fn default() -> Self {
+        Self {
+            vfs: 0,
+            memory_mib: 1024,
+            cpus: 2,
+            topology: Topology::SinglePf,
+            kernel_vf_driver: false,
+            timeout: Duration::from_secs(300),
+            files: Vec::new(),
+        }
+    }
+}
+
+/// A prepared testbed: packages installed, kernel cached, binaries built.
+#[derive(Debug)]
+pub struct Testbed {
+    workspace: PathBuf,
+    dir: PathBuf,
+    kernel: GuestKernel,
+    base_initrd: PathBuf,
+    binaries: Vec<PathBuf>,
+    accel: Accel,
+}
+
+/// The host side of one PF's link: datagrams sent to `guest_port` arrive in
+/// the guest as received frames; frames the guest sends arrive on `socket`.
+#[derive(Debug)]
+pub struct PfLink {
+    /// Port QEMU listens on (host -> guest).
+    pub guest_port: u16,
+    /// Bound to the port QEMU sends to (guest -> host).
+    pub socket: UdpSocket,
+}
+
+impl PfLink {
+    /// Sends one Ethernet frame into the guest's PF port.
+    ///
+    /// # Errors
+    /// Socket errors.
+    pub fn send_frame(&self, frame: &[u8]) -> std::io::Result<usize> {
+        self.socket.send_to(frame, ("127.0.0.1", self.guest_port))
+    }
+}
+
+/// A booted guest.
+#[derive(Debug)]
+pub struct RunningGuest {
+    child: Child,
+    run_dir: PathBuf,
+    links: Vec<PfLink>,
+    started: Instant,
+    timeout: Duration,
+}
+
+/// What a finished guest left.
+#[derive(Debug, Clone)]
+pub struct GuestOutcome {
+    /// The script's exit code.
+    pub exit_code: i32,
+    /// The script's output (stdout and stderr), without testbed markers.
+    pub output: String,
+    /// The guest console (kernel log).
+    pub console: String,
+    /// Seconds from QEMU start to the script's start, when it started.
+    pub script_started_after: Option<f64>,
+}
+
+impl GuestOutcome {
+    /// The script's output parsed as JSON documents: every line that starts
+    /// with `{` or `[` and parses.
+    pub fn json_lines(&self) -> Vec<serde_json::Value> {
+        self.output
+            .lines()
+            .filter(|l| l.starts_with('{') || l.starts_with('['))
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+}
+
+/// Runs a command and fails with its output when it fails.
+pub(crate) fn run_checked(command: &mut Command) -> Result<()> {
+    let out = command.output().with_context(|| format!("running {command:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{command:?} failed ({}):\n{}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
+/// The workspace root (this crate lives in `<root>/xtask`).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+fn target_dir(workspace: &Path) -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace.join("target"))
+}
+
+impl Testbed {
+    /// Installs host packages, caches the kernel, builds the workspace's
+    /// binaries statically and the base initramfs. Safe to call from
+    /// several processes at once (a file lock serialises them).
+    ///
+    /// # Errors
+    /// When a package, the kernel or the build cannot be had.
+    pub fn prepare() -> Result<Self> {
+        let workspace = workspace_root();
+        let dir = target_dir(&workspace).join("testbed");
+        fs::create_dir_all(&dir)?;
+        let lock = File::create(dir.join(".lock"))?;
+        lock.lock().context("locking the testbed cache")?;
+
+        run_checked(Command::new("bash").arg(workspace.join("testbed/install-host-deps.sh")))
+            .context("installing the testbed's host packages")?;
+        let kernel = kernel::ensure(&dir.join("kernel")).context("preparing the guest kernel")?;
+        let binaries = build_guest_binaries(&workspace).context("building the guest binaries")?;
+        let base_initrd = dir.join("base.cpio");
+        build_base_initrd(&kernel, &base_initrd).context("building the base initramfs")?;
+        let accel = choose_accel(&dir, &kernel, &base_initrd)?;
+        drop(lock);
+        Ok(Self {
+            workspace,
+            dir,
+            kernel,
+            base_initrd,
+            binaries,
+            accel,
+        })
+    }
+
+    /// The binaries that are on the guest's PATH.
+    pub fn binaries(&self) -> &[PathBuf] {
+        &self.binaries
+    }
+
+    /// The acceleration guests use.
+    pub fn accel(&self) -> Accel {
+        self.accel
+    }
+
+    /// The workspace root.
+    pub fn workspace(&self) -> &Path {
+        &self.workspace
+    }
+
+    /// Boots a guest that runs `script` (a POSIX sh script) as root.
+    ///
+    /// # Errors
+    /// When QEMU cannot be started or the run directory cannot be written.
+    pub fn start(&self, script: &str, options: &GuestOptions) -> Result<RunningGuest> {
+        let run_dir = tempdir_in(&self.dir.join("runs"))?;
+        let initrd = run_dir.join("initrd.cpio");
+        let mut bytes = fs::read(&self.base_initrd)?;
+        let mut run = CpioArchive::new();
+        run.dir("usr", 0o755);
+        run.dir("usr/local", 0o755);
+        run.dir("usr/local/bin", 0o755);
+        for binary in &self.binaries {
+            let name = binary
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            run.file(&format!("usr/local/bin/{name}"), 0o755, &fs::read(binary)?);
+        }
+        run.file("etc/vfplane/script", 0o755, script.as_bytes());
+        let env = format!(
+            "VFPLANE_TESTBED_VFS={}\nVFPLANE_TESTBED_KERNEL_VF_DRIVER={}\n",
+            options.vfs,
+            u8::from(options.kernel_vf_driver)
+        );
+        run.file("etc/vfplane/testbed.env", 0o644, env.as_bytes());
+        for (path, contents, mode) in &options.files {
+            run.file(path, *mode, contents);
+        }
+        bytes.extend_from_slice(&run.finish());
+        fs::write(&initrd, bytes)?;
+
+        let mut links = Vec::new();
+        let mut netdev_args = Vec::new();
+        for index in 0..options.topology.pf_count() {
+            let socket = UdpSocket::bind("127.0.0.1:0")?;
+            let host_port = socket.local_addr()?.port();
+            let guest_port = free_udp_port()?;
+            netdev_args.push(format!(
+                "dgram,id=n{index},local.type=inet,local.host=127.0.0.1,local.port={guest_port},\
+                 remote.type=inet,remote.host=127.0.0.1,remote.port={host_port}"
+            ));
+            links.push(PfLink { guest_port, socket });
+        }
+
+        let mut qemu = Command::new("qemu-system-x86_64");
+        let accel = match self.accel {
+            Accel::Tcg => "tcg",
+            Accel::Kvm => "kvm",
+        };
+        qemu.arg("-machine").arg(format!("q35,accel={accel}"));
+        qemu.args([
+            "-cpu",
+            "max",
+            "-smp",
+            &options.cpus.to_string(),
+            "-m",
+            &options.memory_mib.to_string(),
+        ]);
+        qemu.args(["-display", "none", "-monitor", "none", "-no-reboot"]);
+        // Without this, QEMU places VF BARs above 4 GiB, truncates them and
+        // every VF register reads 0 (testbed.md).
+        qemu.args(["-global", "q35-pcihost.pci-hole64-size=0"]);
+        qemu.arg("-serial")
+            .arg(format!("file:{}", run_dir.join("console.log").display()));
+        qemu.arg("-serial")
+            .arg(format!("file:{}", run_dir.join("output.log").display()));
+        match options.topology {
+            Topology::SinglePf => {
+                qemu.args(["-device", "intel-iommu,intremap=on,caching-mode=on"]);
+                qemu.args(["-device", "igb,netdev=n0"]);
+            }
+            Topology::TwoNumaNodes => {
+                let half = options.memory_mib / 2;
+                qemu.args(["-object", &format!("memory-backend-ram,id=m0,size={half}M")]);
+                qemu.args(["-object", &format!("memory-backend-ram,id=m1,size={half}M")]);
+                qemu.args([
+                    "-numa",
+                    "node,nodeid=0,cpus=0,memdev=m0",
+                    "-numa",
+                    "node,nodeid=1,cpus=1,memdev=m1",
+                ]);
+                qemu.args(["-device", "intel-iommu,intremap=on,caching-mode=on"]);
+                qemu.args(["-device", "igb,netdev=n0,bus=pcie.0,addr=2"]);
+                qemu.args(["-device", "pxb-pcie,id=pxb1,bus_nr=32,numa_node=1,bus=pcie.0"]);
+                qemu.args(["-device", "pcie-root-port,id=rp1,bus=pxb1,chassis=1"]);
+                qemu.args(["-device", "igb,netdev=n1,bus=rp1"]);
+            }
+        }
+        for arg in &netdev_args {
+            qemu.arg("-netdev").arg(arg);
+        }
+        qemu.arg("-kernel").arg(&self.kernel.vmlinuz);
+        qemu.arg("-initrd").arg(&initrd);
+        qemu.args([
+            "-append",
+            "console=ttyS0 intel_iommu=on panic=-1 quiet loglevel=4",
+        ]);
+        qemu.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let started = Instant::now();
+        let child = qemu.spawn().context("starting qemu-system-x86_64")?;
+        Ok(RunningGuest {
+            child,
+            run_dir,
+            links,
+            started,
+            timeout: options.timeout,
+        })
+    }
+
+    /// Boots a guest, runs `script`, echoes its output to stderr as it comes
+    /// when `echo` is set, and returns the outcome.
+    ///
+    /// # Errors
+    /// When the guest cannot start, or hangs past the timeout.
+    pub fn run(&self, script: &str, options: &GuestOptions, echo: bool) -> Result<GuestOutcome> {
+        self.start(script, options)?.wait_echoing(echo)
+    }
+}
+
+impl RunningGuest {
+    /// The host side of PF `index`'s link.
+    pub fn pf_link(&self, index: usize) -> Option<&PfLink> {
+        self.links.get(index)
+    }
+
+    /// The directory holding this run's logs.
+    pub fn run_dir(&self) -> &Path {
+        &self.run_dir
+    }
+
+    /// Output the script has written so far (markers removed).
+    pub fn output_so_far(&self) -> String {
+        clean_output(&fs::read_to_string(self.run_dir.join("output.log")).unwrap_or_default()).0
+    }
+
+    /// Waits for the guest to power off.
+    ///
+    /// # Errors
+    /// When it runs past its timeout (it is killed; the error holds the console).
+    pub fn wait(self) -> Result<GuestOutcome> {
+        self.wait_echoing(false)
+    }
+
+    fn wait_echoing(mut self, echo: bool) -> Result<GuestOutcome> {
+        let output_path = self.run_dir.join("output.log");
+        let mut echoed = 0u64;
+        let mut script_started_after = None;
+        let status = loop {
+            if (echo || script_started_after.is_none())
+                && let Some(text) = read_from(&output_path, echoed)
+            {
+                if script_started_after.is_none() && text.contains(START_MARKER) {
+                    script_started_after = Some(self.started.elapsed().as_secs_f64());
+                }
+                if echo && let Some(end) = text.rfind('\n') {
+                    eprint!("{}", clean_output(&text[..=end]).0);
+                    echoed += end as u64 + 1;
+                }
+            }
+            if let Some(status) = self.child.try_wait()? {
+                break status;
+            }
+            if self.started.elapsed() > self.timeout {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                let console = fs::read_to_string(self.run_dir.join("console.log")).unwrap_or_default();
+                let output = self.output_so_far();
+                bail!(
+                    "testbed guest timed out after {:?}\n--- script output ---\n{output}\n--- console ---\n{console}",
+                    self.timeout
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let raw = fs::read_to_string(&output_path).unwrap_or_default();
+        let console = fs::read_to_string(self.run_dir.join("console.log")).unwrap_or_default();
+        let (output, exit_code) = clean_output(&raw);
+        if echo {
+            let tail = &raw[usize::try_from(echoed).unwrap_or(0).min(raw.len())..];
+            eprint!("{}", clean_output(tail).0);
+        }
+        let Some(exit_code) = exit_code else {
+            let mut stderr = String::new();
+            if let Some(mut pipe) = self.child.stderr.take() {
+                let _ = pipe.read_to_string(&mut stderr);
+            }
+            bail!(
+                "testbed guest ended ({status}) without reporting the script's exit code\n\
+                 --- qemu ---\n{stderr}\n--- script output ---\n{output}\n--- console ---\n{console}"
+            );
+        };
+        Ok(GuestOutcome {
+            exit_code,
+            output,
+            console,
+            script_started_after,
+        })
+    }
+}
+
+/// Strips carriage returns and the testbed's markers; returns the output
+/// and the exit code if the guest reported one.
+fn clean_output(raw: &str) -> (String, Option<i32>) {
+    let mut output = String::new();
+    let mut exit_code = None;
+    for line in raw.replace('\r', "").split_inclusive('\n') {
+        let bare = line.trim_end_matches('\n');
+        if bare == START_MARKER {
+            continue;
+        }
+        if let Some(code) = bare.strip_prefix(EXIT_MARKER) {
+            exit_code = code.trim().parse().ok();
+            continue;
+        }
+        output.push_str(line);
+    }
+    (output, exit_code)
+}
+
+/// What a file holds from `offset` on, if it can be read.
+fn read_from(path: &Path, offset: u64) -> Option<String> {
+    let mut file = File::open(path).ok()?;
+    file.seek(SeekFrom::Start(offset)).ok()?;
+    let mut text = String::new();
+    file.read_to_string(&mut text).ok()?;
+    Some(text)
+}
+
+fn free_udp_port() -> Result<u16> {
+    let socket = UdpSocket::bind("127.0.0.1:0")?;
+    Ok(socket.local_addr()?.port())
+}
+
+fn tempdir_in(parent: &Path) -> Result<PathBuf> {
+    fs::create_dir_all(parent)?;
+    let pid = std::process::id();
+    for attempt in 0..1000u32 {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let dir = parent.join(format!("run-{pid}-{nanos:08x}-{attempt}"));
+        if fs::create_dir(&dir).is_ok() {
+            return Ok(dir);
+        }
+    }
+    bail!("cannot make a run directory under {}", parent.display())
+}
+
+/// Builds every binary of the workspace (but xtask's) for the guest, linked
+/// statically, and returns their paths.
+fn build_guest_binaries(workspace: &Path) -> Result<Vec<PathBuf>> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    let out = Command::new(cargo)
+        .current_dir(workspace)
+        .env("RUSTFLAGS", "-C target-feature=+crt-static")
+        .args([
+            "build",
+            "--release",
+            "--target",
+            "x86_64-unknown-linux-gnu",
+            "--workspace",
+            "--exclude",
+            "xtask",
+        ])
+        .args([
+            "--exclude",
+            "vfplane-tests",
+            "--bins",
+            "--examples",
+            "--message-format=json-render-diagnostics",
+        ])
+        .stderr(Stdio::inherit())
+        .output()
+        .context("running cargo build")?;
+    if !out.status.success() {
+        bail!("cargo build of the guest binaries failed");
+    }
+    let mut binaries = Vec::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Ok(message) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        if message["reason"] == "compiler-artifact"
+            && let Some(exe) = message["executable"].as_str()
+        {
+            binaries.push(PathBuf::from(exe));
+        }
+    }
+    binaries.sort();
+    binaries.dedup();
+    Ok(binaries)
+}
+
+/// The part of the initramfs that changes only with the kernel or the init:
+/// busybox, modules, runc and its libraries, /init.
+fn build_base_initrd(kernel: &GuestKernel, path: &Path) -> Result<()> {
+    let mut archive = CpioArchive::new();
+    for dir in [
+        "bin",
+        "sbin",
+        "usr",
+        "usr/bin",
+        "usr/sbin",
+        "etc",
+        "etc/vfplane",
+        "lib",
+        "lib/modules",
+    ] {
+        archive.dir(dir, 0o755);
+    }
+    for dir in [
+        "proc",
+        "sys",
+        "dev",
+        "tmp",
+        "run",
+        "root",
+        "var",
+        "var/run",
+        "lib64",
+        "lib/x86_64-linux-gnu",
+    ] {
+        archive.dir(dir, 0o755);
+    }
+    archive.dir("lib/modules/vfplane", 0o755);
+    archive.char_device("dev/console", 0o600, 5, 1);
+    archive.char_device("dev/null", 0o666, 1, 3);
+    archive.file(
+        "bin/busybox",
+        0o755,
+        &fs::read("/bin/busybox").context("reading /bin/busybox")?,
+    );
+    archive.symlink("bin/sh", "busybox");
+    archive.file("init", 0o755, INIT_SCRIPT.as_bytes());
+    archive.file("etc/passwd", 0o644, b"root:x:0:0:root:/root:/bin/sh\n");
+    archive.file("etc/group", 0o644, b"root:x:0:\n");
+    let names = |list: &[PathBuf], file: &str, archive: &mut CpioArchive| -> Result<()> {
+        let mut text = String::new();
+        for module in list {
+            let name = module
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            archive.file(&format!("lib/modules/vfplane/{name}"), 0o644, &fs::read(module)?);
+            text.push_str(&name);
+            text.push('\n');
+        }
+        archive.file(file, 0o644, text.as_bytes());
+        Ok(())
+    };
+    names(&kernel.boot_modules, "etc/vfplane/boot-modules", &mut archive)?;
+    names(
+        &kernel.optional_modules,
+        "etc/vfplane/optional-modules",
+        &mut archive,
+    )?;
+    // runc, for real containers in the guest, with the shared libraries it needs.
+    if let Ok(runc) = which("runc") {
+        archive.file("usr/bin/runc", 0o755, &fs::read(&runc)?);
+        for lib in shared_libraries(&runc)? {
+            let guest = lib.to_string_lossy().trim_start_matches('/').to_owned();
+            let parent = Path::new(&guest)
+                .parent()
+                .map(|p| p.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let mut so_far = String::new();
+            for part in parent.split('/').filter(|p| !p.is_empty()) {
+                if !so_far.is_empty() {
+                    so_far.push('/');
+                }
+                so_far.push_str(part);
+                archive.dir(&so_far, 0o755);
+            }
+            archive.file(&guest, 0o755, &fs::read(&lib)?);
+        }
+    }
+    let bytes = archive.finish();
+    if fs::read(path).ok().as_deref() != Some(bytes.as_slice()) {
+        fs::write(path, bytes)?;
+    }
+    Ok(())
+}
+
+fn which(name: &str) -> Result<PathBuf> {
+    for dir in std::env::var("PATH")
+        .unwrap_or_default()
+        .split(':')
+        .chain(["/usr/sbin", "/sbin"])
+    {
+        let candidate = Path::new(dir).join(name);
+        if candidate.is_file() {
+            return Ok(candidate);
+        }
+    }
+    bail!("{name} is not installed")
+}
+
+/// The shared libraries `ldd` names for a binary (the loader included).
+fn shared_libraries(binary: &Path) -> Result<Vec<PathBuf>> {
+    let out = Command::new("ldd").arg(binary).output().context("running ldd")?;
+    let mut libs = Vec::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let path = match line.split_once("=>") {
+            Some((_, rest)) => rest.split_whitespace().next(),
+            None => line.split_whitespace().next(),
+        };
+        if let Some(path) = path.filter(|p| p.starts_with('/')) {
+            libs.push(PathBuf::from(path));
+        }
+    }
+    Ok(libs)
+}
+
+/// Picks KVM only when a probe guest really reached its init under KVM on
+/// this machine (the result is cached); TCG otherwise.
+/// `VFPLANE_TESTBED_ACCEL=tcg|kvm` overrides the probe.
+fn choose_accel(dir: &Path, kernel: &GuestKernel, base_initrd: &Path) -> Result<Accel> {
+    match std::env::var("VFPLANE_TESTBED_ACCEL").as_deref() {
+        Ok("tcg") => return Ok(Accel::Tcg),
+        Ok("kvm") => return Ok(Accel::Kvm),
+        Ok(other) if !other.is_empty() => bail!("VFPLANE_TESTBED_ACCEL must be tcg or kvm, not {other:?}"),
+        _ => {}
+    }
+    if !Path::new("/dev/kvm").exists() {
+        return Ok(Accel::Tcg);
+    }
+    let cached = dir.join("kvm-probe");
+    if let Ok(text) = fs::read_to_string(&cached) {
+        return Ok(if text.trim() == "kvm" {
+            Accel::Kvm
+        } else {
+            Accel::Tcg
+        });
+    }
+    let probe = Testbed {
+        workspace: workspace_root(),
+        dir: dir.to_path_buf(),
+        kernel: kernel.clone(),
+        base_initrd: base_initrd.to_path_buf(),
+        binaries: Vec::new(),
+        accel: Accel::Kvm,
+    };
+    let options = GuestOptions {
+        timeout: Duration::from_secs(60),
+        ..GuestOptions::default()
+    };
+    let works = probe
+        .run(
+            "cat /sys/bus/pci/devices/0000:00:02.0/sriov_totalvfs",
+            &options,
+            false,
+        )
+        .map(|outcome| outcome.exit_code == 0 && outcome.output.trim() == "7")
+        .unwrap_or(false);
+    let accel = if works { Accel::Kvm } else { Accel::Tcg };
+    eprintln!(
+        "testbed: KVM probe {}; using {accel:?}",
+        if works { "ran a guest" } else { "failed" }
+    );
+    fs::write(&cached, if works { "kvm\n" } else { "tcg\n" })?;
+    Ok(accel)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn output_is_cleaned_of_markers_and_carriage_returns() {
+        let raw = "VFPLANE-TESTBED-START\r\nhello\r\n{\"a\":1}\r\nVFPLANE-TESTBED-EXIT 3\r\n";
+        let (output, code) = clean_output(raw);
+        assert_eq!(output, "hello\n{\"a\":1}\n");
+        assert_eq!(code, Some(3));
+        let (_, code) = clean_output("VFPLANE-TESTBED-START\nhalf");
+        assert_eq!(code, None);
+    }
+
+    #[test]
+    fn json_lines_skip_text() {
+        let outcome = GuestOutcome {
+            exit_code: 0,
+            output: "text\n{\"x\": 2}\n{broken\n[1]\n".to_owned(),
+            console: String::new(),
+            script_started_after: None,
+        };
+        assert_eq!(
+            outcome.json_lines(),
+            [serde_json::json!({"x": 2}), serde_json::json!([1])]
+        );
+    }
+}
