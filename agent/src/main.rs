@@ -25,9 +25,12 @@ struct Cli {
 enum Command {
     /// Print the node's SR-IOV PFs, VFs, drivers and IOMMU groups.
     Discover {
-        /// Print the stable JSON form (documented in the README).
+        /// Print the stable JSON form (documented in the README), one line.
         #[arg(long)]
         json: bool,
+        /// With --json: indent it for people.
+        #[arg(long, requires = "json")]
+        pretty: bool,
     },
 }
 
@@ -51,10 +54,12 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let host = Host::new(cli.sysfs_root, cli.dev_root);
     match cli.command {
-        Command::Discover { json } => {
+        Command::Discover { json, pretty } => {
             let model = host.discover().context("discovery failed")?;
-            if json {
+            if json && pretty {
                 println!("{}", serde_json::to_string_pretty(&model)?);
+            } else if json {
+                println!("{}", serde_json::to_string(&model)?);
             } else {
                 print!("{}", vfplane_agent::discover::render_text(&model));
             }

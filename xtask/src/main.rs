@@ -27,6 +27,12 @@ enum Command {
         #[command(flatten)]
         guest: GuestArgs,
     },
+    /// Everything CI checks: formatting, clippy, and every test (testbed included).
+    Test {
+        /// Also run the slow tests (marked #[ignore = "slow: ..."]).
+        #[arg(long)]
+        slow: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -118,7 +124,39 @@ fn run(cli: Cli) -> Result<ExitCode> {
             run_guest(&text, &guest.options(), begun)
         }
         Command::Demo { guest } => run_guest(DEMO_SCRIPT, &guest.options(), begun),
+        Command::Test { slow } => run_tests(slow, begun),
     }
+}
+
+/// Formatting, lints, then the tests. The testbed is prepared first so its
+/// one-time installs and builds are reported apart from the tests' own time.
+fn run_tests(slow: bool, begun: Instant) -> Result<ExitCode> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    let workspace = xtask::testbed::workspace_root();
+    let step = |name: &str, args: &[&str]| -> Result<bool> {
+        eprintln!("xtask test: {name} ({:.0} s)", begun.elapsed().as_secs_f64());
+        let status = std::process::Command::new(&cargo).current_dir(&workspace).args(args).status()?;
+        if !status.success() {
+            eprintln!("xtask test: {name} failed");
+        }
+        Ok(status.success())
+    };
+    if !step("cargo fmt --check", &["fmt", "--all", "--", "--check"])? {
+        return Ok(ExitCode::FAILURE);
+    }
+    if !step("cargo clippy", &["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])? {
+        return Ok(ExitCode::FAILURE);
+    }
+    eprintln!("xtask test: preparing the testbed ({:.0} s)", begun.elapsed().as_secs_f64());
+    let testbed = Testbed::prepare()?;
+    eprintln!("xtask test: testbed ready, {:?} ({:.0} s)", testbed.accel(), begun.elapsed().as_secs_f64());
+    let mut args = vec!["test", "--workspace"];
+    if slow {
+        args.extend(["--", "--include-ignored"]);
+    }
+    let passed = step("cargo test", &args)?;
+    eprintln!("xtask test: done in {:.0} s", begun.elapsed().as_secs_f64());
+    Ok(if passed { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
 fn run_guest(script: &str, options: &GuestOptions, begun: Instant) -> Result<ExitCode> {
