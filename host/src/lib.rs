@@ -12,7 +12,6 @@ mod error;
 #[cfg(any(test, feature = "fake"))]
 pub mod fake;
 mod model;
-mod pci;
 
 use std::fs;
 use std::io;
@@ -22,9 +21,9 @@ pub use error::{HostError, Result};
 pub use model::{
     HostModel, IommuGroup, IommuState, Netdev, PciDevice, PhysicalFunction, Problem, VirtualFunction,
 };
-pub use pci::{ParsePciAddressError, PciAddress};
+pub use vfplane_proto::pci::{ParsePciAddressError, PciAddress};
 
-use pci::parse_sysfs_hex;
+use vfplane_proto::pci::parse_sysfs_hex;
 
 /// The node's sysfs and device nodes, rooted where they are mounted.
 #[derive(Debug, Clone)]

@@ -19,6 +19,9 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod pci;
+pub mod pool;
+
 /// Kubelet device plugin API.
 pub mod deviceplugin {
     /// Device plugin API `v1beta1` (protobuf package `v1beta1`).

@@ -26,8 +26,14 @@ fn pf(model: &Value) -> &Value {
 #[test]
 fn discovers_the_pf_makes_isolated_vfs_and_binds_vfio() {
     let testbed = Testbed::prepare().expect("testbed prepares");
-    let outcome = testbed.run(SCRIPT, &GuestOptions::default(), false).expect("guest runs");
-    assert_eq!(outcome.exit_code, 0, "script failed:\n{}\n--- console ---\n{}", outcome.output, outcome.console);
+    let outcome = testbed
+        .run(SCRIPT, &GuestOptions::default(), false)
+        .expect("guest runs");
+    assert_eq!(
+        outcome.exit_code, 0,
+        "script failed:\n{}\n--- console ---\n{}",
+        outcome.output, outcome.console
+    );
     let models = outcome.json_lines();
     assert_eq!(models.len(), 3, "three discover runs:\n{}", outcome.output);
 
@@ -35,7 +41,10 @@ fn discovers_the_pf_makes_isolated_vfs_and_binds_vfio() {
     let before = pf(&models[0]);
     assert_eq!(models[0]["iommu"]["enabled"], true);
     assert_eq!(before["address"], "0000:00:02.0");
-    assert_eq!((before["vendor"].as_str(), before["device"].as_str()), (Some("8086"), Some("10c9")));
+    assert_eq!(
+        (before["vendor"].as_str(), before["device"].as_str()),
+        (Some("8086"), Some("10c9"))
+    );
     assert_eq!(before["driver"], "igb");
     assert_eq!(before["totalVfs"], 7);
     assert_eq!(before["numVfs"], 0);
@@ -59,7 +68,11 @@ fn discovers_the_pf_makes_isolated_vfs_and_binds_vfio() {
     groups.sort_unstable();
     groups.dedup();
     assert_eq!(groups.len(), 4, "every VF in its own IOMMU group");
-    assert!(models[1]["problems"].as_array().is_some_and(Vec::is_empty), "{}", models[1]);
+    assert!(
+        models[1]["problems"].as_array().is_some_and(Vec::is_empty),
+        "{}",
+        models[1]
+    );
 
     // After binding VF 0 to vfio-pci: its /dev/vfio/<group> exists.
     let bound = &pf(&models[2])["vfs"][0];
@@ -67,5 +80,8 @@ fn discovers_the_pf_makes_isolated_vfs_and_binds_vfio() {
     let group = bound["iommu"]["id"].as_u64().expect("group");
     assert_eq!(bound["vfioDevice"], format!("/dev/vfio/{group}"));
     let others = pf(&models[2])["vfs"].as_array().expect("vfs")[1..].to_vec();
-    assert!(others.iter().all(|vf| vf["vfioDevice"].is_null()), "only VF 0 has a VFIO node");
+    assert!(
+        others.iter().all(|vf| vf["vfioDevice"].is_null()),
+        "only VF 0 has a VFIO node"
+    );
 }

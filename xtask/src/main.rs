@@ -135,7 +135,10 @@ fn run_tests(slow: bool, begun: Instant) -> Result<ExitCode> {
     let workspace = xtask::testbed::workspace_root();
     let step = |name: &str, args: &[&str]| -> Result<bool> {
         eprintln!("xtask test: {name} ({:.0} s)", begun.elapsed().as_secs_f64());
-        let status = std::process::Command::new(&cargo).current_dir(&workspace).args(args).status()?;
+        let status = std::process::Command::new(&cargo)
+            .current_dir(&workspace)
+            .args(args)
+            .status()?;
         if !status.success() {
             eprintln!("xtask test: {name} failed");
         }
@@ -144,19 +147,33 @@ fn run_tests(slow: bool, begun: Instant) -> Result<ExitCode> {
     if !step("cargo fmt --check", &["fmt", "--all", "--", "--check"])? {
         return Ok(ExitCode::FAILURE);
     }
-    if !step("cargo clippy", &["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])? {
+    if !step(
+        "cargo clippy",
+        &["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"],
+    )? {
         return Ok(ExitCode::FAILURE);
     }
-    eprintln!("xtask test: preparing the testbed ({:.0} s)", begun.elapsed().as_secs_f64());
+    eprintln!(
+        "xtask test: preparing the testbed ({:.0} s)",
+        begun.elapsed().as_secs_f64()
+    );
     let testbed = Testbed::prepare()?;
-    eprintln!("xtask test: testbed ready, {:?} ({:.0} s)", testbed.accel(), begun.elapsed().as_secs_f64());
+    eprintln!(
+        "xtask test: testbed ready, {:?} ({:.0} s)",
+        testbed.accel(),
+        begun.elapsed().as_secs_f64()
+    );
     let mut args = vec!["test", "--workspace"];
     if slow {
         args.extend(["--", "--include-ignored"]);
     }
     let passed = step("cargo test", &args)?;
     eprintln!("xtask test: done in {:.0} s", begun.elapsed().as_secs_f64());
-    Ok(if passed { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if passed {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 fn run_guest(script: &str, options: &GuestOptions, begun: Instant) -> Result<ExitCode> {

@@ -1,4 +1,5 @@
-//! PCI addresses and the identifiers sysfs prints for a device.
+//! PCI addresses: the device IDs the kubelet sees, the addresses in
+//! `PCIDEVICE_*` variables and CDI names, and what sysfs is keyed by.
 
 use std::fmt;
 use std::str::FromStr;
@@ -121,7 +122,7 @@ impl<'de> Deserialize<'de> for PciAddress {
 /// Parses the `0x`-prefixed hexadecimal values sysfs prints for `vendor`,
 /// `device` and `class` (`0x8086`), and the bare form of `sriov_vf_device`
 /// (`10ca`).
-pub(crate) fn parse_sysfs_hex(text: &str) -> Option<u32> {
+pub fn parse_sysfs_hex(text: &str) -> Option<u32> {
     let text = text.trim();
     let digits = text.strip_prefix("0x").unwrap_or(text);
     if digits.is_empty() || digits.len() > 8 {

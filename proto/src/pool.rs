@@ -1,0 +1,397 @@
+//! The pool config file: which VFs the device plugin advertises, under which
+//! resource name, and how it picks among them. The agent writes it; it can
+//! also be written by hand.
+//!
+//! ```yaml
+//! pools:
+//!   - name: fast                     # advertised as vfplane.io/fast
+//!     devices: ["0000:00:12.0"]      # explicit VF addresses, and/or
+//!     selector:                      # every VF that matches all given fields
+//!       vendor: "8086"
+//!       device: "10ca"
+//!       pfAddresses: ["0000:00:02.0"]
+//!       drivers: ["vfio-pci"]
+//!     preferredAllocation: spread    # or pack
+//!     allowNoIommu: false            # advertise VFs on a node without an IOMMU
+//! ```
+
+use std::collections::BTreeSet;
+
+use serde::{Deserialize, Serialize};
+
+use crate::pci::PciAddress;
+
+/// The resource-name prefix of every pool: `vfplane.io/<pool>`.
+pub const RESOURCE_DOMAIN: &str = "vfplane.io";
+
+/// The CDI kind of vfplane devices: CDI names are `vfplane.io/vf=<address>`.
+pub const CDI_KIND: &str = "vfplane.io/vf";
+
+/// The whole file.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PoolConfig {
+    /// The pools, each advertised as its own resource.
+    #[serde(default)]
+    pub pools: Vec<Pool>,
+}
+
+/// One pool: one extended resource, one device plugin socket.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Pool {
+    /// Pool name; the resource is `vfplane.io/<name>`.
+    pub name: String,
+    /// VFs by PCI address.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub devices: Vec<PciAddress>,
+    /// VFs by their properties.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<PoolSelector>,
+    /// How the plugin prefers devices when the kubelet asks.
+    #[serde(default)]
+    pub preferred_allocation: AllocationPolicy,
+    /// Advertise VFs healthy on a node without an IOMMU (no isolation at
+    /// all). Off unless said explicitly.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_no_iommu: bool,
+}
+
+/// Selects every VF that matches all the fields given.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PoolSelector {
+    /// Vendor ID, 4 hex digits (`8086`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vendor: Option<String>,
+    /// VF device ID, 4 hex digits (`10ca`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
+    /// VFs of these PFs only.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pf_addresses: Vec<PciAddress>,
+    /// VFs bound to one of these drivers only.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub drivers: Vec<String>,
+}
+
+/// How a pool prefers devices for a container.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum AllocationPolicy {
+    /// Across as many PFs as possible (failure and bandwidth isolation).
+    #[default]
+    Spread,
+    /// Onto as few PFs as possible (keeps whole PFs free).
+    Pack,
+}
+
+/// Why a pool config was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum PoolConfigError {
+    /// Not YAML, or not this schema (unknown field, wrong type).
+    #[error("pool config line {line}, column {column}: {message}")]
+    Syntax {
+        /// 1-based line.
+        line: usize,
+        /// 1-based column.
+        column: usize,
+        /// What the parser said.
+        message: String,
+    },
+    /// Parsed, but a value is not allowed.
+    #[error("pool config line {line}: pool {pool:?}: {reason}")]
+    Invalid {
+        /// 1-based line of the pool's `name:` (0 when not found).
+        line: usize,
+        /// The pool's name.
+        pool: String,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+impl PoolConfig {
+    /// Parses and validates a pool config file's text.
+    ///
+    /// # Errors
+    /// [`PoolConfigError::Syntax`] with the line and column for YAML that
+    /// does not parse or does not fit the schema (an unknown field
+    /// included); [`PoolConfigError::Invalid`] with the pool's line for a bad
+    /// pool name, a duplicate pool, or a pool that selects nothing.
+    pub fn from_yaml(text: &str) -> Result<Self, PoolConfigError> {
+        let config: Self = if text.trim().is_empty() {
+            Self::default()
+        } else {
+            serde_yaml::from_str(text).map_err(|error| {
+                let (line, column) = error.location().map_or((0, 0), |l| (l.line(), l.column()));
+                PoolConfigError::Syntax {
+                    line,
+                    column,
+                    message: error.to_string(),
+                }
+            })?
+        };
+        config.validate(text)?;
+        Ok(config)
+    }
+
+    /// The file's text as the agent writes it.
+    ///
+    /// # Errors
+    /// Only if serialisation fails, which it does not for these types.
+    pub fn to_yaml(&self) -> Result<String, serde_yaml::Error> {
+        serde_yaml::to_string(self)
+    }
+
+    fn validate(&self, text: &str) -> Result<(), PoolConfigError> {
+        let mut seen = BTreeSet::new();
+        for pool in &self.pools {
+            let line = line_of_pool(text, &pool.name);
+            let invalid = |reason: String| PoolConfigError::Invalid {
+                line,
+                pool: pool.name.clone(),
+                reason,
+            };
+            validate_pool_name(&pool.name).map_err(invalid)?;
+            if !seen.insert(pool.name.as_str()) {
+                return Err(invalid("a pool of this name is already defined".to_owned()));
+            }
+            if pool.devices.is_empty() && pool.selector.is_none() {
+                return Err(invalid(
+                    "neither devices nor selector given: the pool would select nothing".to_owned(),
+                ));
+            }
+            if let Some(selector) = &pool.selector {
+                for (field, value) in [("vendor", &selector.vendor), ("device", &selector.device)] {
+                    if let Some(value) = value
+                        && (value.len() != 4 || !value.bytes().all(|b| b.is_ascii_hexdigit()))
+                    {
+                        return Err(invalid(format!("selector.{field} {value:?} is not 4 hex digits")));
+                    }
+                }
+                if selector
+                    .drivers
+                    .iter()
+                    .any(|d| d.is_empty() || d.contains(['/', ' ']))
+                {
+                    return Err(invalid(
+                        "selector.drivers holds an invalid driver name".to_owned(),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Pool {
+    /// `vfplane.io/<name>`.
+    pub fn resource_name(&self) -> String {
+        resource_name(&self.name)
+    }
+}
+
+/// `vfplane.io/<pool>`.
+pub fn resource_name(pool: &str) -> String {
+    format!("{RESOURCE_DOMAIN}/{pool}")
+}
+
+/// The environment variable holding a pool's PCI addresses in a container:
+/// `PCIDEVICE_VFPLANE_IO_<POOL>`, the pool upper-cased with every character
+/// that is not a letter or digit made `_` (the form DPDK applications read).
+pub fn pci_env_var(pool: &str) -> String {
+    let pool: String = pool
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_uppercase()
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("PCIDEVICE_VFPLANE_IO_{pool}")
+}
+
+/// The CDI name of a VF: `vfplane.io/vf=<address>`.
+pub fn cdi_device_name(address: PciAddress) -> String {
+    format!("{CDI_KIND}={address}")
+}
+
+/// Checks that `vfplane.io/<name>` is a valid extended-resource name: the
+/// name part must be a Kubernetes qualified name (at most 63 characters,
+/// alphanumerics with `-`, `_` or `.` inside, alphanumeric at both ends).
+///
+/// # Errors
+/// A sentence saying what is wrong.
+pub fn validate_pool_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("the pool name is empty".to_owned());
+    }
+    if name.len() > 63 {
+        return Err(format!(
+            "the pool name has {} characters; at most 63 are allowed",
+            name.len()
+        ));
+    }
+    let bytes = name.as_bytes();
+    let edge_ok = |b: u8| b.is_ascii_alphanumeric();
+    if !edge_ok(bytes[0]) || !edge_ok(bytes[bytes.len() - 1]) {
+        return Err(format!(
+            "{RESOURCE_DOMAIN}/{name} is not a valid resource name: it must start and end with a letter or digit"
+        ));
+    }
+    if let Some(bad) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
+    {
+        return Err(format!(
+            "{RESOURCE_DOMAIN}/{name} is not a valid resource name: {bad:?} is not allowed (letters, digits, '-', '_', '.')"
+        ));
+    }
+    Ok(())
+}
+
+/// The 1-based line of `name: <pool>` in the text, 0 when not found.
+fn line_of_pool(text: &str, pool: &str) -> usize {
+    text.lines()
+        .position(|line| {
+            let line = line.trim_start().trim_start_matches('-').trim_start();
+            line.strip_prefix("name:")
+                .map(|value| value.trim().trim_matches(['"', '\'']) == pool)
+                .unwrap_or(false)
+        })
+        .map_or(0, |index| index + 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = r#"
+pools:
+  - name: fast
+    devices: ["0000:00:12.0"]
+    selector:
+      vendor: "8086"
+      device: "10ca"
+      pfAddresses: ["0000:00:02.0"]
+      drivers: ["vfio-pci"]
+    preferredAllocation: pack
+  - name: slow
+    devices: ["0000:00:12.2"]
+"#;
+
+    #[test]
+    fn parses_the_documented_example() {
+        let config = PoolConfig::from_yaml(EXAMPLE).unwrap();
+        assert_eq!(config.pools.len(), 2);
+        let fast = &config.pools[0];
+        assert_eq!(fast.resource_name(), "vfplane.io/fast");
+        assert_eq!(fast.devices, ["0000:00:12.0".parse::<PciAddress>().unwrap()]);
+        assert_eq!(fast.preferred_allocation, AllocationPolicy::Pack);
+        let selector = fast.selector.as_ref().unwrap();
+        assert_eq!(
+            selector.pf_addresses,
+            ["0000:00:02.0".parse::<PciAddress>().unwrap()]
+        );
+        assert_eq!(config.pools[1].preferred_allocation, AllocationPolicy::Spread);
+        assert!(!config.pools[1].allow_no_iommu);
+        // Written and read back, it is the same config.
+        assert_eq!(PoolConfig::from_yaml(&config.to_yaml().unwrap()).unwrap(), config);
+    }
+
+    #[test]
+    fn empty_file_is_no_pools() {
+        assert_eq!(PoolConfig::from_yaml("").unwrap(), PoolConfig::default());
+        assert_eq!(
+            PoolConfig::from_yaml("pools: []\n").unwrap(),
+            PoolConfig::default()
+        );
+    }
+
+    #[test]
+    fn unknown_field_names_the_line() {
+        let text = "pools:\n  - name: fast\n    devices: [\"0000:00:12.0\"]\n    prefferedAllocation: pack\n";
+        let err = PoolConfig::from_yaml(text).unwrap_err();
+        let message = err.to_string();
+        assert!(
+            matches!(err, PoolConfigError::Syntax { line: 4, .. }),
+            "{message}"
+        );
+        assert!(message.contains("prefferedAllocation"), "{message}");
+    }
+
+    #[test]
+    fn yaml_that_does_not_parse_names_the_line() {
+        let err = PoolConfig::from_yaml("pools:\n  - name: fast\n   devices: [\n").unwrap_err();
+        assert!(
+            matches!(err, PoolConfigError::Syntax { line, .. } if line >= 2),
+            "{err}"
+        );
+        let err =
+            PoolConfig::from_yaml("pools:\n  - name: fast\n    devices: [\"0000:00:99.0\"]\n").unwrap_err();
+        assert!(err.to_string().contains("invalid PCI address"), "{err}");
+        assert!(matches!(err, PoolConfigError::Syntax { line: 3, .. }), "{err}");
+    }
+
+    #[test]
+    fn invalid_pool_names_are_refused_with_their_line() {
+        for (name, words) in [
+            ("\"fast lane\"", "' '"),
+            ("-fast", "start and end"),
+            ("\"fast/1\"", "'/'"),
+            ("\"\"", "empty"),
+            (&"a".repeat(64), "at most 63"),
+        ] {
+            let text = format!(
+                "pools:\n  - name: ok\n    devices: [\"0000:00:12.0\"]\n  - name: {name}\n    devices: [\"0000:00:12.2\"]\n"
+            );
+            let err = PoolConfig::from_yaml(&text).unwrap_err();
+            let message = err.to_string();
+            assert!(message.contains(words), "{name}: {message}");
+            if !name.is_empty() && name != "\"\"" {
+                assert!(
+                    matches!(err, PoolConfigError::Invalid { line: 4, .. }),
+                    "{name}: {message}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn duplicate_and_empty_pools_are_refused() {
+        let dup = "pools:\n  - name: a\n    devices: [\"0000:00:12.0\"]\n  - name: a\n    devices: [\"0000:00:12.2\"]\n";
+        assert!(
+            PoolConfig::from_yaml(dup)
+                .unwrap_err()
+                .to_string()
+                .contains("already defined")
+        );
+        let empty = "pools:\n  - name: a\n";
+        assert!(
+            PoolConfig::from_yaml(empty)
+                .unwrap_err()
+                .to_string()
+                .contains("select nothing")
+        );
+        let vendor = "pools:\n  - name: a\n    selector: {vendor: \"0x8086\"}\n";
+        assert!(
+            PoolConfig::from_yaml(vendor)
+                .unwrap_err()
+                .to_string()
+                .contains("4 hex digits")
+        );
+    }
+
+    #[test]
+    fn env_var_and_cdi_names() {
+        assert_eq!(pci_env_var("fast"), "PCIDEVICE_VFPLANE_IO_FAST");
+        assert_eq!(pci_env_var("fast-lane.v2"), "PCIDEVICE_VFPLANE_IO_FAST_LANE_V2");
+        assert_eq!(
+            cdi_device_name("0000:00:12.0".parse().unwrap()),
+            "vfplane.io/vf=0000:00:12.0"
+        );
+    }
+}
