@@ -2,6 +2,8 @@
 //! driver, a real intel-iommu, vfio-pci, and `vfplane-agent discover` reading
 //! the kernel's sysfs.
 
+#![allow(clippy::expect_used)] // test helpers: a panic is the failure report
+
 use serde_json::Value;
 use xtask::testbed::{GuestOptions, Testbed};
 
