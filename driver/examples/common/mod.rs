@@ -1,0 +1,144 @@
+//! What the example programs share: arguments, opening the VF, JSON lines.
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use vfplane_driver::igbvf::{IgbVf, IgbVfConfig};
+use vfplane_driver::vfio::VfioVf;
+use vfplane_driver::{MacAddress, NicDevice};
+
+/// Ethertype of test frames (IEEE local experimental 1).
+pub const ETHERTYPE_TEST: u16 = 0x88b5;
+/// Ethertype of warm-up frames (local experimental 2).
+pub const ETHERTYPE_WARMUP: u16 = 0x88b6;
+
+/// Parsed `--name value` arguments.
+#[derive(Debug, Default)]
+pub struct Args {
+    pairs: Vec<(String, String)>,
+}
+
+impl Args {
+    pub fn parse() -> Result<Self, String> {
+        let mut pairs = Vec::new();
+        let mut it = std::env::args().skip(1);
+        while let Some(name) = it.next() {
+            let Some(name) = name.strip_prefix("--") else {
+                return Err(format!("unexpected argument {name:?}"));
+            };
+            let value = it.next().ok_or_else(|| format!("--{name} needs a value"))?;
+            pairs.push((name.to_owned(), value));
+        }
+        Ok(Self { pairs })
+    }
+
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.pairs
+            .iter()
+            .rev()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn num<T: std::str::FromStr>(&self, name: &str, default: T) -> Result<T, String> {
+        match self.get(name) {
+            None => Ok(default),
+            Some(v) => v.parse().map_err(|_| format!("--{name} {v:?} is not a number")),
+        }
+    }
+
+    /// `--pci`, else the first VF of `PCIDEVICE_VFPLANE_IO_*`.
+    pub fn pci(&self) -> Result<String, String> {
+        if let Some(pci) = self.get("pci") {
+            return Ok(pci.to_owned());
+        }
+        let vfs = vfplane_driver::env::vfs_from_env().map_err(|e| e.to_string())?;
+        vfs.first()
+            .map(|v| v.pci.clone())
+            .ok_or_else(|| "no VF".to_owned())
+    }
+}
+
+/// Opens the VF and waits for link (`--link-timeout` seconds, default 20).
+pub fn open(args: &Args) -> Result<IgbVf<VfioVf>, String> {
+    let pci = args.pci()?;
+    let mut config = IgbVfConfig::default();
+    if let Some(mac) = args.get("mac") {
+        config.mac = Some(mac.parse::<MacAddress>()?);
+    }
+    config.rx_ring_size = args.num("rx-ring", config.rx_ring_size)?;
+    config.tx_ring_size = args.num("tx-ring", config.tx_ring_size)?;
+    let pages = match args.get("pages").unwrap_or("auto") {
+        "auto" => vfplane_driver::dma::PagePolicy::Auto,
+        "huge" => vfplane_driver::dma::PagePolicy::Hugepages,
+        "small" => vfplane_driver::dma::PagePolicy::SmallPages,
+        other => return Err(format!("--pages {other:?}: auto, huge or small")),
+    };
+    let mut dev = vfplane_driver::open_igbvf_with(&pci, &config, pages).map_err(|e| chain(&e))?;
+    let link_timeout = Duration::from_secs_f64(args.num("link-timeout", 20.0)?);
+    dev.wait_for_link(link_timeout).map_err(|e| chain(&e))?;
+    Ok(dev)
+}
+
+/// An error with its sources, one line.
+pub fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+/// The device's identity as JSON fields.
+pub fn identity<D: NicDevice>(dev: &D, pci: &str) -> serde_json::Value {
+    serde_json::json!({
+        "pci": pci,
+        "mac": dev.mac().to_string(),
+        "link_up": dev.link().up,
+        "speed_mbps": dev.link().speed_mbps,
+    })
+}
+
+/// Prints one JSON line and flushes.
+pub fn emit(value: &serde_json::Value) {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{value}");
+    let _ = out.flush();
+}
+
+/// Runs `body`, printing `{"tool":..,"error":..}` and exiting 1 on error.
+pub fn run(tool: &str, body: impl FnOnce() -> Result<(), String>) {
+    if let Err(error) = body() {
+        emit(&serde_json::json!({"tool": tool, "error": error}));
+        std::process::exit(1);
+    }
+}
+
+/// Writes a test frame: dst, src, ethertype, sequence number, pattern.
+pub fn fill_frame(buf: &mut [u8], dst: [u8; 6], src: [u8; 6], ethertype: u16, seq: u32) {
+    buf[..6].copy_from_slice(&dst);
+    buf[6..12].copy_from_slice(&src);
+    buf[12..14].copy_from_slice(&ethertype.to_be_bytes());
+    buf[14..18].copy_from_slice(&seq.to_be_bytes());
+    for (i, b) in buf.iter_mut().enumerate().skip(18) {
+        *b = (i as u32 ^ seq) as u8;
+    }
+}
+
+/// Whether `frame` is a well-formed test frame; its sequence number if so.
+pub fn check_frame(frame: &[u8]) -> Option<u32> {
+    if frame.len() < 18 || frame[12..14] != ETHERTYPE_TEST.to_be_bytes() {
+        return None;
+    }
+    let seq = u32::from_be_bytes([frame[14], frame[15], frame[16], frame[17]]);
+    frame
+        .iter()
+        .enumerate()
+        .skip(18)
+        .all(|(i, &b)| b == (i as u32 ^ seq) as u8)
+        .then_some(seq)
+}

@@ -1,0 +1,121 @@
+//! Counts `--count` test frames received on a VF, with a timeout, and
+//! reports the count and the rate (first to last frame).
+//!
+//! `rxcount [--pci ..] [--count 10000] [--timeout 60] [--mode poll|hybrid]
+//!  [--idle-polls 10000]`
+//!
+//! Prints `{"event":"ready",..}` once the VF is up (send after it), then
+//! one result line.
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use common::{Args, check_frame, emit, identity, open, run};
+use vfplane_driver::NicDevice;
+use vfplane_driver::poll::{PollMode, Poller, RxInterrupts};
+
+fn main() {
+    run("rxcount", || {
+        let args = Args::parse()?;
+        let count: u64 = args.num("count", 10_000)?;
+        let timeout = Duration::from_secs_f64(args.num("timeout", 60.0)?);
+        let mode = match args.get("mode").unwrap_or("poll") {
+            "poll" => PollMode::AlwaysPoll,
+            "hybrid" => PollMode::Hybrid {
+                idle_polls: args.num("idle-polls", 10_000)?,
+            },
+            other => return Err(format!("--mode {other:?}: poll or hybrid")),
+        };
+        let pci = args.pci()?;
+        let mut dev = open(&args)?;
+        let mut irq_error = None;
+        if matches!(mode, PollMode::Hybrid { .. })
+            && let Err(e) = dev.enable_rx_interrupt()
+        {
+            irq_error = Some(common::chain(&e));
+        }
+        let mut ready = identity(&dev, &pci);
+        ready["tool"] = "rxcount".into();
+        ready["event"] = "ready".into();
+        emit(&ready);
+
+        let mut poller = Poller::new(if irq_error.is_some() {
+            PollMode::AlwaysPoll
+        } else {
+            mode
+        });
+        let mut batch = Vec::with_capacity(64);
+        let (mut good, mut bad, mut other) = (0u64, 0u64, 0u64);
+        let mut seen = HashSet::with_capacity(count as usize);
+        let (mut min_len, mut max_len) = (usize::MAX, 0usize);
+        let mut first: Option<Instant> = None;
+        let mut last = Instant::now();
+        let deadline = Instant::now() + timeout;
+        while good < count {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            let n = poller
+                .recv(&mut dev, &mut batch, 64, left.min(Duration::from_millis(200)))
+                .map_err(|e| common::chain(&e))?;
+            if n == 0 {
+                continue;
+            }
+            let now = Instant::now();
+            first.get_or_insert(now);
+            last = now;
+            for buf in batch.drain(..) {
+                let frame = buf.as_slice();
+                min_len = min_len.min(frame.len());
+                max_len = max_len.max(frame.len());
+                if frame.len() >= 14 && frame[12..14] != common::ETHERTYPE_TEST.to_be_bytes() {
+                    other += 1;
+                    continue;
+                }
+                match check_frame(frame) {
+                    Some(seq) => {
+                        good += 1;
+                        seen.insert(seq);
+                    }
+                    None => bad += 1,
+                }
+            }
+        }
+        let seconds = first.map_or(0.0, |f| last.duration_since(f).as_secs_f64());
+        let stats = dev.stats();
+        let (hw_rx, _, _, _) = dev.hw_counters();
+        let ps = poller.stats();
+        let mut line = identity(&dev, &pci);
+        line["tool"] = "rxcount".into();
+        line["expected"] = count.into();
+        line["received"] = good.into();
+        line["unique"] = (seen.len() as u64).into();
+        line["bad"] = bad.into();
+        line["other"] = other.into();
+        line["timed_out"] = (good < count).into();
+        line["min_len"] = if max_len == 0 { 0 } else { min_len }.into();
+        line["max_len"] = max_len.into();
+        line["seconds"] = seconds.into();
+        line["pps"] = if seconds > 0.0 {
+            (good as f64 / seconds).round()
+        } else {
+            0.0
+        }
+        .into();
+        line["hw_rx_packets"] = hw_rx.into();
+        line["rx_drops"] = stats.rx_drops.into();
+        line["rx_errors"] = stats.rx_errors.into();
+        line["rx_no_buffer"] = stats.rx_no_buffer.into();
+        line["mode"] = format!("{mode:?}").into();
+        line["irq_error"] = irq_error.into();
+        line["poll"] = serde_json::json!({
+            "busy_polls": ps.busy_polls, "empty_polls": ps.empty_polls,
+            "sleeps": ps.sleeps, "wakeups": ps.wakeups,
+        });
+        emit(&line);
+        Ok(())
+    });
+}

@@ -1,0 +1,615 @@
+//! DMA memory: regions a device can read and write, each with a host address
+//! and an IO virtual address (IOVA).
+//!
+//! [`DmaAllocator`] is the seam: [`VfioDma`] gives hugepage-backed (2 MiB)
+//! or 4 KiB-page memory mapped into a VFIO container's IOMMU domain, and
+//! the device model ([`crate::model::ModelDma`]) gives plain memory the
+//! model "DMAs" into. Every [`DmaRegion`] owns its memory: dropping it
+//! unmaps it from the IOMMU first and then from the process.
+//!
+//! The device may access a region at any time once it is told about it,
+//! so the region is never seen through a Rust reference while the device
+//! may touch it: descriptor rings are read and written with volatile
+//! accesses only, and packet buffers are lent out as slices only while no
+//! descriptor points at them (see [`crate::mempool`]).
+
+use std::fmt;
+use std::ptr::NonNull;
+use std::sync::{Arc, Mutex};
+
+use thiserror::Error;
+use vfio_ioctls::{VfioContainer, VfioError};
+
+/// 4 KiB.
+pub const PAGE_4K: usize = 4096;
+/// 2 MiB.
+pub const PAGE_2M: usize = 2 * 1024 * 1024;
+
+/// Errors of DMA memory.
+#[derive(Debug, Error)]
+pub enum DmaError {
+    /// A zero-length region was asked for.
+    #[error("a DMA region cannot be empty")]
+    Empty,
+    /// mmap of host memory failed.
+    #[error("cannot map {len} bytes of host memory ({kind})")]
+    HostMap {
+        /// Bytes asked for.
+        len: usize,
+        /// "2 MiB hugepages" or "4 KiB pages".
+        kind: &'static str,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// No IOVA range left for the region.
+    #[error("no free IOVA range of {len} bytes (aligned to {align}) inside the IOMMU's ranges")]
+    IovaExhausted {
+        /// Bytes asked for.
+        len: usize,
+        /// Alignment asked for.
+        align: usize,
+    },
+    /// VFIO_IOMMU_MAP_DMA failed for lack of locked memory.
+    #[error(
+        "the locked-memory limit is too low: mapping {len} more bytes for DMA needs RLIMIT_MEMLOCK of at least \
+         {needed} bytes ({needed_kib} KiB) but it is {limit}; raise it with `ulimit -l {needed_kib}` \
+         (or `unlimited`), the container runtime's rlimits (RLIMIT_MEMLOCK), or grant CAP_IPC_LOCK"
+    )]
+    LockedMemoryLimit {
+        /// Bytes of this mapping.
+        len: usize,
+        /// Bytes this process needs locked in total.
+        needed: u64,
+        /// The same in KiB, as `ulimit -l` takes it.
+        needed_kib: u64,
+        /// The current limit, as text.
+        limit: String,
+    },
+    /// VFIO_IOMMU_MAP_DMA failed.
+    #[error("cannot map {len} bytes at IOVA {iova:#x} into the IOMMU")]
+    IommuMap {
+        /// IOVA.
+        iova: u64,
+        /// Bytes.
+        len: usize,
+        /// The VFIO error.
+        #[source]
+        source: VfioError,
+    },
+    /// The model's memory could not be allocated.
+    #[error("cannot allocate {len} bytes of model memory")]
+    ModelAlloc {
+        /// Bytes asked for.
+        len: usize,
+    },
+}
+
+/// What keeps a region's memory alive; dropping it releases the memory
+/// (unmapping it from the IOMMU first where it was mapped).
+pub trait DmaBacking: fmt::Debug {}
+
+/// A region of memory a device can DMA to and from.
+pub struct DmaRegion {
+    virt: NonNull<u8>,
+    len: usize,
+    iova: u64,
+    page_size: usize,
+    // Dropped after every use of `virt`: it owns the memory.
+    _backing: Box<dyn DmaBacking>,
+}
+
+impl fmt::Debug for DmaRegion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DmaRegion")
+            .field("iova", &format_args!("{:#x}", self.iova))
+            .field("len", &self.len)
+            .field("page_size", &self.page_size)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DmaRegion {
+    /// Wraps memory owned by `backing`.
+    ///
+    /// # Safety
+    /// `virt..virt + len` must be valid for reads and writes, aligned to 64
+    /// bytes, and owned by `backing` until `backing` is dropped; the device
+    /// must see the same bytes at `iova..iova + len`; nothing else may hold a
+    /// Rust reference to the memory.
+    pub unsafe fn from_raw_parts(
+        virt: NonNull<u8>,
+        len: usize,
+        iova: u64,
+        page_size: usize,
+        backing: Box<dyn DmaBacking>,
+    ) -> Self {
+        Self {
+            virt,
+            len,
+            iova,
+            page_size,
+            _backing: backing,
+        }
+    }
+
+    /// Bytes in the region.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the region is empty (never true for an allocated region).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The region's IOVA (what the device is told).
+    pub fn iova(&self) -> u64 {
+        self.iova
+    }
+
+    /// Page size backing the region (4 KiB or 2 MiB).
+    pub fn page_size(&self) -> usize {
+        self.page_size
+    }
+
+    /// Host address of the start of the region.
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.virt.as_ptr()
+    }
+
+    /// Whether `offset..offset + len` lies inside the region.
+    fn contains(&self, offset: usize, len: usize) -> bool {
+        offset.checked_add(len).is_some_and(|end| end <= self.len)
+    }
+
+    /// Volatile 32-bit read at `offset`; `None` when out of range or unaligned.
+    pub fn read_u32(&self, offset: usize) -> Option<u32> {
+        if !self.contains(offset, 4) || !offset.is_multiple_of(4) {
+            return None;
+        }
+        // SAFETY: in range (checked above) of memory valid for reads
+        // (`from_raw_parts` contract), 4-aligned since the base is 64-aligned.
+        Some(unsafe { self.virt.as_ptr().add(offset).cast::<u32>().read_volatile() })
+    }
+
+    /// Volatile 32-bit write at `offset`; returns false when out of range or unaligned.
+    pub fn write_u32(&self, offset: usize, value: u32) -> bool {
+        if !self.contains(offset, 4) || !offset.is_multiple_of(4) {
+            return false;
+        }
+        // SAFETY: in range and aligned (checked above) of memory valid for
+        // writes; no Rust reference to it exists (`from_raw_parts` contract).
+        unsafe { self.virt.as_ptr().add(offset).cast::<u32>().write_volatile(value) };
+        true
+    }
+
+    /// Copies `out.len()` bytes from `offset` (volatile byte reads); false when out of range.
+    pub fn read_bytes(&self, offset: usize, out: &mut [u8]) -> bool {
+        if !self.contains(offset, out.len()) {
+            return false;
+        }
+        for (i, byte) in out.iter_mut().enumerate() {
+            // SAFETY: offset + i < len (checked above); memory valid for reads.
+            *byte = unsafe { self.virt.as_ptr().add(offset + i).read_volatile() };
+        }
+        true
+    }
+
+    /// Fills `len` bytes at `offset` with `value` (volatile writes); false when out of range.
+    pub fn fill(&self, offset: usize, len: usize, value: u8) -> bool {
+        if !self.contains(offset, len) {
+            return false;
+        }
+        for i in 0..len {
+            // SAFETY: offset + i < len (checked above); memory valid for writes.
+            unsafe { self.virt.as_ptr().add(offset + i).write_volatile(value) };
+        }
+        true
+    }
+}
+
+/// Gives DMA regions.
+pub trait DmaAllocator {
+    /// A region of at least `len` bytes, zeroed, 64-byte aligned, mapped for
+    /// the device.
+    ///
+    /// # Errors
+    /// When memory, IOVA space or the locked-memory limit runs out.
+    fn allocate(&self, len: usize) -> Result<DmaRegion, DmaError>;
+}
+
+/// First-fit allocator of IOVA ranges inside the ranges the IOMMU allows.
+#[derive(Debug, Clone, Default)]
+pub struct IovaAllocator {
+    /// Free ranges `[start, end)`, sorted, disjoint, never adjacent.
+    free: Vec<(u64, u64)>,
+}
+
+impl IovaAllocator {
+    /// Lowest IOVA handed out: page 0 and the first MiB stay unmapped so a
+    /// zeroed descriptor can never reach real memory.
+    pub const FLOOR: u64 = 1 << 20;
+    /// Highest IOVA (exclusive) handed out when the IOMMU does not report its
+    /// ranges: 39 bits, what every VT-d with 3-level tables accepts.
+    pub const DEFAULT_CEILING: u64 = 1 << 39;
+
+    /// An allocator over the given usable ranges (`[start, end]`, inclusive
+    /// end as VFIO reports them), clipped to `[FLOOR, ceiling)`.
+    pub fn new(ranges: &[(u64, u64)], ceiling: u64) -> Self {
+        let mut free: Vec<(u64, u64)> = ranges
+            .iter()
+            .filter_map(|&(start, last)| {
+                let start = start.max(Self::FLOOR);
+                let end = last.saturating_add(1).min(ceiling);
+                (start < end).then_some((start, end))
+            })
+            .collect();
+        free.sort_unstable();
+        let mut merged: Vec<(u64, u64)> = Vec::with_capacity(free.len());
+        for (start, end) in free {
+            match merged.last_mut() {
+                Some(last) if start <= last.1 => last.1 = last.1.max(end),
+                _ => merged.push((start, end)),
+            }
+        }
+        Self { free: merged }
+    }
+
+    /// The default window `[FLOOR, 2^39)`.
+    pub fn with_default_window() -> Self {
+        Self::new(&[(0, Self::DEFAULT_CEILING - 1)], Self::DEFAULT_CEILING)
+    }
+
+    /// Takes `len` bytes aligned to `align` (a power of two).
+    pub fn allocate(&mut self, len: u64, align: u64) -> Option<u64> {
+        if len == 0 || !align.is_power_of_two() {
+            return None;
+        }
+        for i in 0..self.free.len() {
+            let (start, end) = self.free[i];
+            let Some(aligned) = start.checked_add(align - 1).map(|v| v & !(align - 1)) else {
+                continue;
+            };
+            let Some(stop) = aligned.checked_add(len) else {
+                continue;
+            };
+            if stop > end {
+                continue;
+            }
+            // Split [start, end) into [start, aligned) + used + [stop, end).
+            let mut pieces = Vec::with_capacity(2);
+            if start < aligned {
+                pieces.push((start, aligned));
+            }
+            if stop < end {
+                pieces.push((stop, end));
+            }
+            self.free.splice(i..=i, pieces);
+            return Some(aligned);
+        }
+        None
+    }
+
+    /// Gives `[start, start + len)` back.
+    pub fn free(&mut self, start: u64, len: u64) {
+        if len == 0 {
+            return;
+        }
+        let end = start.saturating_add(len);
+        let at = self.free.partition_point(|&(s, _)| s < start);
+        self.free.insert(at, (start, end));
+        // Merge with neighbours.
+        if at + 1 < self.free.len() && self.free[at].1 >= self.free[at + 1].0 {
+            self.free[at].1 = self.free[at].1.max(self.free[at + 1].1);
+            self.free.remove(at + 1);
+        }
+        if at > 0 && self.free[at - 1].1 >= self.free[at].0 {
+            self.free[at - 1].1 = self.free[at - 1].1.max(self.free[at].1);
+            self.free.remove(at);
+        }
+    }
+
+    /// The free ranges `[start, end)`.
+    pub fn free_ranges(&self) -> &[(u64, u64)] {
+        &self.free
+    }
+}
+
+/// Which pages back DMA memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PagePolicy {
+    /// 2 MiB hugepages when the system has them free, 4 KiB pages otherwise.
+    #[default]
+    Auto,
+    /// 2 MiB hugepages or fail.
+    Hugepages,
+    /// 4 KiB pages only.
+    SmallPages,
+}
+
+/// Anonymous host memory from mmap; munmapped on drop.
+#[derive(Debug)]
+struct HostMemory {
+    ptr: NonNull<u8>,
+    len: usize,
+    page_size: usize,
+}
+
+// SAFETY: HostMemory is a plain owned anonymous mapping; nothing in it is
+// tied to the thread that made it.
+unsafe impl Send for HostMemory {}
+
+impl HostMemory {
+    fn map(len: usize, page_size: usize) -> Result<Self, DmaError> {
+        let len = len.div_ceil(page_size) * page_size;
+        let huge = page_size == PAGE_2M;
+        let mut flags = libc::MAP_ANONYMOUS | libc::MAP_POPULATE;
+        if huge {
+            flags |= libc::MAP_SHARED | libc::MAP_HUGETLB | libc::MAP_HUGE_2MB;
+        } else {
+            flags |= libc::MAP_PRIVATE;
+        }
+        // SAFETY: an anonymous mapping at an address of the kernel's choice
+        // aliases nothing; the result is checked below.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                flags,
+                -1,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(DmaError::HostMap {
+                len,
+                kind: if huge { "2 MiB hugepages" } else { "4 KiB pages" },
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        let ptr = NonNull::new(ptr.cast::<u8>()).ok_or(DmaError::HostMap {
+            len,
+            kind: "null mapping",
+            source: std::io::Error::other("mmap returned null"),
+        })?;
+        Ok(Self { ptr, len, page_size })
+    }
+}
+
+impl Drop for HostMemory {
+    fn drop(&mut self) {
+        // SAFETY: `ptr..ptr + len` is exactly the mapping made in `map`, and
+        // it is unmapped only here, once.
+        let rc = unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+        if rc != 0 {
+            tracing::warn!(len = self.len, error = %std::io::Error::last_os_error(), "munmap of DMA memory failed");
+        }
+    }
+}
+
+/// The current RLIMIT_MEMLOCK soft limit (None: unlimited or unreadable).
+pub fn memlock_limit() -> Option<u64> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes only into the struct we pass.
+    let rc = unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut limit) };
+    (rc == 0 && limit.rlim_cur != libc::RLIM_INFINITY).then_some(limit.rlim_cur)
+}
+
+/// Shared state of a [`VfioDma`] and the regions it gave.
+#[derive(Debug)]
+struct VfioDmaState {
+    iova: IovaAllocator,
+    mapped_bytes: u64,
+}
+
+/// DMA memory mapped into a VFIO container's IOMMU domain.
+pub struct VfioDma {
+    container: Arc<VfioContainer>,
+    state: Arc<Mutex<VfioDmaState>>,
+    policy: PagePolicy,
+}
+
+impl fmt::Debug for VfioDma {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("VfioDma")
+            .field("policy", &self.policy)
+            .field("state", &self.state)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A region mapped into the IOMMU: unmapped from the IOMMU, then from the
+/// process, on drop.
+struct VfioMapping {
+    container: Arc<VfioContainer>,
+    state: Arc<Mutex<VfioDmaState>>,
+    iova: u64,
+    // Dropped (munmapped) after `drop` below has unmapped the IOVA.
+    host: HostMemory,
+}
+
+impl fmt::Debug for VfioMapping {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("VfioMapping")
+            .field("iova", &format_args!("{:#x}", self.iova))
+            .field("host", &self.host)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DmaBacking for VfioMapping {}
+
+impl Drop for VfioMapping {
+    fn drop(&mut self) {
+        match self.container.vfio_dma_unmap(self.iova, self.host.len) {
+            Ok(()) => {
+                if let Ok(mut state) = self.state.lock() {
+                    state.iova.free(self.iova, self.host.len as u64);
+                    state.mapped_bytes = state.mapped_bytes.saturating_sub(self.host.len as u64);
+                }
+            }
+            // The IOVA stays reserved: the device might still reach it.
+            Err(error) => {
+                tracing::error!(iova = self.iova, len = self.host.len, %error, "VFIO DMA unmap failed")
+            }
+        }
+    }
+}
+
+impl VfioDma {
+    /// DMA memory for `container`, with IOVAs from `iova`.
+    pub fn new(container: Arc<VfioContainer>, iova: IovaAllocator, policy: PagePolicy) -> Self {
+        Self {
+            container,
+            state: Arc::new(Mutex::new(VfioDmaState {
+                iova,
+                mapped_bytes: 0,
+            })),
+            policy,
+        }
+    }
+
+    /// Bytes currently mapped for DMA.
+    pub fn mapped_bytes(&self) -> u64 {
+        self.state.lock().map(|s| s.mapped_bytes).unwrap_or(0)
+    }
+
+    fn host_memory(&self, len: usize) -> Result<HostMemory, DmaError> {
+        match self.policy {
+            PagePolicy::Hugepages => HostMemory::map(len, PAGE_2M),
+            PagePolicy::SmallPages => HostMemory::map(len, PAGE_4K),
+            PagePolicy::Auto => HostMemory::map(len, PAGE_2M).or_else(|error| {
+                tracing::debug!(%error, "no 2 MiB hugepages; using 4 KiB pages");
+                HostMemory::map(len, PAGE_4K)
+            }),
+        }
+    }
+}
+
+impl DmaAllocator for VfioDma {
+    fn allocate(&self, len: usize) -> Result<DmaRegion, DmaError> {
+        if len == 0 {
+            return Err(DmaError::Empty);
+        }
+        let host = self.host_memory(len)?;
+        let mut state = self.state.lock().map_err(|_| DmaError::IovaExhausted {
+            len,
+            align: host.page_size,
+        })?;
+        let iova = state
+            .iova
+            .allocate(host.len as u64, host.page_size as u64)
+            .ok_or(DmaError::IovaExhausted {
+                len: host.len,
+                align: host.page_size,
+            })?;
+        // SAFETY: `host` is a fresh anonymous mapping owned by the VfioMapping
+        // built below, which unmaps the IOVA before the memory goes; no Rust
+        // reference to it exists and the driver touches it only through
+        // volatile accesses or while the device has no descriptor on it.
+        let mapped = unsafe { self.container.vfio_dma_map(iova, host.len, host.ptr.as_ptr()) };
+        if let Err(source) = mapped {
+            state.iova.free(iova, host.len as u64);
+            let enomem = matches!(&source, VfioError::IommuDmaMap(e) if e.errno() == libc::ENOMEM);
+            if enomem {
+                let needed = state.mapped_bytes + host.len as u64;
+                let needed_kib = needed.div_ceil(1024);
+                return Err(DmaError::LockedMemoryLimit {
+                    len: host.len,
+                    needed,
+                    needed_kib,
+                    limit: memlock_limit().map_or_else(|| "unlimited".to_owned(), |l| format!("{l} bytes")),
+                });
+            }
+            return Err(DmaError::IommuMap {
+                iova,
+                len: host.len,
+                source,
+            });
+        }
+        state.mapped_bytes += host.len as u64;
+        drop(state);
+        let (ptr, page_size, full_len) = (host.ptr, host.page_size, host.len);
+        let backing = VfioMapping {
+            container: Arc::clone(&self.container),
+            state: Arc::clone(&self.state),
+            iova,
+            host,
+        };
+        tracing::debug!(iova, len = full_len, page_size, "DMA region mapped");
+        // SAFETY: the mapping is page aligned (>= 64), valid for reads and
+        // writes, zeroed (fresh anonymous memory), owned by `backing`, and the
+        // IOMMU maps `iova` to it for the device.
+        Ok(unsafe { DmaRegion::from_raw_parts(ptr, full_len, iova, page_size, Box::new(backing)) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn iova_ranges_are_clipped_and_merged() {
+        let a = IovaAllocator::new(
+            &[(0, 0xfedf_ffff), (0xfef0_0000, u64::MAX), (0x1000, 0x2000)],
+            1 << 39,
+        );
+        assert_eq!(a.free_ranges(), &[(1 << 20, 0xfee0_0000), (0xfef0_0000, 1 << 39)]);
+    }
+
+    #[test]
+    fn iova_allocation_respects_alignment_and_reuses() {
+        let mut a = IovaAllocator::with_default_window();
+        let x = a.allocate(4096, 4096).unwrap();
+        let y = a.allocate(PAGE_2M as u64, PAGE_2M as u64).unwrap();
+        assert_eq!(x, IovaAllocator::FLOOR);
+        assert_eq!(y % PAGE_2M as u64, 0);
+        assert!(y >= x + 4096);
+        a.free(x, 4096);
+        a.free(y, PAGE_2M as u64);
+        assert_eq!(
+            a.free_ranges(),
+            IovaAllocator::with_default_window().free_ranges()
+        );
+    }
+
+    #[test]
+    fn iova_exhaustion_is_none() {
+        let mut a = IovaAllocator::new(&[(0x10_0000, 0x10_ffff)], 1 << 39);
+        assert!(a.allocate(0x1_0000, 4096).is_some());
+        assert!(a.allocate(4096, 4096).is_none());
+        assert!(a.allocate(0, 4096).is_none());
+    }
+
+    proptest! {
+        #[test]
+        fn iova_allocations_never_overlap_and_free_restores(
+            sizes in proptest::collection::vec((1u64..64, 0u32..3), 1..40)
+        ) {
+            let mut a = IovaAllocator::new(&[(0, (1 << 26) - 1)], 1 << 39);
+            let mut taken: Vec<(u64, u64)> = Vec::new();
+            for (pages, align_pow) in sizes {
+                let len = pages * 4096;
+                let align = 4096u64 << (align_pow * 4);
+                if let Some(start) = a.allocate(len, align) {
+                    prop_assert_eq!(start % align, 0);
+                    prop_assert!(start >= IovaAllocator::FLOOR && start + len <= 1 << 26);
+                    for &(s, l) in &taken {
+                        prop_assert!(start + len <= s || s + l <= start);
+                    }
+                    taken.push((start, len));
+                }
+            }
+            for (s, l) in taken.into_iter().rev() {
+                a.free(s, l);
+            }
+            prop_assert_eq!(a.free_ranges(), &[(IovaAllocator::FLOOR, 1u64 << 26)]);
+        }
+    }
+}

@@ -1,0 +1,851 @@
+//! The Intel 82576 Virtual Function driver: VF reset and the PF mailbox,
+//! one RX and one TX queue on advanced descriptors, zero-copy bursts with
+//! batched TX reclaim. Behaviour after DPDK's `igbvf` and Linux `igbvf`;
+//! layout after ixy.rs.
+//!
+//! Generic over [`RegisterSpace`]: the same code drives a VF's mmapped BAR0
+//! through VFIO and the in-memory [`crate::model`].
+
+use std::rc::Rc;
+use std::sync::atomic::{Ordering, fence};
+use std::time::{Duration, Instant};
+
+use thiserror::Error;
+
+use crate::dma::{DmaAllocator, DmaError, DmaRegion};
+use crate::mailbox::{Mailbox, MailboxError, MailboxTiming};
+use crate::mempool::{Mempool, MempoolError, PacketBuf};
+use crate::nic::{LinkStatus, MacAddress, NicDevice, Stats};
+use crate::poll::{InterruptLine, PollError, RxInterrupts};
+use crate::regs::{self, RegisterSpace, desc, mbx};
+
+/// Descriptors reclaimed per DD check on the TX ring.
+pub const TX_CLEAN_BATCH: usize = 32;
+/// Largest frame without asking the PF for large packets.
+pub const STANDARD_MAX_FRAME: u32 = 1518;
+/// Most multicast addresses the PF takes.
+pub const MAX_MULTICAST: usize = 30;
+
+/// Errors of the igbvf driver.
+#[derive(Debug, Error)]
+pub enum IgbVfError {
+    /// A bad configuration value.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// The PF did not finish the VF's reset.
+    #[error("the PF did not finish resetting the VF within {0:?} (RSTI/RSTD stayed set)")]
+    ResetTimeout(Duration),
+    /// A mailbox exchange failed.
+    #[error("PF mailbox: {context}")]
+    Mailbox {
+        /// What was being asked.
+        context: &'static str,
+        /// The mailbox error.
+        #[source]
+        source: MailboxError,
+    },
+    /// The PF answered RESET with neither ACK nor NACK.
+    #[error("the PF answered RESET with {0:#x}")]
+    BadResetReply(u32),
+    /// The PF refused a request.
+    #[error("the PF refused {what} (reply {reply:#x})")]
+    Refused {
+        /// The request.
+        what: String,
+        /// Reply word 0.
+        reply: u32,
+    },
+    /// A queue did not report enabled.
+    #[error("the {0} queue did not enable within 100 ms")]
+    QueueEnable(&'static str),
+    /// Ring memory could not be had.
+    #[error("cannot allocate the {ring} ring")]
+    RingMemory {
+        /// Which ring.
+        ring: &'static str,
+        /// The DMA error.
+        #[source]
+        source: DmaError,
+    },
+    /// The mempool could not be made.
+    #[error("cannot create the mempool")]
+    Mempool(#[from] MempoolError),
+    /// The link did not come up.
+    #[error("link still down after {0:?}")]
+    LinkDown(Duration),
+}
+
+/// Configuration of an igbvf device.
+#[derive(Debug, Clone)]
+pub struct IgbVfConfig {
+    /// RX descriptors (power of two, 8..=4096).
+    pub rx_ring_size: usize,
+    /// TX descriptors (power of two, 8..=4096).
+    pub tx_ring_size: usize,
+    /// Buffers in the mempool (more than `rx_ring_size`).
+    pub pool_entries: usize,
+    /// Bytes per buffer (power of two, 1024..=16384).
+    pub buffer_size: usize,
+    /// Largest frame; above 1518 the PF is asked for large packets (SET_LPE).
+    pub max_frame: u32,
+    /// MAC to use; `None`: the PF's, or a random local one when the PF has none.
+    pub mac: Option<MacAddress>,
+    /// Multicast addresses to receive (SET_MULTICAST), at most 30.
+    pub multicast: Vec<MacAddress>,
+    /// Mailbox timing.
+    pub mailbox: MailboxTiming,
+    /// Longest wait for the PF to finish a VF reset.
+    pub reset_timeout: Duration,
+    /// Pause between the RESET message and reading its reply (Linux: 10 ms).
+    pub reset_settle: Duration,
+    /// Bring-up attempts (VF reset and mailbox exchange) before a mailbox
+    /// timeout is returned.
+    pub reset_attempts: u32,
+}
+
+impl Default for IgbVfConfig {
+    fn default() -> Self {
+        Self {
+            rx_ring_size: 512,
+            tx_ring_size: 512,
+            pool_entries: 4096,
+            buffer_size: 2048,
+            max_frame: STANDARD_MAX_FRAME,
+            mac: None,
+            multicast: Vec::new(),
+            mailbox: MailboxTiming::default(),
+            reset_timeout: Duration::from_millis(100),
+            reset_settle: Duration::from_millis(10),
+            reset_attempts: 3,
+        }
+    }
+}
+
+impl IgbVfConfig {
+    fn validate(&self) -> Result<(), IgbVfError> {
+        for (name, size) in [
+            ("rx_ring_size", self.rx_ring_size),
+            ("tx_ring_size", self.tx_ring_size),
+        ] {
+            if !size.is_power_of_two() || !(8..=4096).contains(&size) {
+                return Err(IgbVfError::Config(format!(
+                    "{name} {size} must be a power of two from 8 to 4096"
+                )));
+            }
+        }
+        if self.pool_entries <= self.rx_ring_size {
+            return Err(IgbVfError::Config(format!(
+                "pool_entries {} must exceed rx_ring_size {}",
+                self.pool_entries, self.rx_ring_size
+            )));
+        }
+        if self.multicast.len() > MAX_MULTICAST {
+            return Err(IgbVfError::Config(format!(
+                "at most {MAX_MULTICAST} multicast addresses, not {}",
+                self.multicast.len()
+            )));
+        }
+        if !(64..=9728).contains(&self.max_frame) {
+            return Err(IgbVfError::Config(format!(
+                "max_frame {} must be 64..=9728",
+                self.max_frame
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Where the VF's MAC came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MacSource {
+    /// Assigned by the PF (RESET was ACKed with it).
+    Pf,
+    /// From the configuration, accepted by the PF.
+    Configured,
+    /// The PF had none (RESET NACK): a random locally administered one,
+    /// accepted by the PF.
+    Random,
+}
+
+/// A descriptor ring in DMA memory.
+#[derive(Debug)]
+struct Ring {
+    mem: DmaRegion,
+    count: usize,
+}
+
+impl Ring {
+    fn new(dma: &dyn DmaAllocator, count: usize, ring: &'static str) -> Result<Self, IgbVfError> {
+        let mem = dma
+            .allocate(count * desc::SIZE)
+            .map_err(|source| IgbVfError::RingMemory { ring, source })?;
+        Ok(Self { mem, count })
+    }
+
+    fn mask(&self) -> usize {
+        self.count - 1
+    }
+
+    fn ptr(&self, index: usize, offset: usize) -> *mut u8 {
+        let at = (index & self.mask()) * desc::SIZE + offset;
+        // SAFETY: index is masked below `count`, offset < 16, and the region
+        // holds `count * 16` bytes.
+        unsafe { self.mem.as_ptr().add(at) }
+    }
+
+    fn read_u32(&self, index: usize, offset: usize) -> u32 {
+        debug_assert!(offset.is_multiple_of(4) && offset < desc::SIZE);
+        // SAFETY: `ptr` stays inside the ring; the ring is 64-aligned so the
+        // address is 4-aligned; volatile because the device writes it.
+        unsafe { self.ptr(index, offset).cast::<u32>().read_volatile() }
+    }
+
+    fn write_u32(&self, index: usize, offset: usize, value: u32) {
+        debug_assert!(offset.is_multiple_of(4) && offset < desc::SIZE);
+        // SAFETY: as in `read_u32`.
+        unsafe {
+            self.ptr(index, offset)
+                .cast::<u32>()
+                .write_volatile(value.to_le())
+        }
+    }
+
+    fn write_u64(&self, index: usize, offset: usize, value: u64) {
+        debug_assert!(offset.is_multiple_of(8) && offset < desc::SIZE);
+        // SAFETY: as in `read_u32`, 8-aligned since descriptors are 16 bytes.
+        unsafe {
+            self.ptr(index, offset)
+                .cast::<u64>()
+                .write_volatile(value.to_le())
+        }
+    }
+}
+
+/// The receive queue.
+#[derive(Debug)]
+struct RxQueue {
+    ring: Ring,
+    /// The buffer each descriptor points at (None only transiently).
+    bufs: Vec<Option<PacketBuf>>,
+    /// Next descriptor to look at.
+    next: usize,
+    /// Inside a frame that spans several descriptors (dropped to its EOP).
+    discarding: bool,
+}
+
+/// The transmit queue.
+#[derive(Debug)]
+struct TxQueue {
+    ring: Ring,
+    bufs: Vec<Option<PacketBuf>>,
+    /// Oldest descriptor not yet reclaimed.
+    clean: usize,
+    /// Next descriptor to fill.
+    tail: usize,
+    /// Descriptors given to the device and not reclaimed.
+    in_flight: usize,
+}
+
+/// An 82576 VF with one RX and one TX queue.
+///
+/// Owns its register space (for a real VF, the VFIO device) and releases
+/// it last, after the device was reset and the rings and buffers freed.
+#[derive(Debug)]
+pub struct IgbVf<R: RegisterSpace> {
+    mbx: Mailbox,
+    mac: MacAddress,
+    mac_source: MacSource,
+    stats: Stats,
+    rx: RxQueue,
+    tx: TxQueue,
+    pool: Rc<Mempool>,
+    max_frame: u32,
+    irq_enabled: bool,
+    // Last: the registers (and VFIO device) outlive the DMA memory above.
+    regs: R,
+}
+
+impl<R: RegisterSpace> IgbVf<R> {
+    /// Resets the VF, talks to the PF (RESET, SET_MAC_ADDR when needed,
+    /// SET_LPE, SET_MULTICAST) and starts both queues. Does not wait for
+    /// link: see [`Self::wait_for_link`].
+    ///
+    /// # Errors
+    /// Configuration, reset, mailbox, DMA memory or queue start failures.
+    pub fn new(regs: R, dma: &dyn DmaAllocator, config: &IgbVfConfig) -> Result<Self, IgbVfError> {
+        config.validate()?;
+        let mut mbx = Mailbox::new(config.mailbox);
+        let mut attempt = 1;
+        let (mac, mac_source) = loop {
+            match negotiate(&regs, &mut mbx, config) {
+                Ok(done) => break done,
+                // A PF busy with its own start-up can miss a message: start
+                // over from the VF reset, a bounded number of times.
+                Err(error @ (IgbVfError::Mailbox { .. } | IgbVfError::ResetTimeout(_)))
+                    if attempt < config.reset_attempts =>
+                {
+                    tracing::warn!(%error, attempt, "VF bring-up failed; resetting again");
+                    attempt += 1;
+                }
+                Err(error) => return Err(error),
+            }
+        };
+
+        let pool = Mempool::new(dma, config.pool_entries, config.buffer_size)?;
+        let rx = RxQueue {
+            ring: Ring::new(dma, config.rx_ring_size, "RX")?,
+            bufs: (0..config.rx_ring_size).map(|_| None).collect(),
+            next: 0,
+            discarding: false,
+        };
+        let tx = TxQueue {
+            ring: Ring::new(dma, config.tx_ring_size, "TX")?,
+            bufs: (0..config.tx_ring_size).map(|_| None).collect(),
+            clean: 0,
+            tail: 0,
+            in_flight: 0,
+        };
+        let mut dev = Self {
+            mbx,
+            mac,
+            mac_source,
+            stats: Stats::default(),
+            rx,
+            tx,
+            pool,
+            max_frame: config.max_frame,
+            irq_enabled: false,
+            regs,
+        };
+        dev.start_rx()?;
+        dev.start_tx()?;
+        tracing::info!(mac = %dev.mac, source = ?dev.mac_source, "igbvf started");
+        Ok(dev)
+    }
+
+    fn start_rx(&mut self) -> Result<(), IgbVfError> {
+        let r = &self.regs;
+        r.write32(regs::rxdctl(0), 0);
+        let ring = &self.rx.ring;
+        let iova = ring.mem.iova();
+        r.write32(regs::rdbal(0), iova as u32);
+        r.write32(regs::rdbah(0), (iova >> 32) as u32);
+        r.write32(regs::rdlen(0), (ring.count * desc::SIZE) as u32);
+        let bsize = (self.pool.entry_size() / 1024) as u32 & regs::SRRCTL_BSIZEPKT_MASK;
+        r.write32(
+            regs::srrctl(0),
+            regs::SRRCTL_DROP_EN | regs::SRRCTL_DESCTYPE_ADV_ONEBUF | bsize,
+        );
+        for i in 0..ring.count {
+            let mut buf = self
+                .pool
+                .alloc()
+                .ok_or_else(|| IgbVfError::Config("the mempool cannot fill the RX ring".to_owned()))?;
+            buf.set_len(0);
+            ring.write_u64(i, 0, buf.iova());
+            ring.write_u64(i, 8, 0);
+            self.rx.bufs[i] = Some(buf);
+        }
+        fence(Ordering::SeqCst);
+        r.write32(regs::rxdctl(0), regs::QUEUE_ENABLE);
+        wait_enabled(r, regs::rxdctl(0), "RX")?;
+        r.write32(regs::rdh(0), 0);
+        r.write32(regs::rdt(0), (ring.count - 1) as u32);
+        Ok(())
+    }
+
+    fn start_tx(&mut self) -> Result<(), IgbVfError> {
+        let r = &self.regs;
+        r.write32(regs::txdctl(0), 0);
+        let ring = &self.tx.ring;
+        let iova = ring.mem.iova();
+        r.write32(regs::tdlen(0), (ring.count * desc::SIZE) as u32);
+        r.write32(regs::tdbal(0), iova as u32);
+        r.write32(regs::tdbah(0), (iova >> 32) as u32);
+        r.write32(regs::tdh(0), 0);
+        r.write32(regs::tdt(0), 0);
+        r.write32(regs::txdctl(0), regs::QUEUE_ENABLE | regs::TXDCTL_WTHRESH_1);
+        wait_enabled(r, regs::txdctl(0), "TX")
+    }
+
+    /// Waits (bounded) for STATUS.LU; returns the link state.
+    ///
+    /// # Errors
+    /// [`IgbVfError::LinkDown`] when the link is still down at the deadline.
+    pub fn wait_for_link(&mut self, timeout: Duration) -> Result<LinkStatus, IgbVfError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let link = self.link();
+            if link.up {
+                return Ok(link);
+            }
+            self.service_mailbox();
+            if Instant::now() >= deadline {
+                return Err(IgbVfError::LinkDown(timeout));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Acknowledges any waiting PF message (pings); returns how many were read.
+    pub fn service_mailbox(&mut self) -> usize {
+        let mut words = [0u32; regs::VMBMEM_WORDS];
+        let mut n = 0;
+        while let Ok(Some(word)) = self.mbx.try_read(&self.regs, &mut words) {
+            tracing::debug!(word, "PF message");
+            n += 1;
+            if n > 16 {
+                break;
+            }
+        }
+        n
+    }
+
+    /// PF control messages (pings) seen.
+    pub fn pf_pings(&self) -> u64 {
+        self.mbx.pings()
+    }
+
+    /// Where the MAC came from.
+    pub fn mac_source(&self) -> MacSource {
+        self.mac_source
+    }
+
+    /// The largest frame configured.
+    pub fn max_frame(&self) -> u32 {
+        self.max_frame
+    }
+
+    /// Sets the multicast addresses the VF receives (at most 30).
+    ///
+    /// # Errors
+    /// Too many addresses, or the PF refused or did not answer.
+    pub fn set_multicast(&mut self, addrs: &[MacAddress]) -> Result<(), IgbVfError> {
+        if addrs.len() > MAX_MULTICAST {
+            return Err(IgbVfError::Config(format!(
+                "at most {MAX_MULTICAST} multicast addresses"
+            )));
+        }
+        set_multicast(&self.regs, &mut self.mbx, addrs)
+    }
+
+    /// The device's hardware counters (VFGPRC, VFGPTC, VFGORC, VFGOTC):
+    /// (rx packets, tx packets, rx octets, tx octets), 32-bit wrapping.
+    pub fn hw_counters(&self) -> (u32, u32, u32, u32) {
+        (
+            self.regs.read32(regs::VFGPRC),
+            self.regs.read32(regs::VFGPTC),
+            self.regs.read32(regs::VFGORC),
+            self.regs.read32(regs::VFGOTC),
+        )
+    }
+
+    /// The register space.
+    pub fn registers(&self) -> &R {
+        &self.regs
+    }
+
+    /// TX descriptors given to the device and not yet reclaimed.
+    pub fn tx_in_flight(&self) -> usize {
+        self.tx.in_flight
+    }
+
+    /// Reclaims every transmitted descriptor (one DD check each); returns
+    /// how many buffers went back to the pool.
+    pub fn tx_reclaim_all(&mut self) -> usize {
+        let tx = &mut self.tx;
+        let mut n = 0;
+        while tx.in_flight > 0 && tx.ring.read_u32(tx.clean, desc::TX_STATUS_OFFSET) & desc::TX_DD != 0 {
+            tx.bufs[tx.clean] = None;
+            tx.clean = (tx.clean + 1) & tx.ring.mask();
+            tx.in_flight -= 1;
+            n += 1;
+        }
+        n
+    }
+
+    /// Batched reclaim: frees `TX_CLEAN_BATCH` descriptors per DD check of
+    /// the batch's last descriptor (the device completes in order).
+    fn tx_reclaim(&mut self) {
+        let tx = &mut self.tx;
+        let mask = tx.ring.mask();
+        while tx.in_flight > 0 {
+            let batch = tx.in_flight.min(TX_CLEAN_BATCH);
+            let last = (tx.clean + batch - 1) & mask;
+            if tx.ring.read_u32(last, desc::TX_STATUS_OFFSET) & desc::TX_DD == 0 {
+                break;
+            }
+            for k in 0..batch {
+                tx.bufs[(tx.clean + k) & mask] = None;
+            }
+            tx.clean = (tx.clean + batch) & mask;
+            tx.in_flight -= batch;
+        }
+    }
+
+    /// Points the next RX descriptor the device will fill at `iova` instead
+    /// of its buffer (`None` puts the buffer back). Only for proving IOMMU
+    /// isolation on the testbed: the device is told to write memory this
+    /// process never mapped for it.
+    #[doc(hidden)]
+    pub fn rx_point_next_descriptor_for_isolation_test(&mut self, iova: Option<u64>) {
+        let rx = &self.rx;
+        let i = rx.next;
+        let target = iova.or_else(|| rx.bufs[i].as_ref().map(PacketBuf::iova));
+        if let Some(target) = target {
+            rx.ring.write_u64(i, 0, target);
+            rx.ring.write_u64(i, 8, 0);
+            fence(Ordering::SeqCst);
+        }
+    }
+
+    /// Sends a descriptor of `len` bytes at `iova` that no buffer backs.
+    /// Only for proving IOMMU isolation on the testbed: the device is told
+    /// to read memory this process never mapped for it. Returns whether the
+    /// ring had room; the descriptor is reclaimed like any other.
+    #[doc(hidden)]
+    pub fn tx_raw_descriptor_for_isolation_test(&mut self, iova: u64, len: u16) -> bool {
+        self.tx_reclaim();
+        let tx = &mut self.tx;
+        if tx.in_flight + 1 >= tx.ring.count {
+            return false;
+        }
+        let i = tx.tail;
+        let cmd =
+            u32::from(len) | desc::TX_DTYP_DATA | desc::TX_DEXT | desc::TX_IFCS | desc::TX_EOP | desc::TX_RS;
+        tx.ring.write_u64(i, 0, iova);
+        tx.ring.write_u32(i, desc::TX_CMD_OFFSET, cmd);
+        tx.ring
+            .write_u32(i, desc::TX_STATUS_OFFSET, u32::from(len) << desc::TX_PAYLEN_SHIFT);
+        tx.bufs[i] = None;
+        tx.tail = (i + 1) & tx.ring.mask();
+        tx.in_flight += 1;
+        fence(Ordering::SeqCst);
+        self.regs.write32(regs::tdt(0), tx.tail as u32);
+        true
+    }
+}
+
+impl<R: RegisterSpace> NicDevice for IgbVf<R> {
+    fn driver_name(&self) -> &'static str {
+        "igbvf"
+    }
+
+    fn rx_burst(&mut self, out: &mut Vec<PacketBuf>, max: usize) -> usize {
+        let max = max.min(out.capacity() - out.len());
+        let rx = &mut self.rx;
+        let mask = rx.ring.mask();
+        let mut received = 0;
+        let mut consumed = 0;
+        while received < max {
+            let i = rx.next;
+            let status = u32::from_le(rx.ring.read_u32(i, desc::RX_STATUS_OFFSET));
+            if status & desc::RX_DD == 0 {
+                break;
+            }
+            // Read the rest of the write-back only after DD.
+            fence(Ordering::Acquire);
+            let Some(fresh) = self.pool.alloc() else {
+                // Leave the frame on the ring until buffers come back.
+                self.stats.rx_no_buffer += 1;
+                break;
+            };
+            let len = (u32::from_le(rx.ring.read_u32(i, desc::RX_LENGTH_OFFSET)) & 0xFFFF) as usize;
+            let old = rx.bufs[i].replace(fresh);
+            if let Some(fresh) = &rx.bufs[i] {
+                rx.ring.write_u64(i, 0, fresh.iova());
+                rx.ring.write_u64(i, 8, 0);
+            }
+            rx.next = (i + 1) & mask;
+            consumed += 1;
+            let eop = status & desc::RX_EOP != 0;
+            let good = eop && !rx.discarding && status & desc::RX_ERR_MASK == 0;
+            rx.discarding = !eop;
+            match old {
+                Some(mut buf) if good => {
+                    buf.set_len(len);
+                    self.stats.rx_packets += 1;
+                    self.stats.rx_bytes += len as u64;
+                    out.push(buf);
+                    received += 1;
+                }
+                _ => {
+                    if status & desc::RX_ERR_MASK != 0 {
+                        self.stats.rx_errors += 1;
+                    }
+                    self.stats.rx_drops += 1;
+                }
+            }
+        }
+        if consumed > 0 {
+            fence(Ordering::SeqCst);
+            // The device may fill up to, not including, RDT.
+            let tail = (rx.next + mask) & mask;
+            self.regs.write32(regs::rdt(0), tail as u32);
+        }
+        received
+    }
+
+    fn tx_burst(&mut self, packets: &mut Vec<PacketBuf>) -> usize {
+        self.tx_reclaim();
+        let tx = &mut self.tx;
+        let room = tx.ring.count - 1 - tx.in_flight;
+        let n = packets.len().min(room);
+        if n == 0 {
+            return 0;
+        }
+        let mask = tx.ring.mask();
+        let mut queued = 0;
+        for buf in packets.drain(..n) {
+            let len = buf.len();
+            if len == 0 || len > desc::TX_LEN_MASK as usize {
+                self.stats.tx_drops += 1;
+                continue;
+            }
+            let i = tx.tail;
+            let cmd =
+                len as u32 | desc::TX_DTYP_DATA | desc::TX_DEXT | desc::TX_IFCS | desc::TX_EOP | desc::TX_RS;
+            tx.ring.write_u64(i, 0, buf.iova());
+            tx.ring.write_u32(i, desc::TX_CMD_OFFSET, cmd);
+            tx.ring
+                .write_u32(i, desc::TX_STATUS_OFFSET, (len as u32) << desc::TX_PAYLEN_SHIFT);
+            self.stats.tx_packets += 1;
+            self.stats.tx_bytes += len as u64;
+            tx.bufs[i] = Some(buf);
+            tx.tail = (i + 1) & mask;
+            queued += 1;
+        }
+        tx.in_flight += queued;
+        if queued > 0 {
+            // Descriptors must be in memory before the doorbell.
+            fence(Ordering::SeqCst);
+            self.regs.write32(regs::tdt(0), tx.tail as u32);
+        }
+        n
+    }
+
+    fn link(&self) -> LinkStatus {
+        let status = self.regs.read32(regs::STATUS);
+        let up = status & regs::STATUS_LU != 0;
+        let speed_mbps = match (up, status & regs::STATUS_SPEED_MASK) {
+            (false, _) => 0,
+            (true, regs::STATUS_SPEED_1000) => 1000,
+            (true, regs::STATUS_SPEED_100) => 100,
+            (true, _) => 10,
+        };
+        LinkStatus { up, speed_mbps }
+    }
+
+    fn mac(&self) -> MacAddress {
+        self.mac
+    }
+
+    fn stats(&self) -> Stats {
+        self.stats
+    }
+
+    fn mempool(&self) -> &Rc<Mempool> {
+        &self.pool
+    }
+}
+
+impl<R: RegisterSpace + InterruptLine> RxInterrupts for IgbVf<R> {
+    fn enable_rx_interrupt(&mut self) -> Result<(), PollError> {
+        self.regs.enable()?;
+        let r = &self.regs;
+        // RX queue 0 -> vector 0; mailbox -> vector 2 (left masked).
+        r.write32(regs::VTIVAR, regs::IVAR_VALID);
+        r.write32(regs::VTIVAR_MISC, regs::IVAR_VALID | 2);
+        // Moderate to ~8 k interrupts/s while armed.
+        r.write32(regs::eitr(0), 500 << 2);
+        // Auto-clear the cause; auto-mask the vector when it fires.
+        r.write32(regs::EIAC, 1);
+        r.write32(regs::EIAM, 1);
+        r.write32(regs::EIMC, regs::EIMS_ALL);
+        self.irq_enabled = true;
+        Ok(())
+    }
+
+    fn arm_rx_interrupt(&mut self) {
+        if self.irq_enabled {
+            self.regs.write32(regs::EIMS, 1);
+        }
+    }
+
+    fn disarm_rx_interrupt(&mut self) {
+        if self.irq_enabled {
+            self.regs.write32(regs::EIMC, 1);
+        }
+    }
+
+    fn wait_rx_interrupt(&self, timeout: Duration) -> Result<bool, PollError> {
+        if !self.irq_enabled {
+            return Err(PollError::NotEnabled);
+        }
+        self.regs.wait(timeout)
+    }
+}
+
+impl<R: RegisterSpace> Drop for IgbVf<R> {
+    fn drop(&mut self) {
+        // Stop all DMA before the rings and buffers are freed.
+        self.regs.write32(regs::EIMC, regs::EIMS_ALL);
+        self.regs.write32(regs::rxdctl(0), 0);
+        self.regs.write32(regs::txdctl(0), 0);
+        self.regs.write32(regs::CTRL, regs::CTRL_RST);
+    }
+}
+
+/// Reset, RESET message, MAC, LPE, multicast: everything asked of the PF.
+fn negotiate(
+    regs: &impl RegisterSpace,
+    mbx: &mut Mailbox,
+    config: &IgbVfConfig,
+) -> Result<(MacAddress, MacSource), IgbVfError> {
+    let pf_mac = reset(regs, mbx, config)?;
+    let (mac, mac_source) = match (config.mac, pf_mac) {
+        (Some(wanted), Some(pf)) if wanted == pf => (pf, MacSource::Pf),
+        (Some(wanted), _) => {
+            set_mac(regs, mbx, wanted)?;
+            (wanted, MacSource::Configured)
+        }
+        (None, Some(pf)) => (pf, MacSource::Pf),
+        (None, None) => {
+            let mac = random_local_mac();
+            set_mac(regs, mbx, mac)?;
+            (mac, MacSource::Random)
+        }
+    };
+    if config.max_frame > STANDARD_MAX_FRAME {
+        request(regs, mbx, &[mbx::SET_LPE, config.max_frame], "SET_LPE")?;
+    }
+    if !config.multicast.is_empty() {
+        set_multicast(regs, mbx, &config.multicast)?;
+    }
+    Ok((mac, mac_source))
+}
+
+fn wait_enabled(r: &impl RegisterSpace, reg: u32, which: &'static str) -> Result<(), IgbVfError> {
+    let deadline = Instant::now() + Duration::from_millis(100);
+    while r.read32(reg) & regs::QUEUE_ENABLE == 0 {
+        if Instant::now() >= deadline {
+            return Err(IgbVfError::QueueEnable(which));
+        }
+        std::thread::sleep(Duration::from_micros(100));
+    }
+    Ok(())
+}
+
+/// VF reset and RESET message; the PF's MAC if it assigned one.
+fn reset(
+    r: &impl RegisterSpace,
+    mbx: &mut Mailbox,
+    config: &IgbVfConfig,
+) -> Result<Option<MacAddress>, IgbVfError> {
+    r.write32(regs::EIMC, regs::EIMS_ALL);
+    r.write32(regs::CTRL, r.read32(regs::CTRL) | regs::CTRL_RST);
+    mbx.clear();
+    let deadline = Instant::now() + config.reset_timeout;
+    while mbx.check_bits(r, regs::VMMB_RSTD | regs::VMMB_RSTI) {
+        if Instant::now() >= deadline {
+            return Err(IgbVfError::ResetTimeout(config.reset_timeout));
+        }
+        std::thread::sleep(Duration::from_micros(5));
+    }
+    mbx.write_posted(r, &[mbx::RESET])
+        .map_err(|source| IgbVfError::Mailbox {
+            context: "RESET",
+            source,
+        })?;
+    std::thread::sleep(config.reset_settle);
+    let mut reply = [0u32; 3];
+    let first = mbx
+        .read_posted(r, mbx::RESET, &mut reply)
+        .map_err(|source| IgbVfError::Mailbox {
+            context: "RESET reply",
+            source,
+        })?;
+    match first & !mbx::CTS {
+        w if w == mbx::RESET | mbx::ACK => {
+            let a = reply[1].to_le_bytes();
+            let b = reply[2].to_le_bytes();
+            let mac = MacAddress([a[0], a[1], a[2], a[3], b[0], b[1]]);
+            Ok((!mac.is_zero()).then_some(mac))
+        }
+        w if w == mbx::RESET | mbx::NACK => Ok(None),
+        other => Err(IgbVfError::BadResetReply(other)),
+    }
+}
+
+fn request(
+    r: &impl RegisterSpace,
+    mbx: &mut Mailbox,
+    msg: &[u32],
+    what: &'static str,
+) -> Result<(), IgbVfError> {
+    let mut reply = [0u32; 1];
+    let first = mbx
+        .request(r, msg, &mut reply)
+        .map_err(|source| IgbVfError::Mailbox {
+            context: what,
+            source,
+        })?;
+    if first & mbx::ACK == 0 || first & mbx::NACK != 0 {
+        return Err(IgbVfError::Refused {
+            what: what.to_owned(),
+            reply: first,
+        });
+    }
+    Ok(())
+}
+
+fn set_mac(r: &impl RegisterSpace, mbx: &mut Mailbox, mac: MacAddress) -> Result<(), IgbVfError> {
+    let m = mac.0;
+    let msg = [
+        mbx::SET_MAC_ADDR,
+        u32::from_le_bytes([m[0], m[1], m[2], m[3]]),
+        u32::from_le_bytes([m[4], m[5], 0, 0]),
+    ];
+    request(r, mbx, &msg, "SET_MAC_ADDR").map_err(|e| match e {
+        IgbVfError::Refused { reply, .. } => IgbVfError::Refused {
+            what: format!("SET_MAC_ADDR {mac} (an administrator may have set the VF's MAC)"),
+            reply,
+        },
+        other => other,
+    })
+}
+
+/// The 12-bit multicast hash the PF's MTA uses (filter type 0).
+pub fn multicast_hash(mac: MacAddress) -> u16 {
+    ((u16::from(mac.0[4]) >> 4) | (u16::from(mac.0[5]) << 4)) & 0xFFF
+}
+
+fn set_multicast(r: &impl RegisterSpace, mbx: &mut Mailbox, addrs: &[MacAddress]) -> Result<(), IgbVfError> {
+    let count = addrs.len().min(MAX_MULTICAST);
+    let mut msg = [0u32; regs::VMBMEM_WORDS];
+    msg[0] = mbx::SET_MULTICAST | ((count as u32) << mbx::MSGINFO_SHIFT);
+    for (i, mac) in addrs.iter().take(count).enumerate() {
+        let hash = u32::from(multicast_hash(*mac));
+        msg[1 + i / 2] |= if i % 2 == 0 { hash } else { hash << 16 };
+    }
+    let words = 1 + count.div_ceil(2);
+    request(r, mbx, &msg[..words], "SET_MULTICAST")
+}
+
+/// A random locally administered unicast MAC.
+pub fn random_local_mac() -> MacAddress {
+    let mut bytes = [0u8; 6];
+    // SAFETY: getrandom writes at most `bytes.len()` bytes into `bytes`.
+    let got = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
+    if got != bytes.len() as isize {
+        // No entropy source: mix the clock and the pid.
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let mixed = (nanos ^ (u128::from(std::process::id()) << 32)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        bytes.copy_from_slice(&mixed.to_le_bytes()[..6]);
+    }
+    bytes[0] = (bytes[0] & 0xFC) | 0x02;
+    MacAddress(bytes)
+}

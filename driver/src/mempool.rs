@@ -1,0 +1,276 @@
+//! A pool of fixed-size packet buffers in one DMA region, and the
+//! [`PacketBuf`] that returns its buffer to the pool when dropped.
+//!
+//! Nothing here allocates after [`Mempool::new`]: the free list is a stack
+//! of indices with its full capacity reserved up front.
+//!
+//! A pool and its buffers belong to one thread (the one that polls the
+//! queue they feed), as in ixy: the free list needs no lock.
+
+use std::cell::RefCell;
+use std::fmt;
+use std::rc::Rc;
+
+use thiserror::Error;
+
+use crate::dma::{DmaAllocator, DmaError, DmaRegion};
+
+/// Errors of the mempool.
+#[derive(Debug, Error)]
+pub enum MempoolError {
+    /// Entry size not a power of two between 1 KiB and 16 KiB.
+    #[error("mempool entry size {0} must be a power of two from 1024 to 16384")]
+    EntrySize(usize),
+    /// Zero entries or too many.
+    #[error("mempool entry count {0} must be from 1 to 2^24")]
+    EntryCount(usize),
+    /// The DMA region could not be had.
+    #[error("cannot allocate the mempool's DMA memory")]
+    Dma(#[from] DmaError),
+}
+
+/// Fixed-size packet buffers in one DMA region.
+pub struct Mempool {
+    region: DmaRegion,
+    entry_size: usize,
+    entries: usize,
+    free: RefCell<Vec<u32>>,
+}
+
+impl fmt::Debug for Mempool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Mempool")
+            .field("entries", &self.entries)
+            .field("entry_size", &self.entry_size)
+            .field("free", &self.free_count())
+            .field("region", &self.region)
+            .finish()
+    }
+}
+
+impl Mempool {
+    /// A pool of `entries` buffers of `entry_size` bytes each.
+    ///
+    /// # Errors
+    /// Bad sizes, or DMA memory that cannot be had.
+    pub fn new(dma: &dyn DmaAllocator, entries: usize, entry_size: usize) -> Result<Rc<Self>, MempoolError> {
+        if !entry_size.is_power_of_two() || !(1024..=16384).contains(&entry_size) {
+            return Err(MempoolError::EntrySize(entry_size));
+        }
+        if entries == 0 || entries > 1 << 24 {
+            return Err(MempoolError::EntryCount(entries));
+        }
+        let region = dma.allocate(entries * entry_size)?;
+        // Pop order hands out low indices first.
+        let free = (0..entries as u32).rev().collect();
+        Ok(Rc::new(Self {
+            region,
+            entry_size,
+            entries,
+            free: RefCell::new(free),
+        }))
+    }
+
+    /// Bytes per buffer.
+    pub fn entry_size(&self) -> usize {
+        self.entry_size
+    }
+
+    /// Buffers in the pool.
+    pub fn capacity(&self) -> usize {
+        self.entries
+    }
+
+    /// Buffers currently free.
+    pub fn free_count(&self) -> usize {
+        self.free.borrow().len()
+    }
+
+    /// The pool's DMA region.
+    pub fn region(&self) -> &DmaRegion {
+        &self.region
+    }
+
+    /// One free buffer with length 0, or `None` when the pool is empty.
+    pub fn alloc(self: &Rc<Self>) -> Option<PacketBuf> {
+        let index = self.free.borrow_mut().pop()?;
+        Some(PacketBuf {
+            pool: Rc::clone(self),
+            index,
+            len: 0,
+        })
+    }
+
+    /// Pushes up to `n` buffers of length `len` onto `out` (never beyond its
+    /// spare capacity, so it never allocates); returns how many.
+    pub fn alloc_batch(self: &Rc<Self>, out: &mut Vec<PacketBuf>, n: usize, len: usize) -> usize {
+        let len = len.min(self.entry_size) as u32;
+        let n = n.min(out.capacity() - out.len());
+        let mut free = self.free.borrow_mut();
+        let n = n.min(free.len());
+        for _ in 0..n {
+            if let Some(index) = free.pop() {
+                out.push(PacketBuf {
+                    pool: Rc::clone(self),
+                    index,
+                    len,
+                });
+            }
+        }
+        n
+    }
+
+    fn release(&self, index: u32) {
+        // Capacity is `entries` and every index is pushed at most once, so
+        // this never allocates.
+        self.free.borrow_mut().push(index);
+    }
+
+    fn offset(&self, index: u32) -> usize {
+        index as usize * self.entry_size
+    }
+}
+
+/// One packet buffer of a [`Mempool`]; returns to the pool on drop.
+///
+/// While the application holds a `PacketBuf` no descriptor points at its
+/// memory (the driver keeps posted buffers to itself), so its bytes can be
+/// lent out as ordinary slices.
+pub struct PacketBuf {
+    pool: Rc<Mempool>,
+    index: u32,
+    len: u32,
+}
+
+impl fmt::Debug for PacketBuf {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PacketBuf")
+            .field("index", &self.index)
+            .field("len", &self.len)
+            .finish()
+    }
+}
+
+impl PacketBuf {
+    /// Bytes of packet data.
+    pub fn len(&self) -> usize {
+        self.len as usize
+    }
+
+    /// Whether the packet has no data.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Room in the buffer.
+    pub fn capacity(&self) -> usize {
+        self.pool.entry_size
+    }
+
+    /// Sets the packet length (clamped to the capacity).
+    pub fn set_len(&mut self, len: usize) {
+        self.len = len.min(self.pool.entry_size) as u32;
+    }
+
+    /// IOVA of the first byte, what a descriptor points at.
+    pub fn iova(&self) -> u64 {
+        self.pool.region.iova() + self.pool.offset(self.index) as u64
+    }
+
+    /// Index of the buffer in its pool.
+    pub fn index(&self) -> u32 {
+        self.index
+    }
+
+    /// The pool the buffer returns to.
+    pub fn pool(&self) -> &Rc<Mempool> {
+        &self.pool
+    }
+
+    fn data_ptr(&self) -> *mut u8 {
+        // SAFETY: index < entries, so the offset is inside the pool's region.
+        unsafe { self.pool.region.as_ptr().add(self.pool.offset(self.index)) }
+    }
+
+    /// The packet's bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: the buffer lies inside the pool's region, which lives as
+        // long as `self.pool`; this PacketBuf is the only owner of the index
+        // and no descriptor points at it while it is held (module docs), so
+        // nothing writes the bytes while the slice lives.
+        unsafe { std::slice::from_raw_parts(self.data_ptr(), self.len as usize) }
+    }
+
+    /// The packet's bytes, writable.
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: as in `as_slice`, and `&mut self` makes the slice unique.
+        unsafe { std::slice::from_raw_parts_mut(self.data_ptr(), self.len as usize) }
+    }
+
+    /// The whole buffer (capacity bytes), writable; use with `set_len`.
+    pub fn buffer_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as in `as_mut_slice`; the whole entry belongs to this buffer.
+        unsafe { std::slice::from_raw_parts_mut(self.data_ptr(), self.pool.entry_size) }
+    }
+}
+
+impl Drop for PacketBuf {
+    fn drop(&mut self) {
+        self.pool.release(self.index);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::ModelDma;
+
+    #[test]
+    fn buffers_return_on_drop_and_do_not_overlap() {
+        let dma = ModelDma::standalone();
+        let pool = Mempool::new(&dma, 8, 2048).unwrap();
+        let mut held = Vec::with_capacity(8);
+        assert_eq!(pool.alloc_batch(&mut held, 100, 60), 8);
+        assert!(pool.alloc().is_none());
+        let mut iovas: Vec<u64> = held.iter().map(PacketBuf::iova).collect();
+        iovas.sort_unstable();
+        iovas.dedup();
+        assert_eq!(iovas.len(), 8);
+        for pair in iovas.windows(2) {
+            assert!(pair[1] - pair[0] >= 2048);
+        }
+        for (i, buf) in held.iter_mut().enumerate() {
+            buf.as_mut_slice().fill(i as u8);
+        }
+        for (i, buf) in held.iter().enumerate() {
+            assert!(buf.as_slice().iter().all(|&b| b == i as u8));
+        }
+        held.truncate(3);
+        assert_eq!(pool.free_count(), 5);
+        drop(held);
+        assert_eq!(pool.free_count(), 8);
+    }
+
+    #[test]
+    fn bad_sizes_are_refused() {
+        let dma = ModelDma::standalone();
+        assert!(matches!(
+            Mempool::new(&dma, 8, 1500),
+            Err(MempoolError::EntrySize(1500))
+        ));
+        assert!(matches!(
+            Mempool::new(&dma, 0, 2048),
+            Err(MempoolError::EntryCount(0))
+        ));
+    }
+
+    #[test]
+    fn set_len_is_clamped() {
+        let dma = ModelDma::standalone();
+        let pool = Mempool::new(&dma, 1, 1024).unwrap();
+        let mut buf = pool.alloc().unwrap();
+        buf.set_len(5000);
+        assert_eq!(buf.len(), 1024);
+        assert_eq!(buf.buffer_mut().len(), 1024);
+    }
+}

@@ -1,0 +1,116 @@
+//! What every NIC driver of this crate offers an application: batch
+//! receive and transmit of [`PacketBuf`]s, link state, MAC address, counters.
+
+use std::fmt;
+use std::rc::Rc;
+
+use crate::mempool::{Mempool, PacketBuf};
+
+/// An Ethernet MAC address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct MacAddress(pub [u8; 6]);
+
+impl MacAddress {
+    /// Whether the address is a locally administered unicast address.
+    pub fn is_local_unicast(self) -> bool {
+        self.0[0] & 0x03 == 0x02
+    }
+
+    /// Whether the address is all zeroes.
+    pub fn is_zero(self) -> bool {
+        self.0 == [0; 6]
+    }
+
+    /// Whether the address is multicast (broadcast included).
+    pub fn is_multicast(self) -> bool {
+        self.0[0] & 0x01 == 0x01
+    }
+}
+
+impl fmt::Display for MacAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let [a, b, c, d, e, g] = self.0;
+        write!(f, "{a:02x}:{b:02x}:{c:02x}:{d:02x}:{e:02x}:{g:02x}")
+    }
+}
+
+impl std::str::FromStr for MacAddress {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut out = [0u8; 6];
+        let mut parts = s.split(':');
+        for byte in &mut out {
+            let part = parts
+                .next()
+                .ok_or_else(|| format!("{s:?} is not a MAC address"))?;
+            *byte = u8::from_str_radix(part, 16).map_err(|_| format!("{s:?} is not a MAC address"))?;
+        }
+        if parts.next().is_some() {
+            return Err(format!("{s:?} is not a MAC address"));
+        }
+        Ok(Self(out))
+    }
+}
+
+/// Link state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LinkStatus {
+    /// Carrier present.
+    pub up: bool,
+    /// Speed in Mb/s (0 when unknown or down).
+    pub speed_mbps: u32,
+}
+
+/// Software counters of a device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Stats {
+    /// Frames handed to the application.
+    pub rx_packets: u64,
+    /// Bytes of those frames.
+    pub rx_bytes: u64,
+    /// Frames the driver discarded (errored or spanning several buffers).
+    pub rx_drops: u64,
+    /// Frames the device flagged with a receive error.
+    pub rx_errors: u64,
+    /// Times a receive stopped early because the mempool was empty.
+    pub rx_no_buffer: u64,
+    /// Frames queued on the TX ring.
+    pub tx_packets: u64,
+    /// Bytes of those frames.
+    pub tx_bytes: u64,
+    /// Frames refused (empty or larger than the device takes) and freed.
+    pub tx_drops: u64,
+    /// Transmit errors reported by the device.
+    pub tx_errors: u64,
+}
+
+/// A NIC queue pair an application polls.
+///
+/// Both burst calls move buffers, never copy them, and never allocate:
+/// give `rx_burst` a `Vec` with spare capacity reserved once.
+pub trait NicDevice {
+    /// The driver's name.
+    fn driver_name(&self) -> &'static str;
+
+    /// Moves up to `max` received frames onto the end of `out` (never past
+    /// its spare capacity); returns how many.
+    fn rx_burst(&mut self, out: &mut Vec<PacketBuf>, max: usize) -> usize;
+
+    /// Queues frames from the front of `packets` for transmission and
+    /// removes them; returns how many were taken. Frames left in `packets`
+    /// did not fit on the ring: offer them again later.
+    fn tx_burst(&mut self, packets: &mut Vec<PacketBuf>) -> usize;
+
+    /// Link state now.
+    fn link(&self) -> LinkStatus;
+
+    /// The device's MAC address.
+    fn mac(&self) -> MacAddress;
+
+    /// Software counters.
+    fn stats(&self) -> Stats;
+
+    /// The pool receive buffers come from, and transmit buffers should.
+    fn mempool(&self) -> &Rc<Mempool>;
+}
