@@ -6,3 +6,7 @@
 #![forbid(unsafe_code)]
 
 pub mod discover;
+pub mod files;
+pub mod netlink;
+pub mod reconcile;
+pub mod run;

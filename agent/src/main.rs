@@ -2,9 +2,13 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use vfplane_agent::netlink::RtNetlink;
+use vfplane_agent::reconcile::Reconciler;
+use vfplane_agent::run::{RunOptions, publish, read_state_file};
 use vfplane_host::Host;
 
 /// The vfplane node agent.
@@ -32,12 +36,55 @@ enum Command {
         #[arg(long, requires = "json")]
         pretty: bool,
     },
+    /// Reconcile the node to a state file once; exit 0 only when it matches.
+    Apply {
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Reconcile continuously: on state file changes, device changes, and a timer.
+    Run {
+        #[command(flatten)]
+        target: Target,
+        /// Seconds between passes when nothing changes.
+        #[arg(long, default_value_t = 30)]
+        resync_seconds: u64,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct Target {
+    /// The desired state: a NodeState document (YAML).
+    #[arg(long)]
+    state_file: PathBuf,
+    /// Write the node's status here (JSON).
+    #[arg(long)]
+    status_file: Option<PathBuf>,
+    /// Write the device plugin's pool config here (YAML).
+    #[arg(long)]
+    pool_config: Option<PathBuf>,
+    /// Node name, for derived MACs.
+    #[arg(long, env = "NODE_NAME")]
+    node_name: Option<String>,
+    /// Where the host's /proc is (to see which VFs are in use).
+    #[arg(long, default_value = "/proc")]
+    proc_root: PathBuf,
+}
+
+impl Target {
+    fn reconciler(&self, host: Host) -> Reconciler<RtNetlink> {
+        let node = self.node_name.clone().unwrap_or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_owned())
+                .unwrap_or_default()
+        });
+        Reconciler::new(host, RtNetlink, node, &self.proc_root)
+    }
 }
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("VFPLANE_LOG").unwrap_or_else(|_| "warn".into()),
+            tracing_subscriber::EnvFilter::try_from_env("VFPLANE_LOG").unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -64,6 +111,41 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 print!("{}", vfplane_agent::discover::render_text(&model));
             }
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Apply { target } => {
+            let spec = read_state_file(&target.state_file).map_err(anyhow::Error::msg)?;
+            let started = std::time::Instant::now();
+            let report = target.reconciler(host).apply(&spec);
+            publish(
+                &report,
+                target.status_file.as_deref(),
+                target.pool_config.as_deref(),
+            )
+            .map_err(anyhow::Error::msg)?;
+            for error in &report.errors {
+                eprintln!("vfplane-agent: {error}");
+            }
+            if report.converged {
+                eprintln!(
+                    "vfplane-agent: the node matches the state file (apply took {} ms)",
+                    started.elapsed().as_millis()
+                );
+                Ok(ExitCode::SUCCESS)
+            } else {
+                Ok(ExitCode::from(2))
+            }
+        }
+        Command::Run {
+            target,
+            resync_seconds,
+        } => {
+            let options = RunOptions {
+                state_file: target.state_file.clone(),
+                status_file: target.status_file.clone(),
+                pool_config: target.pool_config.clone(),
+                resync: Duration::from_secs(resync_seconds.max(1)),
+            };
+            vfplane_agent::run::run(&target.reconciler(host), &options)
         }
     }
 }

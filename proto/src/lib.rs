@@ -19,8 +19,11 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod container_env;
+pub mod node_state;
 pub mod pci;
 pub mod pool;
+pub mod vf_state;
 
 /// Kubelet device plugin API.
 pub mod deviceplugin {

@@ -1,0 +1,391 @@
+//! VF link settings through rtnetlink: what `ip link set <pf> vf N mac ...
+//! vlan ... spoofchk ... trust ... max_tx_rate ...` does, and the read-back
+//! of the same through `RTM_GETLINK` with the VF extension mask.
+//!
+//! [`VfLinkControl`] is the seam: [`RtNetlink`] talks to the kernel, and
+//! tests use an in-memory implementation.
+
+use std::fmt;
+
+use netlink_packet_core::{NLM_F_ACK, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload};
+use netlink_packet_route::RouteNetlinkMessage;
+use netlink_packet_route::link::{
+    LinkAttribute, LinkExtentMask, LinkMessage, LinkVfInfo, VfInfo, VfInfoMac, VfInfoRate, VfInfoSpoofCheck,
+    VfInfoTrust, VfInfoVlan,
+};
+use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
+
+/// A MAC address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct Mac(pub [u8; 6]);
+
+impl fmt::Display for Mac {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let [a, b, c, d, e, g] = self.0;
+        write!(f, "{a:02x}:{b:02x}:{c:02x}:{d:02x}:{e:02x}:{g:02x}")
+    }
+}
+
+impl std::str::FromStr for Mac {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let parts: Vec<&str> = s.split(':').collect();
+        let bad = || format!("invalid MAC {s:?} (expected six hex pairs like 02:00:00:00:00:01)");
+        if parts.len() != 6 {
+            return Err(bad());
+        }
+        let mut mac = [0u8; 6];
+        for (byte, part) in mac.iter_mut().zip(parts) {
+            if part.len() != 2 {
+                return Err(bad());
+            }
+            *byte = u8::from_str_radix(part, 16).map_err(|_| bad())?;
+        }
+        if mac[0] & 1 == 1 {
+            return Err(format!(
+                "MAC {s} is a multicast address; a VF needs a unicast one"
+            ));
+        }
+        if mac == [0; 6] {
+            return Err(format!("MAC {s} is all zeros"));
+        }
+        Ok(Self(mac))
+    }
+}
+
+/// The settings vfplane manages on one VF.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VfLinkSettings {
+    /// Administrative MAC.
+    pub mac: Mac,
+    /// VLAN the PF tags with; 0 for none.
+    pub vlan: u16,
+    /// Anti-spoof checking.
+    pub spoof_chk: bool,
+    /// Trusted VF.
+    pub trust: bool,
+    /// Transmit limit in Mbit/s; 0 for none.
+    pub max_tx_rate_mbps: u32,
+}
+
+/// What the kernel reports for one VF.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct VfLinkInfo {
+    /// VF index.
+    pub vf: u32,
+    /// Administrative MAC (zero when none was set).
+    pub mac: Mac,
+    /// VLAN.
+    pub vlan: u16,
+    /// Anti-spoof checking, when the driver reports it.
+    pub spoof_chk: Option<bool>,
+    /// Trust, when the driver reports it.
+    pub trust: Option<bool>,
+    /// Transmit limit, when the driver reports it.
+    pub max_tx_rate_mbps: Option<u32>,
+}
+
+impl VfLinkInfo {
+    /// The settings that differ from `want`, by name (empty: all match).
+    pub fn differences(&self, want: &VfLinkSettings) -> Vec<&'static str> {
+        let mut diff = Vec::new();
+        if self.mac != want.mac {
+            diff.push("mac");
+        }
+        if self.vlan != want.vlan {
+            diff.push("vlan");
+        }
+        if self.spoof_chk.is_some_and(|v| v != want.spoof_chk) {
+            diff.push("spoofchk");
+        }
+        if self.trust.is_some_and(|v| v != want.trust) {
+            diff.push("trust");
+        }
+        if self.max_tx_rate_mbps.is_some_and(|v| v != want.max_tx_rate_mbps) {
+            diff.push("max_tx_rate");
+        }
+        diff
+    }
+}
+
+/// A netlink failure, naming the interface and what was being done.
+#[derive(Debug, thiserror::Error)]
+pub enum NetlinkError {
+    /// The socket could not be opened or used.
+    #[error("netlink socket: {0}")]
+    Socket(#[source] std::io::Error),
+    /// The kernel refused a request.
+    #[error("{what} on {ifname}: {source}")]
+    Refused {
+        /// What was asked.
+        what: String,
+        /// The PF interface.
+        ifname: String,
+        /// The kernel's errno.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The kernel's answer could not be decoded.
+    #[error("{what} on {ifname}: undecodable reply: {message}")]
+    Decode {
+        /// What was asked.
+        what: String,
+        /// The PF interface.
+        ifname: String,
+        /// The decoder's message.
+        message: String,
+    },
+}
+
+/// Reads and writes VF settings of a PF.
+pub trait VfLinkControl {
+    /// Every VF of the PF `ifname` as the kernel reports it.
+    ///
+    /// # Errors
+    /// When the kernel refuses or the reply is garbled.
+    fn vf_links(&self, ifname: &str) -> Result<Vec<VfLinkInfo>, NetlinkError>;
+
+    /// Applies the settings of `differences` (names from
+    /// [`VfLinkInfo::differences`]) to VF `vf` of `ifname`.
+    ///
+    /// # Errors
+    /// The first setting the kernel refuses, by name.
+    fn set_vf(
+        &self,
+        ifname: &str,
+        vf: u32,
+        want: &VfLinkSettings,
+        differences: &[&str],
+    ) -> Result<(), NetlinkError>;
+
+    /// Sets the MTU of an interface.
+    ///
+    /// # Errors
+    /// When the kernel refuses.
+    fn set_mtu(&self, ifname: &str, mtu: u32) -> Result<(), NetlinkError>;
+}
+
+/// The kernel's rtnetlink.
+#[derive(Debug, Default)]
+pub struct RtNetlink;
+
+impl RtNetlink {
+    fn request(
+        &self,
+        ifname: &str,
+        what: &str,
+        message: LinkMessage,
+        dump_reply: bool,
+    ) -> Result<Vec<LinkMessage>, NetlinkError> {
+        let mut socket = Socket::new(NETLINK_ROUTE).map_err(NetlinkError::Socket)?;
+        socket.bind_auto().map_err(NetlinkError::Socket)?;
+        socket
+            .connect(&SocketAddr::new(0, 0))
+            .map_err(NetlinkError::Socket)?;
+        let payload = if dump_reply {
+            RouteNetlinkMessage::GetLink(message)
+        } else {
+            RouteNetlinkMessage::SetLink(message)
+        };
+        let mut packet = NetlinkMessage::from(payload);
+        packet.header.flags = NLM_F_REQUEST | NLM_F_ACK;
+        packet.header.sequence_number = 1;
+        packet.finalize();
+        let mut buf = vec![0u8; packet.buffer_len()];
+        packet.serialize(&mut buf);
+        socket.send(&buf, 0).map_err(NetlinkError::Socket)?;
+
+        let decode = |message: String| NetlinkError::Decode {
+            what: what.to_owned(),
+            ifname: ifname.to_owned(),
+            message,
+        };
+        let mut replies = Vec::new();
+        loop {
+            let (data, _) = socket.recv_from_full().map_err(NetlinkError::Socket)?;
+            let mut offset = 0;
+            while offset < data.len() {
+                let reply = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&data[offset..])
+                    .map_err(|e| decode(e.to_string()))?;
+                let length = reply.header.length as usize;
+                if length == 0 {
+                    return Err(decode("zero-length message".to_owned()));
+                }
+                offset += length.next_multiple_of(4);
+                match reply.payload {
+                    NetlinkPayload::Error(error) => {
+                        return match error.code {
+                            None => Ok(replies),
+                            Some(code) => Err(NetlinkError::Refused {
+                                what: what.to_owned(),
+                                ifname: ifname.to_owned(),
+                                source: std::io::Error::from_raw_os_error(-code.get()),
+                            }),
+                        };
+                    }
+                    NetlinkPayload::Done(_) => return Ok(replies),
+                    NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(link)) => replies.push(link),
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    fn link_named(ifname: &str) -> LinkMessage {
+        let mut message = LinkMessage::default();
+        message.attributes.push(LinkAttribute::IfName(ifname.to_owned()));
+        message
+    }
+}
+
+impl VfLinkControl for RtNetlink {
+    fn vf_links(&self, ifname: &str) -> Result<Vec<VfLinkInfo>, NetlinkError> {
+        let mut message = Self::link_named(ifname);
+        message
+            .attributes
+            .push(LinkAttribute::ExtMask(vec![LinkExtentMask::Vf]));
+        let replies = self.request(ifname, "reading VF settings", message, true)?;
+        let mut vfs = Vec::new();
+        for reply in replies {
+            for attribute in reply.attributes {
+                if let LinkAttribute::VfInfoList(list) = attribute {
+                    vfs.extend(list.iter().map(vf_link_info));
+                }
+            }
+        }
+        vfs.sort_by_key(|vf| vf.vf);
+        Ok(vfs)
+    }
+
+    fn set_vf(
+        &self,
+        ifname: &str,
+        vf: u32,
+        want: &VfLinkSettings,
+        differences: &[&str],
+    ) -> Result<(), NetlinkError> {
+        for &name in differences {
+            let info = match name {
+                "mac" => VfInfo::Mac(VfInfoMac::new(vf, &want.mac.0)),
+                "vlan" => VfInfo::Vlan(VfInfoVlan::new(vf, u32::from(want.vlan), 0)),
+                "spoofchk" => VfInfo::SpoofCheck(VfInfoSpoofCheck::new(vf, want.spoof_chk)),
+                "trust" => VfInfo::Trust(VfInfoTrust::new(vf, want.trust)),
+                "max_tx_rate" => VfInfo::Rate(VfInfoRate::new(vf, 0, want.max_tx_rate_mbps)),
+                _ => continue,
+            };
+            let mut message = Self::link_named(ifname);
+            message
+                .attributes
+                .push(LinkAttribute::VfInfoList(vec![LinkVfInfo(vec![info])]));
+            self.request(ifname, &format!("setting {name} of VF {vf}"), message, false)?;
+        }
+        Ok(())
+    }
+
+    fn set_mtu(&self, ifname: &str, mtu: u32) -> Result<(), NetlinkError> {
+        let mut message = Self::link_named(ifname);
+        message.attributes.push(LinkAttribute::Mtu(mtu));
+        self.request(ifname, &format!("setting MTU {mtu}"), message, false)
+            .map(|_| ())
+    }
+}
+
+fn vf_link_info(list: &LinkVfInfo) -> VfLinkInfo {
+    let mut info = VfLinkInfo::default();
+    for item in &list.0 {
+        match item {
+            VfInfo::Mac(mac) => {
+                info.vf = mac.vf_id;
+                info.mac.0.copy_from_slice(&mac.mac[..6]);
+            }
+            VfInfo::Vlan(vlan) => info.vlan = u16::try_from(vlan.vlan_id).unwrap_or(u16::MAX),
+            VfInfo::SpoofCheck(spoof) => info.spoof_chk = Some(spoof.enabled),
+            VfInfo::Trust(trust) => info.trust = Some(trust.enabled),
+            VfInfo::Rate(rate) => info.max_tx_rate_mbps = Some(rate.max_tx_rate),
+            _ => {}
+        }
+    }
+    info
+}
+
+/// A stable locally administered unicast MAC for VF `index` of `pf` on
+/// `node`: the same inputs always give the same MAC, so VFs come back with
+/// the addresses they had after a restart or a re-creation.
+pub fn derived_mac(node: &str, pf: &str, index: u16) -> Mac {
+    // FNV-1a, 64 bits: small, stable across Rust versions (unlike std's hasher).
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in node
+        .bytes()
+        .chain([0])
+        .chain(pf.bytes())
+        .chain([0])
+        .chain(index.to_le_bytes())
+    {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    let b = hash.to_le_bytes();
+    // Locally administered (bit 1 set), unicast (bit 0 clear).
+    Mac([(b[0] & 0xfc) | 0x02, b[1], b[2], b[3], b[4], b[5]])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mac_parses_prints_and_refuses_bad_input() {
+        let mac: Mac = "02:00:00:aa:bb:0c".parse().unwrap();
+        assert_eq!(mac.to_string(), "02:00:00:aa:bb:0c");
+        for bad in [
+            "02:00:00:aa:bb",
+            "02:00:00:aa:bb:0g",
+            "0200.00aa.bb0c",
+            "",
+            "01:00:5e:00:00:01",
+            "00:00:00:00:00:00",
+        ] {
+            assert!(bad.parse::<Mac>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn derived_macs_are_stable_local_unicast_and_distinct() {
+        let a = derived_mac("node-1", "0000:00:02.0", 0);
+        assert_eq!(a, derived_mac("node-1", "0000:00:02.0", 0));
+        assert_eq!(a.0[0] & 0x03, 0x02, "locally administered unicast");
+        let mut all: Vec<Mac> = (0..64)
+            .map(|i| derived_mac("node-1", "0000:00:02.0", i))
+            .collect();
+        all.push(derived_mac("node-2", "0000:00:02.0", 0));
+        all.push(derived_mac("node-1", "0000:00:03.0", 0));
+        let count = all.len();
+        all.sort_by_key(|m| m.0);
+        all.dedup();
+        assert_eq!(all.len(), count);
+    }
+
+    #[test]
+    fn differences_ignore_settings_the_driver_does_not_report() {
+        let want = VfLinkSettings {
+            mac: Mac([2, 0, 0, 0, 0, 1]),
+            vlan: 10,
+            spoof_chk: true,
+            trust: false,
+            max_tx_rate_mbps: 0,
+        };
+        let mut have = VfLinkInfo {
+            vf: 0,
+            mac: want.mac,
+            vlan: 10,
+            spoof_chk: None,
+            trust: None,
+            max_tx_rate_mbps: None,
+        };
+        assert!(have.differences(&want).is_empty());
+        have.spoof_chk = Some(false);
+        have.vlan = 0;
+        assert_eq!(have.differences(&want), ["vlan", "spoofchk"]);
+    }
+}

@@ -1,0 +1,624 @@
+//! One reconcile pass: NodeState spec in, writes to sysfs and netlink, the
+//! node's real status out.
+//!
+//! # Guarantees
+//! - Idempotent: a pass over a node that matches writes nothing.
+//! - State lives in sysfs and the PF driver, never in the agent: a pass
+//!   that was killed at any instant is finished by the next one.
+//! - A bad PF entry is reported on that PF; every other PF still converges,
+//!   and nothing already configured is torn down because of it.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use vfplane_host::{Host, HostModel, PciAddress, PhysicalFunction, error_chain};
+use vfplane_proto::node_state::{
+    Condition, DEVICE_TYPE_NETDEVICE, DEVICE_TYPE_VFIO, NodeStateSpec, NodeStateStatus, PfSpec, PfStatus,
+    VfStatus,
+};
+use vfplane_proto::pool::{Pool, PoolConfig, validate_pool_name};
+
+use crate::netlink::{Mac, VfLinkControl, VfLinkInfo, VfLinkSettings, derived_mac};
+
+/// What one pass did and found.
+#[derive(Debug, Clone)]
+pub struct ApplyReport {
+    /// The node as it is after the pass.
+    pub status: NodeStateStatus,
+    /// The pools the device plugin should serve.
+    pub pools: PoolConfig,
+    /// True when every PF of the spec matches it.
+    pub converged: bool,
+    /// Why not, one line per problem.
+    pub errors: Vec<String>,
+}
+
+/// Where the agent finds the node.
+#[derive(Debug)]
+pub struct Reconciler<N> {
+    host: Host,
+    netlink: N,
+    node_name: String,
+    proc_root: PathBuf,
+}
+
+/// One VF as the spec wants it.
+#[derive(Debug, Clone)]
+struct VfPlan {
+    index: u16,
+    pool: String,
+    device_type: String,
+    settings: VfLinkSettings,
+}
+
+/// One PF as the spec wants it, validated against the node.
+#[derive(Debug, Clone)]
+struct PfPlan {
+    address: PciAddress,
+    ifname: Option<String>,
+    num_vfs: u16,
+    mtu: Option<u32>,
+    force: bool,
+    vfs: Vec<VfPlan>,
+}
+
+impl<N: VfLinkControl> Reconciler<N> {
+    /// A reconciler for the node named `node_name` (used to derive MACs),
+    /// seeing processes under `proc_root` (to tell which VFs are in use).
+    pub fn new(host: Host, netlink: N, node_name: impl Into<String>, proc_root: impl Into<PathBuf>) -> Self {
+        Self {
+            host,
+            netlink,
+            node_name: node_name.into(),
+            proc_root: proc_root.into(),
+        }
+    }
+
+    /// The host this reconciles.
+    pub fn host(&self) -> &Host {
+        &self.host
+    }
+
+    /// Brings the node to `spec` as far as it can and reports what it holds.
+    pub fn apply(&self, spec: &NodeStateSpec) -> ApplyReport {
+        let mut errors = Vec::new();
+        let mut pf_errors: BTreeMap<PciAddress, String> = BTreeMap::new();
+        let model = match self.host.discover() {
+            Ok(model) => model,
+            Err(error) => {
+                let message = format!("discovery failed: {}", error_chain(&error));
+                return ApplyReport {
+                    status: NodeStateStatus {
+                        conditions: conditions(false, std::slice::from_ref(&message)),
+                        last_sync_error: Some(message.clone()),
+                        ..NodeStateStatus::default()
+                    },
+                    pools: PoolConfig::default(),
+                    converged: false,
+                    errors: vec![message],
+                };
+            }
+        };
+
+        let mut plans = Vec::new();
+        let mut claimed = BTreeSet::new();
+        for (position, pf_spec) in spec.pfs.iter().enumerate() {
+            match self.plan(pf_spec, &model) {
+                Ok(plan) if !claimed.insert(plan.address) => {
+                    let message = format!(
+                        "pfs[{position}]: PF {} is listed twice; this entry is ignored",
+                        plan.address
+                    );
+                    errors.push(message);
+                }
+                Ok(plan) => plans.push(plan),
+                Err((address, message)) => {
+                    let message = format!("pfs[{position}] ({}): {message}", pf_label(pf_spec));
+                    if let Some(address) = address {
+                        pf_errors.insert(address, message.clone());
+                    }
+                    errors.push(message);
+                }
+            }
+        }
+        for plan in &plans {
+            if let Err(message) = self.execute(plan, &model) {
+                let message = format!("PF {}: {message}", plan.address);
+                pf_errors.insert(plan.address, message.clone());
+                errors.push(message);
+            }
+        }
+
+        let after = match self.host.discover() {
+            Ok(model) => model,
+            Err(error) => {
+                let message = format!("discovery after apply failed: {}", error_chain(&error));
+                errors.push(message);
+                model
+            }
+        };
+        let mut report = self.report(spec, &plans, &after, &pf_errors);
+        report.errors.splice(0..0, errors);
+        report.converged = report.errors.is_empty();
+        report.status.conditions = conditions(report.converged, &report.errors);
+        report.status.last_sync_error = report.errors.first().cloned();
+        report
+    }
+
+    /// Validates one PF entry against the node.
+    fn plan(&self, pf_spec: &PfSpec, model: &HostModel) -> Result<PfPlan, (Option<PciAddress>, String)> {
+        let pf = match (&pf_spec.pci_address, &pf_spec.pf_name) {
+            (Some(_), Some(_)) => return Err((None, "give pciAddress or pfName, not both".to_owned())),
+            (None, None) => return Err((None, "give pciAddress or pfName".to_owned())),
+            (Some(text), None) => {
+                let address: PciAddress = text.parse().map_err(|e| (None, format!("{e}")))?;
+                model
+                    .pfs
+                    .iter()
+                    .find(|pf| pf.pci.address == address)
+                    .ok_or_else(|| (None, format!("no SR-IOV PF {address} on this node")))?
+            }
+            (None, Some(name)) => model
+                .pfs
+                .iter()
+                .find(|pf| pf.netdevs.iter().any(|n| &n.name == name))
+                .ok_or_else(|| (None, format!("no SR-IOV PF with interface {name:?} on this node")))?,
+        };
+        let address = pf.pci.address;
+        let fail = |message: String| (Some(address), message);
+        if pf_spec.num_vfs > pf.total_vfs {
+            return Err(fail(format!(
+                "numVfs {} is beyond what the device supports (sriov_totalvfs {})",
+                pf_spec.num_vfs, pf.total_vfs
+            )));
+        }
+        let ifname = pf.netdevs.first().map(|n| n.name.clone());
+        let mut taken: BTreeMap<u16, String> = BTreeMap::new();
+        let mut vfs = Vec::new();
+        for group in &pf_spec.vf_groups {
+            let label = format!("vfGroup {:?}", group.resource_name);
+            validate_pool_name(&group.resource_name).map_err(|e| fail(format!("{label}: {e}")))?;
+            if group.device_type != DEVICE_TYPE_VFIO && group.device_type != DEVICE_TYPE_NETDEVICE {
+                return Err(fail(format!(
+                    "{label}: unknown deviceType {:?} (use {DEVICE_TYPE_VFIO} or {DEVICE_TYPE_NETDEVICE})",
+                    group.device_type
+                )));
+            }
+            if group.vlan > 4094 {
+                return Err(fail(format!("{label}: vlan {} is beyond 4094", group.vlan)));
+            }
+            let indexes = parse_vf_range(&group.vf_range).map_err(|e| fail(format!("{label}: {e}")))?;
+            if let Some(beyond) = indexes.iter().find(|&&i| i >= pf_spec.num_vfs) {
+                return Err(fail(format!(
+                    "{label}: vfRange {:?} names VF {beyond}, but numVfs is {}",
+                    group.vf_range, pf_spec.num_vfs
+                )));
+            }
+            if !group.macs.is_empty() && group.macs.len() != indexes.len() {
+                return Err(fail(format!(
+                    "{label}: {} MACs for {} VFs; give one per VF or none",
+                    group.macs.len(),
+                    indexes.len()
+                )));
+            }
+            let macs: Vec<Mac> = group
+                .macs
+                .iter()
+                .map(|m| m.parse::<Mac>().map_err(|e| fail(format!("{label}: {e}"))))
+                .collect::<Result<_, _>>()?;
+            for (position, &index) in indexes.iter().enumerate() {
+                if let Some(other) = taken.insert(index, group.resource_name.clone()) {
+                    return Err(fail(format!(
+                        "{label}: VF {index} is already in vfGroup {other:?} (ranges overlap)"
+                    )));
+                }
+                let mac = macs
+                    .get(position)
+                    .copied()
+                    .unwrap_or_else(|| derived_mac(&self.node_name, &address.to_string(), index));
+                vfs.push(VfPlan {
+                    index,
+                    pool: group.resource_name.clone(),
+                    device_type: group.device_type.clone(),
+                    settings: VfLinkSettings {
+                        mac,
+                        vlan: group.vlan,
+                        spoof_chk: group.spoof_chk,
+                        trust: group.trust,
+                        max_tx_rate_mbps: group.max_tx_rate_mbps,
+                    },
+                });
+            }
+        }
+        if !vfs.is_empty() && ifname.is_none() {
+            return Err(fail(
+                "the PF has no network interface, so its VFs cannot be configured".to_owned(),
+            ));
+        }
+        Ok(PfPlan {
+            address,
+            ifname,
+            num_vfs: pf_spec.num_vfs,
+            mtu: pf_spec.mtu,
+            force: pf_spec.force,
+            vfs,
+        })
+    }
+
+    /// Writes what differs for one PF.
+    fn execute(&self, plan: &PfPlan, model: &HostModel) -> Result<(), String> {
+        let pf = model
+            .pfs
+            .iter()
+            .find(|pf| pf.pci.address == plan.address)
+            .ok_or("the PF vanished")?;
+        if let (Some(mtu), Some(ifname)) = (plan.mtu, &plan.ifname)
+            && pf.netdevs.first().and_then(|n| n.mtu) != Some(mtu)
+        {
+            self.netlink.set_mtu(ifname, mtu).map_err(|e| error_chain(&e))?;
+        }
+        if pf.num_vfs != plan.num_vfs {
+            // VFs that would go away (all of them when the count changes
+            // between two non-zero values) must not be in use.
+            let doomed: Vec<_> = pf
+                .vfs
+                .iter()
+                .filter(|vf| plan.num_vfs == 0 || pf.num_vfs != 0 || vf.index >= plan.num_vfs)
+                .collect();
+            if !plan.force {
+                for vf in doomed {
+                    if let Some(group) = vf.pci.iommu_group
+                        && vf.pci.driver.as_deref() == Some(DEVICE_TYPE_VFIO)
+                    {
+                        let holders =
+                            vfio_group_holders(&self.proc_root, &self.host.vfio_group_node(group), group);
+                        if !holders.is_empty() {
+                            return Err(format!(
+                                "not changing numVfs {} -> {}: VF {} ({}) is in use by pid {:?}; set force: true to do it anyway",
+                                pf.num_vfs, plan.num_vfs, vf.index, vf.pci.address, holders
+                            ));
+                        }
+                    }
+                }
+            }
+            self.host
+                .set_num_vfs(plan.address, plan.num_vfs)
+                .map_err(|e| error_chain(&e))?;
+        }
+        let vf_addresses = self
+            .host
+            .vf_addresses(plan.address)
+            .map_err(|e| error_chain(&e))?;
+        let links = match &plan.ifname {
+            Some(ifname) if !plan.vfs.is_empty() => {
+                self.netlink.vf_links(ifname).map_err(|e| error_chain(&e))?
+            }
+            _ => Vec::new(),
+        };
+        let mut problems = Vec::new();
+        for vf in &plan.vfs {
+            let Some(&(_, address)) = vf_addresses.iter().find(|(index, _)| *index == vf.index) else {
+                problems.push(format!("VF {} does not exist after setting numVfs", vf.index));
+                continue;
+            };
+            if let Err(message) = self.configure_vf(plan, pf, vf, address, &links) {
+                problems.push(format!("VF {} ({address}): {message}", vf.index));
+            }
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems.join("; "))
+        }
+    }
+
+    fn configure_vf(
+        &self,
+        plan: &PfPlan,
+        pf: &PhysicalFunction,
+        vf: &VfPlan,
+        address: PciAddress,
+        links: &[VfLinkInfo],
+    ) -> Result<(), String> {
+        let mut mac_changed = false;
+        if let Some(ifname) = &plan.ifname {
+            // A VF the PF does not report at all gets every setting.
+            let differences = match links.iter().find(|l| l.vf == u32::from(vf.index)) {
+                Some(have) => have.differences(&vf.settings),
+                None => vec!["mac", "vlan", "spoofchk", "trust", "max_tx_rate"],
+            };
+            mac_changed = differences.contains(&"mac");
+            if !differences.is_empty() {
+                tracing::info!(pf = %plan.address, vf = vf.index, ?differences, "setting VF link attributes");
+                self.netlink
+                    .set_vf(ifname, u32::from(vf.index), &vf.settings, &differences)
+                    .map_err(|e| error_chain(&e))?;
+            }
+        }
+        let driver = if vf.device_type == DEVICE_TYPE_VFIO {
+            DEVICE_TYPE_VFIO.to_owned()
+        } else {
+            kernel_vf_driver(pf.pci.driver.as_deref()).ok_or_else(|| {
+                format!(
+                    "no known kernel VF driver for PF driver {:?}",
+                    pf.pci.driver.as_deref().unwrap_or("none")
+                )
+            })?
+        };
+        // A kernel VF driver reads its MAC from the PF only when it probes:
+        // after a MAC change, rebind it so the interface carries the new MAC.
+        if mac_changed && vf.device_type == DEVICE_TYPE_NETDEVICE {
+            self.host.unbind_driver(address).map_err(|e| error_chain(&e))?;
+        }
+        self.host
+            .bind_driver(address, &driver)
+            .map_err(|e| error_chain(&e))
+    }
+
+    /// The status and pool config of the node as it is now.
+    fn report(
+        &self,
+        spec: &NodeStateSpec,
+        plans: &[PfPlan],
+        model: &HostModel,
+        pf_errors: &BTreeMap<PciAddress, String>,
+    ) -> ApplyReport {
+        let mut errors = Vec::new();
+        let mut pools: BTreeMap<String, Vec<PciAddress>> = BTreeMap::new();
+        let mut pfs = Vec::new();
+        for pf in &model.pfs {
+            let plan = plans.iter().find(|p| p.address == pf.pci.address);
+            let ifname = pf.netdevs.first().map(|n| n.name.clone());
+            let links = match (&ifname, plan) {
+                (Some(ifname), Some(_)) => self.netlink.vf_links(ifname).unwrap_or_default(),
+                _ => Vec::new(),
+            };
+            let mut pf_error = pf_errors.get(&pf.pci.address).cloned();
+            if let Some(plan) = plan
+                && pf_error.is_none()
+                && pf.num_vfs != plan.num_vfs
+            {
+                pf_error = Some(format!("numVfs is {}, spec wants {}", pf.num_vfs, plan.num_vfs));
+            }
+            let mut vfs = Vec::new();
+            for vf in &pf.vfs {
+                let wanted = plan.and_then(|p| p.vfs.iter().find(|v| v.index == vf.index));
+                let link = links.iter().find(|l| l.vf == u32::from(vf.index));
+                let mut health = "Unmanaged".to_owned();
+                if let Some(wanted) = wanted {
+                    let problem = vf_problem(vf, wanted, link, model.iommu.enabled, spec.allow_no_iommu);
+                    health = match &problem {
+                        None => "Healthy".to_owned(),
+                        Some(reason) => format!("Unhealthy: {reason}"),
+                    };
+                    if let Some(reason) = problem {
+                        errors.push(format!(
+                            "PF {} VF {} ({}): {reason}",
+                            pf.pci.address, vf.index, vf.pci.address
+                        ));
+                    } else if wanted.device_type == DEVICE_TYPE_VFIO {
+                        pools.entry(wanted.pool.clone()).or_default().push(vf.pci.address);
+                    }
+                }
+                vfs.push(VfStatus {
+                    index: vf.index,
+                    pci_address: vf.pci.address.to_string(),
+                    driver: vf.pci.driver.clone(),
+                    mac: link.map(|l| l.mac.to_string()),
+                    vlan: link.map_or(0, |l| l.vlan),
+                    iommu_group: vf.pci.iommu_group,
+                    isolated: vf.isolated,
+                    health,
+                    pool: wanted.map(|w| w.pool.clone()),
+                    owner: None,
+                });
+            }
+            if let Some(message) = &pf_error
+                && !pf_errors.contains_key(&pf.pci.address)
+            {
+                errors.push(format!("PF {}: {message}", pf.pci.address));
+            }
+            pfs.push(PfStatus {
+                pci_address: pf.pci.address.to_string(),
+                name: ifname,
+                vendor: pf.pci.vendor.clone(),
+                device: pf.pci.device.clone(),
+                driver: pf.pci.driver.clone(),
+                numa_node: pf.pci.numa_node,
+                link: link_state(pf),
+                total_vfs: pf.total_vfs,
+                num_vfs: pf.num_vfs,
+                error: pf_error,
+                vfs,
+            });
+        }
+        // A pool with no VF ready is left out: the plugin then stops
+        // advertising it, which is what an empty pool means to the kubelet.
+        let pools = PoolConfig {
+            pools: pools
+                .into_iter()
+                .map(|(name, devices)| Pool {
+                    name,
+                    selector: None,
+                    devices,
+                    preferred_allocation: Default::default(),
+                    allow_no_iommu: spec.allow_no_iommu,
+                })
+                .collect(),
+        };
+        let status = NodeStateStatus {
+            pfs,
+            iommu_enabled: model.iommu.enabled,
+            ..NodeStateStatus::default()
+        };
+        ApplyReport {
+            status,
+            pools,
+            converged: errors.is_empty(),
+            errors,
+        }
+    }
+}
+
+/// Why a VF does not match its plan, if it does not.
+fn vf_problem(
+    vf: &vfplane_host::VirtualFunction,
+    wanted: &VfPlan,
+    link: Option<&VfLinkInfo>,
+    iommu: bool,
+    allow_no_iommu: bool,
+) -> Option<String> {
+    let driver = vf.pci.driver.as_deref();
+    if wanted.device_type == DEVICE_TYPE_VFIO {
+        if driver != Some(DEVICE_TYPE_VFIO) {
+            return Some(format!(
+                "driver is {}, spec wants vfio-pci",
+                driver.unwrap_or("none")
+            ));
+        }
+        if !iommu && !allow_no_iommu {
+            return Some("the node has no IOMMU and allowNoIommu is not set: not advertised".to_owned());
+        }
+        if iommu && !vf.isolated {
+            let members = vf.iommu.as_ref().map(|g| g.members.len()).unwrap_or(0);
+            return Some(format!("not isolated: its IOMMU group holds {members} devices"));
+        }
+        if iommu && vf.vfio_device.is_none() {
+            return Some("its /dev/vfio group node is missing".to_owned());
+        }
+    } else if driver.is_none() || driver == Some(DEVICE_TYPE_VFIO) {
+        return Some(format!(
+            "driver is {}, spec wants the kernel VF driver",
+            driver.unwrap_or("none")
+        ));
+    }
+    match link {
+        None => Some("the PF reports no settings for it".to_owned()),
+        Some(link) => {
+            let differences = link.differences(&wanted.settings);
+            (!differences.is_empty()).then(|| format!("{} differ from the spec", differences.join(", ")))
+        }
+    }
+}
+
+fn link_state(pf: &PhysicalFunction) -> String {
+    match pf.netdevs.first() {
+        None => "unknown".to_owned(),
+        Some(n) if n.operstate == "up" || n.carrier == Some(true) => "up".to_owned(),
+        Some(n) if n.operstate == "down" || n.carrier == Some(false) => "down".to_owned(),
+        Some(_) => "unknown".to_owned(),
+    }
+}
+
+fn pf_label(spec: &PfSpec) -> String {
+    spec.pci_address
+        .clone()
+        .or_else(|| spec.pf_name.clone())
+        .unwrap_or_else(|| "unnamed".to_owned())
+}
+
+/// The kernel VF driver of a PF driver.
+fn kernel_vf_driver(pf_driver: Option<&str>) -> Option<String> {
+    let driver = match pf_driver? {
+        "igb" => "igbvf",
+        "ixgbe" => "ixgbevf",
+        "i40e" | "ice" => "iavf",
+        "mlx5_core" => "mlx5_core",
+        "bnxt_en" => "bnxt_en",
+        _ => return None,
+    };
+    Some(driver.to_owned())
+}
+
+/// `Synced` and `Degraded` for a pass.
+fn conditions(converged: bool, errors: &[String]) -> Vec<Condition> {
+    let message = if errors.is_empty() {
+        "the node matches the spec".to_owned()
+    } else {
+        errors.join("; ")
+    };
+    vec![
+        Condition {
+            type_: "Synced".to_owned(),
+            status: if converged { "True" } else { "False" }.to_owned(),
+            reason: if converged { "Converged" } else { "NotConverged" }.to_owned(),
+            message: message.clone(),
+        },
+        Condition {
+            type_: "Degraded".to_owned(),
+            status: if errors.is_empty() { "False" } else { "True" }.to_owned(),
+            reason: if errors.is_empty() {
+                "AllHealthy"
+            } else {
+                "Problems"
+            }
+            .to_owned(),
+            message,
+        },
+    ]
+}
+
+/// Parses `"0-3"`, `"2"`, `"0-1,4"` into sorted VF indexes.
+///
+/// # Errors
+/// A sentence naming the bad part.
+pub fn parse_vf_range(text: &str) -> Result<Vec<u16>, String> {
+    let mut indexes = BTreeSet::new();
+    if text.trim().is_empty() {
+        return Err("vfRange is empty".to_owned());
+    }
+    for part in text.split(',') {
+        let part = part.trim();
+        let bad = || format!("vfRange part {part:?} is not N or N-M");
+        let (start, end) = match part.split_once('-') {
+            Some((a, b)) => (
+                a.trim().parse::<u16>().map_err(|_| bad())?,
+                b.trim().parse::<u16>().map_err(|_| bad())?,
+            ),
+            None => {
+                let n = part.parse::<u16>().map_err(|_| bad())?;
+                (n, n)
+            }
+        };
+        if start > end {
+            return Err(format!("vfRange part {part:?} runs backwards"));
+        }
+        for index in start..=end {
+            if !indexes.insert(index) {
+                return Err(format!("vfRange {text:?} names VF {index} twice"));
+            }
+        }
+    }
+    Ok(indexes.into_iter().collect())
+}
+
+/// Processes that hold `/dev/vfio/<group>` open, by pid, found through
+/// `<proc_root>/<pid>/fd`. The agent runs in the host's pid namespace, so
+/// this sees container processes too.
+pub fn vfio_group_holders(proc_root: &Path, node: &Path, group: u32) -> Vec<u32> {
+    let canonical = format!("/dev/vfio/{group}");
+    let Ok(entries) = std::fs::read_dir(proc_root) else {
+        return Vec::new();
+    };
+    let mut holders = Vec::new();
+    for entry in entries.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else {
+            continue;
+        };
+        let holds = fds.flatten().any(|fd| {
+            std::fs::read_link(fd.path())
+                .is_ok_and(|target| target == Path::new(&canonical) || target == node)
+        });
+        if holds {
+            holders.push(pid);
+        }
+    }
+    holders.sort_unstable();
+    holders
+}
+
+#[cfg(test)]
+mod tests;

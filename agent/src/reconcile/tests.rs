@@ -1,0 +1,362 @@
+//! Reconcile passes on a fake sysfs tree and an in-memory netlink.
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+
+use vfplane_host::fake::{FakeDevice, FakeSysfs};
+use vfplane_proto::node_state::StateFile;
+
+use super::*;
+use crate::netlink::NetlinkError;
+
+/// VF settings kept in memory, per (interface, VF); every set is logged.
+#[derive(Debug, Default)]
+struct FakeNetlink {
+    vfs: RefCell<BTreeMap<(String, u32), VfLinkInfo>>,
+    writes: RefCell<Vec<String>>,
+    refuse: Option<&'static str>,
+}
+
+impl VfLinkControl for FakeNetlink {
+    fn vf_links(&self, ifname: &str) -> Result<Vec<VfLinkInfo>, NetlinkError> {
+        Ok(self
+            .vfs
+            .borrow()
+            .iter()
+            .filter(|((i, _), _)| i == ifname)
+            .map(|(_, v)| *v)
+            .collect())
+    }
+
+    fn set_vf(
+        &self,
+        ifname: &str,
+        vf: u32,
+        want: &VfLinkSettings,
+        differences: &[&str],
+    ) -> Result<(), NetlinkError> {
+        for &name in differences {
+            if self.refuse == Some(name) {
+                return Err(NetlinkError::Refused {
+                    what: format!("setting {name} of VF {vf}"),
+                    ifname: ifname.to_owned(),
+                    source: std::io::Error::from_raw_os_error(libc::EOPNOTSUPP),
+                });
+            }
+            self.writes.borrow_mut().push(format!("{ifname} vf {vf} {name}"));
+        }
+        let mut vfs = self.vfs.borrow_mut();
+        let entry = vfs.entry((ifname.to_owned(), vf)).or_insert(VfLinkInfo {
+            vf,
+            ..VfLinkInfo::default()
+        });
+        entry.mac = want.mac;
+        entry.vlan = want.vlan;
+        entry.spoof_chk = Some(want.spoof_chk);
+        entry.trust = Some(want.trust);
+        entry.max_tx_rate_mbps = Some(want.max_tx_rate_mbps);
+        Ok(())
+    }
+
+    fn set_mtu(&self, ifname: &str, mtu: u32) -> Result<(), NetlinkError> {
+        self.writes.borrow_mut().push(format!("{ifname} mtu {mtu}"));
+        Ok(())
+    }
+}
+
+const PF: &str = "0000:00:02.0";
+
+/// The testbed's node with 4 VFs made: VFs 0-1 on vfio-pci, 2-3 on igbvf.
+fn node() -> FakeSysfs {
+    let fake = FakeSysfs::new().unwrap();
+    let mut pf = FakeDevice::igb_pf(PF.parse().unwrap());
+    pf.iommu_group = Some(3);
+    fake.add_pf(&pf, 7, "eth0").unwrap();
+    let vfs = fake.add_vfs(PF.parse().unwrap(), 4, Some(4), -1).unwrap();
+    for (i, vf) in vfs.iter().enumerate() {
+        if i < 2 {
+            fake.set_driver(*vf, Some("vfio-pci")).unwrap();
+            fake.add_vfio_node(4 + i as u32).unwrap();
+        } else {
+            fake.set_driver(*vf, Some("igbvf")).unwrap();
+        }
+    }
+    fake
+}
+
+fn spec(text: &str) -> NodeStateSpec {
+    StateFile::from_yaml(text).unwrap().spec
+}
+
+const GOOD: &str = r#"
+spec:
+  pfs:
+    - pciAddress: "0000:00:02.0"
+      numVfs: 4
+      vfGroups:
+        - resourceName: fast
+          vfRange: "0-1"
+          macs: ["02:00:00:00:00:01", "02:00:00:00:00:02"]
+        - resourceName: kernel
+          vfRange: "2-3"
+          deviceType: netdevice
+          vlan: 100
+"#;
+
+/// What igb reports for fresh VFs: no MAC, no VLAN, spoof checking on,
+/// not trusted, no rate limit.
+fn fresh_vfs(netlink: FakeNetlink, count: u32) -> FakeNetlink {
+    for vf in 0..count {
+        let info = VfLinkInfo {
+            vf,
+            spoof_chk: Some(true),
+            trust: Some(false),
+            max_tx_rate_mbps: Some(0),
+            ..VfLinkInfo::default()
+        };
+        netlink.vfs.borrow_mut().insert(("eth0".to_owned(), vf), info);
+    }
+    netlink
+}
+
+fn reconciler(fake: &FakeSysfs, netlink: FakeNetlink) -> Reconciler<FakeNetlink> {
+    let netlink = fresh_vfs(netlink, 4);
+    Reconciler::new(fake.host(), netlink, "node-1", fake.sysfs_root().join("no-proc"))
+}
+
+#[test]
+fn converges_sets_link_attributes_and_writes_pools_for_vfio_vfs() {
+    let fake = node();
+    let agent = reconciler(&fake, FakeNetlink::default());
+    let report = agent.apply(&spec(GOOD));
+    assert!(report.converged, "{:?}", report.errors);
+    assert_eq!(
+        *agent.netlink.writes.borrow(),
+        [
+            "eth0 vf 0 mac",
+            "eth0 vf 1 mac",
+            "eth0 vf 2 mac",
+            "eth0 vf 2 vlan",
+            "eth0 vf 3 mac",
+            "eth0 vf 3 vlan"
+        ],
+        "only what differs from the kernel's defaults is written"
+    );
+    let status = &report.status;
+    assert_eq!(status.pfs[0].vfs[0].mac.as_deref(), Some("02:00:00:00:00:01"));
+    assert_eq!(status.pfs[0].vfs[2].vlan, 100);
+    assert_eq!(
+        status.pfs[0].vfs[2].mac,
+        Some(derived_mac("node-1", PF, 2).to_string())
+    );
+    assert!(
+        status.pfs[0].vfs.iter().all(|vf| vf.health == "Healthy"),
+        "{status:?}"
+    );
+    assert_eq!(status.conditions[0].status, "True");
+    assert_eq!(report.pools.pools.len(), 1, "netdevice VFs are not advertised");
+    assert_eq!(report.pools.pools[0].name, "fast");
+    assert_eq!(report.pools.pools[0].devices.len(), 2);
+
+    // A second pass over a matching node writes nothing.
+    agent.netlink.writes.borrow_mut().clear();
+    let again = agent.apply(&spec(GOOD));
+    assert!(again.converged);
+    assert!(
+        agent.netlink.writes.borrow().is_empty(),
+        "{:?}",
+        agent.netlink.writes.borrow()
+    );
+    assert_eq!(
+        fake.read("devices/pci0000:00/0000:00:02.0/sriov_numvfs").unwrap(),
+        "4\n"
+    );
+}
+
+#[test]
+fn bad_pf_entries_are_reported_and_the_good_one_still_converges() {
+    for (bad, words) in [
+        (
+            r#"{pciAddress: "0000:99:00.0", numVfs: 1}"#,
+            "no SR-IOV PF 0000:99:00.0",
+        ),
+        (
+            r#"{pciAddress: "0000:zz:00.0", numVfs: 1}"#,
+            "invalid PCI address",
+        ),
+        (
+            r#"{pfName: eth9, numVfs: 1}"#,
+            "no SR-IOV PF with interface \"eth9\"",
+        ),
+    ] {
+        let fake = node();
+        let agent = reconciler(&fake, FakeNetlink::default());
+        let text = format!("{GOOD}    - {bad}\n");
+        let report = agent.apply(&spec(&text));
+        assert!(!report.converged);
+        assert_eq!(report.errors.len(), 1, "{:?}", report.errors);
+        assert!(report.errors[0].contains(words), "{}", report.errors[0]);
+        assert!(report.status.pfs[0].error.is_none());
+        assert!(report.status.pfs[0].vfs.iter().all(|vf| vf.health == "Healthy"));
+        assert_eq!(report.status.conditions[0].status, "False");
+        assert_eq!(report.pools.pools.len(), 1, "the good PF's pool is still written");
+    }
+}
+
+#[test]
+fn invalid_values_on_a_pf_name_the_problem_and_change_nothing_there() {
+    let cases = [
+        (
+            "numVfs: 8",
+            "numVfs 8 is beyond what the device supports (sriov_totalvfs 7)",
+        ),
+        (
+            "numVfs: 4\n      vfGroups: [{resourceName: a, vfRange: \"0-2\"}, {resourceName: b, vfRange: \"2-3\"}]",
+            "VF 2 is already in vfGroup \"a\"",
+        ),
+        (
+            "numVfs: 4\n      vfGroups: [{resourceName: a, vfRange: \"3-5\"}]",
+            "names VF 4, but numVfs is 4",
+        ),
+        (
+            "numVfs: 4\n      vfGroups: [{resourceName: a, vfRange: \"0\", macs: [\"02:00:00:00:00\"]}]",
+            "invalid MAC",
+        ),
+        (
+            "numVfs: 4\n      vfGroups: [{resourceName: a, vfRange: \"0\", deviceType: dpdk}]",
+            "unknown deviceType \"dpdk\"",
+        ),
+        (
+            "numVfs: 4\n      vfGroups: [{resourceName: \"a b\", vfRange: \"0\"}]",
+            "not a valid resource name",
+        ),
+        (
+            "numVfs: 4\n      vfGroups: [{resourceName: a, vfRange: \"x\"}]",
+            "vfRange part \"x\"",
+        ),
+    ];
+    for (body, words) in cases {
+        let fake = node();
+        let agent = reconciler(&fake, FakeNetlink::default());
+        let text = format!("spec:\n  pfs:\n    - pciAddress: \"{PF}\"\n      {body}\n");
+        let report = agent.apply(&spec(&text));
+        assert!(!report.converged, "{body}");
+        assert!(
+            report.errors.iter().any(|e| e.contains(words)),
+            "{body}: {:?}",
+            report.errors
+        );
+        assert!(
+            report.status.pfs[0]
+                .error
+                .as_deref()
+                .is_some_and(|e| e.contains(words))
+        );
+        assert!(
+            agent.netlink.writes.borrow().is_empty(),
+            "nothing written for a bad entry"
+        );
+        assert_eq!(
+            fake.read("devices/pci0000:00/0000:00:02.0/sriov_numvfs").unwrap(),
+            "4\n"
+        );
+    }
+}
+
+#[test]
+fn a_refused_setting_is_reported_on_its_vf() {
+    let fake = node();
+    let netlink = FakeNetlink {
+        refuse: Some("vlan"),
+        ..FakeNetlink::default()
+    };
+    let agent = reconciler(&fake, netlink);
+    let report = agent.apply(&spec(GOOD));
+    assert!(!report.converged);
+    assert!(
+        report.errors[0].contains("setting vlan of VF 2 on eth0"),
+        "{:?}",
+        report.errors
+    );
+}
+
+#[test]
+fn vfs_on_the_wrong_driver_are_unhealthy_and_kept_out_of_the_pool() {
+    let fake = node();
+    // The kernel refuses the rebind here (the fake tree does not react), as
+    // when vfio-pci is not loaded.
+    fake.set_driver("0000:00:12.0".parse().unwrap(), Some("igbvf"))
+        .unwrap();
+    let agent = reconciler(&fake, FakeNetlink::default());
+    let report = agent.apply(&spec(GOOD));
+    assert!(!report.converged);
+    let vf0 = &report.status.pfs[0].vfs[0];
+    assert!(
+        vf0.health.starts_with("Unhealthy: driver is igbvf"),
+        "{}",
+        vf0.health
+    );
+    assert_eq!(report.pools.pools[0].devices, ["0000:00:12.2".parse().unwrap()]);
+}
+
+#[test]
+fn no_iommu_keeps_vfio_vfs_out_unless_allowed() {
+    let fake = FakeSysfs::new().unwrap();
+    fake.add_pf(&FakeDevice::igb_pf(PF.parse().unwrap()), 7, "eth0")
+        .unwrap();
+    let vfs = fake.add_vfs(PF.parse().unwrap(), 2, None, -1).unwrap();
+    for vf in &vfs {
+        fake.set_driver(*vf, Some("vfio-pci")).unwrap();
+    }
+    let text = "spec:\n  pfs:\n    - {pciAddress: \"0000:00:02.0\", numVfs: 2, vfGroups: [{resourceName: a, vfRange: \"0-1\"}]}\n";
+    let agent = reconciler(&fake, FakeNetlink::default());
+    let report = agent.apply(&spec(text));
+    assert!(!report.converged);
+    assert!(report.errors[0].contains("no IOMMU"), "{:?}", report.errors);
+    assert!(report.pools.pools.is_empty());
+    let allowed = text.replace("spec:\n", "spec:\n  allowNoIommu: true\n");
+    let report = agent.apply(&spec(&allowed));
+    assert!(report.converged, "{:?}", report.errors);
+    assert!(report.pools.pools[0].allow_no_iommu);
+}
+
+#[test]
+fn shrinking_numvfs_writes_through_zero_and_spares_vfs_in_use() {
+    let fake = node();
+    // A process holds VF 0's group open.
+    let proc_root = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(proc_root.path().join("4242/fd")).unwrap();
+    std::os::unix::fs::symlink("/dev/vfio/4", proc_root.path().join("4242/fd/7")).unwrap();
+    let agent = Reconciler::new(fake.host(), FakeNetlink::default(), "node-1", proc_root.path());
+    let text = "spec:\n  pfs:\n    - {pciAddress: \"0000:00:02.0\", numVfs: 2}\n";
+    let report = agent.apply(&spec(text));
+    assert!(!report.converged);
+    assert!(
+        report.errors[0].contains("in use by pid [4242]"),
+        "{:?}",
+        report.errors
+    );
+    assert_eq!(
+        fake.read("devices/pci0000:00/0000:00:02.0/sriov_numvfs").unwrap(),
+        "4\n",
+        "nothing written"
+    );
+    // force: the kernel gets 0 then 2 (the fake keeps the last write).
+    let forced = text.replace("numVfs: 2}", "numVfs: 2, force: true}");
+    agent.apply(&spec(&forced));
+    assert_eq!(
+        fake.read("devices/pci0000:00/0000:00:02.0/sriov_numvfs").unwrap(),
+        "2"
+    );
+}
+
+#[test]
+fn vf_ranges_parse() {
+    assert_eq!(parse_vf_range("0-3").unwrap(), [0, 1, 2, 3]);
+    assert_eq!(parse_vf_range("5").unwrap(), [5]);
+    assert_eq!(parse_vf_range("0-1, 4").unwrap(), [0, 1, 4]);
+    assert!(parse_vf_range("3-1").unwrap_err().contains("backwards"));
+    assert!(parse_vf_range("0-2,1").unwrap_err().contains("twice"));
+    assert!(parse_vf_range("").is_err());
+    assert!(parse_vf_range("a-b").is_err());
+}

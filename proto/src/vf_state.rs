@@ -1,0 +1,220 @@
+//! The VF state directory: what the agent tells the device plugin about a VF
+//! that sysfs cannot say.
+//!
+//! One directory (default [`DEFAULT_STATE_DIR`]) holds, per VF, files named
+//! by its PCI address:
+//!
+//! | file | holds | meaning |
+//! |---|---|---|
+//! | `<address>` | one word: `scrub-pending` or `scrub-failed` | the VF is being scrubbed after its container left, or the scrub failed: the plugin reports it Unhealthy. No file: no scrub in progress. |
+//! | `<address>.mac` | a MAC address, `aa:bb:cc:dd:ee:ff` | the MAC the agent gave the VF; the plugin puts it in `PCIDEVICE_VFPLANE_IO_<POOL>_INFO` |
+//!
+//! Writers replace a file atomically (write a temporary file in the same
+//! directory, then rename it over the name: [`write_vf_state`] does this),
+//! so a reader never sees half a word. Clearing a state is removing the
+//! file. Readers treat a word they do not know as Unhealthy: a newer agent
+//! with a new state must never make a VF look usable to an older plugin.
+//! Files whose names are not PCI addresses are ignored.
+//!
+//! Example, by hand: `echo scrub-failed > /run/vfplane/vf-state/0000:00:12.0`.
+
+use std::fmt;
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use crate::pci::PciAddress;
+
+/// Where the agent writes VF states and the device plugin reads them.
+pub const DEFAULT_STATE_DIR: &str = "/run/vfplane/vf-state";
+
+/// Suffix of the file holding a VF's MAC address.
+pub const MAC_SUFFIX: &str = ".mac";
+
+/// A state the agent has set on a VF. No state (no file) means nothing is
+/// going on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum VfState {
+    /// The VF's last container left; the agent is resetting it.
+    ScrubPending,
+    /// Resetting the VF failed: it must not be handed out.
+    ScrubFailed,
+}
+
+/// A state file holding something that is not a known state.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown VF state {0:?} (expected scrub-pending or scrub-failed)")]
+pub struct ParseVfStateError(pub String);
+
+impl VfState {
+    /// The word in the file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ScrubPending => "scrub-pending",
+            Self::ScrubFailed => "scrub-failed",
+        }
+    }
+}
+
+impl fmt::Display for VfState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for VfState {
+    type Err = ParseVfStateError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim() {
+            "scrub-pending" => Ok(Self::ScrubPending),
+            "scrub-failed" => Ok(Self::ScrubFailed),
+            other => Err(ParseVfStateError(other.to_owned())),
+        }
+    }
+}
+
+/// `<dir>/<address>`: the state file of a VF.
+pub fn state_path(dir: &Path, address: PciAddress) -> PathBuf {
+    dir.join(address.to_string())
+}
+
+/// `<dir>/<address>.mac`: the MAC file of a VF.
+pub fn mac_path(dir: &Path, address: PciAddress) -> PathBuf {
+    dir.join(format!("{address}{MAC_SUFFIX}"))
+}
+
+/// Reads a VF's state: `Ok(None)` without a file, `Ok(Some(Err(..)))` for a
+/// file holding an unknown word (which readers must treat as Unhealthy).
+///
+/// # Errors
+/// I/O errors other than the file not existing.
+pub fn read_vf_state(
+    dir: &Path,
+    address: PciAddress,
+) -> io::Result<Option<Result<VfState, ParseVfStateError>>> {
+    match fs::read_to_string(state_path(dir, address)) {
+        Ok(text) => Ok(Some(text.parse())),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Reads a VF's MAC file: `Ok(None)` without one. The text is trimmed and
+/// lower-cased; it is not otherwise checked.
+///
+/// # Errors
+/// I/O errors other than the file not existing.
+pub fn read_vf_mac(dir: &Path, address: PciAddress) -> io::Result<Option<String>> {
+    match fs::read_to_string(mac_path(dir, address)) {
+        Ok(text) => {
+            let mac = text.trim().to_ascii_lowercase();
+            Ok((!mac.is_empty()).then_some(mac))
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Sets (`Some`) or clears (`None`) a VF's state, atomically: the new file
+/// is written beside the old one and renamed over it. The directory is
+/// made when missing.
+///
+/// # Errors
+/// I/O errors; clearing a state that is not set is not one.
+pub fn write_vf_state(dir: &Path, address: PciAddress, state: Option<VfState>) -> io::Result<()> {
+    let path = state_path(dir, address);
+    match state {
+        None => match fs::remove_file(&path) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        },
+        Some(state) => write_atomically(dir, &path, &format!("{state}\n")),
+    }
+}
+
+/// Sets (`Some`) or clears (`None`) a VF's MAC file, atomically.
+///
+/// # Errors
+/// I/O errors; clearing a MAC that is not set is not one.
+pub fn write_vf_mac(dir: &Path, address: PciAddress, mac: Option<&str>) -> io::Result<()> {
+    let path = mac_path(dir, address);
+    match mac {
+        None => match fs::remove_file(&path) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        },
+        Some(mac) => write_atomically(dir, &path, &format!("{}\n", mac.trim())),
+    }
+}
+
+fn write_atomically(dir: &Path, path: &Path, contents: &str) -> io::Result<()> {
+    fs::create_dir_all(dir)?;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let temporary = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    fs::write(&temporary, contents)?;
+    fs::rename(&temporary, path).inspect_err(|_| {
+        let _ = fs::remove_file(&temporary);
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr() -> PciAddress {
+        PciAddress {
+            domain: 0,
+            bus: 0,
+            device: 0x12,
+            function: 0,
+        }
+    }
+
+    #[test]
+    fn words_round_trip_and_unknown_words_are_errors() {
+        for state in [VfState::ScrubPending, VfState::ScrubFailed] {
+            assert_eq!(state.as_str().parse::<VfState>(), Ok(state));
+            assert_eq!(format!("{state}\n").parse::<VfState>(), Ok(state));
+        }
+        assert_eq!(
+            "scrubbing".parse::<VfState>(),
+            Err(ParseVfStateError("scrubbing".to_owned()))
+        );
+    }
+
+    #[test]
+    fn files_are_written_read_and_cleared() {
+        let dir = std::env::temp_dir().join(format!("vf-state-test-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        assert_eq!(read_vf_state(&dir, addr()).ok(), Some(None));
+        write_vf_state(&dir, addr(), Some(VfState::ScrubFailed)).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            fs::read_to_string(dir.join("0000:00:12.0")).ok().as_deref(),
+            Some("scrub-failed\n")
+        );
+        assert_eq!(
+            read_vf_state(&dir, addr()).ok(),
+            Some(Some(Ok(VfState::ScrubFailed)))
+        );
+        write_vf_mac(&dir, addr(), Some("52:54:00:AA:BB:01")).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            read_vf_mac(&dir, addr()).ok(),
+            Some(Some("52:54:00:aa:bb:01".to_owned()))
+        );
+        write_vf_state(&dir, addr(), None).unwrap_or_else(|e| panic!("{e}"));
+        write_vf_state(&dir, addr(), None).unwrap_or_else(|e| panic!("{e}"));
+        write_vf_mac(&dir, addr(), None).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(read_vf_state(&dir, addr()).ok(), Some(None));
+        assert_eq!(read_vf_mac(&dir, addr()).ok(), Some(None));
+        let leftovers: Vec<_> = fs::read_dir(&dir)
+            .map(|d| d.filter_map(Result::ok).map(|e| e.file_name()).collect())
+            .unwrap_or_default();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
+        let _ = fs::remove_dir_all(&dir);
+    }
+}
