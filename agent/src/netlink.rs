@@ -10,8 +10,8 @@ use std::fmt;
 use netlink_packet_core::{NLM_F_ACK, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload};
 use netlink_packet_route::RouteNetlinkMessage;
 use netlink_packet_route::link::{
-    LinkAttribute, LinkExtentMask, LinkMessage, LinkVfInfo, VfInfo, VfInfoMac, VfInfoRate, VfInfoSpoofCheck,
-    VfInfoTrust, VfInfoVlan,
+    LinkAttribute, LinkExtentMask, LinkMessage, LinkVfInfo, VfInfo, VfInfoLinkState, VfInfoMac, VfInfoRate,
+    VfInfoSpoofCheck, VfInfoTrust, VfInfoVlan, VfLinkState,
 };
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
 
@@ -67,6 +67,34 @@ pub struct VfLinkSettings {
     pub trust: bool,
     /// Transmit limit in Mbit/s; 0 for none.
     pub max_tx_rate_mbps: u32,
+    /// Link state to force, if any.
+    pub link_state: Option<VfLinkMode>,
+}
+
+/// A VF's administrative link state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VfLinkMode {
+    /// Follows the PF's link.
+    Auto,
+    /// Always up.
+    Enable,
+    /// Always down.
+    Disable,
+}
+
+impl std::str::FromStr for VfLinkMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "enable" => Ok(Self::Enable),
+            "disable" => Ok(Self::Disable),
+            other => Err(format!(
+                "unknown linkState {other:?} (use auto, enable or disable)"
+            )),
+        }
+    }
 }
 
 /// What the kernel reports for one VF.
@@ -84,6 +112,8 @@ pub struct VfLinkInfo {
     pub trust: Option<bool>,
     /// Transmit limit, when the driver reports it.
     pub max_tx_rate_mbps: Option<u32>,
+    /// Link state, when the driver reports it.
+    pub link_state: Option<VfLinkMode>,
 }
 
 impl VfLinkInfo {
@@ -104,6 +134,9 @@ impl VfLinkInfo {
         }
         if self.max_tx_rate_mbps.is_some_and(|v| v != want.max_tx_rate_mbps) {
             diff.push("max_tx_rate");
+        }
+        if want.link_state.is_some() && self.link_state != want.link_state {
+            diff.push("link_state");
         }
         diff
     }
@@ -272,6 +305,14 @@ impl VfLinkControl for RtNetlink {
                 "spoofchk" => VfInfo::SpoofCheck(VfInfoSpoofCheck::new(vf, want.spoof_chk)),
                 "trust" => VfInfo::Trust(VfInfoTrust::new(vf, want.trust)),
                 "max_tx_rate" => VfInfo::Rate(VfInfoRate::new(vf, 0, want.max_tx_rate_mbps)),
+                "link_state" => {
+                    let state = match want.link_state {
+                        Some(VfLinkMode::Enable) => VfLinkState::Enable,
+                        Some(VfLinkMode::Disable) => VfLinkState::Disable,
+                        _ => VfLinkState::Auto,
+                    };
+                    VfInfo::LinkState(VfInfoLinkState::new(vf, state))
+                }
                 _ => continue,
             };
             let mut message = Self::link_named(ifname);
@@ -303,6 +344,14 @@ fn vf_link_info(list: &LinkVfInfo) -> VfLinkInfo {
             VfInfo::SpoofCheck(spoof) => info.spoof_chk = Some(spoof.enabled),
             VfInfo::Trust(trust) => info.trust = Some(trust.enabled),
             VfInfo::Rate(rate) => info.max_tx_rate_mbps = Some(rate.max_tx_rate),
+            VfInfo::LinkState(state) => {
+                info.link_state = match state.state {
+                    VfLinkState::Auto => Some(VfLinkMode::Auto),
+                    VfLinkState::Enable => Some(VfLinkMode::Enable),
+                    VfLinkState::Disable => Some(VfLinkMode::Disable),
+                    _ => None,
+                }
+            }
             _ => {}
         }
     }
@@ -374,18 +423,20 @@ mod tests {
             spoof_chk: true,
             trust: false,
             max_tx_rate_mbps: 0,
+            link_state: Some(VfLinkMode::Disable),
         };
         let mut have = VfLinkInfo {
             vf: 0,
             mac: want.mac,
             vlan: 10,
-            spoof_chk: None,
-            trust: None,
-            max_tx_rate_mbps: None,
+            link_state: Some(VfLinkMode::Disable),
+            ..VfLinkInfo::default()
         };
         assert!(have.differences(&want).is_empty());
         have.spoof_chk = Some(false);
         have.vlan = 0;
         assert_eq!(have.differences(&want), ["vlan", "spoofchk"]);
+        have.link_state = Some(VfLinkMode::Auto);
+        assert_eq!(have.differences(&want), ["vlan", "spoofchk", "link_state"]);
     }
 }

@@ -18,7 +18,7 @@ use vfplane_proto::node_state::{
 };
 use vfplane_proto::pool::{Pool, PoolConfig, validate_pool_name};
 
-use crate::netlink::{Mac, VfLinkControl, VfLinkInfo, VfLinkSettings, derived_mac};
+use crate::netlink::{Mac, VfLinkControl, VfLinkInfo, VfLinkMode, VfLinkSettings, derived_mac};
 
 /// What one pass did and found.
 #[derive(Debug, Clone)]
@@ -187,6 +187,13 @@ impl<N: VfLinkControl> Reconciler<N> {
             if group.vlan > 4094 {
                 return Err(fail(format!("{label}: vlan {} is beyond 4094", group.vlan)));
             }
+            let link_state = match &group.link_state {
+                None => None,
+                Some(text) => Some(
+                    text.parse::<VfLinkMode>()
+                        .map_err(|e| fail(format!("{label}: {e}")))?,
+                ),
+            };
             let indexes = parse_vf_range(&group.vf_range).map_err(|e| fail(format!("{label}: {e}")))?;
             if let Some(beyond) = indexes.iter().find(|&&i| i >= pf_spec.num_vfs) {
                 return Err(fail(format!(
@@ -226,6 +233,7 @@ impl<N: VfLinkControl> Reconciler<N> {
                         spoof_chk: group.spoof_chk,
                         trust: group.trust,
                         max_tx_rate_mbps: group.max_tx_rate_mbps,
+                        link_state,
                     },
                 });
             }
@@ -325,7 +333,7 @@ impl<N: VfLinkControl> Reconciler<N> {
             // A VF the PF does not report at all gets every setting.
             let differences = match links.iter().find(|l| l.vf == u32::from(vf.index)) {
                 Some(have) => have.differences(&vf.settings),
-                None => vec!["mac", "vlan", "spoofchk", "trust", "max_tx_rate"],
+                None => vec!["mac", "vlan", "spoofchk", "trust", "max_tx_rate", "link_state"],
             };
             mac_changed = differences.contains(&"mac");
             if !differences.is_empty() {

@@ -79,6 +79,10 @@ pub struct VfGroupSpec {
     /// Transmit rate limit in Mbit/s; 0 for none.
     #[serde(default)]
     pub max_tx_rate_mbps: u32,
+    /// VF link state: `auto` (follows the PF), `enable` or `disable`. Left
+    /// as the driver has it when absent (not every PF driver can set it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub link_state: Option<String>,
     /// One MAC per VF of the range, in order. Empty: stable locally
     /// administered MACs derived from the node name, PF and VF index.
     #[serde(default)]

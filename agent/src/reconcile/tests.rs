@@ -55,6 +55,7 @@ impl VfLinkControl for FakeNetlink {
         entry.spoof_chk = Some(want.spoof_chk);
         entry.trust = Some(want.trust);
         entry.max_tx_rate_mbps = Some(want.max_tx_rate_mbps);
+        entry.link_state = want.link_state.or(entry.link_state);
         Ok(())
     }
 
@@ -101,6 +102,7 @@ spec:
           vfRange: "2-3"
           deviceType: netdevice
           vlan: 100
+          linkState: disable
 "#;
 
 /// What igb reports for fresh VFs: no MAC, no VLAN, spoof checking on,
@@ -112,6 +114,7 @@ fn fresh_vfs(netlink: FakeNetlink, count: u32) -> FakeNetlink {
             spoof_chk: Some(true),
             trust: Some(false),
             max_tx_rate_mbps: Some(0),
+            link_state: Some(VfLinkMode::Auto),
             ..VfLinkInfo::default()
         };
         netlink.vfs.borrow_mut().insert(("eth0".to_owned(), vf), info);
@@ -137,8 +140,10 @@ fn converges_sets_link_attributes_and_writes_pools_for_vfio_vfs() {
             "eth0 vf 1 mac",
             "eth0 vf 2 mac",
             "eth0 vf 2 vlan",
+            "eth0 vf 2 link_state",
             "eth0 vf 3 mac",
-            "eth0 vf 3 vlan"
+            "eth0 vf 3 vlan",
+            "eth0 vf 3 link_state"
         ],
         "only what differs from the kernel's defaults is written"
     );
@@ -233,6 +238,10 @@ fn invalid_values_on_a_pf_name_the_problem_and_change_nothing_there() {
         (
             "numVfs: 4\n      vfGroups: [{resourceName: a, vfRange: \"x\"}]",
             "vfRange part \"x\"",
+        ),
+        (
+            "numVfs: 4\n      vfGroups: [{resourceName: a, vfRange: \"0\", linkState: up}]",
+            "unknown linkState \"up\"",
         ),
     ];
     for (body, words) in cases {
