@@ -1,3 +1,104 @@
-//! The kubelet device plugin. Nothing is implemented here yet: issue 4 builds it.
-//! The crate exists so the workspace has its final shape.
+//! The vfplane kubelet device plugin.
+//!
+//! Every pool of the pool config file ([`vfplane_proto::pool`]) is one
+//! extended resource, `vfplane.io/<pool>`, served on its own unix socket
+//! `vfplane-<pool>.sock` in the kubelet's device-plugin directory:
+//!
+//! - ListAndWatch lists the pool's VFs by PCI address with their NUMA node
+//!   and real health ([`health`]), and sends an update within 100 ms of a
+//!   change ([`scanner`] says how);
+//! - Allocate hands out `/dev/vfio/vfio` and `/dev/vfio/<group>`, the
+//!   `PCIDEVICE_VFPLANE_IO_<POOL>` variables and CDI names ([`cdi`]);
+//! - GetPreferredAllocation keeps a container on one NUMA node and spreads
+//!   or packs across PFs ([`preferred`]);
+//! - a kubelet restart (noticed by inotify on its directory) gets our
+//!   sockets served and registered again at once;
+//! - the config file is watched and applied live;
+//! - metrics in Prometheus text ([`metrics`]).
+//!
+//! [`start`] runs it; the binary is a thin wrapper. [`kubelet_standin`] is a
+//! minimal kubelet for tests and the testbed.
 #![forbid(unsafe_code)]
+
+use std::io;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+pub mod cdi;
+pub mod health;
+pub mod inventory;
+pub mod kubelet_standin;
+pub mod metrics;
+mod plugin;
+pub mod preferred;
+pub mod registration;
+pub mod scanner;
+mod server;
+mod watch;
+
+pub use plugin::{PluginConfig, RunningPlugin, SOCKET_PREFIX, socket_name, start};
+
+/// What can stop the plugin from starting or running.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The pool config file cannot be read.
+    #[error("cannot read the pool config {path}")]
+    ReadConfig {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// The pool config file is refused (the message names the line).
+    #[error("{path}: {source}")]
+    Config {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong, with its line.
+        #[source]
+        source: vfplane_proto::pool::PoolConfigError,
+    },
+    /// A directory the plugin needs cannot be made.
+    #[error("cannot make the directory {path}")]
+    Dir {
+        /// The directory.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// A pool's socket cannot be bound.
+    #[error("cannot serve on {path}")]
+    Bind {
+        /// The socket.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// A directory cannot be watched.
+    #[error("cannot watch {path} with inotify")]
+    Watch {
+        /// The directory.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// The metrics address cannot be bound.
+    #[error("cannot serve metrics on {addr}")]
+    Metrics {
+        /// The address.
+        addr: SocketAddr,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// A task or thread of the plugin died.
+    #[error("plugin task failed: {0}")]
+    Task(String),
+}
+
+/// Short form for results of this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,264 @@
+//! The CDI spec file naming every VF the plugin serves, so a CDI-aware
+//! runtime resolves `vfplane.io/vf=<address>` on its own.
+//!
+//! One file, `<cdi-dir>/vfplane.io-vf.json`, for all pools (a CDI name must
+//! be unique across spec files of one kind):
+//!
+//! ```json
+//! {"cdiVersion":"0.5.0","kind":"vfplane.io/vf",
+//!  "containerEdits":{"deviceNodes":[{"path":"/dev/vfio/vfio","hostPath":"/dev/vfio/vfio","permissions":"rw"}]},
+//!  "devices":[{"name":"0000:00:12.0","containerEdits":{"deviceNodes":[
+//!    {"path":"/dev/vfio/4","hostPath":"/dev/vfio/4","permissions":"rw"}]}}]}
+//! ```
+//!
+//! `0.5.0` is the oldest CDI version allowing what the file uses (device
+//! names starting with a digit, `hostPath`), so the most runtimes read it.
+//! The file is replaced atomically (written beside, renamed over) whenever a
+//! VF or its VFIO node changes, and removed when no VF has a node (a spec
+//! without devices is invalid). It is left in place when the plugin stops:
+//! a container restarted while the plugin is down still resolves its VF.
+//!
+//! These are this crate's own serde types for the CDI JSON. The
+//! `container-device-interface` crate's types were the plan, but its fields
+//! are `pub(crate)` (a spec can only be made by deserialising JSON) and it
+//! brings ~220 crates, an HTTP client and a TLS stack with a C crypto
+//! library into a node daemon; the integration tests read the file written
+//! here with that crate's own parser and validator instead.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+use vfplane_host::PciAddress;
+use vfplane_proto::pool::CDI_KIND;
+
+use crate::health::VfioNode;
+
+/// The spec file's name inside the CDI directory.
+pub const SPEC_FILE_NAME: &str = "vfplane.io-vf.json";
+
+/// The CDI version written.
+pub const CDI_VERSION: &str = "0.5.0";
+
+/// A CDI spec (the subset vfplane writes).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CdiSpec {
+    /// CDI version.
+    pub cdi_version: String,
+    /// `vfplane.io/vf`.
+    pub kind: String,
+    /// Edits for every container that gets any of the devices.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container_edits: Option<ContainerEdits>,
+    /// The devices.
+    pub devices: Vec<CdiDevice>,
+}
+
+/// One CDI device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CdiDevice {
+    /// The part after `=` in `vfplane.io/vf=<name>`: the PCI address.
+    pub name: String,
+    /// What the runtime does for it.
+    pub container_edits: ContainerEdits,
+}
+
+/// Container edits (device nodes only).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ContainerEdits {
+    /// Device nodes to create in the container.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub device_nodes: Vec<DeviceNode>,
+}
+
+/// A device node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DeviceNode {
+    /// Path in the container.
+    pub path: String,
+    /// Path on the host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_path: Option<String>,
+    /// cgroup permissions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub permissions: Option<String>,
+}
+
+fn node(path: &str) -> DeviceNode {
+    DeviceNode {
+        path: path.to_owned(),
+        host_path: Some(path.to_owned()),
+        permissions: Some("rw".to_owned()),
+    }
+}
+
+/// The spec for these VFs; `None` when there are none.
+pub fn spec_for(devices: &BTreeMap<PciAddress, VfioNode>) -> Option<CdiSpec> {
+    if devices.is_empty() {
+        return None;
+    }
+    Some(CdiSpec {
+        cdi_version: CDI_VERSION.to_owned(),
+        kind: CDI_KIND.to_owned(),
+        container_edits: Some(ContainerEdits {
+            device_nodes: vec![node("/dev/vfio/vfio")],
+        }),
+        devices: devices
+            .iter()
+            .map(|(address, vfio)| CdiDevice {
+                name: address.to_string(),
+                container_edits: ContainerEdits {
+                    device_nodes: vec![node(&vfio.path())],
+                },
+            })
+            .collect(),
+    })
+}
+
+/// Why the spec file could not be written.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot write the CDI spec {path}")]
+pub struct CdiError {
+    /// The file.
+    pub path: PathBuf,
+    /// The cause.
+    #[source]
+    pub source: io::Error,
+}
+
+/// Keeps the spec file in step with the VFs; shared by the scanner (which
+/// rewrites it when VFs change) and Allocate (which makes sure a VF it
+/// hands out is in it).
+#[derive(Debug)]
+pub struct CdiWriter {
+    dir: Option<PathBuf>,
+    written: Mutex<Option<BTreeMap<PciAddress, VfioNode>>>,
+}
+
+impl CdiWriter {
+    /// Writes under `dir`; `None` disables CDI (no file, no CDI names).
+    pub fn new(dir: Option<PathBuf>) -> Self {
+        Self {
+            dir,
+            written: Mutex::new(None),
+        }
+    }
+
+    /// True when CDI is on.
+    pub fn enabled(&self) -> bool {
+        self.dir.is_some()
+    }
+
+    /// The spec file's path, when CDI is on.
+    pub fn path(&self) -> Option<PathBuf> {
+        self.dir.as_ref().map(|d| d.join(SPEC_FILE_NAME))
+    }
+
+    /// Makes the file hold exactly these VFs; writes only when they differ
+    /// from what was last written.
+    ///
+    /// # Errors
+    /// When the file cannot be written or removed.
+    pub fn update(&self, devices: &BTreeMap<PciAddress, VfioNode>) -> Result<(), CdiError> {
+        let Some(dir) = &self.dir else { return Ok(()) };
+        let mut written = self
+            .written
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if written.as_ref() == Some(devices) {
+            return Ok(());
+        }
+        write_spec(dir, devices)?;
+        *written = Some(devices.clone());
+        Ok(())
+    }
+
+    /// Makes sure these VFs are in the file (with these nodes), adding them
+    /// to what is there when they are not.
+    ///
+    /// # Errors
+    /// When the file cannot be written.
+    pub fn ensure(&self, devices: &[(PciAddress, VfioNode)]) -> Result<(), CdiError> {
+        let Some(dir) = &self.dir else { return Ok(()) };
+        let mut written = self
+            .written
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let current = written.clone().unwrap_or_default();
+        if devices.iter().all(|(a, n)| current.get(a) == Some(n)) && written.is_some() {
+            return Ok(());
+        }
+        let mut merged = current;
+        merged.extend(devices.iter().copied());
+        write_spec(dir, &merged)?;
+        *written = Some(merged);
+        Ok(())
+    }
+}
+
+fn write_spec(dir: &Path, devices: &BTreeMap<PciAddress, VfioNode>) -> Result<(), CdiError> {
+    let path = dir.join(SPEC_FILE_NAME);
+    let err = |source| CdiError {
+        path: path.clone(),
+        source,
+    };
+    let Some(spec) = spec_for(devices) else {
+        return match fs::remove_file(&path) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(err(e)),
+            _ => Ok(()),
+        };
+    };
+    fs::create_dir_all(dir).map_err(err)?;
+    let text = serde_json::to_string_pretty(&spec).map_err(|e| err(io::Error::other(e)))?;
+    let temporary = dir.join(format!(".{SPEC_FILE_NAME}.tmp-{}", std::process::id()));
+    fs::write(&temporary, text + "\n").map_err(err)?;
+    fs::rename(&temporary, &path).map_err(|e| {
+        let _ = fs::remove_file(&temporary);
+        err(e)
+    })?;
+    tracing::debug!(path = %path.display(), devices = devices.len(), "CDI spec written");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writes_replaces_and_removes_the_spec() {
+        let dir = tempfile::tempdir().unwrap();
+        let writer = CdiWriter::new(Some(dir.path().to_owned()));
+        let a: PciAddress = "0000:00:12.0".parse().unwrap();
+        let b: PciAddress = "0000:00:12.2".parse().unwrap();
+        writer.update(&BTreeMap::from([(a, VfioNode::Group(4))])).unwrap();
+        let path = dir.path().join(SPEC_FILE_NAME);
+        let spec: CdiSpec = serde_json::from_str(&fs::read_to_string(&path).unwrap()).unwrap();
+        assert_eq!(spec.kind, "vfplane.io/vf");
+        assert_eq!(spec.devices[0].name, "0000:00:12.0");
+        assert_eq!(
+            spec.devices[0].container_edits.device_nodes[0].path,
+            "/dev/vfio/4"
+        );
+        writer.ensure(&[(b, VfioNode::NoIommu(5))]).unwrap();
+        let spec: CdiSpec = serde_json::from_str(&fs::read_to_string(&path).unwrap()).unwrap();
+        assert_eq!(spec.devices.len(), 2);
+        assert_eq!(
+            spec.devices[1].container_edits.device_nodes[0].path,
+            "/dev/vfio/noiommu-5"
+        );
+        writer.update(&BTreeMap::new()).unwrap();
+        assert!(!path.exists());
+        let names: Vec<_> = fs::read_dir(dir.path()).unwrap().collect();
+        assert!(names.is_empty(), "no temporary files left: {names:?}");
+        let off = CdiWriter::new(None);
+        assert!(!off.enabled());
+        off.update(&BTreeMap::from([(a, VfioNode::Group(4))])).unwrap();
+    }
+}

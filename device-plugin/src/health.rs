@@ -1,0 +1,631 @@
+//! Health of one VF: what is probed in sysfs, `/dev` and the VF state
+//! directory, and the rules that turn it into Healthy or Unhealthy.
+//!
+//! A VF is Healthy only when every one of these holds; each one that does
+//! not is an [`UnhealthyReason`]:
+//!
+//! 1. its PCI device directory exists ([`UnhealthyReason::Gone`]);
+//! 2. it is bound to `vfio-pci` ([`UnhealthyReason::NotOnVfio`]);
+//! 3. it has an IOMMU group ([`UnhealthyReason::NoIommuGroup`]) and is alone
+//!    in it ([`UnhealthyReason::NotIsolated`]): handing it to a container
+//!    must hand out nothing else;
+//! 4. its group's VFIO node exists under the dev root
+//!    ([`UnhealthyReason::VfioNodeMissing`]); a `noiommu-<group>` node (VFIO
+//!    no-IOMMU mode, no DMA isolation at all) counts only in a pool with
+//!    `allowNoIommu` ([`UnhealthyReason::NoIommuNotAllowed`]);
+//! 5. its PF's link is not down ([`UnhealthyReason::PfLinkDown`]): a PF
+//!    with network interfaces none of which is up; a PF without one (not
+//!    bound to a network driver) has no link state and does not count;
+//! 6. the agent has no scrub going on or failed on it
+//!    ([`UnhealthyReason::Scrub`], [`UnhealthyReason::UnknownState`]; see
+//!    [`vfplane_proto::vf_state`]).
+//!
+//! Nothing is remembered: a VF whose causes went away is Healthy on the
+//! next probe.
+
+use std::fmt;
+use std::fs;
+use std::io;
+use std::path::Path;
+
+use vfplane_host::{Host, Netdev, PciAddress};
+use vfplane_proto::vf_state::{ParseVfStateError, VfState};
+
+/// The driver a VF must be bound to.
+pub const VFIO_DRIVER: &str = "vfio-pci";
+
+/// The VFIO group node of a VF, as it exists under the dev root.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum VfioNode {
+    /// `/dev/vfio/<group>`: a group behind a real IOMMU.
+    Group(u32),
+    /// `/dev/vfio/noiommu-<group>`: VFIO's no-IOMMU mode.
+    NoIommu(u32),
+}
+
+impl VfioNode {
+    /// The node's name inside `/dev/vfio`.
+    pub fn file_name(self) -> String {
+        match self {
+            Self::Group(group) => group.to_string(),
+            Self::NoIommu(group) => format!("noiommu-{group}"),
+        }
+    }
+
+    /// Its path on the node and in the container: `/dev/vfio/<name>`.
+    pub fn path(self) -> String {
+        format!("/dev/vfio/{}", self.file_name())
+    }
+
+    /// The IOMMU group number.
+    pub fn group(self) -> u32 {
+        match self {
+            Self::Group(group) | Self::NoIommu(group) => group,
+        }
+    }
+}
+
+/// The link state of a PF.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LinkState {
+    /// At least one of its interfaces is up.
+    Up,
+    /// It has interfaces and none is up; the first one's name.
+    Down(String),
+    /// No interface (or unreadable): no opinion.
+    Unknown,
+}
+
+/// What one probe of a VF found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VfObservation {
+    /// The device directory exists.
+    pub present: bool,
+    /// The bound driver.
+    pub driver: Option<String>,
+    /// The IOMMU group.
+    pub group: Option<u32>,
+    /// Every member of the group, `None` when there is no group or it could
+    /// not be read.
+    pub group_members: Option<Vec<PciAddress>>,
+    /// The group's VFIO node, when it exists.
+    pub vfio_node: Option<VfioNode>,
+    /// The PF's link.
+    pub pf_link: LinkState,
+    /// The agent's state file.
+    pub state: Option<Result<VfState, ParseVfStateError>>,
+    /// Something could not be read (other than a file being absent).
+    pub read_error: Option<String>,
+}
+
+/// Why a VF is not usable.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum UnhealthyReason {
+    /// The PCI device does not exist (VFs removed, or never made).
+    Gone,
+    /// Bound to another driver, or to none.
+    NotOnVfio(Option<String>),
+    /// No IOMMU group: no IOMMU and no VFIO no-IOMMU mode.
+    NoIommuGroup,
+    /// Other devices share the IOMMU group.
+    NotIsolated(Vec<PciAddress>),
+    /// The group has no node under the dev root.
+    VfioNodeMissing(u32),
+    /// Only a VFIO no-IOMMU node exists and the pool does not allow it.
+    NoIommuNotAllowed(u32),
+    /// The PF's link is down.
+    PfLinkDown {
+        /// The PF.
+        pf: PciAddress,
+        /// Its interface.
+        netdev: String,
+    },
+    /// The agent is scrubbing the VF, or the scrub failed.
+    Scrub(ScrubReason),
+    /// The state file holds a word this plugin does not know.
+    UnknownState(String),
+    /// sysfs could not be read.
+    Unreadable(String),
+}
+
+/// [`VfState`] as a health reason (ordered, hashable).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ScrubReason {
+    /// `scrub-pending`.
+    Pending,
+    /// `scrub-failed`.
+    Failed,
+}
+
+impl UnhealthyReason {
+    /// A short stable label for logs and metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::Gone => "gone",
+            Self::NotOnVfio(_) => "not_on_vfio",
+            Self::NoIommuGroup => "no_iommu_group",
+            Self::NotIsolated(_) => "not_isolated",
+            Self::VfioNodeMissing(_) => "vfio_node_missing",
+            Self::NoIommuNotAllowed(_) => "no_iommu_not_allowed",
+            Self::PfLinkDown { .. } => "pf_link_down",
+            Self::Scrub(ScrubReason::Pending) => "scrub_pending",
+            Self::Scrub(ScrubReason::Failed) => "scrub_failed",
+            Self::UnknownState(_) => "unknown_state",
+            Self::Unreadable(_) => "unreadable",
+        }
+    }
+}
+
+impl fmt::Display for UnhealthyReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Gone => f.write_str("the PCI device is gone"),
+            Self::NotOnVfio(None) => write!(f, "not bound to {VFIO_DRIVER} (no driver)"),
+            Self::NotOnVfio(Some(driver)) => write!(f, "bound to {driver}, not {VFIO_DRIVER}"),
+            Self::NoIommuGroup => f.write_str("no IOMMU group (no IOMMU on the node?)"),
+            Self::NotIsolated(others) => {
+                let others: Vec<String> = others.iter().map(ToString::to_string).collect();
+                write!(f, "IOMMU group shared with {}", others.join(", "))
+            }
+            Self::VfioNodeMissing(group) => write!(f, "/dev/vfio/{group} is missing"),
+            Self::NoIommuNotAllowed(group) => write!(
+                f,
+                "only /dev/vfio/noiommu-{group} exists (no DMA isolation) and the pool does not set allowNoIommu"
+            ),
+            Self::PfLinkDown { pf, netdev } => write!(f, "link of PF {pf} ({netdev}) is down"),
+            Self::Scrub(ScrubReason::Pending) => f.write_str("scrub pending"),
+            Self::Scrub(ScrubReason::Failed) => f.write_str("scrub failed"),
+            Self::UnknownState(word) => write!(f, "unknown VF state {word:?}"),
+            Self::Unreadable(what) => write!(f, "cannot read sysfs: {what}"),
+        }
+    }
+}
+
+/// Healthy, or the reasons it is not.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Health {
+    /// Empty when healthy.
+    pub reasons: Vec<UnhealthyReason>,
+}
+
+impl Health {
+    /// True when nothing is wrong.
+    pub fn is_healthy(&self) -> bool {
+        self.reasons.is_empty()
+    }
+
+    /// `Healthy` or `Unhealthy`, as the kubelet wants it.
+    pub fn as_kubelet_str(&self) -> &'static str {
+        if self.is_healthy() {
+            vfplane_proto::HEALTHY
+        } else {
+            vfplane_proto::UNHEALTHY
+        }
+    }
+}
+
+impl fmt::Display for Health {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.is_healthy() {
+            return f.write_str("healthy");
+        }
+        for (i, reason) in self.reasons.iter().enumerate() {
+            if i > 0 {
+                f.write_str("; ")?;
+            }
+            write!(f, "{reason}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Applies the health rules (module docs) to one observation.
+pub fn evaluate(
+    address: PciAddress,
+    pf: Option<PciAddress>,
+    observation: &VfObservation,
+    allow_no_iommu: bool,
+) -> Health {
+    let mut reasons = Vec::new();
+    if !observation.present {
+        reasons.push(UnhealthyReason::Gone);
+        return Health { reasons };
+    }
+    if observation.driver.as_deref() != Some(VFIO_DRIVER) {
+        reasons.push(UnhealthyReason::NotOnVfio(observation.driver.clone()));
+    }
+    match observation.group {
+        None => reasons.push(UnhealthyReason::NoIommuGroup),
+        Some(group) => {
+            if let Some(members) = &observation.group_members {
+                let others: Vec<PciAddress> = members.iter().copied().filter(|m| *m != address).collect();
+                if !others.is_empty() {
+                    reasons.push(UnhealthyReason::NotIsolated(others));
+                }
+            }
+            match observation.vfio_node {
+                None => reasons.push(UnhealthyReason::VfioNodeMissing(group)),
+                Some(VfioNode::NoIommu(group)) if !allow_no_iommu => {
+                    reasons.push(UnhealthyReason::NoIommuNotAllowed(group));
+                }
+                Some(_) => {}
+            }
+        }
+    }
+    if let (LinkState::Down(netdev), Some(pf)) = (&observation.pf_link, pf) {
+        reasons.push(UnhealthyReason::PfLinkDown {
+            pf,
+            netdev: netdev.clone(),
+        });
+    }
+    match &observation.state {
+        None => {}
+        Some(Ok(VfState::ScrubPending)) => reasons.push(UnhealthyReason::Scrub(ScrubReason::Pending)),
+        Some(Ok(VfState::ScrubFailed)) => reasons.push(UnhealthyReason::Scrub(ScrubReason::Failed)),
+        Some(Err(error)) => reasons.push(UnhealthyReason::UnknownState(error.0.clone())),
+    }
+    if let Some(error) = &observation.read_error {
+        reasons.push(UnhealthyReason::Unreadable(error.clone()));
+    }
+    Health { reasons }
+}
+
+/// The link state of a PF from its interfaces: up when any is up; an
+/// interface is down when its `operstate` says `down`,
+/// `lowerlayerdown` or `notpresent`, or its `carrier` is 0.
+pub fn link_state(netdevs: &[Netdev]) -> LinkState {
+    let Some(first) = netdevs.first() else {
+        return LinkState::Unknown;
+    };
+    let down = |n: &Netdev| {
+        matches!(n.operstate.as_str(), "down" | "lowerlayerdown" | "notpresent") || n.carrier == Some(false)
+    };
+    if netdevs.iter().all(down) {
+        LinkState::Down(first.name.clone())
+    } else {
+        LinkState::Up
+    }
+}
+
+/// Reads a PF's link state; an unreadable or vanished PF has no opinion
+/// (its VFs are gone too, and say so themselves).
+pub fn probe_pf_link(host: &Host, pf: PciAddress) -> LinkState {
+    match host.netdevs(pf) {
+        Ok(netdevs) => link_state(&netdevs),
+        Err(_) => LinkState::Unknown,
+    }
+}
+
+/// Probes one VF's sysfs and dev entries afresh, group included (Allocate
+/// uses it on the VFs it hands out). The PF link and the VF state come from
+/// the caller.
+pub fn probe_vf(
+    host: &Host,
+    address: PciAddress,
+    pf_link: LinkState,
+    state: Option<Result<VfState, ParseVfStateError>>,
+) -> VfObservation {
+    let dir = host
+        .sysfs_root()
+        .join("bus/pci/devices")
+        .join(address.to_string());
+    let mut observation = VfObservation {
+        present: true,
+        driver: None,
+        group: None,
+        group_members: None,
+        vfio_node: None,
+        pf_link,
+        state,
+        read_error: None,
+    };
+    match link_target_name(&dir.join("driver")) {
+        Ok(driver) => observation.driver = driver,
+        Err(error) => observation.read_error = Some(error),
+    }
+    if observation.driver.is_none() && !dir.is_dir() {
+        observation.present = false;
+        observation.read_error = None;
+        return observation;
+    }
+    match link_target_name(&dir.join("iommu_group")) {
+        Ok(None) => {}
+        Ok(Some(name)) => match name.parse::<u32>() {
+            Ok(group) => observation.group = Some(group),
+            Err(_) => observation.read_error = Some(format!("iommu_group link names {name:?}")),
+        },
+        Err(error) => observation.read_error = Some(error),
+    }
+    if let Some(group) = observation.group {
+        match host.iommu_group(group) {
+            Ok(g) => observation.group_members = Some(g.members),
+            Err(error) if error.is_vanished() => {}
+            Err(error) => observation.read_error = Some(vfplane_host::error_chain(&error)),
+        }
+        observation.vfio_node = vfio_node(host, group);
+    }
+    observation
+}
+
+/// What discovery learned about a VF's IOMMU group. Group membership
+/// changes only when a PCI device is added or removed, which changes the
+/// PCI device list and so triggers a new discovery: the fast probe need not
+/// read it again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KnownGroup {
+    /// The group number.
+    pub id: u32,
+    /// Its members.
+    pub members: Vec<PciAddress>,
+}
+
+/// The per-tick probe: the VF's `driver` link (plus a `stat` of its
+/// directory when there is none) and its VFIO node; the group comes from
+/// discovery. `device_dir` is the VF's real sysfs directory (links
+/// resolved once at discovery, so each probe walks no symlink).
+pub fn probe_vf_fast(
+    vfio_nodes: &VfioNodes,
+    device_dir: &Path,
+    group: Option<&KnownGroup>,
+    pf_link: LinkState,
+    state: Option<Result<VfState, ParseVfStateError>>,
+) -> VfObservation {
+    let mut observation = VfObservation {
+        present: true,
+        driver: None,
+        group: group.map(|g| g.id),
+        group_members: group.map(|g| g.members.clone()),
+        vfio_node: None,
+        pf_link,
+        state,
+        read_error: None,
+    };
+    match link_target_name(&device_dir.join("driver")) {
+        Ok(driver) => observation.driver = driver,
+        Err(error) => observation.read_error = Some(error),
+    }
+    if observation.driver.is_none() && !device_dir.is_dir() {
+        observation.present = false;
+        observation.read_error = None;
+        return observation;
+    }
+    if let Some(group) = group {
+        observation.vfio_node = vfio_nodes.node(group.id);
+    }
+    observation
+}
+
+/// The names in `<dev-root>/vfio`, listed once per scan (one directory
+/// read instead of a `stat` per VF).
+#[derive(Debug, Clone, Default)]
+pub struct VfioNodes(std::collections::HashSet<String>);
+
+impl VfioNodes {
+    /// Lists `<dev-root>/vfio`; a missing directory is an empty one.
+    pub fn read(host: &Host) -> Self {
+        let names = fs::read_dir(host.dev_root().join("vfio"))
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        Self(names)
+    }
+
+    /// The node of a group, when there is one.
+    pub fn node(&self, group: u32) -> Option<VfioNode> {
+        if self.0.contains(&group.to_string()) {
+            Some(VfioNode::Group(group))
+        } else if self.0.contains(&format!("noiommu-{group}")) {
+            Some(VfioNode::NoIommu(group))
+        } else {
+            None
+        }
+    }
+}
+
+fn vfio_node(host: &Host, group: u32) -> Option<VfioNode> {
+    let vfio = host.dev_root().join("vfio");
+    if vfio.join(group.to_string()).exists() {
+        Some(VfioNode::Group(group))
+    } else if vfio.join(format!("noiommu-{group}")).exists() {
+        Some(VfioNode::NoIommu(group))
+    } else {
+        None
+    }
+}
+
+/// The link state of a PF from `<pf>/net/*/{operstate,carrier}` only (the
+/// per-tick form of [`probe_pf_link`]).
+pub fn probe_pf_link_fast(pf_dir: &Path) -> LinkState {
+    let Ok(entries) = fs::read_dir(pf_dir.join("net")) else {
+        return LinkState::Unknown;
+    };
+    let mut netdevs = Vec::new();
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let operstate = fs::read_to_string(path.join("operstate"))
+            .map(|t| t.trim().to_owned())
+            .unwrap_or_else(|_| "unknown".to_owned());
+        // EINVAL while the interface is down: no carrier reading.
+        let carrier = fs::read_to_string(path.join("carrier"))
+            .ok()
+            .map(|t| t.trim() == "1");
+        netdevs.push(Netdev {
+            name: entry.file_name().to_string_lossy().into_owned(),
+            operstate,
+            carrier,
+            mac: None,
+            mtu: None,
+        });
+    }
+    netdevs.sort_by(|a, b| a.name.cmp(&b.name));
+    link_state(&netdevs)
+}
+
+/// The last component of a symlink's target, `None` without a link.
+fn link_target_name(path: &Path) -> Result<Option<String>, String> {
+    match fs::read_link(path) {
+        Ok(target) => Ok(target.file_name().map(|n| n.to_string_lossy().into_owned())),
+        Err(e) if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::NotADirectory) => Ok(None),
+        Err(e) => Err(format!("{}: {e}", path.display())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(text: &str) -> PciAddress {
+        text.parse().unwrap()
+    }
+
+    fn good(address: PciAddress) -> VfObservation {
+        VfObservation {
+            present: true,
+            driver: Some(VFIO_DRIVER.to_owned()),
+            group: Some(4),
+            group_members: Some(vec![address]),
+            vfio_node: Some(VfioNode::Group(4)),
+            pf_link: LinkState::Up,
+            state: None,
+            read_error: None,
+        }
+    }
+
+    #[test]
+    fn each_rule_makes_its_reason() {
+        let vf = addr("0000:00:12.0");
+        let pf = Some(addr("0000:00:02.0"));
+        assert!(evaluate(vf, pf, &good(vf), false).is_healthy());
+        let cases: Vec<(VfObservation, &str)> = vec![
+            (
+                VfObservation {
+                    present: false,
+                    ..good(vf)
+                },
+                "gone",
+            ),
+            (
+                VfObservation {
+                    driver: None,
+                    ..good(vf)
+                },
+                "not_on_vfio",
+            ),
+            (
+                VfObservation {
+                    driver: Some("igbvf".into()),
+                    ..good(vf)
+                },
+                "not_on_vfio",
+            ),
+            (
+                VfObservation {
+                    group: None,
+                    group_members: None,
+                    vfio_node: None,
+                    ..good(vf)
+                },
+                "no_iommu_group",
+            ),
+            (
+                VfObservation {
+                    group_members: Some(vec![vf, addr("0000:00:12.2")]),
+                    ..good(vf)
+                },
+                "not_isolated",
+            ),
+            (
+                VfObservation {
+                    vfio_node: None,
+                    ..good(vf)
+                },
+                "vfio_node_missing",
+            ),
+            (
+                VfObservation {
+                    vfio_node: Some(VfioNode::NoIommu(4)),
+                    ..good(vf)
+                },
+                "no_iommu_not_allowed",
+            ),
+            (
+                VfObservation {
+                    pf_link: LinkState::Down("eth0".into()),
+                    ..good(vf)
+                },
+                "pf_link_down",
+            ),
+            (
+                VfObservation {
+                    state: Some(Ok(VfState::ScrubPending)),
+                    ..good(vf)
+                },
+                "scrub_pending",
+            ),
+            (
+                VfObservation {
+                    state: Some(Ok(VfState::ScrubFailed)),
+                    ..good(vf)
+                },
+                "scrub_failed",
+            ),
+            (
+                VfObservation {
+                    state: Some(Err(ParseVfStateError("weird".into()))),
+                    ..good(vf)
+                },
+                "unknown_state",
+            ),
+        ];
+        for (observation, label) in cases {
+            let health = evaluate(vf, pf, &observation, false);
+            assert!(!health.is_healthy(), "{label}");
+            assert_eq!(health.reasons[0].label(), label, "{health}");
+            assert_eq!(health.as_kubelet_str(), vfplane_proto::UNHEALTHY);
+        }
+        let no_iommu = VfObservation {
+            vfio_node: Some(VfioNode::NoIommu(4)),
+            ..good(vf)
+        };
+        assert!(evaluate(vf, pf, &no_iommu, true).is_healthy());
+    }
+
+    #[test]
+    fn link_state_rules() {
+        let netdev = |operstate: &str, carrier: Option<bool>| Netdev {
+            name: "eth0".into(),
+            operstate: operstate.into(),
+            carrier,
+            mac: None,
+            mtu: None,
+        };
+        assert_eq!(link_state(&[]), LinkState::Unknown);
+        assert_eq!(link_state(&[netdev("up", Some(true))]), LinkState::Up);
+        assert_eq!(link_state(&[netdev("unknown", Some(true))]), LinkState::Up);
+        assert_eq!(
+            link_state(&[netdev("down", None)]),
+            LinkState::Down("eth0".into())
+        );
+        assert_eq!(
+            link_state(&[netdev("up", Some(false))]),
+            LinkState::Down("eth0".into())
+        );
+    }
+
+    #[test]
+    fn reasons_read_well() {
+        let reason = UnhealthyReason::NotOnVfio(Some("igbvf".into()));
+        assert_eq!(reason.to_string(), "bound to igbvf, not vfio-pci");
+        let health = Health {
+            reasons: vec![UnhealthyReason::Gone, UnhealthyReason::VfioNodeMissing(4)],
+        };
+        assert_eq!(
+            health.to_string(),
+            "the PCI device is gone; /dev/vfio/4 is missing"
+        );
+    }
+}

@@ -1,0 +1,214 @@
+//! Registering a pool with the kubelet, and gRPC clients over unix sockets.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_util::rt::TokioIo;
+use tokio::net::UnixStream;
+use tokio::sync::watch;
+use tonic::transport::{Channel, Endpoint, Uri};
+use vfplane_proto::deviceplugin::v1beta1 as dp;
+use vfplane_proto::deviceplugin::v1beta1::device_plugin_client::DevicePluginClient;
+use vfplane_proto::deviceplugin::v1beta1::registration_client::RegistrationClient;
+
+use crate::metrics::bump;
+use crate::server::{PoolShared, options};
+
+/// How long one connect or call may take.
+const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+/// First retry delay after a failed registration; doubles up to [`MAX_BACKOFF`].
+const FIRST_BACKOFF: Duration = Duration::from_millis(20);
+/// Longest retry delay.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// Opens a gRPC channel to a unix socket (tonic's `connect_with_connector`;
+/// the URI is a placeholder tonic needs and never resolves).
+///
+/// # Errors
+/// When the socket does not answer.
+pub async fn connect_unix(path: impl AsRef<Path>) -> Result<Channel, tonic::transport::Error> {
+    let path: Arc<PathBuf> = Arc::new(path.as_ref().to_owned());
+    Endpoint::from_static("http://[::1]:1")
+        .connect_timeout(CALL_TIMEOUT)
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let path = Arc::clone(&path);
+            async move { Ok::<_, io::Error>(TokioIo::new(UnixStream::connect(path.as_path()).await?)) }
+        }))
+        .await
+}
+
+/// Why one registration attempt failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RegisterError {
+    /// Our own socket did not answer (serve, check, then register).
+    #[error("our socket {socket} does not answer")]
+    SelfCheck {
+        /// Our socket.
+        socket: PathBuf,
+        /// The cause.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The kubelet's socket did not answer.
+    #[error("cannot reach the kubelet at {socket}")]
+    Connect {
+        /// kubelet.sock.
+        socket: PathBuf,
+        /// The cause.
+        #[source]
+        source: tonic::transport::Error,
+    },
+    /// A step took longer than its time limit.
+    #[error("{step} took longer than {CALL_TIMEOUT:?}")]
+    Timeout {
+        /// What was being done.
+        step: &'static str,
+    },
+    /// The kubelet answered with an error.
+    #[error("the kubelet refused the registration of {resource}: {status}")]
+    Refused {
+        /// The resource.
+        resource: String,
+        /// Its answer.
+        status: tonic::Status,
+    },
+}
+
+/// Connects to our own socket and asks for the options: proof that the
+/// kubelet will be able to call us.
+async fn self_check(socket: &Path) -> Result<(), RegisterError> {
+    let err = |source: Box<dyn std::error::Error + Send + Sync>| RegisterError::SelfCheck {
+        socket: socket.to_owned(),
+        source,
+    };
+    let channel = connect_unix(socket).await.map_err(|e| err(Box::new(e)))?;
+    DevicePluginClient::new(channel)
+        .get_device_plugin_options(dp::Empty {})
+        .await
+        .map_err(|e| err(Box::new(e)))?;
+    Ok(())
+}
+
+/// One attempt: check our socket, then Register, each step time-limited.
+async fn register_once(shared: &PoolShared, kubelet_socket: &Path) -> Result<(), RegisterError> {
+    tokio::time::timeout(CALL_TIMEOUT, self_check(&shared.socket_path))
+        .await
+        .map_err(|_| RegisterError::Timeout {
+            step: "the check of our own socket",
+        })??;
+    tokio::time::timeout(CALL_TIMEOUT, register_with_kubelet(shared, kubelet_socket))
+        .await
+        .map_err(|_| RegisterError::Timeout {
+            step: "the registration with the kubelet",
+        })?
+}
+
+async fn register_with_kubelet(shared: &PoolShared, kubelet_socket: &Path) -> Result<(), RegisterError> {
+    let channel = connect_unix(kubelet_socket)
+        .await
+        .map_err(|source| RegisterError::Connect {
+            socket: kubelet_socket.to_owned(),
+            source,
+        })?;
+    let endpoint = shared
+        .socket_path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let request = dp::RegisterRequest {
+        version: vfplane_proto::DEVICE_PLUGIN_VERSION.to_owned(),
+        endpoint,
+        resource_name: shared.resource(),
+        options: Some(options()),
+    };
+    RegistrationClient::new(channel)
+        .register(request)
+        .await
+        .map_err(|status| RegisterError::Refused {
+            resource: shared.resource(),
+            status,
+        })?;
+    Ok(())
+}
+
+/// Asks a pool's registration task to register (again).
+#[derive(Debug, Clone)]
+pub(crate) struct Kick(Arc<watch::Sender<u64>>);
+
+impl Kick {
+    /// A kick and the receiver the registration task waits on (made here,
+    /// before any kick, so none is missed).
+    pub fn new() -> (Self, watch::Receiver<u64>) {
+        let (tx, rx) = watch::channel(0);
+        (Self(Arc::new(tx)), rx)
+    }
+
+    pub fn kick(&self) {
+        self.0
+            .send_modify(|generation| *generation = generation.wrapping_add(1));
+    }
+}
+
+/// Kicks that arrive this close together make one registration: a
+/// restarting kubelet removes our socket (we serve it again: a kick) and
+/// creates `kubelet.sock` (another kick) within moments.
+const SETTLE: Duration = Duration::from_millis(20);
+
+/// Registers the pool each time it is kicked (pool started, socket served
+/// again, `kubelet.sock` created). Without a `kubelet.sock` it waits for
+/// the next kick; a failed attempt is retried with exponential backoff
+/// (20 ms doubling to 5 s), and a new kick restarts the backoff. Never
+/// polls while there is nothing to do.
+pub(crate) async fn registration_loop(
+    shared: Arc<PoolShared>,
+    kubelet_socket: PathBuf,
+    mut kicks: watch::Receiver<u64>,
+) {
+    loop {
+        if kicks.changed().await.is_err() {
+            return;
+        }
+        tokio::time::sleep(SETTLE).await;
+        kicks.borrow_and_update();
+        let mut delay = FIRST_BACKOFF;
+        loop {
+            if !kubelet_socket.exists() {
+                tracing::info!(pool = %shared.name, socket = %kubelet_socket.display(), "no kubelet yet; registering when kubelet.sock appears");
+                break;
+            }
+            match register_once(&shared, &kubelet_socket).await {
+                Ok(()) => {
+                    bump(&shared.metrics.registrations);
+                    tracing::info!(
+                        pool = %shared.name,
+                        resource = %shared.resource(),
+                        endpoint = %shared.socket_path.display(),
+                        "registered with the kubelet"
+                    );
+                    break;
+                }
+                Err(error) => {
+                    bump(&shared.metrics.registration_errors);
+                    tracing::warn!(
+                        pool = %shared.name,
+                        error = %vfplane_host::error_chain(&error),
+                        retry_in = ?delay,
+                        "registration failed"
+                    );
+                    tokio::select! {
+                        () = tokio::time::sleep(delay) => delay = (delay * 2).min(MAX_BACKOFF),
+                        changed = kicks.changed() => {
+                            if changed.is_err() {
+                                return;
+                            }
+                            kicks.borrow_and_update();
+                            delay = FIRST_BACKOFF;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

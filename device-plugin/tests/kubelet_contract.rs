@@ -1,0 +1,691 @@
+//! The kubelet contract, end to end over unix sockets: a kubelet stand-in
+//! speaking the real v1beta1 API against the plugin on a fake sysfs tree.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::time::Duration;
+
+use common::*;
+use tonic::Code;
+use vfplane_device_plugin::kubelet_standin::connect_plugin;
+use vfplane_proto::container_env::VfInfo;
+use vfplane_proto::deviceplugin::v1beta1 as dp;
+use vfplane_proto::vf_state::{VfState, write_vf_mac, write_vf_state};
+use vfplane_proto::{HEALTHY, UNHEALTHY};
+
+const ONE_POOL: &str = "pools:\n  - name: fast\n    selector:\n      vendor: \"8086\"\n      device: \"10ca\"\n      drivers: [vfio-pci]\n";
+
+fn allocate_request(containers: &[&[String]]) -> dp::AllocateRequest {
+    dp::AllocateRequest {
+        container_requests: containers
+            .iter()
+            .map(|ids| dp::ContainerAllocateRequest {
+                devices_ids: ids.to_vec(),
+            })
+            .collect(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registers_after_serving_then_lists_healthy_vfs_with_numa() {
+    let node = Node::new(&[(0, 3), (1, 2)]);
+    node.write_config(ONE_POOL);
+    let mut kubelet = node.standin().await;
+    let plugin = node.start_plugin().await;
+
+    let registration = kubelet.next_registration(WAIT).await.expect("a registration");
+    let request = &registration.request;
+    assert_eq!(request.version, "v1beta1");
+    assert_eq!(request.endpoint, "vfplane-fast.sock");
+    assert_eq!(request.resource_name, "vfplane.io/fast");
+    let options = request.options.expect("options");
+    assert!(options.get_preferred_allocation_available);
+    assert!(!options.pre_start_required);
+    // Served before registering: the endpoint answers.
+    let mut client = client(registration.socket(kubelet.dir())).await;
+    let options = client
+        .get_device_plugin_options(dp::Empty {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(options.get_preferred_allocation_available);
+
+    let mut stream = list_and_watch(&mut client).await;
+    let first = stream.message().await.unwrap().expect("a first list");
+    assert_eq!(first.devices.len(), 5);
+    for device in &first.devices {
+        assert_eq!(device.health, HEALTHY, "{device:?}");
+    }
+    let ids: Vec<&str> = first.devices.iter().map(|d| d.id.as_str()).collect();
+    let mut sorted = ids.clone();
+    sorted.sort_unstable();
+    assert_eq!(ids, sorted, "sorted by PCI address");
+    for (pf, numa) in [(0usize, 0i64), (1, 1)] {
+        for vf in &node.pfs[pf].vfs {
+            let device = first.devices.iter().find(|d| d.id == vf.to_string()).unwrap();
+            let nodes = &device.topology.as_ref().expect("topology").nodes;
+            assert_eq!(nodes.iter().map(|n| n.id).collect::<Vec<_>>(), [numa]);
+        }
+    }
+    assert!(kubelet.take_registrations().is_empty(), "registered once");
+    plugin.shutdown().await.unwrap();
+    assert!(!node.socket("fast").exists(), "socket removed on shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_follows_driver_vfio_node_group_link_scrub_and_presence() {
+    let node = Node::new(&[(-1, 3)]);
+    node.write_config(ONE_POOL);
+    let _kubelet = node.standin().await;
+    let plugin = node.start_plugin().await;
+    let mut client = client(node.socket("fast")).await;
+    let mut stream = list_and_watch(&mut client).await;
+    let vf = node.pfs[0].vfs[1];
+    let other = node.pfs[0].vfs[0];
+    let group = node.pfs[0].groups[1];
+    let first = wait_for(&mut stream, "all healthy", |m| m.devices.len() == 3).await;
+    assert!(first.devices.iter().all(|d| d.health == HEALTHY));
+    assert!(
+        first.devices.iter().all(|d| d.topology.is_none()),
+        "NUMA node -1: no topology"
+    );
+
+    // Driver unbound (override kept, as after `echo > .../vfio-pci/unbind`).
+    node.fake.set_driver(vf, None).unwrap();
+    let m = wait_for(&mut stream, "unbound VF unhealthy", |m| is(m, vf, UNHEALTHY)).await;
+    assert!(is(&m, other, HEALTHY), "only that VF: {m:?}");
+    node.fake.set_driver(vf, Some("vfio-pci")).unwrap();
+    wait_for(&mut stream, "rebound VF healthy", |m| is(m, vf, HEALTHY)).await;
+
+    // Bound to another driver.
+    node.fake.set_driver(vf, Some("igbvf")).unwrap();
+    wait_for(&mut stream, "igbvf VF unhealthy", |m| is(m, vf, UNHEALTHY)).await;
+    node.fake.set_driver(vf, Some("vfio-pci")).unwrap();
+    wait_for(&mut stream, "healthy again", |m| is(m, vf, HEALTHY)).await;
+
+    // /dev/vfio/<group> removed.
+    fs::remove_file(node.vfio_node(group)).unwrap();
+    wait_for(&mut stream, "no VFIO node: unhealthy", |m| is(m, vf, UNHEALTHY)).await;
+    node.fake.add_vfio_node(group).unwrap();
+    wait_for(&mut stream, "node back: healthy", |m| is(m, vf, HEALTHY)).await;
+
+    // Group no longer isolated: another device (a bridge, say) is in it.
+    let bridge = addr("0000:00:1c.0");
+    let mut device = vfplane_host::fake::FakeDevice::igb_pf(bridge);
+    device.iommu_group = Some(group);
+    device.driver = Some("pcieport".into());
+    node.fake.add_device(&device).unwrap();
+    let m = wait_for(&mut stream, "shared group: unhealthy", |m| is(m, vf, UNHEALTHY)).await;
+    assert!(is(&m, other, HEALTHY));
+    // The bridge is hot-unplugged: gone from the group and the bus.
+    let sysfs = node.fake.sysfs_root();
+    fs::remove_file(sysfs.join(format!("kernel/iommu_groups/{group}/devices/{bridge}"))).unwrap();
+    fs::remove_file(sysfs.join(format!("bus/pci/devices/{bridge}"))).unwrap();
+    node.fake.remove_device_dir(bridge).unwrap();
+    wait_for(&mut stream, "alone again: healthy", |m| is(m, vf, HEALTHY)).await;
+
+    // PF link down: every VF of the PF.
+    node.set_link(0, false);
+    wait_for(&mut stream, "link down: all unhealthy", |m| {
+        m.devices.iter().all(|d| d.health == UNHEALTHY)
+    })
+    .await;
+    node.set_link(0, true);
+    wait_for(&mut stream, "link up: all healthy", |m| {
+        m.devices.iter().all(|d| d.health == HEALTHY)
+    })
+    .await;
+
+    // Scrub states written by the agent, then cleared.
+    write_vf_state(&node.state_dir(), vf, Some(VfState::ScrubPending)).unwrap();
+    wait_for(&mut stream, "scrub pending: unhealthy", |m| is(m, vf, UNHEALTHY)).await;
+    write_vf_state(&node.state_dir(), vf, None).unwrap();
+    wait_for(&mut stream, "scrub done: healthy", |m| is(m, vf, HEALTHY)).await;
+    write_vf_state(&node.state_dir(), vf, Some(VfState::ScrubFailed)).unwrap();
+    wait_for(&mut stream, "scrub failed: unhealthy", |m| is(m, vf, UNHEALTHY)).await;
+    write_vf_state(&node.state_dir(), vf, None).unwrap();
+    wait_for(&mut stream, "cleared: healthy", |m| is(m, vf, HEALTHY)).await;
+    // A word this plugin does not know is Unhealthy too.
+    fs::write(node.state_dir().join(vf.to_string()), "something-new\n").unwrap();
+    wait_for(&mut stream, "unknown word: unhealthy", |m| is(m, vf, UNHEALTHY)).await;
+    write_vf_state(&node.state_dir(), vf, None).unwrap();
+    wait_for(&mut stream, "cleared again: healthy", |m| is(m, vf, HEALTHY)).await;
+
+    // The VF goes away (sriov_numvfs lowered): still listed, Unhealthy.
+    let saved = node.fake.device_dir(vf);
+    let backup = node.dir.path().join("saved-vf");
+    copy_dir(&saved, &backup);
+    node.fake.remove_device_dir(vf).unwrap();
+    let gone = wait_for(&mut stream, "gone VF unhealthy", |m| is(m, vf, UNHEALTHY)).await;
+    assert_eq!(gone.devices.len(), 3, "a gone VF stays listed");
+    copy_dir(&backup, &saved);
+    wait_for(&mut stream, "VF back: healthy", |m| is(m, vf, HEALTHY)).await;
+
+    let text = metrics_text(&plugin).await;
+    assert_eq!(
+        metric(
+            &text,
+            "vfplane_device_plugin_devices{pool=\"fast\",health=\"healthy\"}"
+        ),
+        Some(3.0),
+        "{text}"
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "vfplane_device_plugin_list_and_watch_streams{pool=\"fast\"}"
+        ),
+        Some(1.0)
+    );
+    plugin.shutdown().await.unwrap();
+}
+
+/// Copies a directory tree, symlinks as symlinks.
+#[allow(clippy::unwrap_used)] // a test helper: a panic is the failure report
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    fs::create_dir_all(to).unwrap();
+    for entry in fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        let kind = entry.file_type().unwrap();
+        if kind.is_symlink() {
+            std::os::unix::fs::symlink(fs::read_link(entry.path()).unwrap(), target).unwrap();
+        } else if kind.is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allocate_hands_out_vfio_nodes_env_and_cdi() {
+    let node = Node::new(&[(0, 2), (1, 2)]);
+    node.write_config(ONE_POOL);
+    let plugin = node.start_plugin().await;
+    let mac_vf = node.pfs[0].vfs[0];
+    write_vf_mac(&node.state_dir(), mac_vf, Some("52:54:00:AA:BB:01")).unwrap();
+    let mut client = client(node.socket("fast")).await;
+    let a = node.pfs[0].vfs[0].to_string();
+    let b = node.pfs[1].vfs[1].to_string();
+    let c = node.pfs[0].vfs[1].to_string();
+    let response = client
+        .allocate(allocate_request(&[
+            &[a.clone(), b.clone()],
+            std::slice::from_ref(&c),
+        ]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(response.container_responses.len(), 2);
+
+    let first = &response.container_responses[0];
+    let paths: Vec<(&str, &str, &str)> = first
+        .devices
+        .iter()
+        .map(|d| {
+            (
+                d.container_path.as_str(),
+                d.host_path.as_str(),
+                d.permissions.as_str(),
+            )
+        })
+        .collect();
+    let group_a = node.pfs[0].groups[0];
+    let group_b = node.pfs[1].groups[1];
+    assert_eq!(
+        paths,
+        [
+            ("/dev/vfio/vfio", "/dev/vfio/vfio", "rw"),
+            (
+                format!("/dev/vfio/{group_a}").as_str(),
+                format!("/dev/vfio/{group_a}").as_str(),
+                "rw"
+            ),
+            (
+                format!("/dev/vfio/{group_b}").as_str(),
+                format!("/dev/vfio/{group_b}").as_str(),
+                "rw"
+            ),
+        ]
+    );
+    for spec in &first.devices[1..] {
+        // The host path is the node's /dev: under the dev root here.
+        let under_root = node
+            .fake
+            .dev_root()
+            .join(spec.host_path.trim_start_matches("/dev/"));
+        assert!(under_root.exists(), "{}", under_root.display());
+    }
+    assert_eq!(first.envs["PCIDEVICE_VFPLANE_IO_FAST"], format!("{a},{b}"));
+    let info: std::collections::BTreeMap<String, VfInfo> =
+        serde_json::from_str(&first.envs["PCIDEVICE_VFPLANE_IO_FAST_INFO"]).unwrap();
+    assert_eq!(info.len(), 2);
+    let info_a = &info[&a];
+    assert_eq!(info_a.group, group_a);
+    assert_eq!(info_a.vfio_device, format!("/dev/vfio/{group_a}"));
+    assert_eq!(info_a.numa_node, Some(0));
+    assert_eq!(info_a.pf, Some(node.pfs[0].address));
+    assert_eq!(info_a.vf_index, Some(0));
+    assert_eq!(info_a.mac.as_deref(), Some("52:54:00:aa:bb:01"));
+    assert_eq!(info[&b].numa_node, Some(1));
+    assert_eq!(info[&b].vf_index, Some(1));
+    assert_eq!(info[&b].mac, None);
+    let cdi: Vec<&str> = first.cdi_devices.iter().map(|d| d.name.as_str()).collect();
+    assert_eq!(cdi, [format!("vfplane.io/vf={a}"), format!("vfplane.io/vf={b}")]);
+    assert!(first.mounts.is_empty());
+
+    let second = &response.container_responses[1];
+    assert_eq!(second.devices.len(), 2, "vfio + one group, no duplicates");
+    assert_eq!(second.envs["PCIDEVICE_VFPLANE_IO_FAST"], c);
+
+    // The CDI spec names every VF with its group node.
+    let spec: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(node.cdi_dir().join("vfplane.io-vf.json")).unwrap())
+            .unwrap();
+    assert_eq!(spec["kind"], "vfplane.io/vf");
+    let names: BTreeSet<String> = spec["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["name"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(names.contains(&a) && names.contains(&b) && names.contains(&c));
+
+    let text = metrics_text(&plugin).await;
+    assert_eq!(
+        metric(&text, "vfplane_device_plugin_allocations_total{pool=\"fast\"}"),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "vfplane_device_plugin_allocated_devices_total{pool=\"fast\"}"
+        ),
+        Some(3.0)
+    );
+    plugin.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allocate_refuses_malformed_unknown_unhealthy_and_foreign_ids_naming_them() {
+    let node = Node::new(&[(0, 3)]);
+    let vfs = node.pfs[0].vfs.clone();
+    node.write_config(&format!(
+        "pools:\n  - name: fast\n    devices: [\"{}\", \"{}\"]\n  - name: slow\n    devices: [\"{}\"]\n",
+        vfs[0], vfs[1], vfs[2]
+    ));
+    let plugin = node.start_plugin().await;
+    let mut client = client(node.socket("fast")).await;
+    let good = vfs[0].to_string();
+    let cases: Vec<(dp::AllocateRequest, Code, String)> = vec![
+        (
+            dp::AllocateRequest {
+                container_requests: vec![],
+            },
+            Code::InvalidArgument,
+            "no container requests".into(),
+        ),
+        (
+            allocate_request(&[&[]]),
+            Code::InvalidArgument,
+            "names no device".into(),
+        ),
+        (
+            allocate_request(&[&[String::new()]]),
+            Code::InvalidArgument,
+            "empty device ID".into(),
+        ),
+        (
+            allocate_request(&[&[good.clone(), good.clone()]]),
+            Code::InvalidArgument,
+            format!("{good} is requested more than once"),
+        ),
+        (
+            allocate_request(&[std::slice::from_ref(&good), std::slice::from_ref(&good)]),
+            Code::InvalidArgument,
+            format!("{good} is requested more than once"),
+        ),
+        (
+            allocate_request(&[&["0000:00:1f.7".into()]]),
+            Code::InvalidArgument,
+            "unknown device ID 0000:00:1f.7".into(),
+        ),
+        (
+            allocate_request(&[&["not-a-vf".into()]]),
+            Code::InvalidArgument,
+            "\"not-a-vf\"".into(),
+        ),
+        (
+            allocate_request(&[&[vfs[2].to_string()]]),
+            Code::InvalidArgument,
+            format!("{} belongs to vfplane.io/slow", vfs[2]),
+        ),
+    ];
+    for (request, code, words) in cases {
+        let status = client.allocate(request.clone()).await.expect_err(&words);
+        assert_eq!(status.code(), code, "{words}: {status}");
+        assert!(
+            status.message().contains(&words),
+            "{words:?} not in {:?}",
+            status.message()
+        );
+    }
+    // Unhealthy at the moment of Allocate: refused even before the next scan.
+    node.fake.set_driver(vfs[1], None).unwrap();
+    let status = client
+        .allocate(allocate_request(&[&[vfs[1].to_string()]]))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    assert!(status.message().contains(&vfs[1].to_string()), "{status}");
+    assert!(status.message().contains("not bound to vfio-pci"), "{status}");
+    // Nothing of that changed what works.
+    client.allocate(allocate_request(&[&[good]])).await.unwrap();
+    let text = metrics_text(&plugin).await;
+    assert_eq!(
+        metric(
+            &text,
+            "vfplane_device_plugin_allocation_errors_total{pool=\"fast\"}"
+        ),
+        Some(9.0),
+        "{text}"
+    );
+    plugin.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn preferred_allocation_keeps_numa_spreads_pfs_and_honours_must_include() {
+    // PFs 1 and 2 on NUMA 0 (3 VFs each), PF 3 on NUMA 1 (4 VFs).
+    let node = Node::new(&[(0, 3), (0, 3), (1, 4)]);
+    node.write_config("pools:\n  - name: fast\n    selector: {}\n");
+    let plugin = node.start_plugin().await;
+    let mut client = client(node.socket("fast")).await;
+    let all: Vec<String> = node
+        .pfs
+        .iter()
+        .flat_map(|p| p.vfs.iter().map(ToString::to_string))
+        .collect();
+    let ask = |must: Vec<String>, size: i32| dp::PreferredAllocationRequest {
+        container_requests: vec![dp::ContainerPreferredAllocationRequest {
+            available_device_i_ds: all.clone(),
+            must_include_device_i_ds: must,
+            allocation_size: size,
+        }],
+    };
+    let numa_of = |id: &str| -> u32 {
+        node.pfs
+            .iter()
+            .position(|p| p.vfs.iter().any(|v| v.to_string() == id))
+            .map(|i| if i < 2 { 0 } else { 1 })
+            .unwrap()
+    };
+    let pf_of = |id: &str| id[..7].to_owned();
+
+    let got = client
+        .get_preferred_allocation(ask(vec![], 4))
+        .await
+        .unwrap()
+        .into_inner();
+    let ids = &got.container_responses[0].device_i_ds;
+    assert_eq!(ids.len(), 4);
+    assert_eq!(
+        ids.iter().map(|i| numa_of(i)).collect::<BTreeSet<_>>().len(),
+        1,
+        "{ids:?}"
+    );
+    let pfs: Vec<String> = ids.iter().map(|i| pf_of(i)).collect();
+    assert_eq!(
+        pfs.iter().collect::<BTreeSet<_>>().len(),
+        2,
+        "spread over both PFs: {ids:?}"
+    );
+
+    let must = node.pfs[2].vfs[3].to_string();
+    let got = client
+        .get_preferred_allocation(ask(vec![must.clone()], 3))
+        .await
+        .unwrap()
+        .into_inner();
+    let ids = &got.container_responses[0].device_i_ds;
+    assert_eq!(ids[0], must);
+    assert_eq!(ids.len(), 3);
+    assert!(ids.iter().all(|i| numa_of(i) == 1), "{ids:?}");
+
+    // The policy changes to pack, live: one PF for 3 VFs, on the
+    // best-fitting node (NUMA 1, 4 VFs).
+    node.write_config("pools:\n  - name: fast\n    selector: {}\n    preferredAllocation: pack\n");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let got = client
+            .get_preferred_allocation(ask(vec![], 3))
+            .await
+            .unwrap()
+            .into_inner();
+        let ids = got.container_responses[0].device_i_ds.clone();
+        if ids.iter().map(|i| pf_of(i)).collect::<BTreeSet<_>>().len() == 1 {
+            assert!(ids.iter().all(|i| numa_of(i) == 1), "{ids:?}");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "pack never applied: {ids:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    plugin.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubelet_restart_wiping_the_directory_brings_socket_and_registration_back() {
+    let node = Node::new(&[(0, 2)]);
+    node.write_config(ONE_POOL);
+    let mut kubelet = node.standin().await;
+    let plugin = node.start_plugin().await;
+    kubelet.next_registration(WAIT).await.expect("first registration");
+    for round in 0..3 {
+        let created = kubelet.restart().await.unwrap();
+        // The plugin may register twice around a restart (socket served
+        // again, then kubelet.sock created); what counts is one after it.
+        let registration = loop {
+            let registration = kubelet
+                .next_registration(WAIT)
+                .await
+                .unwrap_or_else(|| panic!("registration after restart {round}"));
+            if registration.at >= created {
+                break registration;
+            }
+        };
+        assert_eq!(registration.request.resource_name, "vfplane.io/fast");
+        // The socket is served again and answers.
+        let mut client = connect_plugin(registration.socket(kubelet.dir())).await.unwrap();
+        let mut stream = list_and_watch(&mut client).await;
+        let first = stream.message().await.unwrap().unwrap();
+        assert_eq!(first.devices.len(), 2);
+    }
+    // The plugin counts a registration when the kubelet's answer is back,
+    // a moment after the stand-in saw it.
+    let registrations = wait_metric(
+        &plugin,
+        "vfplane_device_plugin_registrations_total{pool=\"fast\"}",
+        |v| v >= 4.0,
+    )
+    .await;
+    assert!(registrations <= 7.0, "{registrations}");
+    plugin.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn starts_without_a_kubelet_and_registers_when_it_appears() {
+    let node = Node::new(&[(0, 1)]);
+    node.write_config(ONE_POOL);
+    let plugin = node.start_plugin().await;
+    assert!(node.socket("fast").exists(), "served without a kubelet");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let text = metrics_text(&plugin).await;
+    assert_eq!(
+        metric(
+            &text,
+            "vfplane_device_plugin_registration_errors_total{pool=\"fast\"}"
+        ),
+        Some(0.0),
+        "no attempts while there is no kubelet.sock: {text}"
+    );
+    let mut kubelet = node.standin().await;
+    let registration = kubelet.next_registration(WAIT).await.expect("registration");
+    assert_eq!(registration.request.endpoint, "vfplane-fast.sock");
+    plugin.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugin_restarted_while_the_kubelet_stays_registers_again() {
+    let node = Node::new(&[(0, 2)]);
+    node.write_config(ONE_POOL);
+    let mut kubelet = node.standin().await;
+    let plugin = node.start_plugin().await;
+    kubelet.next_registration(WAIT).await.expect("first");
+    let mut client = client(node.socket("fast")).await;
+    let mut stream = list_and_watch(&mut client).await;
+    stream.message().await.unwrap().unwrap();
+    plugin.shutdown().await.unwrap();
+    assert!(!node.socket("fast").exists());
+    // The kubelet sees its stream end, as it would.
+    let end = tokio::time::timeout(WAIT, stream.message())
+        .await
+        .expect("stream ends");
+    assert!(matches!(end, Ok(None) | Err(_)), "{end:?}");
+
+    let plugin = node.start_plugin().await;
+    let registration = kubelet
+        .next_registration(WAIT)
+        .await
+        .expect("second registration");
+    let mut client = common::client(registration.socket(kubelet.dir())).await;
+    let mut stream = list_and_watch(&mut client).await;
+    assert_eq!(stream.message().await.unwrap().unwrap().devices.len(), 2);
+    plugin.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_changes_apply_live_and_a_bad_file_keeps_the_last_good_one() {
+    let node = Node::new(&[(0, 2), (0, 2)]);
+    let pf0 = node.pfs[0].address;
+    let pf1 = node.pfs[1].address;
+    let fast_only = format!("pools:\n  - name: fast\n    selector: {{pfAddresses: [\"{pf0}\"]}}\n");
+    node.write_config(&fast_only);
+    let mut kubelet = node.standin().await;
+    let plugin = node.start_plugin().await;
+    kubelet
+        .next_registration_of("vfplane.io/fast", WAIT)
+        .await
+        .expect("fast");
+    let mut fast = client(node.socket("fast")).await;
+    let mut fast_stream = list_and_watch(&mut fast).await;
+    assert_eq!(fast_stream.message().await.unwrap().unwrap().devices.len(), 2);
+
+    // A pool is added: it registers; fast's stream is untouched.
+    node.write_config(&format!(
+        "{fast_only}  - name: slow\n    selector: {{pfAddresses: [\"{pf1}\"]}}\n"
+    ));
+    kubelet
+        .next_registration_of("vfplane.io/slow", WAIT)
+        .await
+        .expect("slow registers");
+    let mut slow = client(node.socket("slow")).await;
+    let mut slow_stream = list_and_watch(&mut slow).await;
+    assert_eq!(slow_stream.message().await.unwrap().unwrap().devices.len(), 2);
+
+    // A bad file: refused, everything keeps serving.
+    node.write_config("pools:\n  - name: fast\n    selectr: {}\n");
+    wait_metric(
+        &plugin,
+        "vfplane_device_plugin_config_reloads_total{result=\"error\"}",
+        |v| v == 1.0,
+    )
+    .await;
+    assert!(node.socket("fast").exists() && node.socket("slow").exists());
+    fast.get_device_plugin_options(dp::Empty {}).await.unwrap();
+
+    // VFs added to fast's PF (sriov_numvfs raised): they join the pool.
+    let vfs = [add_vf(&node, 0, 2, 200), add_vf(&node, 0, 3, 201)];
+    let grown = wait_for(&mut fast_stream, "4 healthy VFs in fast", |m| {
+        m.devices.len() == 4 && m.devices.iter().all(|d| d.health == HEALTHY)
+    })
+    .await;
+    assert!(grown.devices.iter().any(|d| d.id == vfs[1].to_string()));
+
+    // fast's setting changes (pack), slow is removed: fast's stream goes on,
+    // slow's socket goes and its stream ends.
+    node.write_config(&format!(
+        "pools:\n  - name: fast\n    selector: {{pfAddresses: [\"{pf0}\"]}}\n    preferredAllocation: pack\n"
+    ));
+    let end = tokio::time::timeout(WAIT, slow_stream.message())
+        .await
+        .expect("slow's stream ends");
+    assert!(matches!(end, Ok(None) | Err(_)), "{end:?}");
+    assert!(!node.socket("slow").exists(), "slow's socket removed");
+    node.fake.set_driver(vfs[1], None).unwrap();
+    wait_for(&mut fast_stream, "fast's stream still live", |m| {
+        is(m, vfs[1], UNHEALTHY)
+    })
+    .await;
+    wait_metric(
+        &plugin,
+        "vfplane_device_plugin_config_reloads_total{result=\"ok\"}",
+        |v| v == 2.0,
+    )
+    .await;
+    let text = metrics_text(&plugin).await;
+    assert!(!text.contains("pool=\"slow\""), "{text}");
+    plugin.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_config_at_start_is_refused_with_its_line_and_a_missing_one_waits() {
+    let node = Node::new(&[(0, 1)]);
+    node.write_config("pools:\n  - name: fast\n    devices: [\"0000:00:12.0\"]\n  - name: \"no/slash\"\n    devices: [\"0000:00:12.2\"]\n");
+    let error = vfplane_device_plugin::start(node.plugin_config())
+        .await
+        .unwrap_err();
+    let message = vfplane_host::error_chain(&error);
+    assert!(message.contains("line 4"), "{message}");
+
+    fs::remove_file(node.config_path()).unwrap();
+    let mut kubelet = node.standin().await;
+    let plugin = node.start_plugin().await;
+    assert!(
+        kubelet
+            .next_registration(Duration::from_millis(200))
+            .await
+            .is_none()
+    );
+    node.write_config(ONE_POOL);
+    kubelet
+        .next_registration(WAIT)
+        .await
+        .expect("registers once the file appears");
+    plugin.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_and_healthz_are_served() {
+    let node = Node::new(&[(0, 2)]);
+    node.write_config(ONE_POOL);
+    let plugin = node.start_plugin().await;
+    let text = metrics_text(&plugin).await;
+    assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+    assert!(text.contains("Content-Type: text/plain; version=0.0.4"), "{text}");
+    for family in [
+        "vfplane_device_plugin_devices",
+        "vfplane_device_plugin_allocations_total",
+        "vfplane_device_plugin_registrations_total",
+        "vfplane_device_plugin_list_and_watch_streams",
+        "vfplane_device_plugin_scans_total",
+    ] {
+        assert!(text.contains(&format!("# TYPE {family} ")), "{family}\n{text}");
+    }
+    assert!(metric(&text, "vfplane_device_plugin_scans_total").unwrap() >= 1.0);
+    plugin.shutdown().await.unwrap();
+}
