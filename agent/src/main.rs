@@ -65,6 +65,9 @@ struct Target {
     /// Node name, for derived MACs.
     #[arg(long, env = "NODE_NAME")]
     node_name: Option<String>,
+    /// Where per-VF files for the device plugin go (the VFs' MACs).
+    #[arg(long, default_value = vfplane_proto::vf_state::DEFAULT_STATE_DIR)]
+    state_dir: PathBuf,
     /// Where the host's /proc is (to see which VFs are in use).
     #[arg(long, default_value = "/proc")]
     proc_root: PathBuf,
@@ -120,6 +123,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 &report,
                 target.status_file.as_deref(),
                 target.pool_config.as_deref(),
+                Some(&target.state_dir),
             )
             .map_err(anyhow::Error::msg)?;
             for error in &report.errors {
@@ -143,6 +147,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 state_file: target.state_file.clone(),
                 status_file: target.status_file.clone(),
                 pool_config: target.pool_config.clone(),
+                state_dir: Some(target.state_dir.clone()),
                 resync: Duration::from_secs(resync_seconds.max(1)),
             };
             vfplane_agent::run::run(&target.reconciler(host), &options)

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_KOBJECT_UEVENT};
 use vfplane_proto::node_state::{NodeStateSpec, StateFile};
+use vfplane_proto::vf_state;
 
 use crate::netlink::VfLinkControl;
 use crate::reconcile::{ApplyReport, Reconciler};
@@ -45,6 +46,8 @@ pub struct RunOptions {
     pub status_file: Option<PathBuf>,
     /// Where the pool config goes (YAML).
     pub pool_config: Option<PathBuf>,
+    /// Where per-VF files for the device plugin go (MACs).
+    pub state_dir: Option<PathBuf>,
     /// Time between passes when nothing happens.
     pub resync: Duration,
 }
@@ -61,7 +64,9 @@ pub fn read_state_file(path: &Path) -> Result<NodeStateSpec, String> {
         .map_err(|e| format!("{}: {e}", path.display()))
 }
 
-/// Writes a pass's status and pool config where asked.
+/// Writes a pass's status, pool config, and the MAC of every pooled VF in
+/// the state dir (`proto::vf_state`, read by the device plugin for the
+/// `_INFO` variable), where asked.
 ///
 /// # Errors
 /// The first write that fails.
@@ -69,7 +74,26 @@ pub fn publish(
     report: &ApplyReport,
     status_file: Option<&Path>,
     pool_config: Option<&Path>,
+    state_dir: Option<&Path>,
 ) -> Result<(), String> {
+    if let Some(dir) = state_dir {
+        for vf in report
+            .status
+            .pfs
+            .iter()
+            .flat_map(|pf| &pf.vfs)
+            .filter(|vf| vf.pool.is_some())
+        {
+            let Ok(address) = vf.pci_address.parse() else {
+                continue;
+            };
+            let have = vf_state::read_vf_mac(dir, address).ok().flatten();
+            if have.as_deref() != vf.mac.as_deref() {
+                vf_state::write_vf_mac(dir, address, vf.mac.as_deref())
+                    .map_err(|e| format!("writing the MAC of {address} under {}: {e}", dir.display()))?;
+            }
+        }
+    }
     if let Some(path) = status_file {
         let json = serde_json::to_string_pretty(&report.status).map_err(|e| e.to_string())?;
         crate::files::write_if_changed(path, &(json + "\n")).map_err(|e| e.to_string())?;
@@ -109,6 +133,7 @@ pub fn run<N: VfLinkControl>(reconciler: &Reconciler<N>, options: &RunOptions) -
                 &report,
                 options.status_file.as_deref(),
                 options.pool_config.as_deref(),
+                options.state_dir.as_deref(),
             ) {
                 tracing::error!(%error, "cannot write status or pool config");
             }
@@ -202,6 +227,36 @@ mod tests {
         assert!(is_relevant_uevent(b"bind@/x\0SUBSYSTEM=vfio\0"));
         assert!(!is_relevant_uevent(b"change@/x\0SUBSYSTEM=block\0"));
         assert!(!is_relevant_uevent(b"SUBSYSTEM=pcie"));
+    }
+
+    #[test]
+    fn publish_writes_macs_of_pooled_vfs_only() {
+        use vfplane_proto::node_state::{NodeStateStatus, PfStatus, VfStatus};
+        let dir = tempfile::tempdir().unwrap();
+        let vf = |index: u16, pool: Option<&str>| VfStatus {
+            index,
+            pci_address: format!("0000:00:12.{}", index * 2),
+            mac: Some(format!("02:00:00:00:00:0{index}")),
+            pool: pool.map(str::to_owned),
+            ..VfStatus::default()
+        };
+        let status = NodeStateStatus {
+            pfs: vec![PfStatus {
+                vfs: vec![vf(0, Some("fast")), vf(1, None)],
+                ..PfStatus::default()
+            }],
+            ..NodeStateStatus::default()
+        };
+        let report = ApplyReport {
+            status,
+            pools: Default::default(),
+            converged: true,
+            errors: Vec::new(),
+        };
+        publish(&report, None, None, Some(dir.path())).unwrap();
+        let read = |a: &str| vf_state::read_vf_mac(dir.path(), a.parse().unwrap()).unwrap();
+        assert_eq!(read("0000:00:12.0").as_deref(), Some("02:00:00:00:00:00"));
+        assert_eq!(read("0000:00:12.2"), None);
     }
 
     #[test]

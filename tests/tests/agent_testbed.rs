@@ -31,6 +31,7 @@ spec:
 Y
 vfplane-agent apply --state-file /tmp/four.yaml --status-file /tmp/s1.json --pool-config /tmp/run/pools.yaml
 echo "{\"step\":\"apply-four\",\"rc\":$?}"
+echo "{\"step\":\"state-mac\",\"mac\":\"$(cat /run/vfplane/vf-state/0000:00:12.0.mac)\"}"
 section status-four /tmp/s1.json
 section pools-four /tmp/run/pools.yaml
 vfplane-agent discover --json
@@ -143,6 +144,11 @@ fn agent_converges_repairs_and_survives_kill_on_the_real_kernel() {
 
     // 4 VFs: two on vfio-pci with explicit MACs, two on igbvf with VLAN 100.
     assert_eq!(step(&lines, "apply-four")["rc"], 0, "{out}");
+    assert_eq!(
+        step(&lines, "state-mac")["mac"],
+        "02:00:00:00:00:01",
+        "the MAC the device plugin puts in _INFO"
+    );
     let status = section(out, "status-four");
     let vfs = status["pfs"][0]["vfs"].as_array().expect("vfs");
     assert_eq!(vfs.len(), 4);
