@@ -123,7 +123,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 std::fs::read_to_string(&script).with_context(|| format!("reading {}", script.display()))?;
             run_guest(&text, &guest.options(), begun)
         }
-        Command::Demo { guest } => run_guest(DEMO_SCRIPT, &guest.options(), begun),
+        Command::Demo { guest } => {
+            let mut options = guest.options();
+            options.kernel_vf_driver = true;
+            run_demo(&options, begun)
+        }
         Command::Test { slow } => run_tests(slow, begun),
     }
 }
@@ -174,6 +178,47 @@ fn run_tests(slow: bool, begun: Instant) -> Result<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// The demo: the guest script plus the host counting the frames that leave
+/// the emulated NIC, so the last step is seen from outside the guest.
+fn run_demo(options: &GuestOptions, begun: Instant) -> Result<ExitCode> {
+    let testbed = Testbed::prepare()?;
+    let guest = testbed.start(DEMO_SCRIPT, options)?;
+    let socket = guest
+        .pf_link(0)
+        .context("the guest has no PF link")?
+        .socket
+        .try_clone()?;
+    socket.set_read_timeout(Some(Duration::from_millis(200)))?;
+    // The VF sends faster than a default socket buffer drains.
+    let _ = socket2::SockRef::from(&socket).set_recv_buffer_size(4 << 20);
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let guest_done = std::sync::Arc::clone(&done);
+    let counter = std::thread::spawn(move || {
+        let mut frames = 0u64;
+        let mut buf = [0u8; 2048];
+        // Count until the guest has ended and the link has gone quiet.
+        loop {
+            match socket.recv(&mut buf) {
+                Ok(n) if n >= 14 && buf[12..14] == [0x88, 0xb5] => frames += 1,
+                Ok(_) => {}
+                Err(_) if guest_done.load(std::sync::atomic::Ordering::Acquire) => return frames,
+                Err(_) => {}
+            }
+        }
+    });
+    let outcome = guest.wait_echoing(true);
+    done.store(true, std::sync::atomic::Ordering::Release);
+    let outcome = outcome?;
+    let frames = counter.join().unwrap_or(0);
+    eprintln!("host: {frames} test frames from the guest's VF arrived on the PF's link");
+    eprintln!(
+        "demo finished in {:.0} s, exit {}",
+        begun.elapsed().as_secs_f64(),
+        outcome.exit_code
+    );
+    Ok(ExitCode::from(u8::try_from(outcome.exit_code).unwrap_or(1)))
 }
 
 fn run_guest(script: &str, options: &GuestOptions, begun: Instant) -> Result<ExitCode> {

@@ -378,7 +378,11 @@ impl RunningGuest {
         self.wait_echoing(false)
     }
 
-    fn wait_echoing(mut self, echo: bool) -> Result<GuestOutcome> {
+    /// Waits like [`Self::wait`], echoing the script's output to stderr as it comes.
+    ///
+    /// # Errors
+    /// As [`Self::wait`].
+    pub fn wait_echoing(mut self, echo: bool) -> Result<GuestOutcome> {
         let output_path = self.run_dir.join("output.log");
         let mut echoed = 0u64;
         let mut script_started_after = None;
