@@ -112,6 +112,13 @@ pub fn emit(value: &serde_json::Value) {
 
 /// Runs `body`, printing `{"tool":..,"error":..}` and exiting 1 on error.
 pub fn run(tool: &str, body: impl FnOnce() -> Result<(), String>) {
+    // Driver logs on stderr, filtered by VFPLANE_LOG (default: warnings).
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("VFPLANE_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .try_init();
     if let Err(error) = body() {
         emit(&serde_json::json!({"tool": tool, "error": error}));
         std::process::exit(1);
