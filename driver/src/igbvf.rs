@@ -765,16 +765,31 @@ fn reset(
             context: "RESET reply",
             source,
         })?;
+    tracing::debug!(first, "RESET reply");
     match first & !mbx::CTS {
         w if w == mbx::RESET | mbx::ACK => {
-            let a = reply[1].to_le_bytes();
-            let b = reply[2].to_le_bytes();
-            let mac = MacAddress([a[0], a[1], a[2], a[3], b[0], b[1]]);
+            let mac = mac_from_words(reply[1], reply[2]);
             Ok((!mac.is_zero()).then_some(mac))
         }
         w if w == mbx::RESET | mbx::NACK => Ok(None),
         other => Err(IgbVfError::BadResetReply(other)),
     }
+}
+
+/// The MAC in a mailbox message's words 1 and 2, low byte first.
+///
+/// Not inlined on purpose, so the bytes are assembled from two register
+/// values rather than from loads of the reply buffer. Inlined, LLVM's
+/// AggressiveInstCombine in rustc 1.95.0 merged those loads into one 64-bit
+/// load and "zero-extended" it to the 48-bit MAC, invalid IR that later
+/// passes folded to 00:00:00:00:00:00 in release builds only
+/// (llvm/llvm-project#207229). The model test `pf_assigned_mac_is_used`
+/// found it; `cargo xtask test` runs the driver's tests under `--release`.
+#[inline(never)]
+fn mac_from_words(low: u32, high: u32) -> MacAddress {
+    let [a, b, c, d] = low.to_le_bytes();
+    let [e, f, _, _] = high.to_le_bytes();
+    MacAddress([a, b, c, d, e, f])
 }
 
 fn request(

@@ -155,6 +155,9 @@ fn wait_for(guest: &RunningGuest, what: &str, timeout: Duration, pick: impl Fn(&
         if let Some(v) = found {
             return v;
         }
+        if let Some(code) = guest.script_exit_code() {
+            panic!("the script ended (exit {code}) with no {what}; its output:\n{output}");
+        }
         assert!(
             Instant::now() < deadline,
             "no {what} within {timeout:?}; guest output so far:\n{output}"
@@ -433,4 +436,70 @@ grep -i vfio /proc/interrupts || true
     let wakeups = result["poll"]["wakeups"].as_u64().unwrap_or(0);
     assert!(sleeps >= 1, "the poller slept while idle: {result}");
     assert!(wakeups >= 1, "an MSI-X interrupt woke it: {result}");
+}
+
+/// A VF whose MAC the administrator set through the PF (what the agent does
+/// for a pool with `macs`): the driver takes that MAC from the PF's RESET
+/// reply, and the frames it sends carry it. This caught a release-build
+/// miscompile that turned the PF's MAC into 00:00:00:00:00:00 (see
+/// `mac_from_words` in the driver).
+#[test]
+fn pf_assigned_mac_is_the_mac_on_the_wire() {
+    const ADMIN_MAC: &str = "02:00:00:00:00:51";
+    const COUNT: u32 = 200;
+    let _guest = ONE_GUEST
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let testbed = Testbed::prepare().expect("testbed prepares");
+    let options = GuestOptions {
+        vfs: 1,
+        timeout: Duration::from_secs(600),
+        ..GuestOptions::default()
+    };
+    let script = format!(
+        r#"
+vf=0000:00:12.0
+# The agent sets the MAC through the PF (busybox ip has no 'vf') and binds
+# the VF to vfio-pci.
+cat > /tmp/state.yaml <<'Y'
+spec:
+  pfs:
+    - pciAddress: "0000:00:02.0"
+      numVfs: 1
+      vfGroups:
+        - resourceName: fast
+          vfRange: "0-0"
+          deviceType: vfio-pci
+          macs: ["{ADMIN_MAC}"]
+Y
+VFPLANE_LOG=warn vfplane-agent apply --state-file /tmp/state.yaml || exit 1
+pktgen --pci $vf --count {COUNT} --size {SIZE} --dst {HOST_MAC_TEXT}
+"#
+    );
+    let guest = testbed.start(&script, &options).expect("guest starts");
+    let socket = guest
+        .pf_link(0)
+        .expect("PF link")
+        .socket
+        .try_clone()
+        .expect("socket");
+    let wire = Wire::listen(socket);
+    let pktgen = wait_for(&guest, "pktgen result", Duration::from_secs(300), |v| {
+        v["tool"] == "pktgen"
+    });
+    let outcome = guest.wait().expect("guest finishes");
+    wire.settle(Duration::from_millis(500));
+    eprintln!("pktgen with an administrative MAC: {pktgen}");
+    assert_no_error(&pktgen);
+    assert_eq!(outcome.exit_code, 0, "script failed:\n{}", outcome.output);
+    assert_eq!(pktgen["mac"], ADMIN_MAC, "the driver uses the PF's MAC: {pktgen}");
+    let admin = parse_mac(ADMIN_MAC);
+    let received = wire.take_from(admin);
+    let exact = (0..COUNT)
+        .filter(|&seq| received.contains(&test_frame(HOST_MAC, admin, seq, SIZE)))
+        .count();
+    assert_eq!(
+        exact, COUNT as usize,
+        "every frame left with the administrative source MAC"
+    );
 }
