@@ -1,4 +1,5 @@
 //! `cargo xtask`: the project's own tooling as a library, so the tests in
 //! `tests/` can boot the same testbed the command line does.
 
+pub mod crdgen;
 pub mod testbed;

@@ -27,6 +27,12 @@ enum Command {
         #[command(flatten)]
         guest: GuestArgs,
     },
+    /// Writes the chart's CRDs from the Rust types (`--check`: fail if stale).
+    Crdgen {
+        /// Only compare; fail when the chart's CRDs differ from the types.
+        #[arg(long)]
+        check: bool,
+    },
     /// Everything CI checks: formatting, clippy, and every test (testbed included).
     Test {
         /// Also run the slow tests (marked #[ignore = "slow: ..."]).
@@ -129,6 +135,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
             run_demo(&options, begun)
         }
         Command::Test { slow } => run_tests(slow, begun),
+        Command::Crdgen { check } => {
+            let written = xtask::crdgen::run(&xtask::testbed::workspace_root(), check)?;
+            for path in &written {
+                eprintln!("crdgen: wrote {}", path.display());
+            }
+            if check || written.is_empty() {
+                eprintln!("crdgen: the chart's CRDs match the types");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 
@@ -154,6 +170,12 @@ fn run_tests(slow: bool, begun: Instant) -> Result<ExitCode> {
     if !step(
         "cargo clippy",
         &["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"],
+    )? {
+        return Ok(ExitCode::FAILURE);
+    }
+    if !step(
+        "cargo xtask crdgen --check",
+        &["run", "-q", "-p", "xtask", "--", "crdgen", "--check"],
     )? {
         return Ok(ExitCode::FAILURE);
     }

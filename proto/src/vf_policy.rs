@@ -1,0 +1,356 @@
+//! `VfPolicy` (`vfplane.io/v1alpha1`, cluster-scoped): an operator's intent
+//! for SR-IOV across the cluster. The controller merges the policies that
+//! select a node into that node's [`NodeState`](crate::node_state::NodeState).
+//!
+//! Cluster-scoped on purpose: a policy selects nodes and NICs, which belong
+//! to no namespace, and it defines an extended resource (`vfplane.io/<pool>`)
+//! that every namespace sees under the same name. A namespaced policy would
+//! suggest a tenant boundary that does not exist (two namespaces could not
+//! both own `vfplane.io/fast`); who may *use* a pool is a question for
+//! quotas and admission, not for where the policy lives.
+//!
+//! What the schema can say cheaply it says (ranges, enums, patterns and a
+//! few CEL rules); the admission webhook checks the rest (overlapping VF
+//! ranges, `numVfs` against what matched nodes report).
+
+use std::collections::BTreeMap;
+
+use kube::{CustomResource, KubeSchema};
+use serde::{Deserialize, Serialize};
+
+use crate::node_state::Condition;
+
+/// Highest `priority` value (the lowest priority).
+pub const LOWEST_PRIORITY: u8 = 99;
+/// Most VFs a policy may ask of one PF (PCIe SR-IOV allows 65535; no NIC we
+/// know of offers more than 256 per PF).
+pub const MAX_NUM_VFS: u16 = 256;
+
+/// An operator's SR-IOV intent: which nodes, which NICs, how many VFs, how
+/// they are configured and which pool they go to.
+#[derive(CustomResource, KubeSchema, Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[kube(
+    group = "vfplane.io",
+    version = "v1alpha1",
+    kind = "VfPolicy",
+    plural = "vfpolicies",
+    shortname = "vfp",
+    status = "VfPolicyStatus",
+    printcolumn = r#"{"name":"Resource","type":"string","jsonPath":".spec.resourceName"}"#,
+    printcolumn = r#"{"name":"Priority","type":"integer","jsonPath":".spec.priority"}"#,
+    printcolumn = r#"{"name":"Nodes","type":"integer","jsonPath":".status.matchedNodes"}"#,
+    printcolumn = r#"{"name":"Requested","type":"integer","jsonPath":".status.requestedVfs"}"#,
+    printcolumn = r#"{"name":"Ready","type":"integer","jsonPath":".status.readyVfs"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[x_kube(
+    cel,
+    validation = Rule::new("self.deviceType == 'vfio-pci' || !has(self.containerProfile) || !has(self.containerProfile.lockedMemory)")
+        .message("containerProfile.lockedMemory applies to vfio-pci VFs only")
+)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VfPolicySpec {
+    /// Labels a node must carry to be selected; empty selects every node.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+    /// Which PFs of a selected node the policy applies to.
+    pub nic_selector: NicSelector,
+    /// VFs to create on each selected PF (the PF is set to this many when
+    /// no higher-priority policy asks for more).
+    #[schemars(range(min = 1, max = 256))]
+    pub num_vfs: u16,
+    /// How the VFs are handed to containers.
+    #[serde(default)]
+    pub device_type: DeviceType,
+    /// The pool: pods ask for `vfplane.io/<resourceName>`.
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
+    )]
+    pub resource_name: String,
+    /// 0 (highest) to 99 (lowest). When two policies claim the same VFs,
+    /// the one with the lower value keeps them; equal values are decided by
+    /// name, alphabetically first wins.
+    #[serde(default = "default_priority")]
+    #[schemars(range(min = 0, max = 99))]
+    pub priority: u8,
+    /// PF MTU in bytes; left alone when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 68, max = 9216))]
+    pub mtu: Option<u32>,
+    /// VLAN ID the PF tags the VFs' traffic with; 0 for none.
+    #[serde(default)]
+    #[schemars(range(min = 0, max = 4094))]
+    pub vlan: u16,
+    /// MAC anti-spoof checking on transmit.
+    #[serde(default = "default_true")]
+    pub spoof_chk: bool,
+    /// Trusted VFs may change their MAC and enter promiscuous mode.
+    #[serde(default)]
+    pub trust: bool,
+    /// Transmit rate limit in Mbit/s; 0 for none.
+    #[serde(default)]
+    pub max_tx_rate_mbps: u32,
+    /// Advertise VFs on nodes without an IOMMU. Off unless said: without an
+    /// IOMMU a VF can DMA anywhere in host memory.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_no_iommu: bool,
+    /// Limits for the containers that get these VFs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container_profile: Option<ContainerProfile>,
+}
+
+/// Which PFs a policy applies to. Every field given must match; at least
+/// one must be given. `pfNames` and `pciAddresses` are exclusive.
+#[derive(KubeSchema, Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[x_kube(
+    cel,
+    validation = Rule::new("has(self.vendor) || has(self.deviceID) || size(self.pfNames) > 0 || size(self.pciAddresses) > 0")
+        .message("nicSelector selects nothing: give vendor, deviceID, pfNames or pciAddresses"),
+    validation = Rule::new("size(self.pfNames) == 0 || size(self.pciAddresses) == 0")
+        .message("nicSelector: pfNames and pciAddresses are exclusive")
+)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NicSelector {
+    /// PCI vendor ID, 4 hex digits (`8086`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-9a-fA-F]{4}$"))]
+    pub vendor: Option<String>,
+    /// PCI device ID of the PF, 4 hex digits (`10c9`).
+    #[serde(default, rename = "deviceID", skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-9a-fA-F]{4}$"))]
+    pub device_id: Option<String>,
+    /// PF interface names, each optionally with the VF indexes the policy
+    /// takes: `ens1f0`, `ens1f0#0-3`, `ens1f0#0-1,6`.
+    #[serde(default)]
+    #[schemars(length(max = 64))]
+    pub pf_names: Vec<String>,
+    /// PF PCI addresses (`0000:3b:00.0`).
+    #[serde(default)]
+    #[schemars(length(max = 64))]
+    pub pci_addresses: Vec<String>,
+}
+
+/// How VFs are handed to containers.
+#[derive(schemars::JsonSchema, Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum DeviceType {
+    /// Bound to vfio-pci for userspace drivers (the vfplane driver, DPDK).
+    #[default]
+    #[serde(rename = "vfio-pci")]
+    VfioPci,
+    /// Left to the kernel's VF driver; the container gets a netdev.
+    #[serde(rename = "netdevice")]
+    Netdevice,
+}
+
+impl DeviceType {
+    /// The name used in `NodeState` and the pool config.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::VfioPci => crate::node_state::DEVICE_TYPE_VFIO,
+            Self::Netdevice => crate::node_state::DEVICE_TYPE_NETDEVICE,
+        }
+    }
+}
+
+/// Limits for the containers that get a pool's VFs. Quantities are in the
+/// Kubernetes form (`2`, `500m`, `4Gi`). When a profile asks for limits, the
+/// admission webhook refuses a pod whose containers requesting the pool do
+/// not set them.
+#[derive(KubeSchema, Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ContainerProfile {
+    /// CPU limit the container must set (and at least this much).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<String>,
+    /// Memory limit the container must set (and at least this much).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<String>,
+    /// `hugepages-2Mi` (or `hugepages-1Gi`) limit the container must set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hugepages: Option<String>,
+    /// Pin the container's CPUs and memory to the VFs' NUMA node.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub numa_aligned: bool,
+    /// Locked memory (RLIMIT_MEMLOCK) the container needs for DMA; vfio-pci
+    /// pools only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub locked_memory: Option<String>,
+}
+
+impl ContainerProfile {
+    /// Whether the profile asks containers for CPU and memory limits.
+    pub fn wants_limits(&self) -> bool {
+        self.cpu.is_some() || self.memory.is_some() || self.hugepages.is_some() || self.numa_aligned
+    }
+}
+
+/// What the controller sees of a policy across the cluster.
+#[derive(KubeSchema, Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VfPolicyStatus {
+    /// Nodes the policy selects (node selector and at least one PF).
+    #[serde(default)]
+    pub matched_nodes: u32,
+    /// VFs the policy holds in NodeState specs, summed over nodes.
+    #[serde(default)]
+    pub requested_vfs: u32,
+    /// Of those, VFs the agents report present, in the pool and healthy.
+    #[serde(default)]
+    pub ready_vfs: u32,
+    /// VFs claimed by another policy too: who won, where.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conflicts: Vec<PolicyConflict>,
+    /// `Ready` (every requested VF is ready) and `Conflicted`.
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+    /// The spec generation this status was computed for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+/// Two policies claiming the same VFs of one PF.
+#[derive(KubeSchema, Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicyConflict {
+    /// The node.
+    pub node: String,
+    /// The PF's PCI address.
+    pub pf: String,
+    /// The other policy.
+    pub policy: String,
+    /// Whether this policy kept the VFs (`true`) or lost them.
+    pub won: bool,
+    /// The VF indexes in dispute, `"0-3"`.
+    pub vfs: String,
+}
+
+fn default_priority() -> u8 {
+    LOWEST_PRIORITY
+}
+
+fn default_true() -> bool {
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use kube::CustomResourceExt;
+
+    use super::*;
+
+    const EXAMPLE: &str = r#"
+apiVersion: vfplane.io/v1alpha1
+kind: VfPolicy
+metadata:
+  name: fast-io
+spec:
+  nodeSelector:
+    vfplane.io/sriov: "true"
+  nicSelector:
+    vendor: "8086"
+    pfNames: ["ens1f0#0-3"]
+  numVfs: 7
+  resourceName: fast
+  priority: 10
+  vlan: 100
+  containerProfile:
+    cpu: "2"
+    memory: 1Gi
+    hugepages: 1Gi
+    numaAligned: true
+    lockedMemory: 1Gi
+"#;
+
+    #[test]
+    fn yaml_round_trip_keeps_every_field() {
+        let policy: VfPolicy = serde_yaml::from_str(EXAMPLE).unwrap();
+        assert_eq!(policy.spec.num_vfs, 7);
+        assert_eq!(policy.spec.device_type, DeviceType::VfioPci);
+        assert!(policy.spec.spoof_chk, "spoofChk defaults to on");
+        assert_eq!(policy.spec.nic_selector.pf_names, ["ens1f0#0-3"]);
+        let profile = policy.spec.container_profile.as_ref().unwrap();
+        assert!(profile.wants_limits());
+        let again: VfPolicy = serde_yaml::from_str(&serde_yaml::to_string(&policy).unwrap()).unwrap();
+        assert_eq!(again.spec, policy.spec);
+        assert_eq!(again.metadata, policy.metadata);
+    }
+
+    #[test]
+    fn unknown_fields_and_device_types_are_refused_by_name() {
+        let typo = EXAMPLE.replace("numVfs: 7", "numVfs: 7\n  numvfs: 3");
+        let err = serde_yaml::from_str::<VfPolicy>(&typo).unwrap_err().to_string();
+        assert!(err.contains("numvfs"), "{err}");
+        let bad = EXAMPLE.replace("resourceName: fast", "resourceName: fast\n  deviceType: vfio");
+        let err = serde_yaml::from_str::<VfPolicy>(&bad).unwrap_err().to_string();
+        assert!(err.contains("vfio"), "{err}");
+    }
+
+    #[test]
+    fn crd_is_cluster_scoped_with_columns_and_short_name() {
+        let crd = VfPolicy::crd();
+        assert_eq!(crd.spec.scope, "Cluster");
+        assert_eq!(
+            crd.spec.names.short_names.as_deref(),
+            Some(&["vfp".to_owned()][..])
+        );
+        let version = &crd.spec.versions[0];
+        let columns: Vec<&str> = version
+            .additional_printer_columns
+            .iter()
+            .flatten()
+            .map(|c| c.name.as_str())
+            .collect();
+        assert_eq!(
+            columns,
+            ["Resource", "Priority", "Nodes", "Requested", "Ready", "Age"]
+        );
+        assert!(version.subresources.as_ref().unwrap().status.is_some());
+    }
+
+    fn cel_errors(value: serde_json::Value) -> Vec<String> {
+        match VfPolicySpec::validate_cel(&value, None) {
+            Ok(()) => Vec::new(),
+            Err(errors) => vec![format!("{errors:?}")],
+        }
+    }
+
+    #[test]
+    fn cel_rules_refuse_what_they_state_and_pass_the_rest() {
+        let spec = |nic: serde_json::Value, extra: serde_json::Value| {
+            let mut v = serde_json::json!({
+                "nicSelector": nic, "numVfs": 4, "resourceName": "fast", "deviceType": "vfio-pci"
+            });
+            if let (Some(v), Some(extra)) = (v.as_object_mut(), extra.as_object()) {
+                v.extend(extra.clone());
+            }
+            v
+        };
+        let none = serde_json::json!({});
+        assert!(
+            cel_errors(spec(
+                serde_json::json!({"vendor": "8086", "pfNames": [], "pciAddresses": []}),
+                none.clone()
+            ))
+            .is_empty()
+        );
+        let nothing = cel_errors(spec(
+            serde_json::json!({"pfNames": [], "pciAddresses": []}),
+            none.clone(),
+        ));
+        assert!(
+            nothing.iter().any(|e| e.contains("selects nothing")),
+            "{nothing:?}"
+        );
+        let both = cel_errors(spec(
+            serde_json::json!({"pfNames": ["ens1f0"], "pciAddresses": ["0000:00:02.0"]}),
+            none,
+        ));
+        assert!(both.iter().any(|e| e.contains("exclusive")), "{both:?}");
+        let locked = cel_errors(spec(
+            serde_json::json!({"vendor": "8086", "pfNames": [], "pciAddresses": []}),
+            serde_json::json!({"deviceType": "netdevice", "containerProfile": {"lockedMemory": "1Gi"}}),
+        ));
+        assert!(locked.iter().any(|e| e.contains("lockedMemory")), "{locked:?}");
+    }
+}
