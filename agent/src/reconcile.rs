@@ -566,39 +566,7 @@ fn conditions(converged: bool, errors: &[String]) -> Vec<Condition> {
     ]
 }
 
-/// Parses `"0-3"`, `"2"`, `"0-1,4"` into sorted VF indexes.
-///
-/// # Errors
-/// A sentence naming the bad part.
-pub fn parse_vf_range(text: &str) -> Result<Vec<u16>, String> {
-    let mut indexes = BTreeSet::new();
-    if text.trim().is_empty() {
-        return Err("vfRange is empty".to_owned());
-    }
-    for part in text.split(',') {
-        let part = part.trim();
-        let bad = || format!("vfRange part {part:?} is not N or N-M");
-        let (start, end) = match part.split_once('-') {
-            Some((a, b)) => (
-                a.trim().parse::<u16>().map_err(|_| bad())?,
-                b.trim().parse::<u16>().map_err(|_| bad())?,
-            ),
-            None => {
-                let n = part.parse::<u16>().map_err(|_| bad())?;
-                (n, n)
-            }
-        };
-        if start > end {
-            return Err(format!("vfRange part {part:?} runs backwards"));
-        }
-        for index in start..=end {
-            if !indexes.insert(index) {
-                return Err(format!("vfRange {text:?} names VF {index} twice"));
-            }
-        }
-    }
-    Ok(indexes.into_iter().collect())
-}
+pub use vfplane_proto::vf_range::parse_vf_range;
 
 /// Processes that hold `/dev/vfio/<group>` open, by pid, found through
 /// `<proc_root>/<pid>/fd`. The agent runs in the host's pid namespace, so

@@ -24,6 +24,7 @@ pub mod node_state;
 pub mod pci;
 pub mod pool;
 pub mod vf_policy;
+pub mod vf_range;
 pub mod vf_state;
 
 /// Kubelet device plugin API.

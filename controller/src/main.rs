@@ -1,0 +1,2 @@
+//! `vfplane-controller` (being written).
+fn main() {}
