@@ -13,4 +13,5 @@
 //! - [`webhook`]: admission for VfPolicy and for pods asking for VFs.
 #![forbid(unsafe_code)]
 
+pub mod plan;
 pub mod webhook;

@@ -1,0 +1,259 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use k8s_openapi::api::core::v1::Node;
+use vfplane_proto::node_state::{NodeState, NodeStateStatus, PfStatus, VfStatus};
+use vfplane_proto::vf_policy::VfPolicy;
+
+use super::*;
+
+fn node(name: &str, labels: &[(&str, &str)]) -> Node {
+    let mut node = Node::default();
+    node.metadata.name = Some(name.to_owned());
+    node.metadata.labels = Some(
+        labels
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect(),
+    );
+    node
+}
+
+fn policy(name: &str, spec_yaml: &str) -> VfPolicy {
+    let text = format!(
+        "apiVersion: vfplane.io/v1alpha1\nkind: VfPolicy\nmetadata:\n  name: {name}\n  generation: 3\nspec:\n{}",
+        spec_yaml.lines().map(|l| format!("  {l}\n")).collect::<String>()
+    );
+    serde_yaml::from_str(&text).expect("test policy parses")
+}
+
+fn pf(address: &str, name: &str, total: u16, num: u16) -> PfStatus {
+    PfStatus {
+        pci_address: address.to_owned(),
+        name: Some(name.to_owned()),
+        vendor: "8086".to_owned(),
+        device: "10c9".to_owned(),
+        link: "up".to_owned(),
+        total_vfs: total,
+        num_vfs: num,
+        ..PfStatus::default()
+    }
+}
+
+fn state(node: &str, pfs: Vec<PfStatus>) -> NodeState {
+    let mut state = NodeState::new(node, NodeStateSpec::default());
+    state.status = Some(NodeStateStatus {
+        pfs,
+        iommu_enabled: true,
+        ..NodeStateStatus::default()
+    });
+    state
+}
+
+fn healthy(pf: &mut PfStatus, pool: &str, indexes: impl IntoIterator<Item = u16>) {
+    for index in indexes {
+        pf.vfs.push(VfStatus {
+            index,
+            pci_address: format!("0000:00:10.{index}"),
+            isolated: true,
+            health: "Healthy".to_owned(),
+            pool: Some(pool.to_owned()),
+            ..VfStatus::default()
+        });
+    }
+}
+
+const FAST: &str = "nodeSelector: {sriov: \"true\"}\nnicSelector: {vendor: \"8086\"}\nnumVfs: 4\nresourceName: fast\npriority: 10\nvlan: 100\n";
+
+#[test]
+fn a_policy_becomes_a_pf_spec_on_the_nodes_it_selects() {
+    let policies = [policy("fast", FAST)];
+    let ordered = merge_order(&policies);
+    let worker = node("worker-1", &[("sriov", "true")]);
+    let st = state("worker-1", vec![pf("0000:3b:00.0", "ens1f0", 7, 0)]);
+    let plan = plan_node(&worker, &ordered, Some(&st));
+    assert_eq!(plan.spec.pfs.len(), 1);
+    let planned = &plan.spec.pfs[0];
+    assert_eq!(planned.pci_address.as_deref(), Some("0000:3b:00.0"));
+    assert_eq!(planned.num_vfs, 4);
+    assert_eq!(planned.vf_groups[0].resource_name, "fast");
+    assert_eq!(planned.vf_groups[0].vf_range, "0-3");
+    assert_eq!(planned.vf_groups[0].device_type, "vfio-pci");
+    assert_eq!(planned.vf_groups[0].vlan, 100);
+    assert!(plan.conflicts.is_empty());
+
+    // A node without the label gets nothing and needs no NodeState.
+    let other = node("worker-2", &[]);
+    assert!(!wants_node_state(&other, &ordered, None));
+    assert!(wants_node_state(&worker, &ordered, None));
+    let other_state = state("worker-2", vec![pf("0000:3b:00.0", "ens1f0", 7, 0)]);
+    let plan = plan_node(&other, &ordered, Some(&other_state));
+    assert!(plan.spec.pfs.is_empty());
+    // No status yet: nothing known to configure, but the node is selected.
+    let plan = plan_node(&worker, &ordered, None);
+    assert!(plan.spec.pfs.is_empty());
+}
+
+#[test]
+fn nic_selectors_match_vendor_device_names_and_addresses() {
+    let p = pf("0000:3b:00.0", "ens1f0", 7, 0);
+    let spec = |nic: &str| policy("p", &format!("nicSelector: {nic}\nnumVfs: 2\nresourceName: r\n")).spec;
+    assert_eq!(selects_pf(&spec("{vendor: \"8086\"}"), &p), Some(None));
+    assert_eq!(selects_pf(&spec("{vendor: \"15B3\"}"), &p), None);
+    assert_eq!(selects_pf(&spec("{deviceID: \"10C9\"}"), &p), Some(None));
+    assert_eq!(selects_pf(&spec("{pfNames: [ens1f1]}"), &p), None);
+    assert_eq!(
+        selects_pf(&spec("{pfNames: [\"ens1f0#1-2\"]}"), &p),
+        Some(Some(vec![1, 2]))
+    );
+    assert_eq!(
+        selects_pf(&spec("{pfNames: [\"ens1f0#0\", \"ens1f0#3\"]}"), &p),
+        Some(Some(vec![0, 3]))
+    );
+    assert_eq!(selects_pf(&spec("{pciAddresses: [\"3b:00.0\"]}"), &p), Some(None));
+    assert_eq!(selects_pf(&spec("{pciAddresses: [\"0000:3c:00.0\"]}"), &p), None);
+    assert_eq!(
+        selects_pf(&spec("{vendor: \"8086\", pfNames: [ens1f1]}"), &p),
+        None
+    );
+}
+
+#[test]
+fn higher_priority_keeps_contested_vfs_and_both_policies_say_so() {
+    let policies = [
+        policy(
+            "low",
+            "nicSelector: {pfNames: [\"ens1f0#0-5\"]}\nnumVfs: 6\nresourceName: bulk\npriority: 50\n",
+        ),
+        policy(
+            "high",
+            "nicSelector: {pfNames: [\"ens1f0#2-3\"]}\nnumVfs: 4\nresourceName: fast\npriority: 5\n",
+        ),
+    ];
+    let ordered = merge_order(&policies);
+    assert_eq!(ordered[0].metadata.name.as_deref(), Some("high"));
+    let st = state("n1", vec![pf("0000:3b:00.0", "ens1f0", 7, 0)]);
+    let plan = plan_node(&node("n1", &[]), &ordered, Some(&st));
+    let planned = &plan.spec.pfs[0];
+    assert_eq!(
+        planned.num_vfs, 6,
+        "the largest numVfs of the policies that kept VFs"
+    );
+    let groups: Vec<(&str, &str)> = planned
+        .vf_groups
+        .iter()
+        .map(|g| (g.resource_name.as_str(), g.vf_range.as_str()))
+        .collect();
+    assert_eq!(groups, [("fast", "2-3"), ("bulk", "0-1,4-5")]);
+    let low = policy_status(&policies[0], [(&plan, Some(&st))]);
+    let high = policy_status(&policies[1], [(&plan, Some(&st))]);
+    assert_eq!(low.conflicts.len(), 1);
+    assert!(!low.conflicts[0].won);
+    assert_eq!(low.conflicts[0].policy, "high");
+    assert_eq!(low.conflicts[0].vfs, "2-3");
+    assert!(high.conflicts[0].won);
+    assert_eq!(high.conflicts[0].policy, "low");
+    let reason = |s: &VfPolicyStatus, t: &str| {
+        s.conditions
+            .iter()
+            .find(|c| c.type_ == t)
+            .map(|c| c.reason.clone())
+            .unwrap()
+    };
+    assert_eq!(reason(&low, "Conflicted"), "LostToHigherPriority");
+    assert_eq!(reason(&high, "Conflicted"), "WonOverLowerPriority");
+    assert_eq!(low.requested_vfs, 4);
+    assert_eq!(high.requested_vfs, 2);
+}
+
+#[test]
+fn equal_priorities_are_decided_by_name() {
+    let spec = "nicSelector: {vendor: \"8086\"}\nnumVfs: 2\nresourceName: r\npriority: 7\n";
+    let policies = [policy("zeta", spec), policy("alpha", spec)];
+    let ordered = merge_order(&policies);
+    let st = state("n1", vec![pf("0000:3b:00.0", "ens1f0", 7, 0)]);
+    let plan = plan_node(&node("n1", &[]), &ordered, Some(&st));
+    assert_eq!(plan.claims.len(), 1);
+    assert_eq!(plan.claims[0].policy, "alpha");
+}
+
+#[test]
+fn vfs_beyond_total_vfs_are_not_planned() {
+    let policies = [policy(
+        "big",
+        "nicSelector: {vendor: \"8086\"}\nnumVfs: 16\nresourceName: r\n",
+    )];
+    let st = state("n1", vec![pf("0000:3b:00.0", "ens1f0", 7, 0)]);
+    let plan = plan_node(&node("n1", &[]), &merge_order(&policies), Some(&st));
+    assert_eq!(plan.spec.pfs[0].num_vfs, 7);
+    assert_eq!(plan.spec.pfs[0].vf_groups[0].vf_range, "0-6");
+}
+
+#[test]
+fn a_pf_no_policy_wants_goes_to_zero_then_leaves_the_spec() {
+    let policies = [policy("fast", FAST)];
+    let worker = node("worker-1", &[("sriov", "true")]);
+    let mut st = state("worker-1", vec![pf("0000:3b:00.0", "ens1f0", 7, 4)]);
+    st.spec = plan_node(&worker, &merge_order(&policies), Some(&st)).spec;
+    // The policy is deleted: the PF is written with zero VFs...
+    let mut deleting = policies[0].clone();
+    deleting.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+        k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
+    ));
+    let gone = [deleting];
+    let ordered = merge_order(&gone);
+    assert!(ordered.is_empty(), "a deleting policy claims nothing");
+    let plan = plan_node(&worker, &ordered, Some(&st));
+    assert_eq!(plan.spec.pfs.len(), 1);
+    assert_eq!(plan.spec.pfs[0].num_vfs, 0);
+    assert!(plan.spec.pfs[0].vf_groups.is_empty());
+    // ...until the agent reports zero; then it leaves the spec.
+    st.spec = plan.spec;
+    st.status.as_mut().unwrap().pfs[0].num_vfs = 0;
+    let plan = plan_node(&worker, &ordered, Some(&st));
+    assert!(plan.spec.pfs.is_empty());
+}
+
+#[test]
+fn status_counts_ready_vfs_from_what_agents_report() {
+    let policies = [policy("fast", FAST)];
+    let ordered = merge_order(&policies);
+    let nodes = [node("a", &[("sriov", "true")]), node("b", &[("sriov", "true")])];
+    let mut pa = pf("0000:3b:00.0", "ens1f0", 7, 4);
+    healthy(&mut pa, "fast", 0..4);
+    let mut pb = pf("0000:3b:00.0", "ens1f0", 7, 4);
+    healthy(&mut pb, "fast", 0..3);
+    pb.vfs[2].health = "Unhealthy: driver is igbvf, not vfio-pci".to_owned();
+    let states = [state("a", vec![pa]), state("b", vec![pb])];
+    let plans: Vec<NodePlan> = nodes
+        .iter()
+        .zip(&states)
+        .map(|(n, s)| plan_node(n, &ordered, Some(s)))
+        .collect();
+    let status = policy_status(&policies[0], plans.iter().zip(states.iter().map(Some)));
+    assert_eq!(status.matched_nodes, 2);
+    assert_eq!(status.requested_vfs, 8);
+    assert_eq!(status.ready_vfs, 6, "4 on a; 2 healthy of 3 on b");
+    assert_eq!(status.observed_generation, Some(3));
+    let ready = status.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_str()),
+        ("False", "VfsNotReady")
+    );
+    assert_eq!(ready.message, "6 of 8 VFs ready");
+}
+
+#[test]
+fn leftovers_are_vfs_of_the_pool_no_live_policy_plans() {
+    let worker = node("w", &[("sriov", "true")]);
+    let mut p = pf("0000:3b:00.0", "ens1f0", 7, 4);
+    healthy(&mut p, "fast", 0..4);
+    let st = state("w", vec![p]);
+    let plan = plan_node(&worker, &[], Some(&st));
+    let left = leftover_vfs("fast", [(&plan, Some(&st))]);
+    assert_eq!(left.len(), 4);
+    assert_eq!(left[0], ("w".to_owned(), "0000:3b:00.0".to_owned(), 0));
+    // A live policy with the same pool still plans them: nothing left over.
+    let policies = [policy("fast2", FAST)];
+    let plan = plan_node(&worker, &merge_order(&policies), Some(&st));
+    assert!(leftover_vfs("fast", [(&plan, Some(&st))]).is_empty());
+}
