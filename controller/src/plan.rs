@@ -125,9 +125,9 @@ fn same_pci_address(a: &str, b: &str) -> bool {
 }
 
 /// Live policies in merge order: lowest priority value first, then name.
-pub fn merge_order(policies: &[VfPolicy]) -> Vec<&VfPolicy> {
-    let mut live: Vec<&VfPolicy> = policies.iter().filter(|p| !is_deleting(p)).collect();
-    live.sort_by(|a, b| (a.spec.priority, a.name_any()).cmp(&(b.spec.priority, b.name_any())));
+pub fn merge_order<'a>(policies: impl IntoIterator<Item = &'a VfPolicy>) -> Vec<&'a VfPolicy> {
+    let mut live: Vec<&VfPolicy> = policies.into_iter().filter(|p| !is_deleting(p)).collect();
+    live.sort_by_key(|p| (p.spec.priority, p.name_any()));
     live
 }
 

@@ -1,0 +1,337 @@
+//! The kube-runtime wiring: two controllers over shared watch streams.
+//!
+//! - **nodes**: one reconcile per Node. It merges the policies selecting the
+//!   node ([`crate::plan::plan_node`]) and server-side-applies the result as
+//!   the spec of the NodeState named after the node (field manager
+//!   [`FIELD_MANAGER`], owner reference to the Node so the NodeState goes
+//!   with it). Triggered by the Node, by its NodeState (the agent's status
+//!   tells which PFs exist) and by any VfPolicy change.
+//! - **policies**: one reconcile per VfPolicy, inside a finalizer. Writes the
+//!   policy's status (matched nodes, requested and ready VFs, conflicts);
+//!   on deletion, keeps the finalizer until no agent reports a VF of the
+//!   policy's pool that no live policy plans.
+//!
+//! Each controller keeps reflector stores of the other kinds, fed by the
+//! same streams that trigger it, so a reconcile never sees a store older
+//! than the event that caused it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Node;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::finalizer::{Event as FinalizerEvent, finalizer};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Client, Resource, ResourceExt};
+use serde_json::json;
+use tracing::{info, instrument, warn};
+use vfplane_proto::node_state::NodeState;
+use vfplane_proto::vf_policy::VfPolicy;
+
+use crate::metrics::Metrics;
+use crate::plan::{self, NodePlan};
+use crate::{Error, Result};
+
+/// The field manager of everything the controller writes.
+pub const FIELD_MANAGER: &str = "vfplane-controller";
+/// The finalizer on every VfPolicy.
+pub const POLICY_FINALIZER: &str = "vfplane.io/release-vfs";
+/// How often a deleted policy's release is checked again.
+pub const RELEASE_RECHECK: Duration = Duration::from_secs(5);
+
+/// What a reconcile reads and writes through.
+#[derive(Clone)]
+pub struct Context {
+    /// The API client.
+    pub client: Client,
+    /// Every Node.
+    pub nodes: Store<Node>,
+    /// Every VfPolicy.
+    pub policies: Store<VfPolicy>,
+    /// Every NodeState.
+    pub states: Store<NodeState>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context")
+            .field("nodes", &self.nodes.state().len())
+            .field("policies", &self.policies.state().len())
+            .field("states", &self.states.state().len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Context {
+    fn state_of(&self, node: &str) -> Option<Arc<NodeState>> {
+        self.states.get(&ObjectRef::new(node))
+    }
+
+    fn policies(&self) -> Vec<Arc<VfPolicy>> {
+        self.policies.state()
+    }
+}
+
+/// Reconciles one node: applies its NodeState spec when it differs.
+///
+/// # Errors
+/// The API refused the apply.
+#[instrument(skip(node, ctx), fields(node = %node.name_any()))]
+pub async fn reconcile_node(node: Arc<Node>, ctx: Arc<Context>) -> Result<Action> {
+    let _timer = ctx.metrics.reconcile("nodes");
+    let name = node.name_any();
+    let policies = ctx.policies();
+    let ordered = plan::merge_order(policies.iter().map(|p| p.as_ref()));
+    let state = ctx.state_of(&name);
+    if !plan::wants_node_state(&node, &ordered, state.as_deref()) {
+        return Ok(Action::await_change());
+    }
+    let planned = plan::plan_node(&node, &ordered, state.as_deref());
+    if state.as_ref().is_some_and(|s| s.spec == planned.spec) {
+        return Ok(Action::await_change());
+    }
+    apply_node_state(&ctx.client, &node, &planned).await?;
+    info!(pfs = planned.spec.pfs.len(), "NodeState spec applied");
+    Ok(Action::await_change())
+}
+
+/// The server-side apply of one node's spec.
+///
+/// # Errors
+/// The API refused it.
+pub async fn apply_node_state(client: &Client, node: &Node, planned: &NodePlan) -> Result<()> {
+    let api: Api<NodeState> = Api::all(client.clone());
+    let mut owner = json!({
+        "apiVersion": "v1",
+        "kind": "Node",
+        "name": planned.node,
+        "blockOwnerDeletion": false,
+    });
+    if let Some(uid) = node.meta().uid.as_deref() {
+        owner["uid"] = json!(uid);
+    }
+    let body = json!({
+        "apiVersion": "vfplane.io/v1alpha1",
+        "kind": "NodeState",
+        "metadata": {
+            "name": planned.node,
+            "ownerReferences": if node.meta().uid.is_some() { json!([owner]) } else { json!([]) },
+        },
+        "spec": planned.spec,
+    });
+    api.patch(
+        &planned.node,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&body),
+    )
+    .await
+    .map_err(|source| Error::Kube {
+        action: "applying the spec of",
+        object: format!("NodeState/{}", planned.node),
+        source,
+    })?;
+    Ok(())
+}
+
+/// Plans of every node (for a policy's status), with their NodeStates.
+fn all_plans(ctx: &Context) -> Vec<(NodePlan, Option<Arc<NodeState>>)> {
+    let policies = ctx.policies();
+    let ordered = plan::merge_order(policies.iter().map(|p| p.as_ref()));
+    ctx.nodes
+        .state()
+        .iter()
+        .map(|node| {
+            let state = ctx.state_of(&node.name_any());
+            (plan::plan_node(node, &ordered, state.as_deref()), state)
+        })
+        .collect()
+}
+
+/// Reconciles one policy inside its finalizer.
+///
+/// # Errors
+/// API failures, or (on deletion) VFs still being released.
+#[instrument(skip(policy, ctx), fields(policy = %policy.name_any()))]
+pub async fn reconcile_policy(policy: Arc<VfPolicy>, ctx: Arc<Context>) -> Result<Action> {
+    let _timer = ctx.metrics.reconcile("policies");
+    let api: Api<VfPolicy> = Api::all(ctx.client.clone());
+    let name = policy.name_any();
+    finalizer(&api, POLICY_FINALIZER, policy, |event| async {
+        match event {
+            FinalizerEvent::Apply(policy) => apply_policy_status(&api, &policy, &ctx).await,
+            FinalizerEvent::Cleanup(policy) => release_policy(&policy, &ctx),
+        }
+    })
+    .await
+    .map_err(|error| match error {
+        kube::runtime::finalizer::Error::ApplyFailed(inner)
+        | kube::runtime::finalizer::Error::CleanupFailed(inner) => inner,
+        other => Error::Finalizer {
+            policy: name,
+            source: Box::new(other),
+        },
+    })
+}
+
+async fn apply_policy_status(api: &Api<VfPolicy>, policy: &VfPolicy, ctx: &Context) -> Result<Action> {
+    let plans = all_plans(ctx);
+    let status = plan::policy_status(policy, plans.iter().map(|(p, s)| (p, s.as_deref())));
+    if policy.status.as_ref() == Some(&status) {
+        return Ok(Action::requeue(Duration::from_secs(300)));
+    }
+    let name = policy.name_any();
+    let body = json!({
+        "apiVersion": "vfplane.io/v1alpha1",
+        "kind": "VfPolicy",
+        "status": status,
+    });
+    api.patch_status(
+        &name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&body),
+    )
+    .await
+    .map_err(|source| Error::Kube {
+        action: "patching the status of",
+        object: format!("VfPolicy/{name}"),
+        source,
+    })?;
+    Ok(Action::requeue(Duration::from_secs(300)))
+}
+
+/// The finalizer's cleanup: done when no agent reports a VF of the pool
+/// that no live policy plans, and every agent saw the spec without it.
+fn release_policy(policy: &VfPolicy, ctx: &Context) -> Result<Action> {
+    let plans = all_plans(ctx);
+    let leftover = plan::leftover_vfs(
+        &policy.spec.resource_name,
+        plans.iter().map(|(p, s)| (p, s.as_deref())),
+    );
+    let behind: Vec<&str> = plans
+        .iter()
+        .filter_map(|(_, s)| s.as_deref())
+        .filter(|s| {
+            let seen = s.status.as_ref().and_then(|st| st.observed_generation);
+            s.metadata.generation.is_some() && seen < s.metadata.generation
+        })
+        .map(|s| s.metadata.name.as_deref().unwrap_or_default())
+        .collect();
+    if let Some((node, pf, index)) = leftover.first() {
+        return Err(Error::StillReleasing {
+            policy: policy.name_any(),
+            count: leftover.len(),
+            first: format!("{node} {pf} #{index}"),
+        });
+    }
+    if let Some(node) = behind.first() {
+        return Err(Error::StillReleasing {
+            policy: policy.name_any(),
+            count: 0,
+            first: format!("agent on {node} has not applied the latest spec"),
+        });
+    }
+    info!("every VF released; the policy can go");
+    Ok(Action::await_change())
+}
+
+/// How failed reconciles are retried.
+pub fn error_policy<K>(controller: &'static str) -> impl Fn(Arc<K>, &Error, Arc<Context>) -> Action {
+    move |_, error, ctx| match error {
+        Error::StillReleasing { .. } => {
+            info!(%error, "waiting");
+            Action::requeue(RELEASE_RECHECK)
+        }
+        _ => {
+            warn!(error = %error, source = ?std::error::Error::source(error), "reconcile failed");
+            ctx.metrics.error(controller, error);
+            Action::requeue(Duration::from_secs(10))
+        }
+    }
+}
+
+/// Runs both controllers until `shutdown` resolves.
+pub async fn run(
+    client: Client,
+    metrics: Arc<Metrics>,
+    shutdown: impl Future<Output = ()> + Send + Sync + Clone + 'static,
+) {
+    let wc = watcher::Config::default().any_semantic();
+
+    // The node controller, with stores of policies and node states.
+    let (node_policies, policy_writer) = reflector::store();
+    let (node_states, state_writer) = reflector::store();
+    let policy_stream = watcher(Api::<VfPolicy>::all(client.clone()), wc.clone())
+        .default_backoff()
+        .reflect(policy_writer)
+        .touched_objects();
+    let state_stream = watcher(Api::<NodeState>::all(client.clone()), wc.clone())
+        .default_backoff()
+        .reflect(state_writer)
+        .touched_objects();
+    let nodes_controller = Controller::new(Api::<Node>::all(client.clone()), wc.clone());
+    let node_store = nodes_controller.store();
+    let all_nodes = node_store.clone();
+    let node_ctx = Arc::new(Context {
+        client: client.clone(),
+        nodes: node_store,
+        policies: node_policies,
+        states: node_states,
+        metrics: Arc::clone(&metrics),
+    });
+    let nodes = nodes_controller
+        .watches_stream(policy_stream, move |_policy: VfPolicy| {
+            all_nodes
+                .state()
+                .iter()
+                .map(|n| ObjectRef::from_obj(n.as_ref()))
+                .collect::<Vec<_>>()
+        })
+        .watches_stream(state_stream, |state: NodeState| {
+            Some(ObjectRef::<Node>::new(&state.name_any()))
+        })
+        .graceful_shutdown_on(shutdown.clone())
+        .run(reconcile_node, error_policy("nodes"), node_ctx)
+        .for_each(|_| std::future::ready(()));
+
+    // The policy controller, with stores of nodes and node states.
+    let (policy_nodes, node_writer) = reflector::store();
+    let (policy_states, state_writer) = reflector::store();
+    let node_stream = watcher(Api::<Node>::all(client.clone()), wc.clone())
+        .default_backoff()
+        .reflect(node_writer)
+        .touched_objects();
+    let state_stream = watcher(Api::<NodeState>::all(client.clone()), wc.clone())
+        .default_backoff()
+        .reflect(state_writer)
+        .touched_objects();
+    let policies_controller = Controller::new(Api::<VfPolicy>::all(client.clone()), wc);
+    let policy_store = policies_controller.store();
+    let (for_nodes, for_states) = (policy_store.clone(), policy_store.clone());
+    let policy_ctx = Arc::new(Context {
+        client,
+        nodes: policy_nodes,
+        policies: policy_store,
+        states: policy_states,
+        metrics,
+    });
+    let every_policy = |store: &Store<VfPolicy>| {
+        store
+            .state()
+            .iter()
+            .map(|p| ObjectRef::from_obj(p.as_ref()))
+            .collect::<Vec<_>>()
+    };
+    let policies = policies_controller
+        .watches_stream(node_stream, move |_node: Node| every_policy(&for_nodes))
+        .watches_stream(state_stream, move |_state: NodeState| every_policy(&for_states))
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile_policy, error_policy("policies"), policy_ctx)
+        .for_each(|_| std::future::ready(()));
+
+    futures::join!(nodes, policies);
+}
