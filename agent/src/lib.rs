@@ -1,12 +1,14 @@
 //! The vfplane node agent as a library: the binary in `main.rs` only parses
 //! arguments and calls in here.
 //!
-//! Today it discovers the node (`vfplane-agent discover`); reconciling a
-//! desired node state comes with issue 3.
+//! It discovers the node (`discover`), reconciles it to a NodeState spec
+//! once (`apply`) or continuously (`run`), with the spec from a state file
+//! or, with `run --kube`, from the node's NodeState object (`kube_source`).
 #![forbid(unsafe_code)]
 
 pub mod discover;
 pub mod files;
+pub mod kube_source;
 pub mod netlink;
 pub mod reconcile;
 pub mod run;

@@ -6,9 +6,10 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use vfplane_agent::kube_source::KubeSource;
 use vfplane_agent::netlink::RtNetlink;
 use vfplane_agent::reconcile::Reconciler;
-use vfplane_agent::run::{RunOptions, publish, read_state_file};
+use vfplane_agent::run::{RunOptions, StateFileSource, publish, read_state_file};
 use vfplane_host::Host;
 
 /// The vfplane node agent.
@@ -38,11 +39,21 @@ enum Command {
     },
     /// Reconcile the node to a state file once; exit 0 only when it matches.
     Apply {
+        /// The desired state: a NodeState document (YAML).
+        #[arg(long)]
+        state_file: PathBuf,
         #[command(flatten)]
         target: Target,
     },
-    /// Reconcile continuously: on state file changes, device changes, and a timer.
+    /// Reconcile continuously: on desired state changes, device changes, and a timer.
     Run {
+        /// The desired state: a NodeState document (YAML).
+        #[arg(long, required_unless_present = "kube", conflicts_with = "kube")]
+        state_file: Option<PathBuf>,
+        /// Take the desired state from the cluster's NodeState named after
+        /// the node (--node-name or NODE_NAME), and write its status there.
+        #[arg(long)]
+        kube: bool,
         #[command(flatten)]
         target: Target,
         /// Seconds between passes when nothing changes.
@@ -53,16 +64,13 @@ enum Command {
 
 #[derive(Debug, clap::Args)]
 struct Target {
-    /// The desired state: a NodeState document (YAML).
-    #[arg(long)]
-    state_file: PathBuf,
     /// Write the node's status here (JSON).
     #[arg(long)]
     status_file: Option<PathBuf>,
     /// Write the device plugin's pool config here (YAML).
     #[arg(long)]
     pool_config: Option<PathBuf>,
-    /// Node name, for derived MACs.
+    /// Node name, for derived MACs (and with --kube, the NodeState's name).
     #[arg(long, env = "NODE_NAME")]
     node_name: Option<String>,
     /// Where per-VF files for the device plugin go (the VFs' MACs).
@@ -115,8 +123,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Apply { target } => {
-            let spec = read_state_file(&target.state_file).map_err(anyhow::Error::msg)?;
+        Command::Apply { state_file, target } => {
+            let spec = read_state_file(&state_file).map_err(anyhow::Error::msg)?;
             let started = std::time::Instant::now();
             let report = target.reconciler(host).apply(&spec);
             publish(
@@ -140,17 +148,32 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Run {
+            state_file,
+            kube,
             target,
             resync_seconds,
         } => {
             let options = RunOptions {
-                state_file: target.state_file.clone(),
                 status_file: target.status_file.clone(),
                 pool_config: target.pool_config.clone(),
                 state_dir: Some(target.state_dir.clone()),
                 resync: Duration::from_secs(resync_seconds.max(1)),
             };
-            vfplane_agent::run::run(&target.reconciler(host), &options)
+            let reconciler = target.reconciler(host);
+            match state_file {
+                Some(path) if !kube => {
+                    vfplane_agent::run::run(&reconciler, &mut StateFileSource::new(path), &options)
+                }
+                _ => {
+                    let node = target
+                        .node_name
+                        .clone()
+                        .filter(|n| !n.is_empty())
+                        .context("run --kube needs the node's name: --node-name or NODE_NAME (from the downward API's spec.nodeName)")?;
+                    let mut source = KubeSource::connect(node)?;
+                    vfplane_agent::run::run(&reconciler, &mut source, &options)
+                }
+            }
         }
     }
 }

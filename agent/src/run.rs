@@ -1,12 +1,21 @@
-//! `vfplane-agent run`: reconcile whenever the state file or the node
+//! `vfplane-agent run`: reconcile whenever the desired state or the node
 //! changes, and on a slow timer as a safety net.
+//!
+//! The desired state comes from a [`DesiredStateSource`]: the state file
+//! ([`StateFileSource`]) or the node's `NodeState` object
+//! ([`crate::kube_source::KubeSource`]). The loop is the same for both:
+//! the source says what to apply (or to wait and leave the host alone), the
+//! [`Reconciler`] applies it, the files are written, and the source gets the
+//! status back (the kube source writes it to the API server, in the
+//! background: the loop never waits on the network).
 //!
 //! Change sources:
 //! - the kernel's uevents (`NETLINK_KOBJECT_UEVENT`): VFs created or removed
 //!   and drivers bound or unbound all emit one, so a change made behind the
 //!   agent's back is seen at once (sysfs itself gives no inotify events);
-//! - the state file's size and modification time, checked every 200 ms
-//!   (works across editors' rename-into-place and ConfigMap symlink swaps);
+//! - the desired state source: the state file's size and modification time,
+//!   checked every 200 ms (works across editors' rename-into-place and
+//!   ConfigMap symlink swaps), or a change of the NodeState's spec;
 //! - a periodic resync (`--resync-seconds`).
 //!
 //! Events are debounced for 100 ms, so a burst (making 7 VFs emits dozens of
@@ -14,11 +23,11 @@
 //! cause finds nothing to do and writes nothing, so the loop settles.
 
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{self, RecvTimeoutError, Sender};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::time::{Duration, Instant, SystemTime};
 
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_KOBJECT_UEVENT};
-use vfplane_proto::node_state::{NodeStateSpec, StateFile};
+use vfplane_proto::node_state::{NodeStateSpec, NodeStateStatus, StateFile};
 use vfplane_proto::vf_state;
 
 use crate::netlink::VfLinkControl;
@@ -29,19 +38,101 @@ use crate::reconcile::{ApplyReport, Reconciler};
 pub enum Trigger {
     /// The first pass.
     Start,
-    /// The state file changed.
-    StateFile,
+    /// The desired state may have changed (the state file, or the
+    /// NodeState object).
+    Desired,
     /// The kernel reported a device change.
     Uevent,
     /// The resync timer.
     Resync,
 }
 
+/// What a source wants for the pass about to run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Desired {
+    /// Bring the node to `spec`.
+    Apply {
+        /// The spec.
+        spec: NodeStateSpec,
+        /// `metadata.generation` of the spec, reported as the status's
+        /// `observedGeneration` (`None` for a state file).
+        generation: Option<i64>,
+        /// A problem of the source that did not stop the pass (a state file
+        /// that stopped parsing: the last good spec is applied); it leads the
+        /// status's errors.
+        warning: Option<String>,
+    },
+    /// No desired state (yet): leave the host exactly as it is.
+    Wait,
+}
+
+/// Where the desired state comes from, and where the status goes besides
+/// the files.
+pub trait DesiredStateSource {
+    /// Starts watching: sends [`Trigger::Desired`] on `tx` whenever the
+    /// desired state may have changed. Called once, before the first pass.
+    fn watch(&mut self, tx: Sender<Trigger>);
+
+    /// The desired state for the pass about to run. Must not block on
+    /// anything remote.
+    fn desired(&mut self) -> Desired;
+
+    /// The status of the pass that applied the last [`Desired::Apply`].
+    /// Must not block on anything remote.
+    fn report_status(&mut self, _status: &NodeStateStatus) {}
+}
+
+/// The state file as a source: read at every pass; a file that stops
+/// parsing keeps the last good spec in force, reported in the status.
+#[derive(Debug, Clone)]
+pub struct StateFileSource {
+    path: PathBuf,
+    last_good: Option<NodeStateSpec>,
+}
+
+impl StateFileSource {
+    /// A source reading `path`.
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Self {
+            path: path.into(),
+            last_good: None,
+        }
+    }
+}
+
+impl DesiredStateSource for StateFileSource {
+    fn watch(&mut self, tx: Sender<Trigger>) {
+        spawn_file_watcher(self.path.clone(), tx);
+    }
+
+    fn desired(&mut self) -> Desired {
+        match read_state_file(&self.path) {
+            Ok(spec) => {
+                self.last_good = Some(spec.clone());
+                Desired::Apply {
+                    spec,
+                    generation: None,
+                    warning: None,
+                }
+            }
+            Err(error) => match &self.last_good {
+                Some(spec) => Desired::Apply {
+                    spec: spec.clone(),
+                    generation: None,
+                    warning: Some(format!("{error}; the last good state is kept")),
+                },
+                None => {
+                    tracing::error!(%error, "no valid state yet; waiting for the state file");
+                    Desired::Wait
+                }
+            },
+        }
+    }
+}
+
 /// Options of the loop.
 #[derive(Debug, Clone)]
 pub struct RunOptions {
-    /// The desired state.
-    pub state_file: PathBuf,
     /// Where the status goes (JSON).
     pub status_file: Option<PathBuf>,
     /// Where the pool config goes (YAML).
@@ -105,57 +196,76 @@ pub fn publish(
     Ok(())
 }
 
-/// Runs until the process is killed. A state file that does not parse keeps
-/// the last good spec in force and is reported in the status.
-pub fn run<N: VfLinkControl>(reconciler: &Reconciler<N>, options: &RunOptions) -> ! {
+/// Runs until the process is killed: one pass at start, then one per
+/// (debounced) trigger.
+pub fn run<N: VfLinkControl, S: DesiredStateSource>(
+    reconciler: &Reconciler<N>,
+    source: &mut S,
+    options: &RunOptions,
+) -> ! {
     let (tx, rx) = mpsc::channel();
     spawn_uevent_listener(tx.clone());
-    spawn_file_watcher(options.state_file.clone(), tx);
-    let mut last_good: Option<NodeStateSpec> = None;
+    source.watch(tx);
     let mut trigger = Trigger::Start;
     loop {
-        let started = Instant::now();
-        let (spec, file_error) = match read_state_file(&options.state_file) {
-            Ok(spec) => {
-                last_good = Some(spec.clone());
-                (Some(spec), None)
+        pass(reconciler, source, options, trigger);
+        trigger = next_trigger(&rx, options.resync);
+    }
+}
+
+/// One pass of the loop: asks the source, applies, writes the files and
+/// hands the status back to the source. `None` when the source said to
+/// wait (nothing on the host or in the files is touched then).
+pub fn pass<N: VfLinkControl, S: DesiredStateSource>(
+    reconciler: &Reconciler<N>,
+    source: &mut S,
+    options: &RunOptions,
+    trigger: Trigger,
+) -> Option<ApplyReport> {
+    let started = Instant::now();
+    let Desired::Apply {
+        spec,
+        generation,
+        warning,
+    } = source.desired()
+    else {
+        return None;
+    };
+    let mut report = reconciler.apply(&spec);
+    report.status.observed_generation = generation;
+    if let Some(warning) = warning {
+        report.errors.insert(0, warning.clone());
+        report.status.last_sync_error = Some(warning);
+    }
+    if let Err(error) = publish(
+        &report,
+        options.status_file.as_deref(),
+        options.pool_config.as_deref(),
+        options.state_dir.as_deref(),
+    ) {
+        tracing::error!(%error, "cannot write status or pool config");
+    }
+    source.report_status(&report.status);
+    tracing::info!(?trigger, converged = report.converged, errors = ?report.errors, took = ?started.elapsed(), "pass done");
+    Some(report)
+}
+
+/// Waits for the next trigger, debounced: everything that arrives within
+/// 100 ms of the first counts as one.
+fn next_trigger(rx: &Receiver<Trigger>, resync: Duration) -> Trigger {
+    match rx.recv_timeout(resync) {
+        Ok(first) => {
+            let mut last = first;
+            while let Ok(next) = rx.recv_timeout(Duration::from_millis(100)) {
+                last = next;
             }
-            Err(error) => (last_good.clone(), Some(error)),
-        };
-        if let Some(spec) = spec {
-            let mut report = reconciler.apply(&spec);
-            if let Some(error) = &file_error {
-                let message = format!("{error}; the last good state is kept");
-                report.errors.insert(0, message.clone());
-                report.status.last_sync_error = Some(message);
-            }
-            if let Err(error) = publish(
-                &report,
-                options.status_file.as_deref(),
-                options.pool_config.as_deref(),
-                options.state_dir.as_deref(),
-            ) {
-                tracing::error!(%error, "cannot write status or pool config");
-            }
-            tracing::info!(?trigger, converged = report.converged, errors = ?report.errors, took = ?started.elapsed(), "pass done");
-        } else if let Some(error) = file_error {
-            tracing::error!(%error, "no valid state yet; waiting for the state file");
+            last
         }
-        trigger = match rx.recv_timeout(options.resync) {
-            Ok(first) => {
-                // Debounce: take everything that arrives within 100 ms.
-                let mut last = first;
-                while let Ok(next) = rx.recv_timeout(Duration::from_millis(100)) {
-                    last = next;
-                }
-                last
-            }
-            Err(RecvTimeoutError::Timeout) => Trigger::Resync,
-            Err(RecvTimeoutError::Disconnected) => {
-                std::thread::sleep(options.resync);
-                Trigger::Resync
-            }
-        };
+        Err(RecvTimeoutError::Timeout) => Trigger::Resync,
+        Err(RecvTimeoutError::Disconnected) => {
+            std::thread::sleep(resync);
+            Trigger::Resync
+        }
     }
 }
 
@@ -207,7 +317,7 @@ fn spawn_file_watcher(path: PathBuf, tx: Sender<Trigger>) {
             let now = stamp(&path);
             if now != last {
                 last = now;
-                if tx.send(Trigger::StateFile).is_err() {
+                if tx.send(Trigger::Desired).is_err() {
                     return;
                 }
             }
@@ -257,6 +367,103 @@ mod tests {
         let read = |a: &str| vf_state::read_vf_mac(dir.path(), a.parse().unwrap()).unwrap();
         assert_eq!(read("0000:00:12.0").as_deref(), Some("02:00:00:00:00:00"));
         assert_eq!(read("0000:00:12.2"), None);
+    }
+
+    /// VF link settings are not what these tests are about.
+    #[derive(Debug)]
+    struct NoVfLinks;
+
+    impl VfLinkControl for NoVfLinks {
+        fn vf_links(&self, _: &str) -> Result<Vec<crate::netlink::VfLinkInfo>, crate::netlink::NetlinkError> {
+            Ok(Vec::new())
+        }
+        fn set_vf(
+            &self,
+            _: &str,
+            _: u32,
+            _: &crate::netlink::VfLinkSettings,
+            _: &[&str],
+        ) -> Result<(), crate::netlink::NetlinkError> {
+            Ok(())
+        }
+        fn set_mtu(&self, _: &str, _: u32) -> Result<(), crate::netlink::NetlinkError> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn state_file_source_waits_then_applies_and_keeps_the_last_good_spec() {
+        use vfplane_host::fake::{FakeDevice, FakeSysfs};
+        const PF: &str = "0000:00:02.0";
+        let fake = FakeSysfs::new().unwrap();
+        fake.add_pf(&FakeDevice::igb_pf(PF.parse().unwrap()), 7, "eth0")
+            .unwrap();
+        fake.add_vfs(PF.parse().unwrap(), 4, Some(4), -1).unwrap();
+        let numvfs = || fake.read("devices/pci0000:00/0000:00:02.0/sriov_numvfs").unwrap();
+        let reconciler = Reconciler::new(
+            fake.host(),
+            NoVfLinks,
+            "node-1",
+            fake.sysfs_root().join("no-proc"),
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state.yaml");
+        let options = RunOptions {
+            status_file: Some(dir.path().join("out/status.json")),
+            pool_config: Some(dir.path().join("out/pools.yaml")),
+            state_dir: None,
+            resync: Duration::from_secs(30),
+        };
+        let mut source = StateFileSource::new(&state);
+
+        // No file yet: wait, touch nothing.
+        assert_eq!(source.desired(), Desired::Wait);
+        assert!(pass(&reconciler, &mut source, &options, Trigger::Start).is_none());
+        assert_eq!(numvfs().trim(), "4");
+        assert!(!dir.path().join("out").exists());
+
+        std::fs::write(
+            &state,
+            "spec:\n  pfs: [{pciAddress: \"0000:00:02.0\", numVfs: 2}]\n",
+        )
+        .unwrap();
+        let report = pass(&reconciler, &mut source, &options, Trigger::Desired).unwrap();
+        assert!(report.converged, "{:?}", report.errors);
+        assert_eq!(numvfs().trim(), "2");
+        assert_eq!(report.status.observed_generation, None);
+        assert!(dir.path().join("out/status.json").exists());
+
+        // A file that stops parsing: the last good spec, with the reason first.
+        std::fs::write(&state, "spec:\n  pfs: [\n").unwrap();
+        let Desired::Apply {
+            spec,
+            generation,
+            warning,
+        } = source.desired()
+        else {
+            panic!("the last good spec should stay in force");
+        };
+        assert_eq!(spec.pfs[0].num_vfs, 2);
+        assert_eq!(generation, None);
+        let warning = warning.unwrap();
+        assert!(
+            warning.contains("state.yaml") && warning.ends_with("the last good state is kept"),
+            "{warning}"
+        );
+        let report = pass(&reconciler, &mut source, &options, Trigger::Desired).unwrap();
+        // The node still matches the spec in force; the file's problem is
+        // reported as the first error and the last sync error.
+        assert!(report.converged);
+        assert_eq!(numvfs().trim(), "2");
+        assert!(
+            report.errors[0].ends_with("the last good state is kept"),
+            "{:?}",
+            report.errors
+        );
+        assert_eq!(
+            report.status.last_sync_error.as_deref(),
+            Some(report.errors[0].as_str())
+        );
     }
 
     #[test]
