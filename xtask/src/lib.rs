@@ -2,4 +2,5 @@
 //! `tests/` can boot the same testbed the command line does.
 
 pub mod crdgen;
+pub mod helm;
 pub mod testbed;
