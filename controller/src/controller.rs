@@ -258,8 +258,9 @@ pub fn error_policy<K>(controller: &'static str) -> impl Fn(Arc<K>, &Error, Arc<
 pub async fn run(
     client: Client,
     metrics: Arc<Metrics>,
-    shutdown: impl Future<Output = ()> + Send + Sync + Clone + 'static,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
+    let shutdown = futures::FutureExt::shared(shutdown);
     let wc = watcher::Config::default().any_semantic();
 
     // The node controller, with stores of policies and node states.
@@ -334,4 +335,83 @@ pub async fn run(
         .for_each(|_| std::future::ready(()));
 
     futures::join!(nodes, policies);
+}
+
+/// The webhook's view of the cluster, over reflector stores that every
+/// replica keeps (the webhook answers on followers too).
+#[derive(Clone)]
+pub struct StoreView {
+    /// Every Node.
+    pub nodes: Store<Node>,
+    /// Every VfPolicy.
+    pub policies: Store<VfPolicy>,
+    /// Every NodeState.
+    pub states: Store<NodeState>,
+}
+
+impl std::fmt::Debug for StoreView {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreView").finish_non_exhaustive()
+    }
+}
+
+impl crate::webhook::ClusterView for StoreView {
+    fn selected_pfs(&self, spec: &vfplane_proto::vf_policy::VfPolicySpec) -> Vec<crate::webhook::SelectedPf> {
+        let mut out = Vec::new();
+        for node in self.nodes.state() {
+            if !plan::selects_node(spec, &node) {
+                continue;
+            }
+            let name = node.name_any();
+            let Some(state) = self.states.get(&ObjectRef::new(&name)) else {
+                continue;
+            };
+            for pf in state.status.iter().flat_map(|s| &s.pfs) {
+                if plan::selects_pf(spec, pf).is_some() {
+                    out.push(crate::webhook::SelectedPf {
+                        node: name.clone(),
+                        pci_address: pf.pci_address.clone(),
+                        name: pf.name.clone(),
+                        total_vfs: pf.total_vfs,
+                    });
+                }
+            }
+        }
+        out
+    }
+
+    fn container_profile(&self, pool: &str) -> Option<vfplane_proto::vf_policy::ContainerProfile> {
+        let policies = self.policies.state();
+        plan::merge_order(policies.iter().map(|p| p.as_ref()))
+            .into_iter()
+            .filter(|p| p.spec.resource_name == pool)
+            .find_map(|p| p.spec.container_profile.clone())
+    }
+}
+
+/// Starts reflectors for the webhook's view; they run until the process ends.
+pub fn spawn_view(client: &Client) -> StoreView {
+    fn keep<K>(api: Api<K>) -> Store<K>
+    where
+        K: kube::Resource<DynamicType = ()>
+            + Clone
+            + std::fmt::Debug
+            + serde::de::DeserializeOwned
+            + Send
+            + Sync
+            + 'static,
+    {
+        let (store, writer) = reflector::store();
+        let stream = watcher(api, watcher::Config::default().any_semantic())
+            .default_backoff()
+            .reflect(writer)
+            .for_each(|_| std::future::ready(()));
+        tokio::spawn(stream);
+        store
+    }
+    StoreView {
+        nodes: keep(Api::all(client.clone())),
+        policies: keep(Api::all(client.clone())),
+        states: keep(Api::all(client.clone())),
+    }
 }

@@ -1,0 +1,314 @@
+//! Reconcile scenarios against a mocked API server: every request's method,
+//! path, query and body is checked.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Method, Request, Response, StatusCode};
+use k8s_openapi::api::core::v1::Node;
+use kube::Client;
+use kube::client::Body;
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::watcher;
+use serde_json::{Value, json};
+use vfplane_controller::Error;
+use vfplane_controller::controller::{Context, reconcile_node, reconcile_policy};
+use vfplane_controller::metrics::Metrics;
+use vfplane_proto::node_state::{NodeState, NodeStateSpec, NodeStateStatus, PfStatus, VfStatus};
+use vfplane_proto::vf_policy::VfPolicy;
+
+type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
+
+fn filled<K>(objects: Vec<K>) -> Store<K>
+where
+    K: kube::Resource<DynamicType = ()> + Clone + 'static,
+{
+    let (store, mut writer) = reflector::store();
+    writer.apply_watcher_event(&watcher::Event::Init);
+    for o in objects {
+        writer.apply_watcher_event(&watcher::Event::InitApply(o));
+    }
+    writer.apply_watcher_event(&watcher::Event::InitDone);
+    store
+}
+
+fn node(name: &str) -> Node {
+    serde_json::from_value(json!({
+        "metadata": {"name": name, "uid": format!("uid-{name}"), "labels": {"sriov": "true"}}
+    }))
+    .unwrap()
+}
+
+fn policy(name: &str, priority: u8, pf_names: &str, finalized: bool, deleting: bool) -> VfPolicy {
+    let mut meta = json!({"name": name, "generation": 2});
+    if finalized {
+        meta["finalizers"] = json!(["vfplane.io/release-vfs"]);
+    }
+    if deleting {
+        meta["deletionTimestamp"] = json!("2026-11-23T10:00:00Z");
+    }
+    serde_json::from_value(json!({
+        "apiVersion": "vfplane.io/v1alpha1", "kind": "VfPolicy", "metadata": meta,
+        "spec": {"nodeSelector": {"sriov": "true"}, "nicSelector": {"pfNames": [pf_names]},
+                 "numVfs": 4, "resourceName": name, "priority": priority}
+    }))
+    .unwrap()
+}
+
+fn state(node: &str, vfs_in_pool: Option<(&str, u16)>) -> NodeState {
+    let mut pf = PfStatus {
+        pci_address: "0000:00:02.0".into(),
+        name: Some("eth0".into()),
+        vendor: "8086".into(),
+        device: "10c9".into(),
+        link: "up".into(),
+        total_vfs: 7,
+        num_vfs: 0,
+        ..PfStatus::default()
+    };
+    if let Some((pool, n)) = vfs_in_pool {
+        pf.num_vfs = n;
+        for index in 0..n {
+            pf.vfs.push(VfStatus {
+                index,
+                pci_address: format!("0000:00:10.{index}"),
+                isolated: true,
+                health: "Healthy".into(),
+                pool: Some(pool.into()),
+                ..VfStatus::default()
+            });
+        }
+    }
+    let mut s = NodeState::new(node, NodeStateSpec::default());
+    s.status = Some(NodeStateStatus {
+        pfs: vec![pf],
+        iommu_enabled: true,
+        ..NodeStateStatus::default()
+    });
+    s
+}
+
+fn context(nodes: Vec<Node>, policies: Vec<VfPolicy>, states: Vec<NodeState>) -> (Arc<Context>, Handle) {
+    let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let ctx = Context {
+        client: Client::new(service, "default"),
+        nodes: filled(nodes),
+        policies: filled(policies),
+        states: filled(states),
+        metrics: Arc::new(Metrics::default()),
+    };
+    (Arc::new(ctx), handle)
+}
+
+async fn next(
+    handle: &mut Handle,
+) -> (
+    Method,
+    String,
+    Option<String>,
+    Value,
+    tower_test::mock::SendResponse<Response<Body>>,
+) {
+    let (request, send) = tokio::time::timeout(Duration::from_secs(5), handle.next_request())
+        .await
+        .expect("a request in time")
+        .expect("a request");
+    let method = request.method().clone();
+    let uri = request.uri().to_string();
+    let content_type = request
+        .headers()
+        .get("content-type")
+        .map(|v| v.to_str().unwrap().to_owned());
+    let bytes = request.into_body().collect_bytes().await.unwrap();
+    let body = if bytes.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_slice(&bytes).unwrap()
+    };
+    (method, uri, content_type, body, send)
+}
+
+/// No request came (the client may be gone, which ends the stream).
+async fn no_request(handle: &mut Handle) -> bool {
+    matches!(
+        tokio::time::timeout(Duration::from_millis(200), handle.next_request()).await,
+        Err(_) | Ok(None)
+    )
+}
+
+fn ok(send: tower_test::mock::SendResponse<Response<Body>>, body: &Value) {
+    send.send_response(
+        Response::builder()
+            .status(StatusCode::OK)
+            .body(Body::from(serde_json::to_vec(body).unwrap()))
+            .unwrap(),
+    );
+}
+
+#[tokio::test]
+async fn a_new_policy_is_applied_to_the_node_state_by_server_side_apply() {
+    let (ctx, mut handle) = context(
+        vec![node("w1")],
+        vec![policy("fast", 10, "eth0#0-1", true, false)],
+        vec![state("w1", None)],
+    );
+    let server = tokio::spawn(async move {
+        let (method, uri, content_type, body, send) = next(&mut handle).await;
+        assert_eq!(method, Method::PATCH);
+        assert_eq!(
+            uri,
+            "/apis/vfplane.io/v1alpha1/nodestates/w1?&force=true&fieldManager=vfplane-controller"
+        );
+        assert_eq!(content_type.as_deref(), Some("application/apply-patch+yaml"));
+        assert_eq!(body["metadata"]["ownerReferences"][0]["kind"], "Node");
+        assert_eq!(body["metadata"]["ownerReferences"][0]["uid"], "uid-w1");
+        let pf = &body["spec"]["pfs"][0];
+        assert_eq!(pf["pciAddress"], "0000:00:02.0");
+        assert_eq!(pf["numVfs"], 4);
+        assert_eq!(pf["vfGroups"][0]["resourceName"], "fast");
+        assert_eq!(pf["vfGroups"][0]["vfRange"], "0-1");
+        ok(send, &body);
+    });
+    reconcile_node(Arc::new(node("w1")), ctx).await.unwrap();
+    server.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_node_whose_spec_already_matches_gets_no_write() {
+    let policies = vec![policy("fast", 10, "eth0#0-1", true, false)];
+    let mut current = state("w1", None);
+    let ordered = vfplane_controller::plan::merge_order(&policies);
+    current.spec = vfplane_controller::plan::plan_node(&node("w1"), &ordered, Some(&current)).spec;
+    let (ctx, mut handle) = context(vec![node("w1")], policies, vec![current]);
+    reconcile_node(Arc::new(node("w1")), ctx).await.unwrap();
+    assert!(no_request(&mut handle).await, "no request for an unchanged spec");
+}
+
+#[tokio::test]
+async fn an_api_error_on_apply_is_reported_with_the_object() {
+    let (ctx, mut handle) = context(
+        vec![node("w1")],
+        vec![policy("fast", 10, "eth0", true, false)],
+        vec![state("w1", None)],
+    );
+    let server = tokio::spawn(async move {
+        let (_, _, _, _, send) = next(&mut handle).await;
+        send.send_response(
+            Response::builder()
+                .status(StatusCode::INTERNAL_SERVER_ERROR)
+                .body(Body::from(serde_json::to_vec(&json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "message": "etcd unavailable", "reason": "InternalError", "code": 500})).unwrap()))
+                .unwrap(),
+        );
+    });
+    let error = reconcile_node(Arc::new(node("w1")), ctx).await.unwrap_err();
+    server.await.unwrap();
+    assert!(matches!(error, Error::Kube { .. }), "{error:?}");
+    assert_eq!(error.to_string(), "applying the spec of NodeState/w1");
+}
+
+#[tokio::test]
+async fn policy_status_reports_conflicts_and_ready_vfs() {
+    let high = policy("high", 1, "eth0#0-1", true, false);
+    let low = policy("low", 50, "eth0#1-3", true, false);
+    let (ctx, mut handle) = context(
+        vec![node("w1")],
+        vec![high, low.clone()],
+        vec![state("w1", Some(("low", 4)))],
+    );
+    let server = tokio::spawn(async move {
+        let (method, uri, content_type, body, send) = next(&mut handle).await;
+        assert_eq!(method, Method::PATCH);
+        assert_eq!(
+            uri,
+            "/apis/vfplane.io/v1alpha1/vfpolicies/low/status?&force=true&fieldManager=vfplane-controller"
+        );
+        assert_eq!(content_type.as_deref(), Some("application/apply-patch+yaml"));
+        let status = &body["status"];
+        assert_eq!(status["matchedNodes"], 1);
+        assert_eq!(
+            status["requestedVfs"], 2,
+            "VFs 2-3; VF 1 went to the higher priority"
+        );
+        assert_eq!(status["readyVfs"], 2);
+        assert_eq!(status["observedGeneration"], 2);
+        assert_eq!(
+            status["conflicts"][0],
+            json!({"node": "w1", "pf": "0000:00:02.0", "policy": "high", "won": false, "vfs": "1"})
+        );
+        let conflicted = status["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["type"] == "Conflicted")
+            .unwrap();
+        assert_eq!(conflicted["reason"], "LostToHigherPriority");
+        let mut answer = serde_json::to_value(policy("low", 50, "eth0#1-3", true, false)).unwrap();
+        answer["status"] = status.clone();
+        ok(send, &answer);
+    });
+    reconcile_policy(Arc::new(low), ctx).await.unwrap();
+    server.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_new_policy_first_gets_its_finalizer() {
+    let fresh = policy("fast", 10, "eth0", false, false);
+    let (ctx, mut handle) = context(vec![node("w1")], vec![fresh.clone()], vec![state("w1", None)]);
+    let server = tokio::spawn(async move {
+        let (method, uri, _, body, send) = next(&mut handle).await;
+        assert_eq!(method, Method::PATCH);
+        assert_eq!(uri, "/apis/vfplane.io/v1alpha1/vfpolicies/fast?");
+        let ops = body.as_array().expect("a JSON patch");
+        assert!(
+            ops.iter()
+                .any(|op| op["path"] == "/metadata/finalizers"
+                    && op["value"] == json!(["vfplane.io/release-vfs"])),
+            "{body}"
+        );
+        let mut patched = serde_json::to_value(policy("fast", 10, "eth0", true, false)).unwrap();
+        patched["metadata"]["resourceVersion"] = json!("2");
+        ok(send, &patched);
+    });
+    reconcile_policy(Arc::new(fresh), ctx).await.unwrap();
+    server.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_deleted_policy_keeps_its_finalizer_until_agents_report_its_vfs_gone() {
+    let deleting = policy("fast", 10, "eth0", true, true);
+    // The agent still reports 4 VFs in the pool: the finalizer stays, no request.
+    let (ctx, mut handle) = context(
+        vec![node("w1")],
+        vec![deleting.clone()],
+        vec![state("w1", Some(("fast", 4)))],
+    );
+    let error = reconcile_policy(Arc::new(deleting.clone()), ctx)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(error, Error::StillReleasing { count: 4, .. }),
+        "{error:?}"
+    );
+    assert!(no_request(&mut handle).await);
+
+    // The VFs are gone: the finalizer is removed.
+    let (ctx, mut handle) = context(vec![node("w1")], vec![deleting.clone()], vec![state("w1", None)]);
+    let server = tokio::spawn(async move {
+        let (method, uri, _, body, send) = next(&mut handle).await;
+        assert_eq!(method, Method::PATCH);
+        assert_eq!(uri, "/apis/vfplane.io/v1alpha1/vfpolicies/fast?");
+        let ops = body.as_array().expect("a JSON patch");
+        assert!(
+            ops.iter()
+                .any(|op| op["op"] == "remove" && op["path"] == "/metadata/finalizers/0"),
+            "{body}"
+        );
+        ok(
+            send,
+            &serde_json::to_value(policy("fast", 10, "eth0", false, true)).unwrap(),
+        );
+    });
+    reconcile_policy(Arc::new(deleting), ctx).await.unwrap();
+    server.await.unwrap();
+}
