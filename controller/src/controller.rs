@@ -138,13 +138,15 @@ pub async fn apply_node_state(client: &Client, node: &Node, planned: &NodePlan) 
     Ok(())
 }
 
-/// Plans of every node (for a policy's status), with their NodeStates.
-fn all_plans(ctx: &Context) -> Vec<(NodePlan, Option<Arc<NodeState>>)> {
+/// Plans of the nodes `selector` selects (all when `None`), with their
+/// NodeStates. A policy's status only needs the nodes it selects.
+fn plans(ctx: &Context, selector: Option<&VfPolicy>) -> Vec<(NodePlan, Option<Arc<NodeState>>)> {
     let policies = ctx.policies();
     let ordered = plan::merge_order(policies.iter().map(|p| p.as_ref()));
     ctx.nodes
         .state()
         .iter()
+        .filter(|node| selector.is_none_or(|p| plan::selects_node(&p.spec, node)))
         .map(|node| {
             let state = ctx.state_of(&node.name_any());
             (plan::plan_node(node, &ordered, state.as_deref()), state)
@@ -179,7 +181,7 @@ pub async fn reconcile_policy(policy: Arc<VfPolicy>, ctx: Arc<Context>) -> Resul
 }
 
 async fn apply_policy_status(api: &Api<VfPolicy>, policy: &VfPolicy, ctx: &Context) -> Result<Action> {
-    let plans = all_plans(ctx);
+    let plans = plans(ctx, Some(policy));
     let status = plan::policy_status(policy, plans.iter().map(|(p, s)| (p, s.as_deref())));
     if policy.status.as_ref() == Some(&status) {
         return Ok(Action::requeue(Duration::from_secs(300)));
@@ -207,7 +209,7 @@ async fn apply_policy_status(api: &Api<VfPolicy>, policy: &VfPolicy, ctx: &Conte
 /// The finalizer's cleanup: done when no agent reports a VF of the pool
 /// that no live policy plans, and every agent saw the spec without it.
 fn release_policy(policy: &VfPolicy, ctx: &Context) -> Result<Action> {
-    let plans = all_plans(ctx);
+    let plans = plans(ctx, None);
     let leftover = plan::leftover_vfs(
         &policy.spec.resource_name,
         plans.iter().map(|(p, s)| (p, s.as_deref())),
