@@ -95,7 +95,9 @@ impl PfNameSelector {
         }
         // IFNAMSIZ is 16 with the terminating NUL.
         if name.len() > 15 || name.contains(['/', ' ', ':']) {
-            return Err(format!("pfNames entry {text:?}: {name:?} is not an interface name"));
+            return Err(format!(
+                "pfNames entry {text:?}: {name:?} is not an interface name"
+            ));
         }
         let vfs = range
             .map(|r| parse_vf_range(r).map_err(|e| format!("pfNames entry {text:?}: {e}")))
@@ -142,9 +144,20 @@ mod tests {
                 vfs: None
             }
         );
-        assert_eq!(PfNameSelector::parse("ens1f0#0-1,6").unwrap().vfs, Some(vec![0, 1, 6]));
-        assert!(PfNameSelector::parse("#0-3").unwrap_err().contains("no interface name"));
-        assert!(PfNameSelector::parse("ens1f0#3-1").unwrap_err().contains("backwards"));
+        assert_eq!(
+            PfNameSelector::parse("ens1f0#0-1,6").unwrap().vfs,
+            Some(vec![0, 1, 6])
+        );
+        assert!(
+            PfNameSelector::parse("#0-3")
+                .unwrap_err()
+                .contains("no interface name")
+        );
+        assert!(
+            PfNameSelector::parse("ens1f0#3-1")
+                .unwrap_err()
+                .contains("backwards")
+        );
         assert!(PfNameSelector::parse("a-very-long-interface-name").is_err());
     }
 }
