@@ -24,7 +24,7 @@ use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::finalizer::{Event as FinalizerEvent, finalizer};
 use kube::runtime::reflector::{self, ObjectRef, Store};
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::{PredicateConfig, WatchStreamExt, predicates, watcher};
 use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 use tracing::{info, instrument, warn};
@@ -268,10 +268,14 @@ pub async fn run(
     // The node controller, with stores of policies and node states.
     let (node_policies, policy_writer) = reflector::store();
     let (node_states, state_writer) = reflector::store();
+    // Nodes depend on a policy's spec and on its deletion, both of which
+    // bump its generation; its status (written by the policy controller)
+    // must not send every node through a reconcile.
     let policy_stream = watcher(Api::<VfPolicy>::all(client.clone()), wc.clone())
         .default_backoff()
         .reflect(policy_writer)
-        .touched_objects();
+        .touched_objects()
+        .predicate_filter(predicates::generation, PredicateConfig::default());
     let state_stream = watcher(Api::<NodeState>::all(client.clone()), wc.clone())
         .default_backoff()
         .reflect(state_writer)

@@ -339,6 +339,91 @@ spec:
         assert!(err.line >= 1, "{err}");
     }
 
+    /// A NodeState as the API server holds it once the controller applied
+    /// its spec and the agent wrote its status: every field set.
+    const FULL_NODE_STATE: &str = r#"
+apiVersion: vfplane.io/v1alpha1
+kind: NodeState
+metadata:
+  name: worker-1
+  generation: 3
+  ownerReferences:
+    - apiVersion: v1
+      kind: Node
+      name: worker-1
+      uid: 6b1e0c1a-0000-4000-8000-000000000001
+spec:
+  allowNoIommu: true
+  pfs:
+    - pciAddress: "0000:00:02.0"
+      numVfs: 4
+      mtu: 9000
+      force: true
+      vfGroups:
+        - resourceName: fast
+          vfRange: "0-1"
+          deviceType: vfio-pci
+          vlan: 0
+          spoofChk: true
+          trust: false
+          maxTxRateMbps: 0
+          linkState: enable
+          macs: ["02:00:00:00:00:01", "02:00:00:00:00:02"]
+    - pfName: ens1f1
+      numVfs: 0
+      vfGroups: []
+status:
+  iommuEnabled: true
+  observedGeneration: 3
+  lastSyncError: "0000:00:03.0: sriov_numvfs: Device or resource busy"
+  conditions:
+    - type: Synced
+      status: "False"
+      reason: ApplyFailed
+      message: one PF could not be changed
+  pfs:
+    - pciAddress: "0000:00:02.0"
+      name: eth0
+      vendor: "8086"
+      device: "10c9"
+      driver: igb
+      numaNode: 0
+      link: up
+      totalVfs: 7
+      numVfs: 4
+      error: "0000:00:10.2 is not alone in its IOMMU group"
+      vfs:
+        - index: 0
+          pciAddress: "0000:00:10.0"
+          driver: vfio-pci
+          mac: "02:00:00:00:00:01"
+          vlan: 0
+          iommuGroup: 12
+          isolated: true
+          health: Healthy
+          pool: fast
+          owner: default/trader-0/main
+"#;
+
+    #[test]
+    fn node_state_yaml_round_trip_keeps_every_field() {
+        let original: serde_yaml::Value = serde_yaml::from_str(FULL_NODE_STATE).unwrap();
+        let state: NodeState = serde_yaml::from_str(FULL_NODE_STATE).unwrap();
+        let again = serde_yaml::to_value(&state).unwrap();
+        assert_eq!(
+            again,
+            original,
+            "YAML -> NodeState -> YAML changed the document:\n{}",
+            serde_yaml::to_string(&again).unwrap()
+        );
+        let status = state.status.as_ref().unwrap();
+        assert_eq!(
+            status.pfs[0].vfs[0].owner.as_deref(),
+            Some("default/trader-0/main")
+        );
+        assert_eq!(state.spec.pfs[1].pf_name.as_deref(), Some("ens1f1"));
+    }
+
     #[test]
     fn crd_is_cluster_scoped_in_vfplane_io() {
         let crd = NodeState::crd();

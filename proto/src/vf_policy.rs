@@ -276,6 +276,72 @@ spec:
         assert_eq!(again.metadata, policy.metadata);
     }
 
+    /// A VfPolicy as the API server holds it with the controller's status:
+    /// every field set, in the form the types write.
+    const FULL_POLICY: &str = r#"
+apiVersion: vfplane.io/v1alpha1
+kind: VfPolicy
+metadata:
+  name: voice
+  generation: 4
+  finalizers: ["vfplane.io/release-vfs"]
+spec:
+  nodeSelector:
+    vfplane.io/sriov: "true"
+  nicSelector:
+    vendor: "8086"
+    deviceID: "10c9"
+    pfNames: ["ens1f0#0-3", "ens1f1"]
+    pciAddresses: []
+  numVfs: 8
+  deviceType: netdevice
+  resourceName: voice
+  priority: 1
+  mtu: 9000
+  vlan: 42
+  spoofChk: false
+  trust: true
+  maxTxRateMbps: 1000
+  allowNoIommu: true
+  containerProfile:
+    cpu: "4"
+    memory: 2Gi
+    hugepages: 1Gi
+    numaAligned: true
+    lockedMemory: 1Gi
+status:
+  matchedNodes: 3
+  requestedVfs: 12
+  readyVfs: 10
+  conflicts:
+    - node: worker-2
+      pf: "0000:3b:00.0"
+      policy: bulk
+      won: true
+      vfs: "2-3"
+  conditions:
+    - type: Ready
+      status: "False"
+      reason: VfsPending
+      message: 10 of 12 VFs ready
+  observedGeneration: 4
+"#;
+
+    #[test]
+    fn yaml_round_trip_of_spec_and_status_keeps_every_field() {
+        let original: serde_yaml::Value = serde_yaml::from_str(FULL_POLICY).unwrap();
+        let policy: VfPolicy = serde_yaml::from_str(FULL_POLICY).unwrap();
+        let again = serde_yaml::to_value(&policy).unwrap();
+        assert_eq!(
+            again,
+            original,
+            "YAML -> VfPolicy -> YAML changed the document:\n{}",
+            serde_yaml::to_string(&again).unwrap()
+        );
+        assert_eq!(policy.spec.device_type, DeviceType::Netdevice);
+        assert_eq!(policy.status.as_ref().unwrap().conflicts[0].vfs, "2-3");
+    }
+
     #[test]
     fn unknown_fields_and_device_types_are_refused_by_name() {
         let typo = EXAMPLE.replace("numVfs: 7", "numVfs: 7\n  numvfs: 3");
