@@ -13,6 +13,7 @@
 //! - [`webhook`]: admission for VfPolicy and for pods asking for VFs.
 #![forbid(unsafe_code)]
 
+pub mod cli;
 pub mod controller;
 pub mod leader;
 pub mod metrics;

@@ -2,76 +2,26 @@
 //! metrics and health probes. The webhook and the probes serve on every
 //! replica; the controllers run only on the replica holding the Lease.
 
-use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::{Context as _, Result};
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::Parser as _;
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::{Api, Client};
 use tokio::sync::watch;
 use tracing::{error, info};
+use vfplane_controller::cli::{Cli, Command, PodWebhookMode, RunArgs};
 use vfplane_controller::controller;
 use vfplane_controller::leader::{self, LeaseConfig};
 use vfplane_controller::metrics::{self, Metrics};
 use vfplane_controller::webhook::{self, PodMode, TlsFiles};
 
-#[derive(Debug, Parser)]
-#[command(name = "vfplane-controller", version)]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Debug, Subcommand)]
-enum Command {
-    /// Run the controller (and the webhook when --webhook-addr is given).
-    Run(RunArgs),
-}
-
-#[derive(Debug, clap::Args)]
-struct RunArgs {
-    /// Metrics (/metrics) and probes (/healthz, /readyz).
-    #[arg(long, default_value = "0.0.0.0:8080")]
-    metrics_addr: SocketAddr,
-    /// Serve the admission webhook (HTTPS) here; off when absent.
-    #[arg(long, requires_all = ["tls_cert", "tls_key"])]
-    webhook_addr: Option<SocketAddr>,
-    /// The webhook's certificate (PEM); re-read when it changes.
-    #[arg(long)]
-    tls_cert: Option<PathBuf>,
-    /// The webhook's private key (PEM).
-    #[arg(long)]
-    tls_key: Option<PathBuf>,
-    /// The pod webhook: refuse pods missing limits, or add them.
-    #[arg(long, value_enum, default_value_t = PodWebhookMode::Validate)]
-    pod_webhook_mode: PodWebhookMode,
-    /// The Lease for leader election, in POD_NAMESPACE.
-    #[arg(long, default_value = "vfplane-controller")]
-    lease_name: String,
-    /// Namespace of the Lease.
-    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
-    namespace: String,
-    /// This replica's identity in the Lease.
-    #[arg(long, env = "POD_NAME")]
-    identity: Option<String>,
-    /// Run the controllers without a Lease (one replica only).
-    #[arg(long)]
-    no_leader_election: bool,
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum PodWebhookMode {
-    Validate,
-    Mutate,
-}
-
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("VFPLANE_LOG").unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_env(vfplane_controller::cli::LOG_ENV)
+                .unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
         .init();

@@ -25,6 +25,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 pub mod cdi;
+pub mod cli;
 pub mod health;
 pub mod inventory;
 pub mod kubelet_standin;

@@ -3,53 +3,23 @@
 //! connections drain, sockets removed).
 
 use std::io::IsTerminal as _;
-use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use clap::Parser;
+use clap::Parser as _;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing_subscriber::EnvFilter;
 use vfplane_device_plugin::PluginConfig;
-
-/// Kubelet device plugin for vfplane VF pools.
-#[derive(Debug, Parser)]
-#[command(version, about)]
-struct Args {
-    /// The pool config file (YAML; see the README). Watched: changes apply live.
-    #[arg(long, env = "VFPLANE_POOL_CONFIG")]
-    pool_config: PathBuf,
-    /// The kubelet's device-plugin directory.
-    #[arg(long, default_value = vfplane_proto::DEVICE_PLUGIN_PATH)]
-    kubelet_dir: PathBuf,
-    /// Where the host's sysfs is mounted.
-    #[arg(long, default_value = "/sys")]
-    sysfs_root: PathBuf,
-    /// Where the host's /dev is mounted.
-    #[arg(long, default_value = "/dev")]
-    dev_root: PathBuf,
-    /// Where the CDI spec file is written.
-    #[arg(long, default_value = "/var/run/cdi")]
-    cdi_dir: PathBuf,
-    /// Write no CDI spec and return no CDI device names.
-    #[arg(long)]
-    no_cdi: bool,
-    /// The VF state directory the agent writes (scrub states, MACs).
-    #[arg(long, default_value = vfplane_proto::vf_state::DEFAULT_STATE_DIR)]
-    state_dir: PathBuf,
-    /// Serve Prometheus metrics on this address (for example 0.0.0.0:9465).
-    #[arg(long)]
-    metrics_addr: Option<SocketAddr>,
-    /// Health probe period in milliseconds.
-    #[arg(long, default_value_t = 50)]
-    rescan_interval_ms: u64,
-}
+use vfplane_device_plugin::cli::Args;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // VFPLANE_LOG like the other binaries (the chart sets it); RUST_LOG
+    // still works when VFPLANE_LOG is not set.
+    let filter = EnvFilter::try_from_env(vfplane_device_plugin::cli::LOG_ENV)
+        .or_else(|_| EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| EnvFilter::new("info"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

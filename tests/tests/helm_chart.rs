@@ -902,7 +902,7 @@ fn the_controller_runs_two_replicas_with_leader_election_and_a_locked_down_conta
 }
 
 #[test]
-fn rbac_is_least_privilege_and_exactly_what_the_design_lists() {
+fn rbac_is_least_privilege_and_exactly_what_the_code_calls() {
     for r in rendered() {
         // No wildcard anywhere.
         for o in &r.objects {
@@ -927,22 +927,14 @@ fn rbac_is_least_privilege_and_exactly_what_the_design_lists() {
         assert_eq!(
             rules_as_set(controller.rules.as_deref().unwrap()),
             expected(&[
-                (
-                    "vfplane.io",
-                    "vfpolicies",
-                    &["get", "list", "watch", "patch", "update"]
-                ),
-                ("vfplane.io", "vfpolicies/status", &["get", "patch", "update"]),
-                ("vfplane.io", "vfpolicies/finalizers", &["update"]),
+                ("vfplane.io", "vfpolicies", &["get", "list", "watch", "patch"]),
+                ("vfplane.io", "vfpolicies/status", &["patch"]),
                 (
                     "vfplane.io",
                     "nodestates",
-                    &["get", "list", "watch", "create", "patch", "delete"]
+                    &["get", "list", "watch", "create", "patch"]
                 ),
-                ("vfplane.io", "nodestates/status", &["get"]),
                 ("", "nodes", &["get", "list", "watch"]),
-                ("", "events", &["create", "patch"]),
-                ("events.k8s.io", "events", &["create", "patch"]),
             ]),
             "case {}: controller ClusterRole",
             r.name
@@ -952,8 +944,7 @@ fn rbac_is_least_privilege_and_exactly_what_the_design_lists() {
             rules_as_set(agent.rules.as_deref().unwrap()),
             expected(&[
                 ("vfplane.io", "nodestates", &["get", "list", "watch"]),
-                ("vfplane.io", "nodestates/status", &["get", "patch", "update"]),
-                ("", "nodes", &["get"]),
+                ("vfplane.io", "nodestates/status", &["patch"]),
             ]),
             "case {}: agent ClusterRole",
             r.name
@@ -1434,5 +1425,91 @@ fn without_the_webhook_there_is_no_certificate_and_no_tls_argument() {
             .iter()
             .flatten()
             .all(|p| p.port != 443)
+    );
+}
+
+/// The environment variables a binary reads: those behind its flags (clap's
+/// `env = ...`, subcommands included) and its log filter.
+fn environment_of(command: &clap::Command, log_env: &str) -> BTreeSet<String> {
+    let mut names = BTreeSet::from([log_env.to_owned()]);
+    let mut stack = vec![command.clone()];
+    while let Some(c) = stack.pop() {
+        for arg in c.get_arguments() {
+            if let Some(name) = arg.get_env() {
+                names.insert(name.to_string_lossy().into_owned());
+            }
+        }
+        stack.extend(c.get_subcommands().cloned());
+    }
+    names
+}
+
+/// Every container the chart runs, with its flags and environment, is
+/// accepted by the real binary's own command-line parser: a renamed flag or
+/// an environment variable nobody reads (a log level that never arrives)
+/// fails here rather than in a crash-looping pod.
+#[test]
+fn every_container_command_line_and_environment_is_what_its_binary_reads() {
+    use clap::{CommandFactory as _, Parser as _};
+    let mut checked = BTreeSet::new();
+    for r in rendered() {
+        let mut pods = vec![pod_spec_of_daemonset(r.daemonset())];
+        if r.objects.iter().any(|o| matches!(o, Object::Deployment(_))) {
+            pods.push(pod_spec_of_deployment(r.deployment()));
+        }
+        for c in pods
+            .iter()
+            .flat_map(|p| p.containers.iter().chain(p.init_containers.iter().flatten()))
+        {
+            let args = command_line(c);
+            let (parsed, known_env) = match args[0].as_str() {
+                "vfplane-agent" => (
+                    vfplane_agent::cli::Cli::try_parse_from(&args).map(|_| ()),
+                    environment_of(&vfplane_agent::cli::Cli::command(), vfplane_agent::cli::LOG_ENV),
+                ),
+                "vfplane-device-plugin" => (
+                    vfplane_device_plugin::cli::Args::try_parse_from(&args).map(|_| ()),
+                    environment_of(
+                        &vfplane_device_plugin::cli::Args::command(),
+                        vfplane_device_plugin::cli::LOG_ENV,
+                    ),
+                ),
+                "vfplane-controller" => (
+                    vfplane_controller::cli::Cli::try_parse_from(&args).map(|_| ()),
+                    environment_of(
+                        &vfplane_controller::cli::Cli::command(),
+                        vfplane_controller::cli::LOG_ENV,
+                    ),
+                ),
+                other => panic!(
+                    "case {}: container {} runs {other}, a binary this test does not know",
+                    r.name, c.name
+                ),
+            };
+            if let Err(error) = parsed {
+                panic!(
+                    "case {}: container {}: `{}` is refused by the binary:\n{error}",
+                    r.name,
+                    c.name,
+                    args.join(" ")
+                );
+            }
+            for var in c.env.iter().flatten() {
+                assert!(
+                    known_env.contains(&var.name),
+                    "case {}: container {} sets {} which {} never reads (it reads {known_env:?})",
+                    r.name,
+                    c.name,
+                    var.name,
+                    args[0]
+                );
+            }
+            checked.insert(args[0].clone());
+        }
+    }
+    assert_eq!(
+        checked,
+        BTreeSet::from(["vfplane-agent", "vfplane-controller", "vfplane-device-plugin"].map(String::from)),
+        "every binary was checked"
     );
 }

@@ -1,0 +1,44 @@
+//! The command line of `vfplane-device-plugin`, in the library so that the
+//! flags the Helm chart passes can be checked against the real parser.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::Parser;
+
+/// The environment variable holding the log filter (a tracing `EnvFilter`
+/// directive such as `info` or `vfplane_host=debug`).
+pub const LOG_ENV: &str = "VFPLANE_LOG";
+
+/// Kubelet device plugin for vfplane VF pools.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+pub struct Args {
+    /// The pool config file (YAML; see the README). Watched: changes apply live.
+    #[arg(long, env = "VFPLANE_POOL_CONFIG")]
+    pub pool_config: PathBuf,
+    /// The kubelet's device-plugin directory.
+    #[arg(long, default_value = vfplane_proto::DEVICE_PLUGIN_PATH)]
+    pub kubelet_dir: PathBuf,
+    /// Where the host's sysfs is mounted.
+    #[arg(long, default_value = "/sys")]
+    pub sysfs_root: PathBuf,
+    /// Where the host's /dev is mounted.
+    #[arg(long, default_value = "/dev")]
+    pub dev_root: PathBuf,
+    /// Where the CDI spec file is written.
+    #[arg(long, default_value = "/var/run/cdi")]
+    pub cdi_dir: PathBuf,
+    /// Write no CDI spec and return no CDI device names.
+    #[arg(long)]
+    pub no_cdi: bool,
+    /// The VF state directory the agent writes (scrub states, MACs).
+    #[arg(long, default_value = vfplane_proto::vf_state::DEFAULT_STATE_DIR)]
+    pub state_dir: PathBuf,
+    /// Serve Prometheus metrics on this address (for example 0.0.0.0:9465).
+    #[arg(long)]
+    pub metrics_addr: Option<SocketAddr>,
+    /// Health probe period in milliseconds.
+    #[arg(long, default_value_t = 50)]
+    pub rescan_interval_ms: u64,
+}
