@@ -53,12 +53,25 @@ struct Event {
     object: Value,
 }
 
+/// A live watch: where its events go, and the one name it selects, if any.
+struct Watcher {
+    sender: mpsc::UnboundedSender<Bytes>,
+    only: Option<String>,
+}
+
+/// The name a `fieldSelector=metadata.name=NAME` query selects.
+fn name_selected(query: &str) -> Option<String> {
+    let selector = query_value(query, "fieldSelector")?;
+    let decoded = selector.replace("%3D", "=").replace("%3d", "=");
+    decoded.strip_prefix("metadata.name=").map(str::to_owned)
+}
+
 #[derive(Default)]
 struct State {
     resource_version: u64,
     objects: HashMap<&'static str, BTreeMap<String, Value>>,
     events: HashMap<&'static str, Vec<Event>>,
-    watchers: HashMap<&'static str, Vec<mpsc::UnboundedSender<Bytes>>>,
+    watchers: HashMap<&'static str, Vec<Watcher>>,
     failures: VecDeque<Failure>,
     log: Vec<Logged>,
 }
@@ -137,8 +150,17 @@ impl State {
             kind,
             object,
         });
-        if let Some(senders) = self.watchers.get_mut(plural) {
-            senders.retain(|s| s.send(line.clone()).is_ok());
+        if let Some(watchers) = self.watchers.get_mut(plural) {
+            let name = self.events[plural]
+                .last()
+                .map(|e| e.object["metadata"]["name"].clone());
+            watchers.retain(|w| {
+                let wanted = w
+                    .only
+                    .as_deref()
+                    .is_none_or(|n| name.as_ref().is_some_and(|v| v == n));
+                !wanted || w.sender.send(line.clone()).is_ok()
+            });
         }
     }
 
@@ -330,7 +352,7 @@ impl State {
         };
         match (method, name) {
             (&Method::GET, None) if query_value(query, "watch") == Some("true") => self.watch(plural, query),
-            (&Method::GET, None) => self.list(plural),
+            (&Method::GET, None) => self.list(plural, query),
             (&Method::GET, Some(name)) => match self.get(plural, &name) {
                 Some(object) => answer(StatusCode::OK, &object),
                 None => failure(StatusCode::NOT_FOUND, &format!("{plural}/{name} not found")),
@@ -348,11 +370,17 @@ impl State {
         }
     }
 
-    fn list(&mut self, plural: &'static str) -> Response<ResponseBody> {
+    fn list(&mut self, plural: &'static str, query: &str) -> Response<ResponseBody> {
+        let only = name_selected(query);
         let items: Vec<Value> = self
             .objects
             .get(plural)
-            .map(|o| o.values().cloned().collect())
+            .map(|o| {
+                o.values()
+                    .filter(|v| only.as_deref().is_none_or(|n| v["metadata"]["name"] == n))
+                    .cloned()
+                    .collect()
+            })
             .unwrap_or_default();
         let (api_version, kind) = kind_of(plural);
         answer(
@@ -367,13 +395,21 @@ impl State {
         let since: u64 = query_value(query, "resourceVersion")
             .and_then(|v| v.parse().ok())
             .unwrap_or(0);
+        let only = name_selected(query);
         let (sender, mut receiver) = mpsc::unbounded_channel::<Bytes>();
         for event in self.events.get(plural).into_iter().flatten() {
-            if event.resource_version > since {
+            if event.resource_version > since
+                && only
+                    .as_deref()
+                    .is_none_or(|n| event.object["metadata"]["name"] == n)
+            {
                 sender.send(watch_line(event.kind, &event.object)).unwrap();
             }
         }
-        self.watchers.entry(plural).or_default().push(sender);
+        self.watchers
+            .entry(plural)
+            .or_default()
+            .push(Watcher { sender, only });
         let frames = futures::stream::poll_fn(move |cx| {
             receiver
                 .poll_recv(cx)
