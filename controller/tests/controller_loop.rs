@@ -102,12 +102,7 @@ async fn until(api: &FakeApi, what: &str, check: impl Fn(&FakeApi) -> bool) {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let log: Vec<String> = api
-        .log()
-        .iter()
-        .map(|l| format!("{} {}?{} -> {}", l.method, l.path, l.query, l.status))
-        .collect();
-    panic!("timed out waiting for {what}; requests:\n{}", log.join("\n"));
+    panic!("timed out waiting for {what}; requests:\n{}", api.describe_log());
 }
 
 fn spec_pf(api: &FakeApi, node: &str) -> Value {

@@ -146,12 +146,7 @@ async fn until(api: &FakeApi, what: &str, check: impl Fn() -> bool) {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let log: Vec<String> = api
-        .log()
-        .iter()
-        .map(|l| format!("{} {}?{} -> {}", l.method, l.path, l.query, l.status))
-        .collect();
-    panic!("timed out waiting for {what}; requests:\n{}", log.join("\n"));
+    panic!("timed out waiting for {what}; requests:\n{}", api.describe_log());
 }
 
 fn pools(dir: &std::path::Path) -> Option<PoolConfig> {

@@ -295,6 +295,15 @@ impl FakeApi {
         self.state.lock().unwrap().log.clone()
     }
 
+    /// Every request answered so far, one a line, for failure messages.
+    pub fn describe_log(&self) -> String {
+        self.log()
+            .iter()
+            .map(|l| format!("{} {}?{} -> {}", l.method, l.path, l.query, l.status))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
     /// The writes (anything but GET) answered so far, to `path`.
     pub fn writes_to(&self, path: &str) -> Vec<Logged> {
         self.log()
