@@ -5,10 +5,11 @@
 //! | path | objects | operations | what |
 //! |---|---|---|---|
 //! | `/validate/vfpolicies` | VfPolicy | CREATE, UPDATE | overlapping or out-of-range VF ranges, PFs named twice, malformed `pfNames` / `pciAddresses`, the resource name, unreadable profile quantities, `numVfs` above a matched PF's `totalVfs` |
-//! | `/validate/pods` | Pod | CREATE | containers of a pool whose profile wants limits must set them, at least the profile's values |
-//! | `/mutate/pods` | Pod | CREATE | in [`PodMode::Mutate`], adds the missing limits (and equal requests) instead of refusing; in [`PodMode::Validate`], the same checks as `/validate/pods` |
+//! | `/validate/pods` | Pod | CREATE, UPDATE of `pods/resize` | containers of a pool whose profile wants limits must set them, at least the profile's values |
+//! | `/mutate/pods` | Pod | CREATE, UPDATE of `pods/resize` | in [`PodMode::Mutate`], adds the missing limits (and equal requests) to a new pod instead of refusing it; in [`PodMode::Validate`], the same checks as `/validate/pods`. A resize is never mended: one that takes a limit below the profile is refused |
 //!
-//! Every other operation (DELETE, CONNECT, pod subresources) is allowed.
+//! Every other operation (DELETE, CONNECT, other pod subresources, plain
+//! pod updates, which cannot change resources) is allowed.
 //! Every problem found is reported in one message, each naming its field.
 //!
 //! `/validate/pods` is strict in both modes: registered after the mutating
@@ -303,19 +304,28 @@ fn decide_pod(
     mutate: bool,
     mut response: AdmissionResponse,
 ) -> AdmissionResponse {
-    if request.operation != Operation::Create || request.sub_resource.is_some() {
+    // An in-place resize (`pods/resize`, UPDATE) may lower a limit below the
+    // pool's profile after the pod was admitted: it is checked like a new
+    // pod, and refused rather than mended.
+    let resize = request.operation == Operation::Update && request.sub_resource.as_deref() == Some("resize");
+    if !resize && (request.operation != Operation::Create || request.sub_resource.is_some()) {
         return response;
     }
     let pod: Pod = match object_as(request, "Pod") {
         Ok(pod) => pod,
         Err(reason) => return response.deny(reason),
     };
-    let verdict = admit_pod(&pod, view, mutate);
+    let verdict = admit_pod(&pod, view, mutate && !resize);
     if !verdict.warnings.is_empty() {
         response.warnings = Some(verdict.warnings);
     }
     if !verdict.problems.is_empty() {
-        return response.deny(problems_message("pod refused", &verdict.problems));
+        let what = if resize {
+            "pod resize refused"
+        } else {
+            "pod refused"
+        };
+        return response.deny(problems_message(what, &verdict.problems));
     }
     if verdict.patch.is_empty() {
         return response;

@@ -338,6 +338,32 @@ fn cases() -> Vec<Case> {
             Allow,
         ),
         case("pod-allow-subresource.json", ValidatePods, Validate, Allow),
+        // In-place resize: checked like a new pod in both modes, never mended.
+        case(
+            "pod-allow-resize-within-profile.json",
+            ValidatePods,
+            Validate,
+            Allow,
+        ),
+        case("pod-allow-resize-within-profile.json", MutatePods, Mutate, Allow),
+        case(
+            "pod-reject-resize-below-profile.json",
+            ValidatePods,
+            Validate,
+            Deny(vec![
+                "pod resize refused",
+                r#"resources.limits.memory of at least "1Gi"; it has "512Mi""#,
+            ]),
+        ),
+        case(
+            "pod-reject-resize-below-profile.json",
+            MutatePods,
+            Mutate,
+            Deny(vec![
+                "pod resize refused",
+                r#"resources.limits.memory of at least "1Gi"; it has "512Mi""#,
+            ]),
+        ),
         // Pods: refused in validate mode.
         case(
             "pod-reject-missing-limits.json",

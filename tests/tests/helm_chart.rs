@@ -1092,12 +1092,29 @@ fn the_validating_webhooks_cover_policies_and_only_vf_pods() {
         pods.client_config.service.as_ref().unwrap().path.as_deref(),
         Some("/validate/pods")
     );
-    let rule = &pods.rules.as_deref().unwrap()[0];
-    assert_eq!(rule.resources.as_deref(), Some(&["pods".to_owned()][..]));
-    assert_eq!(rule.operations.as_deref(), Some(&["CREATE".to_owned()][..]));
+    check_pod_rules(pods.rules.as_deref().unwrap());
     let conditions = pods.match_conditions.as_deref().unwrap();
     assert_eq!(conditions.len(), 1);
     check_vf_pod_condition(&conditions[0].expression);
+}
+
+/// The pod webhook sees new pods and in-place resizes, nothing else.
+fn check_pod_rules(rules: &[k8s_openapi::api::admissionregistration::v1::RuleWithOperations]) {
+    let seen: Vec<(Vec<String>, Vec<String>)> = rules
+        .iter()
+        .map(|r| (r.operations.clone().unwrap(), r.resources.clone().unwrap()))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (vec!["CREATE".to_owned()], vec!["pods".to_owned()]),
+            (vec!["UPDATE".to_owned()], vec!["pods/resize".to_owned()]),
+        ]
+    );
+    for r in rules {
+        assert_eq!(r.api_groups.as_deref(), Some(&[String::new()][..]));
+        assert_eq!(r.api_versions.as_deref(), Some(&["v1".to_owned()][..]));
+    }
 }
 
 /// Runs the matchCondition with a CEL interpreter on pods, as the API server
@@ -1185,9 +1202,7 @@ fn mutate_mode_replaces_the_validating_pod_webhook_with_a_mutating_one() {
     assert_eq!(w.side_effects, "None");
     assert_eq!(w.admission_review_versions, ["v1"]);
     assert_eq!(w.timeout_seconds, Some(5));
-    let rule = &w.rules.as_deref().unwrap()[0];
-    assert_eq!(rule.resources.as_deref(), Some(&["pods".to_owned()][..]));
-    assert_eq!(rule.operations.as_deref(), Some(&["CREATE".to_owned()][..]));
+    check_pod_rules(w.rules.as_deref().unwrap());
     check_vf_pod_condition(&w.match_conditions.as_deref().unwrap()[0].expression);
 }
 
