@@ -15,6 +15,8 @@
 //! same streams that trigger it, so a reconcile never sees a store older
 //! than the event that caused it.
 
+use std::collections::HashMap;
+use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -308,10 +310,11 @@ pub async fn run(
     // The policy controller, with stores of nodes and node states.
     let (policy_nodes, node_writer) = reflector::store();
     let (policy_states, state_writer) = reflector::store();
-    let node_stream = watcher(Api::<Node>::all(client.clone()), wc.clone())
-        .default_backoff()
-        .reflect(node_writer)
-        .touched_objects();
+    let node_stream = node_selection_changes(
+        watcher(Api::<Node>::all(client.clone()), wc.clone())
+            .default_backoff()
+            .reflect(node_writer),
+    );
     let state_stream = watcher(Api::<NodeState>::all(client.clone()), wc.clone())
         .default_backoff()
         .reflect(state_writer)
@@ -341,6 +344,39 @@ pub async fn run(
         .for_each(|_| std::future::ready(()));
 
     futures::join!(nodes, policies);
+}
+
+/// The node events a policy's status depends on: a node's labels (its
+/// selection) and its existence. Kubelets update their Node's status all
+/// the time; passed on, each update would recompute every policy over every
+/// node it selects. A new node, a label change and a deletion pass; so does
+/// every node after a relist (the watch may have missed deletions).
+pub fn node_selection_changes<S>(events: S) -> impl futures::Stream<Item = Result<Node, watcher::Error>>
+where
+    S: futures::Stream<Item = Result<watcher::Event<Node>, watcher::Error>>,
+{
+    let mut labels: HashMap<String, u64> = HashMap::new();
+    events.filter_map(move |event| {
+        let passed = match event {
+            Err(error) => Some(Err(error)),
+            Ok(watcher::Event::Apply(node) | watcher::Event::InitApply(node)) => {
+                let mut hasher = DefaultHasher::new();
+                node.labels().hash(&mut hasher);
+                let hash = hasher.finish();
+                (labels.insert(node.name_any(), hash) != Some(hash)).then_some(Ok(node))
+            }
+            Ok(watcher::Event::Delete(node)) => {
+                labels.remove(&node.name_any());
+                Some(Ok(node))
+            }
+            Ok(watcher::Event::Init) => {
+                labels.clear();
+                None
+            }
+            Ok(watcher::Event::InitDone) => None,
+        };
+        std::future::ready(passed)
+    })
 }
 
 /// The webhook's view of the cluster, over reflector stores that every

@@ -96,7 +96,13 @@ fn start(api: &FakeApi) -> Arc<Metrics> {
 /// Waits (in virtual time, up to two minutes) for `check` to hold; on
 /// timeout, fails with `what` and the requests answered so far.
 async fn until(api: &FakeApi, what: &str, check: impl Fn(&FakeApi) -> bool) {
-    for _ in 0..1200 {
+    within(api, what, Duration::from_secs(120), check).await;
+}
+
+/// [`until`] with a deadline of its own.
+async fn within(api: &FakeApi, what: &str, limit: Duration, check: impl Fn(&FakeApi) -> bool) {
+    let steps = limit.as_millis() / 100;
+    for _ in 0..steps {
         if check(api) {
             return;
         }
@@ -114,6 +120,10 @@ fn policy_status(api: &FakeApi, name: &str) -> Value {
     api.get(POLICIES, name)
         .map_or(Value::Null, |p| p["status"].clone())
 }
+
+/// Well under the policies' five-minute resync: what arrives by then came
+/// through a watch event.
+const SOON: Duration = Duration::from_secs(10);
 
 const STATE_W1: &str = "/apis/vfplane.io/v1alpha1/nodestates/w1";
 
@@ -299,4 +309,62 @@ async fn a_higher_priority_policy_takes_the_contested_vfs_on_arrival() {
 
 fn group(pool: &str, range: &str) -> (String, String) {
     (json!(pool).to_string(), json!(range).to_string())
+}
+
+/// How many reconciles `controller` ran, from the metrics.
+fn reconciles(metrics: &Metrics, controller: &str) -> u64 {
+    let text = metrics.encode();
+    let prefix = format!("vfplane_controller_reconciles_total{{controller=\"{controller}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .map_or(0, |v| v.trim().parse().unwrap())
+}
+
+#[tokio::test(start_paused = true)]
+async fn node_heartbeats_leave_policies_alone_but_new_relabelled_and_deleted_nodes_count() {
+    let api = FakeApi::default();
+    api.put(NODES, node("w1", true));
+    api.put(STATES, reported_state("w1"));
+    api.put(POLICIES, policy("fast", 10, "eth0"));
+    let metrics = start(&api);
+    until(&api, "the policy to count w1", |api| {
+        policy_status(api, "fast")["matchedNodes"] == 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+
+    // Five kubelet heartbeats (status only): no policy is recomputed.
+    let before = reconciles(&metrics, "policies");
+    assert!(before > 0);
+    for beat in 0..5 {
+        api.edit(NODES, "w1", |n| {
+            n["status"]["conditions"] = json!([{"type": "Ready", "status": "True",
+                "lastHeartbeatTime": format!("2026-11-23T12:00:{beat:02}Z")}]);
+        });
+        tokio::time::sleep(Duration::from_secs(10)).await;
+    }
+    assert_eq!(
+        reconciles(&metrics, "policies"),
+        before,
+        "heartbeats recomputed policies"
+    );
+
+    // A new node, a relabelled node and a deleted node each reach the
+    // policy's status (well before its five-minute resync).
+    api.put(STATES, reported_state("w2"));
+    api.put(NODES, node("w2", true));
+    within(&api, "the policy to count the new node", SOON, |api| {
+        policy_status(api, "fast")["matchedNodes"] == 2
+    })
+    .await;
+    api.edit(NODES, "w1", |n| n["metadata"]["labels"] = json!({}));
+    within(&api, "the policy to drop the relabelled node", SOON, |api| {
+        policy_status(api, "fast")["matchedNodes"] == 1
+    })
+    .await;
+    api.delete(NODES, "w2");
+    within(&api, "the policy to drop the deleted node", SOON, |api| {
+        policy_status(api, "fast")["matchedNodes"] == 0
+    })
+    .await;
 }
