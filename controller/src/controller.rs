@@ -5,11 +5,14 @@
 //!   the spec of the NodeState named after the node (field manager
 //!   [`FIELD_MANAGER`], owner reference to the Node so the NodeState goes
 //!   with it). Triggered by the Node, by its NodeState (the agent's status
-//!   tells which PFs exist) and by any VfPolicy change.
+//!   tells which PFs exist) and by a VfPolicy whose generation moved (a
+//!   spec change or its deletion; not its status).
 //! - **policies**: one reconcile per VfPolicy, inside a finalizer. Writes the
 //!   policy's status (matched nodes, requested and ready VFs, conflicts);
 //!   on deletion, keeps the finalizer until no agent reports a VF of the
-//!   policy's pool that no live policy plans.
+//!   policy's pool that no live policy plans. Triggered by the policy, by
+//!   any NodeState (agent status) and by a Node that is new, relabelled or
+//!   deleted ([`node_selection_changes`]; not its status).
 //!
 //! Each controller keeps reflector stores of the other kinds, fed by the
 //! same streams that trigger it, so a reconcile never sees a store older
