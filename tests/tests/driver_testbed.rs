@@ -17,13 +17,11 @@
 #![allow(clippy::expect_used, clippy::unwrap_used)] // test: a panic is the failure report
 
 use std::collections::HashSet;
-use std::net::UdpSocket;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use vfplane_tests::Wire;
 use xtask::testbed::{GuestOptions, RunningGuest, Testbed};
 
 const HOST_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x00, 0xaa];
@@ -70,76 +68,6 @@ fn parse_mac(text: &str) -> [u8; 6] {
         *byte = u8::from_str_radix(part, 16).expect("hex MAC");
     }
     mac
-}
-
-/// Everything the guest's PF sends, as it arrives.
-struct Wire {
-    frames: Arc<Mutex<Vec<Vec<u8>>>>,
-    stop: Arc<AtomicBool>,
-    reader: Option<thread::JoinHandle<()>>,
-}
-
-impl Wire {
-    fn listen(socket: UdpSocket) -> Self {
-        let frames = Arc::new(Mutex::new(Vec::new()));
-        let stop = Arc::new(AtomicBool::new(false));
-        socket
-            .set_read_timeout(Some(Duration::from_millis(50)))
-            .expect("read timeout");
-        // pktgen outruns the default 208 KiB (~270 small datagrams) while the
-        // reader thread is descheduled on a 2-core machine running TCG.
-        let _ = socket2::SockRef::from(&socket).set_recv_buffer_size(4 << 20);
-        let reader = {
-            let (frames, stop) = (Arc::clone(&frames), Arc::clone(&stop));
-            thread::spawn(move || {
-                let mut buf = vec![0u8; 65536];
-                while !stop.load(Ordering::Relaxed) {
-                    if let Ok((n, _)) = socket.recv_from(&mut buf) {
-                        frames.lock().unwrap().push(buf[..n].to_vec());
-                    }
-                }
-            })
-        };
-        Self {
-            frames,
-            stop,
-            reader: Some(reader),
-        }
-    }
-
-    /// Test frames from `src` received so far, taken (each program run in
-    /// the guest has its own MAC, so phases do not mix).
-    fn take_from(&self, src: [u8; 6]) -> Vec<Vec<u8>> {
-        let mut frames = self.frames.lock().unwrap();
-        let (mine, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut *frames)
-            .into_iter()
-            .partition(|f| f.len() >= 14 && f[6..12] == src);
-        *frames = rest;
-        mine.into_iter().filter(|f| f[12..14] == ETHERTYPE_TEST).collect()
-    }
-
-    /// Waits until no frame came for `quiet`.
-    fn settle(&self, quiet: Duration) {
-        let mut last = self.frames.lock().unwrap().len();
-        let mut since = Instant::now();
-        while since.elapsed() < quiet {
-            thread::sleep(Duration::from_millis(50));
-            let now = self.frames.lock().unwrap().len();
-            if now != last {
-                last = now;
-                since = Instant::now();
-            }
-        }
-    }
-}
-
-impl Drop for Wire {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(r) = self.reader.take() {
-            let _ = r.join();
-        }
-    }
 }
 
 /// Waits for a JSON line of the guest's output that `pick` accepts.
@@ -228,7 +156,7 @@ fn vf_on_vfio_sends_receives_echoes_and_is_isolated() {
     assert_no_error(&pktgen);
     wire.settle(Duration::from_secs(2));
     let vf_mac = parse_mac(pktgen["mac"].as_str().expect("mac"));
-    let received = wire.take_from(vf_mac);
+    let received = wire.take_from(vf_mac, ETHERTYPE_TEST);
     let mut seen = HashSet::new();
     let mut wrong = 0;
     for f in &received {
@@ -297,7 +225,7 @@ fn vf_on_vfio_sends_receives_echoes_and_is_isolated() {
     eprintln!("echo: {echo}");
     assert_no_error(&echo);
     wire.settle(Duration::from_secs(1));
-    let echoed = wire.take_from(vf_mac);
+    let echoed = wire.take_from(vf_mac, ETHERTYPE_TEST);
     let mut seen = HashSet::new();
     for f in &echoed {
         let seq = u32::from_be_bytes([f[14], f[15], f[16], f[17]]);
@@ -327,11 +255,9 @@ fn vf_on_vfio_sends_receives_echoes_and_is_isolated() {
     let outcome = guest.wait().expect("guest finishes");
     wire.settle(Duration::from_millis(500));
     let isolation_vf_mac = parse_mac(isolation["mac"].as_str().expect("mac"));
-    let tx_phase = wire.take_from(isolation_vf_mac);
+    let tx_phase = wire.take_from(isolation_vf_mac, ETHERTYPE_TEST);
     let canary_bytes_seen = wire
-        .frames
-        .lock()
-        .unwrap()
+        .remaining()
         .iter()
         .any(|f| f.windows(16).any(|w| w.iter().all(|&b| b == 0xA5)));
     drop(wire);
@@ -494,7 +420,7 @@ pktgen --pci $vf --count {COUNT} --size {SIZE} --dst {HOST_MAC_TEXT}
     assert_eq!(outcome.exit_code, 0, "script failed:\n{}", outcome.output);
     assert_eq!(pktgen["mac"], ADMIN_MAC, "the driver uses the PF's MAC: {pktgen}");
     let admin = parse_mac(ADMIN_MAC);
-    let received = wire.take_from(admin);
+    let received = wire.take_from(admin, ETHERTYPE_TEST);
     let exact = (0..COUNT)
         .filter(|&seq| received.contains(&test_frame(HOST_MAC, admin, seq, SIZE)))
         .count();

@@ -22,6 +22,12 @@ enum Command {
         #[command(subcommand)]
         command: TestbedCommand,
     },
+    /// A real one-node Kubernetes cluster: control plane on the host, the
+    /// testbed guest as its node.
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCommand,
+    },
     /// The end-to-end demo on the testbed node.
     Demo {
         #[command(flatten)]
@@ -55,6 +61,22 @@ enum TestbedCommand {
         script: PathBuf,
         #[command(flatten)]
         guest: GuestArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ClusterCommand {
+    /// Build the cluster's Go binaries from their Go modules (or find them
+    /// cached), then stop.
+    Build,
+    /// Start the cluster, print how to reach it, and keep it until the
+    /// command is interrupted or --hold seconds have passed.
+    Up {
+        #[command(flatten)]
+        guest: GuestArgs,
+        /// Stop after this many seconds (default: run until interrupted).
+        #[arg(long)]
+        hold: Option<u64>,
     },
 }
 
@@ -93,7 +115,7 @@ impl GuestArgs {
             },
             kernel_vf_driver: self.kernel_vf_driver,
             timeout: Duration::from_secs(self.timeout),
-            files: Vec::new(),
+            ..GuestOptions::default()
         }
     }
 }
@@ -138,6 +160,23 @@ fn run(cli: Cli) -> Result<ExitCode> {
             run_demo(&options, begun)
         }
         Command::Test { slow } => run_tests(slow, begun),
+        Command::Cluster {
+            command: ClusterCommand::Build,
+        } => {
+            let binaries = xtask::cluster::binaries::ensure(&xtask::testbed::workspace_root())?;
+            eprintln!(
+                "cluster: Go binaries ready in {:.1} s:\n  {}\n  {}\n  {}\n  {}",
+                begun.elapsed().as_secs_f64(),
+                binaries.kubernetes.display(),
+                binaries.etcd.display(),
+                binaries.containerd.display(),
+                binaries.cni.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Cluster {
+            command: ClusterCommand::Up { guest, hold },
+        } => cluster_up(&guest, hold),
         Command::Helm => {
             let report = xtask::helm::run(&xtask::testbed::workspace_root())?;
             eprint!("{report}");
@@ -268,6 +307,34 @@ fn run_demo(options: &GuestOptions, begun: Instant) -> Result<ExitCode> {
         outcome.exit_code
     );
     Ok(ExitCode::from(u8::try_from(outcome.exit_code).unwrap_or(1)))
+}
+
+/// `cargo xtask cluster up`: the cluster until interrupted.
+fn cluster_up(guest: &GuestArgs, hold: Option<u64>) -> Result<ExitCode> {
+    let testbed = Testbed::prepare()?;
+    let options = xtask::cluster::ClusterOptions {
+        guest: guest.options(),
+        ..Default::default()
+    };
+    let cluster = xtask::cluster::Cluster::start(&testbed, options)?;
+    let nodes = cluster.kubectl_output(&["get", "nodes", "-o", "wide"])?;
+    eprintln!("{nodes}");
+    let netns = cluster.netns_name();
+    eprintln!(
+        "cluster: up. From another shell:\n  ip netns exec {netns} {} --kubeconfig {} get pods -A\n\
+         control plane logs: {}\nnode logs: {}",
+        cluster.binaries().kube("kubectl").display(),
+        cluster.kubeconfig().display(),
+        cluster.dir().display(),
+        cluster.guest().run_dir().display()
+    );
+    let until = hold.map(|s| std::time::Instant::now() + Duration::from_secs(s));
+    while until.is_none_or(|t| std::time::Instant::now() < t) {
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    eprintln!("cluster: stopping");
+    drop(cluster);
+    Ok(ExitCode::SUCCESS)
 }
 
 fn run_guest(script: &str, options: &GuestOptions, begun: Instant) -> Result<ExitCode> {

@@ -1,6 +1,21 @@
 #!/bin/busybox sh
 # /init of the vfplane testbed guest. The console (ttyS0) carries the
 # kernel's messages; the script's output goes to ttyS1, which the host reads.
+# With VFPLANE_TESTBED_ROOT_ON_TMPFS=1, the first pass copies the initramfs
+# onto a tmpfs and makes that the root (switch_root frees the initramfs):
+# container runtimes cannot pivot_root out of an initramfs. The second pass
+# (this same file, on the new root) goes on as usual.
+if [ -z "$VFPLANE_ROOT_MOVED" ] && /bin/busybox grep -q '^VFPLANE_TESTBED_ROOT_ON_TMPFS=1' /etc/vfplane/testbed.env; then
+  /bin/busybox mkdir -p /newroot
+  /bin/busybox mount -t tmpfs -o size=80%,mode=755 tmpfs /newroot
+  for entry in /*; do
+    case $entry in /newroot|/proc|/sys|/dev) continue ;; esac
+    /bin/busybox cp -a "$entry" /newroot/
+  done
+  /bin/busybox mkdir -p /newroot/proc /newroot/sys /newroot/dev
+  export VFPLANE_ROOT_MOVED=1
+  exec /bin/busybox switch_root /newroot /init
+fi
 /bin/busybox --install -s /bin
 export PATH=/usr/local/bin:/bin:/sbin:/usr/bin:/usr/sbin
 export HOME=/root
@@ -29,6 +44,11 @@ if [ "$VFPLANE_TESTBED_KERNEL_VF_DRIVER" = 1 ]; then
 else
   # Without the kernel VF driver loaded, new VFs stay unbound.
   :
+fi
+if [ "$VFPLANE_TESTBED_NODE_MODULES" = 1 ]; then
+  for m in $(cat /etc/vfplane/node-modules); do
+    insmod "/lib/modules/vfplane/$m" || echo "testbed: insmod $m failed" > $out
+  done
 fi
 
 ip link set lo up

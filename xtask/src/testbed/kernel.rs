@@ -17,6 +17,25 @@ pub const BOOT_MODULES: &[&str] = &["igb", "vfio_iommu_type1", "vfio_pci"];
 /// Modules shipped in the guest but loaded only on request (the kernel VF
 /// driver, for netdevice VFs and the kernel-path baseline).
 pub const OPTIONAL_MODULES: &[&str] = &["igbvf"];
+/// Modules a Kubernetes node needs, loaded on request: containerd's
+/// overlayfs snapshotter, the CNI bridge and veth pairs, nf_tables for
+/// kube-proxy, and the virtio NIC the node is reached through.
+pub const NODE_MODULES: &[&str] = &[
+    "overlay",
+    "bridge",
+    "veth",
+    "br_netfilter",
+    "nf_tables",
+    "nft_ct",
+    "nft_nat",
+    "nft_chain_nat",
+    "nft_masq",
+    "nft_fib_inet",
+    "nft_fib_ipv4",
+    "nft_numgen",
+    "nft_reject_inet",
+    "virtio_net",
+];
 
 /// A kernel ready to boot: its image and its modules in load order.
 #[derive(Debug, Clone)]
@@ -29,6 +48,8 @@ pub struct GuestKernel {
     pub boot_modules: Vec<PathBuf>,
     /// Decompressed optional modules (and any dependency not already loaded at boot), in load order.
     pub optional_modules: Vec<PathBuf>,
+    /// Decompressed [`NODE_MODULES`] (and any dependency not loaded at boot), in load order.
+    pub node_modules: Vec<PathBuf>,
 }
 
 /// Makes sure the kernel is cached in `cache` and returns it.
@@ -36,10 +57,12 @@ pub struct GuestKernel {
 /// # Errors
 /// When apt cannot find or download the package, or the package lacks a module.
 pub fn ensure(cache: &Path) -> Result<GuestKernel> {
+    // The stamp records the module lists: a changed list refetches.
     let stamp = cache.join("READY");
-    if !stamp.is_file() {
+    let wanted = format!("{BOOT_MODULES:?}\n{OPTIONAL_MODULES:?}\n{NODE_MODULES:?}\n");
+    if fs::read_to_string(&stamp).ok().as_deref() != Some(wanted.as_str()) {
         fetch(cache)?;
-        fs::write(&stamp, "ok\n")?;
+        fs::write(&stamp, wanted)?;
     }
     load(cache)
 }
@@ -57,6 +80,7 @@ fn load(cache: &Path) -> Result<GuestKernel> {
         vmlinuz: cache.join("vmlinuz"),
         boot_modules: read_list("boot-modules")?,
         optional_modules: read_list("optional-modules")?,
+        node_modules: read_list("node-modules")?,
         release,
     })
 }
@@ -134,7 +158,8 @@ fn fetch(cache: &Path) -> Result<()> {
     let boot_order = load_order(&deps, BOOT_MODULES, &BTreeSet::new())?;
     let already: BTreeSet<String> = boot_order.iter().cloned().collect();
     let optional_order = load_order(&deps, OPTIONAL_MODULES, &already)?;
-    for list in [&boot_order, &optional_order] {
+    let node_order = load_order(&deps, NODE_MODULES, &already)?;
+    for list in [&boot_order, &optional_order, &node_order] {
         for path in list {
             decompress(&modules_dir.join(path), &out.join(module_file_name(path)))?;
         }
@@ -146,6 +171,7 @@ fn fetch(cache: &Path) -> Result<()> {
     };
     fs::write(cache.join("boot-modules"), names(&boot_order))?;
     fs::write(cache.join("optional-modules"), names(&optional_order))?;
+    fs::write(cache.join("node-modules"), names(&node_order))?;
     fs::write(cache.join("release"), format!("{release}\n"))?;
     fs::remove_dir_all(&download)?;
     Ok(())

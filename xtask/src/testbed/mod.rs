@@ -6,15 +6,17 @@
 //! [`Testbed::prepare`] installs and caches what it needs (idempotently);
 //! [`Testbed::start`] boots a guest that runs one script as root and powers
 //! off; [`RunningGuest::wait`] collects its output and exit code. Frames the
-//! guest's PFs send leave through `-netdev dgram` as UDP datagrams on
-//! 127.0.0.1: [`RunningGuest::pf_link`] gives the host side of each link.
+//! guest's PFs send leave through `-netdev dgram` as datagrams on a unix
+//! socket in the run directory (so a guest inside a network namespace is
+//! reached the same way): [`RunningGuest::pf_link`] gives the host side of
+//! each link.
 
 mod cpio;
 mod kernel;
 
 use std::fs::{self, File};
 use std::io::{Read as _, Seek as _, SeekFrom};
-use std::net::UdpSocket;
+use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -40,7 +42,7 @@ pub enum Topology {
 }
 
 impl Topology {
-    /// How many PFs (and so UDP links) the guest has.
+    /// How many PFs (and so datagram links) the guest has.
     pub fn pf_count(self) -> usize {
         match self {
             Self::SinglePf => 1,
@@ -75,7 +77,21 @@ pub struct GuestOptions {
     pub timeout: Duration,
     /// Extra files put into the guest: (guest path, contents, mode).
     pub files: Vec<(String, Vec<u8>, u32)>,
+    /// Run QEMU inside this network namespace (`ip netns exec`).
+    pub netns: Option<String>,
+    /// A management NIC (virtio-net, MAC [`MGMT_MAC`]) on this tap device,
+    /// which must already exist in the guest's network namespace.
+    pub tap: Option<String>,
+    /// Move the root off the initramfs onto a tmpfs before anything runs
+    /// (container runtimes cannot `pivot_root` out of an initramfs).
+    pub root_on_tmpfs: bool,
+    /// Load the kernel modules a Kubernetes node needs (overlayfs, bridge,
+    /// veth, nf_tables, virtio-net).
+    pub node_modules: bool,
 }
+
+/// The management NIC's MAC address (see [`GuestOptions::tap`]).
+pub const MGMT_MAC: &str = "52:54:00:76:66:01";
 
 impl Default for GuestOptions {
     fn default() -> Self {
@@ -87,6 +103,10 @@ impl Default for GuestOptions {
             kernel_vf_driver: false,
             timeout: Duration::from_secs(300),
             files: Vec::new(),
+            netns: None,
+            tap: None,
+            root_on_tmpfs: false,
+            node_modules: false,
         }
     }
 }
@@ -102,14 +122,14 @@ pub struct Testbed {
     accel: Accel,
 }
 
-/// The host side of one PF's link: datagrams sent to `guest_port` arrive in
+/// The host side of one PF's link: datagrams sent to `guest_path` arrive in
 /// the guest as received frames; frames the guest sends arrive on `socket`.
 #[derive(Debug)]
 pub struct PfLink {
-    /// Port QEMU listens on (host -> guest).
-    pub guest_port: u16,
-    /// Bound to the port QEMU sends to (guest -> host).
-    pub socket: UdpSocket,
+    /// The unix datagram socket QEMU binds (host -> guest).
+    pub guest_path: PathBuf,
+    /// Bound to the path QEMU sends to (guest -> host).
+    pub socket: UnixDatagram,
 }
 
 impl PfLink {
@@ -118,7 +138,7 @@ impl PfLink {
     /// # Errors
     /// Socket errors.
     pub fn send_frame(&self, frame: &[u8]) -> std::io::Result<usize> {
-        self.socket.send_to(frame, ("127.0.0.1", self.guest_port))
+        self.socket.send_to(frame, &self.guest_path)
     }
 }
 
@@ -253,9 +273,12 @@ impl Testbed {
         }
         run.file("etc/vfplane/script", 0o755, script.as_bytes());
         let env = format!(
-            "VFPLANE_TESTBED_VFS={}\nVFPLANE_TESTBED_KERNEL_VF_DRIVER={}\n",
+            "VFPLANE_TESTBED_VFS={}\nVFPLANE_TESTBED_KERNEL_VF_DRIVER={}\n\
+             VFPLANE_TESTBED_ROOT_ON_TMPFS={}\nVFPLANE_TESTBED_NODE_MODULES={}\n",
             options.vfs,
-            u8::from(options.kernel_vf_driver)
+            u8::from(options.kernel_vf_driver),
+            u8::from(options.root_on_tmpfs),
+            u8::from(options.node_modules),
         );
         run.file("etc/vfplane/testbed.env", 0o644, env.as_bytes());
         for (path, contents, mode) in &options.files {
@@ -267,17 +290,34 @@ impl Testbed {
         let mut links = Vec::new();
         let mut netdev_args = Vec::new();
         for index in 0..options.topology.pf_count() {
-            let socket = UdpSocket::bind("127.0.0.1:0")?;
-            let host_port = socket.local_addr()?.port();
-            let guest_port = free_udp_port()?;
+            let host_path = run_dir.join(format!("pf{index}.host"));
+            let guest_path = run_dir.join(format!("pf{index}.guest"));
+            // sockaddr_un holds 107 bytes of path.
+            if guest_path.as_os_str().len() > 107 {
+                bail!(
+                    "the testbed's run directory {} is too deep for a unix socket path; \
+                     set CARGO_TARGET_DIR to a shorter path",
+                    run_dir.display()
+                );
+            }
+            let socket = UnixDatagram::bind(&host_path)
+                .with_context(|| format!("binding {}", host_path.display()))?;
             netdev_args.push(format!(
-                "dgram,id=n{index},local.type=inet,local.host=127.0.0.1,local.port={guest_port},\
-                 remote.type=inet,remote.host=127.0.0.1,remote.port={host_port}"
+                "dgram,id=n{index},local.type=unix,local.path={},remote.type=unix,remote.path={}",
+                guest_path.display(),
+                host_path.display()
             ));
-            links.push(PfLink { guest_port, socket });
+            links.push(PfLink { guest_path, socket });
         }
 
-        let mut qemu = Command::new("qemu-system-x86_64");
+        let mut qemu = match &options.netns {
+            Some(netns) => {
+                let mut ip = Command::new("ip");
+                ip.args(["netns", "exec", netns, "qemu-system-x86_64"]);
+                ip
+            }
+            None => Command::new("qemu-system-x86_64"),
+        };
         let accel = match self.accel {
             Accel::Tcg => "tcg",
             Accel::Kvm => "kvm",
@@ -299,6 +339,19 @@ impl Testbed {
             .arg(format!("file:{}", run_dir.join("console.log").display()));
         qemu.arg("-serial")
             .arg(format!("file:{}", run_dir.join("output.log").display()));
+        // Two more ports for long-running guest services' logs (ttyS2, ttyS3).
+        for port in [2, 3] {
+            qemu.arg("-serial")
+                .arg(format!("file:{}", run_dir.join(format!("serial{port}.log")).display()));
+        }
+        if let Some(tap) = &options.tap {
+            qemu.args([
+                "-netdev",
+                &format!("tap,id=mgmt,ifname={tap},script=no,downscript=no"),
+                "-device",
+                &format!("virtio-net-pci,netdev=mgmt,mac={MGMT_MAC}"),
+            ]);
+        }
         match options.topology {
             Topology::SinglePf => {
                 qemu.args(["-device", "intel-iommu,intremap=on,caching-mode=on"]);
@@ -354,7 +407,32 @@ impl Testbed {
     }
 }
 
+impl Drop for RunningGuest {
+    /// A guest never outlives its owner: QEMU is killed if still running.
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 impl RunningGuest {
+    /// Whether QEMU still runs.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// The log file of serial port `ttyS<port>` (2 or 3: free for guest services).
+    pub fn serial_log(&self, port: u8) -> PathBuf {
+        self.run_dir.join(format!("serial{port}.log"))
+    }
+
+    /// The guest kernel's console log.
+    pub fn console_log(&self) -> PathBuf {
+        self.run_dir.join("console.log")
+    }
+
     /// The host side of PF `index`'s link.
     pub fn pf_link(&self, index: usize) -> Option<&PfLink> {
         self.links.get(index)
@@ -471,11 +549,6 @@ fn read_from(path: &Path, offset: u64) -> Option<String> {
     let mut text = String::new();
     file.read_to_string(&mut text).ok()?;
     Some(text)
-}
-
-fn free_udp_port() -> Result<u16> {
-    let socket = UdpSocket::bind("127.0.0.1:0")?;
-    Ok(socket.local_addr()?.port())
 }
 
 fn tempdir_in(parent: &Path) -> Result<PathBuf> {
@@ -600,6 +673,7 @@ fn build_base_initrd(kernel: &GuestKernel, path: &Path) -> Result<()> {
         "etc/vfplane/optional-modules",
         &mut archive,
     )?;
+    names(&kernel.node_modules, "etc/vfplane/node-modules", &mut archive)?;
     // runc, for real containers in the guest, with the shared libraries it needs.
     if let Ok(runc) = which("runc") {
         archive.file("usr/bin/runc", 0o755, &fs::read(&runc)?);

@@ -1,0 +1,269 @@
+//! The real cluster: kube-apiserver, controller-manager and scheduler on the
+//! host, kubelet and containerd in the emulated SR-IOV guest, and vfplane's
+//! agent and device plugin started in the node as plain processes. Proves
+//! that the kubelet takes our device plugin: the pool shows in the node's
+//! allocatable; a pod asking for a VF runs the driver's `pktgen` on it and
+//! the host counts the frames; unbinding the VF shows as Unhealthy in the
+//! pod's `allocatedResourcesStatus` and rebinding as Healthy; and after a
+//! kubelet restart the plugin registers again and the next pod gets a VF.
+
+#![allow(clippy::expect_used)] // test: a panic is the failure report
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use vfplane_tests::Wire;
+use xtask::cluster::images::VFPLANE_IMAGE;
+use xtask::cluster::{Cluster, ClusterOptions, NODE_NAME};
+use xtask::testbed::Testbed;
+
+const ETHERTYPE_TEST: [u8; 2] = [0x88, 0xb5];
+const VF0_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x00, 0x01];
+const VF1_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x00, 0x02];
+const FRAMES: u32 = 2000;
+
+/// In the node after kubelet starts: the agent makes two vfio-pci VFs with
+/// fixed MACs for pool `fast`, then the device plugin serves the pool.
+const NODE_EXTRA: &str = r#"
+mkdir -p /etc/vfplane
+cat > /tmp/state.yaml <<'Y'
+spec:
+  pfs:
+    - pciAddress: "0000:00:02.0"
+      numVfs: 2
+      vfGroups:
+        - resourceName: fast
+          vfRange: "0-1"
+          deviceType: vfio-pci
+          macs: ["02:00:00:00:00:01", "02:00:00:00:00:02"]
+Y
+VFPLANE_LOG=warn vfplane-agent apply --state-file /tmp/state.yaml --status-file /tmp/status.json \
+  --pool-config /etc/vfplane/pools.yaml
+echo "node: agent applied: $(cat /etc/vfplane/pools.yaml | tr '\n' ' ')"
+(vfplane-device-plugin --pool-config /etc/vfplane/pools.yaml 2>&1 | sed 's/^/device-plugin: /') &
+"#;
+
+fn pod(name: &str, command: &str, privileged: bool) -> String {
+    let resources = if privileged {
+        String::new()
+    } else {
+        "      resources:\n        limits:\n          vfplane.io/fast: 1\n".to_owned()
+    };
+    let host = if privileged {
+        "  hostPID: true\n  hostNetwork: true\n"
+    } else {
+        ""
+    };
+    let security = if privileged {
+        "      securityContext:\n        privileged: true\n"
+    } else {
+        ""
+    };
+    format!(
+        "apiVersion: v1
+kind: Pod
+metadata:
+  name: {name}
+spec:
+  restartPolicy: Never
+  terminationGracePeriodSeconds: 1
+{host}  containers:
+    - name: main
+      image: {VFPLANE_IMAGE}
+      imagePullPolicy: IfNotPresent
+      command: [\"sh\", \"-c\", {command:?}]
+{resources}{security}"
+    )
+}
+
+fn pod_phase(cluster: &Cluster, name: &str) -> String {
+    cluster
+        .kubectl_output(&["get", "pod", name, "-o=jsonpath={.status.phase}"])
+        .unwrap_or_default()
+}
+
+/// The resource health the kubelet reports for `pod`'s container:
+/// (resourceID, health) pairs of `vfplane.io/fast`.
+fn allocated_health(cluster: &Cluster, pod: &str) -> Vec<(String, String)> {
+    let Ok(pod) = cluster.kubectl_json(&["get", "pod", pod]) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for status in pod["status"]["containerStatuses"].as_array().into_iter().flatten() {
+        for resource in status["allocatedResourcesStatus"].as_array().into_iter().flatten() {
+            if resource["name"] != "vfplane.io/fast" {
+                continue;
+            }
+            for r in resource["resources"].as_array().into_iter().flatten() {
+                out.push((
+                    r["resourceID"].as_str().unwrap_or_default().to_owned(),
+                    r["health"].as_str().unwrap_or_default().to_owned(),
+                ));
+            }
+        }
+    }
+    out
+}
+
+fn allocatable_fast(cluster: &Cluster) -> Option<String> {
+    cluster
+        .kubectl_output(&[
+            "get",
+            "node",
+            NODE_NAME,
+            "-o=jsonpath={.status.allocatable.vfplane\\.io/fast}",
+        ])
+        .ok()
+        .filter(|s| !s.trim().is_empty())
+}
+
+fn node_shell(cluster: &Cluster, script: &str) -> String {
+    cluster
+        .kubectl_output(&["exec", "node-shell", "--", "sh", "-c", script])
+        .unwrap_or_else(|e| panic!("node-shell `{script}`: {e:#}\n{}", cluster.node_logs()))
+}
+
+#[test]
+fn kubelet_runs_a_pod_on_a_vf_from_our_device_plugin() {
+    let testbed = Testbed::prepare().expect("testbed");
+    let mut cluster = Cluster::start(
+        &testbed,
+        ClusterOptions {
+            node_extra: Some(NODE_EXTRA.to_owned()),
+            ..ClusterOptions::default()
+        },
+    )
+    .expect("cluster starts and the node is Ready");
+    let socket = cluster
+        .guest()
+        .pf_link(0)
+        .expect("PF link")
+        .socket
+        .try_clone()
+        .expect("socket");
+    let wire = Wire::listen(socket);
+
+    // 1. The pool reaches the node's allocatable through the real kubelet.
+    let begun = Instant::now();
+    cluster
+        .wait_until("vfplane.io/fast in the node's allocatable", Duration::from_secs(180), |c| {
+            Ok(allocatable_fast(c).as_deref() == Some("2"))
+        })
+        .expect("allocatable");
+    eprintln!(
+        "smoke: allocatable vfplane.io/fast=2 after {:.1} s",
+        begun.elapsed().as_secs_f64()
+    );
+
+    // 2. A pod asking for one VF runs pktgen on it from the environment alone.
+    let created = Instant::now();
+    let script = format!(
+        "echo VFIO: $(ls /dev/vfio | tr '\\n' ' '); env | grep '^PCIDEVICE_'; \
+         pktgen --count {FRAMES} --size 60 --dst 02:00:00:00:00:aa && sleep 3600"
+    );
+    cluster
+        .kubectl_stdin(&["apply", "-f", "-"], &pod("tenant-a", &script, false))
+        .expect("create tenant-a");
+    cluster
+        .wait_until("tenant-a's pktgen line", Duration::from_secs(240), |c| {
+            let phase = pod_phase(c, "tenant-a");
+            anyhow::ensure!(phase != "Failed", "tenant-a failed: {}", c.kubectl_output(&["logs", "tenant-a"]).unwrap_or_default());
+            Ok(c.kubectl_output(&["logs", "tenant-a"]).is_ok_and(|l| l.contains("\"tool\":\"pktgen\"")))
+        })
+        .expect("tenant-a runs pktgen");
+    let first_frame_after = created.elapsed().as_secs_f64();
+    let logs = cluster.kubectl_output(&["logs", "tenant-a"]).expect("logs");
+    eprintln!("smoke: tenant-a logs:\n{logs}");
+    let line: Value = logs
+        .lines()
+        .find(|l| l.contains("\"tool\":\"pktgen\""))
+        .and_then(|l| serde_json::from_str(l).ok())
+        .expect("pktgen JSON line");
+    let vf = logs
+        .lines()
+        .find_map(|l| l.strip_prefix("PCIDEVICE_VFPLANE_IO_FAST="))
+        .expect("PCIDEVICE_VFPLANE_IO_FAST in the container")
+        .trim()
+        .to_owned();
+    assert_eq!(line["pci"], vf.as_str(), "pktgen drove the VF the plugin gave");
+    let vfio_line = logs.lines().find(|l| l.starts_with("VFIO:")).expect("VFIO line");
+    let groups: Vec<&str> = vfio_line
+        .trim_start_matches("VFIO:")
+        .split_whitespace()
+        .collect();
+    assert!(groups.contains(&"vfio"), "the container has /dev/vfio/vfio: {vfio_line}");
+    assert_eq!(groups.len(), 2, "exactly the container node and one group: {vfio_line}");
+    let mac = if vf == "0000:00:12.0" { VF0_MAC } else { VF1_MAC };
+    wire.settle(Duration::from_secs(2));
+    let counted = wire.take_from(mac, ETHERTYPE_TEST).len();
+    eprintln!(
+        "smoke: pod created -> pktgen done in {first_frame_after:.1} s; {FRAMES} sent by {vf}, the host counted {counted}"
+    );
+    assert_eq!(line["hw_tx_packets"], FRAMES, "the VF's own counter");
+    assert_eq!(counted, FRAMES as usize, "frames the host counted on the PF's wire");
+
+    // 3. Health: unbinding the VF from vfio-pci is Unhealthy in the pod's
+    // allocatedResourcesStatus, rebinding it Healthy.
+    cluster
+        .kubectl_stdin(&["apply", "-f", "-"], &pod("node-shell", "sleep 3600", true))
+        .expect("node-shell");
+    cluster
+        .wait_until("node-shell running", Duration::from_secs(120), |c| Ok(pod_phase(c, "node-shell") == "Running"))
+        .expect("node-shell runs");
+    cluster
+        .wait_until("tenant-a's VF Healthy", Duration::from_secs(60), |c| {
+            Ok(allocated_health(c, "tenant-a") == [(vf.clone(), "Healthy".to_owned())])
+        })
+        .expect("Healthy first");
+    node_shell(&cluster, &format!("echo {vf} > /sys/bus/pci/drivers/vfio-pci/unbind"));
+    let unbound = Instant::now();
+    cluster
+        .wait_until("tenant-a's VF Unhealthy after unbind", Duration::from_secs(60), |c| {
+            Ok(allocated_health(c, "tenant-a") == [(vf.clone(), "Unhealthy".to_owned())])
+        })
+        .expect("Unhealthy");
+    eprintln!("smoke: unbind -> Unhealthy in the pod status after {:.1} s", unbound.elapsed().as_secs_f64());
+    node_shell(&cluster, &format!("echo {vf} > /sys/bus/pci/drivers_probe"));
+    let rebound = Instant::now();
+    cluster
+        .wait_until("tenant-a's VF Healthy after rebind", Duration::from_secs(60), |c| {
+            Ok(allocated_health(c, "tenant-a") == [(vf.clone(), "Healthy".to_owned())])
+        })
+        .expect("Healthy again");
+    eprintln!("smoke: rebind -> Healthy in the pod status after {:.1} s", rebound.elapsed().as_secs_f64());
+
+    // 4. A kubelet restart: the plugin registers again and a new pod gets the other VF.
+    node_shell(&cluster, "pkill -x kubelet");
+    let restarted = Instant::now();
+    cluster
+        .wait_until("kubelet back with vfplane.io/fast", Duration::from_secs(240), |c| {
+            let ready = c
+                .kubectl_output(&["get", "node", NODE_NAME, "-o=jsonpath={.status.conditions[?(@.type==\"Ready\")].status}"])
+                .unwrap_or_default();
+            Ok(ready.trim() == "True" && allocatable_fast(c).as_deref() == Some("2"))
+        })
+        .expect("kubelet restarted");
+    eprintln!("smoke: kubelet restart -> Ready with the pool after {:.1} s", restarted.elapsed().as_secs_f64());
+    cluster
+        .kubectl_stdin(
+            &["apply", "-f", "-"],
+            &pod("tenant-b", "env | grep '^PCIDEVICE_'; ls /dev/vfio", false),
+        )
+        .expect("create tenant-b");
+    cluster
+        .wait_until("tenant-b Succeeded", Duration::from_secs(180), |c| {
+            let phase = pod_phase(c, "tenant-b");
+            anyhow::ensure!(phase != "Failed", "tenant-b failed");
+            Ok(phase == "Succeeded")
+        })
+        .expect("tenant-b runs");
+    let logs_b = cluster.kubectl_output(&["logs", "tenant-b"]).expect("logs b");
+    let vf_b = logs_b
+        .lines()
+        .find_map(|l| l.strip_prefix("PCIDEVICE_VFPLANE_IO_FAST="))
+        .expect("tenant-b got a VF")
+        .trim()
+        .to_owned();
+    assert_ne!(vf_b, vf, "tenant-a still holds its VF; tenant-b gets the other");
+    eprintln!("smoke: cluster start-up steps: {:?}", cluster.timings);
+}

@@ -1,0 +1,706 @@
+//! A real one-node Kubernetes cluster whose node is the testbed guest.
+//!
+//! The control plane (etcd, kube-apiserver, kube-controller-manager,
+//! kube-scheduler) runs on the host; the node (containerd, kubelet, the
+//! CNI bridge) runs in the emulated SR-IOV guest. Everything lives in a
+//! network namespace made for the run: the host side of the guest's
+//! management NIC is `10.254.0.1`, the node is `10.254.0.2`, pods are
+//! `10.244.0.0/24` and Services `10.96.0.0/16`, both routed to the node.
+//! Clients (kubectl, helm, tests) run inside the namespace too
+//! ([`Cluster::kubectl`], [`Cluster::command`]). Dropping the [`Cluster`]
+//! stops the guest and every process, and deletes the namespace.
+//!
+//! Images come from no registry: [`images`] builds them as OCI archives and
+//! the node imports them into containerd at boot.
+
+pub mod binaries;
+pub mod images;
+mod netns;
+pub mod pki;
+
+use std::fs::{self, File};
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::testbed::{GuestOptions, MGMT_MAC, RunningGuest, Testbed};
+pub use binaries::GoBinaries;
+pub use netns::Netns;
+use pki::{ClusterPki, PkiNames};
+
+/// The node's name.
+pub const NODE_NAME: &str = "vfplane-node";
+/// The host (control plane) side of the node's management link.
+pub const HOST_IP: Ipv4Addr = Ipv4Addr::new(10, 254, 0, 1);
+/// The node's address.
+pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 254, 0, 2);
+/// Pod addresses on the node.
+pub const POD_CIDR: &str = "10.244.0.0/24";
+/// Service ClusterIPs.
+pub const SERVICE_CIDR: &str = "10.96.0.0/16";
+/// The `kubernetes` Service's ClusterIP (first address of [`SERVICE_CIDR`]).
+pub const KUBERNETES_SERVICE_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 1);
+/// The API server's port.
+pub const APISERVER_PORT: u16 = 6443;
+const TAP: &str = "vfpk0";
+
+const NODE_SCRIPT: &str = include_str!("node.sh");
+
+/// What kind of cluster to start.
+#[derive(Debug, Clone, Default)]
+pub struct ClusterOptions {
+    /// The guest: VFs at boot, memory, CPUs, NUMA topology. The cluster
+    /// sets the namespace, the management NIC and the root itself, and
+    /// raises memory to at least 3 GiB.
+    pub guest: GuestOptions,
+    /// Shell run in the node after kubelet starts (e.g. starting vfplane's
+    /// node binaries as plain processes).
+    pub node_extra: Option<String>,
+}
+
+/// One host process of the control plane, killed on drop.
+#[derive(Debug)]
+struct Service {
+    name: &'static str,
+    child: Child,
+    log: PathBuf,
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A running cluster. Field order is drop order: guest, services, namespace.
+#[derive(Debug)]
+pub struct Cluster {
+    guest: RunningGuest,
+    services: Vec<Service>,
+    netns: Netns,
+    dir: PathBuf,
+    kubeconfig: PathBuf,
+    binaries: GoBinaries,
+    /// Seconds each start-up step took, in order.
+    pub timings: Vec<(String, f64)>,
+}
+
+/// The last `lines` lines of a log file ("" when unreadable).
+pub fn log_tail(path: &Path, lines: usize) -> String {
+    let text = fs::read_to_string(path).unwrap_or_default();
+    let text = text.replace('\r', "");
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+impl Cluster {
+    /// Builds or reuses the Go binaries, starts the control plane, boots
+    /// the node and waits until it is `Ready`.
+    ///
+    /// # Errors
+    /// A step that fails or times out: the error names the step and holds
+    /// the last log lines of the component that failed. Everything started
+    /// so far is stopped.
+    pub fn start(testbed: &Testbed, options: ClusterOptions) -> Result<Self> {
+        let begun = Instant::now();
+        let mut timings = Vec::new();
+        let mut mark = |name: &str, since: &mut Instant| {
+            timings.push((name.to_owned(), since.elapsed().as_secs_f64()));
+            eprintln!("cluster: {name} ({:.1} s)", since.elapsed().as_secs_f64());
+            *since = Instant::now();
+        };
+        let mut step = Instant::now();
+        let binaries = binaries::ensure(testbed.workspace())?;
+        mark("Go binaries", &mut step);
+
+        let dir = run_dir(testbed.workspace())?;
+        let pki = ClusterPki::generate(
+            &dir.join("pki"),
+            &PkiNames {
+                node_name: NODE_NAME,
+                node_ip: IpAddr::V4(NODE_IP),
+                apiserver_ips: &[
+                    IpAddr::V4(Ipv4Addr::LOCALHOST),
+                    IpAddr::V4(HOST_IP),
+                    IpAddr::V4(KUBERNETES_SERVICE_IP),
+                ],
+            },
+        )
+        .context("generating the cluster's certificates")?;
+        let local_api = format!("https://127.0.0.1:{APISERVER_PORT}");
+        let kubeconfig = dir.join("admin.kubeconfig");
+        fs::write(&kubeconfig, pki::kubeconfig(&local_api, &pki.ca.cert, "admin", &pki.admin)?)?;
+
+        let netns = Netns::create()?;
+        netns.ip(&["tuntap", "add", "dev", TAP, "mode", "tap"])?;
+        netns.ip(&["addr", "add", &format!("{HOST_IP}/24"), "dev", TAP])?;
+        netns.ip(&["link", "set", TAP, "up"])?;
+
+        let mut cluster_services = Vec::new();
+        let mut start = |name: &'static str, program: PathBuf, args: Vec<String>| -> Result<()> {
+            let log = dir.join(format!("{name}.log"));
+            let file = File::create(&log)?;
+            let child = netns
+                .command(&program)
+                .args(&args)
+                .stdin(Stdio::null())
+                .stdout(file.try_clone()?)
+                .stderr(file)
+                .spawn()
+                .with_context(|| format!("starting {}", program.display()))?;
+            cluster_services.push(Service { name, child, log });
+            Ok(())
+        };
+        let path = |p: &Path| p.display().to_string();
+        let etcd_dir = dir.join("etcd");
+        start(
+            "etcd",
+            binaries.etcd.join("etcd"),
+            vec![
+                "--name=default".into(),
+                format!("--data-dir={}", path(&etcd_dir)),
+                "--listen-client-urls=http://127.0.0.1:2379".into(),
+                "--advertise-client-urls=http://127.0.0.1:2379".into(),
+                "--listen-peer-urls=http://127.0.0.1:2380".into(),
+                "--initial-advertise-peer-urls=http://127.0.0.1:2380".into(),
+                "--initial-cluster=default=http://127.0.0.1:2380".into(),
+                "--unsafe-no-fsync".into(),
+                "--log-level=warn".into(),
+            ],
+        )?;
+        start(
+            "kube-apiserver",
+            binaries.kube("kube-apiserver"),
+            vec![
+                "--etcd-servers=http://127.0.0.1:2379".into(),
+                "--bind-address=0.0.0.0".into(),
+                format!("--secure-port={APISERVER_PORT}"),
+                format!("--advertise-address={HOST_IP}"),
+                format!("--service-cluster-ip-range={SERVICE_CIDR}"),
+                format!("--client-ca-file={}", path(&pki.ca.cert)),
+                format!("--tls-cert-file={}", path(&pki.apiserver.cert)),
+                format!("--tls-private-key-file={}", path(&pki.apiserver.key)),
+                format!("--kubelet-client-certificate={}", path(&pki.apiserver_kubelet_client.cert)),
+                format!("--kubelet-client-key={}", path(&pki.apiserver_kubelet_client.key)),
+                format!("--kubelet-certificate-authority={}", path(&pki.ca.cert)),
+                "--kubelet-preferred-address-types=InternalIP".into(),
+                "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),
+                format!("--service-account-key-file={}", path(&pki.service_account_pub)),
+                format!("--service-account-signing-key-file={}", path(&pki.service_account_key)),
+                "--authorization-mode=Node,RBAC".into(),
+                "--enable-admission-plugins=NodeRestriction".into(),
+                "--allow-privileged=true".into(),
+                "--v=1".into(),
+            ],
+        )?;
+        let cluster_api = format!("https://{HOST_IP}:{APISERVER_PORT}");
+        let component_config = |name: &str, user: &str, cert: &pki::CertFiles| -> Result<PathBuf> {
+            let file = dir.join(format!("{name}.kubeconfig"));
+            fs::write(&file, pki::kubeconfig(&local_api, &pki.ca.cert, user, cert)?)?;
+            Ok(file)
+        };
+        let kcm_config = component_config(
+            "controller-manager",
+            "system:kube-controller-manager",
+            &pki.controller_manager,
+        )?;
+        let scheduler_config = component_config("scheduler", "system:kube-scheduler", &pki.scheduler)?;
+
+        let mut cluster = PartialCluster {
+            services: cluster_services,
+            netns,
+            dir: dir.clone(),
+            kubeconfig: kubeconfig.clone(),
+            kubectl: binaries.kube("kubectl"),
+        };
+        cluster.wait_for("kube-apiserver ready", "kube-apiserver", Duration::from_secs(120), |c| {
+            Ok(c.kubectl_ok(&["get", "--raw=/readyz"]))
+        })?;
+        mark("control plane API ready", &mut step);
+
+        let mut start = |name: &'static str, program: PathBuf, args: Vec<String>| -> Result<()> {
+            let log = dir.join(format!("{name}.log"));
+            let file = File::create(&log)?;
+            let child = cluster
+                .netns
+                .command(&program)
+                .args(&args)
+                .stdin(Stdio::null())
+                .stdout(file.try_clone()?)
+                .stderr(file)
+                .spawn()
+                .with_context(|| format!("starting {}", program.display()))?;
+            cluster.services.push(Service { name, child, log });
+            Ok(())
+        };
+        start(
+            "kube-controller-manager",
+            binaries.kube("kube-controller-manager"),
+            vec![
+                format!("--kubeconfig={}", path(&kcm_config)),
+                format!("--authentication-kubeconfig={}", path(&kcm_config)),
+                format!("--authorization-kubeconfig={}", path(&kcm_config)),
+                "--bind-address=127.0.0.1".into(),
+                format!("--service-account-private-key-file={}", path(&pki.service_account_key)),
+                format!("--root-ca-file={}", path(&pki.ca.cert)),
+                format!("--cluster-signing-cert-file={}", path(&pki.ca.cert)),
+                format!("--cluster-signing-key-file={}", path(&pki.ca.key)),
+                format!("--service-cluster-ip-range={SERVICE_CIDR}"),
+                "--use-service-account-credentials=true".into(),
+                "--leader-elect=false".into(),
+                "--v=1".into(),
+            ],
+        )?;
+        start(
+            "kube-scheduler",
+            binaries.kube("kube-scheduler"),
+            vec![
+                format!("--kubeconfig={}", path(&scheduler_config)),
+                format!("--authentication-kubeconfig={}", path(&scheduler_config)),
+                format!("--authorization-kubeconfig={}", path(&scheduler_config)),
+                "--bind-address=127.0.0.1".into(),
+                "--leader-elect=false".into(),
+                "--v=1".into(),
+            ],
+        )?;
+
+        // The node: binaries, configuration, credentials and images.
+        let image_dir = dir.join("images");
+        let built = images::build_node_images(testbed, &image_dir)?;
+        mark("images built", &mut step);
+        let mut files = Vec::new();
+        let mut add_file = |guest: &str, host: &Path, mode: u32| -> Result<()> {
+            let bytes = fs::read(host).with_context(|| format!("reading {}", host.display()))?;
+            files.push((guest.to_owned(), bytes, mode));
+            Ok(())
+        };
+        for name in ["kubelet", "kube-proxy"] {
+            add_file(&format!("usr/local/bin/{name}"), &binaries.kube(name), 0o755)?;
+        }
+        for name in ["containerd", "containerd-shim-runc-v2", "ctr"] {
+            add_file(&format!("usr/local/bin/{name}"), &binaries.containerd.join(name), 0o755)?;
+        }
+        for name in ["bridge", "host-local", "loopback"] {
+            add_file(&format!("opt/cni/bin/{name}"), &binaries.cni.join(name), 0o755)?;
+        }
+        add_file("var/lib/kubelet/pki/ca.crt", &pki.ca.cert, 0o644)?;
+        add_file("var/lib/kubelet/pki/kubelet.crt", &pki.kubelet_serving.cert, 0o644)?;
+        add_file("var/lib/kubelet/pki/kubelet.key", &pki.kubelet_serving.key, 0o600)?;
+        for image in &built {
+            add_file(
+                &format!("var/lib/vfplane/images/{}", image.file_name),
+                &image.archive,
+                0o644,
+            )?;
+        }
+        let kubelet_kubeconfig = pki::kubeconfig(
+            &cluster_api,
+            &pki.ca.cert,
+            &format!("system:node:{NODE_NAME}"),
+            &pki.kubelet_client,
+        )?;
+        let text_files = [
+            ("var/lib/kubelet/kubeconfig", kubelet_kubeconfig),
+            ("var/lib/kubelet/config.yaml", kubelet_config()),
+            ("etc/containerd/config.toml", containerd_config()),
+            ("etc/cni/net.d/10-vfplane.conflist", cni_config()),
+            (
+                "etc/vfplane/node.env",
+                format!(
+                    "NODE_NAME={NODE_NAME}\nNODE_IP={NODE_IP}\nGATEWAY_IP={HOST_IP}\nMGMT_MAC={MGMT_MAC}\n"
+                ),
+            ),
+        ];
+        for (guest, text) in text_files {
+            files.push((guest.to_owned(), text.into_bytes(), 0o644));
+        }
+        if let Some(extra) = &options.node_extra {
+            files.push(("etc/vfplane/node-extra.sh".to_owned(), extra.clone().into_bytes(), 0o755));
+        }
+        let mut guest_options = options.guest.clone();
+        guest_options.memory_mib = guest_options.memory_mib.max(3072);
+        guest_options.netns = Some(cluster.netns.name().to_owned());
+        guest_options.tap = Some(TAP.to_owned());
+        guest_options.root_on_tmpfs = true;
+        guest_options.node_modules = true;
+        guest_options.files.extend(files);
+        let guest = testbed.start(NODE_SCRIPT, &guest_options)?;
+        // Pods and Services are reached through the node.
+        for cidr in [POD_CIDR, SERVICE_CIDR] {
+            cluster.netns.ip(&["route", "add", cidr, "via", &NODE_IP.to_string()])?;
+        }
+        let mut cluster = Cluster {
+            guest,
+            services: std::mem::take(&mut cluster.services),
+            netns: cluster.into_netns(),
+            dir,
+            kubeconfig,
+            binaries,
+            timings,
+        };
+        cluster.wait_node_ready(Duration::from_secs(600))?;
+        let total = begun.elapsed().as_secs_f64();
+        cluster.timings.push(("node Ready".to_owned(), step.elapsed().as_secs_f64()));
+        cluster.timings.push(("total".to_owned(), total));
+        eprintln!(
+            "cluster: node {NODE_NAME} Ready ({:.1} s; {total:.1} s from the command)",
+            step.elapsed().as_secs_f64()
+        );
+        Ok(cluster)
+    }
+
+    fn wait_node_ready(&mut self, timeout: Duration) -> Result<()> {
+        let begun = Instant::now();
+        let jsonpath = "-o=jsonpath={.status.conditions[?(@.type==\"Ready\")].status}";
+        loop {
+            let out = self
+                .kubectl()
+                .args(["get", "node", NODE_NAME, jsonpath])
+                .output()?;
+            if out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == "True" {
+                return Ok(());
+            }
+            if !self.guest.is_running() {
+                bail!(
+                    "node {NODE_NAME}: the guest stopped before the node was Ready\n{}",
+                    self.node_logs()
+                );
+            }
+            self.check_services("node Ready")?;
+            if begun.elapsed() > timeout {
+                bail!(
+                    "node {NODE_NAME} not Ready after {timeout:?}\n{}",
+                    self.node_logs()
+                );
+            }
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    }
+
+    /// The node's logs, for errors: script output, kubelet, containerd, console.
+    pub fn node_logs(&self) -> String {
+        format!(
+            "--- node script ---\n{}\n--- kubelet (last 30 lines) ---\n{}\n--- containerd (last 15 lines) ---\n{}\n--- console (last 10 lines) ---\n{}",
+            log_tail(&self.guest.run_dir().join("output.log"), 20),
+            log_tail(&self.guest.serial_log(2), 30),
+            log_tail(&self.guest.serial_log(3), 15),
+            log_tail(&self.guest.console_log(), 10),
+        )
+    }
+
+    fn check_services(&mut self, step: &str) -> Result<()> {
+        for service in &mut self.services {
+            if let Some(status) = service.child.try_wait()? {
+                bail!(
+                    "{step}: {} exited ({status}); last lines of its log:\n{}",
+                    service.name,
+                    log_tail(&service.log, 20)
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// `kubectl` with the admin kubeconfig, inside the cluster's namespace.
+    pub fn kubectl(&self) -> Command {
+        let mut command = self.netns.command(self.binaries.kube("kubectl"));
+        command.arg(format!("--kubeconfig={}", self.kubeconfig.display()));
+        command
+    }
+
+    /// Any program inside the cluster's namespace, with `KUBECONFIG` set.
+    pub fn command(&self, program: impl AsRef<Path>) -> Command {
+        let mut command = self.netns.command(program);
+        command.env("KUBECONFIG", &self.kubeconfig);
+        command
+    }
+
+    /// Runs kubectl and returns stdout; fails with its stderr.
+    ///
+    /// # Errors
+    /// kubectl's failure, with its message.
+    pub fn kubectl_output(&self, args: &[&str]) -> Result<String> {
+        let out = self.kubectl().args(args).output()?;
+        if !out.status.success() {
+            bail!(
+                "kubectl {} failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Runs kubectl with `-o json` and parses the result.
+    ///
+    /// # Errors
+    /// kubectl's failure or unparsable output.
+    pub fn kubectl_json(&self, args: &[&str]) -> Result<serde_json::Value> {
+        let mut all = args.to_vec();
+        all.push("-o=json");
+        let text = self.kubectl_output(&all)?;
+        serde_json::from_str(&text).with_context(|| format!("parsing kubectl {} output", args.join(" ")))
+    }
+
+    /// Runs kubectl with `stdin` as its input (e.g. `apply -f -`).
+    ///
+    /// # Errors
+    /// kubectl's failure, with its message.
+    pub fn kubectl_stdin(&self, args: &[&str], stdin: &str) -> Result<String> {
+        use std::io::Write as _;
+        let mut child = self
+            .kubectl()
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        if let Some(mut input) = child.stdin.take() {
+            input.write_all(stdin.as_bytes())?;
+        }
+        let out = child.wait_with_output()?;
+        if !out.status.success() {
+            bail!(
+                "kubectl {} failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// The network namespace everything runs in.
+    pub fn netns_name(&self) -> &str {
+        self.netns.name()
+    }
+
+    /// The guest (PF links, logs).
+    pub fn guest(&self) -> &RunningGuest {
+        &self.guest
+    }
+
+    /// The guest, mutably.
+    pub fn guest_mut(&mut self) -> &mut RunningGuest {
+        &mut self.guest
+    }
+
+    /// The run directory (certificates, kubeconfigs, control plane logs).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The admin kubeconfig (valid inside the namespace).
+    pub fn kubeconfig(&self) -> &Path {
+        &self.kubeconfig
+    }
+
+    /// The Go binaries the cluster runs.
+    pub fn binaries(&self) -> &GoBinaries {
+        &self.binaries
+    }
+
+    /// Polls `check` every second until it returns true.
+    ///
+    /// # Errors
+    /// `what` with the node's logs when `timeout` passes, or the first
+    /// error `check` returns, or a control plane process that exited.
+    pub fn wait_until(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        mut check: impl FnMut(&Self) -> Result<bool>,
+    ) -> Result<()> {
+        let begun = Instant::now();
+        loop {
+            if check(self)? {
+                return Ok(());
+            }
+            self.check_services(what)?;
+            if !self.guest.is_running() {
+                bail!("{what}: the node's guest stopped\n{}", self.node_logs());
+            }
+            if begun.elapsed() > timeout {
+                bail!("{what}: not done after {timeout:?}\n{}", self.node_logs());
+            }
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    }
+}
+
+/// The control plane before the guest exists.
+struct PartialCluster {
+    services: Vec<Service>,
+    netns: Netns,
+    dir: PathBuf,
+    kubeconfig: PathBuf,
+    kubectl: PathBuf,
+}
+
+impl PartialCluster {
+    fn kubectl_ok(&self, args: &[&str]) -> bool {
+        self.netns
+            .command(&self.kubectl)
+            .arg(format!("--kubeconfig={}", self.kubeconfig.display()))
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+
+    fn wait_for(
+        &mut self,
+        what: &str,
+        component: &str,
+        timeout: Duration,
+        check: impl Fn(&Self) -> Result<bool>,
+    ) -> Result<()> {
+        let begun = Instant::now();
+        loop {
+            if check(self)? {
+                return Ok(());
+            }
+            for service in &mut self.services {
+                if let Some(status) = service.child.try_wait()? {
+                    bail!(
+                        "{what}: {} exited ({status}); last lines of its log:\n{}",
+                        service.name,
+                        log_tail(&service.log, 20)
+                    );
+                }
+            }
+            if begun.elapsed() > timeout {
+                let log = self.dir.join(format!("{component}.log"));
+                bail!(
+                    "{what}: not done after {timeout:?}; last lines of {component}'s log:\n{}",
+                    log_tail(&log, 20)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+
+    fn into_netns(self) -> Netns {
+        self.netns
+    }
+}
+
+/// `target/cluster/run-<pid>`, emptied first; runs of dead processes are removed.
+fn run_dir(workspace: &Path) -> Result<PathBuf> {
+    let parent = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace.join("target"))
+        .join("cluster");
+    fs::create_dir_all(&parent)?;
+    for entry in fs::read_dir(&parent)?.filter_map(|e| e.ok()) {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if let Some(pid) = name.strip_prefix("run-")
+            && pid.parse::<u32>().is_ok()
+            && !Path::new("/proc").join(pid).exists()
+        {
+            let _ = fs::remove_dir_all(entry.path());
+        }
+    }
+    let dir = parent.join(format!("run-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+/// The kubelet's configuration: cgroupfs on cgroup v2, containerd's
+/// socket, x509 and webhook authentication, thresholds that fit a guest
+/// whose root is a tmpfs.
+fn kubelet_config() -> String {
+    format!(
+        r#"apiVersion: kubelet.config.k8s.io/v1beta1
+kind: KubeletConfiguration
+authentication:
+  anonymous:
+    enabled: false
+  webhook:
+    enabled: true
+  x509:
+    clientCAFile: /var/lib/kubelet/pki/ca.crt
+authorization:
+  mode: Webhook
+cgroupDriver: cgroupfs
+containerRuntimeEndpoint: unix:///run/containerd/containerd.sock
+tlsCertFile: /var/lib/kubelet/pki/kubelet.crt
+tlsPrivateKeyFile: /var/lib/kubelet/pki/kubelet.key
+failSwapOn: false
+resolvConf: /etc/resolv.conf
+podCIDR: {POD_CIDR}
+maxPods: 32
+serializeImagePulls: false
+evictionHard:
+  memory.available: 64Mi
+  nodefs.available: 1%
+  nodefs.inodesFree: 1%
+  imagefs.available: 1%
+imageGCHighThresholdPercent: 100
+imageGCLowThresholdPercent: 99
+"#
+    )
+}
+
+/// containerd 2's configuration: CRI with CDI on, runc from the initramfs,
+/// overlayfs, our pause image pinned, CNI from /opt/cni/bin.
+fn containerd_config() -> String {
+    format!(
+        r#"version = 3
+root = "/var/lib/containerd"
+state = "/run/containerd"
+
+[grpc]
+  address = "/run/containerd/containerd.sock"
+
+[plugins.'io.containerd.cri.v1.images']
+  snapshotter = "overlayfs"
+
+[plugins.'io.containerd.cri.v1.images'.pinned_images]
+  sandbox = "{}"
+
+[plugins.'io.containerd.cri.v1.runtime']
+  enable_cdi = true
+  cdi_spec_dirs = ["/etc/cdi", "/var/run/cdi"]
+
+[plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc]
+  runtime_type = "io.containerd.runc.v2"
+
+[plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc.options]
+  BinaryName = "/usr/bin/runc"
+  SystemdCgroup = false
+
+[plugins.'io.containerd.cri.v1.runtime'.cni]
+  bin_dirs = ["/opt/cni/bin"]
+  conf_dir = "/etc/cni/net.d"
+"#,
+        images::PAUSE_IMAGE
+    )
+}
+
+/// The pod network: a bridge on the node, addresses from [`POD_CIDR`].
+fn cni_config() -> String {
+    serde_json::json!({
+        "cniVersion": "1.0.0",
+        "name": "vfplane-pods",
+        "plugins": [{
+            "type": "bridge",
+            "bridge": "cni0",
+            "isGateway": true,
+            "ipMasq": false,
+            "hairpinMode": true,
+            "ipam": {
+                "type": "host-local",
+                "ranges": [[{"subnet": POD_CIDR, "gateway": "10.244.0.1"}]],
+                "routes": [{"dst": "0.0.0.0/0"}],
+                "dataDir": "/run/cni-ipam",
+            },
+        }],
+    })
+    .to_string()
+}
