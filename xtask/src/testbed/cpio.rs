@@ -26,6 +26,16 @@ impl CpioArchive {
         }
     }
 
+    /// Directory entries (0o755) for every parent of `path`, outermost
+    /// first, so a file can be added at any depth. Directories the kernel
+    /// already unpacked are kept as they are.
+    pub fn parents(&mut self, path: &str) {
+        let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
+        for depth in 1..parts.len() {
+            self.dir(&parts[..depth].join("/"), 0o755);
+        }
+    }
+
     /// A directory (permissions `perm`, e.g. 0o755).
     pub fn dir(&mut self, path: &str, perm: u32) {
         self.entry(path, MODE_DIR | perm, &[], (0, 0));

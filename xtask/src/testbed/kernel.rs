@@ -21,6 +21,9 @@ pub const OPTIONAL_MODULES: &[&str] = &["igbvf"];
 /// overlayfs snapshotter, the CNI bridge and veth pairs, nf_tables for
 /// kube-proxy, and the virtio NIC the node is reached through.
 pub const NODE_MODULES: &[&str] = &[
+    // libcrc32c (nf_tables, nf_conntrack) asks the crypto API for "crc32c":
+    // a soft dependency modules.dep does not list.
+    "crc32c_generic",
     "overlay",
     "bridge",
     "veth",

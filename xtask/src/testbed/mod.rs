@@ -282,6 +282,7 @@ impl Testbed {
         );
         run.file("etc/vfplane/testbed.env", 0o644, env.as_bytes());
         for (path, contents, mode) in &options.files {
+            run.parents(path);
             run.file(path, *mode, contents);
         }
         bytes.extend_from_slice(&run.finish());
