@@ -233,7 +233,10 @@ fn kubelet_runs_a_pod_on_a_vf_from_our_device_plugin() {
     eprintln!("smoke: rebind -> Healthy in the pod status after {:.1} s", rebound.elapsed().as_secs_f64());
 
     // 4. A kubelet restart: the plugin registers again and a new pod gets the other VF.
-    node_shell(&cluster, "pkill -x kubelet");
+    node_shell(
+        &cluster,
+        "for p in /proc/[0-9]*; do [ \"$(cat $p/comm 2>/dev/null)\" = kubelet ] && kill ${p#/proc/}; done; true",
+    );
     let restarted = Instant::now();
     cluster
         .wait_until("kubelet back with vfplane.io/fast", Duration::from_secs(240), |c| {

@@ -77,6 +77,9 @@ enum ClusterCommand {
         /// Stop after this many seconds (default: run until interrupted).
         #[arg(long)]
         hold: Option<u64>,
+        /// A shell script the node runs once kubelet has started.
+        #[arg(long)]
+        node_script: Option<PathBuf>,
     },
 }
 
@@ -175,8 +178,17 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Cluster {
-            command: ClusterCommand::Up { guest, hold },
-        } => cluster_up(&guest, hold),
+            command: ClusterCommand::Up {
+                guest,
+                hold,
+                node_script,
+            },
+        } => {
+            let node_extra = node_script
+                .map(|p| std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display())))
+                .transpose()?;
+            cluster_up(&guest, hold, node_extra)
+        }
         Command::Helm => {
             let report = xtask::helm::run(&xtask::testbed::workspace_root())?;
             eprint!("{report}");
@@ -310,11 +322,11 @@ fn run_demo(options: &GuestOptions, begun: Instant) -> Result<ExitCode> {
 }
 
 /// `cargo xtask cluster up`: the cluster until interrupted.
-fn cluster_up(guest: &GuestArgs, hold: Option<u64>) -> Result<ExitCode> {
+fn cluster_up(guest: &GuestArgs, hold: Option<u64>, node_extra: Option<String>) -> Result<ExitCode> {
     let testbed = Testbed::prepare()?;
     let options = xtask::cluster::ClusterOptions {
         guest: guest.options(),
-        ..Default::default()
+        node_extra,
     };
     let cluster = xtask::cluster::Cluster::start(&testbed, options)?;
     let nodes = cluster.kubectl_output(&["get", "nodes", "-o", "wide"])?;

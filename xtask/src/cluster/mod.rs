@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::testbed::{GuestOptions, MGMT_MAC, RunningGuest, Testbed};
+use crate::testbed::{GuestOptions, MAX_GUEST_MEMORY_MIB, MGMT_MAC, RunningGuest, Testbed};
 pub use binaries::GoBinaries;
 pub use netns::Netns;
 use pki::{ClusterPki, PkiNames};
@@ -54,7 +54,7 @@ const NODE_SCRIPT: &str = include_str!("node.sh");
 pub struct ClusterOptions {
     /// The guest: VFs at boot, memory, CPUs, NUMA topology. The cluster
     /// sets the namespace, the management NIC and the root itself, and
-    /// raises memory to at least 3 GiB.
+    /// raises memory to the testbed's most.
     pub guest: GuestOptions,
     /// Shell run in the node after kubelet starts (e.g. starting vfplane's
     /// node binaries as plain processes).
@@ -322,7 +322,7 @@ impl Cluster {
             files.push(("etc/vfplane/node-extra.sh".to_owned(), extra.clone().into_bytes(), 0o755));
         }
         let mut guest_options = options.guest.clone();
-        guest_options.memory_mib = guest_options.memory_mib.max(3072);
+        guest_options.memory_mib = guest_options.memory_mib.max(MAX_GUEST_MEMORY_MIB);
         guest_options.netns = Some(cluster.netns.name().to_owned());
         guest_options.tap = Some(TAP.to_owned());
         guest_options.root_on_tmpfs = true;

@@ -65,7 +65,7 @@ pub enum Accel {
 pub struct GuestOptions {
     /// VFs the init creates on every PF before the script (0: none).
     pub vfs: u16,
-    /// Guest memory in MiB.
+    /// Guest memory in MiB, at most [`MAX_GUEST_MEMORY_MIB`].
     pub memory_mib: u32,
     /// Guest CPUs.
     pub cpus: u32,
@@ -89,6 +89,13 @@ pub struct GuestOptions {
     /// veth, nf_tables, virtio-net).
     pub node_modules: bool,
 }
+
+/// The most memory a guest may have. From 2.75 GiB on, q35 keeps only 2 GiB
+/// of RAM below 4 GiB and opens a 64-bit PCI window above RAM, where the
+/// guest kernel then places the VFs' BARs; QEMU 10.0 truncates such a VF
+/// BAR and every VF register reads 0 (testbed.md). Below it, all RAM is low
+/// and the BARs stay in the 32-bit window.
+pub const MAX_GUEST_MEMORY_MIB: u32 = 2560;
 
 /// The management NIC's MAC address (see [`GuestOptions::tap`]).
 pub const MGMT_MAC: &str = "52:54:00:76:66:01";
@@ -257,6 +264,13 @@ impl Testbed {
     /// # Errors
     /// When QEMU cannot be started or the run directory cannot be written.
     pub fn start(&self, script: &str, options: &GuestOptions) -> Result<RunningGuest> {
+        if options.memory_mib > MAX_GUEST_MEMORY_MIB {
+            bail!(
+                "guest memory {} MiB is above the testbed's {MAX_GUEST_MEMORY_MIB} MiB: with more, \
+                 q35 maps the VFs' BARs above 4 GiB, where QEMU 10.0 leaves them dead",
+                options.memory_mib
+            );
+        }
         let run_dir = tempdir_in(&self.dir.join("runs"))?;
         let initrd = run_dir.join("initrd.cpio");
         let mut bytes = fs::read(&self.base_initrd)?;
@@ -346,11 +360,13 @@ impl Testbed {
                 .arg(format!("file:{}", run_dir.join(format!("serial{port}.log")).display()));
         }
         if let Some(tap) = &options.tap {
+            // A fixed slot, clear of the PF (00:02.0) and its VFs (00:12.x,
+            // 00:13.x), so the management NIC moves no SR-IOV address.
             qemu.args([
                 "-netdev",
                 &format!("tap,id=mgmt,ifname={tap},script=no,downscript=no"),
                 "-device",
-                &format!("virtio-net-pci,netdev=mgmt,mac={MGMT_MAC}"),
+                &format!("virtio-net-pci,netdev=mgmt,mac={MGMT_MAC},bus=pcie.0,addr=0x8"),
             ]);
         }
         match options.topology {
