@@ -20,6 +20,9 @@ BUILD_DATE=2026-01-01T00:00:00Z
 cache=${1:?usage: build-go-binaries.sh CACHE_DIR COMPONENT...}
 shift
 mkdir -p "$cache"
+# Go may be installed without being on PATH (e.g. /usr/local/go).
+command -v go >/dev/null 2>&1 || export PATH="$PATH:/usr/local/go/bin"
+command -v go >/dev/null 2>&1 || { echo "build-go-binaries: go is not installed (Go 1.26 is needed)" >&2; exit 1; }
 export CGO_ENABLED=0 GOFLAGS="-mod=mod -buildvcs=false -trimpath" GOTOOLCHAIN=local
 
 log() { printf 'build-go-binaries: %s\n' "$*" >&2; }

@@ -31,7 +31,10 @@ impl Wire {
                 let mut buf = vec![0u8; 65536];
                 while !stop.load(Ordering::Relaxed) {
                     if let Ok((n, _)) = socket.recv_from(&mut buf) {
-                        frames.lock().unwrap_or_else(PoisonError::into_inner).push(buf[..n].to_vec());
+                        frames
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .push(buf[..n].to_vec());
                     }
                 }
             })

@@ -178,11 +178,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Cluster {
-            command: ClusterCommand::Up {
-                guest,
-                hold,
-                node_script,
-            },
+            command:
+                ClusterCommand::Up {
+                    guest,
+                    hold,
+                    node_script,
+                },
         } => {
             let node_extra = node_script
                 .map(|p| std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display())))
@@ -248,6 +249,11 @@ fn run_tests(slow: bool, begun: Instant) -> Result<ExitCode> {
         testbed.accel(),
         begun.elapsed().as_secs_f64()
     );
+    eprintln!(
+        "xtask test: the cluster's Go binaries ({:.0} s)",
+        begun.elapsed().as_secs_f64()
+    );
+    xtask::cluster::binaries::ensure(&workspace)?;
     let mut args = vec!["test", "--workspace"];
     if slow {
         args.extend(["--", "--include-ignored"]);

@@ -54,22 +54,28 @@ pub struct BuiltImage {
 impl ImageSpec {
     /// Adds a file at `path` (relative) with `mode`.
     pub fn file(&mut self, path: &str, mode: u32, contents: Vec<u8>) -> &mut Self {
-        self.entries
-            .insert(path.trim_start_matches('/').to_owned(), Entry::File(mode, contents));
+        self.entries.insert(
+            path.trim_start_matches('/').to_owned(),
+            Entry::File(mode, contents),
+        );
         self
     }
 
     /// Adds a symlink at `path` pointing to `target`.
     pub fn symlink(&mut self, path: &str, target: &str) -> &mut Self {
-        self.entries
-            .insert(path.trim_start_matches('/').to_owned(), Entry::Symlink(target.to_owned()));
+        self.entries.insert(
+            path.trim_start_matches('/').to_owned(),
+            Entry::Symlink(target.to_owned()),
+        );
         self
     }
 
     /// Adds a directory at `path`.
     pub fn dir(&mut self, path: &str, mode: u32) -> &mut Self {
-        self.entries
-            .insert(path.trim_start_matches('/').trim_end_matches('/').to_owned(), Entry::Dir(mode));
+        self.entries.insert(
+            path.trim_start_matches('/').trim_end_matches('/').to_owned(),
+            Entry::Dir(mode),
+        );
         self
     }
 
@@ -81,16 +87,17 @@ impl ImageSpec {
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The layer tar: every entry and its parent directories, sorted by path.
 fn layer_tar(spec: &ImageSpec) -> Result<Vec<u8>> {
     for path in spec.entries.keys() {
-        if path.is_empty() || path.split('/').any(|part| part == ".." || part == "." || part.is_empty()) {
+        if path.is_empty()
+            || path
+                .split('/')
+                .any(|part| part == ".." || part == "." || part.is_empty())
+        {
             bail!("image path {path:?} is not a plain relative path");
         }
     }
@@ -272,8 +279,14 @@ mod tests {
         let index: serde_json::Value = serde_json::from_slice(&files["index.json"]).expect("index");
         let manifest = &index["manifests"][0];
         assert_eq!(manifest["digest"], built.manifest_digest.as_str());
-        assert_eq!(manifest["annotations"]["io.containerd.image.name"], "docker.io/vfplane/test:dev");
-        assert_eq!(manifest["annotations"]["org.opencontainers.image.ref.name"], "dev");
+        assert_eq!(
+            manifest["annotations"]["io.containerd.image.name"],
+            "docker.io/vfplane/test:dev"
+        );
+        assert_eq!(
+            manifest["annotations"]["org.opencontainers.image.ref.name"],
+            "dev"
+        );
         // The layer holds the parent directory and the entries, root-owned, at time 0.
         let manifest_hex = built.manifest_digest.trim_start_matches("sha256:");
         let manifest: serde_json::Value =

@@ -96,7 +96,10 @@ pub fn vfplane_image(testbed: &Testbed) -> Result<ImageSpec> {
 /// When an image cannot be built or written.
 pub fn build_node_images(testbed: &Testbed, dir: &Path) -> Result<Vec<ImageArchive>> {
     let mut built = Vec::new();
-    for (file_name, spec) in [("pause.tar", pause_image()?), ("vfplane.tar", vfplane_image(testbed)?)] {
+    for (file_name, spec) in [
+        ("pause.tar", pause_image()?),
+        ("vfplane.tar", vfplane_image(testbed)?),
+    ] {
         let archive = dir.join(file_name);
         let image = oci::write_archive(&spec, &archive)?;
         built.push(ImageArchive {

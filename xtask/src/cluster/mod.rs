@@ -133,7 +133,10 @@ impl Cluster {
         .context("generating the cluster's certificates")?;
         let local_api = format!("https://127.0.0.1:{APISERVER_PORT}");
         let kubeconfig = dir.join("admin.kubeconfig");
-        fs::write(&kubeconfig, pki::kubeconfig(&local_api, &pki.ca.cert, "admin", &pki.admin)?)?;
+        fs::write(
+            &kubeconfig,
+            pki::kubeconfig(&local_api, &pki.ca.cert, "admin", &pki.admin)?,
+        )?;
 
         let netns = Netns::create()?;
         netns.ip(&["tuntap", "add", "dev", TAP, "mode", "tap"])?;
@@ -184,13 +187,19 @@ impl Cluster {
                 format!("--client-ca-file={}", path(&pki.ca.cert)),
                 format!("--tls-cert-file={}", path(&pki.apiserver.cert)),
                 format!("--tls-private-key-file={}", path(&pki.apiserver.key)),
-                format!("--kubelet-client-certificate={}", path(&pki.apiserver_kubelet_client.cert)),
+                format!(
+                    "--kubelet-client-certificate={}",
+                    path(&pki.apiserver_kubelet_client.cert)
+                ),
                 format!("--kubelet-client-key={}", path(&pki.apiserver_kubelet_client.key)),
                 format!("--kubelet-certificate-authority={}", path(&pki.ca.cert)),
                 "--kubelet-preferred-address-types=InternalIP".into(),
                 "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),
                 format!("--service-account-key-file={}", path(&pki.service_account_pub)),
-                format!("--service-account-signing-key-file={}", path(&pki.service_account_key)),
+                format!(
+                    "--service-account-signing-key-file={}",
+                    path(&pki.service_account_key)
+                ),
                 "--authorization-mode=Node,RBAC".into(),
                 "--enable-admission-plugins=NodeRestriction".into(),
                 "--allow-privileged=true".into(),
@@ -217,9 +226,12 @@ impl Cluster {
             kubeconfig: kubeconfig.clone(),
             kubectl: binaries.kube("kubectl"),
         };
-        cluster.wait_for("kube-apiserver ready", "kube-apiserver", Duration::from_secs(120), |c| {
-            Ok(c.kubectl_ok(&["get", "--raw=/readyz"]))
-        })?;
+        cluster.wait_for(
+            "kube-apiserver ready",
+            "kube-apiserver",
+            Duration::from_secs(120),
+            |c| Ok(c.kubectl_ok(&["get", "--raw=/readyz"])),
+        )?;
         mark("control plane API ready", &mut step);
 
         let mut start = |name: &'static str, program: PathBuf, args: Vec<String>| -> Result<()> {
@@ -245,7 +257,10 @@ impl Cluster {
                 format!("--authentication-kubeconfig={}", path(&kcm_config)),
                 format!("--authorization-kubeconfig={}", path(&kcm_config)),
                 "--bind-address=127.0.0.1".into(),
-                format!("--service-account-private-key-file={}", path(&pki.service_account_key)),
+                format!(
+                    "--service-account-private-key-file={}",
+                    path(&pki.service_account_key)
+                ),
                 format!("--root-ca-file={}", path(&pki.ca.cert)),
                 format!("--cluster-signing-cert-file={}", path(&pki.ca.cert)),
                 format!("--cluster-signing-key-file={}", path(&pki.ca.key)),
@@ -282,13 +297,21 @@ impl Cluster {
             add_file(&format!("usr/local/bin/{name}"), &binaries.kube(name), 0o755)?;
         }
         for name in ["containerd", "containerd-shim-runc-v2", "ctr"] {
-            add_file(&format!("usr/local/bin/{name}"), &binaries.containerd.join(name), 0o755)?;
+            add_file(
+                &format!("usr/local/bin/{name}"),
+                &binaries.containerd.join(name),
+                0o755,
+            )?;
         }
         for name in ["bridge", "host-local", "loopback"] {
             add_file(&format!("opt/cni/bin/{name}"), &binaries.cni.join(name), 0o755)?;
         }
         add_file("var/lib/kubelet/pki/ca.crt", &pki.ca.cert, 0o644)?;
-        add_file("var/lib/kubelet/pki/kubelet.crt", &pki.kubelet_serving.cert, 0o644)?;
+        add_file(
+            "var/lib/kubelet/pki/kubelet.crt",
+            &pki.kubelet_serving.cert,
+            0o644,
+        )?;
         add_file("var/lib/kubelet/pki/kubelet.key", &pki.kubelet_serving.key, 0o600)?;
         for image in &built {
             add_file(
@@ -319,7 +342,11 @@ impl Cluster {
             files.push((guest.to_owned(), text.into_bytes(), 0o644));
         }
         if let Some(extra) = &options.node_extra {
-            files.push(("etc/vfplane/node-extra.sh".to_owned(), extra.clone().into_bytes(), 0o755));
+            files.push((
+                "etc/vfplane/node-extra.sh".to_owned(),
+                extra.clone().into_bytes(),
+                0o755,
+            ));
         }
         let mut guest_options = options.guest.clone();
         guest_options.memory_mib = guest_options.memory_mib.max(MAX_GUEST_MEMORY_MIB);
@@ -331,7 +358,9 @@ impl Cluster {
         let guest = testbed.start(NODE_SCRIPT, &guest_options)?;
         // Pods and Services are reached through the node.
         for cidr in [POD_CIDR, SERVICE_CIDR] {
-            cluster.netns.ip(&["route", "add", cidr, "via", &NODE_IP.to_string()])?;
+            cluster
+                .netns
+                .ip(&["route", "add", cidr, "via", &NODE_IP.to_string()])?;
         }
         let mut cluster = Cluster {
             guest,
@@ -344,7 +373,9 @@ impl Cluster {
         };
         cluster.wait_node_ready(Duration::from_secs(600))?;
         let total = begun.elapsed().as_secs_f64();
-        cluster.timings.push(("node Ready".to_owned(), step.elapsed().as_secs_f64()));
+        cluster
+            .timings
+            .push(("node Ready".to_owned(), step.elapsed().as_secs_f64()));
         cluster.timings.push(("total".to_owned(), total));
         eprintln!(
             "cluster: node {NODE_NAME} Ready ({:.1} s; {total:.1} s from the command)",

@@ -108,7 +108,13 @@ impl ClusterPki {
         fs::write(&service_account_key, sa_key.serialize_pem())?;
         fs::write(&service_account_pub, sa_key.public_key_pem())?;
         Ok(Self {
-            apiserver: leaf("apiserver", "kube-apiserver", None, apiserver_sans, server.clone())?,
+            apiserver: leaf(
+                "apiserver",
+                "kube-apiserver",
+                None,
+                apiserver_sans,
+                server.clone(),
+            )?,
             apiserver_kubelet_client: leaf(
                 "apiserver-kubelet-client",
                 "kube-apiserver-kubelet-client",
@@ -130,8 +136,20 @@ impl ClusterPki {
                 Vec::new(),
                 client.clone(),
             )?,
-            scheduler: leaf("scheduler", "system:kube-scheduler", None, Vec::new(), client.clone())?,
-            kubelet_client: leaf("kubelet-client", &node_user, Some("system:nodes"), Vec::new(), client)?,
+            scheduler: leaf(
+                "scheduler",
+                "system:kube-scheduler",
+                None,
+                Vec::new(),
+                client.clone(),
+            )?,
+            kubelet_client: leaf(
+                "kubelet-client",
+                &node_user,
+                Some("system:nodes"),
+                Vec::new(),
+                client,
+            )?,
             kubelet_serving: leaf(
                 "kubelet-serving",
                 &node_user,

@@ -315,8 +315,8 @@ impl Testbed {
                     run_dir.display()
                 );
             }
-            let socket = UnixDatagram::bind(&host_path)
-                .with_context(|| format!("binding {}", host_path.display()))?;
+            let socket =
+                UnixDatagram::bind(&host_path).with_context(|| format!("binding {}", host_path.display()))?;
             netdev_args.push(format!(
                 "dgram,id=n{index},local.type=unix,local.path={},remote.type=unix,remote.path={}",
                 guest_path.display(),
@@ -356,8 +356,10 @@ impl Testbed {
             .arg(format!("file:{}", run_dir.join("output.log").display()));
         // Two more ports for long-running guest services' logs (ttyS2, ttyS3).
         for port in [2, 3] {
-            qemu.arg("-serial")
-                .arg(format!("file:{}", run_dir.join(format!("serial{port}.log")).display()));
+            qemu.arg("-serial").arg(format!(
+                "file:{}",
+                run_dir.join(format!("serial{port}.log")).display()
+            ));
         }
         if let Some(tap) = &options.tap {
             // A fixed slot, clear of the PF (00:02.0) and its VFs (00:12.x,
