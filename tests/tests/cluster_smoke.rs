@@ -12,10 +12,9 @@
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use vfplane_tests::Wire;
 use xtask::cluster::images::VFPLANE_IMAGE;
 use xtask::cluster::{Cluster, ClusterOptions, NODE_NAME};
-use xtask::testbed::Testbed;
+use xtask::testbed::{Testbed, Wire};
 
 const ETHERTYPE_TEST: [u8; 2] = [0x88, 0xb5];
 const VF0_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x00, 0x01];
@@ -43,22 +42,7 @@ echo "node: agent applied: $(cat /etc/vfplane/pools.yaml | tr '\n' ' ')"
 (vfplane-device-plugin --pool-config /etc/vfplane/pools.yaml 2>&1 | sed 's/^/device-plugin: /') &
 "#;
 
-fn pod(name: &str, command: &str, privileged: bool) -> String {
-    let resources = if privileged {
-        String::new()
-    } else {
-        "      resources:\n        limits:\n          vfplane.io/fast: 1\n".to_owned()
-    };
-    let host = if privileged {
-        "  hostPID: true\n  hostNetwork: true\n"
-    } else {
-        ""
-    };
-    let security = if privileged {
-        "      securityContext:\n        privileged: true\n"
-    } else {
-        ""
-    };
+fn pod(name: &str, command: &str) -> String {
     format!(
         "apiVersion: v1
 kind: Pod
@@ -67,12 +51,15 @@ metadata:
 spec:
   restartPolicy: Never
   terminationGracePeriodSeconds: 1
-{host}  containers:
+  containers:
     - name: main
       image: {VFPLANE_IMAGE}
       imagePullPolicy: IfNotPresent
       command: [\"sh\", \"-c\", {command:?}]
-{resources}{security}"
+      resources:
+        limits:
+          vfplane.io/fast: 1
+"
     )
 }
 
@@ -125,10 +112,10 @@ fn allocatable_fast(cluster: &Cluster) -> Option<String> {
         .filter(|s| !s.trim().is_empty())
 }
 
-fn node_shell(cluster: &Cluster, script: &str) -> String {
+fn node_shell(cluster: &mut Cluster, script: &str) -> String {
     cluster
-        .kubectl_output(&["exec", "node-shell", "--", "sh", "-c", script])
-        .unwrap_or_else(|e| panic!("node-shell `{script}`: {e:#}\n{}", cluster.node_logs()))
+        .node_exec(script)
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", cluster.node_logs()))
 }
 
 /// How many lines of the node's output (node script, device plugin) contain `needle`.
@@ -159,7 +146,7 @@ fn kubelet_runs_a_pod_on_a_vf_from_our_device_plugin() {
         .socket
         .try_clone()
         .expect("socket");
-    let wire = Wire::listen(socket);
+    let wire = Wire::listen(socket).expect("listen on the PF link");
 
     // 1. The pool reaches the node's allocatable through the real kubelet.
     let begun = Instant::now();
@@ -182,7 +169,7 @@ fn kubelet_runs_a_pod_on_a_vf_from_our_device_plugin() {
          pktgen --count {FRAMES} --size 60 --dst 02:00:00:00:00:aa && sleep 3600"
     );
     cluster
-        .kubectl_stdin(&["apply", "-f", "-"], &pod("tenant-a", &script, false))
+        .kubectl_stdin(&["apply", "-f", "-"], &pod("tenant-a", &script))
         .expect("create tenant-a");
     cluster
         .wait_until("tenant-a's pktgen line", Duration::from_secs(240), |c| {
@@ -237,21 +224,13 @@ fn kubelet_runs_a_pod_on_a_vf_from_our_device_plugin() {
     // 3. Health: unbinding the VF from vfio-pci is Unhealthy in the pod's
     // allocatedResourcesStatus, rebinding it Healthy.
     cluster
-        .kubectl_stdin(&["apply", "-f", "-"], &pod("node-shell", "sleep 3600", true))
-        .expect("node-shell");
-    cluster
-        .wait_until("node-shell running", Duration::from_secs(120), |c| {
-            Ok(pod_phase(c, "node-shell") == "Running")
-        })
-        .expect("node-shell runs");
-    cluster
         .wait_until("tenant-a's VF Healthy", Duration::from_secs(60), |c| {
             Ok(allocated_health(c, "tenant-a") == [(vf.clone(), "Healthy".to_owned())])
         })
         .expect("Healthy first");
     let unbound = Instant::now();
     node_shell(
-        &cluster,
+        &mut cluster,
         &format!("echo {vf} > /sys/bus/pci/drivers/vfio-pci/unbind"),
     );
     cluster
@@ -266,7 +245,7 @@ fn kubelet_runs_a_pod_on_a_vf_from_our_device_plugin() {
         unbound.elapsed().as_secs_f64()
     );
     let rebound = Instant::now();
-    node_shell(&cluster, &format!("echo {vf} > /sys/bus/pci/drivers_probe"));
+    node_shell(&mut cluster, &format!("echo {vf} > /sys/bus/pci/drivers_probe"));
     cluster
         .wait_until(
             "tenant-a's VF Healthy after rebind",
@@ -282,7 +261,7 @@ fn kubelet_runs_a_pod_on_a_vf_from_our_device_plugin() {
     // 4. A kubelet restart: the plugin registers again and a new pod gets the other VF.
     // In the background, a second later: the exec stream itself runs through the kubelet.
     node_shell(
-        &cluster,
+        &mut cluster,
         "(sleep 1; for p in /proc/[0-9]*; do [ \"$(cat $p/comm 2>/dev/null)\" = kubelet ] && kill ${p#/proc/}; done) \
          > /dev/null 2>&1 &",
     );
@@ -292,12 +271,24 @@ fn kubelet_runs_a_pod_on_a_vf_from_our_device_plugin() {
             Ok(count_lines(c, "kubelet exited") == 1)
         })
         .expect("kubelet killed");
-    // The plugin sees the new kubelet.sock and registers a second time.
+    // The plugin sees the new kubelet.sock and registers a second time: the
+    // kubelet's own log (kept across its restarts) has both requests.
+    let kubelet_log = cluster.guest().serial_log(2);
     cluster
         .wait_until(
-            "the plugin registered with the new kubelet",
+            "the new kubelet took the plugin's registration",
             Duration::from_secs(240),
-            |c| Ok(count_lines(c, "registered with the kubelet pool=fast") == 2),
+            |_| {
+                let log = std::fs::read_to_string(&kubelet_log).unwrap_or_default();
+                Ok(log
+                    .lines()
+                    .filter(|l| {
+                        l.contains("Got registration request from device plugin")
+                            && l.contains("vfplane.io/fast")
+                    })
+                    .count()
+                    == 2)
+            },
         )
         .expect("plugin registered again");
     eprintln!(
@@ -307,7 +298,7 @@ fn kubelet_runs_a_pod_on_a_vf_from_our_device_plugin() {
     cluster
         .kubectl_stdin(
             &["apply", "-f", "-"],
-            &pod("tenant-b", "env | grep '^PCIDEVICE_'; ls /dev/vfio", false),
+            &pod("tenant-b", "env | grep '^PCIDEVICE_'; ls /dev/vfio"),
         )
         .expect("create tenant-b");
     cluster
@@ -326,4 +317,10 @@ fn kubelet_runs_a_pod_on_a_vf_from_our_device_plugin() {
         .to_owned();
     assert_ne!(vf_b, vf, "tenant-a still holds its VF; tenant-b gets the other");
     eprintln!("smoke: cluster start-up steps: {:?}", cluster.timings);
+    eprintln!("smoke: host memory (RSS MiB): {:?}", cluster.host_memory_mib());
+    let meminfo = node_shell(
+        &mut cluster,
+        "grep -E '^(MemTotal|MemAvailable|Shmem):' /proc/meminfo",
+    );
+    eprintln!("smoke: guest memory:\n{meminfo}");
 }

@@ -21,8 +21,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use vfplane_tests::Wire;
-use xtask::testbed::{GuestOptions, RunningGuest, Testbed};
+use xtask::testbed::{GuestOptions, RunningGuest, Testbed, Wire};
 
 const HOST_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x00, 0xaa];
 const HOST_MAC_TEXT: &str = "02:00:00:00:00:aa";
@@ -147,7 +146,7 @@ fn vf_on_vfio_sends_receives_echoes_and_is_isolated() {
         .socket
         .try_clone()
         .expect("socket");
-    let wire = Wire::listen(socket);
+    let wire = Wire::listen(socket).expect("listen on the PF link");
 
     // 1. pktgen -> host.
     let pktgen = wait_for(&guest, "pktgen result", Duration::from_secs(300), |v| {
@@ -409,7 +408,7 @@ pktgen --pci $vf --count {COUNT} --size {SIZE} --dst {HOST_MAC_TEXT}
         .socket
         .try_clone()
         .expect("socket");
-    let wire = Wire::listen(socket);
+    let wire = Wire::listen(socket).expect("listen on the PF link");
     let pktgen = wait_for(&guest, "pktgen result", Duration::from_secs(300), |v| {
         v["tool"] == "pktgen"
     });

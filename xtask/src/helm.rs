@@ -309,14 +309,19 @@ pub struct RenderedCase {
 
 fn helm_command(workspace: &Path, helm: &Path) -> Command {
     let mut cmd = Command::new(helm);
-    // Keep helm's cache and config inside target/, away from the user's.
+    isolate(&mut cmd, workspace);
+    cmd.env("KUBECONFIG", "/dev/null");
+    cmd
+}
+
+/// Runs a helm `command` from the workspace with its cache, config and data
+/// inside `target/`, away from the user's own helm settings.
+pub fn isolate(cmd: &mut Command, workspace: &Path) {
     let home = workspace.join(TOOLS_DIR).join("home");
     cmd.current_dir(workspace)
         .env("HELM_CACHE_HOME", home.join("cache"))
         .env("HELM_CONFIG_HOME", home.join("config"))
-        .env("HELM_DATA_HOME", home.join("data"))
-        .env("KUBECONFIG", "/dev/null");
-    cmd
+        .env("HELM_DATA_HOME", home.join("data"));
 }
 
 /// `helm lint --strict` of the chart with one case's values; returns helm's output.

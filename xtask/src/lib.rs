@@ -1,8 +1,10 @@
 //! `cargo xtask`: the project's own tooling as a library, so the tests in
-//! `tests/` can boot the same testbed the command line does.
+//! `tests/` boot the same testbed and cluster, and run the same demo, as the
+//! command line does.
 
 pub mod cluster;
 pub mod crdgen;
+pub mod demo;
 pub mod helm;
 pub mod oci;
 pub mod testbed;

@@ -28,11 +28,9 @@ enum Command {
         #[command(subcommand)]
         command: ClusterCommand,
     },
-    /// The end-to-end demo on the testbed node.
-    Demo {
-        #[command(flatten)]
-        guest: GuestArgs,
-    },
+    /// The demo: vfplane installed by Helm on the real cluster, a VfPolicy,
+    /// a pod running the driver on its VF, the host counting the frames.
+    Demo,
     /// Writes the chart's CRDs from the Rust types (`--check`: fail if stale).
     Crdgen {
         /// Only compare; fail when the chart's CRDs differ from the types.
@@ -123,8 +121,6 @@ impl GuestArgs {
     }
 }
 
-const DEMO_SCRIPT: &str = include_str!("demo.sh");
-
 fn main() -> ExitCode {
     match run(Cli::parse()) {
         Ok(code) => code,
@@ -157,11 +153,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 std::fs::read_to_string(&script).with_context(|| format!("reading {}", script.display()))?;
             run_guest(&text, &guest.options(), begun)
         }
-        Command::Demo { guest } => {
-            let mut options = guest.options();
-            options.kernel_vf_driver = true;
-            run_demo(&options, begun)
-        }
+        Command::Demo => run_demo(begun),
         Command::Test { slow } => run_tests(slow, begun),
         Command::Cluster {
             command: ClusterCommand::Build,
@@ -254,7 +246,8 @@ fn run_tests(slow: bool, begun: Instant) -> Result<ExitCode> {
         begun.elapsed().as_secs_f64()
     );
     xtask::cluster::binaries::ensure(&workspace)?;
-    let mut args = vec!["test", "--workspace"];
+    // Every test binary runs even when one fails, so one run shows every failure.
+    let mut args = vec!["test", "--workspace", "--no-fail-fast"];
     if slow {
         args.extend(["--", "--include-ignored"]);
     }
@@ -286,45 +279,22 @@ fn run_tests(slow: bool, begun: Instant) -> Result<ExitCode> {
     })
 }
 
-/// The demo: the guest script plus the host counting the frames that leave
-/// the emulated NIC, so the last step is seen from outside the guest.
-fn run_demo(options: &GuestOptions, begun: Instant) -> Result<ExitCode> {
+/// The demo on the real cluster, then its table.
+fn run_demo(begun: Instant) -> Result<ExitCode> {
     let testbed = Testbed::prepare()?;
-    let guest = testbed.start(DEMO_SCRIPT, options)?;
-    let socket = guest
-        .pf_link(0)
-        .context("the guest has no PF link")?
-        .socket
-        .try_clone()?;
-    socket.set_read_timeout(Some(Duration::from_millis(200)))?;
-    // The VF sends faster than a default socket buffer drains.
-    let _ = socket2::SockRef::from(&socket).set_recv_buffer_size(4 << 20);
-    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let guest_done = std::sync::Arc::clone(&done);
-    let counter = std::thread::spawn(move || {
-        let mut frames = 0u64;
-        let mut buf = [0u8; 2048];
-        // Count until the guest has ended and the link has gone quiet.
-        loop {
-            match socket.recv(&mut buf) {
-                Ok(n) if n >= 14 && buf[12..14] == [0x88, 0xb5] => frames += 1,
-                Ok(_) => {}
-                Err(_) if guest_done.load(std::sync::atomic::Ordering::Acquire) => return frames,
-                Err(_) => {}
-            }
+    let report = xtask::demo::run(&testbed);
+    let total = begun.elapsed().as_secs_f64();
+    match report {
+        Ok(report) => {
+            eprintln!("\n== The path of one VF, end to end\n{}", report.table());
+            eprintln!("demo finished in {total:.0} s: every step passed");
+            Ok(ExitCode::SUCCESS)
         }
-    });
-    let outcome = guest.wait_echoing(true);
-    done.store(true, std::sync::atomic::Ordering::Release);
-    let outcome = outcome?;
-    let frames = counter.join().unwrap_or(0);
-    eprintln!("host: {frames} test frames from the guest's VF arrived on the PF's link");
-    eprintln!(
-        "demo finished in {:.0} s, exit {}",
-        begun.elapsed().as_secs_f64(),
-        outcome.exit_code
-    );
-    Ok(ExitCode::from(u8::try_from(outcome.exit_code).unwrap_or(1)))
+        Err(error) => {
+            eprintln!("\ndemo FAILED after {total:.0} s: {error:#}");
+            Ok(ExitCode::FAILURE)
+        }
+    }
 }
 
 /// `cargo xtask cluster up`: the cluster until interrupted.
@@ -337,10 +307,10 @@ fn cluster_up(guest: &GuestArgs, hold: Option<u64>, node_extra: Option<String>) 
     let cluster = xtask::cluster::Cluster::start(&testbed, options)?;
     let nodes = cluster.kubectl_output(&["get", "nodes", "-o", "wide"])?;
     eprintln!("{nodes}");
-    let netns = cluster.netns_name();
     eprintln!(
-        "cluster: up. From another shell:\n  ip netns exec {netns} {} --kubeconfig {} get pods -A\n\
+        "cluster: up. From another shell:\n  ip netns exec {} {} --kubeconfig {} get pods -A\n\
          control plane logs: {}\nnode logs: {}",
+        cluster.netns_name(),
         cluster.binaries().kube("kubectl").display(),
         cluster.kubeconfig().display(),
         cluster.dir().display(),

@@ -315,7 +315,7 @@ impl Cluster {
         add_file("var/lib/kubelet/pki/kubelet.key", &pki.kubelet_serving.key, 0o600)?;
         for image in &built {
             add_file(
-                &format!("var/lib/vfplane/images/{}", image.file_name),
+                &format!("var/lib/testbed/images/{}", image.file_name),
                 &image.archive,
                 0o644,
             )?;
@@ -326,15 +326,19 @@ impl Cluster {
             &format!("system:node:{NODE_NAME}"),
             &pki.kubelet_client,
         )?;
+        let kube_proxy_kubeconfig =
+            pki::kubeconfig(&cluster_api, &pki.ca.cert, "system:kube-proxy", &pki.kube_proxy)?;
         let text_files = [
             ("var/lib/kubelet/kubeconfig", kubelet_kubeconfig),
+            ("var/lib/kube-proxy/kubeconfig", kube_proxy_kubeconfig),
             ("var/lib/kubelet/config.yaml", kubelet_config()),
             ("etc/containerd/config.toml", containerd_config()),
             ("etc/cni/net.d/10-vfplane.conflist", cni_config()),
             (
                 "etc/vfplane/node.env",
                 format!(
-                    "NODE_NAME={NODE_NAME}\nNODE_IP={NODE_IP}\nGATEWAY_IP={HOST_IP}\nMGMT_MAC={MGMT_MAC}\n"
+                    "NODE_NAME={NODE_NAME}\nNODE_IP={NODE_IP}\nGATEWAY_IP={HOST_IP}\nMGMT_MAC={MGMT_MAC}\n\
+                     POD_CIDR={POD_CIDR}\n"
                 ),
             ),
         ];
@@ -410,6 +414,29 @@ impl Cluster {
             }
             std::thread::sleep(Duration::from_secs(1));
         }
+    }
+
+    /// Resident memory (MiB) of each control plane process and of QEMU
+    /// (the whole guest as the host sees it), from `/proc/<pid>/status`.
+    pub fn host_memory_mib(&self) -> Vec<(String, u64)> {
+        let rss = |pid: u32| -> u64 {
+            fs::read_to_string(format!("/proc/{pid}/status"))
+                .ok()
+                .and_then(|s| {
+                    s.lines()
+                        .find_map(|l| l.strip_prefix("VmRSS:"))
+                        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+                })
+                .unwrap_or(0)
+                / 1024
+        };
+        let mut out: Vec<(String, u64)> = self
+            .services
+            .iter()
+            .map(|s| (s.name.to_owned(), rss(s.child.id())))
+            .collect();
+        out.push(("qemu (guest)".to_owned(), rss(self.guest.pid())));
+        out
     }
 
     /// The node's logs, for errors: script output, kubelet, containerd, console.
@@ -507,6 +534,51 @@ impl Cluster {
     /// The network namespace everything runs in.
     pub fn netns_name(&self) -> &str {
         self.netns.name()
+    }
+
+    /// Runs `script` with `sh -c` as root on the node, through a privileged
+    /// pod (`kube-system/node-shell`, host PID and network namespaces, so
+    /// `/sys` and `/proc` are the node's) that is created on first use, the
+    /// way `kubectl debug node/...` reaches a node. Returns stdout.
+    ///
+    /// # Errors
+    /// When the pod cannot be started or the script fails.
+    pub fn node_exec(&mut self, script: &str) -> Result<String> {
+        let exists = self
+            .kubectl_output(&[
+                "get",
+                "pod",
+                "-n",
+                "kube-system",
+                "node-shell",
+                "-o=jsonpath={.status.phase}",
+            ])
+            .is_ok_and(|phase| phase == "Running");
+        if !exists {
+            self.kubectl_stdin(&["apply", "-f", "-"], &node_shell_pod())?;
+            self.wait_until("kube-system/node-shell Running", Duration::from_secs(120), |c| {
+                Ok(c.kubectl_output(&[
+                    "get",
+                    "pod",
+                    "-n",
+                    "kube-system",
+                    "node-shell",
+                    "-o=jsonpath={.status.phase}",
+                ])
+                .is_ok_and(|phase| phase == "Running"))
+            })?;
+        }
+        self.kubectl_output(&[
+            "exec",
+            "-n",
+            "kube-system",
+            "node-shell",
+            "--",
+            "sh",
+            "-c",
+            script,
+        ])
+        .with_context(|| format!("on the node: {script}"))
     }
 
     /// The guest (PF links, logs).
@@ -618,6 +690,32 @@ impl PartialCluster {
     fn into_netns(self) -> Netns {
         self.netns
     }
+}
+
+/// The privileged pod [`Cluster::node_exec`] runs scripts in.
+fn node_shell_pod() -> String {
+    format!(
+        r#"apiVersion: v1
+kind: Pod
+metadata:
+  name: node-shell
+  namespace: kube-system
+spec:
+  nodeName: {NODE_NAME}
+  hostPID: true
+  hostNetwork: true
+  terminationGracePeriodSeconds: 1
+  tolerations: [{{operator: Exists}}]
+  containers:
+    - name: shell
+      image: {}
+      imagePullPolicy: IfNotPresent
+      command: ["sleep", "86400"]
+      securityContext:
+        privileged: true
+"#,
+        images::VFPLANE_IMAGE
+    )
 }
 
 /// `target/cluster/run-<pid>`, emptied first; runs of dead processes are removed.

@@ -1,5 +1,5 @@
 # The testbed guest as a Kubernetes node: networking, containerd, the
-# images, kubelet. Runs as the testbed script; the host kills the guest when
+# images, kubelet, kube-proxy. Runs as the testbed script; the host kills the guest when
 # the cluster stops. containerd's log goes to ttyS3, kubelet's to ttyS2.
 set -eu
 . /etc/vfplane/node.env
@@ -39,7 +39,7 @@ until ctr version > /dev/null 2>&1; do
   sleep 0.1
 done
 step "containerd up"
-for image in /var/lib/vfplane/images/*.tar; do
+for image in /var/lib/testbed/images/*.tar; do
   ctr -n k8s.io images import --local "$image" > /dev/null
 done
 step "images imported: $(ctr -n k8s.io images list -q | grep -v '^sha256:' | tr '\n' ' ')"
@@ -54,6 +54,12 @@ step "images imported: $(ctr -n k8s.io images list -q | grep -v '^sha256:' | tr 
   done
 ) &
 step "kubelet started"
+# Services' ClusterIPs, for pods (the kubernetes Service) and for the API
+# server on the host (admission webhooks), which routes them to this node.
+(kube-proxy --kubeconfig=/var/lib/kube-proxy/kubeconfig --proxy-mode=nftables \
+  --hostname-override="$NODE_NAME" --cluster-cidr="$POD_CIDR" --conntrack-max-per-core=0 --v=1 2>&1 \
+  | sed 's/^/kube-proxy: /') &
+step "kube-proxy started"
 
 if [ -f /etc/vfplane/node-extra.sh ]; then
   sh /etc/vfplane/node-extra.sh

@@ -38,6 +38,8 @@ pub struct ClusterPki {
     pub controller_manager: CertFiles,
     /// `system:kube-scheduler`.
     pub scheduler: CertFiles,
+    /// `system:kube-proxy` (bound to `system:node-proxier` by default RBAC).
+    pub kube_proxy: CertFiles,
     /// `system:node:<node>` in `system:nodes`: the kubelet's own identity.
     pub kubelet_client: CertFiles,
     /// The kubelet's serving certificate (its node IP and name).
@@ -139,6 +141,13 @@ impl ClusterPki {
             scheduler: leaf(
                 "scheduler",
                 "system:kube-scheduler",
+                None,
+                Vec::new(),
+                client.clone(),
+            )?,
+            kube_proxy: leaf(
+                "kube-proxy",
+                "system:kube-proxy",
                 None,
                 Vec::new(),
                 client.clone(),

@@ -13,6 +13,7 @@
 
 mod cpio;
 mod kernel;
+mod wire;
 
 use std::fs::{self, File};
 use std::io::{Read as _, Seek as _, SeekFrom};
@@ -25,6 +26,7 @@ use anyhow::{Context as _, Result, bail};
 
 pub use cpio::CpioArchive;
 pub use kernel::GuestKernel;
+pub use wire::Wire;
 
 const INIT_SCRIPT: &str = include_str!("init.sh");
 const START_MARKER: &str = "VFPLANE-TESTBED-START";
@@ -437,6 +439,11 @@ impl Drop for RunningGuest {
 }
 
 impl RunningGuest {
+    /// QEMU's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Whether QEMU still runs.
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
@@ -592,36 +599,48 @@ fn tempdir_in(parent: &Path) -> Result<PathBuf> {
 pub const GUEST_RUSTFLAGS: &str = "-C target-feature=+crt-static";
 /// The target of the guest's binaries; see [`GUEST_RUSTFLAGS`].
 pub const GUEST_TARGET: &str = "x86_64-unknown-linux-gnu";
-/// The packages whose binaries and examples run in the guest. The
-/// controller runs in the cluster, never on a node, so it is not built.
+/// The packages whose binaries and examples run in the guest (on the node,
+/// or in the node's pods).
 pub const GUEST_PACKAGES: [&str; 3] = ["vfplane-agent", "vfplane-device-plugin", "vfplane-driver"];
+/// Packages of which only the binaries are built for the guest: the
+/// controller runs in a pod of the cluster (the vfplane image holds it).
+pub const GUEST_BIN_ONLY_PACKAGES: [&str; 1] = ["vfplane-controller"];
 
-/// Builds the binaries and examples of [`GUEST_PACKAGES`] for the guest,
-/// linked statically, and returns their paths.
+/// Builds the binaries and examples of [`GUEST_PACKAGES`] and the binaries
+/// of [`GUEST_BIN_ONLY_PACKAGES`] for the guest, linked statically, and
+/// returns their paths.
 fn build_guest_binaries(workspace: &Path) -> Result<Vec<PathBuf>> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
-    let packages = GUEST_PACKAGES.iter().flat_map(|p| ["-p", p]);
-    let out = Command::new(cargo)
-        .current_dir(workspace)
-        .env("RUSTFLAGS", GUEST_RUSTFLAGS)
-        .args(["build", "--release", "--target", GUEST_TARGET])
-        .args(packages)
-        .args(["--bins", "--examples", "--message-format=json-render-diagnostics"])
-        .stderr(Stdio::inherit())
-        .output()
-        .context("running cargo build")?;
-    if !out.status.success() {
-        bail!("cargo build of the guest binaries failed");
-    }
     let mut binaries = Vec::new();
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let Ok(message) = serde_json::from_str::<serde_json::Value>(line) else {
-            continue;
-        };
-        if message["reason"] == "compiler-artifact"
-            && let Some(exe) = message["executable"].as_str()
-        {
-            binaries.push(PathBuf::from(exe));
+    for (packages, kinds) in [
+        (&GUEST_PACKAGES[..], &["--bins", "--examples"][..]),
+        (&GUEST_BIN_ONLY_PACKAGES[..], &["--bins"][..]),
+    ] {
+        let out = Command::new(&cargo)
+            .current_dir(workspace)
+            .env("RUSTFLAGS", GUEST_RUSTFLAGS)
+            .args(["build", "--release", "--target", GUEST_TARGET])
+            .args(packages.iter().flat_map(|p| ["-p", p]))
+            .args(kinds)
+            .arg("--message-format=json-render-diagnostics")
+            .stderr(Stdio::inherit())
+            .output()
+            .context("running cargo build")?;
+        if !out.status.success() {
+            bail!(
+                "cargo build of the guest binaries ({}) failed",
+                packages.join(", ")
+            );
+        }
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let Ok(message) = serde_json::from_str::<serde_json::Value>(line) else {
+                continue;
+            };
+            if message["reason"] == "compiler-artifact"
+                && let Some(exe) = message["executable"].as_str()
+            {
+                binaries.push(PathBuf::from(exe));
+            }
         }
     }
     binaries.sort();
@@ -629,8 +648,11 @@ fn build_guest_binaries(workspace: &Path) -> Result<Vec<PathBuf>> {
     Ok(binaries)
 }
 
+/// Programs from the host's Debian packages that the guest runs, and where.
+const GUEST_HOST_PROGRAMS: [(&str, &str); 2] = [("runc", "usr/bin/runc"), ("nft", "usr/sbin/nft")];
+
 /// The part of the initramfs that changes only with the kernel or the init:
-/// busybox, modules, runc and its libraries, /init.
+/// busybox, modules, runc and nft with their libraries, /init.
 fn build_base_initrd(kernel: &GuestKernel, path: &Path) -> Result<()> {
     let mut archive = CpioArchive::new();
     for dir in [
@@ -693,25 +715,20 @@ fn build_base_initrd(kernel: &GuestKernel, path: &Path) -> Result<()> {
         &mut archive,
     )?;
     names(&kernel.node_modules, "etc/vfplane/node-modules", &mut archive)?;
-    // runc, for real containers in the guest, with the shared libraries it needs.
-    if let Ok(runc) = which("runc") {
-        archive.file("usr/bin/runc", 0o755, &fs::read(&runc)?);
-        for lib in shared_libraries(&runc)? {
-            let guest = lib.to_string_lossy().trim_start_matches('/').to_owned();
-            let parent = Path::new(&guest)
-                .parent()
-                .map(|p| p.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            let mut so_far = String::new();
-            for part in parent.split('/').filter(|p| !p.is_empty()) {
-                if !so_far.is_empty() {
-                    so_far.push('/');
-                }
-                so_far.push_str(part);
-                archive.dir(&so_far, 0o755);
-            }
-            archive.file(&guest, 0o755, &fs::read(&lib)?);
-        }
+    // Host programs the guest runs, with the shared libraries `ldd` names:
+    // runc for containers, nft for kube-proxy's nftables mode.
+    let mut libraries = std::collections::BTreeSet::new();
+    for (program, guest_path) in GUEST_HOST_PROGRAMS {
+        let host_path = which(program)
+            .with_context(|| format!("{program} (testbed/install-host-deps.sh installs it)"))?;
+        archive.parents(guest_path);
+        archive.file(guest_path, 0o755, &fs::read(&host_path)?);
+        libraries.extend(shared_libraries(&host_path)?);
+    }
+    for lib in libraries {
+        let guest = lib.to_string_lossy().trim_start_matches('/').to_owned();
+        archive.parents(&guest);
+        archive.file(&guest, 0o755, &fs::read(&lib)?);
     }
     let bytes = archive.finish();
     if fs::read(path).ok().as_deref() != Some(bytes.as_slice()) {

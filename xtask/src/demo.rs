@@ -1,0 +1,535 @@
+//! The demo: the path of one VF to a pod on the real cluster, the way a
+//! user gets there: `helm install`, a VfPolicy, a Deployment asking for the
+//! pool. Every command a user would type (kubectl, helm) is echoed as it
+//! runs, each step is timed, and the host counts the frames the pod's
+//! driver sends on the PF's wire. Any failed step, and fewer frames counted
+//! than sent, is an error.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, bail, ensure};
+
+use crate::cluster::images::VFPLANE_IMAGE;
+use crate::cluster::{Cluster, ClusterOptions, NODE_NAME};
+use crate::testbed::{Testbed, Wire};
+
+/// The policy's name and pool.
+const POLICY: &str = "fast-io";
+const POOL: &str = "fast";
+const NAMESPACE: &str = "vfplane-system";
+const FRAMES: u32 = 2000;
+const ETHERTYPE_TEST: [u8; 2] = [0x88, 0xb5];
+
+/// What the demo did, for the closing table.
+#[derive(Debug, Clone, Default)]
+pub struct DemoReport {
+    /// The VfPolicy.
+    pub policy: String,
+    /// The node.
+    pub node: String,
+    /// VFs the policy made ready.
+    pub vfs: u64,
+    /// The pod that got a VF.
+    pub pod: String,
+    /// The VF it got.
+    pub vf: String,
+    /// Frames the pod's driver sent (its VF's own TX counter).
+    pub frames_sent: u64,
+    /// Frames the host counted on the PF's wire.
+    pub frames_counted: u64,
+    /// Seconds each step took, in order.
+    pub steps: Vec<(String, f64)>,
+    /// Milestones: helm install to pods Ready, policy to allocatable, pod to first frame.
+    pub milestones: Vec<(String, f64)>,
+    /// The webhook's answers to the two bad objects.
+    pub refusals: Vec<String>,
+}
+
+impl DemoReport {
+    /// The closing table.
+    pub fn table(&self) -> String {
+        let mut out = String::new();
+        let rows = [
+            ("policy", self.policy.clone()),
+            ("node", self.node.clone()),
+            ("VFs ready", self.vfs.to_string()),
+            ("pod", self.pod.clone()),
+            ("VF given", self.vf.clone()),
+            ("frames sent (VF counter)", self.frames_sent.to_string()),
+            ("frames counted on the wire", self.frames_counted.to_string()),
+        ];
+        for (name, value) in rows {
+            out.push_str(&format!("  {name:<30} {value}\n"));
+        }
+        for (name, seconds) in self.milestones.iter().chain(&self.steps) {
+            out.push_str(&format!("  {name:<30} {seconds:>7.1} s\n"));
+        }
+        out
+    }
+}
+
+struct Demo {
+    cluster: Cluster,
+    workspace: PathBuf,
+    helm: PathBuf,
+    step: usize,
+    report: DemoReport,
+}
+
+const STEPS: usize = 7;
+
+impl Demo {
+    fn begin(&mut self, title: &str) -> Instant {
+        self.step += 1;
+        eprintln!("\n== [{}/{STEPS}] {title}", self.step);
+        Instant::now()
+    }
+
+    fn end(&mut self, title: &str, began: Instant) {
+        let seconds = began.elapsed().as_secs_f64();
+        eprintln!("   ({title}: {seconds:.1} s)");
+        self.report.steps.push((title.to_owned(), seconds));
+    }
+
+    fn echo(args: &[&str], program: &str) {
+        let shown: Vec<String> = args
+            .iter()
+            .map(|a| {
+                if a.contains([' ', '"', '{', '$']) {
+                    format!("'{a}'")
+                } else {
+                    (*a).to_owned()
+                }
+            })
+            .collect();
+        eprintln!("$ {program} {}", shown.join(" "));
+    }
+
+    fn show(text: &str) {
+        for line in text.lines() {
+            eprintln!("  {line}");
+        }
+    }
+
+    /// kubectl, echoed, output shown.
+    fn kubectl(&self, args: &[&str]) -> Result<String> {
+        Self::echo(args, "kubectl");
+        let out = self.cluster.kubectl_output(args)?;
+        Self::show(&out);
+        Ok(out)
+    }
+
+    /// `kubectl apply -f -` with `yaml`, echoed as a here-document.
+    fn apply(&self, yaml: &str) -> Result<String> {
+        eprintln!("$ kubectl apply -f - <<EOF");
+        Self::show(yaml);
+        eprintln!("  EOF");
+        let out = self.cluster.kubectl_stdin(&["apply", "-f", "-"], yaml)?;
+        Self::show(&out);
+        Ok(out)
+    }
+
+    /// `kubectl apply` expected to be refused: returns the refusal.
+    fn apply_refused(&self, yaml: &str) -> Result<String> {
+        eprintln!("$ kubectl apply -f - <<EOF");
+        Self::show(yaml);
+        eprintln!("  EOF");
+        match self.cluster.kubectl_stdin(&["apply", "-f", "-"], yaml) {
+            Ok(out) => bail!("the API server accepted what the webhook must refuse:\n{out}"),
+            Err(error) => {
+                let message = format!("{error:#}");
+                Self::show(&message);
+                Ok(message)
+            }
+        }
+    }
+
+    /// helm, echoed, inside the cluster's namespace.
+    fn helm(&self, args: &[&str]) -> Result<String> {
+        Self::echo(args, "helm");
+        let mut command = self.cluster.command(&self.helm);
+        crate::helm::isolate(&mut command, &self.workspace);
+        let out = command
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .context("running helm")?;
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        if !out.status.success() {
+            bail!(
+                "helm {} failed: {}{}\n{}",
+                args.join(" "),
+                stdout,
+                String::from_utf8_lossy(&out.stderr),
+                self.pod_diagnostics()
+            );
+        }
+        let head: String = stdout.lines().take(12).collect::<Vec<_>>().join("\n");
+        Self::show(&head);
+        Ok(stdout)
+    }
+
+    /// The vfplane pods and their recent events, for errors.
+    fn pod_diagnostics(&self) -> String {
+        let pods = self
+            .cluster
+            .kubectl_output(&["get", "pods", "-A", "-o", "wide"])
+            .unwrap_or_default();
+        let events = self
+            .cluster
+            .kubectl_output(&["get", "events", "-n", NAMESPACE, "--sort-by=.lastTimestamp"])
+            .unwrap_or_default();
+        let tail: Vec<&str> = events.lines().rev().take(15).collect();
+        let mut logs = String::new();
+        for container in ["agent", "device-plugin"] {
+            logs.push_str(&format!("--- node pod, {container} ---\n"));
+            logs.push_str(
+                &self
+                    .cluster
+                    .kubectl_output(&[
+                        "logs",
+                        "-n",
+                        NAMESPACE,
+                        "daemonset/vfplane-node",
+                        "-c",
+                        container,
+                        "--tail=15",
+                    ])
+                    .unwrap_or_default(),
+            );
+        }
+        logs.push_str("--- controller ---\n");
+        logs.push_str(
+            &self
+                .cluster
+                .kubectl_output(&[
+                    "logs",
+                    "-n",
+                    NAMESPACE,
+                    "deployment/vfplane-controller",
+                    "--tail=15",
+                ])
+                .unwrap_or_default(),
+        );
+        format!(
+            "--- pods ---\n{pods}\n--- events in {NAMESPACE} (newest first) ---\n{}\n{logs}",
+            tail.join("\n")
+        )
+    }
+
+    fn wait(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        check: impl FnMut(&Cluster) -> Result<bool>,
+    ) -> Result<()> {
+        let result = self.cluster.wait_until(what, timeout, check);
+        result.map_err(|e| anyhow::anyhow!("{e:#}\n{}", self.pod_diagnostics()))
+    }
+
+    fn jsonpath(&self, args: &[&str]) -> String {
+        self.cluster
+            .kubectl_output(args)
+            .unwrap_or_default()
+            .trim()
+            .to_owned()
+    }
+}
+
+fn policy_yaml(num_vfs: u32, name: &str) -> String {
+    format!(
+        r#"apiVersion: vfplane.io/v1alpha1
+kind: VfPolicy
+metadata:
+  name: {name}
+spec:
+  nodeSelector:
+    vfplane.io/sriov: "true"
+  nicSelector:
+    pciAddresses: ["0000:00:02.0"]
+  numVfs: {num_vfs}
+  deviceType: vfio-pci
+  resourceName: {POOL}
+  containerProfile:
+    cpu: "1"
+    memory: 128Mi
+"#
+    )
+}
+
+fn deployment_yaml() -> String {
+    format!(
+        r#"apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: pktgen
+spec:
+  replicas: 1
+  selector:
+    matchLabels: {{app: pktgen}}
+  template:
+    metadata:
+      labels: {{app: pktgen}}
+    spec:
+      terminationGracePeriodSeconds: 1
+      containers:
+        - name: pktgen
+          image: {VFPLANE_IMAGE}
+          imagePullPolicy: IfNotPresent
+          # The VF comes from PCIDEVICE_VFPLANE_IO_FAST alone.
+          command: ["sh", "-c", "pktgen --count {FRAMES} --size 60 --dst 02:00:00:00:00:aa && exec sleep 86400"]
+          resources:
+            limits:
+              vfplane.io/{POOL}: 1
+              cpu: "1"
+              memory: 128Mi
+"#
+    )
+}
+
+fn bad_pod_yaml() -> String {
+    format!(
+        r#"apiVersion: v1
+kind: Pod
+metadata:
+  name: no-limits
+spec:
+  containers:
+    - name: app
+      image: {VFPLANE_IMAGE}
+      command: ["sleep", "60"]
+      resources:
+        limits:
+          vfplane.io/{POOL}: 1
+"#
+    )
+}
+
+/// Runs the whole demo and returns its report.
+///
+/// # Errors
+/// The first step that fails, with the diagnostics of the parts involved;
+/// also when the host counted fewer frames than the pod's VF sent.
+pub fn run(testbed: &Testbed) -> Result<DemoReport> {
+    let workspace = testbed.workspace().to_path_buf();
+    let helm = crate::helm::ensure_helm(&workspace)?;
+    eprintln!(
+        "\n== [1/{STEPS}] A real cluster: Kubernetes control plane on the host, the emulated SR-IOV guest as its node"
+    );
+    let began = Instant::now();
+    let cluster = Cluster::start(testbed, ClusterOptions::default())?;
+    let mut demo = Demo {
+        cluster,
+        workspace,
+        helm,
+        step: 1,
+        report: DemoReport {
+            policy: POLICY.to_owned(),
+            node: NODE_NAME.to_owned(),
+            ..DemoReport::default()
+        },
+    };
+    demo.kubectl(&["get", "nodes", "-o", "wide"])?;
+    demo.end("cluster up, node Ready", began);
+    let socket = demo
+        .cluster
+        .guest()
+        .pf_link(0)
+        .context("the node has no PF link")?
+        .socket
+        .try_clone()?;
+    let wire = Wire::listen(socket)?;
+
+    // 2. helm install.
+    let began = demo.begin("Install vfplane with Helm (CRDs, controller, node DaemonSet, RBAC, webhook)");
+    demo.kubectl(&["label", "node", NODE_NAME, "vfplane.io/sriov=true"])?;
+    let install = Instant::now();
+    demo.helm(&[
+        "install",
+        "vfplane",
+        "charts/vfplane",
+        "--namespace",
+        NAMESPACE,
+        "--create-namespace",
+        "--set",
+        "image.repository=vfplane.local/vfplane",
+        "--set",
+        "image.tag=dev",
+        "--wait",
+        "--timeout=10m",
+    ])?;
+    let ready = install.elapsed().as_secs_f64();
+    demo.report
+        .milestones
+        .push(("helm install -> pods Ready".to_owned(), ready));
+    demo.kubectl(&["get", "pods", "-n", NAMESPACE, "-o", "wide"])?;
+    demo.end("helm install", began);
+
+    // 3. The policy.
+    let began = demo.begin("A VfPolicy: two vfio-pci VFs of the node's PF in pool `fast`");
+    demo.apply(&policy_yaml(2, POLICY))?;
+    let applied = Instant::now();
+    demo.wait(
+        "vfplane.io/fast: 2 in the node's allocatable",
+        Duration::from_secs(300),
+        |c| {
+            Ok(c.kubectl_output(&[
+                "get",
+                "node",
+                NODE_NAME,
+                "-o=jsonpath={.status.allocatable.vfplane\\.io/fast}",
+            ])
+            .is_ok_and(|v| v.trim() == "2"))
+        },
+    )?;
+    demo.report.milestones.push((
+        "policy -> pool allocatable".to_owned(),
+        applied.elapsed().as_secs_f64(),
+    ));
+    demo.wait(
+        "the policy's status: 2 VFs ready",
+        Duration::from_secs(120),
+        |c| {
+            Ok(
+                c.kubectl_output(&["get", "vfpolicy", POLICY, "-o=jsonpath={.status.readyVfs}"])
+                    .is_ok_and(|v| v.trim() == "2"),
+            )
+        },
+    )?;
+    demo.kubectl(&["get", "vfpolicies"])?;
+    demo.kubectl(&["get", "nodestates"])?;
+    demo.report.vfs = demo
+        .jsonpath(&["get", "vfpolicy", POLICY, "-o=jsonpath={.status.readyVfs}"])
+        .parse()
+        .unwrap_or(0);
+    demo.end("policy to allocatable", began);
+
+    // 4. A Deployment asks for a VF; its driver sends frames.
+    let began = demo
+        .begin("A Deployment of one asks for vfplane.io/fast: its pod runs the driver's pktgen on the VF");
+    demo.apply(&deployment_yaml())?;
+    let created = Instant::now();
+    demo.wait("the pktgen pod's report", Duration::from_secs(300), |c| {
+        Ok(c.kubectl_output(&["logs", "deployment/pktgen"])
+            .is_ok_and(|l| l.contains("\"tool\":\"pktgen\"")))
+    })?;
+    demo.report.milestones.push((
+        "pod created -> pktgen done".to_owned(),
+        created.elapsed().as_secs_f64(),
+    ));
+    demo.kubectl(&["get", "pods", "-l", "app=pktgen", "-o", "wide"])?;
+    let logs = demo.kubectl(&["logs", "deployment/pktgen"])?;
+    let line: serde_json::Value = logs
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .find_map(|l| serde_json::from_str(l).ok())
+        .context("no JSON line from pktgen")?;
+    if let Some(error) = line.get("error") {
+        bail!("pktgen failed in the pod: {error}");
+    }
+    demo.report.pod = demo.jsonpath(&[
+        "get",
+        "pods",
+        "-l",
+        "app=pktgen",
+        "-o=jsonpath={.items[0].metadata.name}",
+    ]);
+    demo.report.vf = line["pci"].as_str().unwrap_or_default().to_owned();
+    demo.report.frames_sent = line["hw_tx_packets"].as_u64().unwrap_or(0);
+    wire.settle(Duration::from_secs(2));
+    demo.report.frames_counted = wire.take_ethertype(ETHERTYPE_TEST).len() as u64;
+    eprintln!(
+        "host: {} test frames arrived on the PF's wire; the VF counted {} sent",
+        demo.report.frames_counted, demo.report.frames_sent
+    );
+    demo.end("pod to frames", began);
+
+    // 5. The webhook refuses bad input through the real API server.
+    let began =
+        demo.begin("The admission webhook refuses a bad VfPolicy and a pod that breaks the pool's profile");
+    let policy_refusal = demo.apply_refused(&policy_yaml(9, "too-many"))?;
+    ensure!(
+        policy_refusal.contains("spec.numVfs"),
+        "the VfPolicy refusal does not name spec.numVfs: {policy_refusal}"
+    );
+    let pod_refusal = demo.apply_refused(&bad_pod_yaml())?;
+    ensure!(
+        pod_refusal.contains("resources.limits.cpu"),
+        "the pod refusal does not name resources.limits.cpu: {pod_refusal}"
+    );
+    demo.report.refusals = vec![policy_refusal, pod_refusal];
+    demo.end("webhook refusals", began);
+
+    // 6. helm upgrade with a changed value.
+    let began = demo.begin("helm upgrade with a changed value (logLevel=debug)");
+    demo.helm(&[
+        "upgrade",
+        "vfplane",
+        "charts/vfplane",
+        "--namespace",
+        NAMESPACE,
+        "--reuse-values",
+        "--set",
+        "logLevel=debug",
+        "--wait",
+        "--timeout=10m",
+    ])?;
+    let level = demo.jsonpath(&[
+        "get",
+        "daemonset",
+        "-n",
+        NAMESPACE,
+        "vfplane-node",
+        "-o=jsonpath={.spec.template.spec.containers[0].env[?(@.name==\"VFPLANE_LOG\")].value}",
+    ]);
+    ensure!(
+        level == "debug",
+        "after the upgrade the node pod's VFPLANE_LOG is {level:?}"
+    );
+    demo.kubectl(&["get", "pods", "-n", NAMESPACE])?;
+    demo.end("helm upgrade", began);
+
+    // 7. Clean up: the node goes back to 0 VFs.
+    let began = demo
+        .begin("Clean up: delete the Deployment and the policy, helm uninstall; the node is back to 0 VFs");
+    demo.kubectl(&["delete", "deployment", "pktgen", "--wait=true"])?;
+    demo.kubectl(&["delete", "vfpolicy", POLICY, "--wait=true", "--timeout=300s"])?;
+    demo.wait("the node's PF back to 0 VFs", Duration::from_secs(300), |c| {
+        Ok(c.kubectl_output(&[
+            "get",
+            "nodestate",
+            NODE_NAME,
+            "-o=jsonpath={.status.pfs[0].numVfs}",
+        ])
+        .is_ok_and(|v| v.trim() == "0"))
+    })?;
+    demo.helm(&["uninstall", "vfplane", "--namespace", NAMESPACE, "--wait"])?;
+    let numvfs = demo
+        .cluster
+        .node_exec("cat /sys/bus/pci/devices/0000:00:02.0/sriov_numvfs")?;
+    eprintln!(
+        "$ cat /sys/bus/pci/devices/0000:00:02.0/sriov_numvfs   # on the node\n  {}",
+        numvfs.trim()
+    );
+    ensure!(
+        numvfs.trim() == "0",
+        "after uninstall the PF has {} VFs",
+        numvfs.trim()
+    );
+    demo.end("clean up", began);
+
+    ensure!(
+        demo.report.frames_sent == u64::from(FRAMES),
+        "the pod's VF sent {} frames, not {FRAMES}",
+        demo.report.frames_sent
+    );
+    ensure!(
+        demo.report.frames_counted >= demo.report.frames_sent,
+        "the host counted {} frames but the VF sent {}",
+        demo.report.frames_counted,
+        demo.report.frames_sent
+    );
+    Ok(demo.report)
+}
