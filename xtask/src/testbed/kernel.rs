@@ -37,6 +37,9 @@ pub const NODE_MODULES: &[&str] = &[
     "nft_fib_ipv4",
     "nft_numgen",
     "nft_reject_inet",
+    // `reject` in tables of family ip and ip6 (kube-proxy has both).
+    "nft_reject_ipv4",
+    "nft_reject_ipv6",
     "virtio_net",
 ];
 
