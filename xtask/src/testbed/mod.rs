@@ -602,46 +602,56 @@ pub const GUEST_TARGET: &str = "x86_64-unknown-linux-gnu";
 /// The packages whose binaries and examples run in the guest (on the node,
 /// or in the node's pods).
 pub const GUEST_PACKAGES: [&str; 3] = ["vfplane-agent", "vfplane-device-plugin", "vfplane-driver"];
-/// Packages of which only the binaries are built for the guest: the
-/// controller runs in a pod of the cluster (the vfplane image holds it).
+/// Packages of which only the binaries go into the guest: the controller
+/// runs in a pod of the cluster (the vfplane image holds it).
 pub const GUEST_BIN_ONLY_PACKAGES: [&str; 1] = ["vfplane-controller"];
 
 /// Builds the binaries and examples of [`GUEST_PACKAGES`] and the binaries
 /// of [`GUEST_BIN_ONLY_PACKAGES`] for the guest, linked statically, and
-/// returns their paths.
+/// returns their paths. One cargo invocation for all of them: two with
+/// different package sets would unify features differently and rebuild
+/// each other's shared dependencies every time.
 fn build_guest_binaries(workspace: &Path) -> Result<Vec<PathBuf>> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    let out = Command::new(&cargo)
+        .current_dir(workspace)
+        .env("RUSTFLAGS", GUEST_RUSTFLAGS)
+        .args(["build", "--release", "--target", GUEST_TARGET])
+        .args(
+            GUEST_PACKAGES
+                .iter()
+                .chain(&GUEST_BIN_ONLY_PACKAGES)
+                .flat_map(|p| ["-p", p]),
+        )
+        .args(["--bins", "--examples", "--message-format=json-render-diagnostics"])
+        .stderr(Stdio::inherit())
+        .output()
+        .context("running cargo build")?;
+    if !out.status.success() {
+        bail!("cargo build of the guest binaries failed");
+    }
     let mut binaries = Vec::new();
-    for (packages, kinds) in [
-        (&GUEST_PACKAGES[..], &["--bins", "--examples"][..]),
-        (&GUEST_BIN_ONLY_PACKAGES[..], &["--bins"][..]),
-    ] {
-        let out = Command::new(&cargo)
-            .current_dir(workspace)
-            .env("RUSTFLAGS", GUEST_RUSTFLAGS)
-            .args(["build", "--release", "--target", GUEST_TARGET])
-            .args(packages.iter().flat_map(|p| ["-p", p]))
-            .args(kinds)
-            .arg("--message-format=json-render-diagnostics")
-            .stderr(Stdio::inherit())
-            .output()
-            .context("running cargo build")?;
-        if !out.status.success() {
-            bail!(
-                "cargo build of the guest binaries ({}) failed",
-                packages.join(", ")
-            );
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Ok(message) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        if message["reason"] != "compiler-artifact" {
+            continue;
         }
-        for line in String::from_utf8_lossy(&out.stdout).lines() {
-            let Ok(message) = serde_json::from_str::<serde_json::Value>(line) else {
-                continue;
-            };
-            if message["reason"] == "compiler-artifact"
-                && let Some(exe) = message["executable"].as_str()
-            {
-                binaries.push(PathBuf::from(exe));
-            }
+        let Some(exe) = message["executable"].as_str() else {
+            continue;
+        };
+        let example = message["target"]["kind"]
+            .as_array()
+            .is_some_and(|kinds| kinds.iter().any(|k| k == "example"));
+        let package = message["package_id"].as_str().unwrap_or_default();
+        let bin_only = GUEST_BIN_ONLY_PACKAGES
+            .iter()
+            .any(|p| package.contains(&format!("/{p}#")) || package.contains(&format!("#{p}@")));
+        if example && bin_only {
+            continue;
         }
+        binaries.push(PathBuf::from(exe));
     }
     binaries.sort();
     binaries.dedup();
