@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use xtask::cluster::images::VFPLANE_IMAGE;
 use xtask::cluster::{Cluster, ClusterOptions, NODE_NAME};
-use xtask::testbed::{Testbed, Wire};
+use xtask::testbed::Testbed;
 
 const ETHERTYPE_TEST: [u8; 2] = [0x88, 0xb5];
 const VF0_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x00, 0x01];
@@ -139,14 +139,7 @@ fn kubelet_runs_a_pod_on_a_vf_from_our_device_plugin() {
         },
     )
     .expect("cluster starts and the node is Ready");
-    let socket = cluster
-        .guest()
-        .pf_link(0)
-        .expect("PF link")
-        .socket
-        .try_clone()
-        .expect("socket");
-    let wire = Wire::listen(socket).expect("listen on the PF link");
+    let wire = cluster.guest().listen_wire(0).expect("listen on the PF link");
 
     // 1. The pool reaches the node's allocatable through the real kubelet.
     let begun = Instant::now();

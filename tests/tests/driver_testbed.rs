@@ -21,7 +21,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use xtask::testbed::{GuestOptions, RunningGuest, Testbed, Wire};
+use xtask::testbed::{GuestOptions, RunningGuest, Testbed};
 
 const HOST_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x00, 0xaa];
 const HOST_MAC_TEXT: &str = "02:00:00:00:00:aa";
@@ -140,13 +140,7 @@ fn vf_on_vfio_sends_receives_echoes_and_is_isolated() {
         ..GuestOptions::default()
     };
     let guest = testbed.start(&script(), &options).expect("guest starts");
-    let socket = guest
-        .pf_link(0)
-        .expect("PF link")
-        .socket
-        .try_clone()
-        .expect("socket");
-    let wire = Wire::listen(socket).expect("listen on the PF link");
+    let wire = guest.listen_wire(0).expect("listen on the PF link");
 
     // 1. pktgen -> host.
     let pktgen = wait_for(&guest, "pktgen result", Duration::from_secs(300), |v| {
@@ -402,13 +396,7 @@ pktgen --pci $vf --count {COUNT} --size {SIZE} --dst {HOST_MAC_TEXT}
 "#
     );
     let guest = testbed.start(&script, &options).expect("guest starts");
-    let socket = guest
-        .pf_link(0)
-        .expect("PF link")
-        .socket
-        .try_clone()
-        .expect("socket");
-    let wire = Wire::listen(socket).expect("listen on the PF link");
+    let wire = guest.listen_wire(0).expect("listen on the PF link");
     let pktgen = wait_for(&guest, "pktgen result", Duration::from_secs(300), |v| {
         v["tool"] == "pktgen"
     });

@@ -13,7 +13,7 @@ use anyhow::{Context as _, Result, bail, ensure};
 
 use crate::cluster::images::VFPLANE_IMAGE;
 use crate::cluster::{Cluster, ClusterOptions, NODE_NAME};
-use crate::testbed::{Testbed, Wire};
+use crate::testbed::Testbed;
 
 /// The policy's name and pool.
 const POLICY: &str = "fast-io";
@@ -123,20 +123,21 @@ impl Demo {
 
     /// `kubectl apply -f -` with `yaml`, echoed as a here-document.
     fn apply(&self, yaml: &str) -> Result<String> {
-        eprintln!("$ kubectl apply -f - <<EOF");
-        Self::show(yaml);
-        eprintln!("  EOF");
-        let out = self.cluster.kubectl_stdin(&["apply", "-f", "-"], yaml)?;
+        let out = self.apply_echoed(yaml)?;
         Self::show(&out);
         Ok(out)
     }
 
-    /// `kubectl apply` expected to be refused: returns the refusal.
-    fn apply_refused(&self, yaml: &str) -> Result<String> {
+    fn apply_echoed(&self, yaml: &str) -> Result<String> {
         eprintln!("$ kubectl apply -f - <<EOF");
         Self::show(yaml);
         eprintln!("  EOF");
-        match self.cluster.kubectl_stdin(&["apply", "-f", "-"], yaml) {
+        self.cluster.kubectl_stdin(&["apply", "-f", "-"], yaml)
+    }
+
+    /// `kubectl apply` expected to be refused: returns the refusal.
+    fn apply_refused(&self, yaml: &str) -> Result<String> {
+        match self.apply_echoed(yaml) {
             Ok(out) => bail!("the API server accepted what the webhook must refuse:\n{out}"),
             Err(error) => {
                 let message = format!("{error:#}");
@@ -333,14 +334,7 @@ pub fn run(testbed: &Testbed) -> Result<DemoReport> {
     };
     demo.kubectl(&["get", "nodes", "-o", "wide"])?;
     demo.end("cluster up, node Ready", began);
-    let socket = demo
-        .cluster
-        .guest()
-        .pf_link(0)
-        .context("the node has no PF link")?
-        .socket
-        .try_clone()?;
-    let wire = Wire::listen(socket)?;
+    let wire = demo.cluster.guest().listen_wire(0)?;
 
     // 2. helm install.
     let began = demo.begin("Install vfplane with Helm (CRDs, controller, node DaemonSet, RBAC, webhook)");

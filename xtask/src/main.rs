@@ -31,6 +31,13 @@ enum Command {
     /// The demo: vfplane installed by Helm on the real cluster, a VfPolicy,
     /// a pod running the driver on its VF, the host counting the frames.
     Demo,
+    /// Builds vfplane's image (the static node and controller binaries,
+    /// the driver's examples, busybox) as an OCI archive.
+    Image {
+        /// Where to write it.
+        #[arg(long, default_value = "target/images/vfplane.tar")]
+        out: PathBuf,
+    },
     /// Writes the chart's CRDs from the Rust types (`--check`: fail if stale).
     Crdgen {
         /// Only compare; fail when the chart's CRDs differ from the types.
@@ -155,6 +162,20 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Demo => run_demo(begun),
         Command::Test { slow } => run_tests(slow, begun),
+        Command::Image { out } => {
+            let testbed = Testbed::prepare()?;
+            let spec = xtask::cluster::images::vfplane_image(&testbed)?;
+            let image = xtask::oci::write_archive(&spec, &out)?;
+            eprintln!(
+                "image: {} {} ({} MiB) -> {}\n  import: ctr -n k8s.io images import {}",
+                image.reference,
+                image.manifest_digest,
+                image.archive_bytes >> 20,
+                out.display(),
+                out.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Cluster {
             command: ClusterCommand::Build,
         } => {

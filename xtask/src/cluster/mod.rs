@@ -69,6 +69,37 @@ struct Service {
     log: PathBuf,
 }
 
+impl Service {
+    /// Starts `program` inside `netns`, its output in `<dir>/<name>.log`.
+    fn spawn(netns: &Netns, dir: &Path, name: &'static str, program: &Path, args: &[String]) -> Result<Self> {
+        let log = dir.join(format!("{name}.log"));
+        let file = File::create(&log)?;
+        let child = netns
+            .command(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(file.try_clone()?)
+            .stderr(file)
+            .spawn()
+            .with_context(|| format!("starting {}", program.display()))?;
+        Ok(Self { name, child, log })
+    }
+}
+
+/// Flags kube-controller-manager and kube-scheduler share: one kubeconfig
+/// for everything, secure port on loopback, no leader election (one replica).
+fn component_flags(kubeconfig: &Path) -> Vec<String> {
+    let config = kubeconfig.display();
+    vec![
+        format!("--kubeconfig={config}"),
+        format!("--authentication-kubeconfig={config}"),
+        format!("--authorization-kubeconfig={config}"),
+        "--bind-address=127.0.0.1".into(),
+        "--leader-elect=false".into(),
+        "--v=1".into(),
+    ]
+}
+
 impl Drop for Service {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -145,17 +176,7 @@ impl Cluster {
 
         let mut cluster_services = Vec::new();
         let mut start = |name: &'static str, program: PathBuf, args: Vec<String>| -> Result<()> {
-            let log = dir.join(format!("{name}.log"));
-            let file = File::create(&log)?;
-            let child = netns
-                .command(&program)
-                .args(&args)
-                .stdin(Stdio::null())
-                .stdout(file.try_clone()?)
-                .stderr(file)
-                .spawn()
-                .with_context(|| format!("starting {}", program.display()))?;
-            cluster_services.push(Service { name, child, log });
+            cluster_services.push(Service::spawn(&netns, &dir, name, &program, &args)?);
             Ok(())
         };
         let path = |p: &Path| p.display().to_string();
@@ -235,52 +256,33 @@ impl Cluster {
         mark("control plane API ready", &mut step);
 
         let mut start = |name: &'static str, program: PathBuf, args: Vec<String>| -> Result<()> {
-            let log = dir.join(format!("{name}.log"));
-            let file = File::create(&log)?;
-            let child = cluster
-                .netns
-                .command(&program)
-                .args(&args)
-                .stdin(Stdio::null())
-                .stdout(file.try_clone()?)
-                .stderr(file)
-                .spawn()
-                .with_context(|| format!("starting {}", program.display()))?;
-            cluster.services.push(Service { name, child, log });
+            let service = Service::spawn(&cluster.netns, &dir, name, &program, &args)?;
+            cluster.services.push(service);
             Ok(())
         };
         start(
             "kube-controller-manager",
             binaries.kube("kube-controller-manager"),
-            vec![
-                format!("--kubeconfig={}", path(&kcm_config)),
-                format!("--authentication-kubeconfig={}", path(&kcm_config)),
-                format!("--authorization-kubeconfig={}", path(&kcm_config)),
-                "--bind-address=127.0.0.1".into(),
-                format!(
-                    "--service-account-private-key-file={}",
-                    path(&pki.service_account_key)
-                ),
-                format!("--root-ca-file={}", path(&pki.ca.cert)),
-                format!("--cluster-signing-cert-file={}", path(&pki.ca.cert)),
-                format!("--cluster-signing-key-file={}", path(&pki.ca.key)),
-                format!("--service-cluster-ip-range={SERVICE_CIDR}"),
-                "--use-service-account-credentials=true".into(),
-                "--leader-elect=false".into(),
-                "--v=1".into(),
-            ],
+            [
+                component_flags(&kcm_config),
+                vec![
+                    format!(
+                        "--service-account-private-key-file={}",
+                        path(&pki.service_account_key)
+                    ),
+                    format!("--root-ca-file={}", path(&pki.ca.cert)),
+                    format!("--cluster-signing-cert-file={}", path(&pki.ca.cert)),
+                    format!("--cluster-signing-key-file={}", path(&pki.ca.key)),
+                    format!("--service-cluster-ip-range={SERVICE_CIDR}"),
+                    "--use-service-account-credentials=true".into(),
+                ],
+            ]
+            .concat(),
         )?;
         start(
             "kube-scheduler",
             binaries.kube("kube-scheduler"),
-            vec![
-                format!("--kubeconfig={}", path(&scheduler_config)),
-                format!("--authentication-kubeconfig={}", path(&scheduler_config)),
-                format!("--authorization-kubeconfig={}", path(&scheduler_config)),
-                "--bind-address=127.0.0.1".into(),
-                "--leader-elect=false".into(),
-                "--v=1".into(),
-            ],
+            component_flags(&scheduler_config),
         )?;
 
         // The node: binaries, configuration, credentials and images.

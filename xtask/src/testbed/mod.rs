@@ -459,6 +459,17 @@ impl RunningGuest {
         self.run_dir.join("console.log")
     }
 
+    /// Starts collecting every frame PF `index` sends (see [`Wire`]).
+    ///
+    /// # Errors
+    /// No such PF, or its socket cannot be cloned or set up.
+    pub fn listen_wire(&self, index: usize) -> Result<Wire> {
+        let link = self
+            .pf_link(index)
+            .with_context(|| format!("the guest has no PF link {index}"))?;
+        Ok(Wire::listen(link.socket.try_clone()?)?)
+    }
+
     /// The host side of PF `index`'s link.
     pub fn pf_link(&self, index: usize) -> Option<&PfLink> {
         self.links.get(index)
@@ -613,7 +624,28 @@ pub const GUEST_BIN_ONLY_PACKAGES: [&str; 1] = ["vfplane-controller"];
 /// each other's shared dependencies every time.
 fn build_guest_binaries(workspace: &Path) -> Result<Vec<PathBuf>> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
-    let out = Command::new(&cargo)
+    let mut command = Command::new(&cargo);
+    // Build scripts (ring's, for one) ask cargo to rerun when variables like
+    // CARGO_PKG_NAME change, and cargo compares its own environment: the one
+    // inherited from whoever calls us (xtask, or a test binary of another
+    // package) would rebuild them on every change of caller.
+    for (name, _) in std::env::vars_os() {
+        let name = name.to_string_lossy();
+        if name.starts_with("CARGO_PKG_")
+            || name.starts_with("CARGO_MANIFEST_")
+            || name.starts_with("CARGO_BIN_")
+            || [
+                "CARGO_CRATE_NAME",
+                "CARGO_PRIMARY_PACKAGE",
+                "CARGO_TARGET_TMPDIR",
+                "OUT_DIR",
+            ]
+            .contains(&name.as_ref())
+        {
+            command.env_remove(name.as_ref());
+        }
+    }
+    let out = command
         .current_dir(workspace)
         .env("RUSTFLAGS", GUEST_RUSTFLAGS)
         .args(["build", "--release", "--target", GUEST_TARGET])
