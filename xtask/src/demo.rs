@@ -184,36 +184,19 @@ impl Demo {
             .unwrap_or_default();
         let tail: Vec<&str> = events.lines().rev().take(15).collect();
         let mut logs = String::new();
-        for container in ["agent", "device-plugin"] {
-            logs.push_str(&format!("--- node pod, {container} ---\n"));
-            logs.push_str(
-                &self
-                    .cluster
-                    .kubectl_output(&[
-                        "logs",
-                        "-n",
-                        NAMESPACE,
-                        "daemonset/vfplane-node",
-                        "-c",
-                        container,
-                        "--tail=15",
-                    ])
-                    .unwrap_or_default(),
-            );
+        for (title, workload, container) in [
+            ("node pod, agent", "daemonset/vfplane-node", "agent"),
+            (
+                "node pod, device-plugin",
+                "daemonset/vfplane-node",
+                "device-plugin",
+            ),
+            ("controller", "deployment/vfplane-controller", "controller"),
+        ] {
+            logs.push_str(&format!("--- {title} ---\n"));
+            let args = ["logs", "-n", NAMESPACE, workload, "-c", container, "--tail=15"];
+            logs.push_str(&self.cluster.kubectl_output(&args).unwrap_or_default());
         }
-        logs.push_str("--- controller ---\n");
-        logs.push_str(
-            &self
-                .cluster
-                .kubectl_output(&[
-                    "logs",
-                    "-n",
-                    NAMESPACE,
-                    "deployment/vfplane-controller",
-                    "--tail=15",
-                ])
-                .unwrap_or_default(),
-        );
         format!(
             "--- pods ---\n{pods}\n--- events in {NAMESPACE} (newest first) ---\n{}\n{logs}",
             tail.join("\n")

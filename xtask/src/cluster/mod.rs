@@ -484,15 +484,7 @@ impl Cluster {
     /// # Errors
     /// kubectl's failure, with its message.
     pub fn kubectl_output(&self, args: &[&str]) -> Result<String> {
-        let out = self.kubectl().args(args).output()?;
-        if !out.status.success() {
-            bail!(
-                "kubectl {} failed: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        kubectl_result(args, &self.kubectl().args(args).output()?)
     }
 
     /// Runs kubectl with `-o json` and parses the result.
@@ -522,15 +514,7 @@ impl Cluster {
         if let Some(mut input) = child.stdin.take() {
             input.write_all(stdin.as_bytes())?;
         }
-        let out = child.wait_with_output()?;
-        if !out.status.success() {
-            bail!(
-                "kubectl {} failed: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        kubectl_result(args, &child.wait_with_output()?)
     }
 
     /// The network namespace everything runs in.
@@ -692,6 +676,18 @@ impl PartialCluster {
     fn into_netns(self) -> Netns {
         self.netns
     }
+}
+
+/// kubectl's stdout, or an error with its stderr.
+fn kubectl_result(args: &[&str], out: &std::process::Output) -> Result<String> {
+    if !out.status.success() {
+        bail!(
+            "kubectl {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// The privileged pod [`Cluster::node_exec`] runs scripts in.
