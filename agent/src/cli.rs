@@ -56,6 +56,10 @@ pub enum Command {
         /// Seconds between passes when nothing changes.
         #[arg(long, default_value_t = 30)]
         resync_seconds: u64,
+        /// The kubelet's pod-resources socket: who holds each VF goes into
+        /// the status (`owner`). Empty: owners are not reported.
+        #[arg(long, default_value = vfplane_proto::POD_RESOURCES_SOCKET)]
+        pod_resources_socket: PathBuf,
     },
 }
 

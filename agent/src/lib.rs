@@ -6,6 +6,7 @@
 //! or, with `run --kube`, from the node's NodeState object (`kube_source`).
 #![forbid(unsafe_code)]
 
+pub mod attribution;
 pub mod cli;
 pub mod discover;
 pub mod files;

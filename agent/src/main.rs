@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Parser as _;
+use vfplane_agent::attribution::PodResources;
 use vfplane_agent::cli::{Cli, Command, Target};
 use vfplane_agent::kube_source::KubeSource;
 use vfplane_agent::netlink::RtNetlink;
@@ -82,12 +83,19 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             kube,
             target,
             resync_seconds,
+            pod_resources_socket,
         } => {
+            let pod_resources = if pod_resources_socket.as_os_str().is_empty() {
+                None
+            } else {
+                Some(std::sync::Arc::new(PodResources::new(pod_resources_socket)?))
+            };
             let options = RunOptions {
                 status_file: target.status_file.clone(),
                 pool_config: target.pool_config.clone(),
                 state_dir: Some(target.state_dir.clone()),
                 resync: Duration::from_secs(resync_seconds.max(1)),
+                pod_resources,
             };
             let reconciler = reconciler(&target, host);
             match state_file {

@@ -30,6 +30,7 @@ use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_KOBJECT_UEVENT};
 use vfplane_proto::node_state::{NodeStateSpec, NodeStateStatus, StateFile};
 use vfplane_proto::vf_state;
 
+use crate::attribution::{self, PodResources};
 use crate::netlink::VfLinkControl;
 use crate::reconcile::{ApplyReport, Reconciler};
 
@@ -45,6 +46,8 @@ pub enum Trigger {
     Uevent,
     /// The resync timer.
     Resync,
+    /// The kubelet's answer of who holds which VF changed.
+    Owners,
 }
 
 /// What a source wants for the pass about to run.
@@ -141,6 +144,9 @@ pub struct RunOptions {
     pub state_dir: Option<PathBuf>,
     /// Time between passes when nothing happens.
     pub resync: Duration,
+    /// The kubelet's pod-resources API, to write who holds each VF into
+    /// the status (`None`: owners are not reported).
+    pub pod_resources: Option<std::sync::Arc<PodResources>>,
 }
 
 /// Reads the state file.
@@ -205,6 +211,9 @@ pub fn run<N: VfLinkControl, S: DesiredStateSource>(
 ) -> ! {
     let (tx, rx) = mpsc::channel();
     spawn_uevent_listener(tx.clone());
+    if let Some(client) = &options.pod_resources {
+        attribution::spawn_owner_watch(client.socket().to_owned(), tx.clone());
+    }
     source.watch(tx);
     let mut trigger = Trigger::Start;
     loop {
@@ -233,6 +242,15 @@ pub fn pass<N: VfLinkControl, S: DesiredStateSource>(
     };
     let mut report = reconciler.apply(&spec);
     report.status.observed_generation = generation;
+    if let Some(client) = &options.pod_resources {
+        // A kubelet that does not answer leaves every owner unknown (empty)
+        // for this pass; the watcher logs the outage.
+        let owners = client.owners().unwrap_or_else(|error| {
+            tracing::debug!(error = %vfplane_host::error_chain(&error), "VF owners unknown this pass");
+            attribution::Owners::new()
+        });
+        attribution::annotate(&mut report.status, &owners);
+    }
     if let Some(warning) = warning {
         report.errors.insert(0, warning.clone());
         report.status.last_sync_error = Some(warning);
@@ -413,6 +431,7 @@ mod tests {
             pool_config: Some(dir.path().join("out/pools.yaml")),
             state_dir: None,
             resync: Duration::from_secs(30),
+            pod_resources: None,
         };
         let mut source = StateFileSource::new(&state);
 

@@ -1,14 +1,11 @@
 //! Registering a pool with the kubelet, and gRPC clients over unix sockets.
 
-use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper_util::rt::TokioIo;
-use tokio::net::UnixStream;
 use tokio::sync::watch;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 use vfplane_proto::deviceplugin::v1beta1 as dp;
 use vfplane_proto::deviceplugin::v1beta1::device_plugin_client::DevicePluginClient;
 use vfplane_proto::deviceplugin::v1beta1::registration_client::RegistrationClient;
@@ -23,20 +20,12 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(20);
 /// Longest retry delay.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
-/// Opens a gRPC channel to a unix socket (tonic's `connect_with_connector`;
-/// the URI is a placeholder tonic needs and never resolves).
+/// Opens a gRPC channel to a unix socket, within [`CALL_TIMEOUT`].
 ///
 /// # Errors
 /// When the socket does not answer.
 pub async fn connect_unix(path: impl AsRef<Path>) -> Result<Channel, tonic::transport::Error> {
-    let path: Arc<PathBuf> = Arc::new(path.as_ref().to_owned());
-    Endpoint::from_static("http://[::1]:1")
-        .connect_timeout(CALL_TIMEOUT)
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let path = Arc::clone(&path);
-            async move { Ok::<_, io::Error>(TokioIo::new(UnixStream::connect(path.as_path()).await?)) }
-        }))
-        .await
+    vfplane_proto::unix_grpc::connect_unix(path, CALL_TIMEOUT).await
 }
 
 /// Why one registration attempt failed.

@@ -23,6 +23,7 @@ pub mod container_env;
 pub mod node_state;
 pub mod pci;
 pub mod pool;
+pub mod unix_grpc;
 pub mod vf_policy;
 pub mod vf_range;
 pub mod vf_state;

@@ -20,7 +20,8 @@ use serde::{Deserialize, Serialize};
     shortname = "vfns",
     status = "NodeStateStatus",
     printcolumn = r#"{"name":"Synced","type":"string","jsonPath":".status.conditions[?(@.type==\"Synced\")].status"}"#,
-    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
+    printcolumn = r#"{"name":"Owners","type":"string","priority":1,"description":"namespace/pod/container holding each VF (-o wide)","jsonPath":".status.pfs[*].vfs[*].owner"}"#
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct NodeStateSpec {
@@ -184,7 +185,9 @@ pub struct VfStatus {
     /// The pool it is in, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pool: Option<String>,
-    /// `namespace/pod/container` holding it (filled by the container-aware work).
+    /// `namespace/pod/container` the kubelet gave it to (its pod-resources
+    /// API), while that container exists; absent when nobody holds it or the
+    /// kubelet does not answer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owner: Option<String>,
 }

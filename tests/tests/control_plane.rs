@@ -121,6 +121,7 @@ fn spawn_agent(
         pool_config: Some(dir.join("pools.yaml")),
         state_dir: Some(dir.join("vf-state")),
         resync: Duration::from_secs(30),
+        pod_resources: None,
     };
     std::thread::spawn(move || {
         let (tx, rx) = mpsc::channel();

@@ -19,6 +19,11 @@ fn the_demo_walks_one_vf_to_a_pod_on_the_real_cluster() {
         "the pod got a VF of the PF: {:?}",
         report.vf
     );
+    assert!(
+        report.owner.starts_with("default/pktgen-") && report.owner.ends_with("/pktgen"),
+        "the VF's owner in the NodeState status: {:?}",
+        report.owner
+    );
     assert_eq!(report.frames_sent, 2000, "the VF's own TX counter");
     assert!(
         report.frames_counted >= report.frames_sent,

@@ -35,6 +35,8 @@ pub struct DemoReport {
     pub pod: String,
     /// The VF it got.
     pub vf: String,
+    /// Its owner as the node's status named it.
+    pub owner: String,
     /// Frames the pod's driver sent (its VF's own TX counter).
     pub frames_sent: u64,
     /// Frames the host counted on the PF's wire.
@@ -57,6 +59,7 @@ impl DemoReport {
             ("VFs ready", self.vfs.to_string()),
             ("pod", self.pod.clone()),
             ("VF given", self.vf.clone()),
+            ("its owner (NodeState status)", self.owner.clone()),
             ("frames sent (VF counter)", self.frames_sent.to_string()),
             ("frames counted on the wire", self.frames_counted.to_string()),
         ];
@@ -415,6 +418,27 @@ pub fn run(testbed: &Testbed) -> Result<DemoReport> {
     ]);
     demo.report.vf = line["pci"].as_str().unwrap_or_default().to_owned();
     demo.report.frames_sent = line["hw_tx_packets"].as_u64().unwrap_or(0);
+    // The agent names the VF's holder in the node's status (from the
+    // kubelet's pod-resources API).
+    let owner_path = format!(
+        "-o=jsonpath={{.status.pfs[0].vfs[?(@.pciAddress==\"{}\")].owner}}",
+        demo.report.vf
+    );
+    let expected_owner = format!("default/{}/pktgen", demo.report.pod);
+    demo.wait(
+        "the VF's owner in the NodeState status",
+        Duration::from_secs(60),
+        |c| {
+            Ok(c.kubectl_output(&["get", "nodestate", NODE_NAME, &owner_path])
+                .is_ok_and(|o| o.trim() == expected_owner))
+        },
+    )?;
+    demo.report.owner = expected_owner;
+    demo.report.milestones.push((
+        "pod created -> owner in status".to_owned(),
+        created.elapsed().as_secs_f64(),
+    ));
+    demo.kubectl(&["get", "nodestates", "-o", "wide"])?;
     wire.settle(Duration::from_secs(2));
     demo.report.frames_counted = wire.take_ethertype(ETHERTYPE_TEST).len() as u64;
     eprintln!(
@@ -472,6 +496,19 @@ pub fn run(testbed: &Testbed) -> Result<DemoReport> {
     let began = demo
         .begin("Clean up: delete the Deployment and the policy, helm uninstall; the node is back to 0 VFs");
     demo.kubectl(&["delete", "deployment", "pktgen", "--wait=true"])?;
+    let deleted = Instant::now();
+    demo.wait(
+        "the VF's owner cleared from the status",
+        Duration::from_secs(120),
+        |c| {
+            Ok(c.kubectl_output(&["get", "nodestate", NODE_NAME, &owner_path])
+                .is_ok_and(|o| o.trim().is_empty()))
+        },
+    )?;
+    demo.report.milestones.push((
+        "deployment deleted -> owner cleared".to_owned(),
+        deleted.elapsed().as_secs_f64(),
+    ));
     demo.kubectl(&["delete", "vfpolicy", POLICY, "--wait=true", "--timeout=300s"])?;
     demo.wait("the node's PF back to 0 VFs", Duration::from_secs(300), |c| {
         Ok(c.kubectl_output(&[

@@ -420,6 +420,7 @@ fn options(dir: &std::path::Path) -> RunOptions {
         pool_config: Some(dir.join("pools.yaml")),
         state_dir: Some(dir.join("vf-state")),
         resync: Duration::from_secs(30),
+        pod_resources: None,
     }
 }
 

@@ -1,0 +1,186 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is the failure report
+
+use super::*;
+use vfplane_proto::node_state::{PfStatus, VfStatus};
+use vfplane_proto::podresources::v1::pod_resources_lister_server::{
+    PodResourcesLister, PodResourcesListerServer,
+};
+
+fn devices(resource: &str, ids: &[&str]) -> pr::ContainerDevices {
+    pr::ContainerDevices {
+        resource_name: resource.to_owned(),
+        device_ids: ids.iter().map(|s| (*s).to_owned()).collect(),
+        topology: None,
+    }
+}
+
+fn pod(namespace: &str, name: &str, containers: Vec<(&str, Vec<pr::ContainerDevices>)>) -> pr::PodResources {
+    pr::PodResources {
+        name: name.to_owned(),
+        namespace: namespace.to_owned(),
+        containers: containers
+            .into_iter()
+            .map(|(name, devices)| pr::ContainerResources {
+                name: name.to_owned(),
+                devices,
+                ..Default::default()
+            })
+            .collect(),
+    }
+}
+
+fn sample() -> pr::ListPodResourcesResponse {
+    pr::ListPodResourcesResponse {
+        pod_resources: vec![
+            pod(
+                "trading",
+                "gw-0",
+                vec![
+                    (
+                        "main",
+                        vec![devices("vfplane.io/fast", &["0000:00:12.0", "0000:00:12.2"])],
+                    ),
+                    ("sidecar", vec![devices("example.com/gpu", &["gpu-0"])]),
+                ],
+            ),
+            pod("default", "idle", vec![("app", Vec::new())]),
+            pod(
+                "telco",
+                "upf",
+                vec![("dp", vec![devices("vfplane.io/slow", &["0000:21:10.0"])])],
+            ),
+        ],
+    }
+}
+
+fn address(s: &str) -> PciAddress {
+    s.parse().unwrap()
+}
+
+#[test]
+fn owners_are_the_containers_given_vfplane_devices() {
+    let owners = owners_from(&sample()).unwrap();
+    assert_eq!(owners.len(), 3, "{owners:?}");
+    assert_eq!(owners[&address("0000:00:12.0")].to_string(), "trading/gw-0/main");
+    assert_eq!(owners[&address("0000:00:12.2")].to_string(), "trading/gw-0/main");
+    assert_eq!(owners[&address("0000:21:10.0")].to_string(), "telco/upf/dp");
+    assert_eq!(owners[&address("0000:21:10.0")].resource, "vfplane.io/slow");
+}
+
+#[test]
+fn a_device_of_ours_that_is_not_a_pci_address_is_named() {
+    let response = pr::ListPodResourcesResponse {
+        pod_resources: vec![pod(
+            "ns",
+            "p",
+            vec![("c", vec![devices("vfplane.io/fast", &["vf-7"])])],
+        )],
+    };
+    let error = owners_from(&response).unwrap_err().to_string();
+    assert!(error.contains("\"vf-7\"") && error.contains("ns/p/c"), "{error}");
+}
+
+#[test]
+fn one_vf_listed_for_two_containers_is_an_error() {
+    let response = pr::ListPodResourcesResponse {
+        pod_resources: vec![
+            pod(
+                "a",
+                "one",
+                vec![("c", vec![devices("vfplane.io/fast", &["0000:00:12.0"])])],
+            ),
+            pod(
+                "b",
+                "two",
+                vec![("c", vec![devices("vfplane.io/fast", &["0000:00:12.0"])])],
+            ),
+        ],
+    };
+    let error = owners_from(&response).unwrap_err().to_string();
+    assert!(error.contains("a/one/c") && error.contains("b/two/c"), "{error}");
+}
+
+#[test]
+fn annotate_sets_and_clears_owners() {
+    let vf = |address: &str, owner: Option<&str>| VfStatus {
+        pci_address: address.to_owned(),
+        owner: owner.map(str::to_owned),
+        ..VfStatus::default()
+    };
+    let mut status = NodeStateStatus {
+        pfs: vec![PfStatus {
+            vfs: vec![vf("0000:00:12.0", None), vf("0000:00:12.2", Some("gone/pod/c"))],
+            ..PfStatus::default()
+        }],
+        ..NodeStateStatus::default()
+    };
+    let mut owners = Owners::new();
+    owners.insert(
+        address("0000:00:12.0"),
+        Owner {
+            namespace: "ns".into(),
+            pod: "p".into(),
+            container: "c".into(),
+            resource: "vfplane.io/fast".into(),
+        },
+    );
+    annotate(&mut status, &owners);
+    let got: Vec<Option<&str>> = status.pfs[0].vfs.iter().map(|v| v.owner.as_deref()).collect();
+    assert_eq!(got, [Some("ns/p/c"), None]);
+}
+
+/// A kubelet stand-in serving `List` with a canned answer.
+struct Lister(pr::ListPodResourcesResponse);
+
+#[tonic::async_trait]
+impl PodResourcesLister for Lister {
+    async fn list(
+        &self,
+        _: tonic::Request<pr::ListPodResourcesRequest>,
+    ) -> Result<tonic::Response<pr::ListPodResourcesResponse>, tonic::Status> {
+        Ok(tonic::Response::new(self.0.clone()))
+    }
+
+    async fn get_allocatable_resources(
+        &self,
+        _: tonic::Request<pr::AllocatableResourcesRequest>,
+    ) -> Result<tonic::Response<pr::AllocatableResourcesResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("not in this stand-in"))
+    }
+
+    async fn get(
+        &self,
+        _: tonic::Request<pr::GetPodResourcesRequest>,
+    ) -> Result<tonic::Response<pr::GetPodResourcesResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("not in this stand-in"))
+    }
+}
+
+#[test]
+fn the_client_reads_owners_over_the_kubelet_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("kubelet.sock");
+    let server_runtime = tokio::runtime::Runtime::new().unwrap();
+    let listener = {
+        let _guard = server_runtime.enter();
+        tokio::net::UnixListener::bind(&socket).unwrap()
+    };
+    server_runtime.spawn(
+        tonic::transport::Server::builder()
+            .add_service(PodResourcesListerServer::new(Lister(sample())))
+            .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener)),
+    );
+    let client = PodResources::new(&socket).unwrap();
+    let owners = client.owners().unwrap();
+    assert_eq!(owners[&address("0000:00:12.2")].to_string(), "trading/gw-0/main");
+    assert_eq!(owners.len(), 3);
+}
+
+#[test]
+fn a_missing_socket_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("absent.sock");
+    let error = PodResources::new(&socket).unwrap().owners().unwrap_err();
+    let text = vfplane_host::error_chain(&error);
+    assert!(text.contains("absent.sock"), "{text}");
+}
