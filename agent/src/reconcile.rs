@@ -278,8 +278,22 @@ impl<N: VfLinkControl> Reconciler<N> {
                     if let Some(group) = vf.pci.iommu_group
                         && vf.pci.driver.as_deref() == Some(DEVICE_TYPE_VFIO)
                     {
-                        let holders =
-                            vfio_group_holders(&self.proc_root, &self.host.vfio_group_node(group), group);
+                        let holders = vfio_group_holders(
+                            &self.proc_root,
+                            &self.host.vfio_group_node(group),
+                            group,
+                        )
+                        .map_err(|e| {
+                            format!(
+                                "not changing numVfs {} -> {}: cannot tell whether VF {} ({}) is in use: {}; \
+                                         set force: true to do it anyway",
+                                pf.num_vfs,
+                                plan.num_vfs,
+                                vf.index,
+                                vf.pci.address,
+                                error_chain(&e)
+                            )
+                        })?;
                         if !holders.is_empty() {
                             return Err(format!(
                                 "not changing numVfs {} -> {}: VF {} ({}) is in use by pid {:?}; set force: true to do it anyway",
@@ -568,32 +582,86 @@ fn conditions(converged: bool, errors: &[String]) -> Vec<Condition> {
 
 pub use vfplane_proto::vf_range::parse_vf_range;
 
+/// Why the holders of a VFIO group could not be known. The scan guards
+/// VF removal, so it fails closed: not knowing is never "nobody".
+#[derive(Debug, thiserror::Error)]
+pub enum HolderScanError {
+    /// The process list itself could not be read.
+    #[error("cannot list processes under {path}")]
+    ListProcesses {
+        /// The proc root.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A live process's open files could not be read.
+    #[error("cannot read the open files of pid {pid} ({path})")]
+    ReadFds {
+        /// The process.
+        pid: u32,
+        /// Its `fd` directory or one entry of it.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
 /// Processes that hold `/dev/vfio/<group>` open, by pid, found through
 /// `<proc_root>/<pid>/fd`. The agent runs in the host's pid namespace, so
-/// this sees container processes too.
-pub fn vfio_group_holders(proc_root: &Path, node: &Path, group: u32) -> Vec<u32> {
-    let canonical = format!("/dev/vfio/{group}");
-    let Ok(entries) = std::fs::read_dir(proc_root) else {
-        return Vec::new();
+/// this sees container processes too. A process that exits during the scan
+/// is skipped.
+///
+/// # Errors
+/// The process list, or a live process's open files, cannot be read.
+pub fn vfio_group_holders(proc_root: &Path, node: &Path, group: u32) -> Result<Vec<u32>, HolderScanError> {
+    let gone = |e: &std::io::Error| {
+        e.kind() == std::io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ESRCH)
     };
+    let canonical = format!("/dev/vfio/{group}");
+    let entries = std::fs::read_dir(proc_root).map_err(|source| HolderScanError::ListProcesses {
+        path: proc_root.to_owned(),
+        source,
+    })?;
     let mut holders = Vec::new();
     for entry in entries.flatten() {
         let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
             continue;
         };
-        let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else {
-            continue;
+        let fd_dir = entry.path().join("fd");
+        let fds = match std::fs::read_dir(&fd_dir) {
+            Ok(fds) => fds,
+            Err(e) if gone(&e) => continue,
+            Err(source) => {
+                return Err(HolderScanError::ReadFds {
+                    pid,
+                    path: fd_dir,
+                    source,
+                });
+            }
         };
-        let holds = fds.flatten().any(|fd| {
-            std::fs::read_link(fd.path())
-                .is_ok_and(|target| target == Path::new(&canonical) || target == node)
-        });
+        let mut holds = false;
+        for fd in fds.flatten() {
+            match std::fs::read_link(fd.path()) {
+                Ok(target) if target == Path::new(&canonical) || target == node => holds = true,
+                Ok(_) => {}
+                Err(e) if gone(&e) => {}
+                Err(source) => {
+                    return Err(HolderScanError::ReadFds {
+                        pid,
+                        path: fd.path(),
+                        source,
+                    });
+                }
+            }
+        }
         if holds {
             holders.push(pid);
         }
     }
     holders.sort_unstable();
-    holders
+    Ok(holders)
 }
 
 #[cfg(test)]

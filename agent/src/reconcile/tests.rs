@@ -124,7 +124,10 @@ fn fresh_vfs(netlink: FakeNetlink, count: u32) -> FakeNetlink {
 
 fn reconciler(fake: &FakeSysfs, netlink: FakeNetlink) -> Reconciler<FakeNetlink> {
     let netlink = fresh_vfs(netlink, 4);
-    Reconciler::new(fake.host(), netlink, "node-1", fake.sysfs_root().join("no-proc"))
+    // An empty process list: nobody holds any VF.
+    let proc_root = fake.sysfs_root().join("no-processes");
+    std::fs::create_dir_all(&proc_root).unwrap();
+    Reconciler::new(fake.host(), netlink, "node-1", proc_root)
 }
 
 #[test]
@@ -327,6 +330,43 @@ fn no_iommu_keeps_vfio_vfs_out_unless_allowed() {
     let report = agent.apply(&spec(&allowed));
     assert!(report.converged, "{:?}", report.errors);
     assert!(report.pools.pools[0].allow_no_iommu);
+}
+
+#[test]
+fn an_unreadable_process_list_keeps_vfs_it_cannot_vouch_for() {
+    let fake = node();
+    let missing = fake.sysfs_root().join("no-such-proc");
+    let agent = Reconciler::new(fake.host(), FakeNetlink::default(), "node-1", &missing);
+    let report = agent.apply(&spec(
+        "spec:\n  pfs:\n    - {pciAddress: \"0000:00:02.0\", numVfs: 2}\n",
+    ));
+    assert!(!report.converged);
+    assert!(
+        report.errors[0].contains("cannot tell whether VF") && report.errors[0].contains("no-such-proc"),
+        "{:?}",
+        report.errors
+    );
+    assert_eq!(
+        fake.read("devices/pci0000:00/0000:00:02.0/sriov_numvfs").unwrap(),
+        "4\n",
+        "nothing written: not knowing who holds a VF is never \"nobody\""
+    );
+}
+
+#[test]
+fn holder_scan_skips_processes_that_are_gone_and_names_a_missing_proc() {
+    let proc_root = tempfile::tempdir().unwrap();
+    // A process listed without its fd directory: it exited during the scan.
+    std::fs::create_dir_all(proc_root.path().join("17")).unwrap();
+    std::fs::create_dir_all(proc_root.path().join("4242/fd")).unwrap();
+    std::os::unix::fs::symlink("/dev/vfio/4", proc_root.path().join("4242/fd/7")).unwrap();
+    let node = std::path::Path::new("/dev/vfio/4");
+    assert_eq!(vfio_group_holders(proc_root.path(), node, 4).unwrap(), [4242]);
+    let other = std::path::Path::new("/dev/vfio/5");
+    assert!(vfio_group_holders(proc_root.path(), other, 5).unwrap().is_empty());
+    let missing = proc_root.path().join("absent");
+    let error = vfio_group_holders(&missing, node, 4).unwrap_err().to_string();
+    assert!(error.contains("absent"), "{error}");
 }
 
 #[test]
