@@ -391,11 +391,18 @@ impl<N: VfLinkControl> Reconciler<N> {
         for pf in &model.pfs {
             let plan = plans.iter().find(|p| p.address == pf.pci.address);
             let ifname = pf.netdevs.first().map(|n| n.name.clone());
+            let mut read_error = None;
             let links = match (&ifname, plan) {
-                (Some(ifname), Some(_)) => self.netlink.vf_links(ifname).unwrap_or_default(),
+                (Some(ifname), Some(_)) => self.netlink.vf_links(ifname).unwrap_or_else(|e| {
+                    read_error = Some(format!(
+                        "cannot read the VFs' settings through netlink on {ifname}: {}",
+                        error_chain(&e)
+                    ));
+                    Vec::new()
+                }),
                 _ => Vec::new(),
             };
-            let mut pf_error = pf_errors.get(&pf.pci.address).cloned();
+            let mut pf_error = pf_errors.get(&pf.pci.address).cloned().or(read_error);
             if let Some(plan) = plan
                 && pf_error.is_none()
                 && pf.num_vfs != plan.num_vfs

@@ -15,10 +15,20 @@ struct FakeNetlink {
     vfs: RefCell<BTreeMap<(String, u32), VfLinkInfo>>,
     writes: RefCell<Vec<String>>,
     refuse: Option<&'static str>,
+    /// Reads fail from this read on (0-based), as a netlink socket that broke.
+    fail_reads_from: Option<usize>,
+    reads: std::cell::Cell<usize>,
 }
 
 impl VfLinkControl for FakeNetlink {
     fn vf_links(&self, ifname: &str) -> Result<Vec<VfLinkInfo>, NetlinkError> {
+        let read = self.reads.get();
+        self.reads.set(read + 1);
+        if self.fail_reads_from.is_some_and(|from| read >= from) {
+            return Err(NetlinkError::Socket(std::io::Error::from_raw_os_error(
+                libc::ENOBUFS,
+            )));
+        }
         Ok(self
             .vfs
             .borrow()
@@ -330,6 +340,31 @@ fn no_iommu_keeps_vfio_vfs_out_unless_allowed() {
     let report = agent.apply(&spec(&allowed));
     assert!(report.converged, "{:?}", report.errors);
     assert!(report.pools.pools[0].allow_no_iommu);
+}
+
+#[test]
+fn a_netlink_read_that_fails_for_the_status_is_reported_on_the_pf() {
+    let fake = node();
+    // The apply's own read works; the status's read after it fails.
+    let netlink = FakeNetlink {
+        fail_reads_from: Some(1),
+        ..FakeNetlink::default()
+    };
+    let agent = reconciler(&fake, netlink);
+    let text = "spec:\n  pfs:\n    - pciAddress: \"0000:00:02.0\"\n      numVfs: 4\n      vfGroups:\n        - {resourceName: fast, vfRange: \"0-1\", deviceType: vfio-pci}\n";
+    let report = agent.apply(&spec(text));
+    let pf = &report.status.pfs[0];
+    assert!(
+        pf.error
+            .as_deref()
+            .is_some_and(|e| e.contains("cannot read the VFs' settings") && e.contains("eth0")),
+        "{:?}",
+        pf.error
+    );
+    assert!(
+        !report.converged,
+        "a PF whose settings cannot be read is not converged"
+    );
 }
 
 #[test]
