@@ -5,7 +5,9 @@
 //!
 //! Frames: dst, the VF's MAC, ethertype 0x88b5, a 32-bit sequence number,
 //! then byte i = (i ^ seq) as u8. Warm-up frames (ethertype 0x88b6) go
-//! first and are not timed. Prints one JSON line.
+//! first and are not timed. Prints one JSON line: `requested` (the
+//! argument), `sent` (frames the driver queued on the TX ring),
+//! `hw_tx_packets` (the VF's own TX counter).
 
 mod common;
 
@@ -64,6 +66,7 @@ fn main() {
             send(&mut dev, dst, ETHERTYPE_WARMUP, warmup, size, batch)?;
         }
         let (_, tx_before, _, _) = dev.hw_counters();
+        let driver_before = dev.stats().tx_packets;
         let started = Instant::now();
         send(&mut dev, dst, ETHERTYPE_TEST, count, size, batch)?;
         let seconds = started.elapsed().as_secs_f64();
@@ -71,7 +74,10 @@ fn main() {
         let stats = dev.stats();
         let mut line = identity(&dev, &pci);
         line["tool"] = "pktgen".into();
-        line["sent"] = count.into();
+        // What the driver queued to the NIC (its own counter), not the count
+        // asked for; hw_tx_packets is the NIC's own counter of frames sent.
+        line["requested"] = count.into();
+        line["sent"] = stats.tx_packets.wrapping_sub(driver_before).into();
         line["size"] = size.into();
         line["batch"] = batch.into();
         line["warmup"] = warmup.into();

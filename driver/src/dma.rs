@@ -407,6 +407,15 @@ struct VfioDmaState {
     mapped_bytes: u64,
 }
 
+/// The shared IOVA state, even after a thread panicked holding it: every
+/// change to it is one call that cannot panic halfway (an allocation, a
+/// free, a counter update), so a poisoned lock still guards consistent
+/// state. Treating poison as "no IOVA left" (as this once did) misreported
+/// the cause and leaked the ranges of every region dropped afterwards.
+fn lock_state(state: &Mutex<VfioDmaState>) -> std::sync::MutexGuard<'_, VfioDmaState> {
+    state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// DMA memory mapped into a VFIO container's IOMMU domain.
 pub struct VfioDma {
     container: Arc<VfioContainer>,
@@ -448,10 +457,9 @@ impl Drop for VfioMapping {
     fn drop(&mut self) {
         match self.container.vfio_dma_unmap(self.iova, self.host.len) {
             Ok(()) => {
-                if let Ok(mut state) = self.state.lock() {
-                    state.iova.free(self.iova, self.host.len as u64);
-                    state.mapped_bytes = state.mapped_bytes.saturating_sub(self.host.len as u64);
-                }
+                let mut state = lock_state(&self.state);
+                state.iova.free(self.iova, self.host.len as u64);
+                state.mapped_bytes = state.mapped_bytes.saturating_sub(self.host.len as u64);
             }
             // The IOVA stays reserved: the device might still reach it.
             Err(error) => {
@@ -476,7 +484,7 @@ impl VfioDma {
 
     /// Bytes currently mapped for DMA.
     pub fn mapped_bytes(&self) -> u64 {
-        self.state.lock().map(|s| s.mapped_bytes).unwrap_or(0)
+        lock_state(&self.state).mapped_bytes
     }
 
     fn host_memory(&self, len: usize) -> Result<HostMemory, DmaError> {
@@ -497,10 +505,7 @@ impl DmaAllocator for VfioDma {
             return Err(DmaError::Empty);
         }
         let host = self.host_memory(len)?;
-        let mut state = self.state.lock().map_err(|_| DmaError::IovaExhausted {
-            len,
-            align: host.page_size,
-        })?;
+        let mut state = lock_state(&self.state);
         let iova = state
             .iova
             .allocate(host.len as u64, host.page_size as u64)
@@ -553,6 +558,28 @@ impl DmaAllocator for VfioDma {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn a_poisoned_iova_lock_still_allocates_and_frees() {
+        let state = Arc::new(Mutex::new(VfioDmaState {
+            iova: IovaAllocator::with_default_window(),
+            mapped_bytes: 0,
+        }));
+        let holder = Arc::clone(&state);
+        let panicked = std::thread::spawn(move || {
+            let _guard = holder.lock().unwrap();
+            panic!("a thread dies holding the IOVA lock");
+        })
+        .join();
+        assert!(panicked.is_err() && state.is_poisoned());
+        let iova = lock_state(&state).iova.allocate(4096, 4096);
+        assert_eq!(iova, Some(IovaAllocator::FLOOR), "poison is not exhaustion");
+        lock_state(&state).iova.free(IovaAllocator::FLOOR, 4096);
+        assert_eq!(
+            lock_state(&state).iova.allocate(4096, 4096),
+            Some(IovaAllocator::FLOOR)
+        );
+    }
 
     #[test]
     fn iova_ranges_are_clipped_and_merged() {
