@@ -10,7 +10,7 @@
 #![allow(clippy::expect_used)] // a panic is the failure report
 
 use std::collections::BTreeMap;
-use std::os::unix::net::UnixDatagram;
+use std::net::UdpSocket;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -39,7 +39,7 @@ done
 }
 
 /// Counts datagrams with the test ethertype (0x88b5) per source MAC.
-fn count_on_wire(socket: UnixDatagram) -> Arc<Mutex<BTreeMap<String, u32>>> {
+fn count_on_wire(socket: UdpSocket) -> Arc<Mutex<BTreeMap<String, u32>>> {
     let counts = Arc::new(Mutex::new(BTreeMap::new()));
     let _ = socket2::SockRef::from(&socket).set_recv_buffer_size(4 << 20);
     let _ = socket.set_read_timeout(Some(Duration::from_millis(200)));

@@ -56,7 +56,14 @@ ip link set lo up
 for pf in /sys/bus/pci/devices/*; do
   [ -f "$pf/sriov_totalvfs" ] || continue
   for net in "$pf"/net/*; do
-    [ -e "$net" ] && ip link set "${net##*/}" up
+    [ -e "$net" ] || continue
+    ip link set "${net##*/}" up
+    # The link comes up after auto-negotiation; scripts start with carrier.
+    i=0
+    while [ "$(cat "$net/carrier" 2>/dev/null)" != 1 ] && [ "$i" -lt 100 ]; do
+      sleep 0.1; i=$((i + 1))
+    done
+    [ "$i" -lt 100 ] || echo "testbed: ${net##*/} has no carrier after 10 s" > $out
   done
   if [ "${VFPLANE_TESTBED_VFS:-0}" -gt 0 ]; then
     echo "$VFPLANE_TESTBED_VFS" > "$pf/sriov_numvfs" || echo "testbed: cannot make $VFPLANE_TESTBED_VFS VFs on ${pf##*/}" > $out

@@ -6,10 +6,10 @@
 //! [`Testbed::prepare`] installs and caches what it needs (idempotently);
 //! [`Testbed::start`] boots a guest that runs one script as root and powers
 //! off; [`RunningGuest::wait`] collects its output and exit code. Frames the
-//! guest's PFs send leave through `-netdev dgram` as datagrams on a unix
-//! socket in the run directory (so a guest inside a network namespace is
-//! reached the same way): [`RunningGuest::pf_link`] gives the host side of
-//! each link.
+//! guest's PFs send leave through `-netdev dgram` as UDP datagrams on
+//! 127.0.0.1 of QEMU's network namespace (the host's, or the cluster's,
+//! where the host side's socket is then made too):
+//! [`RunningGuest::pf_link`] gives the host side of each link.
 
 mod cpio;
 mod kernel;
@@ -17,7 +17,7 @@ mod wire;
 
 use std::fs::{self, File};
 use std::io::{Read as _, Seek as _, SeekFrom};
-use std::os::unix::net::UnixDatagram;
+use std::net::UdpSocket;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -131,14 +131,15 @@ pub struct Testbed {
     accel: Accel,
 }
 
-/// The host side of one PF's link: datagrams sent to `guest_path` arrive in
-/// the guest as received frames; frames the guest sends arrive on `socket`.
+/// The host side of one PF's link: datagrams sent to 127.0.0.1:`guest_port`
+/// arrive in the guest as received frames; frames the guest sends arrive on
+/// `socket`. Both live in QEMU's network namespace.
 #[derive(Debug)]
 pub struct PfLink {
-    /// The unix datagram socket QEMU binds (host -> guest).
-    pub guest_path: PathBuf,
-    /// Bound to the path QEMU sends to (guest -> host).
-    pub socket: UnixDatagram,
+    /// Port QEMU listens on (host -> guest).
+    pub guest_port: u16,
+    /// Bound to the port QEMU sends to (guest -> host).
+    pub socket: UdpSocket,
 }
 
 impl PfLink {
@@ -147,7 +148,7 @@ impl PfLink {
     /// # Errors
     /// Socket errors.
     pub fn send_frame(&self, frame: &[u8]) -> std::io::Result<usize> {
-        self.socket.send_to(frame, &self.guest_path)
+        self.socket.send_to(frame, ("127.0.0.1", self.guest_port))
     }
 }
 
@@ -307,24 +308,17 @@ impl Testbed {
         let mut links = Vec::new();
         let mut netdev_args = Vec::new();
         for index in 0..options.topology.pf_count() {
-            let host_path = run_dir.join(format!("pf{index}.host"));
-            let guest_path = run_dir.join(format!("pf{index}.guest"));
-            // sockaddr_un holds 107 bytes of path.
-            if guest_path.as_os_str().len() > 107 {
-                bail!(
-                    "the testbed's run directory {} is too deep for a unix socket path; \
-                     set CARGO_TARGET_DIR to a shorter path",
-                    run_dir.display()
-                );
-            }
-            let socket =
-                UnixDatagram::bind(&host_path).with_context(|| format!("binding {}", host_path.display()))?;
+            // UDP rather than unix datagrams: a unix datagram socket queues
+            // only net.unix.max_dgram_qlen (10) frames, and line-rate bursts
+            // were lost whenever the reader was descheduled.
+            let socket = udp_socket(options.netns.as_deref())?;
+            let host_port = socket.local_addr()?.port();
+            let guest_port = udp_socket(options.netns.as_deref())?.local_addr()?.port();
             netdev_args.push(format!(
-                "dgram,id=n{index},local.type=unix,local.path={},remote.type=unix,remote.path={}",
-                guest_path.display(),
-                host_path.display()
+                "dgram,id=n{index},local.type=inet,local.host=127.0.0.1,local.port={guest_port},\
+                 remote.type=inet,remote.host=127.0.0.1,remote.port={host_port}"
             ));
-            links.push(PfLink { guest_path, socket });
+            links.push(PfLink { guest_port, socket });
         }
 
         let mut qemu = match &options.netns {
@@ -586,6 +580,28 @@ fn read_from(path: &Path, offset: u64) -> Option<String> {
     let mut text = String::new();
     file.read_to_string(&mut text).ok()?;
     Some(text)
+}
+
+/// A UDP socket on 127.0.0.1 (a free port) in the network namespace
+/// `netns`, or in ours. A socket stays in the namespace it was made in, so
+/// a short-lived thread enters the namespace, binds, and hands it back.
+fn udp_socket(netns: Option<&str>) -> Result<UdpSocket> {
+    let Some(netns) = netns else {
+        return Ok(UdpSocket::bind("127.0.0.1:0")?);
+    };
+    let path = Path::new("/run/netns").join(netns);
+    let handle =
+        File::open(&path).with_context(|| format!("opening network namespace {}", path.display()))?;
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| -> Result<UdpSocket> {
+                nix::sched::setns(&handle, nix::sched::CloneFlags::CLONE_NEWNET)
+                    .with_context(|| format!("entering network namespace {netns}"))?;
+                Ok(UdpSocket::bind("127.0.0.1:0")?)
+            })
+            .join()
+            .map_err(|_| anyhow::anyhow!("the thread binding a socket in {netns} panicked"))?
+    })
 }
 
 fn tempdir_in(parent: &Path) -> Result<PathBuf> {

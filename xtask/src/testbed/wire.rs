@@ -1,7 +1,7 @@
 //! The host's view of a PF's wire: every frame the guest's PF sends, as it
 //! arrives on the link's socket, collected by a reader thread.
 
-use std::os::unix::net::UnixDatagram;
+use std::net::UdpSocket;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread;
@@ -19,7 +19,7 @@ impl Wire {
     ///
     /// # Errors
     /// When the socket's read timeout cannot be set.
-    pub fn listen(socket: UnixDatagram) -> std::io::Result<Self> {
+    pub fn listen(socket: UdpSocket) -> std::io::Result<Self> {
         let frames = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
         socket.set_read_timeout(Some(Duration::from_millis(50)))?;
