@@ -120,6 +120,21 @@ pub struct Cluster {
     pub timings: Vec<(String, f64)>,
 }
 
+/// Fails naming the first control plane process that has exited, with
+/// the last lines of its log.
+fn check_services(services: &mut [Service], step: &str) -> Result<()> {
+    for service in services {
+        if let Some(status) = service.child.try_wait()? {
+            bail!(
+                "{step}: {} exited ({status}); last lines of its log:\n{}",
+                service.name,
+                log_tail(&service.log, 20)
+            );
+        }
+    }
+    Ok(())
+}
+
 /// The last `lines` lines of a log file ("" when unreadable).
 pub fn log_tail(path: &Path, lines: usize) -> String {
     let text = fs::read_to_string(path).unwrap_or_default();
@@ -453,16 +468,7 @@ impl Cluster {
     }
 
     fn check_services(&mut self, step: &str) -> Result<()> {
-        for service in &mut self.services {
-            if let Some(status) = service.child.try_wait()? {
-                bail!(
-                    "{step}: {} exited ({status}); last lines of its log:\n{}",
-                    service.name,
-                    log_tail(&service.log, 20)
-                );
-            }
-        }
-        Ok(())
+        check_services(&mut self.services, step)
     }
 
     /// `kubectl` with the admin kubeconfig, inside the cluster's namespace.
@@ -653,15 +659,7 @@ impl PartialCluster {
             if check(self)? {
                 return Ok(());
             }
-            for service in &mut self.services {
-                if let Some(status) = service.child.try_wait()? {
-                    bail!(
-                        "{what}: {} exited ({status}); last lines of its log:\n{}",
-                        service.name,
-                        log_tail(&service.log, 20)
-                    );
-                }
-            }
+            check_services(&mut self.services, what)?;
             if begun.elapsed() > timeout {
                 let log = self.dir.join(format!("{component}.log"));
                 bail!(
