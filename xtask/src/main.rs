@@ -228,8 +228,11 @@ fn run_tests(slow: bool, begun: Instant) -> Result<ExitCode> {
     let workspace = xtask::testbed::workspace_root();
     let step = |name: &str, args: &[&str]| -> Result<bool> {
         eprintln!("xtask test: {name} ({:.0} s)", begun.elapsed().as_secs_f64());
+        // Incremental state doubles a debug build's size on disk and buys
+        // nothing in a run that builds once.
         let status = std::process::Command::new(&cargo)
             .current_dir(&workspace)
+            .env("CARGO_INCREMENTAL", "0")
             .args(args)
             .status()?;
         if !status.success() {

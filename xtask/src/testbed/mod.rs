@@ -228,6 +228,7 @@ impl Testbed {
         fs::create_dir_all(&dir)?;
         let lock = File::create(dir.join(".lock"))?;
         lock.lock().context("locking the testbed cache")?;
+        prune_run_initrds(&dir.join("runs"));
 
         run_checked(Command::new("bash").arg(workspace.join("testbed/install-host-deps.sh")))
             .context("installing the testbed's host packages")?;
@@ -275,7 +276,7 @@ impl Testbed {
             );
         }
         let run_dir = tempdir_in(&self.dir.join("runs"))?;
-        let initrd = run_dir.join("initrd.cpio");
+        let initrd = run_dir.join(RUN_INITRD);
         let mut bytes = fs::read(&self.base_initrd)?;
         let mut run = CpioArchive::new();
         run.dir("usr", 0o755);
@@ -424,10 +425,36 @@ impl Testbed {
 
 impl Drop for RunningGuest {
     /// A guest never outlives its owner: QEMU is killed if still running.
+    /// Its initramfs (hundreds of MiB for a cluster node) goes with it; the
+    /// logs stay.
     fn drop(&mut self) {
         if matches!(self.child.try_wait(), Ok(None)) {
             let _ = self.child.kill();
             let _ = self.child.wait();
+        }
+        let _ = fs::remove_file(self.run_dir.join(RUN_INITRD));
+    }
+}
+
+/// The name of a run's initramfs in its run directory.
+const RUN_INITRD: &str = "initrd.cpio";
+
+/// Removes the initramfs of runs whose owner died without dropping its
+/// guest (a killed test). QEMU reads the file whole when it starts, so
+/// only files older than any start can take are touched.
+fn prune_run_initrds(runs: &Path) {
+    let Ok(entries) = fs::read_dir(runs) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let initrd = entry.path().join(RUN_INITRD);
+        let stale = fs::metadata(&initrd)
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|modified| modified.elapsed().ok())
+            .is_some_and(|age| age > Duration::from_secs(15 * 60));
+        if stale {
+            let _ = fs::remove_file(&initrd);
         }
     }
 }
