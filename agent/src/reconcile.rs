@@ -369,12 +369,54 @@ impl<N: VfLinkControl> Reconciler<N> {
         };
         // A kernel VF driver reads its MAC from the PF only when it probes:
         // after a MAC change, rebind it so the interface carries the new MAC.
-        if mac_changed && vf.device_type == DEVICE_TYPE_NETDEVICE {
+        let rebind = mac_changed && vf.device_type == DEVICE_TYPE_NETDEVICE;
+        if rebind {
             self.host.unbind_driver(address).map_err(|e| error_chain(&e))?;
         }
         self.host
             .bind_driver(address, &driver)
-            .map_err(|e| error_chain(&e))
+            .map_err(|e| error_chain(&e))?;
+        if let (true, Some(ifname)) = (rebind, &plan.ifname) {
+            self.confirm_kernel_vf_mac(ifname, vf, address, &driver)?;
+        }
+        Ok(())
+    }
+
+    /// The PF's MAC for a kernel-driver VF, read back after its driver
+    /// probed: a VF driver's reset handshake with the PF can race the MAC
+    /// write. The MAC is written and the driver rebound again, a bounded
+    /// number of times, until the PF reports the spec's MAC.
+    fn confirm_kernel_vf_mac(
+        &self,
+        ifname: &str,
+        vf: &VfPlan,
+        address: PciAddress,
+        driver: &str,
+    ) -> Result<(), String> {
+        const ATTEMPTS: u32 = 3;
+        for attempt in 1..=ATTEMPTS {
+            let links = self.netlink.vf_links(ifname).map_err(|e| error_chain(&e))?;
+            let Some(link) = links.iter().find(|l| l.vf == u32::from(vf.index)) else {
+                return Err(format!("the PF {ifname} no longer reports VF {}", vf.index));
+            };
+            if !link.differences(&vf.settings).contains(&"mac") {
+                return Ok(());
+            }
+            if attempt == ATTEMPTS {
+                break;
+            }
+            tracing::warn!(vf = vf.index, mac = %link.mac, attempt, "the PF reports another MAC after the VF driver probed; setting it again");
+            self.netlink
+                .set_vf(ifname, u32::from(vf.index), &vf.settings, &["mac"])
+                .map_err(|e| error_chain(&e))?;
+            self.host.unbind_driver(address).map_err(|e| error_chain(&e))?;
+            self.host
+                .bind_driver(address, driver)
+                .map_err(|e| error_chain(&e))?;
+        }
+        Err(format!(
+            "the PF kept another MAC than the spec's after {ATTEMPTS} writes and driver rebinds"
+        ))
     }
 
     /// The status and pool config of the node as it is now.

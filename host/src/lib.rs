@@ -490,7 +490,17 @@ impl Host {
             });
         }
         let current = self.num_vfs(pf)?;
-        let path = self.device_dir(pf).join("sriov_numvfs");
+        let dir = self.device_dir(pf);
+        // New VFs come up without a driver: a kernel VF driver probing at
+        // creation talks to the PF (reset, MAC negotiation) while the agent
+        // is setting the VF's MAC through the PF, and igb then kept a random
+        // MAC now and then. The agent binds each VF itself once the PF has
+        // configured it. Kernels before 4.12 lack the file and always probe.
+        let autoprobe = dir.join("sriov_drivers_autoprobe");
+        if requested > current && autoprobe.exists() {
+            write_attr(&autoprobe, "0")?;
+        }
+        let path = dir.join("sriov_numvfs");
         for step in num_vfs_steps(current, requested) {
             tracing::info!(pf = %pf, from = current, to = step, "writing sriov_numvfs");
             write_attr(&path, &step.to_string())?;

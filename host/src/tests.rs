@@ -263,6 +263,15 @@ fn set_num_vfs_writes_the_count() {
 }
 
 #[test]
+fn new_vfs_are_created_without_driver_autoprobe() {
+    let fake = testbed_like(0);
+    let autoprobe = "devices/pci0000:00/0000:00:02.0/sriov_drivers_autoprobe";
+    assert_eq!(fake.read(autoprobe).unwrap().trim(), "1");
+    fake.host().set_num_vfs(addr(PF), 2).unwrap();
+    assert_eq!(fake.read(autoprobe).unwrap(), "0");
+}
+
+#[test]
 fn num_vfs_changes_between_non_zero_counts_go_through_zero() {
     assert_eq!(num_vfs_steps(0, 4), [4]);
     assert_eq!(num_vfs_steps(4, 4), Vec::<u16>::new());

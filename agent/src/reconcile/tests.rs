@@ -18,6 +18,9 @@ struct FakeNetlink {
     /// Reads fail from this read on (0-based), as a netlink socket that broke.
     fail_reads_from: Option<usize>,
     reads: std::cell::Cell<usize>,
+    /// This many MAC writes to a VF are forgotten, the PF keeping the MAC it
+    /// had: the race between a VF driver's reset handshake and the MAC write.
+    lost_mac_writes: RefCell<BTreeMap<u32, usize>>,
 }
 
 impl VfLinkControl for FakeNetlink {
@@ -60,7 +63,13 @@ impl VfLinkControl for FakeNetlink {
             vf,
             ..VfLinkInfo::default()
         });
-        entry.mac = want.mac;
+        let mut lost = self.lost_mac_writes.borrow_mut();
+        let lose = lost.get_mut(&vf).filter(|n| **n > 0);
+        if let (Some(left), true) = (lose, differences.contains(&"mac")) {
+            *left -= 1;
+        } else {
+            entry.mac = want.mac;
+        }
         entry.vlan = want.vlan;
         entry.spoof_chk = Some(want.spoof_chk);
         entry.trust = Some(want.trust);
@@ -188,6 +197,43 @@ fn converges_sets_link_attributes_and_writes_pools_for_vfio_vfs() {
     assert_eq!(
         fake.read("devices/pci0000:00/0000:00:02.0/sriov_numvfs").unwrap(),
         "4\n"
+    );
+}
+
+#[test]
+fn a_kernel_vf_mac_the_pf_lost_is_written_again_after_the_driver_probed() {
+    let fake = node();
+    // The PF loses the first MAC write to kernel-driver VF 2.
+    let netlink = FakeNetlink::default();
+    netlink.lost_mac_writes.borrow_mut().insert(2, 1);
+    let agent = reconciler(&fake, netlink);
+    let report = agent.apply(&spec(GOOD));
+    assert!(report.converged, "{:?}", report.errors);
+    let writes = agent.netlink.writes.borrow();
+    assert_eq!(
+        writes.iter().filter(|w| *w == "eth0 vf 2 mac").count(),
+        2,
+        "written, lost, read back and written again: {writes:?}"
+    );
+    assert_eq!(
+        report.status.pfs[0].vfs[2].mac,
+        Some(derived_mac("node-1", PF, 2).to_string())
+    );
+}
+
+#[test]
+fn a_kernel_vf_mac_the_pf_never_keeps_is_reported_after_three_writes() {
+    let fake = node();
+    let agent = reconciler(&fake, FakeNetlink::default());
+    agent.netlink.lost_mac_writes.borrow_mut().insert(2, usize::MAX);
+    let report = agent.apply(&spec(GOOD));
+    assert!(!report.converged);
+    let errors = report.errors.join("\n");
+    assert!(
+        errors.contains(
+            "VF 2 (0000:00:12.4): the PF kept another MAC than the spec's after 3 writes and driver rebinds"
+        ),
+        "{errors}"
     );
 }
 
