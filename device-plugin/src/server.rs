@@ -12,6 +12,7 @@ use vfplane_host::{Host, PciAddress};
 use vfplane_proto::container_env::{VfInfo, info_env_var};
 use vfplane_proto::deviceplugin::v1beta1 as dp;
 use vfplane_proto::pool::{Pool, cdi_device_name, pci_env_var, resource_name};
+use vfplane_proto::vf_state;
 
 use crate::cdi::CdiWriter;
 use crate::health::VfioNode;
@@ -264,12 +265,42 @@ impl DevicePluginService {
                         now.health
                     )));
                 }
+                self.refuse_unscrubbed(now.address)?;
                 fresh.push(now);
             }
             count += fresh.len();
             container_responses.push(self.container_response(&pool, &fresh)?);
         }
+        // Every VF in the answer is dirty from now until the agent scrubs
+        // it: the mark is on disk before the kubelet hears of the VF.
+        for address in &seen {
+            vf_state::mark_handed_out(&shared.node.state_dir, *address).map_err(|error| {
+                Status::internal(format!(
+                    "cannot mark device {address} handed out under {}: {error}",
+                    shared.node.state_dir.display()
+                ))
+            })?;
+        }
         Ok((dp::AllocateResponse { container_responses }, count))
+    }
+
+    /// Refuses a VF handed out before and not scrubbed since: its last
+    /// container may be gone a moment before the agent notices, and the
+    /// kubelet may offer it again in that moment.
+    fn refuse_unscrubbed(&self, address: PciAddress) -> Result<(), Status> {
+        let dir = &self.shared.node.state_dir;
+        match vf_state::handed_out_at(dir, address) {
+            Ok(None) => Ok(()),
+            Ok(Some(_)) => Err(Status::failed_precondition(format!(
+                "device {address} of {} was given to a container before and the agent has not \
+                 scrubbed it yet; it is offered again once scrubbed",
+                self.shared.resource()
+            ))),
+            Err(error) => Err(Status::internal(format!(
+                "cannot read the handed-out mark of device {address} under {}: {error}",
+                dir.display()
+            ))),
+        }
     }
 
     /// Checks one container's IDs: present, well-formed, not repeated, of

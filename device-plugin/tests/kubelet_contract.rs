@@ -12,7 +12,7 @@ use tonic::Code;
 use vfplane_device_plugin::kubelet_standin::connect_plugin;
 use vfplane_proto::container_env::VfInfo;
 use vfplane_proto::deviceplugin::v1beta1 as dp;
-use vfplane_proto::vf_state::{VfState, write_vf_mac, write_vf_state};
+use vfplane_proto::vf_state::{VfState, clear_handed_out, handed_out_at, write_vf_mac, write_vf_state};
 use vfplane_proto::{HEALTHY, UNHEALTHY};
 
 const ONE_POOL: &str = "pools:\n  - name: fast\n    selector:\n      vendor: \"8086\"\n      device: \"10ca\"\n      drivers: [vfio-pci]\n";
@@ -687,5 +687,50 @@ async fn metrics_and_healthz_are_served() {
         assert!(text.contains(&format!("# TYPE {family} ")), "{family}\n{text}");
     }
     assert!(metric(&text, "vfplane_device_plugin_scans_total").unwrap() >= 1.0);
+    plugin.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vf_handed_out_is_refused_until_the_agent_scrubbed_it() {
+    let node = Node::new(&[(0, 2)]);
+    node.write_config(ONE_POOL);
+    let plugin = node.start_plugin().await;
+    let mut client = client(node.socket("fast")).await;
+    let vf = node.pfs[0].vfs[0];
+    assert_eq!(handed_out_at(&node.state_dir(), vf).unwrap(), None);
+    client
+        .allocate(allocate_request(&[&[vf.to_string()]]))
+        .await
+        .unwrap();
+    assert!(
+        handed_out_at(&node.state_dir(), vf).unwrap().is_some(),
+        "the mark is written before the answer"
+    );
+    // The container left; the kubelet offers the VF again before the agent
+    // scrubbed it.
+    let status = client
+        .allocate(allocate_request(&[&[vf.to_string()]]))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status}");
+    assert!(
+        status.message().contains(&format!(
+            "device {vf} of vfplane.io/fast was given to a container before"
+        )),
+        "{status}"
+    );
+    // A request holding a clean VF and the dirty one marks neither.
+    let other = node.pfs[0].vfs[1];
+    client
+        .allocate(allocate_request(&[&[other.to_string(), vf.to_string()]]))
+        .await
+        .unwrap_err();
+    assert_eq!(handed_out_at(&node.state_dir(), other).unwrap(), None);
+    // The agent's scrub removes the mark: the VF is handed out again.
+    clear_handed_out(&node.state_dir(), vf).unwrap();
+    client
+        .allocate(allocate_request(&[&[vf.to_string()]]))
+        .await
+        .unwrap();
     plugin.shutdown().await.unwrap();
 }

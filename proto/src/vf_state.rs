@@ -8,6 +8,7 @@
 //! |---|---|---|
 //! | `<address>` | one word: `scrub-pending` or `scrub-failed` | the VF is being scrubbed after its container left, or the scrub failed: the plugin reports it Unhealthy. No file: no scrub in progress. |
 //! | `<address>.mac` | a MAC address, `aa:bb:cc:dd:ee:ff` | the MAC the agent gave the VF; the plugin puts it in `PCIDEVICE_VFPLANE_IO_<POOL>_INFO` |
+//! | `<address>.handed-out` | the Unix time (seconds) of the `Allocate` | written by the device plugin when it hands the VF to a container: the VF is dirty until the agent scrubs it and removes the file. The plugin refuses to hand out a VF that has one. |
 //!
 //! Writers replace a file atomically (write a temporary file in the same
 //! directory, then rename it over the name: [`write_vf_state`] does this),
@@ -31,6 +32,9 @@ pub const DEFAULT_STATE_DIR: &str = "/run/vfplane/vf-state";
 
 /// Suffix of the file holding a VF's MAC address.
 pub const MAC_SUFFIX: &str = ".mac";
+
+/// Suffix of the file marking a VF as handed out and not scrubbed since.
+pub const HANDED_OUT_SUFFIX: &str = ".handed-out";
 
 /// A state the agent has set on a VF. No state (no file) means nothing is
 /// going on.
@@ -149,6 +153,80 @@ pub fn write_vf_mac(dir: &Path, address: PciAddress, mac: Option<&str>) -> io::R
     }
 }
 
+/// `<dir>/<address>.handed-out`: the mark of a VF handed out and not
+/// scrubbed since.
+pub fn handed_out_path(dir: &Path, address: PciAddress) -> PathBuf {
+    dir.join(format!("{address}{HANDED_OUT_SUFFIX}"))
+}
+
+/// Marks a VF handed out now, atomically. The mark is written before the
+/// plugin answers `Allocate`, so a VF a container may have touched is never
+/// without one.
+///
+/// # Errors
+/// I/O errors.
+pub fn mark_handed_out(dir: &Path, address: PciAddress) -> io::Result<()> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    write_atomically(dir, &handed_out_path(dir, address), &format!("{now}\n"))
+}
+
+/// When a VF was handed out, if it has not been scrubbed since: the time in
+/// the mark, or the file's modification time when the text is not a number
+/// (a mark must never read as "clean").
+///
+/// # Errors
+/// I/O errors other than the file not existing.
+pub fn handed_out_at(dir: &Path, address: PciAddress) -> io::Result<Option<std::time::SystemTime>> {
+    let path = handed_out_path(dir, address);
+    match fs::read_to_string(&path) {
+        Ok(text) => match text.trim().parse::<u64>() {
+            Ok(secs) => Ok(Some(std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs))),
+            Err(_) => fs::metadata(&path).and_then(|m| m.modified()).map(Some),
+        },
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Removes a VF's handed-out mark: the agent scrubbed it, or it is gone.
+///
+/// # Errors
+/// I/O errors; a missing mark is not one.
+pub fn clear_handed_out(dir: &Path, address: PciAddress) -> io::Result<()> {
+    match fs::remove_file(handed_out_path(dir, address)) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// The VFs that carry a handed-out mark in `dir` (none when `dir` does not
+/// exist).
+///
+/// # Errors
+/// I/O errors reading the directory.
+pub fn handed_out_vfs(dir: &Path) -> io::Result<Vec<PciAddress>> {
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let mut vfs = Vec::new();
+    for entry in entries {
+        let name = entry?.file_name();
+        if let Some(address) = name
+            .to_str()
+            .and_then(|n| n.strip_suffix(HANDED_OUT_SUFFIX))
+            .and_then(|a| a.parse().ok())
+        {
+            vfs.push(address);
+        }
+    }
+    vfs.sort();
+    Ok(vfs)
+}
+
 fn write_atomically(dir: &Path, path: &Path, contents: &str) -> io::Result<()> {
     fs::create_dir_all(dir)?;
     let name = path
@@ -215,6 +293,35 @@ mod tests {
             .map(|d| d.filter_map(Result::ok).map(|e| e.file_name()).collect())
             .unwrap_or_default();
         assert!(leftovers.is_empty(), "{leftovers:?}");
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn handed_out_marks_are_listed_timed_and_cleared() {
+        let dir = std::env::temp_dir().join(format!("vf-handed-out-test-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        assert_eq!(
+            handed_out_vfs(&dir).ok(),
+            Some(Vec::new()),
+            "no directory: no marks"
+        );
+        let before = std::time::SystemTime::now() - std::time::Duration::from_secs(1);
+        mark_handed_out(&dir, addr()).unwrap_or_else(|e| panic!("{e}"));
+        write_vf_mac(&dir, addr(), Some("52:54:00:aa:bb:01")).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            handed_out_vfs(&dir).ok(),
+            Some(vec![addr()]),
+            "MAC files are not marks"
+        );
+        let at = handed_out_at(&dir, addr()).ok().flatten();
+        assert!(at.is_some_and(|at| at >= before), "{at:?}");
+        // A garbled mark still reads as handed out.
+        fs::write(handed_out_path(&dir, addr()), "garbage").unwrap_or_else(|e| panic!("{e}"));
+        assert!(matches!(handed_out_at(&dir, addr()), Ok(Some(_))));
+        clear_handed_out(&dir, addr()).unwrap_or_else(|e| panic!("{e}"));
+        clear_handed_out(&dir, addr()).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(handed_out_at(&dir, addr()).ok(), Some(None));
+        assert_eq!(handed_out_vfs(&dir).ok(), Some(Vec::new()));
         let _ = fs::remove_dir_all(&dir);
     }
 }
