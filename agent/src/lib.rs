@@ -14,3 +14,4 @@ pub mod kube_source;
 pub mod netlink;
 pub mod reconcile;
 pub mod run;
+pub mod scrub;

@@ -11,6 +11,7 @@ use vfplane_agent::kube_source::KubeSource;
 use vfplane_agent::netlink::RtNetlink;
 use vfplane_agent::reconcile::Reconciler;
 use vfplane_agent::run::{RunOptions, StateFileSource, publish, read_state_file};
+use vfplane_agent::scrub::Scrubber;
 use vfplane_host::Host;
 
 fn reconciler(target: &Target, host: Host) -> Reconciler<RtNetlink> {
@@ -96,6 +97,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 state_dir: Some(target.state_dir.clone()),
                 resync: Duration::from_secs(resync_seconds.max(1)),
                 pod_resources,
+                scrubber: Some(std::sync::Arc::new(Scrubber::new(&target.state_dir))),
             };
             let reconciler = reconciler(&target, host);
             match state_file {

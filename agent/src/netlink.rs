@@ -379,6 +379,9 @@ pub fn derived_mac(node: &str, pf: &str, index: u16) -> Mac {
     Mac([(b[0] & 0xfc) | 0x02, b[1], b[2], b[3], b[4], b[5]])
 }
 
+#[cfg(any(test, feature = "fake"))]
+pub mod fake;
+
 #[cfg(test)]
 mod tests {
     use super::*;

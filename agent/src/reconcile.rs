@@ -79,6 +79,46 @@ impl<N: VfLinkControl> Reconciler<N> {
         &self.host
     }
 
+    /// The PF side of VF settings.
+    pub(crate) fn netlink(&self) -> &N {
+        &self.netlink
+    }
+
+    /// Where the spec puts the VF at `address`: its PF's interface, its
+    /// index and the link settings it should have. `None` when no PF of the
+    /// spec makes that VF (or its PF has no interface).
+    pub(crate) fn spec_of_vf(
+        &self,
+        spec: &NodeStateSpec,
+        address: PciAddress,
+    ) -> Option<(String, u16, VfLinkSettings)> {
+        let model = self.host.discover().ok()?;
+        for pf_spec in &spec.pfs {
+            let Ok(plan) = self.plan(pf_spec, &model) else {
+                continue;
+            };
+            let Ok(vfs) = self.host.vf_addresses(plan.address) else {
+                continue;
+            };
+            let Some(&(index, _)) = vfs.iter().find(|(_, a)| *a == address) else {
+                continue;
+            };
+            let vf = plan.vfs.iter().find(|v| v.index == index)?;
+            return Some((plan.ifname.clone()?, index, vf.settings));
+        }
+        None
+    }
+
+    /// The processes that hold the VFIO group of the VF at `address` open
+    /// (none for a VF without an IOMMU group).
+    pub(crate) fn vfio_holders(&self, address: PciAddress) -> Result<Vec<u32>, String> {
+        let Some(group) = self.host.iommu_group_id(address).map_err(|e| error_chain(&e))? else {
+            return Ok(Vec::new());
+        };
+        vfio_group_holders(&self.proc_root, &self.host.vfio_group_node(group), group)
+            .map_err(|e| error_chain(&e))
+    }
+
     /// Brings the node to `spec` as far as it can and reports what it holds.
     pub fn apply(&self, spec: &NodeStateSpec) -> ApplyReport {
         let mut errors = Vec::new();

@@ -33,6 +33,10 @@ use vfplane_proto::vf_state;
 use crate::attribution::{self, PodResources};
 use crate::netlink::VfLinkControl;
 use crate::reconcile::{ApplyReport, Reconciler};
+use crate::scrub::{ScrubOutcome, Scrubber};
+
+/// How soon a pass comes again while a released VF waits for its scrub.
+const SCRUB_RECHECK: Duration = Duration::from_secs(1);
 
 /// Why a pass happens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -147,6 +151,9 @@ pub struct RunOptions {
     /// The kubelet's pod-resources API, to write who holds each VF into
     /// the status (`None`: owners are not reported).
     pub pod_resources: Option<std::sync::Arc<PodResources>>,
+    /// Scrubs VFs released by their containers (`None`: no scrubs; the
+    /// device plugin then refuses a VF it handed out once).
+    pub scrubber: Option<std::sync::Arc<Scrubber>>,
 }
 
 /// Reads the state file.
@@ -218,7 +225,13 @@ pub fn run<N: VfLinkControl, S: DesiredStateSource>(
     let mut trigger = Trigger::Start;
     loop {
         pass(reconciler, source, options, trigger);
-        trigger = next_trigger(&rx, options.resync);
+        // A released VF waiting for its grace time or its last process is
+        // looked at again soon, not at the next resync.
+        let wait = match &options.scrubber {
+            Some(scrubber) if scrubber.waiting() > 0 => options.resync.min(SCRUB_RECHECK),
+            _ => options.resync,
+        };
+        trigger = next_trigger(&rx, wait);
     }
 }
 
@@ -242,14 +255,37 @@ pub fn pass<N: VfLinkControl, S: DesiredStateSource>(
     };
     let mut report = reconciler.apply(&spec);
     report.status.observed_generation = generation;
-    if let Some(client) = &options.pod_resources {
-        // A kubelet that does not answer leaves every owner unknown (empty)
-        // for this pass; the watcher logs the outage.
-        let owners = client.owners().unwrap_or_else(|error| {
-            tracing::debug!(error = %vfplane_host::error_chain(&error), "VF owners unknown this pass");
-            attribution::Owners::new()
-        });
-        attribution::annotate(&mut report.status, &owners);
+    // A kubelet that does not answer leaves every owner unknown for this
+    // pass (no owner shown, no scrub); the watcher logs the outage.
+    let owners = options.pod_resources.as_ref().and_then(|client| {
+        client
+            .owners()
+            .inspect_err(|error| {
+                tracing::debug!(error = %vfplane_host::error_chain(error), "VF owners unknown this pass");
+            })
+            .ok()
+    });
+    if options.pod_resources.is_some() {
+        attribution::annotate(
+            &mut report.status,
+            owners.as_ref().unwrap_or(&attribution::Owners::new()),
+        );
+    }
+    if let Some(scrubber) = &options.scrubber {
+        let outcomes = scrubber.scrub_released(
+            reconciler,
+            &spec,
+            owners.as_ref(),
+            options.pod_resources.is_some(),
+        );
+        for outcome in &outcomes {
+            if let ScrubOutcome::Failed { error, .. } = outcome {
+                report
+                    .errors
+                    .push(format!("scrub failed, VF quarantined: {error}"));
+            }
+        }
+        scrubber.annotate(&mut report.status);
     }
     if let Some(warning) = warning {
         report.errors.insert(0, warning.clone());
@@ -346,6 +382,7 @@ fn spawn_file_watcher(path: PathBuf, tx: Sender<Trigger>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::netlink::fake::FakeNetlink;
 
     #[test]
     fn uevent_filter_takes_pci_net_and_vfio() {
@@ -387,28 +424,6 @@ mod tests {
         assert_eq!(read("0000:00:12.2"), None);
     }
 
-    /// VF link settings are not what these tests are about.
-    #[derive(Debug)]
-    struct NoVfLinks;
-
-    impl VfLinkControl for NoVfLinks {
-        fn vf_links(&self, _: &str) -> Result<Vec<crate::netlink::VfLinkInfo>, crate::netlink::NetlinkError> {
-            Ok(Vec::new())
-        }
-        fn set_vf(
-            &self,
-            _: &str,
-            _: u32,
-            _: &crate::netlink::VfLinkSettings,
-            _: &[&str],
-        ) -> Result<(), crate::netlink::NetlinkError> {
-            Ok(())
-        }
-        fn set_mtu(&self, _: &str, _: u32) -> Result<(), crate::netlink::NetlinkError> {
-            Ok(())
-        }
-    }
-
     #[test]
     fn state_file_source_waits_then_applies_and_keeps_the_last_good_spec() {
         use vfplane_host::fake::{FakeDevice, FakeSysfs};
@@ -420,7 +435,7 @@ mod tests {
         let numvfs = || fake.read("devices/pci0000:00/0000:00:02.0/sriov_numvfs").unwrap();
         let reconciler = Reconciler::new(
             fake.host(),
-            NoVfLinks,
+            FakeNetlink::default(),
             "node-1",
             fake.sysfs_root().join("no-proc"),
         );
@@ -432,6 +447,7 @@ mod tests {
             state_dir: None,
             resync: Duration::from_secs(30),
             pod_resources: None,
+            scrubber: None,
         };
         let mut source = StateFileSource::new(&state);
 

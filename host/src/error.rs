@@ -59,6 +59,11 @@ pub enum HostError {
         actual: String,
     },
 
+    /// The device has no `reset` attribute: the kernel knows no way to
+    /// reset it alone.
+    #[error("{address} offers no function reset (no sysfs reset attribute)")]
+    NoFunctionReset { address: PciAddress },
+
     /// A driver name that cannot be a kernel driver name.
     #[error("invalid driver name {0:?}")]
     InvalidDriverName(String),

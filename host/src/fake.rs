@@ -142,6 +142,26 @@ impl FakeSysfs {
         Ok(())
     }
 
+    /// Writes a device's 64-byte config space header with vendor, device
+    /// and `command` filled in, the rest zero.
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub fn set_command_register(&self, address: PciAddress, command: u16) -> io::Result<()> {
+        let dir = self.device_dir(address);
+        let hex = |name: &str| -> u16 {
+            fs::read_to_string(dir.join(name))
+                .ok()
+                .and_then(|t| u16::from_str_radix(t.trim().trim_start_matches("0x"), 16).ok())
+                .unwrap_or(0)
+        };
+        let mut config = vec![0u8; 64];
+        config[0..2].copy_from_slice(&hex("vendor").to_le_bytes());
+        config[2..4].copy_from_slice(&hex("device").to_le_bytes());
+        config[4..6].copy_from_slice(&command.to_le_bytes());
+        fs::write(dir.join("config"), config)
+    }
+
     /// Points a device's `driver` link at `driver`, or removes it.
     ///
     /// # Errors
@@ -248,6 +268,7 @@ impl FakeSysfs {
             let vf_dir = self.device_dir(address);
             symlink(format!("../{pf}"), vf_dir.join("physfn"))?;
             fs::write(vf_dir.join("reset"), "")?;
+            self.set_command_register(address, 0)?;
             symlink(
                 format!("../{address}"),
                 self.device_dir(pf).join(format!("virtfn{index}")),

@@ -542,6 +542,46 @@ impl Host {
         }
     }
 
+    /// Resets one function through sysfs `reset`: the kernel picks the
+    /// method (`reset_method`; a function-level reset for an SR-IOV VF),
+    /// saving and restoring its config space around it. The kernel refuses
+    /// (`EBUSY`, say) while a driver has the device in use.
+    ///
+    /// # Errors
+    /// [`HostError::NoFunctionReset`] when the device offers no reset, and
+    /// the write error naming the file.
+    pub fn reset_function(&self, address: PciAddress) -> Result<()> {
+        let path = self.existing_device_dir(address)?.join("reset");
+        if !path.exists() {
+            return Err(HostError::NoFunctionReset { address });
+        }
+        write_attr(&path, "1")?;
+        tracing::info!(device = %address, "function reset");
+        Ok(())
+    }
+
+    /// The PCI command register of a device, from its config space
+    /// (`config`, offset 4, little-endian).
+    ///
+    /// # Errors
+    /// Read errors, and [`HostError::Parse`] for a config space shorter
+    /// than 6 bytes.
+    pub fn command_register(&self, address: PciAddress) -> Result<u16> {
+        let path = self.existing_device_dir(address)?.join("config");
+        let bytes = fs::read(&path).map_err(|source| HostError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        match bytes.get(4..6) {
+            Some(&[low, high]) => Ok(u16::from_le_bytes([low, high])),
+            _ => Err(HostError::Parse {
+                path,
+                value: format!("{} bytes", bytes.len()),
+                expected: "a config space of at least 6 bytes",
+            }),
+        }
+    }
+
     /// Unbinds a device from its driver and clears `driver_override`, so it
     /// stays unbound until something binds it. An unbound device is left as it is.
     ///
@@ -566,6 +606,10 @@ pub fn num_vfs_steps(current: u16, requested: u16) -> Vec<u16> {
         (_, r) => vec![0, r],
     }
 }
+
+/// The command register's Bus Master Enable bit: set, the function can
+/// start DMA.
+pub const PCI_COMMAND_BUS_MASTER: u16 = 1 << 2;
 
 /// An error and its sources on one line: `a: b: c`.
 pub fn error_chain(error: &dyn std::error::Error) -> String {

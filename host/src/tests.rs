@@ -356,3 +356,29 @@ fn model_json_round_trips_with_camel_case_fields() {
     let back: HostModel = serde_json::from_value(json).unwrap();
     assert_eq!(back, model);
 }
+
+#[test]
+fn function_reset_writes_reset_and_the_command_register_is_read_from_config() {
+    let fake = testbed_like(2);
+    let host = fake.host();
+    let vf = FakeSysfs::vf_address(addr(PF), 0);
+    assert_eq!(host.command_register(vf).unwrap() & PCI_COMMAND_BUS_MASTER, 0);
+    fake.set_command_register(vf, 0x0406).unwrap();
+    assert_eq!(host.command_register(vf).unwrap(), 0x0406);
+    host.reset_function(vf).unwrap();
+    let reset = fake.device_dir(vf).join("reset");
+    assert_eq!(std::fs::read_to_string(&reset).unwrap(), "1");
+    std::fs::remove_file(&reset).unwrap();
+    let err = host.reset_function(vf).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!("{vf} offers no function reset (no sysfs reset attribute)")
+    );
+    std::fs::write(fake.device_dir(vf).join("config"), [0u8; 4]).unwrap();
+    let err = host.command_register(vf).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("cannot parse \"4 bytes\" as a config space"),
+        "{err}"
+    );
+}

@@ -17,16 +17,15 @@
 #[path = "../../controller/tests/fake_api/mod.rs"]
 mod fake_api;
 
-use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use fake_api::{FakeApi, NODES, POLICIES, STATES};
 use serde_json::{Value, json};
 use vfplane_agent::kube_source::{Backoff, KubeSource};
-use vfplane_agent::netlink::{NetlinkError, VfLinkControl, VfLinkInfo, VfLinkSettings};
+use vfplane_agent::netlink::fake::FakeNetlink;
 use vfplane_agent::reconcile::Reconciler;
 use vfplane_agent::run::{RunOptions, Trigger, pass};
 use vfplane_controller::controller;
@@ -36,54 +35,6 @@ use vfplane_proto::pool::PoolConfig;
 
 const PF: &str = "0000:00:02.0";
 const NODE: &str = "w1";
-
-/// The PF's VF settings as netlink would report them, kept in memory: the
-/// PF reports its four VFs, and a setting the agent writes is read back.
-#[derive(Debug)]
-struct PfVfSettings(Mutex<BTreeMap<u32, VfLinkInfo>>);
-
-impl PfVfSettings {
-    fn four_vfs() -> Self {
-        Self(Mutex::new(
-            (0..4)
-                .map(|vf| {
-                    (
-                        vf,
-                        VfLinkInfo {
-                            vf,
-                            ..VfLinkInfo::default()
-                        },
-                    )
-                })
-                .collect(),
-        ))
-    }
-}
-
-impl VfLinkControl for PfVfSettings {
-    fn vf_links(&self, _ifname: &str) -> Result<Vec<VfLinkInfo>, NetlinkError> {
-        Ok(self.0.lock().unwrap().values().copied().collect())
-    }
-
-    fn set_vf(&self, _: &str, vf: u32, want: &VfLinkSettings, _: &[&str]) -> Result<(), NetlinkError> {
-        let mut vfs = self.0.lock().unwrap();
-        let entry = vfs.entry(vf).or_insert(VfLinkInfo {
-            vf,
-            ..VfLinkInfo::default()
-        });
-        entry.mac = want.mac;
-        entry.vlan = want.vlan;
-        entry.spoof_chk = Some(want.spoof_chk);
-        entry.trust = Some(want.trust);
-        entry.max_tx_rate_mbps = Some(want.max_tx_rate_mbps);
-        entry.link_state = want.link_state.or(entry.link_state);
-        Ok(())
-    }
-
-    fn set_mtu(&self, _: &str, _: u32) -> Result<(), NetlinkError> {
-        Ok(())
-    }
-}
 
 /// One igb PF (7 VFs at most) with 4 VFs, each alone in its IOMMU group and
 /// bound to vfio-pci, as the agent leaves a node that got such a policy.
@@ -112,7 +63,7 @@ fn spawn_agent(
     let mut source = KubeSource::new(handle, api.client(), NODE, Backoff::default());
     let reconciler = Reconciler::new(
         fake.host(),
-        PfVfSettings::four_vfs(),
+        FakeNetlink::with_fresh_vfs("eth0", 4),
         NODE,
         fake.sysfs_root().join("no-proc"),
     );
@@ -122,6 +73,7 @@ fn spawn_agent(
         state_dir: Some(dir.join("vf-state")),
         resync: Duration::from_secs(30),
         pod_resources: None,
+        scrubber: None,
     };
     std::thread::spawn(move || {
         let (tx, rx) = mpsc::channel();

@@ -15,7 +15,7 @@ use vfplane_host::fake::{FakeDevice, FakeSysfs};
 use vfplane_proto::node_state::{PfSpec, PfStatus};
 
 use super::*;
-use crate::netlink::{NetlinkError, VfLinkControl, VfLinkInfo, VfLinkSettings};
+use crate::netlink::fake::FakeNetlink;
 use crate::reconcile::Reconciler;
 use crate::run::{RunOptions, pass};
 
@@ -283,24 +283,6 @@ fn update_watched(watched: &Mutex<Watched>, new: Watched) -> bool {
 
 // ---- the source in the loop, on a fake node ----
 
-/// VF link settings are not what these tests are about.
-#[derive(Debug)]
-struct NoVfLinks;
-
-impl VfLinkControl for NoVfLinks {
-    fn vf_links(&self, _ifname: &str) -> Result<Vec<VfLinkInfo>, NetlinkError> {
-        Ok(Vec::new())
-    }
-
-    fn set_vf(&self, _: &str, _: u32, _: &VfLinkSettings, _: &[&str]) -> Result<(), NetlinkError> {
-        Ok(())
-    }
-
-    fn set_mtu(&self, _: &str, _: u32) -> Result<(), NetlinkError> {
-        Ok(())
-    }
-}
-
 /// A node with one igb PF and 4 VFs.
 fn node() -> FakeSysfs {
     let fake = FakeSysfs::new().unwrap();
@@ -421,13 +403,19 @@ fn options(dir: &std::path::Path) -> RunOptions {
         state_dir: Some(dir.join("vf-state")),
         resync: Duration::from_secs(30),
         pod_resources: None,
+        scrubber: None,
     }
 }
 
 #[test]
 fn the_named_nodestate_is_applied_and_its_status_written() {
     let fake = node();
-    let reconciler = Reconciler::new(fake.host(), NoVfLinks, NODE, fake.sysfs_root().join("no-proc"));
+    let reconciler = Reconciler::new(
+        fake.host(),
+        FakeNetlink::default(),
+        NODE,
+        fake.sysfs_root().join("no-proc"),
+    );
     let dir = tempfile::tempdir().unwrap();
     let mut cluster = Cluster::start(vec![object(3, "u1", 2)], Vec::new());
     let (tx, rx) = mpsc::channel();
@@ -483,7 +471,12 @@ fn the_named_nodestate_is_applied_and_its_status_written() {
 #[test]
 fn without_a_nodestate_the_agent_waits_and_leaves_the_host_alone() {
     let fake = node();
-    let reconciler = Reconciler::new(fake.host(), NoVfLinks, NODE, fake.sysfs_root().join("no-proc"));
+    let reconciler = Reconciler::new(
+        fake.host(),
+        FakeNetlink::default(),
+        NODE,
+        fake.sysfs_root().join("no-proc"),
+    );
     let dir = tempfile::tempdir().unwrap();
     let mut cluster = Cluster::start(Vec::new(), Vec::new());
     assert_eq!(cluster.source.desired(), Desired::Wait, "nothing heard yet");
@@ -521,7 +514,12 @@ fn without_a_nodestate_the_agent_waits_and_leaves_the_host_alone() {
 #[test]
 fn a_deleted_nodestate_leaves_the_host_as_it_is() {
     let fake = node();
-    let reconciler = Reconciler::new(fake.host(), NoVfLinks, NODE, fake.sysfs_root().join("no-proc"));
+    let reconciler = Reconciler::new(
+        fake.host(),
+        FakeNetlink::default(),
+        NODE,
+        fake.sysfs_root().join("no-proc"),
+    );
     let dir = tempfile::tempdir().unwrap();
     let deleted = json!({ "type": "DELETED", "object": object(3, "u1", 2) });
     let mut cluster = Cluster::start(vec![object(3, "u1", 2)], vec![vec![deleted]]);

@@ -1,88 +1,10 @@
 //! Reconcile passes on a fake sysfs tree and an in-memory netlink.
 
-use std::cell::RefCell;
-use std::collections::BTreeMap;
-
 use vfplane_host::fake::{FakeDevice, FakeSysfs};
 use vfplane_proto::node_state::StateFile;
 
 use super::*;
-use crate::netlink::NetlinkError;
-
-/// VF settings kept in memory, per (interface, VF); every set is logged.
-#[derive(Debug, Default)]
-struct FakeNetlink {
-    vfs: RefCell<BTreeMap<(String, u32), VfLinkInfo>>,
-    writes: RefCell<Vec<String>>,
-    refuse: Option<&'static str>,
-    /// Reads fail from this read on (0-based), as a netlink socket that broke.
-    fail_reads_from: Option<usize>,
-    reads: std::cell::Cell<usize>,
-    /// This many MAC writes to a VF are forgotten, the PF keeping the MAC it
-    /// had: the race between a VF driver's reset handshake and the MAC write.
-    lost_mac_writes: RefCell<BTreeMap<u32, usize>>,
-}
-
-impl VfLinkControl for FakeNetlink {
-    fn vf_links(&self, ifname: &str) -> Result<Vec<VfLinkInfo>, NetlinkError> {
-        let read = self.reads.get();
-        self.reads.set(read + 1);
-        if self.fail_reads_from.is_some_and(|from| read >= from) {
-            return Err(NetlinkError::Socket(std::io::Error::from_raw_os_error(
-                libc::ENOBUFS,
-            )));
-        }
-        Ok(self
-            .vfs
-            .borrow()
-            .iter()
-            .filter(|((i, _), _)| i == ifname)
-            .map(|(_, v)| *v)
-            .collect())
-    }
-
-    fn set_vf(
-        &self,
-        ifname: &str,
-        vf: u32,
-        want: &VfLinkSettings,
-        differences: &[&str],
-    ) -> Result<(), NetlinkError> {
-        for &name in differences {
-            if self.refuse == Some(name) {
-                return Err(NetlinkError::Refused {
-                    what: format!("setting {name} of VF {vf}"),
-                    ifname: ifname.to_owned(),
-                    source: std::io::Error::from_raw_os_error(libc::EOPNOTSUPP),
-                });
-            }
-            self.writes.borrow_mut().push(format!("{ifname} vf {vf} {name}"));
-        }
-        let mut vfs = self.vfs.borrow_mut();
-        let entry = vfs.entry((ifname.to_owned(), vf)).or_insert(VfLinkInfo {
-            vf,
-            ..VfLinkInfo::default()
-        });
-        let mut lost = self.lost_mac_writes.borrow_mut();
-        let lose = lost.get_mut(&vf).filter(|n| **n > 0);
-        if let (Some(left), true) = (lose, differences.contains(&"mac")) {
-            *left -= 1;
-        } else {
-            entry.mac = want.mac;
-        }
-        entry.vlan = want.vlan;
-        entry.spoof_chk = Some(want.spoof_chk);
-        entry.trust = Some(want.trust);
-        entry.max_tx_rate_mbps = Some(want.max_tx_rate_mbps);
-        entry.link_state = want.link_state.or(entry.link_state);
-        Ok(())
-    }
-
-    fn set_mtu(&self, ifname: &str, mtu: u32) -> Result<(), NetlinkError> {
-        self.writes.borrow_mut().push(format!("{ifname} mtu {mtu}"));
-        Ok(())
-    }
-}
+use crate::netlink::fake::FakeNetlink;
 
 const PF: &str = "0000:00:02.0";
 
@@ -124,25 +46,11 @@ spec:
           linkState: disable
 "#;
 
-/// What igb reports for fresh VFs: no MAC, no VLAN, spoof checking on,
-/// not trusted, no rate limit.
-fn fresh_vfs(netlink: FakeNetlink, count: u32) -> FakeNetlink {
-    for vf in 0..count {
-        let info = VfLinkInfo {
-            vf,
-            spoof_chk: Some(true),
-            trust: Some(false),
-            max_tx_rate_mbps: Some(0),
-            link_state: Some(VfLinkMode::Auto),
-            ..VfLinkInfo::default()
-        };
-        netlink.vfs.borrow_mut().insert(("eth0".to_owned(), vf), info);
-    }
-    netlink
-}
-
-fn reconciler(fake: &FakeSysfs, netlink: FakeNetlink) -> Reconciler<FakeNetlink> {
-    let netlink = fresh_vfs(netlink, 4);
+/// A reconciler over `fake` whose PF reports 4 fresh VFs on eth0 (see
+/// [`FakeNetlink::with_fresh_vfs`]); `setup` adjusts the stand-in first.
+fn reconciler_with(fake: &FakeSysfs, setup: impl FnOnce(&FakeNetlink)) -> Reconciler<FakeNetlink> {
+    let netlink = FakeNetlink::with_fresh_vfs("eth0", 4);
+    setup(&netlink);
     // An empty process list: nobody holds any VF.
     let proc_root = fake.sysfs_root().join("no-processes");
     std::fs::create_dir_all(&proc_root).unwrap();
@@ -152,11 +60,11 @@ fn reconciler(fake: &FakeSysfs, netlink: FakeNetlink) -> Reconciler<FakeNetlink>
 #[test]
 fn converges_sets_link_attributes_and_writes_pools_for_vfio_vfs() {
     let fake = node();
-    let agent = reconciler(&fake, FakeNetlink::default());
+    let agent = reconciler_with(&fake, |_| {});
     let report = agent.apply(&spec(GOOD));
     assert!(report.converged, "{:?}", report.errors);
     assert_eq!(
-        *agent.netlink.writes.borrow(),
+        agent.netlink().writes(),
         [
             "eth0 vf 0 mac",
             "eth0 vf 1 mac",
@@ -186,13 +94,13 @@ fn converges_sets_link_attributes_and_writes_pools_for_vfio_vfs() {
     assert_eq!(report.pools.pools[0].devices.len(), 2);
 
     // A second pass over a matching node writes nothing.
-    agent.netlink.writes.borrow_mut().clear();
+    agent.netlink().clear_writes();
     let again = agent.apply(&spec(GOOD));
     assert!(again.converged);
     assert!(
-        agent.netlink.writes.borrow().is_empty(),
+        agent.netlink().writes().is_empty(),
         "{:?}",
-        agent.netlink.writes.borrow()
+        agent.netlink().writes()
     );
     assert_eq!(
         fake.read("devices/pci0000:00/0000:00:02.0/sriov_numvfs").unwrap(),
@@ -204,12 +112,10 @@ fn converges_sets_link_attributes_and_writes_pools_for_vfio_vfs() {
 fn a_kernel_vf_mac_the_pf_lost_is_written_again_after_the_driver_probed() {
     let fake = node();
     // The PF loses the first MAC write to kernel-driver VF 2.
-    let netlink = FakeNetlink::default();
-    netlink.lost_mac_writes.borrow_mut().insert(2, 1);
-    let agent = reconciler(&fake, netlink);
+    let agent = reconciler_with(&fake, |n| n.lose_mac_writes(2, 1));
     let report = agent.apply(&spec(GOOD));
     assert!(report.converged, "{:?}", report.errors);
-    let writes = agent.netlink.writes.borrow();
+    let writes = agent.netlink().writes();
     assert_eq!(
         writes.iter().filter(|w| *w == "eth0 vf 2 mac").count(),
         2,
@@ -224,8 +130,8 @@ fn a_kernel_vf_mac_the_pf_lost_is_written_again_after_the_driver_probed() {
 #[test]
 fn a_kernel_vf_mac_the_pf_never_keeps_is_reported_after_three_writes() {
     let fake = node();
-    let agent = reconciler(&fake, FakeNetlink::default());
-    agent.netlink.lost_mac_writes.borrow_mut().insert(2, usize::MAX);
+    let agent = reconciler_with(&fake, |_| {});
+    agent.netlink().lose_mac_writes(2, usize::MAX);
     let report = agent.apply(&spec(GOOD));
     assert!(!report.converged);
     let errors = report.errors.join("\n");
@@ -254,7 +160,7 @@ fn bad_pf_entries_are_reported_and_the_good_one_still_converges() {
         ),
     ] {
         let fake = node();
-        let agent = reconciler(&fake, FakeNetlink::default());
+        let agent = reconciler_with(&fake, |_| {});
         let text = format!("{GOOD}    - {bad}\n");
         let report = agent.apply(&spec(&text));
         assert!(!report.converged);
@@ -305,7 +211,7 @@ fn invalid_values_on_a_pf_name_the_problem_and_change_nothing_there() {
     ];
     for (body, words) in cases {
         let fake = node();
-        let agent = reconciler(&fake, FakeNetlink::default());
+        let agent = reconciler_with(&fake, |_| {});
         let text = format!("spec:\n  pfs:\n    - pciAddress: \"{PF}\"\n      {body}\n");
         let report = agent.apply(&spec(&text));
         assert!(!report.converged, "{body}");
@@ -321,7 +227,7 @@ fn invalid_values_on_a_pf_name_the_problem_and_change_nothing_there() {
                 .is_some_and(|e| e.contains(words))
         );
         assert!(
-            agent.netlink.writes.borrow().is_empty(),
+            agent.netlink().writes().is_empty(),
             "nothing written for a bad entry"
         );
         assert_eq!(
@@ -334,11 +240,7 @@ fn invalid_values_on_a_pf_name_the_problem_and_change_nothing_there() {
 #[test]
 fn a_refused_setting_is_reported_on_its_vf() {
     let fake = node();
-    let netlink = FakeNetlink {
-        refuse: Some("vlan"),
-        ..FakeNetlink::default()
-    };
-    let agent = reconciler(&fake, netlink);
+    let agent = reconciler_with(&fake, |n| n.refuse("vlan"));
     let report = agent.apply(&spec(GOOD));
     assert!(!report.converged);
     assert!(
@@ -355,7 +257,7 @@ fn vfs_on_the_wrong_driver_are_unhealthy_and_kept_out_of_the_pool() {
     // when vfio-pci is not loaded.
     fake.set_driver("0000:00:12.0".parse().unwrap(), Some("igbvf"))
         .unwrap();
-    let agent = reconciler(&fake, FakeNetlink::default());
+    let agent = reconciler_with(&fake, |_| {});
     let report = agent.apply(&spec(GOOD));
     assert!(!report.converged);
     let vf0 = &report.status.pfs[0].vfs[0];
@@ -377,7 +279,7 @@ fn no_iommu_keeps_vfio_vfs_out_unless_allowed() {
         fake.set_driver(*vf, Some("vfio-pci")).unwrap();
     }
     let text = "spec:\n  pfs:\n    - {pciAddress: \"0000:00:02.0\", numVfs: 2, vfGroups: [{resourceName: a, vfRange: \"0-1\"}]}\n";
-    let agent = reconciler(&fake, FakeNetlink::default());
+    let agent = reconciler_with(&fake, |_| {});
     let report = agent.apply(&spec(text));
     assert!(!report.converged);
     assert!(report.errors[0].contains("no IOMMU"), "{:?}", report.errors);
@@ -392,11 +294,7 @@ fn no_iommu_keeps_vfio_vfs_out_unless_allowed() {
 fn a_netlink_read_that_fails_for_the_status_is_reported_on_the_pf() {
     let fake = node();
     // The apply's own read works; the status's read after it fails.
-    let netlink = FakeNetlink {
-        fail_reads_from: Some(1),
-        ..FakeNetlink::default()
-    };
-    let agent = reconciler(&fake, netlink);
+    let agent = reconciler_with(&fake, |n| n.fail_reads_from(1));
     let text = "spec:\n  pfs:\n    - pciAddress: \"0000:00:02.0\"\n      numVfs: 4\n      vfGroups:\n        - {resourceName: fast, vfRange: \"0-1\", deviceType: vfio-pci}\n";
     let report = agent.apply(&spec(text));
     let pf = &report.status.pfs[0];

@@ -1,0 +1,377 @@
+//! Scrub on release: a VF that was handed to a container is reset and
+//! given back its spec's settings before anyone else gets it.
+//!
+//! The device plugin marks a VF handed out (`vf_state::mark_handed_out`)
+//! before it answers `Allocate`, and refuses a VF that carries a mark. The
+//! agent scrubs a marked VF once it is released:
+//! - the kubelet's pod-resources `List` names no container holding it (when
+//!   the agent reads pod-resources; a kubelet that does not answer stops
+//!   every scrub for that pass: not knowing is never "released"),
+//! - no process holds its `/dev/vfio/<group>` open (the container's
+//!   processes are gone), and
+//! - the mark is older than [`GRACE`] (the kubelet records an allocation
+//!   a moment after `Allocate` answers).
+//!
+//! A scrub: state `scrub-pending` (the plugin reports the VF Unhealthy),
+//! a function-level reset through sysfs `reset`, the spec's MAC, VLAN,
+//! spoof checking, trust, rate and link state written again through the
+//! PF, then a check: the PF reports exactly those settings and the VF's
+//! Bus Master Enable bit is clear (it cannot DMA; the reset disabled its
+//! queues). Then the state and the mark are removed and the VF is Healthy.
+//! A scrub that fails leaves state `scrub-failed` (quarantine: never
+//! advertised) and the mark, and is tried again after [`RETRY`]; the
+//! status says why.
+//!
+//! Crash safety: the mark and the state are files, written before the
+//! reset and removed after the check, so an agent killed mid-scrub finds
+//! the mark at its next start and scrubs again; the plugin refuses the VF
+//! the whole time.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use vfplane_host::{HostError, PCI_COMMAND_BUS_MASTER, PciAddress, error_chain};
+use vfplane_proto::node_state::{NodeStateSpec, NodeStateStatus};
+use vfplane_proto::vf_state::{self, VfState};
+
+use crate::attribution::Owners;
+use crate::netlink::{VfLinkControl, VfLinkMode};
+use crate::reconcile::Reconciler;
+
+/// A handed-out mark younger than this is left alone: the kubelet lists the
+/// new owner a moment after `Allocate` answered.
+pub const GRACE: Duration = Duration::from_secs(10);
+/// A failed scrub is tried again after this long.
+pub const RETRY: Duration = Duration::from_secs(30);
+
+/// Why a VF's scrub failed. Each names the VF.
+#[derive(Debug, thiserror::Error)]
+pub enum ScrubError {
+    /// The state dir could not be read or written.
+    #[error("VF {address}: cannot update its state under {dir}")]
+    StateDir {
+        /// The VF.
+        address: PciAddress,
+        /// The state dir.
+        dir: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The function-level reset failed.
+    #[error("VF {address}: the function reset failed")]
+    Reset {
+        /// The VF.
+        address: PciAddress,
+        /// The cause.
+        #[source]
+        source: HostError,
+    },
+    /// Writing the spec's settings through the PF failed.
+    #[error("VF {address}: restoring its settings through {ifname} failed: {message}")]
+    Restore {
+        /// The VF.
+        address: PciAddress,
+        /// The PF's interface.
+        ifname: String,
+        /// What failed.
+        message: String,
+    },
+    /// The check after the reset found the VF not as the spec wants it.
+    #[error("VF {address}: after the reset, {problem}")]
+    Check {
+        /// The VF.
+        address: PciAddress,
+        /// What was found.
+        problem: String,
+    },
+}
+
+/// What happened to one marked VF in a pass.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ScrubOutcome {
+    /// Scrubbed: reset, restored, checked; handed out again from now on.
+    Scrubbed {
+        /// The VF.
+        address: PciAddress,
+        /// How long the scrub took.
+        took: Duration,
+    },
+    /// The scrub failed; the VF is quarantined.
+    Failed {
+        /// The VF.
+        address: PciAddress,
+        /// Why, as a sentence.
+        error: String,
+    },
+    /// The VF no longer exists: its mark was removed (a VF made again by a
+    /// `sriov_numvfs` write comes up reset).
+    Vanished {
+        /// The VF.
+        address: PciAddress,
+    },
+}
+
+/// What [`Scrubber::consider`] made of one marked VF.
+enum Considered {
+    /// Scrubbed, failed, or vanished.
+    Done(ScrubOutcome),
+    /// Released, but not yet to be scrubbed.
+    Waiting,
+    /// A container holds it (or its mark went away meanwhile).
+    Held,
+}
+
+/// The scrubs of one agent: the state dir and the last failure per VF.
+#[derive(Debug)]
+pub struct Scrubber {
+    state_dir: PathBuf,
+    retry: Duration,
+    waiting: AtomicUsize,
+    failures: Mutex<BTreeMap<PciAddress, Failure>>,
+}
+
+#[derive(Debug, Clone)]
+struct Failure {
+    at: Instant,
+    error: String,
+}
+
+impl Scrubber {
+    /// Scrubs VFs marked in `state_dir`.
+    pub fn new(state_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            state_dir: state_dir.into(),
+            retry: RETRY,
+            waiting: AtomicUsize::new(0),
+            failures: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// Tries a failed scrub again after `retry` instead of [`RETRY`].
+    #[must_use]
+    pub fn retry_after(mut self, retry: Duration) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    /// The state dir.
+    pub fn state_dir(&self) -> &Path {
+        &self.state_dir
+    }
+
+    /// Scrubs every released VF (see the module doc). `owners` is `None`
+    /// when the agent reads pod-resources and the kubelet did not answer:
+    /// then nothing is scrubbed. `watch_owners` says whether the agent reads
+    /// pod-resources at all.
+    pub fn scrub_released<N: VfLinkControl>(
+        &self,
+        reconciler: &Reconciler<N>,
+        spec: &NodeStateSpec,
+        owners: Option<&Owners>,
+        watch_owners: bool,
+    ) -> Vec<ScrubOutcome> {
+        if watch_owners && owners.is_none() {
+            return Vec::new();
+        }
+        let marked = match vf_state::handed_out_vfs(&self.state_dir) {
+            Ok(marked) => marked,
+            Err(error) => {
+                tracing::warn!(dir = %self.state_dir.display(), %error, "cannot list handed-out VFs");
+                return Vec::new();
+            }
+        };
+        let mut outcomes = Vec::new();
+        let mut waiting = 0;
+        for address in marked {
+            match self.consider(reconciler, spec, owners, address) {
+                Considered::Done(outcome) => outcomes.push(outcome),
+                Considered::Waiting => waiting += 1,
+                Considered::Held => {}
+            }
+        }
+        self.waiting.store(waiting, Ordering::Relaxed);
+        outcomes
+    }
+
+    /// How many released VFs the last pass left for later: in their grace
+    /// time, still open by a process, or before a retry.
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::Relaxed)
+    }
+
+    fn consider<N: VfLinkControl>(
+        &self,
+        reconciler: &Reconciler<N>,
+        spec: &NodeStateSpec,
+        owners: Option<&Owners>,
+        address: PciAddress,
+    ) -> Considered {
+        if reconciler
+            .host()
+            .pci_device(address)
+            .is_err_and(|e| e.is_vanished())
+        {
+            let cleared = vf_state::clear_handed_out(&self.state_dir, address)
+                .and_then(|()| vf_state::write_vf_state(&self.state_dir, address, None));
+            if let Err(error) = cleared {
+                tracing::warn!(%address, %error, "cannot clear the marks of a vanished VF");
+            }
+            self.lock().remove(&address);
+            return Considered::Done(ScrubOutcome::Vanished { address });
+        }
+        if let Some(owner) = owners.and_then(|o| o.get(&address)) {
+            tracing::trace!(%address, %owner, "held: not scrubbed");
+            return Considered::Held;
+        }
+        let Ok(Some(since)) = vf_state::handed_out_at(&self.state_dir, address) else {
+            return Considered::Held;
+        };
+        if since.elapsed().unwrap_or_default() < GRACE {
+            return Considered::Waiting;
+        }
+        if self
+            .lock()
+            .get(&address)
+            .is_some_and(|f| f.at.elapsed() < self.retry)
+        {
+            return Considered::Waiting;
+        }
+        match reconciler.vfio_holders(address) {
+            Ok(holders) if holders.is_empty() => {}
+            Ok(holders) => {
+                tracing::debug!(%address, ?holders, "released by the kubelet, still open: scrub waits");
+                return Considered::Waiting;
+            }
+            Err(error) => {
+                tracing::warn!(%address, %error, "cannot tell whether the VF is still open: scrub waits");
+                return Considered::Waiting;
+            }
+        }
+        let started = Instant::now();
+        let outcome = match self.scrub(reconciler, spec, address) {
+            Ok(()) => {
+                self.lock().remove(&address);
+                let took = started.elapsed();
+                tracing::info!(%address, ?took, "VF scrubbed");
+                ScrubOutcome::Scrubbed { address, took }
+            }
+            Err(error) => {
+                let error = error_chain(&error);
+                tracing::error!(%address, %error, "scrub failed: the VF is quarantined");
+                let _ = vf_state::write_vf_state(&self.state_dir, address, Some(VfState::ScrubFailed));
+                self.lock().insert(
+                    address,
+                    Failure {
+                        at: Instant::now(),
+                        error: error.clone(),
+                    },
+                );
+                ScrubOutcome::Failed { address, error }
+            }
+        };
+        Considered::Done(outcome)
+    }
+
+    /// Reset, restore, check; the state and mark are cleared only when all
+    /// three passed.
+    fn scrub<N: VfLinkControl>(
+        &self,
+        reconciler: &Reconciler<N>,
+        spec: &NodeStateSpec,
+        address: PciAddress,
+    ) -> Result<(), ScrubError> {
+        let dir = &self.state_dir;
+        let state_error = |source| ScrubError::StateDir {
+            address,
+            dir: dir.clone(),
+            source,
+        };
+        vf_state::write_vf_state(dir, address, Some(VfState::ScrubPending)).map_err(state_error)?;
+        reconciler
+            .host()
+            .reset_function(address)
+            .map_err(|source| ScrubError::Reset { address, source })?;
+        if let Some((ifname, index, settings)) = reconciler.spec_of_vf(spec, address) {
+            // A spec without a link state still gets the PF's default back.
+            let want = crate::netlink::VfLinkSettings {
+                link_state: settings.link_state.or(Some(VfLinkMode::Auto)),
+                ..settings
+            };
+            let restore = |message: String| ScrubError::Restore {
+                address,
+                ifname: ifname.clone(),
+                message,
+            };
+            let all = ["mac", "vlan", "spoofchk", "trust", "max_tx_rate", "link_state"];
+            reconciler
+                .netlink()
+                .set_vf(&ifname, u32::from(index), &want, &all)
+                .map_err(|e| restore(error_chain(&e)))?;
+            let links = reconciler
+                .netlink()
+                .vf_links(&ifname)
+                .map_err(|e| restore(format!("reading the settings back: {}", error_chain(&e))))?;
+            let link = links
+                .iter()
+                .find(|l| l.vf == u32::from(index))
+                .ok_or_else(|| restore(format!("the PF no longer reports VF {index}")))?;
+            let differences = link.differences(&want);
+            if !differences.is_empty() {
+                return Err(ScrubError::Check {
+                    address,
+                    problem: format!("the PF reports other {differences:?} than the spec's"),
+                });
+            }
+        }
+        let command = reconciler
+            .host()
+            .command_register(address)
+            .map_err(|source| ScrubError::Reset { address, source })?;
+        if command & PCI_COMMAND_BUS_MASTER != 0 {
+            return Err(ScrubError::Check {
+                address,
+                problem: format!("Bus Master Enable is still set (command register {command:#06x})"),
+            });
+        }
+        vf_state::clear_handed_out(dir, address).map_err(state_error)?;
+        vf_state::write_vf_state(dir, address, None).map_err(state_error)?;
+        Ok(())
+    }
+
+    /// Writes the scrub state of each VF into its health in `status`:
+    /// `Scrubbing` while a scrub runs (or was cut short by a crash), and
+    /// `Unhealthy: scrub failed: <why>` while quarantined.
+    pub fn annotate(&self, status: &mut NodeStateStatus) {
+        let failures = self.lock().clone();
+        for vf in status.pfs.iter_mut().flat_map(|pf| pf.vfs.iter_mut()) {
+            let Ok(address) = vf.pci_address.parse::<PciAddress>() else {
+                continue;
+            };
+            match vf_state::read_vf_state(&self.state_dir, address) {
+                Ok(Some(Ok(VfState::ScrubFailed))) => {
+                    let why = failures
+                        .get(&address)
+                        .map_or("reason lost with an agent restart; retried", |f| f.error.as_str());
+                    vf.health = format!("Unhealthy: scrub failed: {why}");
+                }
+                Ok(Some(Ok(VfState::ScrubPending))) => vf.health = "Scrubbing".to_owned(),
+                _ => {}
+            }
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<PciAddress, Failure>> {
+        // A panic elsewhere while holding the lock leaves only failure
+        // records behind, which stay valid.
+        self.failures
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+#[cfg(test)]
+mod tests;
