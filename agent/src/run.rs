@@ -35,8 +35,8 @@ use crate::netlink::VfLinkControl;
 use crate::reconcile::{ApplyReport, Reconciler};
 use crate::scrub::{ScrubOutcome, Scrubber};
 
-/// How soon a pass comes again while a released VF waits for its scrub.
-const SCRUB_RECHECK: Duration = Duration::from_secs(1);
+/// The shortest wait before a pass for a released VF's scrub.
+const SCRUB_RECHECK_MIN: Duration = Duration::from_millis(200);
 
 /// Why a pass happens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -227,10 +227,13 @@ pub fn run<N: VfLinkControl, S: DesiredStateSource>(
         pass(reconciler, source, options, trigger);
         // A released VF waiting for its grace time or its last process is
         // looked at again soon, not at the next resync.
-        let wait = match &options.scrubber {
-            Some(scrubber) if scrubber.waiting() > 0 => options.resync.min(SCRUB_RECHECK),
-            _ => options.resync,
-        };
+        let wait = options
+            .scrubber
+            .as_ref()
+            .and_then(|scrubber| scrubber.next_due())
+            .map_or(options.resync, |due| {
+                options.resync.min(due.max(SCRUB_RECHECK_MIN))
+            });
         trigger = next_trigger(&rx, wait);
     }
 }

@@ -29,8 +29,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use vfplane_host::{HostError, PCI_COMMAND_BUS_MASTER, PciAddress, error_chain};
@@ -46,6 +45,8 @@ use crate::reconcile::Reconciler;
 pub const GRACE: Duration = Duration::from_secs(10);
 /// A failed scrub is tried again after this long.
 pub const RETRY: Duration = Duration::from_secs(30);
+/// A released VF still open by a process is looked at again after this long.
+const HOLDER_RECHECK: Duration = Duration::from_secs(1);
 
 /// Why a VF's scrub failed. Each names the VF.
 #[derive(Debug, thiserror::Error)]
@@ -119,8 +120,8 @@ pub enum ScrubOutcome {
 enum Considered {
     /// Scrubbed, failed, or vanished.
     Done(ScrubOutcome),
-    /// Released, but not yet to be scrubbed.
-    Waiting,
+    /// Released, but not yet to be scrubbed: look again in this long.
+    Waiting(Duration),
     /// A container holds it (or its mark went away meanwhile).
     Held,
 }
@@ -130,7 +131,7 @@ enum Considered {
 pub struct Scrubber {
     state_dir: PathBuf,
     retry: Duration,
-    waiting: AtomicUsize,
+    next_due: Mutex<Option<Duration>>,
     failures: Mutex<BTreeMap<PciAddress, Failure>>,
 }
 
@@ -146,7 +147,7 @@ impl Scrubber {
         Self {
             state_dir: state_dir.into(),
             retry: RETRY,
-            waiting: AtomicUsize::new(0),
+            next_due: Mutex::new(None),
             failures: Mutex::new(BTreeMap::new()),
         }
     }
@@ -185,22 +186,23 @@ impl Scrubber {
             }
         };
         let mut outcomes = Vec::new();
-        let mut waiting = 0;
+        let mut next_due: Option<Duration> = None;
         for address in marked {
             match self.consider(reconciler, spec, owners, address) {
                 Considered::Done(outcome) => outcomes.push(outcome),
-                Considered::Waiting => waiting += 1,
+                Considered::Waiting(due) => next_due = Some(next_due.map_or(due, |d| d.min(due))),
                 Considered::Held => {}
             }
         }
-        self.waiting.store(waiting, Ordering::Relaxed);
+        *lock(&self.next_due) = next_due;
         outcomes
     }
 
-    /// How many released VFs the last pass left for later: in their grace
-    /// time, still open by a process, or before a retry.
-    pub fn waiting(&self) -> usize {
-        self.waiting.load(Ordering::Relaxed)
+    /// When the soonest released VF the last pass left for later (in its
+    /// grace time, still open by a process, or before a retry) is due for
+    /// another look; `None` when none waits.
+    pub fn next_due(&self) -> Option<Duration> {
+        *lock(&self.next_due)
     }
 
     fn consider<N: VfLinkControl>(
@@ -230,25 +232,24 @@ impl Scrubber {
         let Ok(Some(since)) = vf_state::handed_out_at(&self.state_dir, address) else {
             return Considered::Held;
         };
-        if since.elapsed().unwrap_or_default() < GRACE {
-            return Considered::Waiting;
+        let age = since.elapsed().unwrap_or_default();
+        if age < GRACE {
+            return Considered::Waiting(GRACE - age);
         }
-        if self
-            .lock()
-            .get(&address)
-            .is_some_and(|f| f.at.elapsed() < self.retry)
+        if let Some(failure) = self.lock().get(&address)
+            && failure.at.elapsed() < self.retry
         {
-            return Considered::Waiting;
+            return Considered::Waiting(self.retry - failure.at.elapsed());
         }
         match reconciler.vfio_holders(address) {
             Ok(holders) if holders.is_empty() => {}
             Ok(holders) => {
                 tracing::debug!(%address, ?holders, "released by the kubelet, still open: scrub waits");
-                return Considered::Waiting;
+                return Considered::Waiting(HOLDER_RECHECK);
             }
             Err(error) => {
                 tracing::warn!(%address, %error, "cannot tell whether the VF is still open: scrub waits");
-                return Considered::Waiting;
+                return Considered::Waiting(HOLDER_RECHECK);
             }
         }
         let started = Instant::now();
@@ -364,13 +365,15 @@ impl Scrubber {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<PciAddress, Failure>> {
-        // A panic elsewhere while holding the lock leaves only failure
-        // records behind, which stay valid.
-        self.failures
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    fn lock(&self) -> MutexGuard<'_, BTreeMap<PciAddress, Failure>> {
+        lock(&self.failures)
     }
+}
+
+/// A panic elsewhere while holding one of these locks leaves only records
+/// behind that stay valid.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 #[cfg(test)]

@@ -5,20 +5,18 @@
 //! driver sends on the PF's wire. Any failed step, and fewer frames counted
 //! than sent, is an error.
 
-use std::path::PathBuf;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail, ensure};
 
 use crate::cluster::images::VFPLANE_IMAGE;
-use crate::cluster::{Cluster, ClusterOptions, NODE_NAME};
+use crate::cluster::{ClusterOptions, NODE_NAME};
+use crate::session::{NAMESPACE, Session};
 use crate::testbed::Testbed;
 
 /// The policy's name and pool.
 const POLICY: &str = "fast-io";
 const POOL: &str = "fast";
-const NAMESPACE: &str = "vfplane-system";
 const FRAMES: u32 = 2000;
 const ETHERTYPE_TEST: [u8; 2] = [0x88, 0xb5];
 
@@ -74,9 +72,7 @@ impl DemoReport {
 }
 
 struct Demo {
-    cluster: Cluster,
-    workspace: PathBuf,
-    helm: PathBuf,
+    session: Session,
     step: usize,
     report: DemoReport,
 }
@@ -94,134 +90,6 @@ impl Demo {
         let seconds = began.elapsed().as_secs_f64();
         eprintln!("   ({title}: {seconds:.1} s)");
         self.report.steps.push((title.to_owned(), seconds));
-    }
-
-    fn echo(args: &[&str], program: &str) {
-        let shown: Vec<String> = args
-            .iter()
-            .map(|a| {
-                if a.contains([' ', '"', '{', '$']) {
-                    format!("'{a}'")
-                } else {
-                    (*a).to_owned()
-                }
-            })
-            .collect();
-        eprintln!("$ {program} {}", shown.join(" "));
-    }
-
-    fn show(text: &str) {
-        for line in text.lines() {
-            eprintln!("  {line}");
-        }
-    }
-
-    /// kubectl, echoed, output shown.
-    fn kubectl(&self, args: &[&str]) -> Result<String> {
-        Self::echo(args, "kubectl");
-        let out = self.cluster.kubectl_output(args)?;
-        Self::show(&out);
-        Ok(out)
-    }
-
-    /// `kubectl apply -f -` with `yaml`, echoed as a here-document.
-    fn apply(&self, yaml: &str) -> Result<String> {
-        let out = self.apply_echoed(yaml)?;
-        Self::show(&out);
-        Ok(out)
-    }
-
-    fn apply_echoed(&self, yaml: &str) -> Result<String> {
-        eprintln!("$ kubectl apply -f - <<EOF");
-        Self::show(yaml);
-        eprintln!("  EOF");
-        self.cluster.kubectl_stdin(&["apply", "-f", "-"], yaml)
-    }
-
-    /// `kubectl apply` expected to be refused: returns the refusal.
-    fn apply_refused(&self, yaml: &str) -> Result<String> {
-        match self.apply_echoed(yaml) {
-            Ok(out) => bail!("the API server accepted what the webhook must refuse:\n{out}"),
-            Err(error) => {
-                let message = format!("{error:#}");
-                Self::show(&message);
-                Ok(message)
-            }
-        }
-    }
-
-    /// helm, echoed, inside the cluster's namespace.
-    fn helm(&self, args: &[&str]) -> Result<String> {
-        Self::echo(args, "helm");
-        let mut command = self.cluster.command(&self.helm);
-        crate::helm::isolate(&mut command, &self.workspace);
-        let out = command
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .context("running helm")?;
-        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-        if !out.status.success() {
-            bail!(
-                "helm {} failed: {}{}\n{}",
-                args.join(" "),
-                stdout,
-                String::from_utf8_lossy(&out.stderr),
-                self.pod_diagnostics()
-            );
-        }
-        let head: String = stdout.lines().take(12).collect::<Vec<_>>().join("\n");
-        Self::show(&head);
-        Ok(stdout)
-    }
-
-    /// The vfplane pods and their recent events, for errors.
-    fn pod_diagnostics(&self) -> String {
-        let pods = self
-            .cluster
-            .kubectl_output(&["get", "pods", "-A", "-o", "wide"])
-            .unwrap_or_default();
-        let events = self
-            .cluster
-            .kubectl_output(&["get", "events", "-n", NAMESPACE, "--sort-by=.lastTimestamp"])
-            .unwrap_or_default();
-        let tail: Vec<&str> = events.lines().rev().take(15).collect();
-        let mut logs = String::new();
-        for (title, workload, container) in [
-            ("node pod, agent", "daemonset/vfplane-node", "agent"),
-            (
-                "node pod, device-plugin",
-                "daemonset/vfplane-node",
-                "device-plugin",
-            ),
-            ("controller", "deployment/vfplane-controller", "controller"),
-        ] {
-            logs.push_str(&format!("--- {title} ---\n"));
-            let args = ["logs", "-n", NAMESPACE, workload, "-c", container, "--tail=15"];
-            logs.push_str(&self.cluster.kubectl_output(&args).unwrap_or_default());
-        }
-        format!(
-            "--- pods ---\n{pods}\n--- events in {NAMESPACE} (newest first) ---\n{}\n{logs}",
-            tail.join("\n")
-        )
-    }
-
-    fn wait(
-        &mut self,
-        what: &str,
-        timeout: Duration,
-        check: impl FnMut(&Cluster) -> Result<bool>,
-    ) -> Result<()> {
-        let result = self.cluster.wait_until(what, timeout, check);
-        result.map_err(|e| anyhow::anyhow!("{e:#}\n{}", self.pod_diagnostics()))
-    }
-
-    fn jsonpath(&self, args: &[&str]) -> String {
-        self.cluster
-            .kubectl_output(args)
-            .unwrap_or_default()
-            .trim()
-            .to_owned()
     }
 }
 
@@ -300,17 +168,13 @@ spec:
 /// The first step that fails, with the diagnostics of the parts involved;
 /// also when the host counted fewer frames than the pod's VF sent.
 pub fn run(testbed: &Testbed) -> Result<DemoReport> {
-    let workspace = testbed.workspace().to_path_buf();
-    let helm = crate::helm::ensure_helm(&workspace)?;
     eprintln!(
         "\n== [1/{STEPS}] A real cluster: Kubernetes control plane on the host, the emulated SR-IOV guest as its node"
     );
     let began = Instant::now();
-    let cluster = Cluster::start(testbed, ClusterOptions::default())?;
+    let session = Session::start(testbed, ClusterOptions::default())?;
     let mut demo = Demo {
-        cluster,
-        workspace,
-        helm,
+        session,
         step: 1,
         report: DemoReport {
             policy: POLICY.to_owned(),
@@ -318,40 +182,27 @@ pub fn run(testbed: &Testbed) -> Result<DemoReport> {
             ..DemoReport::default()
         },
     };
-    demo.kubectl(&["get", "nodes", "-o", "wide"])?;
+    demo.session.kubectl(&["get", "nodes", "-o", "wide"])?;
     demo.end("cluster up, node Ready", began);
-    let wire = demo.cluster.guest().listen_wire(0)?;
+    let wire = demo.session.cluster().guest().listen_wire(0)?;
 
     // 2. helm install.
     let began = demo.begin("Install vfplane with Helm (CRDs, controller, node DaemonSet, RBAC, webhook)");
-    demo.kubectl(&["label", "node", NODE_NAME, "vfplane.io/sriov=true"])?;
     let install = Instant::now();
-    demo.helm(&[
-        "install",
-        "vfplane",
-        "charts/vfplane",
-        "--namespace",
-        NAMESPACE,
-        "--create-namespace",
-        "--set",
-        "image.repository=vfplane.local/vfplane",
-        "--set",
-        "image.tag=dev",
-        "--wait",
-        "--timeout=10m",
-    ])?;
+    demo.session.install_vfplane()?;
     let ready = install.elapsed().as_secs_f64();
     demo.report
         .milestones
         .push(("helm install -> pods Ready".to_owned(), ready));
-    demo.kubectl(&["get", "pods", "-n", NAMESPACE, "-o", "wide"])?;
+    demo.session
+        .kubectl(&["get", "pods", "-n", NAMESPACE, "-o", "wide"])?;
     demo.end("helm install", began);
 
     // 3. The policy.
     let began = demo.begin("A VfPolicy: two vfio-pci VFs of the node's PF in pool `fast`");
-    demo.apply(&policy_yaml(2, POLICY))?;
+    demo.session.apply(&policy_yaml(2, POLICY))?;
     let applied = Instant::now();
-    demo.wait(
+    demo.session.wait(
         "vfplane.io/fast: 2 in the node's allocatable",
         Duration::from_secs(300),
         |c| {
@@ -368,7 +219,7 @@ pub fn run(testbed: &Testbed) -> Result<DemoReport> {
         "policy -> pool allocatable".to_owned(),
         applied.elapsed().as_secs_f64(),
     ));
-    demo.wait(
+    demo.session.wait(
         "the policy's status: 2 VFs ready",
         Duration::from_secs(120),
         |c| {
@@ -378,9 +229,10 @@ pub fn run(testbed: &Testbed) -> Result<DemoReport> {
             )
         },
     )?;
-    demo.kubectl(&["get", "vfpolicies"])?;
-    demo.kubectl(&["get", "nodestates"])?;
+    demo.session.kubectl(&["get", "vfpolicies"])?;
+    demo.session.kubectl(&["get", "nodestates"])?;
     demo.report.vfs = demo
+        .session
         .jsonpath(&["get", "vfpolicy", POLICY, "-o=jsonpath={.status.readyVfs}"])
         .parse()
         .unwrap_or(0);
@@ -389,18 +241,20 @@ pub fn run(testbed: &Testbed) -> Result<DemoReport> {
     // 4. A Deployment asks for a VF; its driver sends frames.
     let began = demo
         .begin("A Deployment of one asks for vfplane.io/fast: its pod runs the driver's pktgen on the VF");
-    demo.apply(&deployment_yaml())?;
+    demo.session.apply(&deployment_yaml())?;
     let created = Instant::now();
-    demo.wait("the pktgen pod's report", Duration::from_secs(300), |c| {
-        Ok(c.kubectl_output(&["logs", "deployment/pktgen"])
-            .is_ok_and(|l| l.contains("\"tool\":\"pktgen\"")))
-    })?;
+    demo.session
+        .wait("the pktgen pod's report", Duration::from_secs(300), |c| {
+            Ok(c.kubectl_output(&["logs", "deployment/pktgen"])
+                .is_ok_and(|l| l.contains("\"tool\":\"pktgen\"")))
+        })?;
     demo.report.milestones.push((
         "pod created -> pktgen done".to_owned(),
         created.elapsed().as_secs_f64(),
     ));
-    demo.kubectl(&["get", "pods", "-l", "app=pktgen", "-o", "wide"])?;
-    let logs = demo.kubectl(&["logs", "deployment/pktgen"])?;
+    demo.session
+        .kubectl(&["get", "pods", "-l", "app=pktgen", "-o", "wide"])?;
+    let logs = demo.session.kubectl(&["logs", "deployment/pktgen"])?;
     let line: serde_json::Value = logs
         .lines()
         .filter(|l| l.starts_with('{'))
@@ -409,7 +263,7 @@ pub fn run(testbed: &Testbed) -> Result<DemoReport> {
     if let Some(error) = line.get("error") {
         bail!("pktgen failed in the pod: {error}");
     }
-    demo.report.pod = demo.jsonpath(&[
+    demo.report.pod = demo.session.jsonpath(&[
         "get",
         "pods",
         "-l",
@@ -425,7 +279,7 @@ pub fn run(testbed: &Testbed) -> Result<DemoReport> {
         demo.report.vf
     );
     let expected_owner = format!("default/{}/pktgen", demo.report.pod);
-    demo.wait(
+    demo.session.wait(
         "the VF's owner in the NodeState status",
         Duration::from_secs(60),
         |c| {
@@ -438,7 +292,7 @@ pub fn run(testbed: &Testbed) -> Result<DemoReport> {
         "pod created -> owner in status".to_owned(),
         created.elapsed().as_secs_f64(),
     ));
-    demo.kubectl(&["get", "nodestates", "-o", "wide"])?;
+    demo.session.kubectl(&["get", "nodestates", "-o", "wide"])?;
     wire.settle(Duration::from_secs(2));
     demo.report.frames_counted = wire.take_ethertype(ETHERTYPE_TEST).len() as u64;
     eprintln!(
@@ -450,12 +304,12 @@ pub fn run(testbed: &Testbed) -> Result<DemoReport> {
     // 5. The webhook refuses bad input through the real API server.
     let began =
         demo.begin("The admission webhook refuses a bad VfPolicy and a pod that breaks the pool's profile");
-    let policy_refusal = demo.apply_refused(&policy_yaml(9, "too-many"))?;
+    let policy_refusal = demo.session.apply_refused(&policy_yaml(9, "too-many"))?;
     ensure!(
         policy_refusal.contains("spec.numVfs"),
         "the VfPolicy refusal does not name spec.numVfs: {policy_refusal}"
     );
-    let pod_refusal = demo.apply_refused(&bad_pod_yaml())?;
+    let pod_refusal = demo.session.apply_refused(&bad_pod_yaml())?;
     ensure!(
         pod_refusal.contains("resources.limits.cpu"),
         "the pod refusal does not name resources.limits.cpu: {pod_refusal}"
@@ -465,7 +319,7 @@ pub fn run(testbed: &Testbed) -> Result<DemoReport> {
 
     // 6. helm upgrade with a changed value.
     let began = demo.begin("helm upgrade with a changed value (logLevel=debug)");
-    demo.helm(&[
+    demo.session.helm(&[
         "upgrade",
         "vfplane",
         "charts/vfplane",
@@ -477,7 +331,7 @@ pub fn run(testbed: &Testbed) -> Result<DemoReport> {
         "--wait",
         "--timeout=10m",
     ])?;
-    let level = demo.jsonpath(&[
+    let level = demo.session.jsonpath(&[
         "get",
         "daemonset",
         "-n",
@@ -489,15 +343,16 @@ pub fn run(testbed: &Testbed) -> Result<DemoReport> {
         level == "debug",
         "after the upgrade the node pod's VFPLANE_LOG is {level:?}"
     );
-    demo.kubectl(&["get", "pods", "-n", NAMESPACE])?;
+    demo.session.kubectl(&["get", "pods", "-n", NAMESPACE])?;
     demo.end("helm upgrade", began);
 
     // 7. Clean up: the node goes back to 0 VFs.
     let began = demo
         .begin("Clean up: delete the Deployment and the policy, helm uninstall; the node is back to 0 VFs");
-    demo.kubectl(&["delete", "deployment", "pktgen", "--wait=true"])?;
+    demo.session
+        .kubectl(&["delete", "deployment", "pktgen", "--wait=true"])?;
     let deleted = Instant::now();
-    demo.wait(
+    demo.session.wait(
         "the VF's owner cleared from the status",
         Duration::from_secs(120),
         |c| {
@@ -509,19 +364,23 @@ pub fn run(testbed: &Testbed) -> Result<DemoReport> {
         "deployment deleted -> owner cleared".to_owned(),
         deleted.elapsed().as_secs_f64(),
     ));
-    demo.kubectl(&["delete", "vfpolicy", POLICY, "--wait=true", "--timeout=300s"])?;
-    demo.wait("the node's PF back to 0 VFs", Duration::from_secs(300), |c| {
-        Ok(c.kubectl_output(&[
-            "get",
-            "nodestate",
-            NODE_NAME,
-            "-o=jsonpath={.status.pfs[0].numVfs}",
-        ])
-        .is_ok_and(|v| v.trim() == "0"))
-    })?;
-    demo.helm(&["uninstall", "vfplane", "--namespace", NAMESPACE, "--wait"])?;
+    demo.session
+        .kubectl(&["delete", "vfpolicy", POLICY, "--wait=true", "--timeout=300s"])?;
+    demo.session
+        .wait("the node's PF back to 0 VFs", Duration::from_secs(300), |c| {
+            Ok(c.kubectl_output(&[
+                "get",
+                "nodestate",
+                NODE_NAME,
+                "-o=jsonpath={.status.pfs[0].numVfs}",
+            ])
+            .is_ok_and(|v| v.trim() == "0"))
+        })?;
+    demo.session
+        .helm(&["uninstall", "vfplane", "--namespace", NAMESPACE, "--wait"])?;
     let numvfs = demo
-        .cluster
+        .session
+        .cluster_mut()
         .node_exec("cat /sys/bus/pci/devices/0000:00:02.0/sriov_numvfs")?;
     eprintln!(
         "$ cat /sys/bus/pci/devices/0000:00:02.0/sriov_numvfs   # on the node\n  {}",

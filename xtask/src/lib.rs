@@ -7,4 +7,5 @@ pub mod crdgen;
 pub mod demo;
 pub mod helm;
 pub mod oci;
+pub mod session;
 pub mod testbed;

@@ -150,7 +150,7 @@ fn a_vf_still_held_or_just_handed_out_or_of_unknown_owner_is_left_alone() {
     let scrubber = node.scrubber();
     let scrub = |owners: Option<&Owners>| scrubber.scrub_released(&node.reconciler, &node.spec, owners, true);
     assert_eq!(scrub(Some(&owned_by(node.vf))), [], "the kubelet lists a holder");
-    assert_eq!(scrubber.waiting(), 0);
+    assert_eq!(scrubber.next_due(), None);
     assert_eq!(scrub(None), [], "the kubelet did not answer");
     node.hold_group(4242, 4);
     assert_eq!(
@@ -161,12 +161,16 @@ fn a_vf_still_held_or_just_handed_out_or_of_unknown_owner_is_left_alone() {
     fs::remove_dir_all(node.proc_root.path().join("4242")).unwrap();
     node.hand_out(1);
     assert_eq!(scrub(Some(&Owners::new())), [], "younger than the grace time");
-    assert_eq!(scrubber.waiting(), 1, "looked at again soon");
+    let due = scrubber.next_due().unwrap();
+    assert!(
+        due <= GRACE - Duration::from_secs(1) && due > GRACE - Duration::from_secs(3),
+        "looked at again when the grace ends: {due:?}"
+    );
     assert_eq!(node.reset_writes(), "", "no reset in any of these");
     assert!(handed_out_at(node.state.path(), node.vf).unwrap().is_some());
     node.hand_out(60);
     assert_eq!(scrub(Some(&Owners::new())).len(), 1);
-    assert_eq!(scrubber.waiting(), 0);
+    assert_eq!(scrubber.next_due(), None);
 }
 
 #[test]
@@ -235,6 +239,8 @@ fn a_failed_scrub_is_not_retried_before_the_retry_time() {
         [],
         "within {RETRY:?} of the failure"
     );
+    let due = scrubber.next_due().unwrap();
+    assert!(due > RETRY - Duration::from_secs(5) && due <= RETRY, "{due:?}");
 }
 
 #[test]

@@ -1,0 +1,255 @@
+//! A user's session on the real cluster with vfplane installed the way the
+//! README says: every kubectl and helm command echoed as it runs, waits that
+//! explain what they waited for, and on failure the pods, events and logs
+//! of vfplane's parts. The demo and the real-node tests share it.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::cluster::{Cluster, ClusterOptions, NODE_NAME};
+use crate::testbed::Testbed;
+
+/// The namespace vfplane is installed into.
+pub const NAMESPACE: &str = "vfplane-system";
+
+/// A running cluster, with helm at hand.
+#[derive(Debug)]
+pub struct Session {
+    cluster: Cluster,
+    workspace: PathBuf,
+    helm: PathBuf,
+}
+
+impl Session {
+    /// Starts the cluster (the testbed guest as its node) and finds helm.
+    ///
+    /// # Errors
+    /// When helm cannot be installed or the cluster does not come up.
+    pub fn start(testbed: &Testbed, options: ClusterOptions) -> Result<Self> {
+        let workspace = testbed.workspace().to_path_buf();
+        let helm = crate::helm::ensure_helm(&workspace)?;
+        let cluster = Cluster::start(testbed, options)?;
+        Ok(Self {
+            cluster,
+            workspace,
+            helm,
+        })
+    }
+
+    /// The cluster.
+    pub fn cluster(&self) -> &Cluster {
+        &self.cluster
+    }
+
+    /// The cluster, for what changes it (node shells, waits).
+    pub fn cluster_mut(&mut self) -> &mut Cluster {
+        &mut self.cluster
+    }
+
+    /// Prints a command as a user would type it.
+    pub fn echo(args: &[&str], program: &str) {
+        let shown: Vec<String> = args
+            .iter()
+            .map(|a| {
+                if a.contains([' ', '"', '{', '$']) {
+                    format!("'{a}'")
+                } else {
+                    (*a).to_owned()
+                }
+            })
+            .collect();
+        eprintln!("$ {program} {}", shown.join(" "));
+    }
+
+    /// Prints a command's output, indented.
+    pub fn show(text: &str) {
+        for line in text.lines() {
+            eprintln!("  {line}");
+        }
+    }
+
+    /// kubectl, echoed, output shown.
+    ///
+    /// # Errors
+    /// kubectl failing, with its output.
+    pub fn kubectl(&self, args: &[&str]) -> Result<String> {
+        Self::echo(args, "kubectl");
+        let out = self.cluster.kubectl_output(args)?;
+        Self::show(&out);
+        Ok(out)
+    }
+
+    /// `kubectl apply -f -` with `yaml`, echoed as a here-document.
+    ///
+    /// # Errors
+    /// The API server refusing it.
+    pub fn apply(&self, yaml: &str) -> Result<String> {
+        let out = self.apply_echoed(yaml)?;
+        Self::show(&out);
+        Ok(out)
+    }
+
+    fn apply_echoed(&self, yaml: &str) -> Result<String> {
+        eprintln!("$ kubectl apply -f - <<EOF");
+        Self::show(yaml);
+        eprintln!("  EOF");
+        self.cluster.kubectl_stdin(&["apply", "-f", "-"], yaml)
+    }
+
+    /// `kubectl apply` expected to be refused: returns the refusal.
+    ///
+    /// # Errors
+    /// When the API server accepts it.
+    pub fn apply_refused(&self, yaml: &str) -> Result<String> {
+        match self.apply_echoed(yaml) {
+            Ok(out) => bail!("the API server accepted what the webhook must refuse:\n{out}"),
+            Err(error) => {
+                let message = format!("{error:#}");
+                Self::show(&message);
+                Ok(message)
+            }
+        }
+    }
+
+    /// helm, echoed, inside the cluster's namespace.
+    ///
+    /// # Errors
+    /// helm failing, with the vfplane pods' diagnostics.
+    pub fn helm(&self, args: &[&str]) -> Result<String> {
+        Self::echo(args, "helm");
+        let mut command = self.cluster.command(&self.helm);
+        crate::helm::isolate(&mut command, &self.workspace);
+        let out = command
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .context("running helm")?;
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        if !out.status.success() {
+            bail!(
+                "helm {} failed: {}{}\n{}",
+                args.join(" "),
+                stdout,
+                String::from_utf8_lossy(&out.stderr),
+                self.pod_diagnostics()
+            );
+        }
+        let head: String = stdout.lines().take(12).collect::<Vec<_>>().join("\n");
+        Self::show(&head);
+        Ok(stdout)
+    }
+
+    /// Labels the node for vfplane and `helm install`s the chart with the
+    /// image the node holds, waiting for every pod to be Ready.
+    ///
+    /// # Errors
+    /// kubectl or helm failing.
+    pub fn install_vfplane(&self) -> Result<()> {
+        self.kubectl(&["label", "node", NODE_NAME, "vfplane.io/sriov=true", "--overwrite"])?;
+        self.helm(&[
+            "install",
+            "vfplane",
+            "charts/vfplane",
+            "--namespace",
+            NAMESPACE,
+            "--create-namespace",
+            "--set",
+            "image.repository=vfplane.local/vfplane",
+            "--set",
+            "image.tag=dev",
+            "--wait",
+            "--timeout=10m",
+        ])?;
+        Ok(())
+    }
+
+    /// The vfplane pods and their recent events, for errors.
+    pub fn pod_diagnostics(&self) -> String {
+        let pods = self
+            .cluster
+            .kubectl_output(&["get", "pods", "-A", "-o", "wide"])
+            .unwrap_or_default();
+        let events = self
+            .cluster
+            .kubectl_output(&["get", "events", "-n", NAMESPACE, "--sort-by=.lastTimestamp"])
+            .unwrap_or_default();
+        let tail: Vec<&str> = events.lines().rev().take(15).collect();
+        let mut logs = String::new();
+        for (title, workload, container) in [
+            ("node pod, agent", "daemonset/vfplane-node", "agent"),
+            (
+                "node pod, device-plugin",
+                "daemonset/vfplane-node",
+                "device-plugin",
+            ),
+            ("controller", "deployment/vfplane-controller", "controller"),
+        ] {
+            logs.push_str(&format!("--- {title} ---\n"));
+            let args = ["logs", "-n", NAMESPACE, workload, "-c", container, "--tail=15"];
+            logs.push_str(&self.cluster.kubectl_output(&args).unwrap_or_default());
+        }
+        format!(
+            "--- pods ---\n{pods}\n--- events in {NAMESPACE} (newest first) ---\n{}\n{logs}",
+            tail.join("\n")
+        )
+    }
+
+    /// Waits until `check` holds; on timeout the error carries the
+    /// diagnostics.
+    ///
+    /// # Errors
+    /// The timeout, or the control plane failing meanwhile.
+    pub fn wait(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        check: impl FnMut(&Cluster) -> Result<bool>,
+    ) -> Result<()> {
+        let result = self.cluster.wait_until(what, timeout, check);
+        result.map_err(|e| anyhow::anyhow!("{e:#}\n{}", self.pod_diagnostics()))
+    }
+
+    /// A kubectl answer trimmed, empty when kubectl failed.
+    pub fn jsonpath(&self, args: &[&str]) -> String {
+        self.cluster
+            .kubectl_output(args)
+            .unwrap_or_default()
+            .trim()
+            .to_owned()
+    }
+
+    /// The node's allocatable count of `vfplane.io/<pool>`, as kubectl
+    /// prints it (empty when the node has none).
+    pub fn allocatable(&self, pool: &str) -> String {
+        self.jsonpath(&[
+            "get",
+            "node",
+            NODE_NAME,
+            &format!("-o=jsonpath={{.status.allocatable.vfplane\\.io/{pool}}}"),
+        ])
+    }
+
+    /// Waits until the node's allocatable shows `count` VFs of `pool`.
+    ///
+    /// # Errors
+    /// The timeout.
+    pub fn wait_allocatable(&mut self, pool: &str, count: u32, timeout: Duration) -> Result<()> {
+        let want = count.to_string();
+        self.wait(
+            &format!("vfplane.io/{pool}: {count} in the node's allocatable"),
+            timeout,
+            |c| {
+                Ok(c.kubectl_output(&[
+                    "get",
+                    "node",
+                    NODE_NAME,
+                    &format!("-o=jsonpath={{.status.allocatable.vfplane\\.io/{pool}}}"),
+                ])
+                .is_ok_and(|v| v.trim() == want))
+            },
+        )
+    }
+}
