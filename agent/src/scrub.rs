@@ -15,7 +15,7 @@
 //! A scrub: state `scrub-pending` (the plugin reports the VF Unhealthy),
 //! a function-level reset through sysfs `reset`, the spec's MAC, VLAN,
 //! spoof checking, trust, rate and link state written again through the
-//! PF, then a check: the PF reports exactly those settings and the VF's
+//! PF where they differ, then a check: the PF reports the spec's settings and the VF's
 //! Bus Master Enable bit is clear (it cannot DMA; the reset disabled its
 //! queues). Then the state and the mark are removed and the VF is Healthy.
 //! A scrub that fails leaves state `scrub-failed` (quarantine: never
@@ -37,7 +37,7 @@ use vfplane_proto::node_state::{NodeStateSpec, NodeStateStatus};
 use vfplane_proto::vf_state::{self, VfState};
 
 use crate::attribution::Owners;
-use crate::netlink::{VfLinkControl, VfLinkMode};
+use crate::netlink::VfLinkControl;
 use crate::reconcile::Reconciler;
 
 /// A handed-out mark younger than this is left alone: the kubelet lists the
@@ -296,35 +296,38 @@ impl Scrubber {
             .host()
             .reset_function(address)
             .map_err(|source| ScrubError::Reset { address, source })?;
-        if let Some((ifname, index, settings)) = reconciler.spec_of_vf(spec, address) {
-            // A spec without a link state still gets the PF's default back.
-            let want = crate::netlink::VfLinkSettings {
-                link_state: settings.link_state.or(Some(VfLinkMode::Auto)),
-                ..settings
-            };
+        if let Some((ifname, index, want)) = reconciler.spec_of_vf(spec, address) {
             let restore = |message: String| ScrubError::Restore {
                 address,
                 ifname: ifname.clone(),
                 message,
             };
-            let all = ["mac", "vlan", "spoofchk", "trust", "max_tx_rate", "link_state"];
-            reconciler
-                .netlink()
-                .set_vf(&ifname, u32::from(index), &want, &all)
-                .map_err(|e| restore(error_chain(&e)))?;
-            let links = reconciler
-                .netlink()
-                .vf_links(&ifname)
-                .map_err(|e| restore(format!("reading the settings back: {}", error_chain(&e))))?;
-            let link = links
-                .iter()
-                .find(|l| l.vf == u32::from(index))
-                .ok_or_else(|| restore(format!("the PF no longer reports VF {index}")))?;
-            let differences = link.differences(&want);
+            let read = || -> Result<crate::netlink::VfLinkInfo, ScrubError> {
+                let links = reconciler
+                    .netlink()
+                    .vf_links(&ifname)
+                    .map_err(|e| restore(format!("reading its settings: {}", error_chain(&e))))?;
+                links
+                    .into_iter()
+                    .find(|l| l.vf == u32::from(index))
+                    .ok_or_else(|| restore(format!("the PF does not report VF {index}")))
+            };
+            // What differs is written, as the reconcile does: a PF driver
+            // refuses settings it does not have (igb: link state), and
+            // reports none for them.
+            let differences = read()?.differences(&want);
             if !differences.is_empty() {
+                tracing::info!(%address, ?differences, "restoring the spec's VF settings");
+                reconciler
+                    .netlink()
+                    .set_vf(&ifname, u32::from(index), &want, &differences)
+                    .map_err(|e| restore(error_chain(&e)))?;
+            }
+            let left = read()?.differences(&want);
+            if !left.is_empty() {
                 return Err(ScrubError::Check {
                     address,
-                    problem: format!("the PF reports other {differences:?} than the spec's"),
+                    problem: format!("the PF reports other {left:?} than the spec's"),
                 });
             }
         }
