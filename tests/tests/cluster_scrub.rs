@@ -101,31 +101,6 @@ fn vf_status(session: &Session, vf: &str) -> Value {
         .unwrap_or(Value::Null)
 }
 
-/// Whether the VF's handed-out mark exists on the node (the node shell sees
-/// the node's files through PID 1's root).
-fn marked(session: &mut Session, vf: &str) -> bool {
-    let out = session
-        .cluster_mut()
-        .node_exec(&format!(
-            "test -e /proc/1/root/run/vfplane/vf-state/{vf}.handed-out && echo marked || echo clean"
-        ))
-        .unwrap();
-    out.trim() == "marked"
-}
-
-fn wait_unmarked(session: &mut Session, vf: &str, timeout: Duration) -> Duration {
-    let began = Instant::now();
-    while marked(session, vf) {
-        assert!(
-            began.elapsed() < timeout,
-            "VF {vf} still marked handed out after {timeout:?}\n{}",
-            session.pod_diagnostics()
-        );
-        std::thread::sleep(Duration::from_millis(500));
-    }
-    began.elapsed()
-}
-
 #[test]
 fn a_released_vf_is_scrubbed_before_the_next_tenant_and_quarantined_when_its_reset_fails() {
     let testbed = Testbed::prepare().expect("testbed");
@@ -146,16 +121,22 @@ fn a_released_vf_is_scrubbed_before_the_next_tenant_and_quarantined_when_its_res
         spec_mac.as_str(),
         "tenant 1 runs with the spec's MAC"
     );
-    assert!(marked(&mut session, &vf), "a VF handed out carries its mark");
+    assert!(
+        session.vf_handed_out(&vf).unwrap(),
+        "a VF handed out carries its mark"
+    );
     // The driver has exited; the pod still holds the VF: no scrub.
     std::thread::sleep(Duration::from_secs(12));
-    assert!(marked(&mut session, &vf), "not scrubbed while its pod lives");
+    assert!(
+        session.vf_handed_out(&vf).unwrap(),
+        "not scrubbed while its pod lives"
+    );
 
     // Released: scrubbed.
     session
         .kubectl(&["delete", "pod", "tenant-1", "--wait=true"])
         .unwrap();
-    let scrubbed_after = wait_unmarked(&mut session, &vf, Duration::from_secs(120));
+    let scrubbed_after = session.wait_scrubbed(&vf, Duration::from_secs(120)).unwrap();
     eprintln!(
         "pod deleted -> VF {vf} scrubbed: {:.1} s",
         scrubbed_after.as_secs_f64()
@@ -222,7 +203,10 @@ fn a_released_vf_is_scrubbed_before_the_next_tenant_and_quarantined_when_its_res
     std::thread::sleep(Duration::from_secs(10));
     let phase = session.jsonpath(&["get", "pod", "tenant-3", "-o=jsonpath={.status.phase}"]);
     assert_eq!(phase, "Pending", "a quarantined VF is given to nobody");
-    assert!(marked(&mut session, &vf), "still marked while quarantined");
+    assert!(
+        session.vf_handed_out(&vf).unwrap(),
+        "still marked while quarantined"
+    );
 
     // The reset works again: the retried scrub releases the VF.
     session

@@ -24,6 +24,7 @@ fn the_demo_walks_one_vf_to_a_pod_on_the_real_cluster() {
         "the VF's owner in the NodeState status: {:?}",
         report.owner
     );
+    assert!(report.scrubbed, "the VF is scrubbed after its pod is deleted");
     assert_eq!(report.frames_sent, 2000, "the VF's own TX counter");
     assert!(
         report.frames_counted >= report.frames_sent,

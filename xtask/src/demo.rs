@@ -35,6 +35,8 @@ pub struct DemoReport {
     pub vf: String,
     /// Its owner as the node's status named it.
     pub owner: String,
+    /// Whether the agent scrubbed the VF after the pod was deleted.
+    pub scrubbed: bool,
     /// Frames the pod's driver sent (its VF's own TX counter).
     pub frames_sent: u64,
     /// Frames the host counted on the PF's wire.
@@ -58,6 +60,10 @@ impl DemoReport {
             ("pod", self.pod.clone()),
             ("VF given", self.vf.clone()),
             ("its owner (NodeState status)", self.owner.clone()),
+            (
+                "scrubbed after the pod",
+                if self.scrubbed { "yes" } else { "no" }.to_owned(),
+            ),
             ("frames sent (VF counter)", self.frames_sent.to_string()),
             ("frames counted on the wire", self.frames_counted.to_string()),
         ];
@@ -364,6 +370,24 @@ pub fn run(testbed: &Testbed) -> Result<DemoReport> {
         "deployment deleted -> owner cleared".to_owned(),
         deleted.elapsed().as_secs_f64(),
     ));
+    // Released, the VF is reset and given its spec's settings again before
+    // anyone else can have it: its handed-out mark goes when that is done.
+    let vf = demo.report.vf.clone();
+    demo.session.wait_scrubbed(&vf, Duration::from_secs(120))?;
+    demo.report.milestones.push((
+        "deployment deleted -> VF scrubbed".to_owned(),
+        deleted.elapsed().as_secs_f64(),
+    ));
+    let agent_log =
+        demo.session
+            .jsonpath(&["logs", "-n", NAMESPACE, "daemonset/vfplane-node", "-c", "agent"]);
+    demo.report.scrubbed = agent_log
+        .lines()
+        .any(|l| l.contains("VF scrubbed") && l.contains(&vf));
+    ensure!(demo.report.scrubbed, "the agent did not log the scrub of VF {vf}");
+    eprintln!(
+        "agent: VF {vf} scrubbed (function reset, spec settings checked); handed out again from now on"
+    );
     demo.session
         .kubectl(&["delete", "vfpolicy", POLICY, "--wait=true", "--timeout=300s"])?;
     demo.session

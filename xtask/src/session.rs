@@ -252,4 +252,36 @@ impl Session {
             },
         )
     }
+
+    /// Whether the VF carries its handed-out mark on the node (given to a
+    /// container and not scrubbed since). The node shell sees the node's
+    /// files through PID 1's root.
+    ///
+    /// # Errors
+    /// The node shell failing.
+    pub fn vf_handed_out(&mut self, vf: &str) -> Result<bool> {
+        let out = self.cluster.node_exec(&format!(
+            "test -e /proc/1/root/run/vfplane/vf-state/{vf}.handed-out && echo marked || echo clean"
+        ))?;
+        Ok(out.trim() == "marked")
+    }
+
+    /// Waits until the VF's handed-out mark is gone (the agent scrubbed
+    /// it) and returns how long that took.
+    ///
+    /// # Errors
+    /// The timeout, with the diagnostics.
+    pub fn wait_scrubbed(&mut self, vf: &str, timeout: Duration) -> Result<Duration> {
+        let began = std::time::Instant::now();
+        while self.vf_handed_out(vf)? {
+            if began.elapsed() > timeout {
+                bail!(
+                    "VF {vf} still marked handed out after {timeout:?}\n{}",
+                    self.pod_diagnostics()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        Ok(began.elapsed())
+    }
 }
