@@ -49,6 +49,7 @@ struct VfPlan {
     pool: String,
     device_type: String,
     settings: VfLinkSettings,
+    locked_memory_bytes: Option<u64>,
 }
 
 /// One PF as the spec wants it, validated against the node.
@@ -267,6 +268,7 @@ impl<N: VfLinkControl> Reconciler<N> {
                     index,
                     pool: group.resource_name.clone(),
                     device_type: group.device_type.clone(),
+                    locked_memory_bytes: group.locked_memory_bytes,
                     settings: VfLinkSettings {
                         mac,
                         vlan: group.vlan,
@@ -469,6 +471,9 @@ impl<N: VfLinkControl> Reconciler<N> {
     ) -> ApplyReport {
         let mut errors = Vec::new();
         let mut pools: BTreeMap<String, Vec<PciAddress>> = BTreeMap::new();
+        // A pool whose groups (on several PFs) name different limits gets
+        // the largest: a container of the pool may get a VF of any of them.
+        let mut locked_memory: BTreeMap<String, u64> = BTreeMap::new();
         let mut pfs = Vec::new();
         for pf in &model.pfs {
             let plan = plans.iter().find(|p| p.address == pf.pci.address);
@@ -509,6 +514,10 @@ impl<N: VfLinkControl> Reconciler<N> {
                         ));
                     } else if wanted.device_type == DEVICE_TYPE_VFIO {
                         pools.entry(wanted.pool.clone()).or_default().push(vf.pci.address);
+                        if let Some(bytes) = wanted.locked_memory_bytes {
+                            let entry = locked_memory.entry(wanted.pool.clone()).or_default();
+                            *entry = (*entry).max(bytes);
+                        }
                     }
                 }
                 vfs.push(VfStatus {
@@ -549,6 +558,7 @@ impl<N: VfLinkControl> Reconciler<N> {
             pools: pools
                 .into_iter()
                 .map(|(name, devices)| Pool {
+                    locked_memory_bytes: locked_memory.get(&name).copied(),
                     name,
                     selector: None,
                     devices,

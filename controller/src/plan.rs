@@ -220,6 +220,7 @@ pub fn plan_node(node: &Node, ordered: &[&VfPolicy], state: Option<&NodeState>) 
                 max_tx_rate_mbps: policy.spec.max_tx_rate_mbps,
                 link_state: None,
                 macs: Vec::new(),
+                locked_memory_bytes: locked_memory_bytes(&policy.spec),
             });
             claims.push(Claim {
                 policy: name.to_owned(),
@@ -422,6 +423,16 @@ fn condition(type_: &str, status: &str, reason: &str, message: &str) -> Conditio
         reason: reason.to_owned(),
         message: message.to_owned(),
     }
+}
+
+/// The policy's `containerProfile.lockedMemory` in bytes; the webhook
+/// refuses a policy whose value is not a quantity, so an unreadable one
+/// (written while the webhook was down) gives none, and the status of the
+/// policy's pods shows the runtime's default limit.
+fn locked_memory_bytes(spec: &VfPolicySpec) -> Option<u64> {
+    let text = spec.container_profile.as_ref()?.locked_memory.as_deref()?;
+    let quantity = crate::webhook::quantity::parse_quantity(text).ok()?;
+    u64::try_from(quantity.ceil_units()).ok()
 }
 
 #[cfg(test)]

@@ -68,13 +68,48 @@ pub struct CdiDevice {
     pub container_edits: ContainerEdits,
 }
 
-/// Container edits (device nodes only).
+/// Container edits (device nodes and hooks).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ContainerEdits {
     /// Device nodes to create in the container.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub device_nodes: Vec<DeviceNode>,
+    /// OCI hooks the runtime runs for the container.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hooks: Vec<Hook>,
+}
+
+/// An OCI hook.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Hook {
+    /// The OCI hook point (`createRuntime`).
+    pub hook_name: String,
+    /// The program, a path in the runtime's namespace (the node's).
+    pub path: String,
+    /// Its arguments, `argv[0]` first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub args: Vec<String>,
+}
+
+/// What the spec says for one VF: its VFIO node, and the locked-memory
+/// limit its container gets through the OCI hook.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CdiEntry {
+    /// The VF's VFIO group node.
+    pub node: VfioNode,
+    /// RLIMIT_MEMLOCK in bytes for its container (the pool's profile).
+    pub locked_memory_bytes: Option<u64>,
+}
+
+impl From<VfioNode> for CdiEntry {
+    fn from(node: VfioNode) -> Self {
+        Self {
+            node,
+            locked_memory_bytes: None,
+        }
+    }
 }
 
 /// A device node.
@@ -99,8 +134,10 @@ fn node(path: &str) -> DeviceNode {
     }
 }
 
-/// The spec for these VFs; `None` when there are none.
-pub fn spec_for(devices: &BTreeMap<PciAddress, VfioNode>) -> Option<CdiSpec> {
+/// The spec for these VFs; `None` when there are none. A VF with a
+/// locked-memory limit gets a `createRuntime` hook running `hook` (the
+/// installed `vfplane-oci-hook`) when there is one.
+pub fn spec_for(devices: &BTreeMap<PciAddress, CdiEntry>, hook: Option<&Path>) -> Option<CdiSpec> {
     if devices.is_empty() {
         return None;
     }
@@ -109,17 +146,35 @@ pub fn spec_for(devices: &BTreeMap<PciAddress, VfioNode>) -> Option<CdiSpec> {
         kind: CDI_KIND.to_owned(),
         container_edits: Some(ContainerEdits {
             device_nodes: vec![node("/dev/vfio/vfio")],
+            hooks: Vec::new(),
         }),
         devices: devices
             .iter()
-            .map(|(address, vfio)| CdiDevice {
+            .map(|(address, entry)| CdiDevice {
                 name: address.to_string(),
                 container_edits: ContainerEdits {
-                    device_nodes: vec![node(&vfio.path())],
+                    device_nodes: vec![node(&entry.node.path())],
+                    hooks: match (entry.locked_memory_bytes, hook) {
+                        (Some(bytes), Some(hook)) => vec![memlock_hook(hook, bytes)],
+                        _ => Vec::new(),
+                    },
                 },
             })
             .collect(),
     })
+}
+
+/// `vfplane-oci-hook memlock <bytes>` as a `createRuntime` hook.
+fn memlock_hook(path: &Path, bytes: u64) -> Hook {
+    Hook {
+        hook_name: "createRuntime".to_owned(),
+        path: path.display().to_string(),
+        args: vec![
+            crate::oci_hook::HOOK_BINARY.to_owned(),
+            "memlock".to_owned(),
+            bytes.to_string(),
+        ],
+    }
 }
 
 /// Why the spec file could not be written.
@@ -139,14 +194,18 @@ pub struct CdiError {
 #[derive(Debug)]
 pub struct CdiWriter {
     dir: Option<PathBuf>,
-    written: Mutex<Option<BTreeMap<PciAddress, VfioNode>>>,
+    hook: Option<PathBuf>,
+    written: Mutex<Option<BTreeMap<PciAddress, CdiEntry>>>,
 }
 
 impl CdiWriter {
     /// Writes under `dir`; `None` disables CDI (no file, no CDI names).
-    pub fn new(dir: Option<PathBuf>) -> Self {
+    /// `hook` is the installed `vfplane-oci-hook` the spec names for VFs
+    /// with a locked-memory limit (`None`: not installed).
+    pub fn new(dir: Option<PathBuf>, hook: Option<PathBuf>) -> Self {
         Self {
             dir,
+            hook,
             written: Mutex::new(None),
         }
     }
@@ -154,6 +213,12 @@ impl CdiWriter {
     /// True when CDI is on.
     pub fn enabled(&self) -> bool {
         self.dir.is_some()
+    }
+
+    /// True when the spec can carry the locked-memory hook: CDI is on and
+    /// the hook is installed.
+    pub fn sets_locked_memory(&self) -> bool {
+        self.dir.is_some() && self.hook.is_some()
     }
 
     /// The spec file's path, when CDI is on.
@@ -166,7 +231,7 @@ impl CdiWriter {
     ///
     /// # Errors
     /// When the file cannot be written or removed.
-    pub fn update(&self, devices: &BTreeMap<PciAddress, VfioNode>) -> Result<(), CdiError> {
+    pub fn update(&self, devices: &BTreeMap<PciAddress, CdiEntry>) -> Result<(), CdiError> {
         let Some(dir) = &self.dir else { return Ok(()) };
         let mut written = self
             .written
@@ -175,7 +240,7 @@ impl CdiWriter {
         if written.as_ref() == Some(devices) {
             return Ok(());
         }
-        write_spec(dir, devices)?;
+        write_spec(dir, devices, self.hook.as_deref())?;
         *written = Some(devices.clone());
         Ok(())
     }
@@ -185,7 +250,7 @@ impl CdiWriter {
     ///
     /// # Errors
     /// When the file cannot be written.
-    pub fn ensure(&self, devices: &[(PciAddress, VfioNode)]) -> Result<(), CdiError> {
+    pub fn ensure(&self, devices: &[(PciAddress, CdiEntry)]) -> Result<(), CdiError> {
         let Some(dir) = &self.dir else { return Ok(()) };
         let mut written = self
             .written
@@ -197,19 +262,23 @@ impl CdiWriter {
         }
         let mut merged = current;
         merged.extend(devices.iter().copied());
-        write_spec(dir, &merged)?;
+        write_spec(dir, &merged, self.hook.as_deref())?;
         *written = Some(merged);
         Ok(())
     }
 }
 
-fn write_spec(dir: &Path, devices: &BTreeMap<PciAddress, VfioNode>) -> Result<(), CdiError> {
+fn write_spec(
+    dir: &Path,
+    devices: &BTreeMap<PciAddress, CdiEntry>,
+    hook: Option<&Path>,
+) -> Result<(), CdiError> {
     let path = dir.join(SPEC_FILE_NAME);
     let err = |source| CdiError {
         path: path.clone(),
         source,
     };
-    let Some(spec) = spec_for(devices) else {
+    let Some(spec) = spec_for(devices, hook) else {
         return match fs::remove_file(&path) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => Err(err(e)),
             _ => Ok(()),
@@ -234,10 +303,12 @@ mod tests {
     #[test]
     fn writes_replaces_and_removes_the_spec() {
         let dir = tempfile::tempdir().unwrap();
-        let writer = CdiWriter::new(Some(dir.path().to_owned()));
+        let writer = CdiWriter::new(Some(dir.path().to_owned()), None);
         let a: PciAddress = "0000:00:12.0".parse().unwrap();
         let b: PciAddress = "0000:00:12.2".parse().unwrap();
-        writer.update(&BTreeMap::from([(a, VfioNode::Group(4))])).unwrap();
+        writer
+            .update(&BTreeMap::from([(a, VfioNode::Group(4).into())]))
+            .unwrap();
         let path = dir.path().join(SPEC_FILE_NAME);
         let spec: CdiSpec = serde_json::from_str(&fs::read_to_string(&path).unwrap()).unwrap();
         assert_eq!(spec.kind, "vfplane.io/vf");
@@ -246,7 +317,7 @@ mod tests {
             spec.devices[0].container_edits.device_nodes[0].path,
             "/dev/vfio/4"
         );
-        writer.ensure(&[(b, VfioNode::NoIommu(5))]).unwrap();
+        writer.ensure(&[(b, VfioNode::NoIommu(5).into())]).unwrap();
         let spec: CdiSpec = serde_json::from_str(&fs::read_to_string(&path).unwrap()).unwrap();
         assert_eq!(spec.devices.len(), 2);
         assert_eq!(
@@ -257,8 +328,45 @@ mod tests {
         assert!(!path.exists());
         let names: Vec<_> = fs::read_dir(dir.path()).unwrap().collect();
         assert!(names.is_empty(), "no temporary files left: {names:?}");
-        let off = CdiWriter::new(None);
+        let off = CdiWriter::new(None, None);
         assert!(!off.enabled());
-        off.update(&BTreeMap::from([(a, VfioNode::Group(4))])).unwrap();
+        off.update(&BTreeMap::from([(a, VfioNode::Group(4).into())]))
+            .unwrap();
+    }
+
+    #[test]
+    fn a_vf_with_a_locked_memory_limit_gets_the_hook_when_it_is_installed() {
+        let a: PciAddress = "0000:00:12.0".parse().unwrap();
+        let b: PciAddress = "0000:00:12.2".parse().unwrap();
+        let devices = BTreeMap::from([
+            (
+                a,
+                CdiEntry {
+                    node: VfioNode::Group(4),
+                    locked_memory_bytes: Some(64 << 20),
+                },
+            ),
+            (b, VfioNode::Group(5).into()),
+        ]);
+        let hook = Path::new("/run/vfplane/bin/vfplane-oci-hook");
+        let spec = spec_for(&devices, Some(hook)).unwrap();
+        assert_eq!(
+            spec.devices[0].container_edits.hooks,
+            [Hook {
+                hook_name: "createRuntime".to_owned(),
+                path: "/run/vfplane/bin/vfplane-oci-hook".to_owned(),
+                args: vec![
+                    "vfplane-oci-hook".to_owned(),
+                    "memlock".to_owned(),
+                    "67108864".to_owned()
+                ],
+            }]
+        );
+        assert!(
+            spec.devices[1].container_edits.hooks.is_empty(),
+            "no limit, no hook"
+        );
+        let without = spec_for(&devices, None).unwrap();
+        assert!(without.devices[0].container_edits.hooks.is_empty());
     }
 }

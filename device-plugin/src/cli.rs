@@ -32,6 +32,12 @@ pub struct Args {
     /// Write no CDI spec and return no CDI device names.
     #[arg(long)]
     pub no_cdi: bool,
+    /// Where the OCI hook (`vfplane-oci-hook`, beside this binary) is
+    /// installed for the container runtime, which runs it in the node's
+    /// namespaces: the directory must be at the same path on the node.
+    /// Empty: not installed (pools with lockedMemory then refuse Allocate).
+    #[arg(long, default_value = "/run/vfplane/bin")]
+    pub oci_hook_dir: PathBuf,
     /// The VF state directory the agent writes (scrub states, MACs).
     #[arg(long, default_value = vfplane_proto::vf_state::DEFAULT_STATE_DIR)]
     pub state_dir: PathBuf,

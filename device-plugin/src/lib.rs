@@ -30,6 +30,7 @@ pub mod health;
 pub mod inventory;
 pub mod kubelet_standin;
 pub mod metrics;
+pub mod oci_hook;
 mod plugin;
 pub mod preferred;
 pub mod registration;

@@ -50,6 +50,11 @@ pub struct PluginConfig {
     pub dev_root: PathBuf,
     /// Where the CDI spec is written; `None`: no CDI.
     pub cdi_dir: Option<PathBuf>,
+    /// Where `vfplane-oci-hook` is installed for the runtime to run (a
+    /// directory the node and this process see at the same path); `None`:
+    /// not installed, and pools with a locked-memory limit refuse
+    /// `Allocate`.
+    pub oci_hook_dir: Option<PathBuf>,
     /// The VF state directory ([`vfplane_proto::vf_state`]).
     pub state_dir: PathBuf,
     /// Serve metrics here.
@@ -73,6 +78,7 @@ impl PluginConfig {
             sysfs_root: PathBuf::from("/sys"),
             dev_root: PathBuf::from("/dev"),
             cdi_dir: Some(PathBuf::from("/var/run/cdi")),
+            oci_hook_dir: None,
             state_dir: PathBuf::from(vfplane_proto::vf_state::DEFAULT_STATE_DIR),
             metrics_addr: None,
             rescan_interval: Duration::from_millis(50),
@@ -116,6 +122,30 @@ impl RunningPlugin {
     }
 }
 
+/// Installs `vfplane-oci-hook` (found beside this executable) into the
+/// configured directory, when CDI is on; `None` (logged) when it cannot be.
+fn install_oci_hook(config: &PluginConfig) -> Option<PathBuf> {
+    let dir = config.oci_hook_dir.as_ref()?;
+    config.cdi_dir.as_ref()?;
+    let source = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|p| p.join(crate::oci_hook::HOOK_BINARY)));
+    let Some(source) = source.filter(|s| s.exists()) else {
+        tracing::warn!(dir = %dir.display(), "no vfplane-oci-hook beside this executable: pools with lockedMemory refuse Allocate");
+        return None;
+    };
+    match crate::oci_hook::install(&source, dir) {
+        Ok(path) => {
+            tracing::info!(path = %path.display(), "OCI hook installed");
+            Some(path)
+        }
+        Err(error) => {
+            tracing::warn!(%error, "cannot install the OCI hook: pools with lockedMemory refuse Allocate");
+            None
+        }
+    }
+}
+
 /// Starts the plugin: reads the pool config, starts the scanner and the
 /// watches, serves every pool and registers it (when a kubelet is there).
 /// Returns once every pool is served and its devices scanned.
@@ -145,7 +175,7 @@ pub async fn start(config: PluginConfig) -> Result<RunningPlugin> {
         host: Host::new(&config.sysfs_root, &config.dev_root),
         state_dir: config.state_dir.clone(),
         owners: RwLock::default(),
-        cdi: CdiWriter::new(config.cdi_dir.clone()),
+        cdi: CdiWriter::new(config.cdi_dir.clone(), install_oci_hook(&config)),
         metrics: NodeMetrics::default(),
     });
     let registry: Arc<RwLock<BTreeMap<String, Arc<PoolShared>>>> = Arc::default();

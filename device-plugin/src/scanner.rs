@@ -42,7 +42,7 @@ use std::time::{Duration, Instant};
 use vfplane_host::PciAddress;
 use vfplane_proto::pool::PoolConfig;
 
-use crate::health::VfioNode;
+use crate::cdi::CdiEntry;
 use crate::inventory::{Inventory, PoolView};
 use crate::metrics::bump;
 use crate::server::{NodeContext, PoolShared};
@@ -152,14 +152,21 @@ pub(crate) fn run(
             .owners
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(result.owners);
-        let mut cdi_devices: BTreeMap<PciAddress, VfioNode> = BTreeMap::new();
+        let mut cdi_devices: BTreeMap<PciAddress, CdiEntry> = BTreeMap::new();
         for (name, shared) in &pools {
             let view = result.views.remove(name).unwrap_or_default();
-            cdi_devices.extend(
-                view.devices
-                    .iter()
-                    .filter_map(|d| d.vfio_node.map(|n| (d.address, n))),
-            );
+            let locked_memory_bytes = shared.config().locked_memory_bytes;
+            cdi_devices.extend(view.devices.iter().filter_map(|d| {
+                d.vfio_node.map(|node| {
+                    (
+                        d.address,
+                        CdiEntry {
+                            node,
+                            locked_memory_bytes,
+                        },
+                    )
+                })
+            }));
             publish(shared, view);
         }
         match node.cdi.update(&cdi_devices) {

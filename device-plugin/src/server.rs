@@ -14,8 +14,7 @@ use vfplane_proto::deviceplugin::v1beta1 as dp;
 use vfplane_proto::pool::{Pool, cdi_device_name, pci_env_var, resource_name};
 use vfplane_proto::vf_state;
 
-use crate::cdi::CdiWriter;
-use crate::health::VfioNode;
+use crate::cdi::{CdiEntry, CdiWriter};
 use crate::inventory::{self, DeviceStatus, PoolView};
 use crate::metrics::{NodeMetrics, PoolMetrics, bump};
 use crate::preferred::preferred_allocation;
@@ -357,8 +356,19 @@ impl DevicePluginService {
         pool: &Pool,
         devices: &[DeviceStatus],
     ) -> Result<dp::ContainerAllocateResponse, Status> {
+        let cdi = &self.shared.node.cdi;
+        if let Some(bytes) = pool.locked_memory_bytes
+            && !cdi.sets_locked_memory()
+        {
+            return Err(Status::failed_precondition(format!(
+                "pool {} gives its containers RLIMIT_MEMLOCK of {bytes} bytes through a CDI hook, \
+                 but this plugin writes no CDI spec or has no vfplane-oci-hook installed (--no-cdi, \
+                 or --oci-hook-dir unset or not writable)",
+                pool.name
+            )));
+        }
         let mut specs = vec![device_spec("/dev/vfio/vfio")];
-        let mut nodes: Vec<(PciAddress, VfioNode)> = Vec::with_capacity(devices.len());
+        let mut nodes: Vec<(PciAddress, CdiEntry)> = Vec::with_capacity(devices.len());
         let mut infos = BTreeMap::new();
         let mut addresses = Vec::with_capacity(devices.len());
         for device in devices {
@@ -371,7 +381,13 @@ impl DevicePluginService {
             if !specs.iter().any(|s| s.host_path == path) {
                 specs.push(device_spec(&path));
             }
-            nodes.push((device.address, node));
+            nodes.push((
+                device.address,
+                CdiEntry {
+                    node,
+                    locked_memory_bytes: pool.locked_memory_bytes,
+                },
+            ));
             let facts = device.facts.as_ref();
             infos.insert(
                 device.address,
@@ -394,7 +410,6 @@ impl DevicePluginService {
         ]
         .into_iter()
         .collect();
-        let cdi = &self.shared.node.cdi;
         let cdi_devices = if cdi.enabled() {
             cdi.ensure(&nodes)
                 .map_err(|e| Status::internal(vfplane_host::error_chain(&e)))?;

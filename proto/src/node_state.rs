@@ -88,6 +88,11 @@ pub struct VfGroupSpec {
     /// administered MACs derived from the node name, PF and VF index.
     #[serde(default)]
     pub macs: Vec<String>,
+    /// RLIMIT_MEMLOCK, in bytes, that a container given one of these VFs
+    /// gets before its first instruction (the policy's
+    /// `containerProfile.lockedMemory`). Absent: the runtime's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub locked_memory_bytes: Option<u64>,
 }
 
 fn default_device_type() -> String {

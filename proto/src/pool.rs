@@ -55,6 +55,10 @@ pub struct Pool {
     /// all). Off unless said explicitly.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub allow_no_iommu: bool,
+    /// RLIMIT_MEMLOCK, in bytes, of every container given a VF of the pool,
+    /// set before its first instruction by the OCI hook the CDI spec names.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub locked_memory_bytes: Option<u64>,
 }
 
 /// Selects every VF that matches all the fields given.

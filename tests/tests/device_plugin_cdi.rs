@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use container_device_interface::cache::{new_cache, with_auto_refresh};
 use container_device_interface::spec::read_spec;
 use container_device_interface::spec_dirs::with_spec_dirs;
-use vfplane_device_plugin::cdi::{CdiWriter, SPEC_FILE_NAME};
+use vfplane_device_plugin::cdi::{CdiEntry, CdiWriter, SPEC_FILE_NAME};
 use vfplane_device_plugin::health::VfioNode;
 use vfplane_host::PciAddress;
 
@@ -18,11 +18,20 @@ fn the_spec_passes_the_cdi_crates_validation_and_resolves_every_vf() {
     let dir = tempfile::tempdir().expect("temp dir");
     let a: PciAddress = "0000:00:12.0".parse().expect("address");
     let b: PciAddress = "0000:21:10.6".parse().expect("address");
-    let writer = CdiWriter::new(Some(dir.path().to_owned()));
+    let writer = CdiWriter::new(
+        Some(dir.path().to_owned()),
+        Some("/run/vfplane/bin/vfplane-oci-hook".into()),
+    );
     writer
         .update(&BTreeMap::from([
-            (a, VfioNode::Group(4)),
-            (b, VfioNode::NoIommu(9)),
+            (
+                a,
+                CdiEntry {
+                    node: VfioNode::Group(4),
+                    locked_memory_bytes: Some(64 << 20),
+                },
+            ),
+            (b, VfioNode::NoIommu(9).into()),
         ]))
         .expect("spec written");
 
@@ -42,6 +51,12 @@ fn the_spec_passes_the_cdi_crates_validation_and_resolves_every_vf() {
     assert_eq!(edits["deviceNodes"][0]["path"], "/dev/vfio/4");
     assert_eq!(edits["deviceNodes"][0]["hostPath"], "/dev/vfio/4");
     assert_eq!(edits["deviceNodes"][0]["permissions"], "rw");
+    assert_eq!(edits["hooks"][0]["hookName"], "createRuntime");
+    assert_eq!(edits["hooks"][0]["path"], "/run/vfplane/bin/vfplane-oci-hook");
+    assert_eq!(
+        edits["hooks"][0]["args"],
+        serde_json::json!(["vfplane-oci-hook", "memlock", "67108864"])
+    );
     let noiommu = serde_json::to_value(&devices["0000:21:10.6"].edits().container_edits).expect("edits");
     assert_eq!(noiommu["deviceNodes"][0]["path"], "/dev/vfio/noiommu-9");
     let mut spec = spec;

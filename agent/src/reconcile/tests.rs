@@ -144,6 +144,18 @@ fn a_kernel_vf_mac_the_pf_never_keeps_is_reported_after_three_writes() {
 }
 
 #[test]
+fn a_pools_locked_memory_is_the_largest_of_its_groups() {
+    let fake = node();
+    let agent = reconciler_with(&fake, |_| {});
+    let text = "spec:\n  pfs:\n    - pciAddress: \"0000:00:02.0\"\n      numVfs: 4\n      vfGroups:\n        - {resourceName: fast, vfRange: \"0\", lockedMemoryBytes: 1048576}\n        - {resourceName: fast, vfRange: \"1\", lockedMemoryBytes: 67108864}\n";
+    let report = agent.apply(&spec(text));
+    assert!(report.converged, "{:?}", report.errors);
+    assert_eq!(report.pools.pools[0].locked_memory_bytes, Some(67_108_864));
+    let yaml = report.pools.to_yaml().unwrap();
+    assert!(yaml.contains("lockedMemoryBytes: 67108864"), "{yaml}");
+}
+
+#[test]
 fn bad_pf_entries_are_reported_and_the_good_one_still_converges() {
     for (bad, words) in [
         (

@@ -94,6 +94,18 @@ fn a_policy_becomes_a_pf_spec_on_the_nodes_it_selects() {
 }
 
 #[test]
+fn the_profiles_locked_memory_reaches_the_node_in_bytes() {
+    let with = format!("{FAST}containerProfile: {{lockedMemory: 64Mi}}\n");
+    let worker = node("worker-1", &[("sriov", "true")]);
+    let st = state("worker-1", vec![pf("0000:3b:00.0", "ens1f0", 7, 0)]);
+    for (yaml, bytes) in [(with.as_str(), Some(64 << 20)), (FAST, None)] {
+        let policies = [policy("fast", yaml)];
+        let plan = plan_node(&worker, &merge_order(&policies), Some(&st));
+        assert_eq!(plan.spec.pfs[0].vf_groups[0].locked_memory_bytes, bytes, "{yaml}");
+    }
+}
+
+#[test]
 fn nic_selectors_match_vendor_device_names_and_addresses() {
     let p = pf("0000:3b:00.0", "ens1f0", 7, 0);
     let spec = |nic: &str| policy("p", &format!("nicSelector: {nic}\nnumVfs: 2\nresourceName: r\n")).spec;
