@@ -54,7 +54,8 @@ pub enum DmaError {
     #[error(
         "the locked-memory limit is too low: mapping {len} more bytes for DMA needs RLIMIT_MEMLOCK of at least \
          {needed} bytes ({needed_kib} KiB) but it is {limit}; raise it with `ulimit -l {needed_kib}` \
-         (or `unlimited`), the container runtime's rlimits (RLIMIT_MEMLOCK), or grant CAP_IPC_LOCK"
+         (or `unlimited`), in a vfplane pod with the VfPolicy's containerProfile.lockedMemory, or grant \
+         CAP_IPC_LOCK"
     )]
     LockedMemoryLimit {
         /// Bytes of this mapping.

@@ -28,7 +28,13 @@ use xtask::testbed::Testbed;
 
 const POOL: &str = "solo";
 
-fn policy() -> String {
+/// The pool's policy, with or without `containerProfile.lockedMemory`.
+fn policy(locked_memory: bool) -> String {
+    let profile = if locked_memory {
+        "  containerProfile:\n    lockedMemory: 64Mi\n"
+    } else {
+        ""
+    };
     format!(
         r#"apiVersion: vfplane.io/v1alpha1
 kind: VfPolicy
@@ -42,11 +48,12 @@ spec:
   numVfs: 1
   deviceType: vfio-pci
   resourceName: {POOL}
-"#
+{profile}"#
     )
 }
 
-/// A pod whose driver sends 200 frames on the pool's VF, then sleeps.
+/// A pod whose driver sends 200 frames on the pool's VF, then sleeps; it
+/// first prints its locked-memory limit.
 fn tenant(name: &str) -> String {
     format!(
         r#"apiVersion: v1
@@ -59,7 +66,7 @@ spec:
     - name: app
       image: {VFPLANE_IMAGE}
       imagePullPolicy: IfNotPresent
-      command: ["sh", "-c", "pktgen --count 200 --size 60 && exec sleep 86400"]
+      command: ["sh", "-c", "grep 'locked memory' /proc/self/limits; pktgen --count 200 --size 60 && exec sleep 86400"]
       resources:
         limits:
           vfplane.io/{POOL}: 1
@@ -106,14 +113,78 @@ fn a_released_vf_is_scrubbed_before_the_next_tenant_and_quarantined_when_its_res
     let testbed = Testbed::prepare().expect("testbed");
     let mut session = Session::start(&testbed, ClusterOptions::default()).expect("cluster");
     session.install_vfplane().expect("helm install");
-    session.apply(&policy()).expect("policy");
+    session.apply(&policy(false)).expect("policy");
     session
         .wait_allocatable(POOL, 1, Duration::from_secs(300))
         .expect("the pool");
 
+    // Without the profile's locked memory, the driver cannot pin its DMA
+    // memory under the runtime's 8 MiB default, and says so.
+    session.apply(&tenant("tenant-0")).unwrap();
+    session
+        .wait("tenant-0's driver error", Duration::from_secs(300), |c| {
+            Ok(c.kubectl_output(&["logs", "tenant-0"])
+                .is_ok_and(|l| l.contains("\"error\"")))
+        })
+        .unwrap();
+    let logs = session.cluster().kubectl_output(&["logs", "tenant-0"]).unwrap();
+    assert!(
+        logs.contains("the locked-memory limit is too low") && logs.contains("containerProfile.lockedMemory"),
+        "the driver names the limit and the fix:\n{logs}"
+    );
+    let vf0 = session.jsonpath(&[
+        "get",
+        "nodestate",
+        NODE_NAME,
+        "-o=jsonpath={.status.pfs[0].vfs[0].pciAddress}",
+    ]);
+    session
+        .kubectl(&["delete", "pod", "tenant-0", "--wait=true"])
+        .unwrap();
+    session.wait_scrubbed(&vf0, Duration::from_secs(120)).unwrap();
+
+    // With it, the CDI spec names the hook for the pool's VF.
+    session.apply(&policy(true)).expect("policy with lockedMemory");
+    session
+        .wait("the OCI hook in the CDI spec", Duration::from_secs(120), |c| {
+            Ok(c.kubectl_output(&[
+                "get",
+                "nodestate",
+                NODE_NAME,
+                "-o=jsonpath={.spec.pfs[0].vfGroups[0].lockedMemoryBytes}",
+            ])
+            .is_ok_and(|v| v.trim() == "67108864"))
+        })
+        .unwrap();
+    let cdi = |session: &mut Session| {
+        session
+            .cluster_mut()
+            .node_exec("cat /proc/1/root/var/run/cdi/vfplane.io-vf.json")
+            .unwrap_or_default()
+    };
+    let began = Instant::now();
+    while !cdi(&mut session).contains("\"67108864\"") {
+        assert!(
+            began.elapsed() < Duration::from_secs(60),
+            "no hook in the CDI spec:\n{}",
+            cdi(&mut session)
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    }
+
     // Tenant 1.
     session.apply(&tenant("tenant-1")).unwrap();
     let first = report(&mut session, "tenant-1");
+    let logs = session.cluster().kubectl_output(&["logs", "tenant-1"]).unwrap();
+    let limit = logs
+        .lines()
+        .find(|l| l.starts_with("Max locked memory"))
+        .unwrap_or_default();
+    assert_eq!(
+        limit.split_whitespace().collect::<Vec<_>>(),
+        ["Max", "locked", "memory", "67108864", "67108864", "bytes"],
+        "the hook raised the container's limit before its first instruction"
+    );
     let vf = first["pci"].as_str().unwrap().to_owned();
     let spec_mac = vf_status(&session, &vf)["mac"].as_str().unwrap().to_owned();
     assert_eq!(

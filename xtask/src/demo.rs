@@ -116,6 +116,7 @@ spec:
   containerProfile:
     cpu: "1"
     memory: 128Mi
+    lockedMemory: 64Mi
 "#
     )
 }
