@@ -25,6 +25,10 @@ fn the_demo_walks_one_vf_to_a_pod_on_the_real_cluster() {
         report.owner
     );
     assert!(report.scrubbed, "the VF is scrubbed after its pod is deleted");
+    assert_eq!(
+        report.locked_memory, "67108864",
+        "the profile's lockedMemory in the pod"
+    );
     assert_eq!(report.frames_sent, 2000, "the VF's own TX counter");
     assert!(
         report.frames_counted >= report.frames_sent,

@@ -37,6 +37,8 @@ pub struct DemoReport {
     pub owner: String,
     /// Whether the agent scrubbed the VF after the pod was deleted.
     pub scrubbed: bool,
+    /// The pod's RLIMIT_MEMLOCK (soft) in bytes, from its /proc/self/limits.
+    pub locked_memory: String,
     /// Frames the pod's driver sent (its VF's own TX counter).
     pub frames_sent: u64,
     /// Frames the host counted on the PF's wire.
@@ -60,6 +62,7 @@ impl DemoReport {
             ("pod", self.pod.clone()),
             ("VF given", self.vf.clone()),
             ("its owner (NodeState status)", self.owner.clone()),
+            ("its locked-memory limit", self.locked_memory.clone()),
             (
                 "scrubbed after the pod",
                 if self.scrubbed { "yes" } else { "no" }.to_owned(),
@@ -141,7 +144,7 @@ spec:
           image: {VFPLANE_IMAGE}
           imagePullPolicy: IfNotPresent
           # The VF comes from PCIDEVICE_VFPLANE_IO_FAST alone.
-          command: ["sh", "-c", "pktgen --count {FRAMES} --size 60 --dst 02:00:00:00:00:aa && exec sleep 86400"]
+          command: ["sh", "-c", "grep 'locked memory' /proc/self/limits; pktgen --count {FRAMES} --size 60 --dst 02:00:00:00:00:aa && exec sleep 86400"]
           resources:
             limits:
               vfplane.io/{POOL}: 1
@@ -278,6 +281,19 @@ pub fn run(testbed: &Testbed) -> Result<DemoReport> {
         "-o=jsonpath={.items[0].metadata.name}",
     ]);
     demo.report.vf = line["pci"].as_str().unwrap_or_default().to_owned();
+    // The pool's profile asks for 64 MiB of locked memory; the OCI hook
+    // gave it to the container before its first instruction.
+    demo.report.locked_memory = logs
+        .lines()
+        .find(|l| l.starts_with("Max locked memory"))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .unwrap_or("not shown")
+        .to_owned();
+    ensure!(
+        demo.report.locked_memory == "67108864",
+        "the pod's locked-memory limit is {}, not the profile's 64 MiB",
+        demo.report.locked_memory
+    );
     demo.report.frames_sent = line["hw_tx_packets"].as_u64().unwrap_or(0);
     // The agent names the VF's holder in the node's status (from the
     // kubelet's pod-resources API).
