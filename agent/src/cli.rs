@@ -60,6 +60,13 @@ pub enum Command {
         /// the status (`owner`). Empty: owners are not reported.
         #[arg(long, default_value = vfplane_proto::POD_RESOURCES_SOCKET)]
         pod_resources_socket: PathBuf,
+        /// Where the device plugin's OCI hook records the containers given
+        /// VFs (pod UID, cgroup); read to complete each owner.
+        #[arg(long, default_value = vfplane_proto::container_record::DEFAULT_RECORDS_DIR)]
+        container_records: PathBuf,
+        /// The node's cgroup v2 mount, where owners' limits are read.
+        #[arg(long, default_value = "/sys/fs/cgroup")]
+        cgroup_root: PathBuf,
     },
 }
 

@@ -8,6 +8,7 @@
 
 pub mod attribution;
 pub mod cli;
+pub mod container;
 pub mod discover;
 pub mod files;
 pub mod kube_source;

@@ -7,6 +7,7 @@ use anyhow::Context as _;
 use clap::Parser as _;
 use vfplane_agent::attribution::PodResources;
 use vfplane_agent::cli::{Cli, Command, Target};
+use vfplane_agent::container::ContainerView;
 use vfplane_agent::kube_source::KubeSource;
 use vfplane_agent::netlink::RtNetlink;
 use vfplane_agent::reconcile::Reconciler;
@@ -85,6 +86,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             target,
             resync_seconds,
             pod_resources_socket,
+            container_records,
+            cgroup_root,
         } => {
             let pod_resources = if pod_resources_socket.as_os_str().is_empty() {
                 None
@@ -98,6 +101,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 resync: Duration::from_secs(resync_seconds.max(1)),
                 pod_resources,
                 scrubber: Some(std::sync::Arc::new(Scrubber::new(&target.state_dir))),
+                containers: Some(ContainerView {
+                    records_dir: container_records,
+                    cgroup_root,
+                    proc_root: target.proc_root.clone(),
+                }),
             };
             let reconciler = reconciler(&target, host);
             match state_file {

@@ -531,6 +531,8 @@ impl<N: VfLinkControl> Reconciler<N> {
                     health,
                     pool: wanted.map(|w| w.pool.clone()),
                     owner: None,
+                    owner_pod_uid: None,
+                    container: None,
                 });
             }
             if let Some(message) = &pf_error

@@ -31,6 +31,7 @@ use vfplane_proto::node_state::{NodeStateSpec, NodeStateStatus, StateFile};
 use vfplane_proto::vf_state;
 
 use crate::attribution::{self, PodResources};
+use crate::container::ContainerView;
 use crate::netlink::VfLinkControl;
 use crate::reconcile::{ApplyReport, Reconciler};
 use crate::scrub::{ScrubOutcome, Scrubber};
@@ -154,6 +155,9 @@ pub struct RunOptions {
     /// Scrubs VFs released by their containers (`None`: no scrubs; the
     /// device plugin then refuses a VF it handed out once).
     pub scrubber: Option<std::sync::Arc<Scrubber>>,
+    /// Completes each owner with its container (pod UID, limits); needs
+    /// `pod_resources`.
+    pub containers: Option<ContainerView>,
 }
 
 /// Reads the state file.
@@ -269,10 +273,12 @@ pub fn pass<N: VfLinkControl, S: DesiredStateSource>(
             .ok()
     });
     if options.pod_resources.is_some() {
-        attribution::annotate(
-            &mut report.status,
-            owners.as_ref().unwrap_or(&attribution::Owners::new()),
-        );
+        let empty = attribution::Owners::new();
+        let owners = owners.as_ref().unwrap_or(&empty);
+        attribution::annotate(&mut report.status, owners);
+        if let Some(view) = &options.containers {
+            view.annotate(&mut report.status, owners, &report.pools);
+        }
     }
     if let Some(scrubber) = &options.scrubber {
         let outcomes = scrubber.scrub_released(
@@ -451,6 +457,7 @@ mod tests {
             resync: Duration::from_secs(30),
             pod_resources: None,
             scrubber: None,
+            containers: None,
         };
         let mut source = StateFileSource::new(&state);
 

@@ -902,12 +902,29 @@ fn truncated_and_mangled_bodies_never_panic() {
     let view = FakeCluster::new();
     for case in cases() {
         let body = std::fs::read(fixtures().join(case.file)).unwrap();
-        for cut in (0..body.len()).step_by(37) {
+        // No strict prefix of a JSON document is one: every body cut before
+        // the document's last character (trailing whitespace aside) is a
+        // bad request that says the body is not an AdmissionReview.
+        let end = body.trim_ascii_end().len();
+        for cut in (0..end).step_by(37).chain([end - 1]) {
             for endpoint in Endpoint::ALL {
-                let _ = review(endpoint, &body[..cut], &view, PodMode::Mutate);
+                match review(endpoint, &body[..cut], &view, PodMode::Mutate) {
+                    Err(WebhookError::BadRequest(message)) => assert!(
+                        message.starts_with("the request body is not an AdmissionReview"),
+                        "{}: cut at {cut}: {message}",
+                        case.file
+                    ),
+                    other => panic!("{}: cut at {cut}: {other:?}", case.file),
+                }
             }
         }
+        // A mangled body is answered (a review with the request's uid) or
+        // refused as a bad request; nothing else, and no panic.
         let text = String::from_utf8_lossy(&body);
+        // (Some fixtures are not JSON at all: they have no uid to answer.)
+        let uid = serde_json::from_slice::<Value>(&body)
+            .map(|v| v["request"]["uid"].clone())
+            .unwrap_or(Value::Null);
         for (from, to) in [
             ("\"1\"", "null"),
             ("\"2\"", "2"),
@@ -916,7 +933,16 @@ fn truncated_and_mangled_bodies_never_panic() {
         ] {
             let mangled = text.replacen(from, to, 1);
             for endpoint in Endpoint::ALL {
-                let _ = review(endpoint, mangled.as_bytes(), &view, PodMode::Mutate);
+                match review(endpoint, mangled.as_bytes(), &view, PodMode::Mutate) {
+                    Ok(answer) => {
+                        let answer = serde_json::to_value(&answer).unwrap();
+                        assert_eq!(answer["response"]["uid"], uid, "{}: {from} -> {to}", case.file);
+                    }
+                    Err(WebhookError::BadRequest(message)) => {
+                        assert!(!message.is_empty(), "{}: {from} -> {to}", case.file);
+                    }
+                    Err(other) => panic!("{}: {from} -> {to}: {other}", case.file),
+                }
             }
         }
     }

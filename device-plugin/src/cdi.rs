@@ -134,9 +134,10 @@ fn node(path: &str) -> DeviceNode {
     }
 }
 
-/// The spec for these VFs; `None` when there are none. A VF with a
-/// locked-memory limit gets a `createRuntime` hook running `hook` (the
-/// installed `vfplane-oci-hook`) when there is one.
+/// The spec for these VFs; `None` when there are none. Every VF gets a
+/// `createRuntime` hook running `hook` (the installed `vfplane-oci-hook`)
+/// when there is one: it records the container, and sets the VF's
+/// locked-memory limit when it has one.
 pub fn spec_for(devices: &BTreeMap<PciAddress, CdiEntry>, hook: Option<&Path>) -> Option<CdiSpec> {
     if devices.is_empty() {
         return None;
@@ -154,26 +155,31 @@ pub fn spec_for(devices: &BTreeMap<PciAddress, CdiEntry>, hook: Option<&Path>) -
                 name: address.to_string(),
                 container_edits: ContainerEdits {
                     device_nodes: vec![node(&entry.node.path())],
-                    hooks: match (entry.locked_memory_bytes, hook) {
-                        (Some(bytes), Some(hook)) => vec![memlock_hook(hook, bytes)],
-                        _ => Vec::new(),
-                    },
+                    hooks: hook
+                        .map(|hook| vec![attach_hook(hook, *address, entry.locked_memory_bytes)])
+                        .unwrap_or_default(),
                 },
             })
             .collect(),
     })
 }
 
-/// `vfplane-oci-hook memlock <bytes>` as a `createRuntime` hook.
-fn memlock_hook(path: &Path, bytes: u64) -> Hook {
+/// `vfplane-oci-hook attach --vf <address> [--memlock <bytes>]` as a
+/// `createRuntime` hook.
+fn attach_hook(path: &Path, address: PciAddress, locked_memory_bytes: Option<u64>) -> Hook {
+    let mut args = vec![
+        crate::oci_hook::HOOK_BINARY.to_owned(),
+        "attach".to_owned(),
+        "--vf".to_owned(),
+        address.to_string(),
+    ];
+    if let Some(bytes) = locked_memory_bytes {
+        args.extend(["--memlock".to_owned(), bytes.to_string()]);
+    }
     Hook {
         hook_name: "createRuntime".to_owned(),
         path: path.display().to_string(),
-        args: vec![
-            crate::oci_hook::HOOK_BINARY.to_owned(),
-            "memlock".to_owned(),
-            bytes.to_string(),
-        ],
+        args,
     }
 }
 
@@ -335,7 +341,7 @@ mod tests {
     }
 
     #[test]
-    fn a_vf_with_a_locked_memory_limit_gets_the_hook_when_it_is_installed() {
+    fn every_vf_gets_the_hook_when_it_is_installed_with_its_limit() {
         let a: PciAddress = "0000:00:12.0".parse().unwrap();
         let b: PciAddress = "0000:00:12.2".parse().unwrap();
         let devices = BTreeMap::from([
@@ -355,16 +361,22 @@ mod tests {
             [Hook {
                 hook_name: "createRuntime".to_owned(),
                 path: "/run/vfplane/bin/vfplane-oci-hook".to_owned(),
-                args: vec![
-                    "vfplane-oci-hook".to_owned(),
-                    "memlock".to_owned(),
-                    "67108864".to_owned()
-                ],
+                args: [
+                    "vfplane-oci-hook",
+                    "attach",
+                    "--vf",
+                    "0000:00:12.0",
+                    "--memlock",
+                    "67108864"
+                ]
+                .map(str::to_owned)
+                .to_vec(),
             }]
         );
-        assert!(
-            spec.devices[1].container_edits.hooks.is_empty(),
-            "no limit, no hook"
+        assert_eq!(
+            spec.devices[1].container_edits.hooks[0].args,
+            ["vfplane-oci-hook", "attach", "--vf", "0000:00:12.2"],
+            "no limit: the record only"
         );
         let without = spec_for(&devices, None).unwrap();
         assert!(without.devices[0].container_edits.hooks.is_empty());

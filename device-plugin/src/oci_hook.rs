@@ -1,6 +1,9 @@
-//! The OCI hook the CDI spec names for VFs of a pool with a locked-memory
-//! profile: `vfplane-oci-hook memlock <bytes>`, run by the container
-//! runtime (runc) as a `createRuntime` hook.
+//! The OCI hook the CDI spec names for every VF: `vfplane-oci-hook attach
+//! --vf <address> [--memlock <bytes>] [--records <dir>]`, run by the
+//! container runtime (runc) as a `createRuntime` hook. It raises the
+//! container's locked-memory limit to its pool's profile (`--memlock`), and
+//! writes the container's record (`vfplane_proto::container_record`: ID,
+//! pod UID, cgroup, VFs) for the agent.
 //!
 //! Why a CDI hook, not an NRI plugin: the plugin already writes the CDI
 //! spec each VF is injected from, so the hook travels with the VF to every
@@ -22,7 +25,9 @@
 //! hard; a higher or unlimited limit is kept), then reads the limit back
 //! from `/proc/<pid>/limits` and fails when it is not there. A failing
 //! hook fails the container's creation with this hook's message, so a
-//! container never starts with less than its pool's profile.
+//! container never starts with less than its pool's profile. The record is
+//! best effort: a record that cannot be written is said on stderr and the
+//! container starts (the agent then shows its VF's owner without a pod UID).
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -41,13 +46,30 @@ struct OciState {
     /// The container's first process.
     #[serde(default)]
     pid: Option<i32>,
+    /// Its bundle directory (holding `config.json`).
+    #[serde(default)]
+    bundle: Option<PathBuf>,
+    /// Its OCI spec's annotations (the CRI's pod and container names).
+    #[serde(default)]
+    annotations: std::collections::BTreeMap<String, String>,
+}
+
+/// What one run of the hook is asked to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attach {
+    /// The VF (PCI address) of the CDI device that named the hook.
+    pub vf: String,
+    /// RLIMIT_MEMLOCK to give the container, in bytes.
+    pub memlock: Option<u64>,
+    /// Where container records go.
+    pub records: PathBuf,
 }
 
 /// Why the hook failed. Each message names the container and the limit.
 #[derive(Debug, thiserror::Error)]
 pub enum HookError {
-    /// The command line is not `memlock <bytes>`.
-    #[error("usage: {HOOK_BINARY} memlock <bytes> (got {0:?})")]
+    /// The command line is not `attach --vf <address> [--memlock <bytes>] [--records <dir>]`.
+    #[error("usage: {HOOK_BINARY} attach --vf <address> [--memlock <bytes>] [--records <dir>] (got {0:?})")]
     Usage(Vec<String>),
     /// stdin did not hold an OCI state.
     #[error("the container state on stdin is not an OCI state")]
@@ -88,32 +110,93 @@ pub enum HookError {
     },
 }
 
-/// The hook's command line: `memlock <bytes>`.
+/// The hook's command line (after `argv[0]`): `attach --vf <address>
+/// [--memlock <bytes>] [--records <dir>]`.
 ///
 /// # Errors
 /// [`HookError::Usage`] for anything else.
-pub fn parse_args(args: &[String]) -> Result<u64, HookError> {
-    match args {
-        [verb, bytes] if verb == "memlock" => bytes.parse().map_err(|_| HookError::Usage(args.to_vec())),
-        _ => Err(HookError::Usage(args.to_vec())),
+pub fn parse_args(args: &[String]) -> Result<Attach, HookError> {
+    let usage = || HookError::Usage(args.to_vec());
+    let (verb, flags) = args.split_first().ok_or_else(usage)?;
+    if verb != "attach" || flags.len() % 2 != 0 {
+        return Err(usage());
     }
+    let mut vf = None;
+    let mut memlock = None;
+    let mut records = PathBuf::from(vfplane_proto::container_record::DEFAULT_RECORDS_DIR);
+    for pair in flags.chunks(2) {
+        match (pair[0].as_str(), &pair[1]) {
+            ("--vf", value) if vf.is_none() => vf = Some(value.clone()),
+            ("--memlock", value) if memlock.is_none() => memlock = Some(value.parse().map_err(|_| usage())?),
+            ("--records", value) => records = PathBuf::from(value),
+            _ => return Err(usage()),
+        }
+    }
+    Ok(Attach {
+        vf: vf.ok_or_else(usage)?,
+        memlock,
+        records,
+    })
 }
 
-/// Raises the container's RLIMIT_MEMLOCK to at least `bytes` and checks it
-/// under `proc_root` (`/proc`). Returns the container ID and pid.
+/// Runs the hook on the container state read from `state`: the limit when
+/// asked (an error fails the container), then the record (an error is
+/// returned beside success, for stderr).
 ///
 /// # Errors
-/// A state without a pid, prlimit refusing, or a limit that does not read
-/// back.
-pub fn raise_memlock(bytes: u64, state: impl Read, proc_root: &Path) -> Result<(String, i32), HookError> {
+/// A state that does not parse, or the limit not set.
+pub fn run(attach: &Attach, state: impl Read, proc_root: &Path) -> Result<Option<String>, HookError> {
     let mut text = String::new();
     let mut state = state;
     state.read_to_string(&mut text).map_err(HookError::Stdin)?;
     let state: OciState = serde_json::from_str(&text).map_err(HookError::State)?;
-    let id = state.id;
     let Some(pid) = state.pid.filter(|p| *p > 0) else {
-        return Err(HookError::NoPid { id });
+        return Err(HookError::NoPid { id: state.id });
     };
+    if let Some(bytes) = attach.memlock {
+        raise_memlock(&state.id, pid, bytes, proc_root)?;
+    }
+    Ok(record(attach, &state, pid).err())
+}
+
+/// Adds the VF to the container's record, made from the state and the
+/// bundle's `config.json`.
+fn record(attach: &Attach, state: &OciState, pid: i32) -> Result<(), String> {
+    use vfplane_proto::container_record::{ContainerRecord, read_record, write_record};
+    let dir = &attach.records;
+    let cgroups_path = state.bundle.as_ref().and_then(|bundle| {
+        let config = std::fs::read(bundle.join("config.json")).ok()?;
+        let config: serde_json::Value = serde_json::from_slice(&config).ok()?;
+        config["linux"]["cgroupsPath"].as_str().map(str::to_owned)
+    });
+    let annotation = |key: &str| state.annotations.get(key).cloned();
+    let mut record = read_record(dir, &state.id)
+        .map_err(|e| format!("reading the record of {} under {}: {e}", state.id, dir.display()))?
+        .unwrap_or_else(|| ContainerRecord {
+            id: state.id.clone(),
+            ..ContainerRecord::default()
+        });
+    record.pid = pid;
+    record.pod_uid = annotation("io.kubernetes.cri.sandbox-uid");
+    record.namespace = annotation("io.kubernetes.cri.sandbox-namespace");
+    record.pod = annotation("io.kubernetes.cri.sandbox-name");
+    record.container = annotation("io.kubernetes.cri.container-name");
+    record.cgroups_path = cgroups_path;
+    if !record.vfs.contains(&attach.vf) {
+        record.vfs.push(attach.vf.clone());
+        record.vfs.sort();
+    }
+    write_record(dir, &record)
+        .map_err(|e| format!("writing the record of {} under {}: {e}", state.id, dir.display()))
+}
+
+/// Raises RLIMIT_MEMLOCK of process `pid` (container `id`) to at least
+/// `bytes` and checks it under `proc_root` (`/proc`).
+///
+/// # Errors
+/// prlimit refusing, or a limit that does not read back.
+fn raise_memlock(id: &str, pid: i32, bytes: u64, proc_root: &Path) -> Result<(), HookError> {
+    let id = id.to_owned();
     let set_error = |source: std::io::Error| HookError::Set {
         id: id.clone(),
         pid,
@@ -147,7 +230,7 @@ pub fn raise_memlock(bytes: u64, state: impl Read, proc_root: &Path) -> Result<(
             found: format!("soft {} hard {}", show(soft), show(hard)),
         });
     }
-    Ok((id, pid))
+    Ok(())
 }
 
 /// The soft and hard RLIMIT_MEMLOCK of a process from the "Max locked
@@ -197,17 +280,49 @@ pub fn install(source: &Path, dir: &Path) -> Result<PathBuf, std::io::Error> {
 
 #[cfg(test)]
 mod tests {
+    use vfplane_proto::container_record::read_record;
+
     use super::*;
 
+    fn args(a: &[&str]) -> Vec<String> {
+        a.iter().map(|s| (*s).to_owned()).collect()
+    }
+
     #[test]
-    fn the_command_line_is_memlock_and_a_byte_count() {
-        let args = |a: &[&str]| a.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
-        assert_eq!(parse_args(&args(&["memlock", "67108864"])).ok(), Some(67_108_864));
-        for bad in [&["memlock"][..], &["memlock", "64Mi"], &["cpuset", "1"], &[]] {
+    fn the_command_line_is_attach_with_a_vf_and_options() {
+        assert_eq!(
+            parse_args(&args(&[
+                "attach",
+                "--vf",
+                "0000:00:12.0",
+                "--memlock",
+                "67108864"
+            ]))
+            .ok(),
+            Some(Attach {
+                vf: "0000:00:12.0".to_owned(),
+                memlock: Some(67_108_864),
+                records: PathBuf::from("/run/vfplane/containers"),
+            })
+        );
+        assert_eq!(
+            parse_args(&args(&["attach", "--records", "/tmp/r", "--vf", "0000:00:12.0"]))
+                .ok()
+                .map(|a| (a.memlock, a.records)),
+            Some((None, PathBuf::from("/tmp/r")))
+        );
+        for bad in [
+            &["attach"][..],
+            &["attach", "--memlock", "64Mi", "--vf", "x"],
+            &["attach", "--vf"],
+            &["memlock", "1"],
+            &["attach", "--vf", "a", "--vf", "b"],
+            &[],
+        ] {
             let err = parse_args(&args(bad)).err().map(|e| e.to_string());
             assert!(
                 err.as_deref()
-                    .is_some_and(|e| e.starts_with("usage: vfplane-oci-hook memlock <bytes>")),
+                    .is_some_and(|e| e.starts_with("usage: vfplane-oci-hook attach --vf <address>")),
                 "{bad:?}: {err:?}"
             );
         }
@@ -216,8 +331,16 @@ mod tests {
     #[test]
     fn a_state_without_pid_or_not_a_state_is_refused_by_name() {
         let proc_root = Path::new("/proc");
-        let err = raise_memlock(
-            1,
+        let attach = parse_args(&args(&[
+            "attach",
+            "--vf",
+            "0000:00:12.0",
+            "--records",
+            "/nonexistent",
+        ]))
+        .unwrap_or_else(|e| panic!("{e}"));
+        let err = run(
+            &attach,
             br#"{"ociVersion":"1.2.0","id":"c1","status":"creating"}"#.as_slice(),
             proc_root,
         )
@@ -227,7 +350,7 @@ mod tests {
             err.as_deref(),
             Some("container c1: the state has no pid; the hook must run as createRuntime")
         );
-        let err = raise_memlock(1, b"garbage".as_slice(), proc_root)
+        let err = run(&attach, b"garbage".as_slice(), proc_root)
             .err()
             .map(|e| e.to_string());
         assert_eq!(
@@ -237,7 +360,7 @@ mod tests {
     }
 
     #[test]
-    fn the_limit_of_a_child_process_is_raised_and_read_back() {
+    fn the_limit_is_raised_and_read_back_and_the_record_lists_both_vfs() {
         // A child with a lowered soft limit stands for runc's waiting init.
         // Only the soft limit is lowered: raising a hard limit needs
         // CAP_SYS_RESOURCE, which runc has on a node and a test sandbox may
@@ -265,18 +388,62 @@ mod tests {
             );
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
-        let state =
-            format!(r#"{{"ociVersion":"1.2.0","id":"c2","status":"created","pid":{pid},"bundle":"/b"}}"#);
-        let result =
-            raise_memlock(1 << 20, state.as_bytes(), proc_root).map_err(|e| vfplane_host::error_chain(&e));
+        let work = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let bundle = work.path().join("bundle");
+        std::fs::create_dir_all(&bundle).unwrap_or_else(|e| panic!("{e}"));
+        std::fs::write(
+            bundle.join("config.json"),
+            r#"{"linux":{"cgroupsPath":"/kubepods/besteffort/podu1/c2"}}"#,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let records = work.path().join("records");
+        let state = format!(
+            r#"{{"ociVersion":"1.2.0","id":"c2","status":"created","pid":{pid},"bundle":"{}",
+                "annotations":{{"io.kubernetes.cri.sandbox-uid":"u1","io.kubernetes.cri.sandbox-namespace":"default",
+                "io.kubernetes.cri.sandbox-name":"tenant-1","io.kubernetes.cri.container-name":"app"}}}}"#,
+            bundle.display()
+        );
+        let mut results = Vec::new();
+        for vf in ["0000:00:12.2", "0000:00:12.0"] {
+            let attach = Attach {
+                vf: vf.to_owned(),
+                memlock: Some(1 << 20),
+                records: records.clone(),
+            };
+            results
+                .push(run(&attach, state.as_bytes(), proc_root).map_err(|e| vfplane_host::error_chain(&e)));
+        }
         let found = memlock_limits(proc_root, pid);
         let _ = child.kill();
         let _ = child.wait();
-        assert_eq!(result, Ok(("c2".to_owned(), pid)));
+        assert_eq!(results, [Ok(None), Ok(None)], "limit set, record written");
         assert_eq!(
             found,
             Some((Some(1 << 20), hard)),
             "the soft limit raised, the hard one kept"
+        );
+        let record = read_record(&records, "c2")
+            .unwrap_or_else(|e| panic!("{e}"))
+            .unwrap_or_else(|| panic!("no record"));
+        assert_eq!(
+            (
+                record.pid,
+                record.pod_uid.as_deref(),
+                record.namespace.as_deref(),
+                record.pod.as_deref(),
+                record.container.as_deref(),
+                record.cgroups_path.as_deref(),
+                record.vfs.as_slice()
+            ),
+            (
+                pid,
+                Some("u1"),
+                Some("default"),
+                Some("tenant-1"),
+                Some("app"),
+                Some("/kubepods/besteffort/podu1/c2"),
+                &["0000:00:12.0".to_owned(), "0000:00:12.2".to_owned()][..]
+            )
         );
     }
 }

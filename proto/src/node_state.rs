@@ -195,6 +195,46 @@ pub struct VfStatus {
     /// kubelet does not answer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owner: Option<String>,
+    /// The owner's pod UID, from the runtime's record of its container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner_pod_uid: Option<String>,
+    /// What the owner's container runs under, read on the node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<VfContainerStatus>,
+}
+
+/// The container holding a VF, as the node sees it: its cgroup (cgroup
+/// v2 files) and its first process's locked-memory limit.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VfContainerStatus {
+    /// The runtime's container ID.
+    pub id: String,
+    /// Its cgroup, relative to the cgroup root.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<String>,
+    /// `cpuset.cpus.effective`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<String>,
+    /// `cpuset.mems.effective`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mems: Option<String>,
+    /// `memory.max`: bytes, or `max`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_max: Option<String>,
+    /// `cpu.max`: `<quota> <period>` in microseconds, the quota `max` when
+    /// unlimited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_max: Option<String>,
+    /// `pids.max`: a number, or `max`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pids_max: Option<String>,
+    /// RLIMIT_MEMLOCK (soft) of its first process: bytes, or `unlimited`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub locked_memory: Option<String>,
+    /// What breaks its pool's profile, or could not be read, one sentence each.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub problems: Vec<String>,
 }
 
 /// A status condition in the Kubernetes style.

@@ -196,6 +196,53 @@ fn a_released_vf_is_scrubbed_before_the_next_tenant_and_quarantined_when_its_res
         session.vf_handed_out(&vf).unwrap(),
         "a VF handed out carries its mark"
     );
+    // The owner's pod UID and container, from the hook's record and the
+    // container's cgroup, in the VF's status.
+    let uid = session.jsonpath(&["get", "pod", "tenant-1", "-o=jsonpath={.metadata.uid}"]);
+    session
+        .wait(
+            "the owner's pod UID in the status",
+            Duration::from_secs(60),
+            |c| {
+                let text = c.kubectl_output(&["get", "nodestate", NODE_NAME, "-o", "json"])?;
+                let state: Value = serde_json::from_str(&text)?;
+                Ok(state["status"]["pfs"][0]["vfs"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|v| v["pciAddress"] == vf.as_str() && v["ownerPodUid"] == uid.as_str()))
+            },
+        )
+        .unwrap();
+    let container = vf_status(&session, &vf)["container"].clone();
+    assert_eq!(container["lockedMemory"], "67108864", "{container}");
+    assert!(
+        container["problems"].as_array().is_none_or(Vec::is_empty),
+        "{container}"
+    );
+    let cgroup = container["cgroup"].as_str().unwrap().to_owned();
+    let files = session
+        .cluster_mut()
+        .node_exec(&format!(
+            "cd /proc/1/root/sys/fs/cgroup{cgroup} && cat memory.max cpu.max pids.max cpuset.cpus.effective"
+        ))
+        .unwrap();
+    let files: Vec<&str> = files.lines().collect();
+    assert_eq!(
+        [
+            container["memoryMax"].as_str(),
+            container["cpuMax"].as_str(),
+            container["pidsMax"].as_str(),
+            container["cpus"].as_str()
+        ],
+        [
+            files.first().copied(),
+            files.get(1).copied(),
+            files.get(2).copied(),
+            files.get(3).copied()
+        ],
+        "the status holds what the container's cgroup says"
+    );
     // The driver has exited; the pod still holds the VF: no scrub.
     std::thread::sleep(Duration::from_secs(12));
     assert!(

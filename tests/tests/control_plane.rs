@@ -74,6 +74,7 @@ fn spawn_agent(
         resync: Duration::from_secs(30),
         pod_resources: None,
         scrubber: None,
+        containers: None,
     };
     std::thread::spawn(move || {
         let (tx, rx) = mpsc::channel();

@@ -55,7 +55,14 @@ fn the_spec_passes_the_cdi_crates_validation_and_resolves_every_vf() {
     assert_eq!(edits["hooks"][0]["path"], "/run/vfplane/bin/vfplane-oci-hook");
     assert_eq!(
         edits["hooks"][0]["args"],
-        serde_json::json!(["vfplane-oci-hook", "memlock", "67108864"])
+        serde_json::json!([
+            "vfplane-oci-hook",
+            "attach",
+            "--vf",
+            "0000:00:12.0",
+            "--memlock",
+            "67108864"
+        ])
     );
     let noiommu = serde_json::to_value(&devices["0000:21:10.6"].edits().container_edits).expect("edits");
     assert_eq!(noiommu["deviceNodes"][0]["path"], "/dev/vfio/noiommu-9");

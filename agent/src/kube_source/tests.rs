@@ -404,6 +404,7 @@ fn options(dir: &std::path::Path) -> RunOptions {
         resync: Duration::from_secs(30),
         pod_resources: None,
         scrubber: None,
+        containers: None,
     }
 }
 

@@ -1,6 +1,6 @@
-//! `vfplane-oci-hook memlock <bytes>`: the OCI `createRuntime` hook the
-//! device plugin's CDI spec names for VFs of a pool with a locked-memory
-//! limit. See `vfplane_device_plugin::oci_hook`.
+//! `vfplane-oci-hook attach --vf <address> [--memlock <bytes>] [--records
+//! <dir>]`: the OCI `createRuntime` hook the device plugin's CDI spec names
+//! for every VF. See `vfplane_device_plugin::oci_hook`.
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -10,9 +10,14 @@ use vfplane_device_plugin::oci_hook;
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = oci_hook::parse_args(&args)
-        .and_then(|bytes| oci_hook::raise_memlock(bytes, std::io::stdin().lock(), Path::new("/proc")));
+        .and_then(|attach| oci_hook::run(&attach, std::io::stdin().lock(), Path::new("/proc")));
     match result {
-        Ok(_) => ExitCode::SUCCESS,
+        Ok(None) => ExitCode::SUCCESS,
+        Ok(Some(record_error)) => {
+            // The container starts; its VF's owner shows no pod UID.
+            eprintln!("vfplane-oci-hook: no container record: {record_error}");
+            ExitCode::SUCCESS
+        }
         Err(error) => {
             // The runtime puts this in the container's creation error.
             eprintln!("vfplane-oci-hook: {}", vfplane_host::error_chain(&error));

@@ -1,0 +1,200 @@
+//! The container behind each VF's owner: its pod UID and the limits it
+//! actually runs under, read on the node.
+//!
+//! The kubelet names a VF's owner (`attribution`); the OCI hook recorded
+//! the container when the runtime created it (`vfplane_proto::container_record`:
+//! ID, first process, pod UID, cgroup). Matching the two by namespace, pod,
+//! container and VF gives the owner's pod UID and its cgroup. Of the
+//! cgroup (v2), `memory.max`, `cpu.max` and `pids.max` are read through
+//! cgroups-rs's controllers. `cpuset.cpus.effective` and
+//! `cpuset.mems.effective` are read from the same directory directly:
+//! cgroups-rs (0.3.4, and 0.5.1 too) reads the cgroup v1 names
+//! `cpuset.effective_cpus`/`cpuset.effective_mems` on v2 as well, and
+//! answers an empty set. The locked-memory limit is the first process's,
+//! from `/proc/<pid>/limits`.
+//!
+//! A value that breaks the pool's profile (today: a locked-memory limit
+//! below the pool's `lockedMemoryBytes`) or cannot be read is a problem on
+//! the VF's `container` status. Records of containers whose cgroup and
+//! process are both gone are removed.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use cgroups_rs::MaxValue;
+use cgroups_rs::cpu::CpuController;
+use cgroups_rs::memory::MemController;
+use cgroups_rs::pid::PidController;
+use vfplane_proto::container_record::{self, ContainerRecord};
+use vfplane_proto::node_state::{NodeStateStatus, VfContainerStatus};
+use vfplane_proto::pool::PoolConfig;
+
+use crate::attribution::Owners;
+
+/// Where container records, cgroups and processes are found.
+#[derive(Debug, Clone)]
+pub struct ContainerView {
+    /// The hook's records (`/run/vfplane/containers`).
+    pub records_dir: PathBuf,
+    /// The cgroup v2 mount (`/sys/fs/cgroup`).
+    pub cgroup_root: PathBuf,
+    /// The node's `/proc`.
+    pub proc_root: PathBuf,
+}
+
+impl ContainerView {
+    /// Writes each owned VF's pod UID and container into `status`, and
+    /// removes records of containers that are gone.
+    pub fn annotate(&self, status: &mut NodeStateStatus, owners: &Owners, pools: &PoolConfig) {
+        let records = match container_record::read_records(&self.records_dir) {
+            Ok((records, bad)) => {
+                for path in bad {
+                    tracing::warn!(path = %path.display(), "container record does not parse; removed");
+                    let _ = std::fs::remove_file(path);
+                }
+                records
+            }
+            Err(error) => {
+                tracing::warn!(dir = %self.records_dir.display(), %error, "cannot read container records");
+                Vec::new()
+            }
+        };
+        let (records, gone): (Vec<_>, Vec<_>) = records.into_iter().partition(|r| self.alive(r));
+        for record in gone {
+            tracing::debug!(id = %record.id, "container gone; its record is removed");
+            let _ = std::fs::remove_file(container_record::record_path(&self.records_dir, &record.id));
+        }
+        let locked: BTreeMap<&str, u64> = pools
+            .pools
+            .iter()
+            .filter_map(|p| p.locked_memory_bytes.map(|b| (p.name.as_str(), b)))
+            .collect();
+        for vf in status.pfs.iter_mut().flat_map(|pf| pf.vfs.iter_mut()) {
+            vf.owner_pod_uid = None;
+            vf.container = None;
+            let Some(owner) = vf
+                .pci_address
+                .parse()
+                .ok()
+                .and_then(|address| owners.get(&address))
+            else {
+                continue;
+            };
+            let record = records.iter().find(|r| {
+                r.namespace.as_deref() == Some(owner.namespace.as_str())
+                    && r.pod.as_deref() == Some(owner.pod.as_str())
+                    && r.container.as_deref() == Some(owner.container.as_str())
+                    && r.vfs.contains(&vf.pci_address)
+            });
+            let Some(record) = record else {
+                continue;
+            };
+            vf.owner_pod_uid = record.pod_uid.clone();
+            let wanted = vf.pool.as_deref().and_then(|p| locked.get(p)).copied();
+            vf.container = Some(self.read(record, wanted));
+        }
+    }
+
+    /// The container's cgroup directory, for a cgroupfs-style path
+    /// (`/kubepods/...`); `None` for systemd's `slice:prefix:name` form.
+    fn cgroup_dir(&self, record: &ContainerRecord) -> Option<PathBuf> {
+        let path = record.cgroups_path.as_deref()?;
+        if path.contains(':') || !path.starts_with('/') {
+            return None;
+        }
+        Some(self.cgroup_root.join(path.trim_start_matches('/')))
+    }
+
+    fn alive(&self, record: &ContainerRecord) -> bool {
+        let process = self.proc_root.join(record.pid.to_string()).exists();
+        let cgroup = self.cgroup_dir(record).is_some_and(|d| d.exists());
+        process || cgroup
+    }
+
+    /// What the container runs under, with what breaks the profile.
+    fn read(&self, record: &ContainerRecord, locked_memory_bytes: Option<u64>) -> VfContainerStatus {
+        let mut status = VfContainerStatus {
+            id: record.id.clone(),
+            cgroup: record.cgroups_path.clone(),
+            ..VfContainerStatus::default()
+        };
+        let mut problems = Vec::new();
+        match self.cgroup_dir(record) {
+            Some(dir) if dir.exists() => {
+                let memory = MemController::new(dir.clone(), true);
+                match memory.get_mem() {
+                    Ok(set) => status.memory_max = set.max.map(max_text),
+                    Err(e) => problems.push(format!("cannot read memory.max: {e}")),
+                }
+                let cpu = CpuController::new(dir.clone(), true);
+                match (cpu.cfs_quota(), cpu.cfs_period()) {
+                    (Ok(quota), Ok(period)) => {
+                        let quota = if quota < 0 {
+                            "max".to_owned()
+                        } else {
+                            quota.to_string()
+                        };
+                        status.cpu_max = Some(format!("{quota} {period}"));
+                    }
+                    (Err(e), _) | (_, Err(e)) => problems.push(format!("cannot read cpu.max: {e}")),
+                }
+                match PidController::new(dir.clone(), true).get_pid_max() {
+                    Ok(max) => status.pids_max = Some(max_text(max)),
+                    Err(e) => problems.push(format!("cannot read pids.max: {e}")),
+                }
+                // cgroups-rs reads v1 names here on v2 (see the module doc).
+                for (file, slot) in [
+                    ("cpuset.cpus.effective", &mut status.cpus),
+                    ("cpuset.mems.effective", &mut status.mems),
+                ] {
+                    match std::fs::read_to_string(dir.join(file)) {
+                        Ok(text) => *slot = Some(text.trim().to_owned()),
+                        Err(e) => problems.push(format!("cannot read {file}: {e}")),
+                    }
+                }
+            }
+            Some(dir) => problems.push(format!("its cgroup {} is not there", dir.display())),
+            None => problems.push(format!(
+                "cgroup path {:?} is not a cgroupfs path under the cgroup root",
+                record.cgroups_path.as_deref().unwrap_or("")
+            )),
+        }
+        match memlock_soft(&self.proc_root, record.pid) {
+            Some(soft) => {
+                status.locked_memory = Some(soft.map_or_else(|| "unlimited".to_owned(), |b| b.to_string()));
+                if let (Some(wanted), Some(have)) = (locked_memory_bytes, soft)
+                    && have < wanted
+                {
+                    problems.push(format!(
+                        "RLIMIT_MEMLOCK is {have} bytes, below the pool's lockedMemory of {wanted} bytes"
+                    ));
+                }
+            }
+            None => problems.push(format!("cannot read the limits of pid {}", record.pid)),
+        }
+        status.problems = problems;
+        status
+    }
+}
+
+fn max_text(value: MaxValue) -> String {
+    match value {
+        MaxValue::Max => "max".to_owned(),
+        MaxValue::Value(v) => v.to_string(),
+    }
+}
+
+/// The soft RLIMIT_MEMLOCK on the "Max locked memory" line of
+/// `<proc_root>/<pid>/limits`: `Some(None)` for unlimited, `None` when it
+/// cannot be read.
+fn memlock_soft(proc_root: &Path, pid: i32) -> Option<Option<u64>> {
+    let text = std::fs::read_to_string(proc_root.join(pid.to_string()).join("limits")).ok()?;
+    let line = text.lines().find(|l| l.starts_with("Max locked memory"))?;
+    match line["Max locked memory".len()..].split_whitespace().next()? {
+        "unlimited" => Some(None),
+        number => number.parse().ok().map(Some),
+    }
+}
+
+#[cfg(test)]
+mod tests;
