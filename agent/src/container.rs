@@ -13,9 +13,10 @@
 //! answers an empty set. The locked-memory limit is the first process's,
 //! from `/proc/<pid>/limits`.
 //!
-//! A value that breaks the pool's profile (today: a locked-memory limit
-//! below the pool's `lockedMemoryBytes`) or cannot be read is a problem on
-//! the VF's `container` status. Records of containers whose cgroup and
+//! A value that breaks the pool's profile (a locked-memory limit below the
+//! pool's `lockedMemoryBytes`; for a `numaAligned` pool, effective CPUs or
+//! memory nodes outside the VF's NUMA node) or cannot be read is a problem
+//! on the VF's `container` status. Records of containers whose cgroup and
 //! process are both gone are removed.
 
 use std::collections::BTreeMap;
@@ -40,6 +41,17 @@ pub struct ContainerView {
     pub cgroup_root: PathBuf,
     /// The node's `/proc`.
     pub proc_root: PathBuf,
+    /// The node's sysfs (NUMA nodes' CPUs).
+    pub host: vfplane_host::Host,
+}
+
+/// What the pool's profile asks of a container, as far as the node checks.
+#[derive(Debug, Clone, Default)]
+struct Wanted {
+    locked_memory_bytes: Option<u64>,
+    /// For a `numaAligned` pool whose VF's NUMA node is known: the node and
+    /// its CPUs.
+    numa: Option<(u32, String)>,
 }
 
 impl ContainerView {
@@ -64,34 +76,41 @@ impl ContainerView {
             tracing::debug!(id = %record.id, "container gone; its record is removed");
             let _ = std::fs::remove_file(container_record::record_path(&self.records_dir, &record.id));
         }
-        let locked: BTreeMap<&str, u64> = pools
-            .pools
-            .iter()
-            .filter_map(|p| p.locked_memory_bytes.map(|b| (p.name.as_str(), b)))
-            .collect();
-        for vf in status.pfs.iter_mut().flat_map(|pf| pf.vfs.iter_mut()) {
-            vf.owner_pod_uid = None;
-            vf.container = None;
-            let Some(owner) = vf
-                .pci_address
-                .parse()
-                .ok()
-                .and_then(|address| owners.get(&address))
-            else {
-                continue;
-            };
-            let record = records.iter().find(|r| {
-                r.namespace.as_deref() == Some(owner.namespace.as_str())
-                    && r.pod.as_deref() == Some(owner.pod.as_str())
-                    && r.container.as_deref() == Some(owner.container.as_str())
-                    && r.vfs.contains(&vf.pci_address)
-            });
-            let Some(record) = record else {
-                continue;
-            };
-            vf.owner_pod_uid = record.pod_uid.clone();
-            let wanted = vf.pool.as_deref().and_then(|p| locked.get(p)).copied();
-            vf.container = Some(self.read(record, wanted));
+        let pools: BTreeMap<&str, &vfplane_proto::pool::Pool> =
+            pools.pools.iter().map(|p| (p.name.as_str(), p)).collect();
+        for pf in &mut status.pfs {
+            let numa_node = pf.numa_node;
+            for vf in &mut pf.vfs {
+                let pool = vf.pool.as_deref().and_then(|p| pools.get(p));
+                vf.owner_pod_uid = None;
+                vf.container = None;
+                let Some(owner) = vf
+                    .pci_address
+                    .parse()
+                    .ok()
+                    .and_then(|address| owners.get(&address))
+                else {
+                    continue;
+                };
+                let record = records.iter().find(|r| {
+                    r.namespace.as_deref() == Some(owner.namespace.as_str())
+                        && r.pod.as_deref() == Some(owner.pod.as_str())
+                        && r.container.as_deref() == Some(owner.container.as_str())
+                        && r.vfs.contains(&vf.pci_address)
+                });
+                let Some(record) = record else {
+                    continue;
+                };
+                vf.owner_pod_uid = record.pod_uid.clone();
+                let wanted = Wanted {
+                    locked_memory_bytes: pool.and_then(|p| p.locked_memory_bytes),
+                    numa: pool
+                        .filter(|p| p.numa_aligned)
+                        .and(numa_node)
+                        .and_then(|node| self.host.numa_node_cpus(node).ok().map(|cpus| (node, cpus))),
+                };
+                vf.container = Some(self.read(record, &wanted));
+            }
         }
     }
 
@@ -112,7 +131,7 @@ impl ContainerView {
     }
 
     /// What the container runs under, with what breaks the profile.
-    fn read(&self, record: &ContainerRecord, locked_memory_bytes: Option<u64>) -> VfContainerStatus {
+    fn read(&self, record: &ContainerRecord, wanted: &Wanted) -> VfContainerStatus {
         let mut status = VfContainerStatus {
             id: record.id.clone(),
             cgroup: record.cgroups_path.clone(),
@@ -162,7 +181,7 @@ impl ContainerView {
         match memlock_soft(&self.proc_root, record.pid) {
             Some(soft) => {
                 status.locked_memory = Some(soft.map_or_else(|| "unlimited".to_owned(), |b| b.to_string()));
-                if let (Some(wanted), Some(have)) = (locked_memory_bytes, soft)
+                if let (Some(wanted), Some(have)) = (wanted.locked_memory_bytes, soft)
                     && have < wanted
                 {
                     problems.push(format!(
@@ -171,6 +190,25 @@ impl ContainerView {
                 }
             }
             None => problems.push(format!("cannot read the limits of pid {}", record.pid)),
+        }
+        if let Some((node, node_cpus)) = &wanted.numa {
+            let within = |have: &Option<String>, allowed: &str| {
+                let have = have.as_deref().and_then(vfplane_host::parse_cpu_list);
+                let allowed = vfplane_host::parse_cpu_list(allowed);
+                matches!((have, allowed), (Some(h), Some(a)) if !h.is_empty() && h.is_subset(&a))
+            };
+            if !within(&status.cpus, node_cpus) {
+                problems.push(format!(
+                    "effective CPUs {:?} are not within NUMA node {node}'s CPUs {node_cpus}",
+                    status.cpus.as_deref().unwrap_or("")
+                ));
+            }
+            if !within(&status.mems, &node.to_string()) {
+                problems.push(format!(
+                    "effective memory nodes {:?} are not NUMA node {node}",
+                    status.mems.as_deref().unwrap_or("")
+                ));
+            }
         }
         status.problems = problems;
         status

@@ -105,6 +105,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     records_dir: container_records,
                     cgroup_root,
                     proc_root: target.proc_root.clone(),
+                    host: host.clone(),
                 }),
             };
             let reconciler = reconciler(&target, host);

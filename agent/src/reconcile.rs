@@ -50,6 +50,7 @@ struct VfPlan {
     device_type: String,
     settings: VfLinkSettings,
     locked_memory_bytes: Option<u64>,
+    numa_aligned: bool,
 }
 
 /// One PF as the spec wants it, validated against the node.
@@ -269,6 +270,7 @@ impl<N: VfLinkControl> Reconciler<N> {
                     pool: group.resource_name.clone(),
                     device_type: group.device_type.clone(),
                     locked_memory_bytes: group.locked_memory_bytes,
+                    numa_aligned: group.numa_aligned,
                     settings: VfLinkSettings {
                         mac,
                         vlan: group.vlan,
@@ -474,6 +476,8 @@ impl<N: VfLinkControl> Reconciler<N> {
         // A pool whose groups (on several PFs) name different limits gets
         // the largest: a container of the pool may get a VF of any of them.
         let mut locked_memory: BTreeMap<String, u64> = BTreeMap::new();
+        // A pool is NUMA-aligned when any of its groups asks.
+        let mut numa_aligned: BTreeSet<String> = BTreeSet::new();
         let mut pfs = Vec::new();
         for pf in &model.pfs {
             let plan = plans.iter().find(|p| p.address == pf.pci.address);
@@ -514,6 +518,9 @@ impl<N: VfLinkControl> Reconciler<N> {
                         ));
                     } else if wanted.device_type == DEVICE_TYPE_VFIO {
                         pools.entry(wanted.pool.clone()).or_default().push(vf.pci.address);
+                        if wanted.numa_aligned {
+                            numa_aligned.insert(wanted.pool.clone());
+                        }
                         if let Some(bytes) = wanted.locked_memory_bytes {
                             let entry = locked_memory.entry(wanted.pool.clone()).or_default();
                             *entry = (*entry).max(bytes);
@@ -561,6 +568,7 @@ impl<N: VfLinkControl> Reconciler<N> {
                 .into_iter()
                 .map(|(name, devices)| Pool {
                     locked_memory_bytes: locked_memory.get(&name).copied(),
+                    numa_aligned: numa_aligned.contains(&name),
                     name,
                     selector: None,
                     devices,

@@ -221,6 +221,11 @@ pub fn plan_node(node: &Node, ordered: &[&VfPolicy], state: Option<&NodeState>) 
                 link_state: None,
                 macs: Vec::new(),
                 locked_memory_bytes: locked_memory_bytes(&policy.spec),
+                numa_aligned: policy
+                    .spec
+                    .container_profile
+                    .as_ref()
+                    .is_some_and(|p| p.numa_aligned),
             });
             claims.push(Claim {
                 policy: name.to_owned(),

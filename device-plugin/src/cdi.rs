@@ -94,13 +94,25 @@ pub struct Hook {
 }
 
 /// What the spec says for one VF: its VFIO node, and the locked-memory
-/// limit its container gets through the OCI hook.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// limit and cpuset its container gets through the OCI hook.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CdiEntry {
     /// The VF's VFIO group node.
     pub node: VfioNode,
     /// RLIMIT_MEMLOCK in bytes for its container (the pool's profile).
     pub locked_memory_bytes: Option<u64>,
+    /// The cpuset of its container: its NUMA node's CPUs and memory node
+    /// (a `numaAligned` pool, the VF's node known).
+    pub cpuset: Option<NumaCpuset>,
+}
+
+/// A NUMA node's CPUs and memory node, as cpuset lists.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NumaCpuset {
+    /// `cpuset.cpus`, e.g. `2-3`.
+    pub cpus: String,
+    /// `cpuset.mems`, the node's number.
+    pub mems: String,
 }
 
 impl From<VfioNode> for CdiEntry {
@@ -108,6 +120,32 @@ impl From<VfioNode> for CdiEntry {
         Self {
             node,
             locked_memory_bytes: None,
+            cpuset: None,
+        }
+    }
+}
+
+/// The cpuset a container given a VF of `pool` on NUMA node `numa_node`
+/// gets: for a `numaAligned` pool, that node's CPUs and memory node; `None`
+/// otherwise, and when the node is unknown (a machine without NUMA
+/// information: every CPU is as near as any other) or unreadable (logged).
+pub fn numa_cpuset(
+    host: &vfplane_host::Host,
+    pool: &vfplane_proto::pool::Pool,
+    numa_node: Option<u32>,
+) -> Option<NumaCpuset> {
+    if !pool.numa_aligned {
+        return None;
+    }
+    let node = numa_node?;
+    match host.numa_node_cpus(node) {
+        Ok(cpus) => Some(NumaCpuset {
+            cpus,
+            mems: node.to_string(),
+        }),
+        Err(error) => {
+            tracing::warn!(pool = %pool.name, node, error = %vfplane_host::error_chain(&error), "no cpuset for the NUMA node");
+            None
         }
     }
 }
@@ -156,7 +194,7 @@ pub fn spec_for(devices: &BTreeMap<PciAddress, CdiEntry>, hook: Option<&Path>) -
                 container_edits: ContainerEdits {
                     device_nodes: vec![node(&entry.node.path())],
                     hooks: hook
-                        .map(|hook| vec![attach_hook(hook, *address, entry.locked_memory_bytes)])
+                        .map(|hook| vec![attach_hook(hook, *address, entry)])
                         .unwrap_or_default(),
                 },
             })
@@ -164,17 +202,25 @@ pub fn spec_for(devices: &BTreeMap<PciAddress, CdiEntry>, hook: Option<&Path>) -
     })
 }
 
-/// `vfplane-oci-hook attach --vf <address> [--memlock <bytes>]` as a
-/// `createRuntime` hook.
-fn attach_hook(path: &Path, address: PciAddress, locked_memory_bytes: Option<u64>) -> Hook {
+/// `vfplane-oci-hook attach --vf <address> [--memlock <bytes>] [--cpus
+/// <list> --mems <list>]` as a `createRuntime` hook.
+fn attach_hook(path: &Path, address: PciAddress, entry: &CdiEntry) -> Hook {
     let mut args = vec![
         crate::oci_hook::HOOK_BINARY.to_owned(),
         "attach".to_owned(),
         "--vf".to_owned(),
         address.to_string(),
     ];
-    if let Some(bytes) = locked_memory_bytes {
+    if let Some(bytes) = entry.locked_memory_bytes {
         args.extend(["--memlock".to_owned(), bytes.to_string()]);
+    }
+    if let Some(cpuset) = &entry.cpuset {
+        args.extend([
+            "--cpus".to_owned(),
+            cpuset.cpus.clone(),
+            "--mems".to_owned(),
+            cpuset.mems.clone(),
+        ]);
     }
     Hook {
         hook_name: "createRuntime".to_owned(),
@@ -267,7 +313,7 @@ impl CdiWriter {
             return Ok(());
         }
         let mut merged = current;
-        merged.extend(devices.iter().copied());
+        merged.extend(devices.iter().cloned());
         write_spec(dir, &merged, self.hook.as_deref())?;
         *written = Some(merged);
         Ok(())
@@ -350,6 +396,10 @@ mod tests {
                 CdiEntry {
                     node: VfioNode::Group(4),
                     locked_memory_bytes: Some(64 << 20),
+                    cpuset: Some(NumaCpuset {
+                        cpus: "2-3".to_owned(),
+                        mems: "1".to_owned(),
+                    }),
                 },
             ),
             (b, VfioNode::Group(5).into()),
@@ -367,7 +417,11 @@ mod tests {
                     "--vf",
                     "0000:00:12.0",
                     "--memlock",
-                    "67108864"
+                    "67108864",
+                    "--cpus",
+                    "2-3",
+                    "--mems",
+                    "1"
                 ]
                 .map(str::to_owned)
                 .to_vec(),

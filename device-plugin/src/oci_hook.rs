@@ -61,16 +61,36 @@ pub struct Attach {
     pub vf: String,
     /// RLIMIT_MEMLOCK to give the container, in bytes.
     pub memlock: Option<u64>,
+    /// `cpuset.cpus` and `cpuset.mems` to give the container's cgroup.
+    pub cpuset: Option<(String, String)>,
     /// Where container records go.
     pub records: PathBuf,
+    /// The cgroup v2 mount the container's `cgroupsPath` is under.
+    pub cgroup_root: PathBuf,
 }
 
 /// Why the hook failed. Each message names the container and the limit.
 #[derive(Debug, thiserror::Error)]
 pub enum HookError {
-    /// The command line is not `attach --vf <address> [--memlock <bytes>] [--records <dir>]`.
-    #[error("usage: {HOOK_BINARY} attach --vf <address> [--memlock <bytes>] [--records <dir>] (got {0:?})")]
+    /// The command line is not `attach --vf <address> [--memlock <bytes>]
+    /// [--cpus <list> --mems <list>] [--records <dir>] [--cgroup-root <dir>]`.
+    #[error(
+        "usage: {HOOK_BINARY} attach --vf <address> [--memlock <bytes>] [--cpus <list> --mems <list>] \
+         [--records <dir>] [--cgroup-root <dir>] (got {0:?})"
+    )]
     Usage(Vec<String>),
+    /// The container's cgroup could not be found or set.
+    #[error("container {id}: cannot give its cgroup cpuset.cpus {cpus:?} and cpuset.mems {mems:?}: {reason}")]
+    Cpuset {
+        /// The container.
+        id: String,
+        /// The CPUs asked for.
+        cpus: String,
+        /// The memory nodes asked for.
+        mems: String,
+        /// What went wrong.
+        reason: String,
+    },
     /// stdin did not hold an OCI state.
     #[error("the container state on stdin is not an OCI state")]
     State(#[source] serde_json::Error),
@@ -123,19 +143,36 @@ pub fn parse_args(args: &[String]) -> Result<Attach, HookError> {
     }
     let mut vf = None;
     let mut memlock = None;
+    let mut cpus: Option<String> = None;
+    let mut mems: Option<String> = None;
     let mut records = PathBuf::from(vfplane_proto::container_record::DEFAULT_RECORDS_DIR);
+    let mut cgroup_root = PathBuf::from("/sys/fs/cgroup");
     for pair in flags.chunks(2) {
         match (pair[0].as_str(), &pair[1]) {
             ("--vf", value) if vf.is_none() => vf = Some(value.clone()),
             ("--memlock", value) if memlock.is_none() => memlock = Some(value.parse().map_err(|_| usage())?),
+            ("--cpus", value) if cpus.is_none() && vfplane_host::parse_cpu_list(value).is_some() => {
+                cpus = Some(value.clone());
+            }
+            ("--mems", value) if mems.is_none() && vfplane_host::parse_cpu_list(value).is_some() => {
+                mems = Some(value.clone());
+            }
             ("--records", value) => records = PathBuf::from(value),
+            ("--cgroup-root", value) => cgroup_root = PathBuf::from(value),
             _ => return Err(usage()),
         }
     }
+    let cpuset = match (cpus, mems) {
+        (Some(cpus), Some(mems)) => Some((cpus, mems)),
+        (None, None) => None,
+        _ => return Err(usage()),
+    };
     Ok(Attach {
         vf: vf.ok_or_else(usage)?,
         memlock,
+        cpuset,
         records,
+        cgroup_root,
     })
 }
 
@@ -156,19 +193,70 @@ pub fn run(attach: &Attach, state: impl Read, proc_root: &Path) -> Result<Option
     if let Some(bytes) = attach.memlock {
         raise_memlock(&state.id, pid, bytes, proc_root)?;
     }
-    Ok(record(attach, &state, pid).err())
+    let cgroups_path = cgroups_path(&state);
+    if let Some((cpus, mems)) = &attach.cpuset {
+        set_cpuset(attach, &state.id, cgroups_path.as_deref(), cpus, mems)?;
+    }
+    Ok(record(attach, &state, pid, cgroups_path).err())
+}
+
+/// `linux.cgroupsPath` of the container's OCI spec, from its bundle.
+fn cgroups_path(state: &OciState) -> Option<String> {
+    let config = std::fs::read(state.bundle.as_ref()?.join("config.json")).ok()?;
+    let config: serde_json::Value = serde_json::from_slice(&config).ok()?;
+    config["linux"]["cgroupsPath"].as_str().map(str::to_owned)
+}
+
+/// Writes `cpuset.cpus` and `cpuset.mems` of the container's cgroup
+/// (through cgroups-rs) and checks the effective sets it gets.
+fn set_cpuset(
+    attach: &Attach,
+    id: &str,
+    cgroups_path: Option<&str>,
+    cpus: &str,
+    mems: &str,
+) -> Result<(), HookError> {
+    use cgroups_rs::cpuset::CpuSetController;
+    let fail = |reason: String| HookError::Cpuset {
+        id: id.to_owned(),
+        cpus: cpus.to_owned(),
+        mems: mems.to_owned(),
+        reason,
+    };
+    let path = cgroups_path.ok_or_else(|| fail("the OCI spec has no linux.cgroupsPath".to_owned()))?;
+    if path.contains(':') || !path.starts_with('/') {
+        return Err(fail(format!(
+            "cgroup path {path:?} is not a cgroupfs path (systemd cgroups are not supported)"
+        )));
+    }
+    let dir = attach.cgroup_root.join(path.trim_start_matches('/'));
+    if !dir.is_dir() {
+        return Err(fail(format!("its cgroup {} does not exist", dir.display())));
+    }
+    let cpuset = CpuSetController::new(dir.clone(), true);
+    cpuset
+        .set_mems(mems)
+        .map_err(|e| fail(format!("writing cpuset.mems: {e}")))?;
+    cpuset
+        .set_cpus(cpus)
+        .map_err(|e| fail(format!("writing cpuset.cpus: {e}")))?;
+    // cgroups-rs reads cgroup v1 names for the effective sets on v2: read
+    // cgroup v2's own files.
+    for (file, wanted) in [("cpuset.cpus.effective", cpus), ("cpuset.mems.effective", mems)] {
+        let text =
+            std::fs::read_to_string(dir.join(file)).map_err(|e| fail(format!("reading {file}: {e}")))?;
+        if vfplane_host::parse_cpu_list(&text) != vfplane_host::parse_cpu_list(wanted) {
+            return Err(fail(format!("{file} reads {:?} after the write", text.trim())));
+        }
+    }
+    Ok(())
 }
 
 /// Adds the VF to the container's record, made from the state and the
 /// bundle's `config.json`.
-fn record(attach: &Attach, state: &OciState, pid: i32) -> Result<(), String> {
+fn record(attach: &Attach, state: &OciState, pid: i32, cgroups_path: Option<String>) -> Result<(), String> {
     use vfplane_proto::container_record::{ContainerRecord, read_record, write_record};
     let dir = &attach.records;
-    let cgroups_path = state.bundle.as_ref().and_then(|bundle| {
-        let config = std::fs::read(bundle.join("config.json")).ok()?;
-        let config: serde_json::Value = serde_json::from_slice(&config).ok()?;
-        config["linux"]["cgroupsPath"].as_str().map(str::to_owned)
-    });
     let annotation = |key: &str| state.annotations.get(key).cloned();
     let mut record = read_record(dir, &state.id)
         .map_err(|e| format!("reading the record of {} under {}: {e}", state.id, dir.display()))?
@@ -302,7 +390,9 @@ mod tests {
             Some(Attach {
                 vf: "0000:00:12.0".to_owned(),
                 memlock: Some(67_108_864),
+                cpuset: None,
                 records: PathBuf::from("/run/vfplane/containers"),
+                cgroup_root: PathBuf::from("/sys/fs/cgroup"),
             })
         );
         assert_eq!(
@@ -317,6 +407,8 @@ mod tests {
             &["attach", "--vf"],
             &["memlock", "1"],
             &["attach", "--vf", "a", "--vf", "b"],
+            &["attach", "--vf", "a", "--cpus", "1"],
+            &["attach", "--vf", "a", "--cpus", "x", "--mems", "0"],
             &[],
         ] {
             let err = parse_args(&args(bad)).err().map(|e| e.to_string());
@@ -408,7 +500,9 @@ mod tests {
             let attach = Attach {
                 vf: vf.to_owned(),
                 memlock: Some(1 << 20),
+                cpuset: None,
                 records: records.clone(),
+                cgroup_root: PathBuf::from("/nonexistent"),
             };
             results
                 .push(run(&attach, state.as_bytes(), proc_root).map_err(|e| vfplane_host::error_chain(&e)));
@@ -444,6 +538,67 @@ mod tests {
                 Some("/kubepods/besteffort/podu1/c2"),
                 &["0000:00:12.0".to_owned(), "0000:00:12.2".to_owned()][..]
             )
+        );
+    }
+
+    #[test]
+    fn the_cpuset_is_written_to_the_containers_cgroup_and_its_effective_sets_checked() {
+        let work = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let root = work.path().join("cgroup");
+        let dir = root.join("kubepods/besteffort/podu1/c3");
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
+        let attach = |cgroup_root: &Path| {
+            let mut attach = parse_args(&args(&[
+                "attach",
+                "--vf",
+                "0000:21:10.0",
+                "--cpus",
+                "1",
+                "--mems",
+                "1",
+            ]))
+            .unwrap_or_else(|e| panic!("{e}"));
+            attach.cgroup_root = cgroup_root.to_owned();
+            attach
+        };
+        let path = Some("/kubepods/besteffort/podu1/c3");
+        // The kernel would compute the effective sets; the fake tree says
+        // what it "computed".
+        std::fs::write(dir.join("cpuset.cpus.effective"), "1\n").unwrap_or_else(|e| panic!("{e}"));
+        std::fs::write(dir.join("cpuset.mems.effective"), "1\n").unwrap_or_else(|e| panic!("{e}"));
+        let result = set_cpuset(&attach(&root), "c3", path, "1", "1").map_err(|e| e.to_string());
+        assert_eq!(result, Ok(()));
+        assert_eq!(
+            std::fs::read_to_string(dir.join("cpuset.cpus")).ok().as_deref(),
+            Some("1")
+        );
+        assert_eq!(
+            std::fs::read_to_string(dir.join("cpuset.mems")).ok().as_deref(),
+            Some("1")
+        );
+        // A parent without CPU 1 leaves another effective set: refused.
+        std::fs::write(dir.join("cpuset.cpus.effective"), "0\n").unwrap_or_else(|e| panic!("{e}"));
+        let err = set_cpuset(&attach(&root), "c3", path, "1", "1").map_err(|e| e.to_string());
+        assert_eq!(
+            err,
+            Err(
+                "container c3: cannot give its cgroup cpuset.cpus \"1\" and cpuset.mems \"1\": \
+                 cpuset.cpus.effective reads \"0\" after the write"
+                    .to_owned()
+            )
+        );
+        let err = set_cpuset(&attach(&root), "c3", Some("kubepods.slice:cri:c3"), "1", "1")
+            .map_err(|e| e.to_string());
+        assert!(
+            err.as_ref()
+                .is_err_and(|e| e.ends_with("is not a cgroupfs path (systemd cgroups are not supported)")),
+            "{err:?}"
+        );
+        let err =
+            set_cpuset(&attach(&root), "c3", Some("/kubepods/gone"), "1", "1").map_err(|e| e.to_string());
+        assert!(
+            err.as_ref().is_err_and(|e| e.contains("does not exist")),
+            "{err:?}"
         );
     }
 }

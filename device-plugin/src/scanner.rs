@@ -42,7 +42,7 @@ use std::time::{Duration, Instant};
 use vfplane_host::PciAddress;
 use vfplane_proto::pool::PoolConfig;
 
-use crate::cdi::CdiEntry;
+use crate::cdi::{CdiEntry, numa_cpuset};
 use crate::inventory::{Inventory, PoolView};
 use crate::metrics::bump;
 use crate::server::{NodeContext, PoolShared};
@@ -155,14 +155,16 @@ pub(crate) fn run(
         let mut cdi_devices: BTreeMap<PciAddress, CdiEntry> = BTreeMap::new();
         for (name, shared) in &pools {
             let view = result.views.remove(name).unwrap_or_default();
-            let locked_memory_bytes = shared.config().locked_memory_bytes;
+            let pool = shared.config();
+            let host = &node.host;
             cdi_devices.extend(view.devices.iter().filter_map(|d| {
-                d.vfio_node.map(|node| {
+                d.vfio_node.map(|vfio| {
                     (
                         d.address,
                         CdiEntry {
-                            node,
-                            locked_memory_bytes,
+                            node: vfio,
+                            locked_memory_bytes: pool.locked_memory_bytes,
+                            cpuset: numa_cpuset(host, &pool, d.facts.as_ref().and_then(|f| f.numa_node)),
                         },
                     )
                 })

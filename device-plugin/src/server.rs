@@ -14,7 +14,7 @@ use vfplane_proto::deviceplugin::v1beta1 as dp;
 use vfplane_proto::pool::{Pool, cdi_device_name, pci_env_var, resource_name};
 use vfplane_proto::vf_state;
 
-use crate::cdi::{CdiEntry, CdiWriter};
+use crate::cdi::{CdiEntry, CdiWriter, numa_cpuset};
 use crate::inventory::{self, DeviceStatus, PoolView};
 use crate::metrics::{NodeMetrics, PoolMetrics, bump};
 use crate::preferred::preferred_allocation;
@@ -386,6 +386,11 @@ impl DevicePluginService {
                 CdiEntry {
                     node,
                     locked_memory_bytes: pool.locked_memory_bytes,
+                    cpuset: numa_cpuset(
+                        &self.shared.node.host,
+                        pool,
+                        device.facts.as_ref().and_then(|f| f.numa_node),
+                    ),
                 },
             ));
             let facts = device.facts.as_ref();

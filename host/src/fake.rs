@@ -142,6 +142,16 @@ impl FakeSysfs {
         Ok(())
     }
 
+    /// Makes NUMA node `node` with these CPUs (`cpulist` text, `0-1`).
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub fn add_numa_node(&self, node: u32, cpulist: &str) -> io::Result<()> {
+        let dir = self.sysfs_root().join(format!("devices/system/node/node{node}"));
+        fs::create_dir_all(&dir)?;
+        fs::write(dir.join("cpulist"), format!("{cpulist}\n"))
+    }
+
     /// Writes a device's 64-byte config space header with vendor, device
     /// and `command` filled in, the rest zero.
     ///

@@ -542,6 +542,18 @@ impl Host {
         }
     }
 
+    /// The CPUs of NUMA node `node`, as the kernel lists them
+    /// (`devices/system/node/node<N>/cpulist`, e.g. `0-3,8-11`).
+    ///
+    /// # Errors
+    /// [`HostError::Read`] when the node does not exist or cannot be read.
+    pub fn numa_node_cpus(&self, node: u32) -> Result<String> {
+        let path = self.sysfs.join(format!("devices/system/node/node{node}/cpulist"));
+        fs::read_to_string(&path)
+            .map(|text| text.trim().to_owned())
+            .map_err(|source| HostError::Read { path, source })
+    }
+
     /// Resets one function through sysfs `reset`: the kernel picks the
     /// method (`reset_method`; a function-level reset for an SR-IOV VF),
     /// saving and restoring its config space around it. The kernel refuses
@@ -605,6 +617,26 @@ pub fn num_vfs_steps(current: u16, requested: u16) -> Vec<u16> {
         (_, 0) => vec![0],
         (_, r) => vec![0, r],
     }
+}
+
+/// The CPUs (or memory nodes) of a kernel list such as `0-3,8,10-11`;
+/// `None` for text that is not one. An empty list is an empty set.
+pub fn parse_cpu_list(text: &str) -> Option<std::collections::BTreeSet<u32>> {
+    let mut set = std::collections::BTreeSet::new();
+    for part in text.trim().split(',').filter(|p| !p.is_empty()) {
+        let (first, last) = match part.split_once('-') {
+            Some((a, b)) => (a.parse::<u32>().ok()?, b.parse::<u32>().ok()?),
+            None => {
+                let n = part.parse::<u32>().ok()?;
+                (n, n)
+            }
+        };
+        if first > last || last - first > 65_535 {
+            return None;
+        }
+        set.extend(first..=last);
+    }
+    Some(set)
 }
 
 /// The command register's Bus Master Enable bit: set, the function can

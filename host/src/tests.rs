@@ -382,3 +382,28 @@ fn function_reset_writes_reset_and_the_command_register_is_read_from_config() {
         "{err}"
     );
 }
+
+#[test]
+fn numa_node_cpus_are_read_and_a_missing_node_is_named() {
+    let fake = testbed_like(0);
+    fake.add_numa_node(1, "2-3").unwrap();
+    assert_eq!(fake.host().numa_node_cpus(1).unwrap(), "2-3");
+    let err = fake.host().numa_node_cpus(7).unwrap_err();
+    assert!(
+        err.to_string().contains("devices/system/node/node7/cpulist"),
+        "{err}"
+    );
+}
+
+#[test]
+fn cpu_lists_parse_ranges_and_refuse_garbage() {
+    let set = |v: &[u32]| v.iter().copied().collect::<std::collections::BTreeSet<_>>();
+    assert_eq!(
+        parse_cpu_list("0-3,8,10-11\n"),
+        Some(set(&[0, 1, 2, 3, 8, 10, 11]))
+    );
+    assert_eq!(parse_cpu_list(""), Some(set(&[])));
+    for bad in ["a", "3-1", "1-", "0-99999999"] {
+        assert_eq!(parse_cpu_list(bad), None, "{bad}");
+    }
+}

@@ -93,6 +93,10 @@ pub struct VfGroupSpec {
     /// `containerProfile.lockedMemory`). Absent: the runtime's default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub locked_memory_bytes: Option<u64>,
+    /// Containers given one of these VFs run on the CPUs and memory of the
+    /// VF's NUMA node (the policy's `containerProfile.numaAligned`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub numa_aligned: bool,
 }
 
 fn default_device_type() -> String {

@@ -59,6 +59,10 @@ pub struct Pool {
     /// set before its first instruction by the OCI hook the CDI spec names.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub locked_memory_bytes: Option<u64>,
+    /// Containers given a VF of the pool get the CPUs and memory node of
+    /// the VF's NUMA node as their cpuset, set by the OCI hook.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub numa_aligned: bool,
 }
 
 /// Selects every VF that matches all the fields given.

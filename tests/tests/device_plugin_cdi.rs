@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use container_device_interface::cache::{new_cache, with_auto_refresh};
 use container_device_interface::spec::read_spec;
 use container_device_interface::spec_dirs::with_spec_dirs;
-use vfplane_device_plugin::cdi::{CdiEntry, CdiWriter, SPEC_FILE_NAME};
+use vfplane_device_plugin::cdi::{CdiEntry, CdiWriter, NumaCpuset, SPEC_FILE_NAME};
 use vfplane_device_plugin::health::VfioNode;
 use vfplane_host::PciAddress;
 
@@ -29,6 +29,10 @@ fn the_spec_passes_the_cdi_crates_validation_and_resolves_every_vf() {
                 CdiEntry {
                     node: VfioNode::Group(4),
                     locked_memory_bytes: Some(64 << 20),
+                    cpuset: Some(NumaCpuset {
+                        cpus: "2-3".to_owned(),
+                        mems: "1".to_owned(),
+                    }),
                 },
             ),
             (b, VfioNode::NoIommu(9).into()),
@@ -61,7 +65,11 @@ fn the_spec_passes_the_cdi_crates_validation_and_resolves_every_vf() {
             "--vf",
             "0000:00:12.0",
             "--memlock",
-            "67108864"
+            "67108864",
+            "--cpus",
+            "2-3",
+            "--mems",
+            "1"
         ])
     );
     let noiommu = serde_json::to_value(&devices["0000:21:10.6"].edits().container_edits).expect("edits");

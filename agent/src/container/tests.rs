@@ -14,6 +14,7 @@ const CGROUP: &str = "/kubepods/besteffort/podu1/c1";
 
 struct Node {
     _dir: tempfile::TempDir,
+    _sysfs: vfplane_host::fake::FakeSysfs,
     view: ContainerView,
 }
 
@@ -21,10 +22,14 @@ struct Node {
 /// the VF, with a cgroup and `/proc` entry; the pool asks for 64 MiB.
 fn node(memlock_soft: &str) -> Node {
     let dir = tempfile::tempdir().unwrap();
+    let sysfs = vfplane_host::fake::FakeSysfs::new().unwrap();
+    sysfs.add_numa_node(0, "0").unwrap();
+    sysfs.add_numa_node(1, "1").unwrap();
     let view = ContainerView {
         records_dir: dir.path().join("records"),
         cgroup_root: dir.path().join("cgroup"),
         proc_root: dir.path().join("proc"),
+        host: sysfs.host(),
     };
     let cgroup = view.cgroup_root.join(CGROUP.trim_start_matches('/'));
     fs::create_dir_all(&cgroup).unwrap();
@@ -61,7 +66,11 @@ fn node(memlock_soft: &str) -> Node {
         },
     )
     .unwrap();
-    Node { _dir: dir, view }
+    Node {
+        _dir: dir,
+        _sysfs: sysfs,
+        view,
+    }
 }
 
 fn status() -> NodeStateStatus {
@@ -99,6 +108,7 @@ fn pools() -> PoolConfig {
             preferred_allocation: Default::default(),
             allow_no_iommu: false,
             locked_memory_bytes: Some(64 << 20),
+            numa_aligned: false,
         }],
     }
 }
@@ -174,5 +184,33 @@ fn a_systemd_cgroup_path_is_named_as_unreadable() {
         [
             "cgroup path \"kubepods-besteffort.slice:cri-containerd:c1\" is not a cgroupfs path under the cgroup root"
         ]
+    );
+}
+
+#[test]
+fn a_numa_aligned_pools_container_off_its_vfs_node_is_a_problem() {
+    let node = node("67108864");
+    let mut pools = pools();
+    pools.pools[0].numa_aligned = true;
+    let mut status = status();
+    status.pfs[0].numa_node = Some(1);
+    // The fake cgroup says CPUs 0-1, memory node 0: not NUMA node 1's.
+    node.view.annotate(&mut status, &owners(), &pools);
+    let container = status.pfs[0].vfs[0].container.clone().unwrap();
+    assert_eq!(
+        container.problems,
+        [
+            "effective CPUs \"0-1\" are not within NUMA node 1's CPUs 1",
+            "effective memory nodes \"0\" are not NUMA node 1"
+        ]
+    );
+    // Aligned: no problem.
+    let cgroup = node.view.cgroup_root.join(CGROUP.trim_start_matches('/'));
+    fs::write(cgroup.join("cpuset.cpus.effective"), "1\n").unwrap();
+    fs::write(cgroup.join("cpuset.mems.effective"), "1\n").unwrap();
+    node.view.annotate(&mut status, &owners(), &pools);
+    assert_eq!(
+        status.pfs[0].vfs[0].container.clone().unwrap().problems,
+        Vec::<String>::new()
     );
 }

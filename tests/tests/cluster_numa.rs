@@ -1,0 +1,136 @@
+//! A `numaAligned` pool on the real cluster with two NUMA nodes: the
+//! testbed's `TwoNumaNodes` guest (one CPU each) as the node, the PF
+//! 0000:21:00.0 behind a PCIe expander bridge on node 1. A pod given a VF
+//! of that PF runs on node 1's CPU and memory: the OCI hook set its
+//! cgroup's cpuset before its first instruction, the pod sees it in
+//! `/proc/self/status`, and the agent reads it back into the VF's status
+//! with no problem.
+
+#![allow(clippy::expect_used, clippy::unwrap_used)] // test: a panic is the failure report
+
+use std::time::Duration;
+
+use serde_json::Value;
+use xtask::cluster::images::VFPLANE_IMAGE;
+use xtask::cluster::{ClusterOptions, NODE_NAME};
+use xtask::session::Session;
+use xtask::testbed::{GuestOptions, Testbed, Topology};
+
+const POLICY: &str = r#"apiVersion: vfplane.io/v1alpha1
+kind: VfPolicy
+metadata:
+  name: near
+spec:
+  nodeSelector:
+    vfplane.io/sriov: "true"
+  nicSelector:
+    pciAddresses: ["0000:21:00.0"]
+  numVfs: 1
+  deviceType: vfio-pci
+  resourceName: near
+  containerProfile:
+    cpu: "1"
+    memory: 128Mi
+    numaAligned: true
+    lockedMemory: 64Mi
+"#;
+
+fn pod() -> String {
+    format!(
+        r#"apiVersion: v1
+kind: Pod
+metadata:
+  name: near
+spec:
+  terminationGracePeriodSeconds: 1
+  containers:
+    - name: app
+      image: {VFPLANE_IMAGE}
+      imagePullPolicy: IfNotPresent
+      command: ["sh", "-c", "grep -E 'Cpus_allowed_list|Mems_allowed_list' /proc/self/status; pktgen --count 100 --size 60 && exec sleep 86400"]
+      resources:
+        requests:
+          vfplane.io/near: 1
+          cpu: "1"
+          memory: 128Mi
+        limits:
+          vfplane.io/near: 1
+          cpu: "1"
+          memory: 128Mi
+"#
+    )
+}
+
+#[test]
+fn a_numa_aligned_pools_container_runs_on_its_vfs_numa_node() {
+    let testbed = Testbed::prepare().expect("testbed");
+    let options = ClusterOptions {
+        guest: GuestOptions {
+            topology: Topology::TwoNumaNodes,
+            cpus: 2,
+            ..GuestOptions::default()
+        },
+        node_extra: None,
+    };
+    let mut session = Session::start(&testbed, options).expect("cluster");
+    let cpus = session
+        .cluster_mut()
+        .node_exec("cat /sys/devices/system/node/node1/cpulist")
+        .unwrap();
+    assert_eq!(cpus.trim(), "1", "the node's NUMA node 1 has CPU 1");
+    session.install_vfplane().expect("helm install");
+    session.apply(POLICY).expect("policy");
+    session
+        .wait_allocatable("near", 1, Duration::from_secs(300))
+        .expect("the pool");
+    session.apply(&pod()).unwrap();
+    session
+        .wait("the pod's pktgen report", Duration::from_secs(300), |c| {
+            Ok(c.kubectl_output(&["logs", "near"])
+                .is_ok_and(|l| l.contains("\"tool\":\"pktgen\"")))
+        })
+        .unwrap();
+    let logs = session.kubectl(&["logs", "near"]).unwrap();
+    let field = |name: &str| {
+        logs.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .unwrap_or_default()
+            .to_owned()
+    };
+    assert_eq!(
+        (field("Cpus_allowed_list:"), field("Mems_allowed_list:")),
+        ("1".to_owned(), "1".to_owned()),
+        "the container runs on NUMA node 1's CPU and memory"
+    );
+    let report: Value = logs
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .find_map(|l| serde_json::from_str(l).ok())
+        .unwrap();
+    assert!(report.get("error").is_none(), "{report}");
+    assert!(
+        report["pci"].as_str().is_some_and(|p| p.starts_with("0000:21:")),
+        "a VF of the node-1 PF: {report}"
+    );
+    session
+        .wait(
+            "the container's cpuset in the VF's status",
+            Duration::from_secs(60),
+            |c| {
+                let text = c.kubectl_output(&["get", "nodestate", NODE_NAME, "-o", "json"])?;
+                let state: Value = serde_json::from_str(&text)?;
+                Ok(state["status"]["pfs"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .flat_map(|pf| pf["vfs"].as_array().into_iter().flatten())
+                    .any(|vf| {
+                        vf["container"]["cpus"] == "1"
+                            && vf["container"]["mems"] == "1"
+                            && vf["container"]["problems"].as_array().is_none_or(Vec::is_empty)
+                    }))
+            },
+        )
+        .unwrap();
+}
