@@ -39,6 +39,8 @@ pub struct DemoReport {
     pub scrubbed: bool,
     /// The pod's RLIMIT_MEMLOCK (soft) in bytes, from its /proc/self/limits.
     pub locked_memory: String,
+    /// What the pod's /dev/vfio holds.
+    pub vfio_nodes: String,
     /// Frames the pod's driver sent (its VF's own TX counter).
     pub frames_sent: u64,
     /// Frames the host counted on the PF's wire.
@@ -63,6 +65,7 @@ impl DemoReport {
             ("VF given", self.vf.clone()),
             ("its owner (NodeState status)", self.owner.clone()),
             ("its locked-memory limit", self.locked_memory.clone()),
+            ("its /dev/vfio", self.vfio_nodes.clone()),
             (
                 "scrubbed after the pod",
                 if self.scrubbed { "yes" } else { "no" }.to_owned(),
@@ -144,7 +147,7 @@ spec:
           image: {VFPLANE_IMAGE}
           imagePullPolicy: IfNotPresent
           # The VF comes from PCIDEVICE_VFPLANE_IO_FAST alone.
-          command: ["sh", "-c", "grep 'locked memory' /proc/self/limits; pktgen --count {FRAMES} --size 60 --dst 02:00:00:00:00:aa && exec sleep 86400"]
+          command: ["sh", "-c", "echo vfio-nodes: $(ls /dev/vfio); grep 'locked memory' /proc/self/limits; pktgen --count {FRAMES} --size 60 --dst 02:00:00:00:00:aa && exec sleep 86400"]
           resources:
             limits:
               vfplane.io/{POOL}: 1
@@ -281,6 +284,33 @@ pub fn run(testbed: &Testbed) -> Result<DemoReport> {
         "-o=jsonpath={.items[0].metadata.name}",
     ]);
     demo.report.vf = line["pci"].as_str().unwrap_or_default().to_owned();
+    // Isolation: the container has the VFIO container node and its own
+    // VF's group node, not the other VF's.
+    let nodes: Vec<String> = logs
+        .lines()
+        .find_map(|l| l.strip_prefix("vfio-nodes:"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect();
+    let group = demo.session.jsonpath(&[
+        "get",
+        "nodestate",
+        NODE_NAME,
+        &format!(
+            "-o=jsonpath={{.status.pfs[0].vfs[?(@.pciAddress==\"{}\")].iommuGroup}}",
+            demo.report.vf
+        ),
+    ]);
+    let mut expected = vec!["vfio".to_owned(), group.clone()];
+    expected.sort();
+    let mut listed = nodes.clone();
+    listed.sort();
+    ensure!(
+        listed == expected,
+        "the pod's /dev/vfio holds {nodes:?}, not exactly vfio and its VF's group {group}"
+    );
+    demo.report.vfio_nodes = nodes.join(" ");
     // The pool's profile asks for 64 MiB of locked memory; the OCI hook
     // gave it to the container before its first instruction.
     demo.report.locked_memory = logs
