@@ -13,6 +13,14 @@ const SCRIPT: &str = r#"
 set -e
 pf=/sys/bus/pci/devices/0000:00:02.0
 echo 2 > $pf/sriov_numvfs
+# Enabling SR-IOV resets igb's PF: its link is down until auto-negotiation
+# ends, and the plugin rightly calls the VFs Unhealthy meanwhile. The
+# first ListAndWatch answer checked below is the one of a ready node.
+i=0
+until [ "$(cat $pf/net/*/carrier 2>/dev/null)" = 1 ]; do
+  i=$((i+1)); [ $i -le 100 ] || { echo "the PF has no carrier 10 s after making VFs"; exit 1; }
+  sleep 0.1
+done
 for link in $pf/virtfn0 $pf/virtfn1; do
   vf=$(basename "$(readlink $link)")
   echo vfio-pci > /sys/bus/pci/devices/$vf/driver_override
