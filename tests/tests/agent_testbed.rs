@@ -64,7 +64,8 @@ while [ $n -lt 100 ]; do
   if [ "$(cat $pf/sriov_numvfs)" = 2 ] && [ "$(basename "$(readlink $pf/virtfn1/driver)")" = vfio-pci ]; then break; fi
   sleep 0.1; n=$((n+1))
 done
-echo "{\"step\":\"repair\",\"numVfs\":$(cat $pf/sriov_numvfs),\"afterMs\":$(( $(ms) - t0 )),\"rssKiB\":$rss}"
+drv() { basename "$(readlink $pf/virtfn$1/driver 2>/dev/null)" 2>/dev/null; }
+echo "{\"step\":\"repair\",\"numVfs\":$(cat $pf/sriov_numvfs),\"drivers\":[\"$(drv 0)\",\"$(drv 1)\"],\"afterMs\":$(( $(ms) - t0 )),\"rssKiB\":$rss}"
 kill $agent
 
 state seven <<'Y'
@@ -196,12 +197,24 @@ fn agent_converges_repairs_and_survives_kill_on_the_real_kernel() {
     assert_eq!(step(&lines, "apply-two")["numVfs"], 2);
     let repair = step(&lines, "repair");
     assert_eq!(repair["numVfs"], 2, "{out}");
+    assert_eq!(
+        repair["drivers"],
+        serde_json::json!(["vfio-pci", "vfio-pci"]),
+        "the repaired VFs are back on vfio-pci: {out}"
+    );
     eprintln!(
         "repair after {} ms; agent RSS {} KiB",
         repair["afterMs"], repair["rssKiB"]
     );
 
-    // kill -9 in the middle of an apply, then a plain apply converges.
+    // kill -9 in the middle of an apply (2 -> 7 VFs goes through 0): the
+    // kernel's count is one the apply writes, never anything else; then a
+    // plain apply converges.
+    let after_kill = &step(&lines, "killed")["numVfsAfterKill"];
+    assert!(
+        *after_kill == 0 || *after_kill == 2 || *after_kill == 7,
+        "numVfs after the kill: {after_kill}\n{out}"
+    );
     assert_eq!(step(&lines, "apply-after-kill")["rc"], 0, "{out}");
     let seven = section(out, "status-seven");
     let vfs = seven["pfs"][0]["vfs"].as_array().expect("vfs");
