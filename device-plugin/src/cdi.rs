@@ -125,29 +125,23 @@ impl From<VfioNode> for CdiEntry {
     }
 }
 
-/// The cpuset a container given a VF of `pool` on NUMA node `numa_node`
-/// gets: for a `numaAligned` pool, that node's CPUs and memory node; `None`
-/// otherwise, and when the node is unknown (a machine without NUMA
-/// information: every CPU is as near as any other) or unreadable (logged).
+/// The cpuset a container given the VF with these `facts` of `pool` gets:
+/// for a `numaAligned` pool, the CPUs and memory node of the VF's NUMA node
+/// (read at discovery); `None` otherwise, and when the node is unknown (a
+/// machine without NUMA information: every CPU is as near as any other) or
+/// its CPUs could not be read (logged at discovery).
 pub fn numa_cpuset(
-    host: &vfplane_host::Host,
     pool: &vfplane_proto::pool::Pool,
-    numa_node: Option<u32>,
+    facts: Option<&crate::inventory::VfFacts>,
 ) -> Option<NumaCpuset> {
     if !pool.numa_aligned {
         return None;
     }
-    let node = numa_node?;
-    match host.numa_node_cpus(node) {
-        Ok(cpus) => Some(NumaCpuset {
-            cpus,
-            mems: node.to_string(),
-        }),
-        Err(error) => {
-            tracing::warn!(pool = %pool.name, node, error = %vfplane_host::error_chain(&error), "no cpuset for the NUMA node");
-            None
-        }
-    }
+    let facts = facts?;
+    Some(NumaCpuset {
+        cpus: facts.numa_cpus.clone()?,
+        mems: facts.numa_node?.to_string(),
+    })
 }
 
 /// A device node.

@@ -41,6 +41,8 @@ pub struct VfFacts {
     pub vf_index: Option<u16>,
     /// NUMA node, when the kernel knows it.
     pub numa_node: Option<u32>,
+    /// That node's CPUs (`cpulist`), read once per node at discovery.
+    pub numa_cpus: Option<String>,
     /// Vendor ID (`8086`).
     pub vendor: String,
     /// Device ID (`10ca`).
@@ -359,6 +361,19 @@ impl Inventory {
             tracing::debug!(address = ?problem.address, message = %problem.message, "discovery problem");
         }
         let mut candidates = BTreeMap::new();
+        let mut node_cpus: BTreeMap<u32, Option<String>> = BTreeMap::new();
+        let mut numa_cpus = |node: Option<u32>| -> Option<String> {
+            let node = node?;
+            node_cpus
+                .entry(node)
+                .or_insert_with(|| {
+                    self.host
+                        .numa_node_cpus(node)
+                        .inspect_err(|e| tracing::warn!(node, error = %vfplane_host::error_chain(e), "cannot read the NUMA node's CPUs"))
+                        .ok()
+                })
+                .clone()
+        };
         self.pf_dirs = model
             .pfs
             .iter()
@@ -371,6 +386,7 @@ impl Inventory {
                     pf: Some(vf.pf),
                     vf_index: Some(vf.index),
                     numa_node: vf.pci.numa_node,
+                    numa_cpus: numa_cpus(vf.pci.numa_node),
                     vendor: vf.pci.vendor.clone(),
                     device: vf.pci.device.clone(),
                     group: vf.iommu.as_ref().map(|g| KnownGroup {
@@ -410,6 +426,7 @@ impl Inventory {
                             pf: self.host.physfn(address).ok().flatten(),
                             vf_index: None,
                             numa_node: pci.numa_node,
+                            numa_cpus: numa_cpus(pci.numa_node),
                             vendor: pci.vendor,
                             device: pci.device,
                             group,
@@ -543,6 +560,7 @@ mod tests {
                     pf: Some(addr(pf)),
                     vf_index: Some(0),
                     numa_node: None,
+                    numa_cpus: None,
                     vendor: "8086".into(),
                     device: "10ca".into(),
                     group: None,

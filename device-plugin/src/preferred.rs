@@ -193,6 +193,7 @@ mod tests {
                     pf: Some(pf.parse().unwrap()),
                     vf_index: Some(0),
                     numa_node: *numa,
+                    numa_cpus: None,
                     vendor: "8086".into(),
                     device: "10ca".into(),
                     group: None,

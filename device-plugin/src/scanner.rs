@@ -156,7 +156,6 @@ pub(crate) fn run(
         for (name, shared) in &pools {
             let view = result.views.remove(name).unwrap_or_default();
             let pool = shared.config();
-            let host = &node.host;
             cdi_devices.extend(view.devices.iter().filter_map(|d| {
                 d.vfio_node.map(|vfio| {
                     (
@@ -164,7 +163,7 @@ pub(crate) fn run(
                         CdiEntry {
                             node: vfio,
                             locked_memory_bytes: pool.locked_memory_bytes,
-                            cpuset: numa_cpuset(host, &pool, d.facts.as_ref().and_then(|f| f.numa_node)),
+                            cpuset: numa_cpuset(&pool, d.facts.as_ref()),
                         },
                     )
                 })

@@ -386,11 +386,7 @@ impl DevicePluginService {
                 CdiEntry {
                     node,
                     locked_memory_bytes: pool.locked_memory_bytes,
-                    cpuset: numa_cpuset(
-                        &self.shared.node.host,
-                        pool,
-                        device.facts.as_ref().and_then(|f| f.numa_node),
-                    ),
+                    cpuset: numa_cpuset(pool, device.facts.as_ref()),
                 },
             ));
             let facts = device.facts.as_ref();
