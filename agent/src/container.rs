@@ -20,7 +20,7 @@
 //! process are both gone are removed.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use cgroups_rs::MaxValue;
 use cgroups_rs::cpu::CpuController;
@@ -117,11 +117,7 @@ impl ContainerView {
     /// The container's cgroup directory, for a cgroupfs-style path
     /// (`/kubepods/...`); `None` for systemd's `slice:prefix:name` form.
     fn cgroup_dir(&self, record: &ContainerRecord) -> Option<PathBuf> {
-        let path = record.cgroups_path.as_deref()?;
-        if path.contains(':') || !path.starts_with('/') {
-            return None;
-        }
-        Some(self.cgroup_root.join(path.trim_start_matches('/')))
+        container_record::cgroupfs_dir(&self.cgroup_root, record.cgroups_path.as_deref()?)
     }
 
     fn alive(&self, record: &ContainerRecord) -> bool {
@@ -178,7 +174,7 @@ impl ContainerView {
                 record.cgroups_path.as_deref().unwrap_or("")
             )),
         }
-        match memlock_soft(&self.proc_root, record.pid) {
+        match vfplane_host::memlock_limits(&self.proc_root, record.pid).map(|(soft, _)| soft) {
             Some(soft) => {
                 status.locked_memory = Some(soft.map_or_else(|| "unlimited".to_owned(), |b| b.to_string()));
                 if let (Some(wanted), Some(have)) = (wanted.locked_memory_bytes, soft)
@@ -219,18 +215,6 @@ fn max_text(value: MaxValue) -> String {
     match value {
         MaxValue::Max => "max".to_owned(),
         MaxValue::Value(v) => v.to_string(),
-    }
-}
-
-/// The soft RLIMIT_MEMLOCK on the "Max locked memory" line of
-/// `<proc_root>/<pid>/limits`: `Some(None)` for unlimited, `None` when it
-/// cannot be read.
-fn memlock_soft(proc_root: &Path, pid: i32) -> Option<Option<u64>> {
-    let text = std::fs::read_to_string(proc_root.join(pid.to_string()).join("limits")).ok()?;
-    let line = text.lines().find(|l| l.starts_with("Max locked memory"))?;
-    match line["Max locked memory".len()..].split_whitespace().next()? {
-        "unlimited" => Some(None),
-        number => number.parse().ok().map(Some),
     }
 }
 

@@ -224,12 +224,11 @@ fn set_cpuset(
         reason,
     };
     let path = cgroups_path.ok_or_else(|| fail("the OCI spec has no linux.cgroupsPath".to_owned()))?;
-    if path.contains(':') || !path.starts_with('/') {
+    let Some(dir) = vfplane_proto::container_record::cgroupfs_dir(&attach.cgroup_root, path) else {
         return Err(fail(format!(
             "cgroup path {path:?} is not a cgroupfs path (systemd cgroups are not supported)"
         )));
-    }
-    let dir = attach.cgroup_root.join(path.trim_start_matches('/'));
+    };
     if !dir.is_dir() {
         return Err(fail(format!("its cgroup {} does not exist", dir.display())));
     }
@@ -300,14 +299,14 @@ fn raise_memlock(id: &str, pid: i32, bytes: u64, proc_root: &Path) -> Result<(),
             proc_root.display()
         )))
     };
-    let (soft, hard) = memlock_limits(proc_root, pid).ok_or_else(unreadable)?;
+    let (soft, hard) = vfplane_host::memlock_limits(proc_root, pid).ok_or_else(unreadable)?;
     let raise = |limit: Option<u64>| limit.map(|value| value.max(bytes));
     let wanted = Rlimit {
         current: raise(soft),
         maximum: raise(hard),
     };
     prlimit(Some(target), Resource::Memlock, wanted).map_err(|e| set_error(e.into()))?;
-    let (soft, hard) = memlock_limits(proc_root, pid).ok_or_else(unreadable)?;
+    let (soft, hard) = vfplane_host::memlock_limits(proc_root, pid).ok_or_else(unreadable)?;
     let holds = |limit: Option<u64>| limit.is_none_or(|value| value >= bytes);
     if !(holds(soft) && holds(hard)) {
         let show = |limit: Option<u64>| limit.map_or_else(|| "unlimited".to_owned(), |v| v.to_string());
@@ -319,22 +318,6 @@ fn raise_memlock(id: &str, pid: i32, bytes: u64, proc_root: &Path) -> Result<(),
         });
     }
     Ok(())
-}
-
-/// The soft and hard RLIMIT_MEMLOCK of a process from the "Max locked
-/// memory" line of `<proc_root>/<pid>/limits`; `None` stands for
-/// unlimited.
-fn memlock_limits(proc_root: &Path, pid: i32) -> Option<(Option<u64>, Option<u64>)> {
-    let text = std::fs::read_to_string(proc_root.join(pid.to_string()).join("limits")).ok()?;
-    let line = text.lines().find(|l| l.starts_with("Max locked memory"))?;
-    let mut fields = line["Max locked memory".len()..].split_whitespace();
-    let parse = |field: Option<&str>| -> Option<Option<u64>> {
-        match field? {
-            "unlimited" => Some(None),
-            number => number.parse().ok().map(Some),
-        }
-    };
-    Some((parse(fields.next())?, parse(fields.next())?))
 }
 
 /// Where the plugin installs the hook binary so the runtime, in the node's
@@ -458,7 +441,7 @@ mod tests {
         // CAP_SYS_RESOURCE, which runc has on a node and a test sandbox may
         // not; the hard limit it keeps must be at least 1 MiB here.
         let proc_root = Path::new("/proc");
-        let own = memlock_limits(proc_root, i32::try_from(std::process::id()).unwrap_or(0));
+        let own = vfplane_host::memlock_limits(proc_root, i32::try_from(std::process::id()).unwrap_or(0));
         let Some((_, hard)) = own else {
             panic!("no locked-memory line in /proc/self/limits");
         };
@@ -472,11 +455,11 @@ mod tests {
             .unwrap_or_else(|e| panic!("{e}"));
         let pid = i32::try_from(child.id()).unwrap_or_else(|e| panic!("{e}"));
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        while memlock_limits(proc_root, pid).map(|l| l.0) != Some(Some(65536)) {
+        while vfplane_host::memlock_limits(proc_root, pid).map(|l| l.0) != Some(Some(65536)) {
             assert!(
                 std::time::Instant::now() < deadline,
                 "{:?}",
-                memlock_limits(proc_root, pid)
+                vfplane_host::memlock_limits(proc_root, pid)
             );
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
@@ -507,7 +490,7 @@ mod tests {
             results
                 .push(run(&attach, state.as_bytes(), proc_root).map_err(|e| vfplane_host::error_chain(&e)));
         }
-        let found = memlock_limits(proc_root, pid);
+        let found = vfplane_host::memlock_limits(proc_root, pid);
         let _ = child.kill();
         let _ = child.wait();
         assert_eq!(results, [Ok(None), Ok(None)], "limit set, record written");

@@ -619,6 +619,22 @@ pub fn num_vfs_steps(current: u16, requested: u16) -> Vec<u16> {
     }
 }
 
+/// The soft and hard RLIMIT_MEMLOCK of process `pid`, from the "Max locked
+/// memory" line of `<proc_root>/<pid>/limits`; `None` inside stands for
+/// unlimited, `None` outside for a process or line that cannot be read.
+pub fn memlock_limits(proc_root: &Path, pid: i32) -> Option<(Option<u64>, Option<u64>)> {
+    let text = fs::read_to_string(proc_root.join(pid.to_string()).join("limits")).ok()?;
+    let line = text.lines().find(|l| l.starts_with("Max locked memory"))?;
+    let mut fields = line["Max locked memory".len()..].split_whitespace();
+    let parse = |field: Option<&str>| -> Option<Option<u64>> {
+        match field? {
+            "unlimited" => Some(None),
+            number => number.parse().ok().map(Some),
+        }
+    };
+    Some((parse(fields.next())?, parse(fields.next())?))
+}
+
 /// The CPUs (or memory nodes) of a kernel list such as `0-3,8,10-11`;
 /// `None` for text that is not one. An empty list is an empty set.
 pub fn parse_cpu_list(text: &str) -> Option<std::collections::BTreeSet<u32>> {

@@ -48,6 +48,17 @@ pub struct ContainerRecord {
     pub vfs: Vec<String>,
 }
 
+/// The directory of a container's cgroup under the cgroup v2 mount `root`,
+/// for a cgroupfs-style `linux.cgroupsPath` (`/kubepods/...`, the kubelet's
+/// `cgroupfs` driver); `None` for systemd's `slice:prefix:name` form or a
+/// relative path.
+pub fn cgroupfs_dir(root: &Path, cgroups_path: &str) -> Option<PathBuf> {
+    if cgroups_path.contains(':') || !cgroups_path.starts_with('/') {
+        return None;
+    }
+    Some(root.join(cgroups_path.trim_start_matches('/')))
+}
+
 /// `<dir>/<id>.json`.
 pub fn record_path(dir: &Path, id: &str) -> PathBuf {
     dir.join(format!("{id}.json"))
