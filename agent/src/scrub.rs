@@ -334,7 +334,10 @@ impl Scrubber {
         let command = reconciler
             .host()
             .command_register(address)
-            .map_err(|source| ScrubError::Reset { address, source })?;
+            .map_err(|e| ScrubError::Check {
+                address,
+                problem: format!("its command register cannot be read: {}", error_chain(&e)),
+            })?;
         if command & PCI_COMMAND_BUS_MASTER != 0 {
             return Err(ScrubError::Check {
                 address,
