@@ -11,9 +11,9 @@
 use std::time::Duration;
 
 use serde_json::Value;
+use xtask::cluster::ClusterOptions;
 use xtask::cluster::images::VFPLANE_IMAGE;
-use xtask::cluster::{ClusterOptions, NODE_NAME};
-use xtask::session::Session;
+use xtask::session::{Session, node_vf_statuses};
 use xtask::testbed::{GuestOptions, Testbed, Topology};
 
 const POLICY: &str = r#"apiVersion: vfplane.io/v1alpha1
@@ -118,18 +118,11 @@ fn a_numa_aligned_pools_container_runs_on_its_vfs_numa_node() {
             "the container's cpuset in the VF's status",
             Duration::from_secs(60),
             |c| {
-                let text = c.kubectl_output(&["get", "nodestate", NODE_NAME, "-o", "json"])?;
-                let state: Value = serde_json::from_str(&text)?;
-                Ok(state["status"]["pfs"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .flat_map(|pf| pf["vfs"].as_array().into_iter().flatten())
-                    .any(|vf| {
-                        vf["container"]["cpus"] == "1"
-                            && vf["container"]["mems"] == "1"
-                            && vf["container"]["problems"].as_array().is_none_or(Vec::is_empty)
-                    }))
+                Ok(node_vf_statuses(c)?.iter().any(|vf| {
+                    vf["container"]["cpus"] == "1"
+                        && vf["container"]["mems"] == "1"
+                        && vf["container"]["problems"].as_array().is_none_or(Vec::is_empty)
+                }))
             },
         )
         .unwrap();

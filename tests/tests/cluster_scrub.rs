@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use xtask::cluster::images::VFPLANE_IMAGE;
 use xtask::cluster::{ClusterOptions, NODE_NAME};
-use xtask::session::{NAMESPACE, Session};
+use xtask::session::{NAMESPACE, Session, node_vf_statuses};
 use xtask::testbed::Testbed;
 
 const POOL: &str = "solo";
@@ -94,17 +94,10 @@ fn report(session: &mut Session, pod: &str) -> Value {
 
 /// The VF's entry in the NodeState status.
 fn vf_status(session: &Session, vf: &str) -> Value {
-    let text = session
-        .cluster()
-        .kubectl_output(&["get", "nodestate", NODE_NAME, "-o", "json"])
-        .unwrap();
-    let state: Value = serde_json::from_str(&text).unwrap();
-    state["status"]["pfs"][0]["vfs"]
-        .as_array()
+    node_vf_statuses(session.cluster())
         .unwrap()
-        .iter()
+        .into_iter()
         .find(|v| v["pciAddress"] == vf)
-        .cloned()
         .unwrap_or(Value::Null)
 }
 
@@ -204,12 +197,8 @@ fn a_released_vf_is_scrubbed_before_the_next_tenant_and_quarantined_when_its_res
             "the owner's pod UID in the status",
             Duration::from_secs(60),
             |c| {
-                let text = c.kubectl_output(&["get", "nodestate", NODE_NAME, "-o", "json"])?;
-                let state: Value = serde_json::from_str(&text)?;
-                Ok(state["status"]["pfs"][0]["vfs"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
+                Ok(node_vf_statuses(c)?
+                    .iter()
                     .any(|v| v["pciAddress"] == vf.as_str() && v["ownerPodUid"] == uid.as_str()))
             },
         )
@@ -297,19 +286,12 @@ fn a_released_vf_is_scrubbed_before_the_next_tenant_and_quarantined_when_its_res
             "the VF quarantined in the status",
             Duration::from_secs(120),
             |c| {
-                let text = c.kubectl_output(&["get", "nodestate", NODE_NAME, "-o", "json"])?;
-                let state: Value = serde_json::from_str(&text)?;
-                Ok(state["status"]["pfs"][0]["vfs"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .any(|v| {
-                        v["pciAddress"] == vf.as_str()
-                            && v["health"].as_str().is_some_and(|h| {
-                                h.starts_with("Unhealthy: scrub failed")
-                                    && h.contains("function reset failed")
-                            })
-                    }))
+                Ok(node_vf_statuses(c)?.iter().any(|v| {
+                    v["pciAddress"] == vf.as_str()
+                        && v["health"].as_str().is_some_and(|h| {
+                            h.starts_with("Unhealthy: scrub failed") && h.contains("function reset failed")
+                        })
+                }))
             },
         )
         .unwrap();

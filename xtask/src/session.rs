@@ -285,3 +285,19 @@ impl Session {
         Ok(began.elapsed())
     }
 }
+
+/// Every VF of every PF in the node's NodeState status, as JSON.
+///
+/// # Errors
+/// kubectl failing, or an answer that is not JSON.
+pub fn node_vf_statuses(cluster: &Cluster) -> Result<Vec<serde_json::Value>> {
+    let text = cluster.kubectl_output(&["get", "nodestate", NODE_NAME, "-o", "json"])?;
+    let state: serde_json::Value = serde_json::from_str(&text).context("the NodeState is not JSON")?;
+    Ok(state["status"]["pfs"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|pf| pf["vfs"].as_array().into_iter().flatten())
+        .cloned()
+        .collect())
+}
