@@ -13,11 +13,15 @@
 //! answers an empty set. The locked-memory limit is the first process's,
 //! from `/proc/<pid>/limits`.
 //!
-//! A value that breaks the pool's profile (a locked-memory limit below the
-//! pool's `lockedMemoryBytes`; for a `numaAligned` pool, effective CPUs or
-//! memory nodes outside the VF's NUMA node) or cannot be read is a problem
-//! on the VF's `container` status. Records of containers whose cgroup and
-//! process are both gone are removed.
+//! A value that breaks the pool's profile (`vfplane_proto::container_limits`)
+//! or cannot be read is a problem on the VF's `container` status:
+//! a locked-memory limit below the pool's; `memory.max` or `cpu.max`
+//! unset or below the profile's memory or CPU; for a pool with any
+//! profile, nothing bounding the container's tasks (the tightest
+//! `pids.max` from its cgroup up to the root), or a bound above the
+//! profile's `pids`; for a `numaAligned` pool, effective CPUs or memory
+//! nodes outside the VF's NUMA node. Records of containers whose cgroup
+//! and process are both gone are removed.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -26,6 +30,7 @@ use cgroups_rs::MaxValue;
 use cgroups_rs::cpu::CpuController;
 use cgroups_rs::memory::MemController;
 use cgroups_rs::pid::PidController;
+use vfplane_proto::container_limits::ContainerLimits;
 use vfplane_proto::container_record::{self, ContainerRecord};
 use vfplane_proto::node_state::{NodeStateStatus, VfContainerStatus};
 use vfplane_proto::pool::PoolConfig;
@@ -48,7 +53,7 @@ pub struct ContainerView {
 /// What the pool's profile asks of a container, as far as the node checks.
 #[derive(Debug, Clone, Default)]
 struct Wanted {
-    locked_memory_bytes: Option<u64>,
+    limits: ContainerLimits,
     /// For a `numaAligned` pool whose VF's NUMA node is known: the node and
     /// its CPUs.
     numa: Option<(u32, String)>,
@@ -102,10 +107,11 @@ impl ContainerView {
                     continue;
                 };
                 vf.owner_pod_uid = record.pod_uid.clone();
+                let limits = pool.map(|p| p.container_limits).unwrap_or_default();
                 let wanted = Wanted {
-                    locked_memory_bytes: pool.and_then(|p| p.locked_memory_bytes),
-                    numa: pool
-                        .filter(|p| p.numa_aligned)
+                    limits,
+                    numa: Some(limits)
+                        .filter(|l| l.numa_aligned)
                         .and(numa_node)
                         .and_then(|node| self.host.numa_node_cpus(node).ok().map(|cpus| (node, cpus))),
                 };
@@ -138,24 +144,56 @@ impl ContainerView {
             Some(dir) if dir.exists() => {
                 let memory = MemController::new(dir.clone(), true);
                 match memory.get_mem() {
-                    Ok(set) => status.memory_max = set.max.map(max_text),
+                    Ok(set) => {
+                        status.memory_max = set.max.map(max_text);
+                        if let Some(wanted) = wanted.limits.memory_bytes {
+                            match set.max {
+                                Some(MaxValue::Value(have)) if u64::try_from(have).is_ok_and(|h| h >= wanted) => {}
+                                have => problems.push(format!(
+                                    "memory.max is {}, the pool's profile wants a memory limit of at least {wanted} bytes",
+                                    have.map_or_else(|| "not set".to_owned(), max_text)
+                                )),
+                            }
+                        }
+                    }
                     Err(e) => problems.push(format!("cannot read memory.max: {e}")),
                 }
                 let cpu = CpuController::new(dir.clone(), true);
                 match (cpu.cfs_quota(), cpu.cfs_period()) {
                     (Ok(quota), Ok(period)) => {
-                        let quota = if quota < 0 {
+                        let text = if quota < 0 {
                             "max".to_owned()
                         } else {
                             quota.to_string()
                         };
-                        status.cpu_max = Some(format!("{quota} {period}"));
+                        if let Some(wanted) = wanted.limits.cpu_millis {
+                            let have = u64::try_from(quota)
+                                .ok()
+                                .filter(|_| period > 0)
+                                .map(|q| u128::from(q) * 1000 / u128::from(period));
+                            if have.is_none_or(|h| h < u128::from(wanted)) {
+                                problems.push(format!(
+                                    "cpu.max is \"{text} {period}\", the pool's profile wants a CPU limit of at least {wanted} millicores"
+                                ));
+                            }
+                        }
+                        status.cpu_max = Some(format!("{text} {period}"));
                     }
                     (Err(e), _) | (_, Err(e)) => problems.push(format!("cannot read cpu.max: {e}")),
                 }
                 match PidController::new(dir.clone(), true).get_pid_max() {
                     Ok(max) => status.pids_max = Some(max_text(max)),
                     Err(e) => problems.push(format!("cannot read pids.max: {e}")),
+                }
+                if wanted.limits.any() {
+                    match self.pids_bound(&dir) {
+                        Ok(bound) => {
+                            if let Some(problem) = pids_problem(bound, wanted.limits.pids_max) {
+                                problems.push(problem);
+                            }
+                        }
+                        Err(e) => problems.push(e),
+                    }
                 }
                 // cgroups-rs reads v1 names here on v2 (see the module doc).
                 for (file, slot) in [
@@ -177,7 +215,7 @@ impl ContainerView {
         match vfplane_host::memlock_limits(&self.proc_root, record.pid).map(|(soft, _)| soft) {
             Some(soft) => {
                 status.locked_memory = Some(soft.map_or_else(|| "unlimited".to_owned(), |b| b.to_string()));
-                if let (Some(wanted), Some(have)) = (wanted.locked_memory_bytes, soft)
+                if let (Some(wanted), Some(have)) = (wanted.limits.locked_memory_bytes, soft)
                     && have < wanted
                 {
                     problems.push(format!(
@@ -208,6 +246,47 @@ impl ContainerView {
         }
         status.problems = problems;
         status
+    }
+}
+
+impl ContainerView {
+    /// The tightest `pids.max` on the path from the container's cgroup
+    /// `dir` up to (not including) the cgroup root, which has none: the
+    /// most tasks the container can have. `None`: unbounded. A cgroup
+    /// without the file (its parent does not enable the pids controller)
+    /// bounds nothing.
+    fn pids_bound(&self, dir: &std::path::Path) -> Result<Option<i64>, String> {
+        let mut bound: Option<i64> = None;
+        for cgroup in dir.ancestors().take_while(|d| *d != self.cgroup_root.as_path()) {
+            if !cgroup.join("pids.max").exists() {
+                continue;
+            }
+            match PidController::new(cgroup.to_path_buf(), true).get_pid_max() {
+                Ok(MaxValue::Value(value)) => bound = Some(bound.map_or(value, |b| b.min(value))),
+                Ok(MaxValue::Max) => {}
+                Err(e) => return Err(format!("cannot read pids.max of {}: {e}", cgroup.display())),
+            }
+        }
+        Ok(bound)
+    }
+}
+
+/// What breaks the profile in the container's bound on tasks: none at all
+/// (a pool with a profile wants one), or one above the profile's `pids`.
+fn pids_problem(bound: Option<i64>, wanted: Option<u64>) -> Option<String> {
+    match (bound, wanted) {
+        (None, None) => Some(
+            "pids.max is max up to the cgroup root: nothing bounds the container's processes \
+             (set containerProfile.pids, or the kubelet's podPidsLimit)"
+                .to_owned(),
+        ),
+        (None, Some(wanted)) => Some(format!(
+            "pids.max is max up to the cgroup root, the pool's profile wants at most {wanted}"
+        )),
+        (Some(have), Some(wanted)) if u64::try_from(have).map_or(true, |h| h > wanted) => Some(format!(
+            "the container may run {have} processes (the tightest pids.max above it), the pool's profile wants at most {wanted}"
+        )),
+        _ => None,
     }
 }
 

@@ -12,6 +12,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use vfplane_host::{Host, HostModel, PciAddress, PhysicalFunction, error_chain};
+use vfplane_proto::container_limits::ContainerLimits;
 use vfplane_proto::node_state::{
     Condition, DEVICE_TYPE_NETDEVICE, DEVICE_TYPE_VFIO, NodeStateSpec, NodeStateStatus, PfSpec, PfStatus,
     VfStatus,
@@ -49,8 +50,7 @@ struct VfPlan {
     pool: String,
     device_type: String,
     settings: VfLinkSettings,
-    locked_memory_bytes: Option<u64>,
-    numa_aligned: bool,
+    container_limits: ContainerLimits,
 }
 
 /// One PF as the spec wants it, validated against the node.
@@ -269,8 +269,7 @@ impl<N: VfLinkControl> Reconciler<N> {
                     index,
                     pool: group.resource_name.clone(),
                     device_type: group.device_type.clone(),
-                    locked_memory_bytes: group.locked_memory_bytes,
-                    numa_aligned: group.numa_aligned,
+                    container_limits: group.container_limits,
                     settings: VfLinkSettings {
                         mac,
                         vlan: group.vlan,
@@ -474,10 +473,8 @@ impl<N: VfLinkControl> Reconciler<N> {
         let mut errors = Vec::new();
         let mut pools: BTreeMap<String, Vec<PciAddress>> = BTreeMap::new();
         // A pool whose groups (on several PFs) name different limits gets
-        // the largest: a container of the pool may get a VF of any of them.
-        let mut locked_memory: BTreeMap<String, u64> = BTreeMap::new();
-        // A pool is NUMA-aligned when any of its groups asks.
-        let mut numa_aligned: BTreeSet<String> = BTreeSet::new();
+        // the strictest: a container of the pool may get a VF of any of them.
+        let mut limits: BTreeMap<String, ContainerLimits> = BTreeMap::new();
         let mut pfs = Vec::new();
         for pf in &model.pfs {
             let plan = plans.iter().find(|p| p.address == pf.pci.address);
@@ -518,13 +515,8 @@ impl<N: VfLinkControl> Reconciler<N> {
                         ));
                     } else if wanted.device_type == DEVICE_TYPE_VFIO {
                         pools.entry(wanted.pool.clone()).or_default().push(vf.pci.address);
-                        if wanted.numa_aligned {
-                            numa_aligned.insert(wanted.pool.clone());
-                        }
-                        if let Some(bytes) = wanted.locked_memory_bytes {
-                            let entry = locked_memory.entry(wanted.pool.clone()).or_default();
-                            *entry = (*entry).max(bytes);
-                        }
+                        let entry = limits.entry(wanted.pool.clone()).or_default();
+                        *entry = entry.merge(wanted.container_limits);
                     }
                 }
                 vfs.push(VfStatus {
@@ -567,8 +559,7 @@ impl<N: VfLinkControl> Reconciler<N> {
             pools: pools
                 .into_iter()
                 .map(|(name, devices)| Pool {
-                    locked_memory_bytes: locked_memory.get(&name).copied(),
-                    numa_aligned: numa_aligned.contains(&name),
+                    container_limits: limits.get(&name).copied().unwrap_or_default(),
                     name,
                     selector: None,
                     devices,

@@ -23,6 +23,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::core::v1::Node;
 use kube::ResourceExt;
+use vfplane_proto::container_limits::ContainerLimits;
 use vfplane_proto::node_state::{Condition, NodeState, NodeStateSpec, PfSpec, PfStatus, VfGroupSpec};
 use vfplane_proto::vf_policy::{PolicyConflict, VfPolicy, VfPolicySpec, VfPolicyStatus};
 use vfplane_proto::vf_range::{PfNameSelector, format_vf_range};
@@ -220,12 +221,7 @@ pub fn plan_node(node: &Node, ordered: &[&VfPolicy], state: Option<&NodeState>) 
                 max_tx_rate_mbps: policy.spec.max_tx_rate_mbps,
                 link_state: None,
                 macs: Vec::new(),
-                locked_memory_bytes: locked_memory_bytes(&policy.spec),
-                numa_aligned: policy
-                    .spec
-                    .container_profile
-                    .as_ref()
-                    .is_some_and(|p| p.numa_aligned),
+                container_limits: container_limits(&policy.spec),
             });
             claims.push(Claim {
                 policy: name.to_owned(),
@@ -430,14 +426,30 @@ fn condition(type_: &str, status: &str, reason: &str, message: &str) -> Conditio
     }
 }
 
-/// The policy's `containerProfile.lockedMemory` in bytes; the webhook
-/// refuses a policy whose value is not a quantity, so an unreadable one
-/// (written while the webhook was down) gives none, and the status of the
-/// policy's pods shows the runtime's default limit.
-fn locked_memory_bytes(spec: &VfPolicySpec) -> Option<u64> {
-    let text = spec.container_profile.as_ref()?.locked_memory.as_deref()?;
-    let quantity = crate::webhook::quantity::parse_quantity(text).ok()?;
-    u64::try_from(quantity.ceil_units()).ok()
+/// The policy's `containerProfile` in numbers. The webhook refuses a
+/// policy whose quantities do not parse, so an unreadable one (written while
+/// the webhook was down) gives no limit, and the status of the policy's pods
+/// shows what the runtime gave them.
+fn container_limits(spec: &VfPolicySpec) -> ContainerLimits {
+    use crate::webhook::quantity::parse_quantity;
+    let Some(profile) = spec.container_profile.as_ref() else {
+        return ContainerLimits::default();
+    };
+    let bytes = |text: &Option<String>| {
+        let quantity = parse_quantity(text.as_deref()?).ok()?;
+        u64::try_from(quantity.ceil_units()).ok()
+    };
+    let millis = |text: &Option<String>| {
+        let quantity = parse_quantity(text.as_deref()?).ok()?;
+        u64::try_from(quantity.ceil_millis()).ok()
+    };
+    ContainerLimits {
+        locked_memory_bytes: bytes(&profile.locked_memory),
+        numa_aligned: profile.numa_aligned,
+        memory_bytes: bytes(&profile.memory),
+        cpu_millis: millis(&profile.cpu),
+        pids_max: profile.pids.map(u64::from),
+    }
 }
 
 #[cfg(test)]

@@ -94,7 +94,7 @@ pub struct Hook {
 }
 
 /// What the spec says for one VF: its VFIO node, and the locked-memory
-/// limit and cpuset its container gets through the OCI hook.
+/// limit, cpuset and pids bound its container gets through the OCI hook.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CdiEntry {
     /// The VF's VFIO group node.
@@ -104,6 +104,43 @@ pub struct CdiEntry {
     /// The cpuset of its container: its NUMA node's CPUs and memory node
     /// (a `numaAligned` pool, the VF's node known).
     pub cpuset: Option<NumaCpuset>,
+    /// `pids.max` of its container (the pool's profile).
+    pub pids_max: Option<u64>,
+}
+
+impl CdiEntry {
+    /// The entry of a VF with VFIO node `node` and these `facts`, in
+    /// `pool`.
+    pub fn new(
+        node: VfioNode,
+        pool: &vfplane_proto::pool::Pool,
+        facts: Option<&crate::inventory::VfFacts>,
+    ) -> Self {
+        Self {
+            node,
+            locked_memory_bytes: pool.container_limits.locked_memory_bytes,
+            cpuset: numa_cpuset(pool, facts),
+            pids_max: pool.container_limits.pids_max,
+        }
+    }
+}
+
+/// What of `pool`'s profile only the OCI hook can give a container
+/// (locked memory, the NUMA cpuset, pids), named for an error; `None`
+/// when the pool asks none of it.
+pub fn needs_hook(pool: &vfplane_proto::pool::Pool) -> Option<String> {
+    let limits = &pool.container_limits;
+    let mut wants = Vec::new();
+    if let Some(bytes) = limits.locked_memory_bytes {
+        wants.push(format!("RLIMIT_MEMLOCK of {bytes} bytes"));
+    }
+    if limits.numa_aligned {
+        wants.push("the cpuset of the VF's NUMA node".to_owned());
+    }
+    if let Some(pids) = limits.pids_max {
+        wants.push(format!("pids.max {pids}"));
+    }
+    (!wants.is_empty()).then(|| wants.join(", "))
 }
 
 /// A NUMA node's CPUs and memory node, as cpuset lists.
@@ -121,6 +158,7 @@ impl From<VfioNode> for CdiEntry {
             node,
             locked_memory_bytes: None,
             cpuset: None,
+            pids_max: None,
         }
     }
 }
@@ -134,7 +172,7 @@ pub fn numa_cpuset(
     pool: &vfplane_proto::pool::Pool,
     facts: Option<&crate::inventory::VfFacts>,
 ) -> Option<NumaCpuset> {
-    if !pool.numa_aligned {
+    if !pool.container_limits.numa_aligned {
         return None;
     }
     let facts = facts?;
@@ -196,15 +234,21 @@ pub fn spec_for(devices: &BTreeMap<PciAddress, CdiEntry>, hook: Option<&Path>) -
     })
 }
 
-/// `vfplane-oci-hook attach --vf <address> [--memlock <bytes>] [--cpus
-/// <list> --mems <list>]` as a `createRuntime` hook.
+/// `vfplane-oci-hook attach --vf <address> --device <node> [--memlock
+/// <bytes>] [--cpus <list> --mems <list>] [--pids-max <n>]` as a
+/// `createRuntime` hook.
 fn attach_hook(path: &Path, address: PciAddress, entry: &CdiEntry) -> Hook {
     let mut args = vec![
         crate::oci_hook::HOOK_BINARY.to_owned(),
         "attach".to_owned(),
         "--vf".to_owned(),
         address.to_string(),
+        "--device".to_owned(),
+        entry.node.path(),
     ];
+    if let Some(pids) = entry.pids_max {
+        args.extend(["--pids-max".to_owned(), pids.to_string()]);
+    }
     if let Some(bytes) = entry.locked_memory_bytes {
         args.extend(["--memlock".to_owned(), bytes.to_string()]);
     }
@@ -261,9 +305,9 @@ impl CdiWriter {
         self.dir.is_some()
     }
 
-    /// True when the spec can carry the locked-memory hook: CDI is on and
-    /// the hook is installed.
-    pub fn sets_locked_memory(&self) -> bool {
+    /// True when the spec can carry the OCI hook: CDI is on and the hook
+    /// is installed.
+    pub fn has_hook(&self) -> bool {
         self.dir.is_some() && self.hook.is_some()
     }
 
@@ -394,6 +438,7 @@ mod tests {
                         cpus: "2-3".to_owned(),
                         mems: "1".to_owned(),
                     }),
+                    pids_max: Some(512),
                 },
             ),
             (b, VfioNode::Group(5).into()),
@@ -410,6 +455,10 @@ mod tests {
                     "attach",
                     "--vf",
                     "0000:00:12.0",
+                    "--device",
+                    "/dev/vfio/4",
+                    "--pids-max",
+                    "512",
                     "--memlock",
                     "67108864",
                     "--cpus",
@@ -423,7 +472,14 @@ mod tests {
         );
         assert_eq!(
             spec.devices[1].container_edits.hooks[0].args,
-            ["vfplane-oci-hook", "attach", "--vf", "0000:00:12.2"],
+            [
+                "vfplane-oci-hook",
+                "attach",
+                "--vf",
+                "0000:00:12.2",
+                "--device",
+                "/dev/vfio/5"
+            ],
             "no limit: the record only"
         );
         let without = spec_for(&devices, None).unwrap();

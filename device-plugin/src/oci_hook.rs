@@ -1,9 +1,14 @@
 //! The OCI hook the CDI spec names for every VF: `vfplane-oci-hook attach
-//! --vf <address> [--memlock <bytes>] [--records <dir>]`, run by the
+//! --vf <address> [--device /dev/vfio/<group>] [--memlock <bytes>] [--cpus
+//! <list> --mems <list>] [--pids-max <n>] [--records <dir>]`, run by the
 //! container runtime (runc) as a `createRuntime` hook. It raises the
-//! container's locked-memory limit to its pool's profile (`--memlock`), and
-//! writes the container's record (`vfplane_proto::container_record`: ID,
-//! pod UID, cgroup, VFs) for the agent.
+//! container's locked-memory limit to its pool's profile (`--memlock`),
+//! gives its cgroup the VF's NUMA cpuset (`--cpus`/`--mems`) and the
+//! profile's `pids.max` (`--pids-max`), hands the VF's group node in the
+//! container to the container's user (`--device`: a container that is
+//! not root can open it), and writes the container's record
+//! (`vfplane_proto::container_record`: ID, pod UID, cgroup, VFs) for the
+//! agent.
 //!
 //! Why a CDI hook, not an NRI plugin: the plugin already writes the CDI
 //! spec each VF is injected from, so the hook travels with the VF to every
@@ -21,13 +26,16 @@
 //! nothing overwrites it afterwards.
 //!
 //! What it does: reads the container state (OCI runtime spec, "State") on
-//! stdin, raises RLIMIT_MEMLOCK of its `pid` to at least `<bytes>` (soft and
-//! hard; a higher or unlimited limit is kept), then reads the limit back
-//! from `/proc/<pid>/limits` and fails when it is not there. A failing
-//! hook fails the container's creation with this hook's message, so a
-//! container never starts with less than its pool's profile. The record is
-//! best effort: a record that cannot be written is said on stderr and the
-//! container starts (the agent then shows its VF's owner without a pod UID).
+//! stdin and the container's `config.json` from its bundle; raises
+//! RLIMIT_MEMLOCK of its `pid` to at least `<bytes>` (soft and hard; a
+//! higher or unlimited limit is kept); writes the cpuset and `pids.max`
+//! (a lower `pids.max` already there is kept); changes the owner of the
+//! group node. Each is read back, and the hook fails when it does not
+//! hold. A failing hook fails the container's creation with this hook's
+//! message, so a container never starts with less than its pool's
+//! profile. The record is best effort: a record that cannot be written is
+//! said on stderr and the container starts (the agent then shows its VF's
+//! owner without a pod UID).
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -63,6 +71,11 @@ pub struct Attach {
     pub memlock: Option<u64>,
     /// `cpuset.cpus` and `cpuset.mems` to give the container's cgroup.
     pub cpuset: Option<(String, String)>,
+    /// `pids.max` to give the container's cgroup.
+    pub pids_max: Option<u64>,
+    /// The VF's VFIO group node in the container (`/dev/vfio/<group>`),
+    /// handed to the container's user.
+    pub device: Option<String>,
     /// Where container records go.
     pub records: PathBuf,
     /// The cgroup v2 mount the container's `cgroupsPath` is under.
@@ -72,13 +85,39 @@ pub struct Attach {
 /// Why the hook failed. Each message names the container and the limit.
 #[derive(Debug, thiserror::Error)]
 pub enum HookError {
-    /// The command line is not `attach --vf <address> [--memlock <bytes>]
-    /// [--cpus <list> --mems <list>] [--records <dir>] [--cgroup-root <dir>]`.
+    /// The command line is not `attach --vf <address> [--device
+    /// /dev/vfio/<group>] [--memlock <bytes>] [--cpus <list> --mems <list>]
+    /// [--pids-max <n>] [--records <dir>] [--cgroup-root <dir>]`.
     #[error(
-        "usage: {HOOK_BINARY} attach --vf <address> [--memlock <bytes>] [--cpus <list> --mems <list>] \
-         [--records <dir>] [--cgroup-root <dir>] (got {0:?})"
+        "usage: {HOOK_BINARY} attach --vf <address> [--device /dev/vfio/<group>] [--memlock <bytes>] \
+         [--cpus <list> --mems <list>] [--pids-max <n>] [--records <dir>] [--cgroup-root <dir>] (got {0:?})"
     )]
     Usage(Vec<String>),
+    /// The container's cgroup could not be found or its pids.max set.
+    #[error("container {id}: cannot give its cgroup pids.max {pids}: {reason}")]
+    Pids {
+        /// The container.
+        id: String,
+        /// The bound asked for.
+        pids: u64,
+        /// What went wrong.
+        reason: String,
+    },
+    /// The VF's device node in the container could not be given to the
+    /// container's user.
+    #[error("container {id}: cannot give {device} to its user {uid}:{gid}: {reason}")]
+    DeviceOwner {
+        /// The container.
+        id: String,
+        /// The node, as the container sees it.
+        device: String,
+        /// The container's user.
+        uid: u32,
+        /// The container's group.
+        gid: u32,
+        /// What went wrong.
+        reason: String,
+    },
     /// The container's cgroup could not be found or set.
     #[error("container {id}: cannot give its cgroup cpuset.cpus {cpus:?} and cpuset.mems {mems:?}: {reason}")]
     Cpuset {
@@ -145,6 +184,8 @@ pub fn parse_args(args: &[String]) -> Result<Attach, HookError> {
     let mut memlock = None;
     let mut cpus: Option<String> = None;
     let mut mems: Option<String> = None;
+    let mut pids_max = None;
+    let mut device = None;
     let mut records = PathBuf::from(vfplane_proto::container_record::DEFAULT_RECORDS_DIR);
     let mut cgroup_root = PathBuf::from("/sys/fs/cgroup");
     for pair in flags.chunks(2) {
@@ -156,6 +197,12 @@ pub fn parse_args(args: &[String]) -> Result<Attach, HookError> {
             }
             ("--mems", value) if mems.is_none() && vfplane_host::parse_cpu_list(value).is_some() => {
                 mems = Some(value.clone());
+            }
+            ("--pids-max", value) if pids_max.is_none() => {
+                pids_max = Some(value.parse().ok().filter(|n| *n > 0).ok_or_else(usage)?);
+            }
+            ("--device", value) if device.is_none() && is_vfio_group_node(value) => {
+                device = Some(value.clone());
             }
             ("--records", value) => records = PathBuf::from(value),
             ("--cgroup-root", value) => cgroup_root = PathBuf::from(value),
@@ -171,9 +218,19 @@ pub fn parse_args(args: &[String]) -> Result<Attach, HookError> {
         vf: vf.ok_or_else(usage)?,
         memlock,
         cpuset,
+        pids_max,
+        device,
         records,
         cgroup_root,
     })
+}
+
+/// `/dev/vfio/<group>` or `/dev/vfio/noiommu-<group>`, nothing else (the
+/// hook changes the owner of this file only).
+fn is_vfio_group_node(path: &str) -> bool {
+    path.strip_prefix("/dev/vfio/")
+        .map(|name| name.strip_prefix("noiommu-").unwrap_or(name))
+        .is_some_and(|group| !group.is_empty() && group.bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// Runs the hook on the container state read from `state`: the limit when
@@ -193,18 +250,140 @@ pub fn run(attach: &Attach, state: impl Read, proc_root: &Path) -> Result<Option
     if let Some(bytes) = attach.memlock {
         raise_memlock(&state.id, pid, bytes, proc_root)?;
     }
-    let cgroups_path = cgroups_path(&state);
+    let bundle = Bundle::read(&state);
     if let Some((cpus, mems)) = &attach.cpuset {
-        set_cpuset(attach, &state.id, cgroups_path.as_deref(), cpus, mems)?;
+        set_cpuset(attach, &state.id, bundle.cgroups_path.as_deref(), cpus, mems)?;
     }
-    Ok(record(attach, &state, pid, cgroups_path).err())
+    if let Some(pids) = attach.pids_max {
+        set_pids_max(attach, &state.id, bundle.cgroups_path.as_deref(), pids)?;
+    }
+    if let Some(device) = &attach.device {
+        own_device(&state.id, pid, device, &bundle, proc_root)?;
+    }
+    Ok(record(attach, &state, pid, bundle.cgroups_path).err())
 }
 
-/// `linux.cgroupsPath` of the container's OCI spec, from its bundle.
-fn cgroups_path(state: &OciState) -> Option<String> {
-    let config = std::fs::read(state.bundle.as_ref()?.join("config.json")).ok()?;
-    let config: serde_json::Value = serde_json::from_slice(&config).ok()?;
-    config["linux"]["cgroupsPath"].as_str().map(str::to_owned)
+/// What the hook reads of the container's OCI spec (`config.json` in its
+/// bundle); each part absent when the spec does not say it or cannot be
+/// read.
+#[derive(Debug, Default)]
+struct Bundle {
+    /// `linux.cgroupsPath`.
+    cgroups_path: Option<String>,
+    /// `process.user.uid` and `gid`.
+    user: Option<(u32, u32)>,
+    /// `root.path`, made absolute against the bundle.
+    rootfs: Option<PathBuf>,
+}
+
+impl Bundle {
+    fn read(state: &OciState) -> Self {
+        let Some(dir) = state.bundle.as_ref() else {
+            return Self::default();
+        };
+        let Some(config) = std::fs::read(dir.join("config.json"))
+            .ok()
+            .and_then(|bytes| serde_json::from_slice::<serde_json::Value>(&bytes).ok())
+        else {
+            return Self::default();
+        };
+        let id = |value: &serde_json::Value| value.as_u64().and_then(|v| u32::try_from(v).ok());
+        let user = &config["process"]["user"];
+        Self {
+            cgroups_path: config["linux"]["cgroupsPath"].as_str().map(str::to_owned),
+            user: id(&user["uid"]).map(|uid| (uid, id(&user["gid"]).unwrap_or(0))),
+            rootfs: config["root"]["path"].as_str().map(|root| dir.join(root)),
+        }
+    }
+}
+
+/// Gives the VF's group node in the container (`device`) to the
+/// container's user, so a program that is not root can open it. The node
+/// is the container's own (runc made it in the container's `/dev`, which
+/// no other container sees); the node on the host is not touched. It is
+/// reached through the container's first process, which at
+/// `createRuntime` is in the container's mount namespace and has not yet
+/// switched to the container's root: `/proc/<pid>/root/<rootfs>/<device>`.
+/// Nothing to do for a container running as root.
+fn own_device(id: &str, pid: i32, device: &str, bundle: &Bundle, proc_root: &Path) -> Result<(), HookError> {
+    use std::os::unix::fs::MetadataExt as _;
+    let Some((uid, gid)) = bundle.user else {
+        return Ok(());
+    };
+    if (uid, gid) == (0, 0) {
+        return Ok(());
+    }
+    let fail = |reason: String| HookError::DeviceOwner {
+        id: id.to_owned(),
+        device: device.to_owned(),
+        uid,
+        gid,
+        reason,
+    };
+    let rootfs = bundle
+        .rootfs
+        .as_ref()
+        .ok_or_else(|| fail("the OCI spec names no root.path".to_owned()))?;
+    let path = proc_root
+        .join(pid.to_string())
+        .join("root")
+        .join(rootfs.strip_prefix("/").unwrap_or(rootfs))
+        .join(device.trim_start_matches('/'));
+    std::os::unix::fs::lchown(&path, Some(uid), Some(gid))
+        .map_err(|e| fail(format!("chown {}: {e}", path.display())))?;
+    let meta =
+        std::fs::symlink_metadata(&path).map_err(|e| fail(format!("reading {}: {e}", path.display())))?;
+    if (meta.uid(), meta.gid()) != (uid, gid) {
+        return Err(fail(format!(
+            "{} is owned by {}:{} after the chown",
+            path.display(),
+            meta.uid(),
+            meta.gid()
+        )));
+    }
+    Ok(())
+}
+
+/// The container's cgroup directory, which must exist; the error says why
+/// it cannot be found.
+fn container_cgroup(attach: &Attach, cgroups_path: Option<&str>) -> Result<PathBuf, String> {
+    let path = cgroups_path.ok_or_else(|| "the OCI spec has no linux.cgroupsPath".to_owned())?;
+    let dir = vfplane_proto::container_record::cgroupfs_dir(&attach.cgroup_root, path).ok_or_else(|| {
+        format!("cgroup path {path:?} is not a cgroupfs path (systemd cgroups are not supported)")
+    })?;
+    if !dir.is_dir() {
+        return Err(format!("its cgroup {} does not exist", dir.display()));
+    }
+    Ok(dir)
+}
+
+/// Lowers `pids.max` of the container's cgroup to `pids` (through
+/// cgroups-rs; a lower bound already there is kept) and checks it.
+fn set_pids_max(attach: &Attach, id: &str, cgroups_path: Option<&str>, pids: u64) -> Result<(), HookError> {
+    use cgroups_rs::MaxValue;
+    use cgroups_rs::pid::PidController;
+    let fail = |reason: String| HookError::Pids {
+        id: id.to_owned(),
+        pids,
+        reason,
+    };
+    let dir = container_cgroup(attach, cgroups_path).map_err(fail)?;
+    let wanted = i64::try_from(pids).map_err(|_| fail("too large".to_owned()))?;
+    let controller = PidController::new(dir, true);
+    let current = controller
+        .get_pid_max()
+        .map_err(|e| fail(format!("reading pids.max: {e}")))?;
+    if matches!(current, MaxValue::Value(have) if have <= wanted) {
+        return Ok(());
+    }
+    controller
+        .set_pid_max(MaxValue::Value(wanted))
+        .map_err(|e| fail(format!("writing pids.max: {e}")))?;
+    match controller.get_pid_max() {
+        Ok(MaxValue::Value(have)) if have <= wanted => Ok(()),
+        Ok(other) => Err(fail(format!("pids.max reads {other:?} after the write"))),
+        Err(e) => Err(fail(format!("reading pids.max back: {e}"))),
+    }
 }
 
 /// Writes `cpuset.cpus` and `cpuset.mems` of the container's cgroup
@@ -223,15 +402,7 @@ fn set_cpuset(
         mems: mems.to_owned(),
         reason,
     };
-    let path = cgroups_path.ok_or_else(|| fail("the OCI spec has no linux.cgroupsPath".to_owned()))?;
-    let Some(dir) = vfplane_proto::container_record::cgroupfs_dir(&attach.cgroup_root, path) else {
-        return Err(fail(format!(
-            "cgroup path {path:?} is not a cgroupfs path (systemd cgroups are not supported)"
-        )));
-    };
-    if !dir.is_dir() {
-        return Err(fail(format!("its cgroup {} does not exist", dir.display())));
-    }
+    let dir = container_cgroup(attach, cgroups_path).map_err(fail)?;
     let cpuset = CpuSetController::new(dir.clone(), true);
     cpuset
         .set_mems(mems)
@@ -374,6 +545,8 @@ mod tests {
                 vf: "0000:00:12.0".to_owned(),
                 memlock: Some(67_108_864),
                 cpuset: None,
+                pids_max: None,
+                device: None,
                 records: PathBuf::from("/run/vfplane/containers"),
                 cgroup_root: PathBuf::from("/sys/fs/cgroup"),
             })
@@ -392,6 +565,11 @@ mod tests {
             &["attach", "--vf", "a", "--vf", "b"],
             &["attach", "--vf", "a", "--cpus", "1"],
             &["attach", "--vf", "a", "--cpus", "x", "--mems", "0"],
+            &["attach", "--vf", "a", "--pids-max", "0"],
+            &["attach", "--vf", "a", "--pids-max", "many"],
+            &["attach", "--vf", "a", "--device", "/dev/vfio/../../etc/shadow"],
+            &["attach", "--vf", "a", "--device", "/dev/vfio/vfio"],
+            &["attach", "--vf", "a", "--device", "/dev/sda"],
             &[],
         ] {
             let err = parse_args(&args(bad)).err().map(|e| e.to_string());
@@ -484,6 +662,8 @@ mod tests {
                 vf: vf.to_owned(),
                 memlock: Some(1 << 20),
                 cpuset: None,
+                pids_max: None,
+                device: None,
                 records: records.clone(),
                 cgroup_root: PathBuf::from("/nonexistent"),
             };
@@ -582,6 +762,103 @@ mod tests {
         assert!(
             err.as_ref().is_err_and(|e| e.contains("does not exist")),
             "{err:?}"
+        );
+    }
+
+    #[test]
+    fn pids_max_is_lowered_to_the_profile_and_a_lower_bound_kept() {
+        let work = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let root = work.path().join("cgroup");
+        let dir = root.join("kubepods/besteffort/podu1/c4");
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
+        let mut attach = parse_args(&args(&["attach", "--vf", "0000:00:12.0", "--pids-max", "256"]))
+            .unwrap_or_else(|e| panic!("{e}"));
+        attach.cgroup_root = root.clone();
+        let path = Some("/kubepods/besteffort/podu1/c4");
+        let pids = |text: &str| {
+            std::fs::write(dir.join("pids.max"), text).unwrap_or_else(|e| panic!("{e}"));
+            let result = set_pids_max(&attach, "c4", path, 256).map_err(|e| e.to_string());
+            let after = std::fs::read_to_string(dir.join("pids.max")).unwrap_or_default();
+            (result, after.trim().to_owned())
+        };
+        assert_eq!(pids("max\n"), (Ok(()), "256".to_owned()), "unbounded: set");
+        assert_eq!(pids("4096\n"), (Ok(()), "256".to_owned()), "looser: lowered");
+        assert_eq!(pids("100\n"), (Ok(()), "100".to_owned()), "stricter: kept");
+        let err = set_pids_max(&attach, "c4", Some("/kubepods/gone"), 256).map_err(|e| e.to_string());
+        assert!(
+            err.as_ref().is_err_and(
+                |e| e.starts_with("container c4: cannot give its cgroup pids.max 256:")
+                    && e.contains("does not exist")
+            ),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn the_vfs_node_in_the_container_goes_to_the_containers_user() {
+        use std::os::unix::fs::MetadataExt as _;
+        // /proc/<pid>/root/<rootfs>/dev/vfio/<group> as a plain tree.
+        let work = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let proc_root = work.path().join("proc");
+        let bundle = work.path().join("bundle");
+        let node_dir = proc_root
+            .join("42/root")
+            .join(bundle.strip_prefix("/").unwrap_or(&bundle))
+            .join("rootfs/dev/vfio");
+        std::fs::create_dir_all(&node_dir).unwrap_or_else(|e| panic!("{e}"));
+        std::fs::write(node_dir.join("7"), "").unwrap_or_else(|e| panic!("{e}"));
+        // As root, give the node to another user; otherwise to our own
+        // (the only chown a user may make).
+        let me = std::fs::metadata(&node_dir)
+            .map(|m| (m.uid(), m.gid()))
+            .unwrap_or_default();
+        let (uid, gid) = if me.0 == 0 { (1000, 2000) } else { me };
+        let with_user = |uid: u32, gid: u32| Bundle {
+            cgroups_path: None,
+            user: Some((uid, gid)),
+            rootfs: Some(bundle.join("rootfs")),
+        };
+        let result =
+            own_device("c5", 42, "/dev/vfio/7", &with_user(uid, gid), &proc_root).map_err(|e| e.to_string());
+        assert_eq!(result, Ok(()));
+        let owner = std::fs::metadata(node_dir.join("7"))
+            .map(|m| (m.uid(), m.gid()))
+            .ok();
+        assert_eq!(owner, Some((uid, gid)));
+        // A root container: nothing is touched (not even a missing node).
+        let result =
+            own_device("c5", 42, "/dev/vfio/9", &with_user(0, 0), &proc_root).map_err(|e| e.to_string());
+        assert_eq!(result, Ok(()));
+        // A node that is not there fails the container, by name.
+        let err =
+            own_device("c5", 42, "/dev/vfio/9", &with_user(uid, gid), &proc_root).map_err(|e| e.to_string());
+        assert!(
+            err.as_ref().is_err_and(|e| e.starts_with(&format!(
+                "container c5: cannot give /dev/vfio/9 to its user {uid}:{gid}: chown "
+            ))),
+            "{err:?}"
+        );
+        // The bundle's config.json gives the user and the rootfs.
+        std::fs::create_dir_all(&bundle).unwrap_or_else(|e| panic!("{e}"));
+        std::fs::write(
+            bundle.join("config.json"),
+            r#"{"process":{"user":{"uid":1000,"gid":3000}},"root":{"path":"rootfs"},"linux":{"cgroupsPath":"/kubepods/x"}}"#,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let state = OciState {
+            id: "c5".to_owned(),
+            pid: Some(42),
+            bundle: Some(bundle.clone()),
+            annotations: std::collections::BTreeMap::new(),
+        };
+        let read = Bundle::read(&state);
+        assert_eq!(
+            (read.cgroups_path.as_deref(), read.user, read.rootfs),
+            (
+                Some("/kubepods/x"),
+                Some((1000, 3000)),
+                Some(bundle.join("rootfs"))
+            )
         );
     }
 }

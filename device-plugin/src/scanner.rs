@@ -42,7 +42,7 @@ use std::time::{Duration, Instant};
 use vfplane_host::PciAddress;
 use vfplane_proto::pool::PoolConfig;
 
-use crate::cdi::{CdiEntry, numa_cpuset};
+use crate::cdi::CdiEntry;
 use crate::inventory::{Inventory, PoolView};
 use crate::metrics::bump;
 use crate::server::{NodeContext, PoolShared};
@@ -157,16 +157,8 @@ pub(crate) fn run(
             let view = result.views.remove(name).unwrap_or_default();
             let pool = shared.config();
             cdi_devices.extend(view.devices.iter().filter_map(|d| {
-                d.vfio_node.map(|vfio| {
-                    (
-                        d.address,
-                        CdiEntry {
-                            node: vfio,
-                            locked_memory_bytes: pool.locked_memory_bytes,
-                            cpuset: numa_cpuset(&pool, d.facts.as_ref()),
-                        },
-                    )
-                })
+                d.vfio_node
+                    .map(|vfio| (d.address, CdiEntry::new(vfio, &pool, d.facts.as_ref())))
             }));
             publish(shared, view);
         }

@@ -14,7 +14,7 @@ use vfplane_proto::deviceplugin::v1beta1 as dp;
 use vfplane_proto::pool::{Pool, cdi_device_name, pci_env_var, resource_name};
 use vfplane_proto::vf_state;
 
-use crate::cdi::{CdiEntry, CdiWriter, numa_cpuset};
+use crate::cdi::{CdiEntry, CdiWriter};
 use crate::inventory::{self, DeviceStatus, PoolView};
 use crate::metrics::{NodeMetrics, PoolMetrics, bump};
 use crate::preferred::preferred_allocation;
@@ -357,11 +357,11 @@ impl DevicePluginService {
         devices: &[DeviceStatus],
     ) -> Result<dp::ContainerAllocateResponse, Status> {
         let cdi = &self.shared.node.cdi;
-        if let Some(bytes) = pool.locked_memory_bytes
-            && !cdi.sets_locked_memory()
+        if let Some(wants) = crate::cdi::needs_hook(pool)
+            && !cdi.has_hook()
         {
             return Err(Status::failed_precondition(format!(
-                "pool {} gives its containers RLIMIT_MEMLOCK of {bytes} bytes through a CDI hook, \
+                "pool {} gives its containers {wants} through a CDI hook, \
                  but this plugin writes no CDI spec or has no vfplane-oci-hook installed (--no-cdi, \
                  or --oci-hook-dir unset or not writable)",
                 pool.name
@@ -381,14 +381,7 @@ impl DevicePluginService {
             if !specs.iter().any(|s| s.host_path == path) {
                 specs.push(device_spec(&path));
             }
-            nodes.push((
-                device.address,
-                CdiEntry {
-                    node,
-                    locked_memory_bytes: pool.locked_memory_bytes,
-                    cpuset: numa_cpuset(pool, device.facts.as_ref()),
-                },
-            ));
+            nodes.push((device.address, CdiEntry::new(node, pool, device.facts.as_ref())));
             let facts = device.facts.as_ref();
             infos.insert(
                 device.address,

@@ -20,6 +20,7 @@
 #![warn(missing_docs)]
 
 pub mod container_env;
+pub mod container_limits;
 pub mod container_record;
 pub mod node_state;
 pub mod pci;

@@ -10,6 +10,8 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::container_limits::ContainerLimits;
+
 /// Desired SR-IOV state of one node.
 #[derive(CustomResource, Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[kube(
@@ -88,15 +90,10 @@ pub struct VfGroupSpec {
     /// administered MACs derived from the node name, PF and VF index.
     #[serde(default)]
     pub macs: Vec<String>,
-    /// RLIMIT_MEMLOCK, in bytes, that a container given one of these VFs
-    /// gets before its first instruction (the policy's
-    /// `containerProfile.lockedMemory`). Absent: the runtime's default.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub locked_memory_bytes: Option<u64>,
-    /// Containers given one of these VFs run on the CPUs and memory of the
-    /// VF's NUMA node (the policy's `containerProfile.numaAligned`).
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub numa_aligned: bool,
+    /// The limits a container given one of these VFs runs under (the
+    /// policy's `containerProfile`, in numbers).
+    #[serde(default, skip_serializing_if = "ContainerLimits::is_empty")]
+    pub container_limits: ContainerLimits,
 }
 
 fn default_device_type() -> String {

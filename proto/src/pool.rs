@@ -13,12 +13,19 @@
 //!       drivers: ["vfio-pci"]
 //!     preferredAllocation: spread    # or pack
 //!     allowNoIommu: false            # advertise VFs on a node without an IOMMU
+//!     containerLimits:               # what containers given its VFs run under
+//!       lockedMemoryBytes: 67108864
+//!       numaAligned: true
+//!       memoryBytes: 268435456
+//!       cpuMillis: 1000
+//!       pidsMax: 512
 //! ```
 
 use std::collections::BTreeSet;
 
 use serde::{Deserialize, Serialize};
 
+use crate::container_limits::ContainerLimits;
 use crate::pci::PciAddress;
 
 /// The resource-name prefix of every pool: `vfplane.io/<pool>`.
@@ -55,14 +62,11 @@ pub struct Pool {
     /// all). Off unless said explicitly.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub allow_no_iommu: bool,
-    /// RLIMIT_MEMLOCK, in bytes, of every container given a VF of the pool,
-    /// set before its first instruction by the OCI hook the CDI spec names.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub locked_memory_bytes: Option<u64>,
-    /// Containers given a VF of the pool get the CPUs and memory node of
-    /// the VF's NUMA node as their cpuset, set by the OCI hook.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub numa_aligned: bool,
+    /// The limits every container given a VF of the pool runs under: the
+    /// OCI hook the CDI spec names sets locked memory, the NUMA cpuset and
+    /// pids; the agent checks them all.
+    #[serde(default, skip_serializing_if = "ContainerLimits::is_empty")]
+    pub container_limits: ContainerLimits,
 }
 
 /// Selects every VF that matches all the fields given.

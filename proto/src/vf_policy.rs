@@ -176,6 +176,12 @@ pub struct ContainerProfile {
     /// pools only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub locked_memory: Option<String>,
+    /// The most processes and threads the container may run (`pids.max`
+    /// of its cgroup, set by vfplane's OCI hook). Absent: the runtime's
+    /// bound, which the node then requires to exist.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 4_194_304))]
+    pub pids: Option<u32>,
 }
 
 impl ContainerProfile {

@@ -45,6 +45,9 @@ fn node(memlock_soft: &str) -> Node {
     ] {
         fs::write(cgroup.join(file), text).unwrap();
     }
+    // The pod's cgroup bounds its tasks, as a kubelet with podPidsLimit
+    // makes it; the container's own pids.max is "max".
+    fs::write(cgroup.parent().unwrap().join("pids.max"), "1024\n").unwrap();
     let proc = view.proc_root.join("4242");
     fs::create_dir_all(&proc).unwrap();
     fs::write(
@@ -107,8 +110,10 @@ fn pools() -> PoolConfig {
             selector: None,
             preferred_allocation: Default::default(),
             allow_no_iommu: false,
-            locked_memory_bytes: Some(64 << 20),
-            numa_aligned: false,
+            container_limits: ContainerLimits {
+                locked_memory_bytes: Some(64 << 20),
+                ..ContainerLimits::default()
+            },
         }],
     }
 }
@@ -191,7 +196,7 @@ fn a_systemd_cgroup_path_is_named_as_unreadable() {
 fn a_numa_aligned_pools_container_off_its_vfs_node_is_a_problem() {
     let node = node("67108864");
     let mut pools = pools();
-    pools.pools[0].numa_aligned = true;
+    pools.pools[0].container_limits.numa_aligned = true;
     let mut status = status();
     status.pfs[0].numa_node = Some(1);
     // The fake cgroup says CPUs 0-1, memory node 0: not NUMA node 1's.
@@ -212,5 +217,78 @@ fn a_numa_aligned_pools_container_off_its_vfs_node_is_a_problem() {
     assert_eq!(
         status.pfs[0].vfs[0].container.clone().unwrap().problems,
         Vec::<String>::new()
+    );
+}
+
+#[test]
+fn memory_and_cpu_limits_below_the_profile_or_unset_are_problems() {
+    let node = node("67108864");
+    let cgroup = node.view.cgroup_root.join(CGROUP.trim_start_matches('/'));
+    let mut pools = pools();
+    pools.pools[0].container_limits.memory_bytes = Some(128 << 20);
+    pools.pools[0].container_limits.cpu_millis = Some(1000);
+    let problems = |memory: &str, cpu: &str| {
+        fs::write(cgroup.join("memory.max"), memory).unwrap();
+        fs::write(cgroup.join("cpu.max"), cpu).unwrap();
+        let mut status = status();
+        node.view.annotate(&mut status, &owners(), &pools);
+        status.pfs[0].vfs[0].container.clone().unwrap().problems
+    };
+    // Exactly the profile (128 MiB, one CPU as 100000/100000) and more: fine.
+    assert_eq!(problems("134217728\n", "100000 100000\n"), Vec::<String>::new());
+    assert_eq!(problems("268435456\n", "150000 100000\n"), Vec::<String>::new());
+    assert_eq!(
+        problems("67108864\n", "50000 100000\n"),
+        [
+            "memory.max is 67108864, the pool's profile wants a memory limit of at least 134217728 bytes",
+            "cpu.max is \"50000 100000\", the pool's profile wants a CPU limit of at least 1000 millicores"
+        ]
+    );
+    assert_eq!(
+        problems("max\n", "max 100000\n"),
+        [
+            "memory.max is max, the pool's profile wants a memory limit of at least 134217728 bytes",
+            "cpu.max is \"max 100000\", the pool's profile wants a CPU limit of at least 1000 millicores"
+        ]
+    );
+}
+
+#[test]
+fn a_pool_with_a_profile_wants_the_containers_tasks_bounded() {
+    let node = node("67108864");
+    let cgroup = node.view.cgroup_root.join(CGROUP.trim_start_matches('/'));
+    let pod = cgroup.parent().unwrap().to_owned();
+    let problems = |pools: &PoolConfig| {
+        let mut status = status();
+        node.view.annotate(&mut status, &owners(), pools);
+        status.pfs[0].vfs[0].container.clone().unwrap().problems
+    };
+    // Bounded by the pod's cgroup (1024): fine without `pids`.
+    assert_eq!(problems(&pools()), Vec::<String>::new());
+    // Nothing bounds it: a problem, naming the fixes.
+    fs::write(pod.join("pids.max"), "max\n").unwrap();
+    assert_eq!(
+        problems(&pools()),
+        [
+            "pids.max is max up to the cgroup root: nothing bounds the container's processes \
+          (set containerProfile.pids, or the kubelet's podPidsLimit)"
+        ]
+    );
+    // A pool without a profile asks nothing.
+    let mut plain = pools();
+    plain.pools[0].container_limits = ContainerLimits::default();
+    assert_eq!(problems(&plain), Vec::<String>::new());
+    // With `pids: 256`: the container's own 256 holds; a looser bound not.
+    let mut bounded = pools();
+    bounded.pools[0].container_limits.pids_max = Some(256);
+    fs::write(cgroup.join("pids.max"), "256\n").unwrap();
+    assert_eq!(problems(&bounded), Vec::<String>::new());
+    fs::write(cgroup.join("pids.max"), "max\n").unwrap();
+    fs::write(pod.join("pids.max"), "1024\n").unwrap();
+    assert_eq!(
+        problems(&bounded),
+        [
+            "the container may run 1024 processes (the tightest pids.max above it), the pool's profile wants at most 256"
+        ]
     );
 }

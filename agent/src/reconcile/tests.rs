@@ -144,13 +144,17 @@ fn a_kernel_vf_mac_the_pf_never_keeps_is_reported_after_three_writes() {
 }
 
 #[test]
-fn a_pools_locked_memory_is_the_largest_of_its_groups() {
+fn a_pools_limits_are_the_strictest_of_its_groups() {
     let fake = node();
     let agent = reconciler_with(&fake, |_| {});
-    let text = "spec:\n  pfs:\n    - pciAddress: \"0000:00:02.0\"\n      numVfs: 4\n      vfGroups:\n        - {resourceName: fast, vfRange: \"0\", lockedMemoryBytes: 1048576}\n        - {resourceName: fast, vfRange: \"1\", lockedMemoryBytes: 67108864}\n";
+    let text = "spec:\n  pfs:\n    - pciAddress: \"0000:00:02.0\"\n      numVfs: 4\n      vfGroups:\n        - {resourceName: fast, vfRange: \"0\", containerLimits: {lockedMemoryBytes: 1048576, pidsMax: 100}}\n        - {resourceName: fast, vfRange: \"1\", containerLimits: {lockedMemoryBytes: 67108864, pidsMax: 512, numaAligned: true}}\n";
     let report = agent.apply(&spec(text));
     assert!(report.converged, "{:?}", report.errors);
-    assert_eq!(report.pools.pools[0].locked_memory_bytes, Some(67_108_864));
+    let limits = report.pools.pools[0].container_limits;
+    assert_eq!(
+        (limits.locked_memory_bytes, limits.pids_max, limits.numa_aligned),
+        (Some(67_108_864), Some(100), true)
+    );
     let yaml = report.pools.to_yaml().unwrap();
     assert!(yaml.contains("lockedMemoryBytes: 67108864"), "{yaml}");
 }

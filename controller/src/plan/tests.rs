@@ -94,14 +94,33 @@ fn a_policy_becomes_a_pf_spec_on_the_nodes_it_selects() {
 }
 
 #[test]
-fn the_profiles_locked_memory_reaches_the_node_in_bytes() {
-    let with = format!("{FAST}containerProfile: {{lockedMemory: 64Mi}}\n");
+fn the_profile_reaches_the_node_in_numbers() {
+    use vfplane_proto::container_limits::ContainerLimits;
+    let with = format!(
+        "{FAST}containerProfile: {{lockedMemory: 64Mi, memory: 1Gi, cpu: 1500m, pids: 512, numaAligned: true, hugepages: 2Gi}}\n"
+    );
     let worker = node("worker-1", &[("sriov", "true")]);
     let st = state("worker-1", vec![pf("0000:3b:00.0", "ens1f0", 7, 0)]);
-    for (yaml, bytes) in [(with.as_str(), Some(64 << 20)), (FAST, None)] {
+    let full = ContainerLimits {
+        locked_memory_bytes: Some(64 << 20),
+        numa_aligned: true,
+        memory_bytes: Some(1 << 30),
+        cpu_millis: Some(1500),
+        pids_max: Some(512),
+    };
+    let whole_cpus = format!("{FAST}containerProfile: {{cpu: \"2\"}}\n");
+    let two_cpus = ContainerLimits {
+        cpu_millis: Some(2000),
+        ..ContainerLimits::default()
+    };
+    for (yaml, limits) in [
+        (with.as_str(), full),
+        (whole_cpus.as_str(), two_cpus),
+        (FAST, ContainerLimits::default()),
+    ] {
         let policies = [policy("fast", yaml)];
         let plan = plan_node(&worker, &merge_order(&policies), Some(&st));
-        assert_eq!(plan.spec.pfs[0].vf_groups[0].locked_memory_bytes, bytes, "{yaml}");
+        assert_eq!(plan.spec.pfs[0].vf_groups[0].container_limits, limits, "{yaml}");
     }
 }
 
