@@ -67,6 +67,10 @@ pub enum Command {
         /// The node's cgroup v2 mount, where owners' limits are read.
         #[arg(long, default_value = "/sys/fs/cgroup")]
         cgroup_root: PathBuf,
+        /// Serve Prometheus metrics (`/metrics`, `/healthz`) on this address
+        /// (for example 0.0.0.0:9466). Absent: no metrics.
+        #[arg(long)]
+        metrics_addr: Option<std::net::SocketAddr>,
     },
 }
 

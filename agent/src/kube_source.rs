@@ -16,6 +16,8 @@
 //!   last spec seen stays in force while the API server is away.
 //! - A status is written only when it differs from the last one written to
 //!   the same object; failed writes are retried with a bounded backoff.
+//! - Each new status also goes to the Events task ([`crate::events`]),
+//!   which posts what changed (RBAC: create/patch `events.k8s.io` events).
 
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -23,6 +25,7 @@ use std::time::Duration;
 
 use futures::StreamExt as _;
 use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
 use kube::runtime::watcher::{self, Event};
 use kube::runtime::{WatchStreamExt as _, watcher as watch_objects};
 use kube::{Client, Resource as _, ResourceExt as _};
@@ -159,8 +162,16 @@ impl KubeSource {
         backoff: Backoff,
     ) -> Self {
         let node = node.into();
+        let recorder = Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: FIELD_MANAGER.to_owned(),
+                instance: Some(node.clone()),
+            },
+        );
         let api = Api::<NodeState>::all(client);
         let (status_tx, status_rx) = watch::channel(None);
+        handle.spawn(post_events(recorder, node.clone(), status_rx.clone()));
         handle.spawn(write_statuses(api.clone(), node.clone(), status_rx, backoff));
         Self {
             node,
@@ -320,6 +331,43 @@ pub async fn patch_status(
     )
     .await?;
     Ok(())
+}
+
+/// Posts the Events each new status calls for ([`crate::events`]) until
+/// the source is dropped. A refused post is logged, not retried: the
+/// status says the same.
+pub async fn post_events(
+    recorder: Recorder,
+    node: String,
+    mut statuses: watch::Receiver<Option<StatusUpdate>>,
+) {
+    let mut previous: Option<NodeStateStatus> = None;
+    while statuses.changed().await.is_ok() {
+        let Some(update) = statuses.borrow_and_update().clone() else {
+            continue;
+        };
+        for event in crate::events::between(previous.as_ref(), &update.status) {
+            let posted = KubeEvent {
+                type_: if event.is_warning() {
+                    EventType::Warning
+                } else {
+                    EventType::Normal
+                },
+                reason: event.reason().to_owned(),
+                note: Some(event.note()),
+                action: event.action().to_owned(),
+                secondary: None,
+            };
+            let regarding = event.regarding(&node, update.uid.as_deref());
+            match recorder.publish(&posted, &regarding).await {
+                Ok(()) => tracing::info!(reason = event.reason(), note = %event.note(), "event posted"),
+                Err(error) => {
+                    tracing::warn!(error = %error_chain(&error), reason = event.reason(), "cannot post an event");
+                }
+            }
+        }
+        previous = Some(update.status);
+    }
 }
 
 /// Writes every new status that arrives on `statuses` (only the latest

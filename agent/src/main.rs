@@ -9,6 +9,7 @@ use vfplane_agent::attribution::PodResources;
 use vfplane_agent::cli::{Cli, Command, Target};
 use vfplane_agent::container::ContainerView;
 use vfplane_agent::kube_source::KubeSource;
+use vfplane_agent::metrics::AgentMetrics;
 use vfplane_agent::netlink::RtNetlink;
 use vfplane_agent::reconcile::Reconciler;
 use vfplane_agent::run::{RunOptions, StateFileSource, publish, read_state_file};
@@ -88,7 +89,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             pod_resources_socket,
             container_records,
             cgroup_root,
+            metrics_addr,
         } => {
+            let metrics = match metrics_addr {
+                Some(addr) => {
+                    let metrics = std::sync::Arc::new(AgentMetrics::default());
+                    vfplane_agent::metrics::spawn_server(addr, std::sync::Arc::clone(&metrics))?;
+                    Some(metrics)
+                }
+                None => None,
+            };
             let pod_resources = if pod_resources_socket.as_os_str().is_empty() {
                 None
             } else {
@@ -107,6 +117,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     proc_root: target.proc_root.clone(),
                     host: host.clone(),
                 }),
+                metrics,
             };
             let reconciler = reconciler(&target, host);
             match state_file {

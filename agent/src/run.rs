@@ -158,6 +158,8 @@ pub struct RunOptions {
     /// Completes each owner with its container (pod UID, limits); needs
     /// `pod_resources`.
     pub containers: Option<ContainerView>,
+    /// Follows every pass and scrub (`None`: no metrics).
+    pub metrics: Option<std::sync::Arc<crate::metrics::AgentMetrics>>,
 }
 
 /// Reads the state file.
@@ -288,6 +290,9 @@ pub fn pass<N: VfLinkControl, S: DesiredStateSource>(
             options.pod_resources.is_some(),
         );
         for outcome in &outcomes {
+            if let Some(metrics) = &options.metrics {
+                metrics.observe_scrub(outcome);
+            }
             if let ScrubOutcome::Failed { error, .. } = outcome {
                 report
                     .errors
@@ -309,6 +314,9 @@ pub fn pass<N: VfLinkControl, S: DesiredStateSource>(
         tracing::error!(%error, "cannot write status or pool config");
     }
     source.report_status(&report.status);
+    if let Some(metrics) = &options.metrics {
+        metrics.observe_pass(&report.status, report.converged);
+    }
     tracing::info!(?trigger, converged = report.converged, errors = ?report.errors, took = ?started.elapsed(), "pass done");
     Some(report)
 }
@@ -457,6 +465,7 @@ mod tests {
             resync: Duration::from_secs(30),
             pod_resources: None,
             scrubber: None,
+            metrics: None,
             containers: None,
         };
         let mut source = StateFileSource::new(&state);

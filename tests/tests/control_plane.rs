@@ -75,6 +75,7 @@ fn spawn_agent(
         pod_resources: None,
         scrubber: None,
         containers: None,
+        metrics: None,
     };
     std::thread::spawn(move || {
         let (tx, rx) = mpsc::channel();

@@ -243,16 +243,29 @@ fn check_cert_manager(json: &Value, what: &str) {
 
 fn check_monitor(json: &Value, what: &str) {
     assert_eq!(json["metadata"]["namespace"], NS, "{what}: namespace");
-    let endpoints = match json["kind"].as_str() {
-        Some("ServiceMonitor") => &json["spec"]["endpoints"],
-        _ => &json["spec"]["podMetricsEndpoints"],
+    // The controller's Service: its metrics; the node pod: the device
+    // plugin's and the agent's.
+    let (endpoints, ports) = match json["kind"].as_str() {
+        Some("ServiceMonitor") => (&json["spec"]["endpoints"], &["metrics"][..]),
+        _ => (
+            &json["spec"]["podMetricsEndpoints"],
+            &["metrics", "agent-metrics"][..],
+        ),
     };
     let endpoints = endpoints
         .as_array()
         .unwrap_or_else(|| panic!("{what}: no endpoints"));
-    assert_eq!(endpoints.len(), 1, "{what}: endpoints");
-    assert_eq!(endpoints[0]["port"], "metrics", "{what}: port name");
-    assert_eq!(endpoints[0]["path"], "/metrics", "{what}: path");
+    assert_eq!(
+        endpoints
+            .iter()
+            .map(|e| e["port"].as_str().unwrap_or(""))
+            .collect::<Vec<_>>(),
+        ports,
+        "{what}: endpoint ports"
+    );
+    for endpoint in endpoints {
+        assert_eq!(endpoint["path"], "/metrics", "{what}: path");
+    }
     assert!(
         json["spec"]["selector"]["matchLabels"].is_object(),
         "{what}: selector"
@@ -693,7 +706,8 @@ fn the_node_pod_mounts_the_host_and_only_the_agent_is_privileged() {
             "run",
             "--kube",
             "--pool-config=/var/lib/vfplane/pools.yaml",
-            "--state-dir=/run/vfplane/vf-state"
+            "--state-dir=/run/vfplane/vf-state",
+            "--metrics-addr=0.0.0.0:9466"
         ]
     );
     assert_eq!(
@@ -946,6 +960,7 @@ fn rbac_is_least_privilege_and_exactly_what_the_code_calls() {
             expected(&[
                 ("vfplane.io", "nodestates", &["get", "list", "watch"]),
                 ("vfplane.io", "nodestates/status", &["patch"]),
+                ("events.k8s.io", "events", &["create", "patch"]),
             ]),
             "case {}: agent ClusterRole",
             r.name
@@ -1370,6 +1385,14 @@ fn monitoring_objects_select_what_exposes_metrics() {
             .iter()
             .flatten()
             .any(|p| p.name.as_deref() == Some("metrics") && p.container_port == 9465)
+    );
+    let agent = container(pod_spec_of_daemonset(ds), "agent");
+    assert!(
+        agent
+            .ports
+            .iter()
+            .flatten()
+            .any(|p| p.name.as_deref() == Some("agent-metrics") && p.container_port == 9466)
     );
     let monitors: Vec<&Value> = r
         .objects

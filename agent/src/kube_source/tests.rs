@@ -405,6 +405,7 @@ fn options(dir: &std::path::Path) -> RunOptions {
         pod_resources: None,
         scrubber: None,
         containers: None,
+        metrics: None,
     }
 }
 
