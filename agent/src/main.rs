@@ -22,7 +22,7 @@ fn reconciler(target: &Target, host: Host) -> Reconciler<RtNetlink> {
             .map(|h| h.trim().to_owned())
             .unwrap_or_default()
     });
-    Reconciler::new(host, RtNetlink, node, &target.proc_root)
+    Reconciler::new(host, RtNetlink, node, &target.proc_root).with_handed_out_marks(&target.state_dir)
 }
 
 fn main() -> ExitCode {

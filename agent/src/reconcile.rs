@@ -41,6 +41,9 @@ pub struct Reconciler<N> {
     netlink: N,
     node_name: String,
     proc_root: PathBuf,
+    /// The state directory holding the device plugin's handed-out marks
+    /// (`None`: no VF is known to be held).
+    handed_out_marks: Option<PathBuf>,
 }
 
 /// One VF as the spec wants it.
@@ -73,7 +76,30 @@ impl<N: VfLinkControl> Reconciler<N> {
             netlink,
             node_name: node_name.into(),
             proc_root: proc_root.into(),
+            handed_out_marks: None,
         }
+    }
+
+    /// Reads the device plugin's handed-out marks in `state_dir`: a trusted
+    /// VF handed to a container keeps the MAC its tenant gave it through
+    /// the PF (a trusted VF may; rewriting it would cut the tenant off),
+    /// and is not unhealthy for it. The scrub after the container is gone
+    /// writes the spec's MAC again. Every other setting is still repaired.
+    #[must_use]
+    pub fn with_handed_out_marks(mut self, state_dir: impl Into<PathBuf>) -> Self {
+        self.handed_out_marks = Some(state_dir.into());
+        self
+    }
+
+    /// Whether the spec leaves the VF's MAC to its tenant now: trusted, and
+    /// handed out (a mark that cannot be read counts as one: leaving a
+    /// MAC alone is the safe side).
+    fn mac_is_the_tenants(&self, vf: &VfPlan, address: PciAddress) -> bool {
+        vf.settings.trust
+            && self
+                .handed_out_marks
+                .as_deref()
+                .is_some_and(|dir| !matches!(vfplane_proto::vf_state::handed_out_at(dir, address), Ok(None)))
     }
 
     /// The host this reconciles.
@@ -388,10 +414,13 @@ impl<N: VfLinkControl> Reconciler<N> {
         let mut mac_changed = false;
         if let Some(ifname) = &plan.ifname {
             // A VF the PF does not report at all gets every setting.
-            let differences = match links.iter().find(|l| l.vf == u32::from(vf.index)) {
+            let mut differences = match links.iter().find(|l| l.vf == u32::from(vf.index)) {
                 Some(have) => have.differences(&vf.settings),
                 None => vec!["mac", "vlan", "spoofchk", "trust", "max_tx_rate", "link_state"],
             };
+            if self.mac_is_the_tenants(vf, address) {
+                differences.retain(|d| *d != "mac");
+            }
             mac_changed = differences.contains(&"mac");
             if !differences.is_empty() {
                 tracing::info!(pf = %plan.address, vf = vf.index, ?differences, "setting VF link attributes");
@@ -503,7 +532,15 @@ impl<N: VfLinkControl> Reconciler<N> {
                 let link = links.iter().find(|l| l.vf == u32::from(vf.index));
                 let mut health = "Unmanaged".to_owned();
                 if let Some(wanted) = wanted {
-                    let problem = vf_problem(vf, wanted, link, model.iommu.enabled, spec.allow_no_iommu);
+                    let tenants_mac = self.mac_is_the_tenants(wanted, vf.pci.address);
+                    let problem = vf_problem(
+                        vf,
+                        wanted,
+                        link,
+                        model.iommu.enabled,
+                        spec.allow_no_iommu,
+                        tenants_mac,
+                    );
                     health = match &problem {
                         None => "Healthy".to_owned(),
                         Some(reason) => format!("Unhealthy: {reason}"),
@@ -589,6 +626,7 @@ fn vf_problem(
     link: Option<&VfLinkInfo>,
     iommu: bool,
     allow_no_iommu: bool,
+    tenants_mac: bool,
 ) -> Option<String> {
     let driver = vf.pci.driver.as_deref();
     if wanted.device_type == DEVICE_TYPE_VFIO {
@@ -617,7 +655,10 @@ fn vf_problem(
     match link {
         None => Some("the PF reports no settings for it".to_owned()),
         Some(link) => {
-            let differences = link.differences(&wanted.settings);
+            let mut differences = link.differences(&wanted.settings);
+            if tenants_mac {
+                differences.retain(|d| *d != "mac");
+            }
             (!differences.is_empty()).then(|| format!("{} differ from the spec", differences.join(", ")))
         }
     }

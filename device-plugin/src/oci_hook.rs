@@ -240,6 +240,7 @@ fn is_vfio_group_node(path: &str) -> bool {
 /// # Errors
 /// A state that does not parse, or the limit not set.
 pub fn run(attach: &Attach, state: impl Read, proc_root: &Path) -> Result<Option<String>, HookError> {
+    let started = std::time::Instant::now();
     let mut text = String::new();
     let mut state = state;
     state.read_to_string(&mut text).map_err(HookError::Stdin)?;
@@ -260,7 +261,7 @@ pub fn run(attach: &Attach, state: impl Read, proc_root: &Path) -> Result<Option
     if let Some(device) = &attach.device {
         own_device(&state.id, pid, device, &bundle, proc_root)?;
     }
-    Ok(record(attach, &state, pid, bundle.cgroups_path).err())
+    Ok(record(attach, &state, pid, bundle.cgroups_path, started).err())
 }
 
 /// What the hook reads of the container's OCI spec (`config.json` in its
@@ -424,7 +425,13 @@ fn set_cpuset(
 
 /// Adds the VF to the container's record, made from the state and the
 /// bundle's `config.json`.
-fn record(attach: &Attach, state: &OciState, pid: i32, cgroups_path: Option<String>) -> Result<(), String> {
+fn record(
+    attach: &Attach,
+    state: &OciState,
+    pid: i32,
+    cgroups_path: Option<String>,
+    started: std::time::Instant,
+) -> Result<(), String> {
     use vfplane_proto::container_record::{ContainerRecord, read_record, write_record};
     let dir = &attach.records;
     let annotation = |key: &str| state.annotations.get(key).cloned();
@@ -444,6 +451,8 @@ fn record(attach: &Attach, state: &OciState, pid: i32, cgroups_path: Option<Stri
         record.vfs.push(attach.vf.clone());
         record.vfs.sort();
     }
+    let took = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+    record.hook_micros = record.hook_micros.saturating_add(took);
     write_record(dir, &record)
         .map_err(|e| format!("writing the record of {} under {}: {e}", state.id, dir.display()))
 }
@@ -702,6 +711,7 @@ mod tests {
                 &["0000:00:12.0".to_owned(), "0000:00:12.2".to_owned()][..]
             )
         );
+        assert!(record.hook_micros > 0, "the two runs' time is summed: {record:?}");
     }
 
     #[test]

@@ -46,6 +46,12 @@ pub struct ContainerRecord {
     /// The VFs (PCI addresses) its CDI devices named.
     #[serde(default)]
     pub vfs: Vec<String>,
+    /// Microseconds the hook's runs for this container took, summed over
+    /// its VFs (from reading the state to writing this record; the
+    /// runtime's fork and exec of the hook are not in it): what the limits
+    /// work adds to the container's creation.
+    #[serde(default)]
+    pub hook_micros: u64,
 }
 
 /// The directory of a container's cgroup under the cgroup v2 mount `root`,
@@ -149,6 +155,7 @@ mod tests {
             container: Some("app".to_owned()),
             cgroups_path: Some("/kubepods/besteffort/pod1b4e28ba/c0ffee".to_owned()),
             vfs: vec!["0000:00:12.0".to_owned()],
+            hook_micros: 1800,
         };
         write_record(&dir, &record).unwrap_or_else(|e| panic!("{e}"));
         fs::write(dir.join("garbled.json"), "{").unwrap_or_else(|e| panic!("{e}"));

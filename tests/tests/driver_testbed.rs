@@ -21,11 +21,11 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use xtask::testbed::wire::{ETHERTYPE_TEST, test_frame};
 use xtask::testbed::{GuestOptions, RunningGuest, Testbed};
 
 const HOST_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x00, 0xaa];
 const HOST_MAC_TEXT: &str = "02:00:00:00:00:aa";
-const ETHERTYPE_TEST: [u8; 2] = [0x88, 0xb5];
 const FRAMES: u32 = 10_000;
 const ECHO_FRAMES: u32 = 2_000;
 const SIZE: usize = 60;
@@ -46,19 +46,6 @@ isolation --pci $vf --dst {HOST_MAC_TEXT} --timeout 60
 exit 0
 "#
     )
-}
-
-/// The test frame pktgen, rxcount and the host agree on.
-fn test_frame(dst: [u8; 6], src: [u8; 6], seq: u32, len: usize) -> Vec<u8> {
-    let mut f = vec![0u8; len];
-    f[..6].copy_from_slice(&dst);
-    f[6..12].copy_from_slice(&src);
-    f[12..14].copy_from_slice(&ETHERTYPE_TEST);
-    f[14..18].copy_from_slice(&seq.to_be_bytes());
-    for (i, b) in f.iter_mut().enumerate().skip(18) {
-        *b = (i as u32 ^ seq) as u8;
-    }
-    f
 }
 
 fn parse_mac(text: &str) -> [u8; 6] {

@@ -13,12 +13,12 @@ use crate::cluster::images::VFPLANE_IMAGE;
 use crate::cluster::{ClusterOptions, NODE_NAME};
 use crate::session::{NAMESPACE, Session};
 use crate::testbed::Testbed;
+use crate::testbed::wire::ETHERTYPE_TEST;
 
 /// The policy's name and pool.
 const POLICY: &str = "fast-io";
 const POOL: &str = "fast";
 const FRAMES: u32 = 2000;
-const ETHERTYPE_TEST: [u8; 2] = [0x88, 0xb5];
 
 /// What the demo did, for the closing table.
 #[derive(Debug, Clone, Default)]

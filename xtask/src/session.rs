@@ -284,6 +284,47 @@ impl Session {
         }
         Ok(began.elapsed())
     }
+
+    /// The agent's metrics, fetched from inside the node pod's agent
+    /// container (busybox `wget`), as Prometheus scrapes them.
+    ///
+    /// # Errors
+    /// kubectl failing.
+    pub fn agent_metrics(&self) -> Result<String> {
+        self.cluster.kubectl_output(&[
+            "exec",
+            "-n",
+            NAMESPACE,
+            "daemonset/vfplane-node",
+            "-c",
+            "agent",
+            "--",
+            "wget",
+            "-qO-",
+            "http://127.0.0.1:9466/metrics",
+        ])
+    }
+}
+
+/// The Events of `namespace` with this `reason`, as JSON, in the core/v1
+/// view kubectl shows (`message`, `involvedObject`; the agent posts them
+/// through events.k8s.io/v1).
+///
+/// # Errors
+/// kubectl failing, or an answer that is not JSON.
+pub fn events(cluster: &Cluster, namespace: &str, reason: &str) -> Result<Vec<serde_json::Value>> {
+    let text = cluster.kubectl_output(&[
+        "get",
+        "events",
+        "-n",
+        namespace,
+        "--field-selector",
+        &format!("reason={reason}"),
+        "-o",
+        "json",
+    ])?;
+    let list: serde_json::Value = serde_json::from_str(&text).context("the event list is not JSON")?;
+    Ok(list["items"].as_array().cloned().unwrap_or_default())
 }
 
 /// Every VF of every PF in the node's NodeState status, as JSON.

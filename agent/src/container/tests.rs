@@ -66,6 +66,7 @@ fn node(memlock_soft: &str) -> Node {
             container: Some("app".to_owned()),
             cgroups_path: Some(CGROUP.to_owned()),
             vfs: vec![VF.to_owned()],
+            hook_micros: 0,
         },
     )
     .unwrap();

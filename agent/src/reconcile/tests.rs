@@ -404,3 +404,59 @@ fn vf_ranges_parse() {
     assert!(parse_vf_range("").is_err());
     assert!(parse_vf_range("a-b").is_err());
 }
+
+#[test]
+fn a_trusted_vf_handed_out_keeps_its_tenants_mac_and_an_untrusted_one_is_repaired() {
+    let fake = node();
+    let state = tempfile::tempdir().unwrap();
+    let text = "spec:\n  pfs:\n    - pciAddress: \"0000:00:02.0\"\n      numVfs: 4\n      vfGroups:\n        - {resourceName: trusted, vfRange: \"0\", trust: true, macs: [\"02:00:00:00:00:01\"]}\n        - {resourceName: plain, vfRange: \"1\", macs: [\"02:00:00:00:00:02\"]}\n";
+    let agent = reconciler_with(&fake, |_| {}).with_handed_out_marks(state.path());
+    assert!(agent.apply(&spec(text)).converged);
+    let vfs: Vec<PciAddress> = ["0000:00:12.0", "0000:00:12.2"]
+        .map(|a| a.parse().unwrap())
+        .to_vec();
+    for vf in &vfs {
+        vfplane_proto::vf_state::mark_handed_out(state.path(), *vf).unwrap();
+    }
+    // Both tenants change their MAC (only a trusted VF could, on igb; the
+    // other stands for anything else that changed it).
+    let tenant: Mac = "02:00:00:00:01:01".parse().unwrap();
+    for index in [0, 1] {
+        let mut link = agent.netlink().get("eth0", index).unwrap();
+        link.mac = tenant;
+        agent.netlink().insert("eth0", link);
+    }
+    agent.netlink().clear_writes();
+    let report = agent.apply(&spec(text));
+    assert!(report.converged, "{:?}", report.errors);
+    let writes = agent.netlink().writes();
+    assert_eq!(
+        writes,
+        ["eth0 vf 1 mac"],
+        "the trusted VF's MAC is its tenant's, the other one is repaired"
+    );
+    assert_eq!(agent.netlink().get("eth0", 0).unwrap().mac, tenant);
+    assert_eq!(
+        agent.netlink().get("eth0", 1).unwrap().mac.to_string(),
+        "02:00:00:00:00:02",
+        "the untrusted VF's MAC is repaired: {writes:?}"
+    );
+    let vf0 = &report.status.pfs[0].vfs[0];
+    assert_eq!(vf0.health, "Healthy", "{vf0:?}");
+    assert_eq!(
+        report
+            .pools
+            .pools
+            .iter()
+            .find(|p| p.name == "trusted")
+            .map(|p| p.devices.len()),
+        Some(1)
+    );
+    // Released (the mark gone): the spec's MAC again.
+    vfplane_proto::vf_state::clear_handed_out(state.path(), vfs[0]).unwrap();
+    assert!(agent.apply(&spec(text)).converged);
+    assert_eq!(
+        agent.netlink().get("eth0", 0).unwrap().mac.to_string(),
+        "02:00:00:00:00:01"
+    );
+}

@@ -13,7 +13,7 @@
 
 mod cpio;
 mod kernel;
-mod wire;
+pub mod wire;
 
 use std::fs::{self, File};
 use std::io::{Read as _, Seek as _, SeekFrom};

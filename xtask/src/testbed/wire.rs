@@ -7,6 +7,25 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant};
 
+/// The ethertype of the driver examples' test frames (`pktgen`, `rxcount`,
+/// `echo`).
+pub const ETHERTYPE_TEST: [u8; 2] = [0x88, 0xb5];
+
+/// The test frame the driver examples and the host agree on: `dst`, `src`,
+/// [`ETHERTYPE_TEST`], the sequence number (big endian), then byte `i` =
+/// `(i ^ seq) as u8`.
+pub fn test_frame(dst: [u8; 6], src: [u8; 6], seq: u32, len: usize) -> Vec<u8> {
+    let mut f = vec![0u8; len.max(18)];
+    f[..6].copy_from_slice(&dst);
+    f[6..12].copy_from_slice(&src);
+    f[12..14].copy_from_slice(&ETHERTYPE_TEST);
+    f[14..18].copy_from_slice(&seq.to_be_bytes());
+    for (i, b) in f.iter_mut().enumerate().skip(18) {
+        *b = (i as u32 ^ seq) as u8;
+    }
+    f
+}
+
 /// Everything the guest's PF sends, as it arrives.
 pub struct Wire {
     frames: Arc<Mutex<Vec<Vec<u8>>>>,
