@@ -53,6 +53,9 @@ pub enum Trigger {
     Resync,
     /// The kubelet's answer of who holds which VF changed.
     Owners,
+    /// A container given VFs was recorded by the OCI hook, or its record
+    /// went.
+    Containers,
 }
 
 /// What a source wants for the pass about to run.
@@ -227,6 +230,9 @@ pub fn run<N: VfLinkControl, S: DesiredStateSource>(
     if let Some(client) = &options.pod_resources {
         attribution::spawn_owner_watch(client.socket().to_owned(), tx.clone());
     }
+    if let Some(view) = &options.containers {
+        spawn_records_watcher(view.records_dir.clone(), tx.clone());
+    }
     source.watch(tx);
     let mut trigger = Trigger::Start;
     loop {
@@ -377,18 +383,54 @@ fn is_relevant_uevent(message: &[u8]) -> bool {
 }
 
 fn spawn_file_watcher(path: PathBuf, tx: Sender<Trigger>) {
-    std::thread::spawn(move || {
-        let stamp = |p: &Path| -> Option<(SystemTime, u64)> {
-            let meta = std::fs::metadata(p).ok()?;
+    spawn_change_watcher(
+        move || {
+            let meta = std::fs::metadata(&path).ok()?;
             Some((meta.modified().ok()?, meta.len()))
-        };
-        let mut last = stamp(&path);
+        },
+        Trigger::Desired,
+        tx,
+    );
+}
+
+/// Watches the OCI hook's container records: the kubelet lists a VF's
+/// owner at `Allocate`, before the container (and its record) exists, so
+/// the pass that completes the owner with its container runs when the
+/// record appears, not at the next resync.
+fn spawn_records_watcher(dir: PathBuf, tx: Sender<Trigger>) {
+    spawn_change_watcher(
+        move || {
+            let mut stamps: Vec<(std::ffi::OsString, Option<SystemTime>)> = std::fs::read_dir(&dir)
+                .map(|entries| {
+                    entries
+                        .flatten()
+                        .map(|e| (e.file_name(), e.metadata().ok().and_then(|m| m.modified().ok())))
+                        .collect()
+                })
+                .unwrap_or_default();
+            stamps.sort();
+            stamps
+        },
+        Trigger::Containers,
+        tx,
+    );
+}
+
+/// Sends `trigger` whenever `stamp()` changes, looked at every 200 ms,
+/// until the loop is gone.
+fn spawn_change_watcher<T: PartialEq + Send + 'static>(
+    stamp: impl Fn() -> T + Send + 'static,
+    trigger: Trigger,
+    tx: Sender<Trigger>,
+) {
+    std::thread::spawn(move || {
+        let mut last = stamp();
         loop {
             std::thread::sleep(Duration::from_millis(200));
-            let now = stamp(&path);
+            let now = stamp();
             if now != last {
                 last = now;
-                if tx.send(Trigger::Desired).is_err() {
+                if tx.send(trigger).is_err() {
                     return;
                 }
             }
@@ -400,6 +442,25 @@ fn spawn_file_watcher(path: PathBuf, tx: Sender<Trigger>) {
 mod tests {
     use super::*;
     use crate::netlink::fake::FakeNetlink;
+
+    #[test]
+    fn a_new_or_removed_container_record_triggers_a_pass() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let (tx, rx) = mpsc::channel();
+        spawn_records_watcher(dir.path().to_owned(), tx);
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(rx.try_recv().is_err(), "nothing changed yet");
+        std::fs::write(dir.path().join("c1.json"), "{}").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            rx.recv_timeout(Duration::from_secs(2)).ok(),
+            Some(Trigger::Containers)
+        );
+        std::fs::remove_file(dir.path().join("c1.json")).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            rx.recv_timeout(Duration::from_secs(2)).ok(),
+            Some(Trigger::Containers)
+        );
+    }
 
     #[test]
     fn uevent_filter_takes_pci_net_and_vfio() {

@@ -4,7 +4,10 @@
 //! of that PF runs on node 1's CPU and memory: the OCI hook set its
 //! cgroup's cpuset before its first instruction, the pod sees it in
 //! `/proc/self/status`, and the agent reads it back into the VF's status
-//! with no problem.
+//! with no problem; its `memory.max`, `cpu.max` and `pids.max` are what the
+//! profile says. When the policy then asks for more memory than the
+//! running container has, the agent says so in the VF's status, in a
+//! Kubernetes Event on the pod and in its metrics.
 
 #![allow(clippy::expect_used, clippy::unwrap_used)] // test: a panic is the failure report
 
@@ -13,10 +16,13 @@ use std::time::Duration;
 use serde_json::Value;
 use xtask::cluster::ClusterOptions;
 use xtask::cluster::images::VFPLANE_IMAGE;
-use xtask::session::{Session, node_vf_statuses};
+use xtask::session::{Session, events, node_vf_statuses};
 use xtask::testbed::{GuestOptions, Testbed, Topology};
 
-const POLICY: &str = r#"apiVersion: vfplane.io/v1alpha1
+/// The policy, its profile's memory `memory`.
+fn policy(memory: &str) -> String {
+    format!(
+        r#"apiVersion: vfplane.io/v1alpha1
 kind: VfPolicy
 metadata:
   name: near
@@ -30,10 +36,13 @@ spec:
   resourceName: near
   containerProfile:
     cpu: "1"
-    memory: 128Mi
+    memory: {memory}
     numaAligned: true
     lockedMemory: 64Mi
-"#;
+    pids: 128
+"#
+    )
+}
 
 fn pod() -> String {
     format!(
@@ -79,7 +88,7 @@ fn a_numa_aligned_pools_container_runs_on_its_vfs_numa_node() {
         .unwrap();
     assert_eq!(cpus.trim(), "1", "the node's NUMA node 1 has CPU 1");
     session.install_vfplane().expect("helm install");
-    session.apply(POLICY).expect("policy");
+    session.apply(&policy("128Mi")).expect("policy");
     session
         .wait_allocatable("near", 1, Duration::from_secs(300))
         .expect("the pool");
@@ -126,4 +135,74 @@ fn a_numa_aligned_pools_container_runs_on_its_vfs_numa_node() {
             },
         )
         .unwrap();
+    // What the runtime and the hook gave the container, in its cgroup and
+    // in the status: the profile's memory, one CPU, 128 tasks.
+    let vf = node_vf_statuses(session.cluster())
+        .unwrap()
+        .into_iter()
+        .find(|v| v["container"].is_object())
+        .unwrap();
+    let container = &vf["container"];
+    assert_eq!(
+        [
+            &container["memoryMax"],
+            &container["cpuMax"],
+            &container["pidsMax"]
+        ],
+        [
+            &Value::from("134217728"),
+            &Value::from("100000 100000"),
+            &Value::from("128")
+        ],
+        "{container}"
+    );
+    let cgroup = container["cgroup"].as_str().unwrap().to_owned();
+    let files = session
+        .cluster_mut()
+        .node_exec(&format!(
+            "cd /proc/1/root/sys/fs/cgroup{cgroup} && cat memory.max cpu.max pids.max"
+        ))
+        .unwrap();
+    assert_eq!(
+        files.lines().collect::<Vec<_>>(),
+        ["134217728", "100000 100000", "128"],
+        "read in the node's cgroup fs"
+    );
+
+    // The policy now wants 256 MiB; the running container has 128 MiB.
+    session.apply(&policy("256Mi")).expect("policy with more memory");
+    let problem =
+        "memory.max is 134217728, the pool's profile wants a memory limit of at least 268435456 bytes";
+    session
+        .wait(
+            "the limit problem in the VF's status",
+            Duration::from_secs(120),
+            |c| {
+                Ok(node_vf_statuses(c)?.iter().any(|v| {
+                    v["container"]["problems"]
+                        .as_array()
+                        .is_some_and(|p| p.iter().any(|p| p == problem))
+                }))
+            },
+        )
+        .unwrap();
+    session
+        .wait("the Event on the pod", Duration::from_secs(60), |c| {
+            Ok(events(c, "default", "VfContainerLimits")?.iter().any(|e| {
+                e["involvedObject"]["kind"] == "Pod"
+                    && e["involvedObject"]["name"] == "near"
+                    && e["type"] == "Warning"
+                    && e["message"].as_str().is_some_and(|m| m.contains(problem))
+            }))
+        })
+        .unwrap();
+    let metrics = session.agent_metrics().unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("vfplane_agent_vf_container_problems{")
+                && l.contains(r#"pod="near""#)
+                && l.ends_with(" 1")),
+        "one problem in the metrics:\n{metrics}"
+    );
 }
