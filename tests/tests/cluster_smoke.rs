@@ -35,7 +35,8 @@ spec:
           vfRange: "0-1"
           deviceType: vfio-pci
           macs: ["02:00:00:00:00:01", "02:00:00:00:00:02"]
-          lockedMemoryBytes: 67108864
+          containerLimits:
+            lockedMemoryBytes: 67108864
 Y
 VFPLANE_LOG=warn vfplane-agent apply --state-file /tmp/state.yaml --status-file /tmp/status.json \
   --pool-config /etc/vfplane/pools.yaml
