@@ -4,7 +4,6 @@
 //! It discovers the node (`discover`), reconciles it to a NodeState spec
 //! once (`apply`) or continuously (`run`), with the spec from a state file
 //! or, with `run --kube`, from the node's NodeState object (`kube_source`).
-#![forbid(unsafe_code)]
 
 pub mod attribution;
 pub mod cli;

@@ -97,6 +97,59 @@ impl std::str::FromStr for VfLinkMode {
     }
 }
 
+/// One setting the PF holds for a VF: what [`VfLinkInfo::differences`]
+/// names and [`VfLinkControl::set_vf`] writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum VfSetting {
+    /// The administrative MAC.
+    Mac,
+    /// The port VLAN.
+    Vlan,
+    /// Anti-spoof checking.
+    SpoofChk,
+    /// Trust.
+    Trust,
+    /// The transmit rate limit.
+    MaxTxRate,
+    /// The link state.
+    LinkState,
+}
+
+impl VfSetting {
+    /// Every setting, in the order they are written.
+    pub const ALL: [Self; 6] = [
+        Self::Mac,
+        Self::Vlan,
+        Self::SpoofChk,
+        Self::Trust,
+        Self::MaxTxRate,
+        Self::LinkState,
+    ];
+
+    /// Its name in messages (`ip link`'s words).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Mac => "mac",
+            Self::Vlan => "vlan",
+            Self::SpoofChk => "spoofchk",
+            Self::Trust => "trust",
+            Self::MaxTxRate => "max_tx_rate",
+            Self::LinkState => "link_state",
+        }
+    }
+
+    /// `mac, vlan`: the names of `settings`, for a message.
+    pub fn list(settings: &[Self]) -> String {
+        settings.iter().map(|s| s.name()).collect::<Vec<_>>().join(", ")
+    }
+}
+
+impl fmt::Display for VfSetting {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// What the kernel reports for one VF.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct VfLinkInfo {
@@ -117,28 +170,21 @@ pub struct VfLinkInfo {
 }
 
 impl VfLinkInfo {
-    /// The settings that differ from `want`, by name (empty: all match).
-    pub fn differences(&self, want: &VfLinkSettings) -> Vec<&'static str> {
-        let mut diff = Vec::new();
-        if self.mac != want.mac {
-            diff.push("mac");
-        }
-        if self.vlan != want.vlan {
-            diff.push("vlan");
-        }
-        if self.spoof_chk.is_some_and(|v| v != want.spoof_chk) {
-            diff.push("spoofchk");
-        }
-        if self.trust.is_some_and(|v| v != want.trust) {
-            diff.push("trust");
-        }
-        if self.max_tx_rate_mbps.is_some_and(|v| v != want.max_tx_rate_mbps) {
-            diff.push("max_tx_rate");
-        }
-        if want.link_state.is_some() && self.link_state != want.link_state {
-            diff.push("link_state");
-        }
-        diff
+    /// The settings that differ from `want` (empty: all match). A setting
+    /// the driver does not report is not a difference; a link state the
+    /// spec leaves out is not either.
+    pub fn differences(&self, want: &VfLinkSettings) -> Vec<VfSetting> {
+        VfSetting::ALL
+            .into_iter()
+            .filter(|setting| match setting {
+                VfSetting::Mac => self.mac != want.mac,
+                VfSetting::Vlan => self.vlan != want.vlan,
+                VfSetting::SpoofChk => self.spoof_chk.is_some_and(|v| v != want.spoof_chk),
+                VfSetting::Trust => self.trust.is_some_and(|v| v != want.trust),
+                VfSetting::MaxTxRate => self.max_tx_rate_mbps.is_some_and(|v| v != want.max_tx_rate_mbps),
+                VfSetting::LinkState => want.link_state.is_some() && self.link_state != want.link_state,
+            })
+            .collect()
     }
 }
 
@@ -179,8 +225,8 @@ pub trait VfLinkControl {
     /// When the kernel refuses or the reply is garbled.
     fn vf_links(&self, ifname: &str) -> Result<Vec<VfLinkInfo>, NetlinkError>;
 
-    /// Applies the settings of `differences` (names from
-    /// [`VfLinkInfo::differences`]) to VF `vf` of `ifname`.
+    /// Writes the `settings` of `want` (as [`VfLinkInfo::differences`]
+    /// gives them) to VF `vf` of `ifname`, in that order.
     ///
     /// # Errors
     /// The first setting the kernel refuses, by name.
@@ -189,7 +235,7 @@ pub trait VfLinkControl {
         ifname: &str,
         vf: u32,
         want: &VfLinkSettings,
-        differences: &[&str],
+        settings: &[VfSetting],
     ) -> Result<(), NetlinkError>;
 
     /// Sets the MTU of an interface.
@@ -296,16 +342,16 @@ impl VfLinkControl for RtNetlink {
         ifname: &str,
         vf: u32,
         want: &VfLinkSettings,
-        differences: &[&str],
+        settings: &[VfSetting],
     ) -> Result<(), NetlinkError> {
-        for &name in differences {
-            let info = match name {
-                "mac" => VfInfo::Mac(VfInfoMac::new(vf, &want.mac.0)),
-                "vlan" => VfInfo::Vlan(VfInfoVlan::new(vf, u32::from(want.vlan), 0)),
-                "spoofchk" => VfInfo::SpoofCheck(VfInfoSpoofCheck::new(vf, want.spoof_chk)),
-                "trust" => VfInfo::Trust(VfInfoTrust::new(vf, want.trust)),
-                "max_tx_rate" => VfInfo::Rate(VfInfoRate::new(vf, 0, want.max_tx_rate_mbps)),
-                "link_state" => {
+        for &setting in settings {
+            let info = match setting {
+                VfSetting::Mac => VfInfo::Mac(VfInfoMac::new(vf, &want.mac.0)),
+                VfSetting::Vlan => VfInfo::Vlan(VfInfoVlan::new(vf, u32::from(want.vlan), 0)),
+                VfSetting::SpoofChk => VfInfo::SpoofCheck(VfInfoSpoofCheck::new(vf, want.spoof_chk)),
+                VfSetting::Trust => VfInfo::Trust(VfInfoTrust::new(vf, want.trust)),
+                VfSetting::MaxTxRate => VfInfo::Rate(VfInfoRate::new(vf, 0, want.max_tx_rate_mbps)),
+                VfSetting::LinkState => {
                     let state = match want.link_state {
                         Some(VfLinkMode::Enable) => VfLinkState::Enable,
                         Some(VfLinkMode::Disable) => VfLinkState::Disable,
@@ -313,13 +359,12 @@ impl VfLinkControl for RtNetlink {
                     };
                     VfInfo::LinkState(VfInfoLinkState::new(vf, state))
                 }
-                _ => continue,
             };
             let mut message = Self::link_named(ifname);
             message
                 .attributes
                 .push(LinkAttribute::VfInfoList(vec![LinkVfInfo(vec![info])]));
-            self.request(ifname, &format!("setting {name} of VF {vf}"), message, false)?;
+            self.request(ifname, &format!("setting {setting} of VF {vf}"), message, false)?;
         }
         Ok(())
     }
@@ -438,8 +483,16 @@ mod tests {
         assert!(have.differences(&want).is_empty());
         have.spoof_chk = Some(false);
         have.vlan = 0;
-        assert_eq!(have.differences(&want), ["vlan", "spoofchk"]);
+        assert_eq!(have.differences(&want), [VfSetting::Vlan, VfSetting::SpoofChk]);
         have.link_state = Some(VfLinkMode::Auto);
-        assert_eq!(have.differences(&want), ["vlan", "spoofchk", "link_state"]);
+        assert_eq!(
+            have.differences(&want),
+            [VfSetting::Vlan, VfSetting::SpoofChk, VfSetting::LinkState]
+        );
+        assert_eq!(
+            VfSetting::list(&have.differences(&want)),
+            "vlan, spoofchk, link_state",
+            "messages keep ip link's words"
+        );
     }
 }

@@ -19,7 +19,7 @@ use vfplane_proto::node_state::{
 };
 use vfplane_proto::pool::{Pool, PoolConfig, validate_pool_name};
 
-use crate::netlink::{Mac, VfLinkControl, VfLinkInfo, VfLinkMode, VfLinkSettings, derived_mac};
+use crate::netlink::{Mac, VfLinkControl, VfLinkInfo, VfLinkMode, VfLinkSettings, VfSetting, derived_mac};
 
 /// What one pass did and found.
 #[derive(Debug, Clone)]
@@ -416,14 +416,14 @@ impl<N: VfLinkControl> Reconciler<N> {
             // A VF the PF does not report at all gets every setting.
             let mut differences = match links.iter().find(|l| l.vf == u32::from(vf.index)) {
                 Some(have) => have.differences(&vf.settings),
-                None => vec!["mac", "vlan", "spoofchk", "trust", "max_tx_rate", "link_state"],
+                None => VfSetting::ALL.to_vec(),
             };
             if self.mac_is_the_tenants(vf, address) {
-                differences.retain(|d| *d != "mac");
+                differences.retain(|d| *d != VfSetting::Mac);
             }
-            mac_changed = differences.contains(&"mac");
+            mac_changed = differences.contains(&VfSetting::Mac);
             if !differences.is_empty() {
-                tracing::info!(pf = %plan.address, vf = vf.index, ?differences, "setting VF link attributes");
+                tracing::info!(pf = %plan.address, vf = vf.index, differences = %VfSetting::list(&differences), "setting VF link attributes");
                 self.netlink
                     .set_vf(ifname, u32::from(vf.index), &vf.settings, &differences)
                     .map_err(|e| error_chain(&e))?;
@@ -471,7 +471,7 @@ impl<N: VfLinkControl> Reconciler<N> {
             let Some(link) = links.iter().find(|l| l.vf == u32::from(vf.index)) else {
                 return Err(format!("the PF {ifname} no longer reports VF {}", vf.index));
             };
-            if !link.differences(&vf.settings).contains(&"mac") {
+            if !link.differences(&vf.settings).contains(&VfSetting::Mac) {
                 return Ok(());
             }
             if attempt == ATTEMPTS {
@@ -479,7 +479,7 @@ impl<N: VfLinkControl> Reconciler<N> {
             }
             tracing::warn!(vf = vf.index, mac = %link.mac, attempt, "the PF reports another MAC after the VF driver probed; setting it again");
             self.netlink
-                .set_vf(ifname, u32::from(vf.index), &vf.settings, &["mac"])
+                .set_vf(ifname, u32::from(vf.index), &vf.settings, &[VfSetting::Mac])
                 .map_err(|e| error_chain(&e))?;
             self.host.unbind_driver(address).map_err(|e| error_chain(&e))?;
             self.host
@@ -657,9 +657,10 @@ fn vf_problem(
         Some(link) => {
             let mut differences = link.differences(&wanted.settings);
             if tenants_mac {
-                differences.retain(|d| *d != "mac");
+                differences.retain(|d| *d != VfSetting::Mac);
             }
-            (!differences.is_empty()).then(|| format!("{} differ from the spec", differences.join(", ")))
+            (!differences.is_empty())
+                .then(|| format!("{} differ from the spec", VfSetting::list(&differences)))
         }
     }
 }

@@ -317,7 +317,7 @@ impl Scrubber {
             // reports none for them.
             let differences = read()?.differences(&want);
             if !differences.is_empty() {
-                tracing::info!(%address, ?differences, "restoring the spec's VF settings");
+                tracing::info!(%address, differences = %crate::netlink::VfSetting::list(&differences), "restoring the spec's VF settings");
                 reconciler
                     .netlink()
                     .set_vf(&ifname, u32::from(index), &want, &differences)
@@ -327,7 +327,10 @@ impl Scrubber {
             if !left.is_empty() {
                 return Err(ScrubError::Check {
                     address,
-                    problem: format!("the PF reports other {left:?} than the spec's"),
+                    problem: format!(
+                        "the PF reports other {} than the spec's",
+                        crate::netlink::VfSetting::list(&left)
+                    ),
                 });
             }
         }

@@ -11,7 +11,6 @@
 //! - [`leader`]: Lease-based leader election so two replicas can run.
 //! - [`metrics`]: Prometheus metrics and the health endpoints.
 //! - [`webhook`]: admission for VfPolicy and for pods asking for VFs.
-#![forbid(unsafe_code)]
 
 pub mod cli;
 pub mod controller;

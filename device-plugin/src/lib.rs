@@ -18,7 +18,6 @@
 //!
 //! [`start`] runs it; the binary is a thin wrapper. [`kubelet_standin`] is a
 //! minimal kubelet for tests and the testbed.
-#![forbid(unsafe_code)]
 
 use std::io;
 use std::net::SocketAddr;

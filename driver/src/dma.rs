@@ -174,8 +174,10 @@ impl DmaRegion {
         Some(unsafe { self.virt.as_ptr().add(offset).cast::<u32>().read_volatile() })
     }
 
-    /// Volatile 32-bit write at `offset`; returns false when out of range or unaligned.
-    pub fn write_u32(&self, offset: usize, value: u32) -> bool {
+    /// Volatile 32-bit write at `offset`; returns false when out of range or
+    /// unaligned. `&mut self`: no other reference to the region can be
+    /// reading the bytes.
+    pub fn write_u32(&mut self, offset: usize, value: u32) -> bool {
         if !self.contains(offset, 4) || !offset.is_multiple_of(4) {
             return false;
         }
@@ -197,8 +199,9 @@ impl DmaRegion {
         true
     }
 
-    /// Fills `len` bytes at `offset` with `value` (volatile writes); false when out of range.
-    pub fn fill(&self, offset: usize, len: usize, value: u8) -> bool {
+    /// Fills `len` bytes at `offset` with `value` (volatile writes); false
+    /// when out of range. `&mut self`, as for `write_u32`.
+    pub fn fill(&mut self, offset: usize, len: usize, value: u8) -> bool {
         if !self.contains(offset, len) {
             return false;
         }

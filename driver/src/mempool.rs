@@ -86,11 +86,6 @@ impl Mempool {
         self.free.borrow().len()
     }
 
-    /// The pool's DMA region.
-    pub fn region(&self) -> &DmaRegion {
-        &self.region
-    }
-
     /// One free buffer with length 0, or `None` when the pool is empty.
     pub fn alloc(self: &Rc<Self>) -> Option<PacketBuf> {
         let index = self.free.borrow_mut().pop()?;
@@ -135,7 +130,34 @@ impl Mempool {
 ///
 /// While the application holds a `PacketBuf` no descriptor points at its
 /// memory (the driver keeps posted buffers to itself), so its bytes can be
-/// lent out as ordinary slices.
+/// lent out as ordinary slices. Nothing else reaches them: the pool keeps
+/// its [`DmaRegion`] to itself, so no safe code can write a buffer's bytes
+/// while a slice of them is lent out.
+///
+/// ```compile_fail
+/// // The pool does not hand out its region.
+/// fn region_of(pool: &vfplane_driver::Mempool) {
+///     let _ = pool.region();
+/// }
+/// ```
+///
+/// ```compile_fail
+/// // A region is written only through `&mut`: a shared reference cannot
+/// // write memory another reference may be reading.
+/// fn write_shared(region: &vfplane_driver::dma::DmaRegion) {
+///     region.write_u32(0, 1);
+/// }
+/// ```
+///
+/// ```
+/// // What the two above would do, done the allowed way.
+/// fn write_owned(region: &mut vfplane_driver::dma::DmaRegion) -> bool {
+///     region.write_u32(0, 1) && region.fill(4, 4, 0)
+/// }
+/// fn lengths(buf: &mut vfplane_driver::PacketBuf) -> usize {
+///     buf.as_mut_slice().len() + buf.as_slice().len()
+/// }
+/// ```
 pub struct PacketBuf {
     pool: Rc<Mempool>,
     index: u32,

@@ -6,7 +6,6 @@
 //! construction, so the same code runs on `/sys` in production, on a host
 //! tree mounted elsewhere inside a container, and on a fake tree in tests
 //! (see [`fake`] with the `fake` feature).
-#![forbid(unsafe_code)]
 
 mod error;
 #[cfg(any(test, feature = "fake"))]

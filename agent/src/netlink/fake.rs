@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
-use super::{NetlinkError, VfLinkControl, VfLinkInfo, VfLinkMode, VfLinkSettings};
+use super::{NetlinkError, VfLinkControl, VfLinkInfo, VfLinkMode, VfLinkSettings, VfSetting};
 
 /// VF settings kept in memory per (interface, VF), as a PF driver keeps
 /// them; every setting written is logged as `"<ifname> vf <n> <setting>"`.
@@ -13,7 +13,7 @@ use super::{NetlinkError, VfLinkControl, VfLinkInfo, VfLinkMode, VfLinkSettings}
 pub struct FakeNetlink {
     vfs: Mutex<BTreeMap<(String, u32), VfLinkInfo>>,
     writes: Mutex<Vec<String>>,
-    refuse: Mutex<Option<&'static str>>,
+    refuse: Mutex<Option<VfSetting>>,
     fail_reads_from: Mutex<Option<usize>>,
     reads: AtomicUsize,
     lost_mac_writes: Mutex<BTreeMap<u32, usize>>,
@@ -66,8 +66,8 @@ impl FakeNetlink {
 
     /// Refuses every write of setting `name` (`"vlan"`, ...), as a PF
     /// driver without it does.
-    pub fn refuse(&self, name: &'static str) {
-        *lock(&self.refuse) = Some(name);
+    pub fn refuse(&self, setting: VfSetting) {
+        *lock(&self.refuse) = Some(setting);
     }
 
     /// Reads fail from read number `from` on (0-based), as a netlink socket
@@ -103,18 +103,18 @@ impl VfLinkControl for FakeNetlink {
         ifname: &str,
         vf: u32,
         want: &VfLinkSettings,
-        differences: &[&str],
+        settings: &[VfSetting],
     ) -> Result<(), NetlinkError> {
         let refuse = *lock(&self.refuse);
-        for &name in differences {
-            if refuse == Some(name) {
+        for &setting in settings {
+            if refuse == Some(setting) {
                 return Err(NetlinkError::Refused {
-                    what: format!("setting {name} of VF {vf}"),
+                    what: format!("setting {setting} of VF {vf}"),
                     ifname: ifname.to_owned(),
                     source: std::io::Error::from_raw_os_error(libc::EOPNOTSUPP),
                 });
             }
-            lock(&self.writes).push(format!("{ifname} vf {vf} {name}"));
+            lock(&self.writes).push(format!("{ifname} vf {vf} {setting}"));
         }
         let mut vfs = lock(&self.vfs);
         let entry = vfs.entry((ifname.to_owned(), vf)).or_insert(VfLinkInfo {
@@ -123,7 +123,7 @@ impl VfLinkControl for FakeNetlink {
         });
         let mut lost = lock(&self.lost_mac_writes);
         match lost.get_mut(&vf).filter(|n| **n > 0) {
-            Some(left) if differences.contains(&"mac") => *left -= 1,
+            Some(left) if settings.contains(&VfSetting::Mac) => *left -= 1,
             _ => entry.mac = want.mac,
         }
         entry.vlan = want.vlan;

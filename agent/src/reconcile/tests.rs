@@ -256,7 +256,7 @@ fn invalid_values_on_a_pf_name_the_problem_and_change_nothing_there() {
 #[test]
 fn a_refused_setting_is_reported_on_its_vf() {
     let fake = node();
-    let agent = reconciler_with(&fake, |n| n.refuse("vlan"));
+    let agent = reconciler_with(&fake, |n| n.refuse(crate::netlink::VfSetting::Vlan));
     let report = agent.apply(&spec(GOOD));
     assert!(!report.converged);
     assert!(

@@ -126,7 +126,9 @@ fn owned_by(address: PciAddress) -> Owners {
 fn a_released_vf_is_reset_restored_checked_and_unmarked() {
     let node = node();
     // igb has no VF link state: only what differs may be written.
-    node.reconciler.netlink().refuse("link_state");
+    node.reconciler
+        .netlink()
+        .refuse(crate::netlink::VfSetting::LinkState);
     node.tenant_changes_settings();
     let outcomes = node
         .scrubber()
@@ -277,7 +279,7 @@ fn settings_the_pf_does_not_keep_fail_the_check() {
         panic!("{outcomes:?}");
     };
     assert!(
-        error.ends_with("after the reset, the PF reports other [\"mac\"] than the spec's"),
+        error.ends_with("after the reset, the PF reports other mac than the spec's"),
         "{error}"
     );
 }
