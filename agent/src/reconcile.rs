@@ -14,8 +14,7 @@ use std::path::{Path, PathBuf};
 use vfplane_host::{Host, HostModel, PciAddress, PhysicalFunction, error_chain};
 use vfplane_proto::container_limits::ContainerLimits;
 use vfplane_proto::node_state::{
-    Condition, DEVICE_TYPE_NETDEVICE, DEVICE_TYPE_VFIO, NodeStateSpec, NodeStateStatus, PfSpec, PfStatus,
-    VfStatus,
+    Condition, DeviceType, NodeStateSpec, NodeStateStatus, PfSpec, PfStatus, VfStatus,
 };
 use vfplane_proto::pool::{Pool, PoolConfig, validate_pool_name};
 
@@ -34,6 +33,9 @@ pub struct ApplyReport {
     pub errors: Vec<String>,
 }
 
+/// The kernel driver of VFs handed to userspace.
+const VFIO_PCI: &str = "vfio-pci";
+
 /// Where the agent finds the node.
 #[derive(Debug)]
 pub struct Reconciler<N> {
@@ -51,7 +53,7 @@ pub struct Reconciler<N> {
 struct VfPlan {
     index: u16,
     pool: String,
-    device_type: String,
+    device_type: DeviceType,
     settings: VfLinkSettings,
     container_limits: ContainerLimits,
 }
@@ -246,12 +248,6 @@ impl<N: VfLinkControl> Reconciler<N> {
         for group in &pf_spec.vf_groups {
             let label = format!("vfGroup {:?}", group.resource_name);
             validate_pool_name(&group.resource_name).map_err(|e| fail(format!("{label}: {e}")))?;
-            if group.device_type != DEVICE_TYPE_VFIO && group.device_type != DEVICE_TYPE_NETDEVICE {
-                return Err(fail(format!(
-                    "{label}: unknown deviceType {:?} (use {DEVICE_TYPE_VFIO} or {DEVICE_TYPE_NETDEVICE})",
-                    group.device_type
-                )));
-            }
             if group.vlan > 4094 {
                 return Err(fail(format!("{label}: vlan {} is beyond 4094", group.vlan)));
             }
@@ -294,7 +290,7 @@ impl<N: VfLinkControl> Reconciler<N> {
                 vfs.push(VfPlan {
                     index,
                     pool: group.resource_name.clone(),
-                    device_type: group.device_type.clone(),
+                    device_type: group.device_type,
                     container_limits: group.container_limits,
                     settings: VfLinkSettings {
                         mac,
@@ -345,7 +341,7 @@ impl<N: VfLinkControl> Reconciler<N> {
             if !plan.force {
                 for vf in doomed {
                     if let Some(group) = vf.pci.iommu_group
-                        && vf.pci.driver.as_deref() == Some(DEVICE_TYPE_VFIO)
+                        && vf.pci.driver.as_deref() == Some(VFIO_PCI)
                     {
                         let holders = vfio_group_holders(
                             &self.proc_root,
@@ -429,8 +425,8 @@ impl<N: VfLinkControl> Reconciler<N> {
                     .map_err(|e| error_chain(&e))?;
             }
         }
-        let driver = if vf.device_type == DEVICE_TYPE_VFIO {
-            DEVICE_TYPE_VFIO.to_owned()
+        let driver = if vf.device_type == DeviceType::VfioPci {
+            VFIO_PCI.to_owned()
         } else {
             kernel_vf_driver(pf.pci.driver.as_deref()).ok_or_else(|| {
                 format!(
@@ -441,7 +437,7 @@ impl<N: VfLinkControl> Reconciler<N> {
         };
         // A kernel VF driver reads its MAC from the PF only when it probes:
         // after a MAC change, rebind it so the interface carries the new MAC.
-        let rebind = mac_changed && vf.device_type == DEVICE_TYPE_NETDEVICE;
+        let rebind = mac_changed && vf.device_type == DeviceType::Netdevice;
         if rebind {
             self.host.unbind_driver(address).map_err(|e| error_chain(&e))?;
         }
@@ -550,7 +546,7 @@ impl<N: VfLinkControl> Reconciler<N> {
                             "PF {} VF {} ({}): {reason}",
                             pf.pci.address, vf.index, vf.pci.address
                         ));
-                    } else if wanted.device_type == DEVICE_TYPE_VFIO {
+                    } else if wanted.device_type == DeviceType::VfioPci {
                         pools.entry(wanted.pool.clone()).or_default().push(vf.pci.address);
                         let entry = limits.entry(wanted.pool.clone()).or_default();
                         *entry = entry.merge(wanted.container_limits);
@@ -629,8 +625,8 @@ fn vf_problem(
     tenants_mac: bool,
 ) -> Option<String> {
     let driver = vf.pci.driver.as_deref();
-    if wanted.device_type == DEVICE_TYPE_VFIO {
-        if driver != Some(DEVICE_TYPE_VFIO) {
+    if wanted.device_type == DeviceType::VfioPci {
+        if driver != Some(VFIO_PCI) {
             return Some(format!(
                 "driver is {}, spec wants vfio-pci",
                 driver.unwrap_or("none")
@@ -646,7 +642,7 @@ fn vf_problem(
         if iommu && vf.vfio_device.is_none() {
             return Some("its /dev/vfio group node is missing".to_owned());
         }
-    } else if driver.is_none() || driver == Some(DEVICE_TYPE_VFIO) {
+    } else if driver.is_none() || driver == Some(VFIO_PCI) {
         return Some(format!(
             "driver is {}, spec wants the kernel VF driver",
             driver.unwrap_or("none")

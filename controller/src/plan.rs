@@ -214,7 +214,7 @@ pub fn plan_node(node: &Node, ordered: &[&VfPolicy], state: Option<&NodeState>) 
             groups.push(VfGroupSpec {
                 resource_name: policy.spec.resource_name.clone(),
                 vf_range: format_vf_range(kept.iter().copied()),
-                device_type: policy.spec.device_type.as_str().to_owned(),
+                device_type: policy.spec.device_type,
                 vlan: policy.spec.vlan,
                 spoof_chk: policy.spec.spoof_chk,
                 trust: policy.spec.trust,

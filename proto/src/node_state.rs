@@ -68,8 +68,8 @@ pub struct VfGroupSpec {
     /// VF indexes, `"0-3"`, `"2"` or `"0-1,4"`.
     pub vf_range: String,
     /// `vfio-pci` (userspace drivers) or `netdevice` (the PF's kernel VF driver).
-    #[serde(default = "default_device_type")]
-    pub device_type: String,
+    #[serde(default)]
+    pub device_type: DeviceType,
     /// VLAN ID the PF tags the VFs' traffic with; 0 for none.
     #[serde(default)]
     pub vlan: u16,
@@ -96,18 +96,37 @@ pub struct VfGroupSpec {
     pub container_limits: ContainerLimits,
 }
 
-fn default_device_type() -> String {
-    DEVICE_TYPE_VFIO.to_owned()
-}
-
 fn default_true() -> bool {
     true
 }
 
-/// `deviceType` of VFs handed to userspace drivers.
-pub const DEVICE_TYPE_VFIO: &str = "vfio-pci";
-/// `deviceType` of VFs left to the kernel's VF driver.
-pub const DEVICE_TYPE_NETDEVICE: &str = "netdevice";
+/// How a group's VFs are handed to containers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+pub enum DeviceType {
+    /// Bound to vfio-pci for userspace drivers (the vfplane driver, DPDK).
+    #[default]
+    #[serde(rename = "vfio-pci")]
+    VfioPci,
+    /// Left to the PF's kernel VF driver; the container gets a netdev.
+    #[serde(rename = "netdevice")]
+    Netdevice,
+}
+
+impl DeviceType {
+    /// Its name in NodeState and VfPolicy (`vfio-pci`, `netdevice`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::VfioPci => "vfio-pci",
+            Self::Netdevice => "netdevice",
+        }
+    }
+}
+
+impl std::fmt::Display for DeviceType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
 
 /// What the node holds.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -350,7 +369,7 @@ spec:
         );
         assert_eq!(fast.macs.len(), 2);
         let kernel = &pf.vf_groups[1];
-        assert_eq!(kernel.device_type, DEVICE_TYPE_NETDEVICE);
+        assert_eq!(kernel.device_type, DeviceType::Netdevice);
         assert_eq!(
             (
                 kernel.vlan,
@@ -386,6 +405,14 @@ spec:
         assert!(err.to_string().contains("numVf"), "{err}");
         let err = StateFile::from_yaml("spec: [\n").unwrap_err();
         assert!(err.line >= 1, "{err}");
+        let dpdk = "spec:\n  pfs:\n    - pciAddress: \"0000:00:02.0\"\n      numVfs: 4\n      vfGroups:\n        - {resourceName: a, vfRange: \"0\", deviceType: dpdk}\n";
+        let err = StateFile::from_yaml(dpdk).unwrap_err();
+        assert_eq!(err.line, 6, "{err}");
+        assert!(
+            err.to_string()
+                .contains("unknown variant `dpdk`, expected `vfio-pci` or `netdevice`"),
+            "{err}"
+        );
     }
 
     /// A NodeState as the API server holds it once the controller applied

@@ -131,27 +131,7 @@ pub struct NicSelector {
     pub pci_addresses: Vec<String>,
 }
 
-/// How VFs are handed to containers.
-#[derive(schemars::JsonSchema, Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub enum DeviceType {
-    /// Bound to vfio-pci for userspace drivers (the vfplane driver, DPDK).
-    #[default]
-    #[serde(rename = "vfio-pci")]
-    VfioPci,
-    /// Left to the kernel's VF driver; the container gets a netdev.
-    #[serde(rename = "netdevice")]
-    Netdevice,
-}
-
-impl DeviceType {
-    /// The name used in `NodeState` and the pool config.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::VfioPci => crate::node_state::DEVICE_TYPE_VFIO,
-            Self::Netdevice => crate::node_state::DEVICE_TYPE_NETDEVICE,
-        }
-    }
-}
+pub use crate::node_state::DeviceType;
 
 /// Limits for the containers that get a pool's VFs. Quantities are in the
 /// Kubernetes form (`2`, `500m`, `4Gi`). When a profile asks for limits, the

@@ -209,10 +209,6 @@ fn invalid_values_on_a_pf_name_the_problem_and_change_nothing_there() {
             "invalid MAC",
         ),
         (
-            "numVfs: 4\n      vfGroups: [{resourceName: a, vfRange: \"0\", deviceType: dpdk}]",
-            "unknown deviceType \"dpdk\"",
-        ),
-        (
             "numVfs: 4\n      vfGroups: [{resourceName: \"a b\", vfRange: \"0\"}]",
             "not a valid resource name",
         ),

@@ -77,7 +77,10 @@ fn a_policy_becomes_a_pf_spec_on_the_nodes_it_selects() {
     assert_eq!(planned.num_vfs, 4);
     assert_eq!(planned.vf_groups[0].resource_name, "fast");
     assert_eq!(planned.vf_groups[0].vf_range, "0-3");
-    assert_eq!(planned.vf_groups[0].device_type, "vfio-pci");
+    assert_eq!(
+        planned.vf_groups[0].device_type,
+        vfplane_proto::node_state::DeviceType::VfioPci
+    );
     assert_eq!(planned.vf_groups[0].vlan, 100);
     assert!(plan.conflicts.is_empty());
 
