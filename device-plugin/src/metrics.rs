@@ -1,5 +1,6 @@
-//! Prometheus metrics in the text exposition format, served by a tiny
-//! HTTP/1.1 server on tokio (`GET /metrics`, `GET /healthz`).
+//! Prometheus metrics, encoded by prometheus-client and served by axum
+//! (`GET /metrics` in the OpenMetrics text format, `GET /healthz`): the
+//! controller's and the agent's stack.
 //!
 //! | metric | type | labels |
 //! |---|---|---|
@@ -18,15 +19,26 @@
 //! | `vfplane_device_plugin_scan_seconds_total` | counter | (time spent probing health) |
 //! | `vfplane_device_plugin_discoveries_total` | counter | |
 //! | `vfplane_device_plugin_discovery_seconds_total` | counter | (time spent in discoveries) |
+//!
+//! The counters live in atomics beside the code that counts (the gRPC
+//! handlers, the scanner); a scrape takes a [`Snapshot`] of them and of the
+//! pools' last scans, which a prometheus-client collector encodes.
 
-use std::fmt::Write as _;
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use axum::Router;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric as _};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
 
 use crate::inventory::PoolView;
 
@@ -84,258 +96,210 @@ pub struct PoolSample<'a> {
     pub view: Option<Arc<PoolView>>,
 }
 
-fn escape(value: &str) -> String {
-    value
-        .replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
+/// One pool's figures at one scrape.
+#[derive(Debug, Default)]
+struct PoolFigures {
+    pool: String,
+    healthy: u64,
+    unhealthy: u64,
+    by_reason: BTreeMap<&'static str, u64>,
+    counters: [u64; 7],
+    streams: i64,
 }
 
-/// Renders every metric.
-pub fn render(node: &NodeMetrics, pools: &[PoolSample<'_>]) -> String {
-    let mut out = String::new();
-    let family = |out: &mut String, name: &str, kind: &str, help: &str| {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-    };
-    family(
-        &mut out,
-        "vfplane_device_plugin_devices",
-        "gauge",
-        "Devices advertised per pool, by health.",
-    );
-    for sample in pools {
-        let (healthy, unhealthy) = sample.view.as_ref().map_or((0, 0), |v| v.counts());
-        let pool = escape(sample.pool);
-        let _ = writeln!(
-            out,
-            "vfplane_device_plugin_devices{{pool=\"{pool}\",health=\"healthy\"}} {healthy}"
-        );
-        let _ = writeln!(
-            out,
-            "vfplane_device_plugin_devices{{pool=\"{pool}\",health=\"unhealthy\"}} {unhealthy}"
-        );
-    }
-    family(
-        &mut out,
-        "vfplane_device_plugin_unhealthy_devices_by_reason",
-        "gauge",
-        "Unhealthy devices per pool, by reason (a device may have several).",
-    );
-    for sample in pools {
-        let mut by_reason: std::collections::BTreeMap<&str, usize> = std::collections::BTreeMap::new();
-        if let Some(view) = &sample.view {
-            for device in &view.devices {
-                for reason in &device.health.reasons {
-                    *by_reason.entry(reason.label()).or_default() += 1;
+/// Every figure at one scrape, encoded by [`Collector::encode`].
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    pools: Vec<PoolFigures>,
+    reloads_ok: u64,
+    reloads_error: u64,
+    scans: u64,
+    scan_seconds: f64,
+    discoveries: u64,
+    discovery_seconds: f64,
+}
+
+/// A per-pool counter: name (without `_total`), help, and where it is.
+type PoolCounter = (&'static str, &'static str, fn(&PoolMetrics) -> &AtomicU64);
+
+/// The per-pool counters; their values sit in [`PoolFigures::counters`] in
+/// this order.
+const POOL_COUNTERS: [PoolCounter; 7] = [
+    ("allocations", "Successful Allocate calls.", |m| &m.allocations),
+    ("allocated_devices", "Devices handed out by Allocate.", |m| {
+        &m.allocated_devices
+    }),
+    ("allocation_errors", "Allocate calls refused.", |m| {
+        &m.allocation_errors
+    }),
+    ("preferred_allocations", "GetPreferredAllocation calls.", |m| {
+        &m.preferred_allocations
+    }),
+    ("registrations", "Registrations the kubelet accepted.", |m| {
+        &m.registrations
+    }),
+    ("registration_errors", "Registration attempts that failed.", |m| {
+        &m.registration_errors
+    }),
+    ("list_and_watch_updates", "ListAndWatch messages sent.", |m| {
+        &m.updates_sent
+    }),
+];
+
+impl Snapshot {
+    /// The figures of `node` and `pools` now.
+    pub fn take(node: &NodeMetrics, pools: &[PoolSample<'_>]) -> Self {
+        let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        let pools = pools
+            .iter()
+            .map(|sample| {
+                let (healthy, unhealthy) = sample.view.as_ref().map_or((0, 0), |v| v.counts());
+                let mut by_reason = BTreeMap::new();
+                for device in sample.view.iter().flat_map(|v| v.devices.iter()) {
+                    for reason in &device.health.reasons {
+                        *by_reason.entry(reason.label()).or_default() += 1;
+                    }
                 }
+                PoolFigures {
+                    pool: sample.pool.to_owned(),
+                    healthy: healthy as u64,
+                    unhealthy: unhealthy as u64,
+                    by_reason,
+                    counters: POOL_COUNTERS.map(|(_, _, get)| load(get(sample.metrics))),
+                    streams: sample.metrics.streams.load(Ordering::Relaxed),
+                }
+            })
+            .collect();
+        Self {
+            pools,
+            reloads_ok: load(&node.config_reloads_ok),
+            reloads_error: load(&node.config_reloads_error),
+            scans: load(&node.scans),
+            scan_seconds: load(&node.scan_micros) as f64 / 1e6,
+            discoveries: load(&node.discoveries),
+            discovery_seconds: load(&node.discovery_micros) as f64 / 1e6,
+        }
+    }
+}
+
+impl Collector for Snapshot {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let mut family = encoder.encode_descriptor(
+            "devices",
+            "Devices advertised per pool, by health.",
+            None,
+            MetricType::Gauge,
+        )?;
+        for p in &self.pools {
+            for (health, count) in [("healthy", p.healthy), ("unhealthy", p.unhealthy)] {
+                let labels = [("pool", p.pool.as_str()), ("health", health)];
+                ConstGauge::new(count).encode(family.encode_family(&labels)?)?;
             }
         }
-        for (reason, count) in by_reason {
-            let _ = writeln!(
-                out,
-                "vfplane_device_plugin_unhealthy_devices_by_reason{{pool=\"{}\",reason=\"{reason}\"}} {count}",
-                escape(sample.pool)
-            );
+        let mut family = encoder.encode_descriptor(
+            "unhealthy_devices_by_reason",
+            "Unhealthy devices per pool, by reason (a device may have several).",
+            None,
+            MetricType::Gauge,
+        )?;
+        for p in &self.pools {
+            for (reason, count) in &p.by_reason {
+                let labels = [("pool", p.pool.as_str()), ("reason", reason)];
+                ConstGauge::new(*count).encode(family.encode_family(&labels)?)?;
+            }
         }
-    }
-    let per_pool: [PoolFamily; 8] = [
-        (
-            "vfplane_device_plugin_allocations_total",
-            "counter",
-            "Successful Allocate calls.",
-            |m| load(&m.allocations),
-        ),
-        (
-            "vfplane_device_plugin_allocated_devices_total",
-            "counter",
-            "Devices handed out by Allocate.",
-            |m| load(&m.allocated_devices),
-        ),
-        (
-            "vfplane_device_plugin_allocation_errors_total",
-            "counter",
-            "Allocate calls refused.",
-            |m| load(&m.allocation_errors),
-        ),
-        (
-            "vfplane_device_plugin_preferred_allocations_total",
-            "counter",
-            "GetPreferredAllocation calls.",
-            |m| load(&m.preferred_allocations),
-        ),
-        (
-            "vfplane_device_plugin_registrations_total",
-            "counter",
-            "Registrations the kubelet accepted.",
-            |m| load(&m.registrations),
-        ),
-        (
-            "vfplane_device_plugin_registration_errors_total",
-            "counter",
-            "Registration attempts that failed.",
-            |m| load(&m.registration_errors),
-        ),
-        (
-            "vfplane_device_plugin_list_and_watch_streams",
-            "gauge",
+        for (i, (name, help, _)) in POOL_COUNTERS.iter().enumerate() {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for p in &self.pools {
+                let labels = [("pool", p.pool.as_str())];
+                ConstCounter::new(p.counters[i]).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        let mut family = encoder.encode_descriptor(
+            "list_and_watch_streams",
             "Open ListAndWatch streams.",
-            |m| m.streams.load(Ordering::Relaxed),
-        ),
-        (
-            "vfplane_device_plugin_list_and_watch_updates_total",
-            "counter",
-            "ListAndWatch messages sent.",
-            |m| load(&m.updates_sent),
-        ),
-    ];
-    for (name, kind, help, get) in per_pool {
-        family(&mut out, name, kind, help);
-        for sample in pools {
-            let _ = writeln!(
-                out,
-                "{name}{{pool=\"{}\"}} {}",
-                escape(sample.pool),
-                get(sample.metrics)
-            );
+            None,
+            MetricType::Gauge,
+        )?;
+        for p in &self.pools {
+            let labels = [("pool", p.pool.as_str())];
+            ConstGauge::new(p.streams).encode(family.encode_family(&labels)?)?;
         }
+        let mut family = encoder.encode_descriptor(
+            "config_reloads",
+            "Pool config reloads, by result.",
+            None,
+            MetricType::Counter,
+        )?;
+        for (result, count) in [("ok", self.reloads_ok), ("error", self.reloads_error)] {
+            ConstCounter::new(count).encode(family.encode_family(&[("result", result)])?)?;
+        }
+        ConstCounter::new(self.scans).encode(encoder.encode_descriptor(
+            "scans",
+            "Health scans.",
+            None,
+            MetricType::Counter,
+        )?)?;
+        ConstCounter::new(self.scan_seconds).encode(encoder.encode_descriptor(
+            "scan_seconds",
+            "Time spent in health scans.",
+            None,
+            MetricType::Counter,
+        )?)?;
+        ConstCounter::new(self.discoveries).encode(encoder.encode_descriptor(
+            "discoveries",
+            "Full sysfs discoveries.",
+            None,
+            MetricType::Counter,
+        )?)?;
+        ConstCounter::new(self.discovery_seconds).encode(encoder.encode_descriptor(
+            "discovery_seconds",
+            "Time spent in full sysfs discoveries.",
+            None,
+            MetricType::Counter,
+        )?)?;
+        Ok(())
     }
-    family(
-        &mut out,
-        "vfplane_device_plugin_config_reloads_total",
-        "counter",
-        "Pool config reloads, by result.",
-    );
-    let _ = writeln!(
-        out,
-        "vfplane_device_plugin_config_reloads_total{{result=\"ok\"}} {}",
-        load(&node.config_reloads_ok)
-    );
-    let _ = writeln!(
-        out,
-        "vfplane_device_plugin_config_reloads_total{{result=\"error\"}} {}",
-        load(&node.config_reloads_error)
-    );
-    family(
-        &mut out,
-        "vfplane_device_plugin_scans_total",
-        "counter",
-        "Health scans.",
-    );
-    let _ = writeln!(out, "vfplane_device_plugin_scans_total {}", load(&node.scans));
-    family(
-        &mut out,
-        "vfplane_device_plugin_scan_seconds_total",
-        "counter",
-        "Time spent in health scans.",
-    );
-    let _ = writeln!(
-        out,
-        "vfplane_device_plugin_scan_seconds_total {:.6}",
-        node.scan_micros.load(Ordering::Relaxed) as f64 / 1e6
-    );
-    family(
-        &mut out,
-        "vfplane_device_plugin_discoveries_total",
-        "counter",
-        "Full sysfs discoveries.",
-    );
-    let _ = writeln!(
-        out,
-        "vfplane_device_plugin_discoveries_total {}",
-        load(&node.discoveries)
-    );
-    family(
-        &mut out,
-        "vfplane_device_plugin_discovery_seconds_total",
-        "counter",
-        "Time spent in full sysfs discoveries.",
-    );
-    let _ = writeln!(
-        out,
-        "vfplane_device_plugin_discovery_seconds_total {:.6}",
-        node.discovery_micros.load(Ordering::Relaxed) as f64 / 1e6
-    );
-    out
 }
 
-/// A per-pool metric: name, type, help, and how to read it.
-type PoolFamily = (&'static str, &'static str, &'static str, fn(&PoolMetrics) -> i64);
-
-fn load(counter: &AtomicU64) -> i64 {
-    i64::try_from(counter.load(Ordering::Relaxed)).unwrap_or(i64::MAX)
+/// Renders every metric in the OpenMetrics text format.
+pub fn render(node: &NodeMetrics, pools: &[PoolSample<'_>]) -> String {
+    let mut registry = Registry::with_prefix("vfplane_device_plugin");
+    registry.register_collector(Box::new(Snapshot::take(node, pools)));
+    let mut text = String::new();
+    // Writing into a String cannot fail.
+    let _ = prometheus_client::encoding::text::encode(&mut text, &registry);
+    text
 }
 
-/// Serves `GET /metrics` (from `render`) and `GET /healthz` until the task
-/// is dropped. One request per connection; requests larger than 8 KiB or
-/// slower than 5 s are dropped.
+/// Serves `GET /metrics` (from `render`) and `GET /healthz` on `listener`
+/// until the task is dropped; a server that fails is logged.
 pub async fn serve<F>(listener: TcpListener, render: F)
 where
     F: Fn() -> String + Send + Sync + 'static,
 {
     let render = Arc::new(render);
-    loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(error) => {
-                tracing::warn!(%error, "metrics: accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let render = Arc::clone(&render);
-        tokio::spawn(async move {
-            if let Err(error) = handle(stream, render.as_ref()).await {
-                tracing::debug!(%peer, %error, "metrics: request failed");
-            }
-        });
+    let router = Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let render = Arc::clone(&render);
+                async move {
+                    (
+                        [(
+                            axum::http::header::CONTENT_TYPE,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        render(),
+                    )
+                        .into_response()
+                }
+            }),
+        )
+        .route("/healthz", get(|| async { "ok\n" }));
+    if let Err(error) = axum::serve(listener, router).await {
+        tracing::error!(%error, "the metrics server stopped");
     }
-}
-
-async fn handle(mut stream: TcpStream, render: &(dyn Fn() -> String + Send + Sync)) -> std::io::Result<()> {
-    let mut buffer = Vec::with_capacity(512);
-    let mut chunk = [0u8; 1024];
-    let read_head = async {
-        loop {
-            let n = stream.read(&mut chunk).await?;
-            if n == 0 {
-                return Ok::<bool, std::io::Error>(false);
-            }
-            buffer.extend_from_slice(&chunk[..n]);
-            if buffer.windows(4).any(|w| w == b"\r\n\r\n") || buffer.windows(2).any(|w| w == b"\n\n") {
-                return Ok(true);
-            }
-            if buffer.len() > 8192 {
-                return Ok(false);
-            }
-        }
-    };
-    match tokio::time::timeout(Duration::from_secs(5), read_head).await {
-        Ok(Ok(true)) => {}
-        _ => return Ok(()),
-    }
-    let head = String::from_utf8_lossy(&buffer);
-    let mut parts = head.lines().next().unwrap_or_default().split_whitespace();
-    let (method, path) = (parts.next().unwrap_or_default(), parts.next().unwrap_or_default());
-    let (status, content_type, body) = match (method, path.split('?').next().unwrap_or_default()) {
-        ("GET", "/metrics") => ("200 OK", "text/plain; version=0.0.4; charset=utf-8", render()),
-        ("GET", "/healthz") => ("200 OK", "text/plain; charset=utf-8", "ok\n".to_owned()),
-        ("GET", _) => (
-            "404 Not Found",
-            "text/plain; charset=utf-8",
-            "not found\n".to_owned(),
-        ),
-        _ => (
-            "405 Method Not Allowed",
-            "text/plain; charset=utf-8",
-            "only GET\n".to_owned(),
-        ),
-    };
-    let response = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(response.as_bytes()).await?;
-    stream.shutdown().await
 }
 
 /// Binds the metrics listener.
@@ -371,7 +335,9 @@ mod tests {
             "vfplane_device_plugin_list_and_watch_streams{pool=\"fast\"} 2",
             "vfplane_device_plugin_registrations_total{pool=\"fast\"} 0",
             "vfplane_device_plugin_config_reloads_total{result=\"error\"} 1",
-            "# TYPE vfplane_device_plugin_allocations_total counter",
+            "vfplane_device_plugin_scan_seconds_total 0.0",
+            "# TYPE vfplane_device_plugin_allocations counter",
+            "# EOF",
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
         }

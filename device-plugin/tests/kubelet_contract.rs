@@ -676,17 +676,32 @@ async fn metrics_and_healthz_are_served() {
     let plugin = node.start_plugin().await;
     let text = metrics_text(&plugin).await;
     assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
-    assert!(text.contains("Content-Type: text/plain; version=0.0.4"), "{text}");
-    for family in [
-        "vfplane_device_plugin_devices",
-        "vfplane_device_plugin_allocations_total",
-        "vfplane_device_plugin_registrations_total",
-        "vfplane_device_plugin_list_and_watch_streams",
-        "vfplane_device_plugin_scans_total",
+    assert!(
+        text.to_ascii_lowercase()
+            .contains("content-type: application/openmetrics-text; version=1.0.0"),
+        "{text}"
+    );
+    for (family, kind) in [
+        ("vfplane_device_plugin_devices", "gauge"),
+        ("vfplane_device_plugin_allocations", "counter"),
+        ("vfplane_device_plugin_registrations", "counter"),
+        ("vfplane_device_plugin_list_and_watch_streams", "gauge"),
+        ("vfplane_device_plugin_scans", "counter"),
     ] {
-        assert!(text.contains(&format!("# TYPE {family} ")), "{family}\n{text}");
+        assert!(
+            text.contains(&format!("# TYPE {family} {kind}\n")),
+            "{family}\n{text}"
+        );
     }
+    assert!(text.ends_with("# EOF\n"), "{text}");
     assert!(metric(&text, "vfplane_device_plugin_scans_total").unwrap() >= 1.0);
+    let health = common::http_get(&plugin, "/healthz").await;
+    assert!(
+        health.starts_with("HTTP/1.1 200 OK\r\n") && health.ends_with("ok\n"),
+        "{health}"
+    );
+    let missing = common::http_get(&plugin, "/nothing").await;
+    assert!(missing.starts_with("HTTP/1.1 404"), "{missing}");
     plugin.shutdown().await.unwrap();
 }
 

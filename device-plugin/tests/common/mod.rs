@@ -205,11 +205,18 @@ pub fn is(message: &dp::ListAndWatchResponse, id: PciAddress, health: &str) -> b
 }
 
 pub async fn metrics_text(plugin: &RunningPlugin) -> String {
+    http_get(plugin, "/metrics").await
+}
+
+/// The whole HTTP/1.1 answer (head and body) of `GET path` on the plugin's
+/// metrics address; the request asks the server to close the connection,
+/// so the answer ends at EOF.
+pub async fn http_get(plugin: &RunningPlugin, path: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let addr = plugin.metrics_addr().unwrap();
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
     stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
         .await
         .unwrap();
     let mut text = String::new();
