@@ -16,8 +16,10 @@
 //! - the config file is watched and applied live;
 //! - metrics in Prometheus text ([`metrics`]).
 //!
-//! [`start`] runs it; the binary is a thin wrapper. [`kubelet_standin`] is a
-//! minimal kubelet for tests and the testbed.
+//! [`start`] runs it; the binary is a thin wrapper. `kubelet_standin`
+//! (feature `kubelet-standin`) is a minimal kubelet for this crate's tests
+//! and the testbed's `kubelet-standin` example; it is not in the plugin's
+//! build.
 
 use std::io;
 use std::net::SocketAddr;
@@ -27,6 +29,7 @@ pub mod cdi;
 pub mod cli;
 pub mod health;
 pub mod inventory;
+#[cfg(feature = "kubelet-standin")]
 pub mod kubelet_standin;
 pub mod metrics;
 pub mod oci_hook;

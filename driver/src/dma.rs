@@ -3,7 +3,7 @@
 //!
 //! [`DmaAllocator`] is the seam: [`VfioDma`] gives hugepage-backed (2 MiB)
 //! or 4 KiB-page memory mapped into a VFIO container's IOMMU domain, and
-//! the device model ([`crate::model::ModelDma`]) gives plain memory the
+//! the device model (`model::ModelDma`, feature `model`) gives plain memory the
 //! model "DMAs" into. Every [`DmaRegion`] owns its memory: dropping it
 //! unmaps it from the IOMMU first and then from the process.
 //!

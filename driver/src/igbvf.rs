@@ -4,7 +4,7 @@
 //! layout after ixy.rs.
 //!
 //! Generic over [`RegisterSpace`]: the same code drives a VF's mmapped BAR0
-//! through VFIO and the in-memory [`crate::model`].
+//! through VFIO and the in-memory `model` (feature `model`).
 
 use std::rc::Rc;
 use std::sync::atomic::{Ordering, fence};

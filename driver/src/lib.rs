@@ -9,7 +9,8 @@
 //! - [`igbvf`]: the Intel 82576 VF driver; [`regs`] its registers;
 //!   [`mailbox`] the PF mailbox.
 //! - [`poll`]: hybrid busy-poll / interrupt waiting.
-//! - [`model`]: an in-memory 82576 VF for tests and benchmarks.
+//! - `model` (feature `model`, and in this crate's own tests): an in-memory
+//!   82576 VF for tests and benchmarks; not in a build that does not ask.
 //! - [`env`]: which VFs the pod has.
 //!
 //! ```no_run
@@ -27,6 +28,7 @@ pub mod env;
 pub mod igbvf;
 pub mod mailbox;
 pub mod mempool;
+#[cfg(any(test, feature = "model"))]
 pub mod model;
 pub mod nic;
 pub mod poll;

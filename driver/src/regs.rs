@@ -8,7 +8,7 @@
 ///
 /// Implemented by the mmapped BAR of a real VF ([`crate::vfio::MappedBar`],
 /// volatile loads and stores) and by the device model
-/// ([`crate::model::ModelRegisters`]).
+/// (`model::ModelRegisters`, feature `model`).
 pub trait RegisterSpace {
     /// Reads the 32-bit register at byte `offset`.
     fn read32(&self, offset: u32) -> u32;

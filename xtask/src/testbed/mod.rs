@@ -698,6 +698,9 @@ fn build_guest_binaries(workspace: &Path) -> Result<Vec<PathBuf>> {
                 .chain(&GUEST_BIN_ONLY_PACKAGES)
                 .flat_map(|p| ["-p", p]),
         )
+        // The testbed's kubelet stand-in example is a test double behind a
+        // feature.
+        .args(["--features", "vfplane-device-plugin/kubelet-standin"])
         .args(["--bins", "--examples", "--message-format=json-render-diagnostics"])
         .stderr(Stdio::inherit())
         .output()
