@@ -53,7 +53,7 @@ pub enum KubeSourceError {
     #[error("cannot build the Kubernetes client: {0}")]
     Client(String),
     /// The runtime for the API tasks could not start.
-    #[error("cannot start the runtime for the Kubernetes API tasks: {0}")]
+    #[error("cannot start the runtime for the Kubernetes API tasks")]
     Runtime(#[source] std::io::Error),
 }
 

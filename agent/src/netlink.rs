@@ -192,10 +192,10 @@ impl VfLinkInfo {
 #[derive(Debug, thiserror::Error)]
 pub enum NetlinkError {
     /// The socket could not be opened or used.
-    #[error("netlink socket: {0}")]
+    #[error("netlink socket")]
     Socket(#[source] std::io::Error),
     /// The kernel refused a request.
-    #[error("{what} on {ifname}: {source}")]
+    #[error("{what} on {ifname}")]
     Refused {
         /// What was asked.
         what: String,

@@ -108,7 +108,7 @@ pub struct TlsFiles {
 #[derive(Debug, thiserror::Error)]
 pub enum WebhookError {
     /// The listening socket.
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}")]
     Bind {
         /// The address.
         addr: SocketAddr,
@@ -117,7 +117,7 @@ pub enum WebhookError {
         source: std::io::Error,
     },
     /// A certificate or key file could not be read.
-    #[error("cannot read {}: {source}", path.display())]
+    #[error("cannot read {}", path.display())]
     ReadTls {
         /// The file.
         path: PathBuf,
@@ -134,7 +134,7 @@ pub enum WebhookError {
         message: String,
     },
     /// The key is unusable or does not belong to the certificate.
-    #[error("the key {} does not fit the certificate {}: {source}", key.display(), cert.display())]
+    #[error("the key {} does not fit the certificate {}", key.display(), cert.display())]
     KeyPair {
         /// Certificate file.
         cert: PathBuf,
@@ -145,7 +145,7 @@ pub enum WebhookError {
         source: rustls::Error,
     },
     /// The TLS configuration.
-    #[error("TLS configuration: {0}")]
+    #[error("TLS configuration")]
     Tls(#[source] rustls::Error),
     /// A request body that is not an AdmissionReview request (HTTP 400).
     #[error("{0}")]
@@ -440,7 +440,7 @@ pub async fn serve_on(
                 Ok(Ok(true)) => tracing::info!(cert = %tls.cert.display(), "webhook certificate reloaded"),
                 Ok(Ok(false)) => {}
                 Ok(Err(error)) => {
-                    tracing::warn!(%error, "webhook certificate not reloaded; keeping the previous one")
+                    tracing::warn!(error = %vfplane_proto::error_chain(&error), "webhook certificate not reloaded; keeping the previous one")
                 }
                 Err(error) => tracing::warn!(%error, "webhook certificate reload task failed"),
             }

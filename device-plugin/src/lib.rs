@@ -55,7 +55,7 @@ pub enum Error {
         source: io::Error,
     },
     /// The pool config file is refused (the message names the line).
-    #[error("{path}: {source}")]
+    #[error("the pool config {path} is refused")]
     Config {
         /// The file.
         path: PathBuf,

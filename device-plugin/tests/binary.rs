@@ -61,12 +61,10 @@ async fn serves_registers_and_removes_its_socket_on_sigterm() {
     );
 }
 
-#[test]
-fn a_bad_config_exits_non_zero_naming_the_line() {
+/// The plugin's stderr when it starts on `config`.
+fn start_with(config: &str) -> (bool, String) {
     let node = Node::new(&[(0, 1)]);
-    node.write_config(
-        "pools:\n  - name: fast\n    devices: [\"0000:00:12.0\"]\n    preferedAllocation: pack\n",
-    );
+    node.write_config(config);
     let output = Command::new(env!("CARGO_BIN_EXE_vfplane-device-plugin"))
         .arg("--pool-config")
         .arg(node.config_path())
@@ -80,9 +78,29 @@ fn a_bad_config_exits_non_zero_naming_the_line() {
         .arg("--state-dir")
         .arg(node.state_dir())
         .output()
-        .unwrap();
-    let log = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success());
+        .unwrap_or_else(|e| panic!("running the plugin: {e}"));
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn a_bad_config_exits_non_zero_naming_the_line() {
+    let (ok, log) =
+        start_with("pools:\n  - name: fast\n    devices: [\"0000:00:12.0\"]\n    preferedAllocation: pack\n");
+    assert!(!ok);
     assert!(log.contains("line 4"), "{log}");
     assert!(log.contains("preferedAllocation"), "{log}");
+    // Each cause once: the file's error does not repeat what it wraps.
+    let (ok, log) = start_with(
+        "pools:\n  - name: fast\n    devices: [\"0000:00:12.0\"]\n  - name: fast\n    devices: [\"0000:00:12.0\"]\n",
+    );
+    assert!(!ok);
+    assert_eq!(
+        log.matches("a pool of this name is already defined").count(),
+        1,
+        "{log}"
+    );
+    assert_eq!(log.matches("pool config line 4").count(), 1, "{log}");
 }

@@ -20,6 +20,7 @@ pub use error::{HostError, Result};
 pub use model::{
     HostModel, IommuGroup, IommuState, Netdev, PciDevice, PhysicalFunction, Problem, VirtualFunction,
 };
+pub use vfplane_proto::error_chain;
 pub use vfplane_proto::pci::{ParsePciAddressError, PciAddress};
 
 use vfplane_proto::pci::parse_sysfs_hex;
@@ -657,18 +658,6 @@ pub fn parse_cpu_list(text: &str) -> Option<std::collections::BTreeSet<u32>> {
 /// The command register's Bus Master Enable bit: set, the function can
 /// start DMA.
 pub const PCI_COMMAND_BUS_MASTER: u16 = 1 << 2;
-
-/// An error and its sources on one line: `a: b: c`.
-pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
 
 fn read_attr(path: &Path) -> Result<String> {
     fs::read_to_string(path).map_err(|source| HostError::Read {

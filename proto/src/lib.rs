@@ -15,6 +15,11 @@
 //!
 //! `protoc` is vendored, so building this crate needs no system protobuf
 //! compiler.
+//!
+//! Beside them, the files and CRDs the other crates share (`node_state`,
+//! `vf_policy`, `pool`, `vf_state`, `container_record`, ...), and
+//! [`error_chain`], the one way every crate prints an error with its
+//! causes.
 
 #![warn(missing_docs)]
 
@@ -69,3 +74,17 @@ pub const HEALTHY: &str = "Healthy";
 /// [`Device::health`](deviceplugin::v1beta1::Device::health) of a device the
 /// kubelet must not hand out.
 pub const UNHEALTHY: &str = "Unhealthy";
+
+/// An error and its sources on one line: `a: b: c`. Errors keep their cause
+/// as `#[source]` and do not repeat it in their own message, so this prints
+/// each once.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

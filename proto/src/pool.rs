@@ -158,8 +158,11 @@ impl PoolConfig {
 
     fn validate(&self, text: &str) -> Result<(), PoolConfigError> {
         let mut seen = BTreeSet::new();
-        for pool in &self.pools {
-            let line = line_of_pool(text, &pool.name);
+        for (i, pool) in self.pools.iter().enumerate() {
+            // The line of this pool's `name:`, not of an earlier pool of the
+            // same name.
+            let earlier = self.pools[..i].iter().filter(|p| p.name == pool.name).count();
+            let line = line_of_pool(text, &pool.name, earlier);
             let invalid = |reason: String| PoolConfigError::Invalid {
                 line,
                 pool: pool.name.clone(),
@@ -265,16 +268,19 @@ pub fn validate_pool_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// The 1-based line of `name: <pool>` in the text, 0 when not found.
-fn line_of_pool(text: &str, pool: &str) -> usize {
+/// The 1-based line of the `skip`-th (from 0) `name: <pool>` in the text,
+/// 0 when not found.
+fn line_of_pool(text: &str, pool: &str, skip: usize) -> usize {
     text.lines()
-        .position(|line| {
+        .enumerate()
+        .filter(|(_, line)| {
             let line = line.trim_start().trim_start_matches('-').trim_start();
             line.strip_prefix("name:")
                 .map(|value| value.trim().trim_matches(['"', '\'']) == pool)
                 .unwrap_or(false)
         })
-        .map_or(0, |index| index + 1)
+        .nth(skip)
+        .map_or(0, |(index, _)| index + 1)
 }
 
 #[cfg(test)]
@@ -375,11 +381,10 @@ pools:
     #[test]
     fn duplicate_and_empty_pools_are_refused() {
         let dup = "pools:\n  - name: a\n    devices: [\"0000:00:12.0\"]\n  - name: a\n    devices: [\"0000:00:12.2\"]\n";
-        assert!(
-            PoolConfig::from_yaml(dup)
-                .unwrap_err()
-                .to_string()
-                .contains("already defined")
+        assert_eq!(
+            PoolConfig::from_yaml(dup).unwrap_err().to_string(),
+            "pool config line 4: pool \"a\": a pool of this name is already defined",
+            "the line of the second definition"
         );
         let empty = "pools:\n  - name: a\n";
         assert!(
