@@ -58,7 +58,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Apply { state_file, target } => {
-            let spec = read_state_file(&state_file).map_err(anyhow::Error::msg)?;
+            let spec = read_state_file(&state_file)?;
             let started = std::time::Instant::now();
             let report = reconciler(&target, host).apply(&spec);
             publish(
@@ -66,8 +66,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 target.status_file.as_deref(),
                 target.pool_config.as_deref(),
                 Some(&target.state_dir),
-            )
-            .map_err(anyhow::Error::msg)?;
+            )?;
             for error in &report.errors {
                 eprintln!("vfplane-agent: {error}");
             }

@@ -26,12 +26,31 @@ impl fmt::Display for Mac {
     }
 }
 
+/// Why a text is not a MAC a VF can have.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MacError {
+    /// Not six pairs of hex digits.
+    #[error("invalid MAC {0:?} (expected six hex pairs like 02:00:00:00:00:01)")]
+    Syntax(String),
+    /// The group bit is set.
+    #[error("MAC {0} is a multicast address; a VF needs a unicast one")]
+    Multicast(String),
+    /// 00:00:00:00:00:00.
+    #[error("MAC {0} is all zeros")]
+    Zero(String),
+}
+
+/// A link state that is not `auto`, `enable` or `disable`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown linkState {0:?} (use auto, enable or disable)")]
+pub struct LinkModeError(pub String);
+
 impl std::str::FromStr for Mac {
-    type Err = String;
+    type Err = MacError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let parts: Vec<&str> = s.split(':').collect();
-        let bad = || format!("invalid MAC {s:?} (expected six hex pairs like 02:00:00:00:00:01)");
+        let bad = || MacError::Syntax(s.to_owned());
         if parts.len() != 6 {
             return Err(bad());
         }
@@ -43,12 +62,10 @@ impl std::str::FromStr for Mac {
             *byte = u8::from_str_radix(part, 16).map_err(|_| bad())?;
         }
         if mac[0] & 1 == 1 {
-            return Err(format!(
-                "MAC {s} is a multicast address; a VF needs a unicast one"
-            ));
+            return Err(MacError::Multicast(s.to_owned()));
         }
         if mac == [0; 6] {
-            return Err(format!("MAC {s} is all zeros"));
+            return Err(MacError::Zero(s.to_owned()));
         }
         Ok(Self(mac))
     }
@@ -83,16 +100,14 @@ pub enum VfLinkMode {
 }
 
 impl std::str::FromStr for VfLinkMode {
-    type Err = String;
+    type Err = LinkModeError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "auto" => Ok(Self::Auto),
             "enable" => Ok(Self::Enable),
             "disable" => Ok(Self::Disable),
-            other => Err(format!(
-                "unknown linkState {other:?} (use auto, enable or disable)"
-            )),
+            other => Err(LinkModeError(other.to_owned())),
         }
     }
 }

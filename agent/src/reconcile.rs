@@ -17,6 +17,7 @@ use vfplane_proto::node_state::{
     Condition, DeviceType, NodeStateSpec, NodeStateStatus, PfSpec, PfStatus, VfStatus,
 };
 use vfplane_proto::pool::{Pool, PoolConfig, validate_pool_name};
+use vfplane_proto::vf_range::parse_vf_range;
 
 use crate::netlink::{Mac, VfLinkControl, VfLinkInfo, VfLinkMode, VfLinkSettings, VfSetting, derived_mac};
 
@@ -717,8 +718,6 @@ fn conditions(converged: bool, errors: &[String]) -> Vec<Condition> {
         },
     ]
 }
-
-pub use vfplane_proto::vf_range::parse_vf_range;
 
 /// Why the holders of a VFIO group could not be known. The scan guards
 /// VF removal, so it fails closed: not knowing is never "nobody".

@@ -27,6 +27,7 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::time::{Duration, Instant, SystemTime};
 
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_KOBJECT_UEVENT};
+use vfplane_host::error_chain;
 use vfplane_proto::node_state::{NodeStateSpec, NodeStateStatus, StateFile};
 use vfplane_proto::vf_state;
 
@@ -130,10 +131,10 @@ impl DesiredStateSource for StateFileSource {
                 Some(spec) => Desired::Apply {
                     spec: spec.clone(),
                     generation: None,
-                    warning: Some(format!("{error}; the last good state is kept")),
+                    warning: Some(format!("{}; the last good state is kept", error_chain(&error))),
                 },
                 None => {
-                    tracing::error!(%error, "no valid state yet; waiting for the state file");
+                    tracing::error!(error = %error_chain(&error), "no valid state yet; waiting for the state file");
                     Desired::Wait
                 }
             },
@@ -165,16 +166,77 @@ pub struct RunOptions {
     pub metrics: Option<std::sync::Arc<crate::metrics::AgentMetrics>>,
 }
 
+/// Why the state file gave no spec.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadStateError {
+    /// The file cannot be read.
+    #[error("cannot read state file {}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// It is not a NodeState document.
+    #[error("state file {}", path.display())]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong, with its line.
+        #[source]
+        source: vfplane_proto::node_state::StateFileError,
+    },
+}
+
+/// Why a pass's files could not be written.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    /// A VF's MAC file in the state directory.
+    #[error("cannot write the MAC of {address} under {}", dir.display())]
+    Mac {
+        /// The VF.
+        address: vfplane_host::PciAddress,
+        /// The state directory.
+        dir: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The status or pool config file.
+    #[error("cannot write {}", path.display())]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The status or pool config did not serialize (a bug).
+    #[error("cannot serialize the {what}: {message}")]
+    Serialize {
+        /// `status` or `pool config`.
+        what: &'static str,
+        /// The serializer's message.
+        message: String,
+    },
+}
+
 /// Reads the state file.
 ///
 /// # Errors
-/// A sentence naming the file and, for bad YAML, the line.
-pub fn read_state_file(path: &Path) -> Result<NodeStateSpec, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read state file {}: {e}", path.display()))?;
+/// [`ReadStateError`], naming the file and, for bad YAML, the line.
+pub fn read_state_file(path: &Path) -> Result<NodeStateSpec, ReadStateError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ReadStateError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
     StateFile::from_yaml(&text)
         .map(|f| f.spec)
-        .map_err(|e| format!("{}: {e}", path.display()))
+        .map_err(|source| ReadStateError::Parse {
+            path: path.to_owned(),
+            source,
+        })
 }
 
 /// Writes a pass's status, pool config, and the MAC of every pooled VF in
@@ -182,13 +244,13 @@ pub fn read_state_file(path: &Path) -> Result<NodeStateSpec, String> {
 /// `_INFO` variable), where asked.
 ///
 /// # Errors
-/// The first write that fails.
+/// [`PublishError`] for the first write that fails.
 pub fn publish(
     report: &ApplyReport,
     status_file: Option<&Path>,
     pool_config: Option<&Path>,
     state_dir: Option<&Path>,
-) -> Result<(), String> {
+) -> Result<(), PublishError> {
     if let Some(dir) = state_dir {
         for vf in report
             .status
@@ -202,18 +264,35 @@ pub fn publish(
             };
             let have = vf_state::read_vf_mac(dir, address).ok().flatten();
             if have.as_deref() != vf.mac.as_deref() {
-                vf_state::write_vf_mac(dir, address, vf.mac.as_deref())
-                    .map_err(|e| format!("writing the MAC of {address} under {}: {e}", dir.display()))?;
+                vf_state::write_vf_mac(dir, address, vf.mac.as_deref()).map_err(|source| {
+                    PublishError::Mac {
+                        address,
+                        dir: dir.to_owned(),
+                        source,
+                    }
+                })?;
             }
         }
     }
+    let write = |path: &Path, text: &str| {
+        crate::files::write_if_changed(path, text).map_err(|source| PublishError::Write {
+            path: path.to_owned(),
+            source,
+        })
+    };
     if let Some(path) = status_file {
-        let json = serde_json::to_string_pretty(&report.status).map_err(|e| e.to_string())?;
-        crate::files::write_if_changed(path, &(json + "\n")).map_err(|e| e.to_string())?;
+        let json = serde_json::to_string_pretty(&report.status).map_err(|e| PublishError::Serialize {
+            what: "status",
+            message: e.to_string(),
+        })?;
+        write(path, &(json + "\n"))?;
     }
     if let Some(path) = pool_config {
-        let yaml = report.pools.to_yaml().map_err(|e| e.to_string())?;
-        crate::files::write_if_changed(path, &yaml).map_err(|e| e.to_string())?;
+        let yaml = report.pools.to_yaml().map_err(|e| PublishError::Serialize {
+            what: "pool config",
+            message: e.to_string(),
+        })?;
+        write(path, &yaml)?;
     }
     Ok(())
 }
@@ -317,7 +396,7 @@ pub fn pass<N: VfLinkControl, S: DesiredStateSource>(
         options.pool_config.as_deref(),
         options.state_dir.as_deref(),
     ) {
-        tracing::error!(%error, "cannot write status or pool config");
+        tracing::error!(error = %error_chain(&error), "cannot write status or pool config");
     }
     source.report_status(&report.status);
     if let Some(metrics) = &options.metrics {
@@ -585,13 +664,16 @@ mod tests {
     fn state_file_errors_name_the_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("state.yaml");
+        let err = error_chain(&read_state_file(&path).unwrap_err());
         assert!(
-            read_state_file(&path)
-                .unwrap_err()
-                .contains("cannot read state file")
+            err.starts_with(&format!("cannot read state file {}: ", path.display())),
+            "{err}"
         );
         std::fs::write(&path, "spec:\n  pfs: [\n").unwrap();
-        let err = read_state_file(&path).unwrap_err();
-        assert!(err.contains("state.yaml") && err.contains("line"), "{err}");
+        let err = error_chain(&read_state_file(&path).unwrap_err());
+        assert!(
+            err.starts_with(&format!("state file {}: state file line ", path.display())),
+            "{err}"
+        );
     }
 }

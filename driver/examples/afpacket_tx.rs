@@ -75,11 +75,16 @@ fn main() {
         let dst = args
             .get("dst")
             .unwrap_or("ff:ff:ff:ff:ff:ff")
-            .parse::<MacAddress>()?
+            .parse::<MacAddress>()
+            .map_err(|e| e.to_string())?
             .0;
         let mac_text = std::fs::read_to_string(format!("/sys/class/net/{iface}/address"))
             .map_err(|e| format!("{iface}: {e}"))?;
-        let src = mac_text.trim().parse::<MacAddress>()?.0;
+        let src = mac_text
+            .trim()
+            .parse::<MacAddress>()
+            .map_err(|e| e.to_string())?
+            .0;
         let ifindex: i32 = std::fs::read_to_string(format!("/sys/class/net/{iface}/ifindex"))
             .map_err(|e| format!("{iface}: {e}"))?
             .trim()

@@ -94,7 +94,8 @@ fn main() {
         let dst = args
             .get("dst")
             .unwrap_or("ff:ff:ff:ff:ff:ff")
-            .parse::<MacAddress>()?
+            .parse::<MacAddress>()
+            .map_err(|e| e.to_string())?
             .0;
         let pci = args.pci()?;
         let mut dev = open(&args)?;

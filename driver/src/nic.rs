@@ -34,20 +34,24 @@ impl fmt::Display for MacAddress {
     }
 }
 
+/// A text that is not `xx:xx:xx:xx:xx:xx` in hex.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not a MAC address (six hex pairs like 02:00:00:00:00:01)")]
+pub struct MacAddressError(pub String);
+
 impl std::str::FromStr for MacAddress {
-    type Err = String;
+    type Err = MacAddressError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || MacAddressError(s.to_owned());
         let mut out = [0u8; 6];
         let mut parts = s.split(':');
         for byte in &mut out {
-            let part = parts
-                .next()
-                .ok_or_else(|| format!("{s:?} is not a MAC address"))?;
-            *byte = u8::from_str_radix(part, 16).map_err(|_| format!("{s:?} is not a MAC address"))?;
+            let part = parts.next().filter(|p| p.len() == 2).ok_or_else(bad)?;
+            *byte = u8::from_str_radix(part, 16).map_err(|_| bad())?;
         }
         if parts.next().is_some() {
-            return Err(format!("{s:?} is not a MAC address"));
+            return Err(bad());
         }
         Ok(Self(out))
     }
@@ -113,4 +117,34 @@ pub trait NicDevice {
 
     /// The pool receive buffers come from, and transmit buffers should.
     fn mempool(&self) -> &Rc<Mempool>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn macs_parse_and_bad_ones_are_named() {
+        assert_eq!(
+            "02:00:00:00:01:0a".parse::<MacAddress>(),
+            Ok(MacAddress([2, 0, 0, 0, 1, 0x0a]))
+        );
+        for bad in [
+            "02:00:00:00:01",
+            "02:00:00:00:01:0a:ff",
+            "2:0:0:0:1:a",
+            "zz:00:00:00:00:00",
+            "",
+        ] {
+            assert_eq!(
+                bad.parse::<MacAddress>(),
+                Err(MacAddressError(bad.to_owned())),
+                "{bad:?}"
+            );
+        }
+        assert_eq!(
+            MacAddressError("x".to_owned()).to_string(),
+            "\"x\" is not a MAC address (six hex pairs like 02:00:00:00:00:01)"
+        );
+    }
 }

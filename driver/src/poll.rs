@@ -19,8 +19,8 @@ pub enum PollError {
     #[error("cannot create the interrupt eventfd")]
     EventFd(#[source] std::io::Error),
     /// VFIO_DEVICE_SET_IRQS refused.
-    #[error("VFIO refused to route MSI-X vector 0 to the eventfd: {0}")]
-    SetIrqs(String),
+    #[error("VFIO refused to route MSI-X vector 0 to the eventfd")]
+    SetIrqs(#[source] vfio_ioctls::VfioError),
     /// Waiting on the eventfd failed.
     #[error("waiting for the interrupt failed")]
     Wait(#[source] std::io::Error),

@@ -527,9 +527,7 @@ impl InterruptLine for VfioVf {
             return Ok(());
         }
         let efd = EventFd::new(EFD_NONBLOCK).map_err(PollError::EventFd)?;
-        self.device
-            .enable_msix(vec![&efd])
-            .map_err(|e| PollError::SetIrqs(e.to_string()))?;
+        self.device.enable_msix(vec![&efd]).map_err(PollError::SetIrqs)?;
         self.irq = Some(efd);
         Ok(())
     }

@@ -168,7 +168,7 @@ impl PoolConfig {
                 pool: pool.name.clone(),
                 reason,
             };
-            validate_pool_name(&pool.name).map_err(invalid)?;
+            validate_pool_name(&pool.name).map_err(|e| invalid(e.to_string()))?;
             if !seen.insert(pool.name.as_str()) {
                 return Err(invalid("a pool of this name is already defined".to_owned()));
             }
@@ -234,36 +234,58 @@ pub fn cdi_device_name(address: PciAddress) -> String {
     format!("{CDI_KIND}={address}")
 }
 
+/// Why a pool name cannot be a resource name.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PoolNameError {
+    /// Nothing was given.
+    #[error("the pool name is empty")]
+    Empty,
+    /// More than 63 characters.
+    #[error("the pool name has {0} characters; at most 63 are allowed")]
+    TooLong(usize),
+    /// It starts or ends with something else than a letter or digit.
+    #[error(
+        "{RESOURCE_DOMAIN}/{0} is not a valid resource name: it must start and end with a letter or digit"
+    )]
+    Edge(String),
+    /// A character a qualified name does not allow.
+    #[error(
+        "{RESOURCE_DOMAIN}/{name} is not a valid resource name: {character:?} is not allowed (letters, digits, '-', '_', '.')"
+    )]
+    Character {
+        /// The name.
+        name: String,
+        /// The first character not allowed.
+        character: char,
+    },
+}
+
 /// Checks that `vfplane.io/<name>` is a valid extended-resource name: the
 /// name part must be a Kubernetes qualified name (at most 63 characters,
 /// alphanumerics with `-`, `_` or `.` inside, alphanumeric at both ends).
 ///
 /// # Errors
-/// A sentence saying what is wrong.
-pub fn validate_pool_name(name: &str) -> Result<(), String> {
+/// [`PoolNameError`], saying what is wrong.
+pub fn validate_pool_name(name: &str) -> Result<(), PoolNameError> {
     if name.is_empty() {
-        return Err("the pool name is empty".to_owned());
+        return Err(PoolNameError::Empty);
     }
     if name.len() > 63 {
-        return Err(format!(
-            "the pool name has {} characters; at most 63 are allowed",
-            name.len()
-        ));
+        return Err(PoolNameError::TooLong(name.len()));
     }
     let bytes = name.as_bytes();
     let edge_ok = |b: u8| b.is_ascii_alphanumeric();
     if !edge_ok(bytes[0]) || !edge_ok(bytes[bytes.len() - 1]) {
-        return Err(format!(
-            "{RESOURCE_DOMAIN}/{name} is not a valid resource name: it must start and end with a letter or digit"
-        ));
+        return Err(PoolNameError::Edge(name.to_owned()));
     }
-    if let Some(bad) = name
+    if let Some(character) = name
         .chars()
         .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
     {
-        return Err(format!(
-            "{RESOURCE_DOMAIN}/{name} is not a valid resource name: {bad:?} is not allowed (letters, digits, '-', '_', '.')"
-        ));
+        return Err(PoolNameError::Character {
+            name: name.to_owned(),
+            character,
+        });
     }
     Ok(())
 }

@@ -5,19 +5,66 @@
 
 use std::collections::BTreeSet;
 
+/// Why a VF range does not parse; each names the part.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum VfRangeError {
+    /// Nothing was given.
+    #[error("vfRange is empty")]
+    Empty,
+    /// A part is not `N` or `N-M` with indexes up to 65535.
+    #[error("vfRange part {0:?} is not N or N-M")]
+    NotARange(String),
+    /// A part ends before it starts.
+    #[error("vfRange part {0:?} runs backwards")]
+    Backwards(String),
+    /// An index is in two parts.
+    #[error("vfRange {range:?} names VF {index} twice")]
+    Twice {
+        /// The whole range.
+        range: String,
+        /// The index.
+        index: u16,
+    },
+}
+
+/// Why a `nicSelector.pfNames` entry does not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PfNameError {
+    /// Nothing before `#`.
+    #[error("pfNames entry {0:?} has no interface name")]
+    NoName(String),
+    /// Longer than an interface name can be, or with `/`, ` ` or `:`.
+    #[error("pfNames entry {entry:?}: {name:?} is not an interface name")]
+    BadName {
+        /// The entry.
+        entry: String,
+        /// The name part.
+        name: String,
+    },
+    /// The range after `#` does not parse.
+    #[error("pfNames entry {entry:?}")]
+    Range {
+        /// The entry.
+        entry: String,
+        /// Why.
+        #[source]
+        source: VfRangeError,
+    },
+}
+
 /// Parses `"0-3"`, `"2"`, `"0-1,4"` into sorted VF indexes.
 ///
 /// # Errors
-/// A sentence naming the bad part: empty, not a number, backwards, or an
-/// index named twice.
-pub fn parse_vf_range(text: &str) -> Result<Vec<u16>, String> {
+/// [`VfRangeError`], naming the bad part: empty, not a number, backwards,
+/// or an index named twice.
+pub fn parse_vf_range(text: &str) -> Result<Vec<u16>, VfRangeError> {
     let mut indexes = BTreeSet::new();
     if text.trim().is_empty() {
-        return Err("vfRange is empty".to_owned());
+        return Err(VfRangeError::Empty);
     }
     for part in text.split(',') {
         let part = part.trim();
-        let bad = || format!("vfRange part {part:?} is not N or N-M");
+        let bad = || VfRangeError::NotARange(part.to_owned());
         let (start, end) = match part.split_once('-') {
             Some((a, b)) => (
                 a.trim().parse::<u16>().map_err(|_| bad())?,
@@ -29,11 +76,14 @@ pub fn parse_vf_range(text: &str) -> Result<Vec<u16>, String> {
             }
         };
         if start > end {
-            return Err(format!("vfRange part {part:?} runs backwards"));
+            return Err(VfRangeError::Backwards(part.to_owned()));
         }
         for index in start..=end {
             if !indexes.insert(index) {
-                return Err(format!("vfRange {text:?} names VF {index} twice"));
+                return Err(VfRangeError::Twice {
+                    range: text.to_owned(),
+                    index,
+                });
             }
         }
     }
@@ -84,23 +134,29 @@ impl PfNameSelector {
     /// Parses `"ens1f0"` or `"ens1f0#0-3"`.
     ///
     /// # Errors
-    /// An empty or over-long interface name, or a bad range.
-    pub fn parse(text: &str) -> Result<Self, String> {
+    /// [`PfNameError`]: an empty or over-long interface name, or a bad range.
+    pub fn parse(text: &str) -> Result<Self, PfNameError> {
         let (name, range) = match text.split_once('#') {
             Some((name, range)) => (name, Some(range)),
             None => (text, None),
         };
         if name.is_empty() {
-            return Err(format!("pfNames entry {text:?} has no interface name"));
+            return Err(PfNameError::NoName(text.to_owned()));
         }
         // IFNAMSIZ is 16 with the terminating NUL.
         if name.len() > 15 || name.contains(['/', ' ', ':']) {
-            return Err(format!(
-                "pfNames entry {text:?}: {name:?} is not an interface name"
-            ));
+            return Err(PfNameError::BadName {
+                entry: text.to_owned(),
+                name: name.to_owned(),
+            });
         }
         let vfs = range
-            .map(|r| parse_vf_range(r).map_err(|e| format!("pfNames entry {text:?}: {e}")))
+            .map(|r| {
+                parse_vf_range(r).map_err(|source| PfNameError::Range {
+                    entry: text.to_owned(),
+                    source,
+                })
+            })
             .transpose()?;
         Ok(Self {
             name: name.to_owned(),
@@ -118,10 +174,19 @@ mod tests {
         assert_eq!(parse_vf_range("0-3").unwrap(), [0, 1, 2, 3]);
         assert_eq!(parse_vf_range("5").unwrap(), [5]);
         assert_eq!(parse_vf_range("0-1, 4").unwrap(), [0, 1, 4]);
-        assert!(parse_vf_range("3-1").unwrap_err().contains("backwards"));
-        assert!(parse_vf_range("").unwrap_err().contains("empty"));
-        assert!(parse_vf_range("1,1").unwrap_err().contains("twice"));
-        assert!(parse_vf_range("a-2").unwrap_err().contains("\"a-2\""));
+        assert_eq!(
+            parse_vf_range("3-1").unwrap_err(),
+            VfRangeError::Backwards("3-1".into())
+        );
+        assert_eq!(parse_vf_range("").unwrap_err(), VfRangeError::Empty);
+        assert_eq!(
+            parse_vf_range("1,1").unwrap_err().to_string(),
+            "vfRange \"1,1\" names VF 1 twice"
+        );
+        assert_eq!(
+            parse_vf_range("a-2").unwrap_err().to_string(),
+            "vfRange part \"a-2\" is not N or N-M"
+        );
     }
 
     #[test]
@@ -148,15 +213,14 @@ mod tests {
             PfNameSelector::parse("ens1f0#0-1,6").unwrap().vfs,
             Some(vec![0, 1, 6])
         );
-        assert!(
-            PfNameSelector::parse("#0-3")
-                .unwrap_err()
-                .contains("no interface name")
+        assert_eq!(
+            PfNameSelector::parse("#0-3").unwrap_err().to_string(),
+            "pfNames entry \"#0-3\" has no interface name"
         );
-        assert!(
-            PfNameSelector::parse("ens1f0#3-1")
-                .unwrap_err()
-                .contains("backwards")
+        // The range's error is the source, said once.
+        assert_eq!(
+            crate::error_chain(&PfNameSelector::parse("ens1f0#3-1").unwrap_err()),
+            "pfNames entry \"ens1f0#3-1\": vfRange part \"3-1\" runs backwards"
         );
         assert!(PfNameSelector::parse("a-very-long-interface-name").is_err());
     }

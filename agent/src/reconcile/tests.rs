@@ -391,17 +391,6 @@ fn shrinking_numvfs_writes_through_zero_and_spares_vfs_in_use() {
 }
 
 #[test]
-fn vf_ranges_parse() {
-    assert_eq!(parse_vf_range("0-3").unwrap(), [0, 1, 2, 3]);
-    assert_eq!(parse_vf_range("5").unwrap(), [5]);
-    assert_eq!(parse_vf_range("0-1, 4").unwrap(), [0, 1, 4]);
-    assert!(parse_vf_range("3-1").unwrap_err().contains("backwards"));
-    assert!(parse_vf_range("0-2,1").unwrap_err().contains("twice"));
-    assert!(parse_vf_range("").is_err());
-    assert!(parse_vf_range("a-b").is_err());
-}
-
-#[test]
 fn a_trusted_vf_handed_out_keeps_its_tenants_mac_and_an_untrusted_one_is_repaired() {
     let fake = node();
     let state = tempfile::tempdir().unwrap();

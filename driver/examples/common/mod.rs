@@ -64,7 +64,7 @@ pub fn open(args: &Args) -> Result<IgbVf<VfioVf>, String> {
     let pci = args.pci()?;
     let mut config = IgbVfConfig::default();
     if let Some(mac) = args.get("mac") {
-        config.mac = Some(mac.parse::<MacAddress>()?);
+        config.mac = Some(mac.parse::<MacAddress>().map_err(|e| e.to_string())?);
     }
     config.rx_ring_size = args.num("rx-ring", config.rx_ring_size)?;
     config.tx_ring_size = args.num("tx-ring", config.tx_ring_size)?;
