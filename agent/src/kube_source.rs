@@ -46,12 +46,12 @@ pub enum KubeSourceError {
         "no Kubernetes API access: neither an in-cluster service account \
          (KUBERNETES_SERVICE_HOST and KUBERNETES_SERVICE_PORT, and the token under \
          /var/run/secrets/kubernetes.io/serviceaccount) nor a kubeconfig (KUBECONFIG or \
-         ~/.kube/config) could be used: {0}"
+         ~/.kube/config) could be used"
     )]
-    NoConfig(String),
+    NoConfig(#[source] kube::config::InferConfigError),
     /// A configuration was found but the client could not be built from it.
-    #[error("cannot build the Kubernetes client: {0}")]
-    Client(String),
+    #[error("cannot build the Kubernetes client")]
+    Client(#[source] kube::Error),
     /// The runtime for the API tasks could not start.
     #[error("cannot start the runtime for the Kubernetes API tasks")]
     Runtime(#[source] std::io::Error),
@@ -144,8 +144,8 @@ impl KubeSource {
         let client = runtime
             .block_on(Client::try_default())
             .map_err(|error| match error {
-                kube::Error::InferConfig(error) => KubeSourceError::NoConfig(error.to_string()),
-                other => KubeSourceError::Client(error_chain(&other)),
+                kube::Error::InferConfig(error) => KubeSourceError::NoConfig(error),
+                other => KubeSourceError::Client(other),
             })?;
         let mut source = Self::new(runtime.handle().clone(), client, node, Backoff::default());
         source._runtime = Some(runtime);

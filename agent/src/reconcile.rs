@@ -34,6 +34,206 @@ pub struct ApplyReport {
     pub errors: Vec<String>,
 }
 
+/// Why a PF entry of the spec is refused: nothing is written for it, and
+/// every other PF still converges.
+#[derive(Debug, thiserror::Error)]
+pub enum PfEntryError {
+    /// Both ways of naming the PF.
+    #[error("give pciAddress or pfName, not both")]
+    BothNames,
+    /// Neither.
+    #[error("give pciAddress or pfName")]
+    NoName,
+    /// `pciAddress` is not one.
+    #[error(transparent)]
+    Address(#[from] vfplane_host::ParsePciAddressError),
+    /// No SR-IOV PF has that address.
+    #[error("no SR-IOV PF {0} on this node")]
+    NoPfAt(PciAddress),
+    /// No SR-IOV PF has that interface.
+    #[error("no SR-IOV PF with interface {0:?} on this node")]
+    NoPfNamed(String),
+    /// More VFs than the device has.
+    #[error("numVfs {num_vfs} is beyond what the device supports (sriov_totalvfs {total_vfs})")]
+    TooManyVfs {
+        /// Asked.
+        num_vfs: u16,
+        /// `sriov_totalvfs`.
+        total_vfs: u16,
+    },
+    /// A VF group is wrong.
+    #[error("vfGroup {group:?}")]
+    Group {
+        /// Its resource name.
+        group: String,
+        /// What is wrong.
+        #[source]
+        source: GroupError,
+    },
+    /// VFs to configure on a PF without a netdev.
+    #[error("the PF has no network interface, so its VFs cannot be configured")]
+    NoNetdev,
+}
+
+/// What is wrong with a VF group.
+#[derive(Debug, thiserror::Error)]
+pub enum GroupError {
+    /// Its resource name.
+    #[error(transparent)]
+    PoolName(#[from] vfplane_proto::pool::PoolNameError),
+    /// VLAN beyond 802.1Q.
+    #[error("vlan {0} is beyond 4094")]
+    Vlan(u16),
+    /// `linkState`.
+    #[error(transparent)]
+    LinkState(#[from] crate::netlink::LinkModeError),
+    /// `vfRange`.
+    #[error(transparent)]
+    Range(#[from] vfplane_proto::vf_range::VfRangeError),
+    /// A VF the PF will not have.
+    #[error("vfRange {range:?} names VF {index}, but numVfs is {num_vfs}")]
+    BeyondNumVfs {
+        /// The range.
+        range: String,
+        /// The first index beyond.
+        index: u16,
+        /// numVfs.
+        num_vfs: u16,
+    },
+    /// Not one MAC per VF.
+    #[error("{macs} MACs for {vfs} VFs; give one per VF or none")]
+    MacCount {
+        /// MACs given.
+        macs: usize,
+        /// VFs in the range.
+        vfs: usize,
+    },
+    /// A MAC.
+    #[error(transparent)]
+    Mac(#[from] crate::netlink::MacError),
+    /// A VF in two groups.
+    #[error("VF {index} is already in vfGroup {other:?} (ranges overlap)")]
+    Overlap {
+        /// The VF.
+        index: u16,
+        /// The other group.
+        other: String,
+    },
+}
+
+/// Why writing a PF's spec stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum PfWriteError {
+    /// The PF went between discovery and the write.
+    #[error("the PF vanished")]
+    Vanished,
+    /// A sysfs read or write.
+    #[error(transparent)]
+    Host(#[from] vfplane_host::HostError),
+    /// A netlink request.
+    #[error(transparent)]
+    Netlink(#[from] crate::netlink::NetlinkError),
+    /// VFs that would go may be in use, and nobody can tell.
+    #[error(
+        "not changing numVfs {from} -> {to}: cannot tell whether VF {index} ({address}) is in use; \
+         set force: true to do it anyway"
+    )]
+    HoldersUnknown {
+        /// numVfs now.
+        from: u16,
+        /// numVfs wanted.
+        to: u16,
+        /// The VF.
+        index: u16,
+        /// Its address.
+        address: PciAddress,
+        /// Why.
+        #[source]
+        source: HolderScanError,
+    },
+    /// VFs that would go are in use.
+    #[error(
+        "not changing numVfs {from} -> {to}: VF {index} ({address}) is in use by pid {holders:?}; \
+         set force: true to do it anyway"
+    )]
+    InUse {
+        /// numVfs now.
+        from: u16,
+        /// numVfs wanted.
+        to: u16,
+        /// The VF.
+        index: u16,
+        /// Its address.
+        address: PciAddress,
+        /// The processes holding its group.
+        holders: Vec<u32>,
+    },
+    /// Some VFs could not be configured (the others were).
+    #[error("{}", vf_problems(.0))]
+    Vfs(Vec<VfProblem>),
+}
+
+/// One VF that could not be configured.
+#[derive(Debug)]
+pub struct VfProblem {
+    /// Its index.
+    pub index: u16,
+    /// Its address, when it exists.
+    pub address: Option<PciAddress>,
+    /// Why.
+    pub error: VfWriteError,
+}
+
+fn vf_problems(problems: &[VfProblem]) -> String {
+    problems
+        .iter()
+        .map(|p| match p.address {
+            Some(address) => format!("VF {} ({address}): {}", p.index, error_chain(&p.error)),
+            None => format!("VF {} {}", p.index, error_chain(&p.error)),
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// Why one VF could not be configured.
+#[derive(Debug, thiserror::Error)]
+pub enum VfWriteError {
+    /// numVfs was written, the VF is not there.
+    #[error("does not exist after setting numVfs")]
+    Missing,
+    /// A sysfs read or write.
+    #[error(transparent)]
+    Host(#[from] vfplane_host::HostError),
+    /// A netlink request.
+    #[error(transparent)]
+    Netlink(#[from] crate::netlink::NetlinkError),
+    /// The PF's driver has no kernel VF driver vfplane knows.
+    #[error("no known kernel VF driver for PF driver {0:?}")]
+    NoKernelDriver(String),
+    /// The PF stopped reporting the VF.
+    #[error("the PF {ifname} no longer reports VF {index}")]
+    NotReported {
+        /// The PF.
+        ifname: String,
+        /// The VF.
+        index: u16,
+    },
+    /// The PF kept another MAC.
+    #[error("the PF kept another MAC than the spec's after {0} writes and driver rebinds")]
+    MacNotKept(u32),
+}
+
+/// Why the holders of a VF's VFIO group are not known.
+#[derive(Debug, thiserror::Error)]
+pub enum HoldersError {
+    /// Its IOMMU group cannot be read.
+    #[error(transparent)]
+    Host(#[from] vfplane_host::HostError),
+    /// The process scan failed.
+    #[error(transparent)]
+    Scan(#[from] HolderScanError),
+}
+
 /// The kernel driver of VFs handed to userspace.
 const VFIO_PCI: &str = "vfio-pci";
 
@@ -142,12 +342,15 @@ impl<N: VfLinkControl> Reconciler<N> {
 
     /// The processes that hold the VFIO group of the VF at `address` open
     /// (none for a VF without an IOMMU group).
-    pub(crate) fn vfio_holders(&self, address: PciAddress) -> Result<Vec<u32>, String> {
-        let Some(group) = self.host.iommu_group_id(address).map_err(|e| error_chain(&e))? else {
+    pub(crate) fn vfio_holders(&self, address: PciAddress) -> Result<Vec<u32>, HoldersError> {
+        let Some(group) = self.host.iommu_group_id(address)? else {
             return Ok(Vec::new());
         };
-        vfio_group_holders(&self.proc_root, &self.host.vfio_group_node(group), group)
-            .map_err(|e| error_chain(&e))
+        Ok(vfio_group_holders(
+            &self.proc_root,
+            &self.host.vfio_group_node(group),
+            group,
+        )?)
     }
 
     /// Brings the node to `spec` as far as it can and reports what it holds.
@@ -183,8 +386,8 @@ impl<N: VfLinkControl> Reconciler<N> {
                     errors.push(message);
                 }
                 Ok(plan) => plans.push(plan),
-                Err((address, message)) => {
-                    let message = format!("pfs[{position}] ({}): {message}", pf_label(pf_spec));
+                Err((address, error)) => {
+                    let message = format!("pfs[{position}] ({}): {}", pf_label(pf_spec), error_chain(&error));
                     if let Some(address) = address {
                         pf_errors.insert(address, message.clone());
                     }
@@ -193,8 +396,8 @@ impl<N: VfLinkControl> Reconciler<N> {
             }
         }
         for plan in &plans {
-            if let Err(message) = self.execute(plan, &model) {
-                let message = format!("PF {}: {message}", plan.address);
+            if let Err(error) = self.execute(plan, &model) {
+                let message = format!("PF {}: {}", plan.address, error_chain(&error));
                 pf_errors.insert(plan.address, message.clone());
                 errors.push(message);
             }
@@ -217,72 +420,76 @@ impl<N: VfLinkControl> Reconciler<N> {
     }
 
     /// Validates one PF entry against the node.
-    fn plan(&self, pf_spec: &PfSpec, model: &HostModel) -> Result<PfPlan, (Option<PciAddress>, String)> {
+    fn plan(
+        &self,
+        pf_spec: &PfSpec,
+        model: &HostModel,
+    ) -> Result<PfPlan, (Option<PciAddress>, PfEntryError)> {
         let pf = match (&pf_spec.pci_address, &pf_spec.pf_name) {
-            (Some(_), Some(_)) => return Err((None, "give pciAddress or pfName, not both".to_owned())),
-            (None, None) => return Err((None, "give pciAddress or pfName".to_owned())),
+            (Some(_), Some(_)) => return Err((None, PfEntryError::BothNames)),
+            (None, None) => return Err((None, PfEntryError::NoName)),
             (Some(text), None) => {
-                let address: PciAddress = text.parse().map_err(|e| (None, format!("{e}")))?;
+                let address: PciAddress = text.parse().map_err(|e| (None, PfEntryError::Address(e)))?;
                 model
                     .pfs
                     .iter()
                     .find(|pf| pf.pci.address == address)
-                    .ok_or_else(|| (None, format!("no SR-IOV PF {address} on this node")))?
+                    .ok_or((None, PfEntryError::NoPfAt(address)))?
             }
             (None, Some(name)) => model
                 .pfs
                 .iter()
                 .find(|pf| pf.netdevs.iter().any(|n| &n.name == name))
-                .ok_or_else(|| (None, format!("no SR-IOV PF with interface {name:?} on this node")))?,
+                .ok_or_else(|| (None, PfEntryError::NoPfNamed(name.clone())))?,
         };
         let address = pf.pci.address;
-        let fail = |message: String| (Some(address), message);
+        let fail = |error: PfEntryError| (Some(address), error);
         if pf_spec.num_vfs > pf.total_vfs {
-            return Err(fail(format!(
-                "numVfs {} is beyond what the device supports (sriov_totalvfs {})",
-                pf_spec.num_vfs, pf.total_vfs
-            )));
+            return Err(fail(PfEntryError::TooManyVfs {
+                num_vfs: pf_spec.num_vfs,
+                total_vfs: pf.total_vfs,
+            }));
         }
         let ifname = pf.netdevs.first().map(|n| n.name.clone());
         let mut taken: BTreeMap<u16, String> = BTreeMap::new();
         let mut vfs = Vec::new();
         for group in &pf_spec.vf_groups {
-            let label = format!("vfGroup {:?}", group.resource_name);
-            validate_pool_name(&group.resource_name).map_err(|e| fail(format!("{label}: {e}")))?;
+            let bad = |source: GroupError| {
+                fail(PfEntryError::Group {
+                    group: group.resource_name.clone(),
+                    source,
+                })
+            };
+            validate_pool_name(&group.resource_name).map_err(|e| bad(e.into()))?;
             if group.vlan > 4094 {
-                return Err(fail(format!("{label}: vlan {} is beyond 4094", group.vlan)));
+                return Err(bad(GroupError::Vlan(group.vlan)));
             }
             let link_state = match &group.link_state {
                 None => None,
-                Some(text) => Some(
-                    text.parse::<VfLinkMode>()
-                        .map_err(|e| fail(format!("{label}: {e}")))?,
-                ),
+                Some(text) => Some(text.parse::<VfLinkMode>().map_err(|e| bad(e.into()))?),
             };
-            let indexes = parse_vf_range(&group.vf_range).map_err(|e| fail(format!("{label}: {e}")))?;
-            if let Some(beyond) = indexes.iter().find(|&&i| i >= pf_spec.num_vfs) {
-                return Err(fail(format!(
-                    "{label}: vfRange {:?} names VF {beyond}, but numVfs is {}",
-                    group.vf_range, pf_spec.num_vfs
-                )));
+            let indexes = parse_vf_range(&group.vf_range).map_err(|e| bad(e.into()))?;
+            if let Some(&beyond) = indexes.iter().find(|&&i| i >= pf_spec.num_vfs) {
+                return Err(bad(GroupError::BeyondNumVfs {
+                    range: group.vf_range.clone(),
+                    index: beyond,
+                    num_vfs: pf_spec.num_vfs,
+                }));
             }
             if !group.macs.is_empty() && group.macs.len() != indexes.len() {
-                return Err(fail(format!(
-                    "{label}: {} MACs for {} VFs; give one per VF or none",
-                    group.macs.len(),
-                    indexes.len()
-                )));
+                return Err(bad(GroupError::MacCount {
+                    macs: group.macs.len(),
+                    vfs: indexes.len(),
+                }));
             }
             let macs: Vec<Mac> = group
                 .macs
                 .iter()
-                .map(|m| m.parse::<Mac>().map_err(|e| fail(format!("{label}: {e}"))))
+                .map(|m| m.parse::<Mac>().map_err(|e| bad(e.into())))
                 .collect::<Result<_, _>>()?;
             for (position, &index) in indexes.iter().enumerate() {
                 if let Some(other) = taken.insert(index, group.resource_name.clone()) {
-                    return Err(fail(format!(
-                        "{label}: VF {index} is already in vfGroup {other:?} (ranges overlap)"
-                    )));
+                    return Err(bad(GroupError::Overlap { index, other }));
                 }
                 let mac = macs
                     .get(position)
@@ -305,9 +512,7 @@ impl<N: VfLinkControl> Reconciler<N> {
             }
         }
         if !vfs.is_empty() && ifname.is_none() {
-            return Err(fail(
-                "the PF has no network interface, so its VFs cannot be configured".to_owned(),
-            ));
+            return Err(fail(PfEntryError::NoNetdev));
         }
         Ok(PfPlan {
             address,
@@ -320,16 +525,16 @@ impl<N: VfLinkControl> Reconciler<N> {
     }
 
     /// Writes what differs for one PF.
-    fn execute(&self, plan: &PfPlan, model: &HostModel) -> Result<(), String> {
+    fn execute(&self, plan: &PfPlan, model: &HostModel) -> Result<(), PfWriteError> {
         let pf = model
             .pfs
             .iter()
             .find(|pf| pf.pci.address == plan.address)
-            .ok_or("the PF vanished")?;
+            .ok_or(PfWriteError::Vanished)?;
         if let (Some(mtu), Some(ifname)) = (plan.mtu, &plan.ifname)
             && pf.netdevs.first().and_then(|n| n.mtu) != Some(mtu)
         {
-            self.netlink.set_mtu(ifname, mtu).map_err(|e| error_chain(&e))?;
+            self.netlink.set_mtu(ifname, mtu)?;
         }
         if pf.num_vfs != plan.num_vfs {
             // VFs that would go away (all of them when the count changes
@@ -344,59 +549,56 @@ impl<N: VfLinkControl> Reconciler<N> {
                     if let Some(group) = vf.pci.iommu_group
                         && vf.pci.driver.as_deref() == Some(VFIO_PCI)
                     {
-                        let holders = vfio_group_holders(
-                            &self.proc_root,
-                            &self.host.vfio_group_node(group),
-                            group,
-                        )
-                        .map_err(|e| {
-                            format!(
-                                "not changing numVfs {} -> {}: cannot tell whether VF {} ({}) is in use: {}; \
-                                         set force: true to do it anyway",
-                                pf.num_vfs,
-                                plan.num_vfs,
-                                vf.index,
-                                vf.pci.address,
-                                error_chain(&e)
-                            )
-                        })?;
+                        let holders =
+                            vfio_group_holders(&self.proc_root, &self.host.vfio_group_node(group), group)
+                                .map_err(|source| PfWriteError::HoldersUnknown {
+                                    from: pf.num_vfs,
+                                    to: plan.num_vfs,
+                                    index: vf.index,
+                                    address: vf.pci.address,
+                                    source,
+                                })?;
                         if !holders.is_empty() {
-                            return Err(format!(
-                                "not changing numVfs {} -> {}: VF {} ({}) is in use by pid {:?}; set force: true to do it anyway",
-                                pf.num_vfs, plan.num_vfs, vf.index, vf.pci.address, holders
-                            ));
+                            return Err(PfWriteError::InUse {
+                                from: pf.num_vfs,
+                                to: plan.num_vfs,
+                                index: vf.index,
+                                address: vf.pci.address,
+                                holders,
+                            });
                         }
                     }
                 }
             }
-            self.host
-                .set_num_vfs(plan.address, plan.num_vfs)
-                .map_err(|e| error_chain(&e))?;
+            self.host.set_num_vfs(plan.address, plan.num_vfs)?;
         }
-        let vf_addresses = self
-            .host
-            .vf_addresses(plan.address)
-            .map_err(|e| error_chain(&e))?;
+        let vf_addresses = self.host.vf_addresses(plan.address)?;
         let links = match &plan.ifname {
-            Some(ifname) if !plan.vfs.is_empty() => {
-                self.netlink.vf_links(ifname).map_err(|e| error_chain(&e))?
-            }
+            Some(ifname) if !plan.vfs.is_empty() => self.netlink.vf_links(ifname)?,
             _ => Vec::new(),
         };
         let mut problems = Vec::new();
         for vf in &plan.vfs {
             let Some(&(_, address)) = vf_addresses.iter().find(|(index, _)| *index == vf.index) else {
-                problems.push(format!("VF {} does not exist after setting numVfs", vf.index));
+                problems.push(VfProblem {
+                    index: vf.index,
+                    address: None,
+                    error: VfWriteError::Missing,
+                });
                 continue;
             };
-            if let Err(message) = self.configure_vf(plan, pf, vf, address, &links) {
-                problems.push(format!("VF {} ({address}): {message}", vf.index));
+            if let Err(error) = self.configure_vf(plan, pf, vf, address, &links) {
+                problems.push(VfProblem {
+                    index: vf.index,
+                    address: Some(address),
+                    error,
+                });
             }
         }
         if problems.is_empty() {
             Ok(())
         } else {
-            Err(problems.join("; "))
+            Err(PfWriteError::Vfs(problems))
         }
     }
 
@@ -407,7 +609,7 @@ impl<N: VfLinkControl> Reconciler<N> {
         vf: &VfPlan,
         address: PciAddress,
         links: &[VfLinkInfo],
-    ) -> Result<(), String> {
+    ) -> Result<(), VfWriteError> {
         let mut mac_changed = false;
         if let Some(ifname) = &plan.ifname {
             // A VF the PF does not report at all gets every setting.
@@ -422,29 +624,23 @@ impl<N: VfLinkControl> Reconciler<N> {
             if !differences.is_empty() {
                 tracing::info!(pf = %plan.address, vf = vf.index, differences = %VfSetting::list(&differences), "setting VF link attributes");
                 self.netlink
-                    .set_vf(ifname, u32::from(vf.index), &vf.settings, &differences)
-                    .map_err(|e| error_chain(&e))?;
+                    .set_vf(ifname, u32::from(vf.index), &vf.settings, &differences)?;
             }
         }
         let driver = if vf.device_type == DeviceType::VfioPci {
             VFIO_PCI.to_owned()
         } else {
             kernel_vf_driver(pf.pci.driver.as_deref()).ok_or_else(|| {
-                format!(
-                    "no known kernel VF driver for PF driver {:?}",
-                    pf.pci.driver.as_deref().unwrap_or("none")
-                )
+                VfWriteError::NoKernelDriver(pf.pci.driver.clone().unwrap_or_else(|| "none".to_owned()))
             })?
         };
         // A kernel VF driver reads its MAC from the PF only when it probes:
         // after a MAC change, rebind it so the interface carries the new MAC.
         let rebind = mac_changed && vf.device_type == DeviceType::Netdevice;
         if rebind {
-            self.host.unbind_driver(address).map_err(|e| error_chain(&e))?;
+            self.host.unbind_driver(address)?;
         }
-        self.host
-            .bind_driver(address, &driver)
-            .map_err(|e| error_chain(&e))?;
+        self.host.bind_driver(address, &driver)?;
         if let (true, Some(ifname)) = (rebind, &plan.ifname) {
             self.confirm_kernel_vf_mac(ifname, vf, address, &driver)?;
         }
@@ -461,12 +657,15 @@ impl<N: VfLinkControl> Reconciler<N> {
         vf: &VfPlan,
         address: PciAddress,
         driver: &str,
-    ) -> Result<(), String> {
+    ) -> Result<(), VfWriteError> {
         const ATTEMPTS: u32 = 3;
         for attempt in 1..=ATTEMPTS {
-            let links = self.netlink.vf_links(ifname).map_err(|e| error_chain(&e))?;
+            let links = self.netlink.vf_links(ifname)?;
             let Some(link) = links.iter().find(|l| l.vf == u32::from(vf.index)) else {
-                return Err(format!("the PF {ifname} no longer reports VF {}", vf.index));
+                return Err(VfWriteError::NotReported {
+                    ifname: ifname.to_owned(),
+                    index: vf.index,
+                });
             };
             if !link.differences(&vf.settings).contains(&VfSetting::Mac) {
                 return Ok(());
@@ -476,16 +675,11 @@ impl<N: VfLinkControl> Reconciler<N> {
             }
             tracing::warn!(vf = vf.index, mac = %link.mac, attempt, "the PF reports another MAC after the VF driver probed; setting it again");
             self.netlink
-                .set_vf(ifname, u32::from(vf.index), &vf.settings, &[VfSetting::Mac])
-                .map_err(|e| error_chain(&e))?;
-            self.host.unbind_driver(address).map_err(|e| error_chain(&e))?;
-            self.host
-                .bind_driver(address, driver)
-                .map_err(|e| error_chain(&e))?;
+                .set_vf(ifname, u32::from(vf.index), &vf.settings, &[VfSetting::Mac])?;
+            self.host.unbind_driver(address)?;
+            self.host.bind_driver(address, driver)?;
         }
-        Err(format!(
-            "the PF kept another MAC than the spec's after {ATTEMPTS} writes and driver rebinds"
-        ))
+        Err(VfWriteError::MacNotKept(ATTEMPTS))
     }
 
     /// The status and pool config of the node as it is now.

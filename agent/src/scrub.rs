@@ -248,7 +248,7 @@ impl Scrubber {
                 return Considered::Waiting(HOLDER_RECHECK);
             }
             Err(error) => {
-                tracing::warn!(%address, %error, "cannot tell whether the VF is still open: scrub waits");
+                tracing::warn!(%address, error = %error_chain(&error), "cannot tell whether the VF is still open: scrub waits");
                 return Considered::Waiting(HOLDER_RECHECK);
             }
         }
