@@ -140,7 +140,10 @@ fn pf_name_problems(entries: &[String], num_vfs: u16, problems: &mut Vec<String>
                     vfs: selector.vfs,
                 });
             }
-            Err(error) => problems.push(format!("spec.nicSelector.pfNames[{index}]: {error}")),
+            Err(error) => problems.push(format!(
+                "spec.nicSelector.pfNames[{index}]: {}",
+                vfplane_proto::error_chain(&error)
+            )),
         }
     }
     for (pf, entries) in &by_pf {
