@@ -5,10 +5,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{Method, Request, Response, StatusCode};
+use http::{Method, StatusCode};
 use k8s_openapi::api::core::v1::Node;
-use kube::Client;
-use kube::client::Body;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::watcher;
 use serde_json::{Value, json};
@@ -18,7 +16,7 @@ use vfplane_controller::metrics::Metrics;
 use vfplane_proto::node_state::{NodeState, NodeStateSpec, NodeStateStatus, PfStatus, VfStatus};
 use vfplane_proto::vf_policy::VfPolicy;
 
-type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
+type Handle = vfplane_kube_mock::ApiServer;
 
 fn filled<K>(objects: Vec<K>) -> Store<K>
 where
@@ -90,9 +88,9 @@ fn state(node: &str, vfs_in_pool: Option<(&str, u16)>) -> NodeState {
 }
 
 fn context(nodes: Vec<Node>, policies: Vec<VfPolicy>, states: Vec<NodeState>) -> (Arc<Context>, Handle) {
-    let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let (client, handle) = vfplane_kube_mock::pair("default");
     let ctx = Context {
-        client: Client::new(service, "default"),
+        client,
         nodes: filled(nodes),
         policies: filled(policies),
         states: filled(states),
@@ -101,49 +99,26 @@ fn context(nodes: Vec<Node>, policies: Vec<VfPolicy>, states: Vec<NodeState>) ->
     (Arc::new(ctx), handle)
 }
 
-async fn next(
-    handle: &mut Handle,
-) -> (
-    Method,
-    String,
-    Option<String>,
-    Value,
-    tower_test::mock::SendResponse<Response<Body>>,
-) {
-    let (request, send) = tokio::time::timeout(Duration::from_secs(5), handle.next_request())
-        .await
-        .expect("a request in time")
-        .expect("a request");
-    let method = request.method().clone();
-    let uri = request.uri().to_string();
-    let content_type = request
-        .headers()
-        .get("content-type")
-        .map(|v| v.to_str().unwrap().to_owned());
-    let bytes = request.into_body().collect_bytes().await.unwrap();
-    let body = if bytes.is_empty() {
-        Value::Null
-    } else {
-        serde_json::from_slice(&bytes).unwrap()
-    };
-    (method, uri, content_type, body, send)
+/// The next request: method, path and query, content type, JSON body
+/// (`Null` when empty), and the answer to give.
+async fn next(handle: &mut Handle) -> (Method, String, Option<String>, Value, vfplane_kube_mock::Reply) {
+    let (seen, reply) = handle.next().await;
+    (
+        seen.method,
+        seen.path_and_query,
+        seen.content_type,
+        seen.body.unwrap_or(Value::Null),
+        reply,
+    )
 }
 
 /// No request came (the client may be gone, which ends the stream).
 async fn no_request(handle: &mut Handle) -> bool {
-    matches!(
-        tokio::time::timeout(Duration::from_millis(200), handle.next_request()).await,
-        Err(_) | Ok(None)
-    )
+    handle.within(Duration::from_millis(200)).await.is_none()
 }
 
-fn ok(send: tower_test::mock::SendResponse<Response<Body>>, body: &Value) {
-    send.send_response(
-        Response::builder()
-            .status(StatusCode::OK)
-            .body(Body::from(serde_json::to_vec(body).unwrap()))
-            .unwrap(),
-    );
+fn ok(send: vfplane_kube_mock::Reply, body: &Value) {
+    send.json(StatusCode::OK.as_u16(), body);
 }
 
 #[tokio::test]
@@ -194,11 +169,9 @@ async fn an_api_error_on_apply_is_reported_with_the_object() {
     );
     let server = tokio::spawn(async move {
         let (_, _, _, _, send) = next(&mut handle).await;
-        send.send_response(
-            Response::builder()
-                .status(StatusCode::INTERNAL_SERVER_ERROR)
-                .body(Body::from(serde_json::to_vec(&json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "message": "etcd unavailable", "reason": "InternalError", "code": 500})).unwrap()))
-                .unwrap(),
+        send.json(
+            StatusCode::INTERNAL_SERVER_ERROR.as_u16(),
+            &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "message": "etcd unavailable", "reason": "InternalError", "code": 500}),
         );
     });
     let error = reconcile_node(Arc::new(node("w1")), ctx).await.unwrap_err();

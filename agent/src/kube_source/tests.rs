@@ -1,4 +1,4 @@
-//! The kube source against a mocked API server (`tower_test`), in the style
+//! The kube source against the mocked API server of `vfplane-kube-mock`, in the style
 //! of kube-rs controller-rs's fixtures: every request's method, path, query,
 //! content type and body is checked, and the answers are the JSON an API
 //! server gives.
@@ -7,19 +7,16 @@
 use std::sync::mpsc;
 use std::time::Instant;
 
-use http::{Request, Response};
 use kube::client::Body;
 use serde_json::{Value, json};
-use tower_test::mock::{self, SendResponse};
 use vfplane_host::fake::{FakeDevice, FakeSysfs};
+use vfplane_kube_mock::{ApiServer, Seen, failure, json_response};
 use vfplane_proto::node_state::{PfSpec, PfStatus};
 
 use super::*;
 use crate::netlink::fake::FakeNetlink;
 use crate::reconcile::Reconciler;
 use crate::run::{RunOptions, pass};
-
-type ApiHandle = mock::Handle<Request<Body>, Response<Body>>;
 
 const NODE: &str = "node-1";
 const PF: &str = "0000:00:02.0";
@@ -28,60 +25,6 @@ const STATUS_PATH: &str =
 const LIST_PATH: &str =
     "/apis/vfplane.io/v1alpha1/nodestates?&fieldSelector=metadata.name%3Dnode-1&limit=500";
 const WATCH_PREFIX: &str = "/apis/vfplane.io/v1alpha1/nodestates?&watch=true&timeoutSeconds=290&fieldSelector=metadata.name%3Dnode-1&allowWatchBookmarks=true&resourceVersion=";
-
-/// One request as the API server saw it.
-#[derive(Debug, Clone)]
-struct Seen {
-    method: String,
-    path_and_query: String,
-    content_type: Option<String>,
-    body: Option<Value>,
-}
-
-async fn take(request: Request<Body>) -> Seen {
-    let (parts, body) = request.into_parts();
-    let bytes = body.collect_bytes().await.unwrap();
-    Seen {
-        method: parts.method.to_string(),
-        path_and_query: parts.uri.path_and_query().unwrap().to_string(),
-        content_type: parts
-            .headers
-            .get(http::header::CONTENT_TYPE)
-            .map(|v| v.to_str().unwrap().to_owned()),
-        body: (!bytes.is_empty()).then(|| serde_json::from_slice(&bytes).unwrap()),
-    }
-}
-
-async fn next_request(handle: &mut ApiHandle) -> (Seen, SendResponse<Response<Body>>) {
-    let (request, send) = tokio::time::timeout(Duration::from_secs(5), handle.next_request())
-        .await
-        .expect("a request within 5 s")
-        .expect("the client is still there");
-    (take(request).await, send)
-}
-
-async fn no_request_within(handle: &mut ApiHandle, wait: Duration) {
-    if let Ok(Some((request, _))) = tokio::time::timeout(wait, handle.next_request()).await {
-        panic!("unexpected request {:?}", take(request).await);
-    }
-}
-
-fn reply(send: SendResponse<Response<Body>>, code: u16, body: &Value) {
-    send.send_response(
-        Response::builder()
-            .status(code)
-            .header(http::header::CONTENT_TYPE, "application/json")
-            .body(Body::from(serde_json::to_vec(body).unwrap()))
-            .unwrap(),
-    );
-}
-
-fn failure(code: u16, reason: &str) -> Value {
-    json!({
-        "kind": "Status", "apiVersion": "v1", "metadata": {},
-        "status": "Failure", "message": format!("test says {reason}"), "reason": reason, "code": code,
-    })
-}
 
 fn object(generation: i64, uid: &str, num_vfs: u16) -> Value {
     json!({
@@ -135,12 +78,12 @@ fn fast() -> Backoff {
 
 /// A status writer on a mocked API server.
 fn writer() -> (
-    ApiHandle,
+    ApiServer,
     watch::Sender<Option<StatusUpdate>>,
     tokio::task::JoinHandle<()>,
 ) {
-    let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
-    let api = Api::<NodeState>::all(Client::new(service, "default"));
+    let (client, handle) = vfplane_kube_mock::pair("default");
+    let api = Api::<NodeState>::all(client);
     let (tx, rx) = watch::channel(None);
     let task = tokio::spawn(write_statuses(api, NODE.to_owned(), rx, fast()));
     (handle, tx, task)
@@ -167,13 +110,13 @@ async fn status_is_written_by_server_side_apply_on_the_status_subresource() {
     let (mut api, tx, _task) = writer();
     let status = status(7, 4);
     tx.send_replace(update("u1", status.clone()));
-    let (seen, send) = next_request(&mut api).await;
+    let (seen, send) = api.next().await;
     assert_status_patch(&seen, &status);
     let body = seen.body.unwrap();
     assert_eq!(body["status"]["observedGeneration"], 7);
     assert_eq!(body["status"]["pfs"][0]["numVfs"], 4);
     assert_eq!(body["status"]["iommuEnabled"], true);
-    reply(send, 200, &object(7, "u1", 4));
+    send.json(200, &object(7, "u1", 4));
 }
 
 #[tokio::test]
@@ -181,29 +124,29 @@ async fn an_unchanged_status_is_written_once() {
     let (mut api, tx, task) = writer();
     let first = status(7, 4);
     tx.send_replace(update("u1", first.clone()));
-    let (seen, send) = next_request(&mut api).await;
+    let (seen, send) = api.next().await;
     assert_status_patch(&seen, &first);
-    reply(send, 200, &object(7, "u1", 4));
+    send.json(200, &object(7, "u1", 4));
 
     // The next passes report the same status: nothing is sent.
     tx.send_replace(update("u1", first.clone()));
     tx.send_replace(update("u1", first.clone()));
-    no_request_within(&mut api, Duration::from_millis(300)).await;
+    api.quiet_for(Duration::from_millis(300)).await;
 
     // A changed status is sent.
     let second = status(8, 2);
     tx.send_replace(update("u1", second.clone()));
-    let (seen, send) = next_request(&mut api).await;
+    let (seen, send) = api.next().await;
     assert_status_patch(&seen, &second);
-    reply(send, 200, &object(8, "u1", 2));
+    send.json(200, &object(8, "u1", 2));
 
     // The same status for a recreated object (new uid) is sent again: the
     // new object has no status yet.
     tx.send_replace(update("u2", second.clone()));
-    let (seen, send) = next_request(&mut api).await;
+    let (seen, send) = api.next().await;
     assert_status_patch(&seen, &second);
-    reply(send, 200, &object(1, "u2", 2));
-    no_request_within(&mut api, Duration::from_millis(200)).await;
+    send.json(200, &object(1, "u2", 2));
+    api.quiet_for(Duration::from_millis(200)).await;
     assert!(!task.is_finished());
 }
 
@@ -213,21 +156,21 @@ async fn failed_status_writes_are_retried_with_backoff_without_panicking() {
     let status = status(7, 4);
     tx.send_replace(update("u1", status.clone()));
 
-    let (seen, send) = next_request(&mut api).await;
+    let (seen, send) = api.next().await;
     assert_status_patch(&seen, &status);
     let failed_at = Instant::now();
-    reply(send, 500, &failure(500, "InternalError"));
+    send.json(500, &failure(500, "InternalError"));
 
-    let (seen, send) = next_request(&mut api).await;
+    let (seen, send) = api.next().await;
     let first_retry = failed_at.elapsed();
     assert_status_patch(&seen, &status);
     let conflict_at = Instant::now();
-    reply(send, 409, &failure(409, "Conflict"));
+    send.json(409, &failure(409, "Conflict"));
 
-    let (seen, send) = next_request(&mut api).await;
+    let (seen, send) = api.next().await;
     let second_retry = conflict_at.elapsed();
     assert_status_patch(&seen, &status);
-    reply(send, 200, &object(7, "u1", 4));
+    send.json(200, &object(7, "u1", 4));
 
     // 50 ms after the first failure, doubled (capped at 100 ms) after the next.
     assert!(first_retry >= Duration::from_millis(50), "{first_retry:?}");
@@ -235,7 +178,7 @@ async fn failed_status_writes_are_retried_with_backoff_without_panicking() {
 
     // Written now: the same status is not sent again, the writer lives on.
     tx.send_replace(update("u1", status));
-    no_request_within(&mut api, Duration::from_millis(300)).await;
+    api.quiet_for(Duration::from_millis(300)).await;
     assert!(!task.is_finished());
 }
 
@@ -244,17 +187,17 @@ async fn a_gone_object_drops_the_status_until_the_next_one() {
     let (mut api, tx, task) = writer();
     let first = status(7, 4);
     tx.send_replace(update("u1", first.clone()));
-    let (seen, send) = next_request(&mut api).await;
+    let (seen, send) = api.next().await;
     assert_status_patch(&seen, &first);
-    reply(send, 404, &failure(404, "NotFound"));
+    send.json(404, &failure(404, "NotFound"));
     // No retry of a status for an object that is gone.
-    no_request_within(&mut api, Duration::from_millis(300)).await;
+    api.quiet_for(Duration::from_millis(300)).await;
 
     let second = status(1, 4);
     tx.send_replace(update("u2", second.clone()));
-    let (seen, send) = next_request(&mut api).await;
+    let (seen, send) = api.next().await;
     assert_status_patch(&seen, &second);
-    reply(send, 200, &object(1, "u2", 4));
+    send.json(200, &object(1, "u2", 4));
     assert!(!task.is_finished());
 }
 
@@ -317,14 +260,15 @@ impl Cluster {
             .build()
             .unwrap();
         let _guard = runtime.enter();
-        let (service, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
+        let (client, server) = vfplane_kube_mock::pair("default");
+        let mut handle = server.into_handle();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let record = Arc::clone(&seen);
         runtime.spawn(async move {
             let mut watches = watches.into_iter();
             let mut hanging = Vec::new();
             while let Some((request, send)) = handle.next_request().await {
-                let request = take(request).await;
+                let request = vfplane_kube_mock::seen(request).await;
                 record.lock().unwrap().push(request.clone());
                 match request.method.as_str() {
                     "GET" if request.path_and_query.contains("watch=true") => match watches.next() {
@@ -335,18 +279,20 @@ impl Cluster {
                                 lines.push(b'\n');
                             }
                             send.send_response(
-                                Response::builder().status(200).body(Body::from(lines)).unwrap(),
+                                http::Response::builder()
+                                    .status(200)
+                                    .body(Body::from(lines))
+                                    .unwrap(),
                             );
                         }
                         None => hanging.push(send),
                     },
-                    "GET" => reply(send, 200, &list(&items)),
-                    "PATCH" => reply(send, 200, &object(3, "u1", 2)),
-                    _ => reply(send, 405, &failure(405, "MethodNotAllowed")),
+                    "GET" => send.send_response(json_response(200, &list(&items))),
+                    "PATCH" => send.send_response(json_response(200, &object(3, "u1", 2))),
+                    _ => send.send_response(json_response(405, &failure(405, "MethodNotAllowed"))),
                 }
             }
         });
-        let client = Client::new(service, "default");
         let source = KubeSource::new(runtime.handle().clone(), client, NODE, fast());
         Self {
             runtime,

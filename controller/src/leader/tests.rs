@@ -2,22 +2,20 @@
 
 use std::time::Duration;
 
-use http::{Method, Request, Response, StatusCode};
+use http::{Method, StatusCode};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
-use kube::client::Body;
-use kube::{Api, Client};
+use kube::Api;
 use serde_json::{Value, json};
 
 use super::{LeaseConfig, try_acquire_or_renew};
 
-type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
+type Handle = vfplane_kube_mock::ApiServer;
 
 const PATH: &str = "/apis/coordination.k8s.io/v1/namespaces/vfplane/leases/vfplane-controller";
 
 fn setup() -> (Api<Lease>, Handle, LeaseConfig) {
-    let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-    let client = Client::new(service, "vfplane");
+    let (client, handle) = vfplane_kube_mock::pair("vfplane");
     let config = LeaseConfig::new("vfplane-controller", "controller-a");
     (Api::namespaced(client, "vfplane"), handle, config)
 }
@@ -42,42 +40,22 @@ fn lease(holder: &str, renewed_ago_secs: i64, transitions: i32) -> Value {
     })
 }
 
-fn respond(send: tower_test::mock::SendResponse<Response<Body>>, status: StatusCode, body: &Value) {
-    send.send_response(
-        Response::builder()
-            .status(status)
-            .body(Body::from(serde_json::to_vec(body).unwrap()))
-            .unwrap(),
-    );
-}
-
 /// A timestamp as a Lease carries it (microseconds).
 fn micro(t: Timestamp) -> Value {
     serde_json::to_value(k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(t)).unwrap()
 }
 
 fn not_found() -> Value {
-    json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "not found"})
+    vfplane_kube_mock::failure(404, "NotFound")
 }
 
-async fn next(
-    handle: &mut Handle,
-    method: Method,
-    path: &str,
-) -> (Value, tower_test::mock::SendResponse<Response<Body>>) {
-    let (request, send) = tokio::time::timeout(Duration::from_secs(5), handle.next_request())
-        .await
-        .expect("a request in time")
-        .expect("a request");
-    assert_eq!(request.method(), method);
-    assert_eq!(request.uri().path(), path);
-    let bytes = request.into_body().collect_bytes().await.unwrap();
-    let body = if bytes.is_empty() {
-        Value::Null
-    } else {
-        serde_json::from_slice(&bytes).unwrap()
-    };
-    (body, send)
+/// The next request, checked to be `method` on `path`; its JSON body
+/// (`Null` when empty) and the answer to give.
+async fn next(handle: &mut Handle, method: Method, path: &str) -> (Value, vfplane_kube_mock::Reply) {
+    let (seen, reply) = handle.next().await;
+    assert_eq!(seen.method, method);
+    assert_eq!(seen.path_and_query.split('?').next(), Some(path));
+    (seen.body.unwrap_or(Value::Null), reply)
 }
 
 #[tokio::test]
@@ -85,7 +63,7 @@ async fn a_missing_lease_is_created_with_us_as_holder() {
     let (api, mut handle, config) = setup();
     let server = tokio::spawn(async move {
         let (_, send) = next(&mut handle, Method::GET, PATH).await;
-        respond(send, StatusCode::NOT_FOUND, &not_found());
+        send.json(StatusCode::NOT_FOUND.as_u16(), &not_found());
         let (body, send) = next(
             &mut handle,
             Method::POST,
@@ -96,7 +74,7 @@ async fn a_missing_lease_is_created_with_us_as_holder() {
         assert_eq!(body["spec"]["leaseDurationSeconds"], 15);
         assert_eq!(body["spec"]["leaseTransitions"], 0);
         assert_eq!(body["spec"]["renewTime"], body["spec"]["acquireTime"]);
-        respond(send, StatusCode::CREATED, &body);
+        send.json(StatusCode::CREATED.as_u16(), &body);
     });
     assert!(try_acquire_or_renew(&api, &config, now()).await.unwrap());
     server.await.unwrap();
@@ -107,14 +85,9 @@ async fn a_live_lease_of_another_replica_is_left_alone() {
     let (api, mut handle, config) = setup();
     let server = tokio::spawn(async move {
         let (_, send) = next(&mut handle, Method::GET, PATH).await;
-        respond(send, StatusCode::OK, &lease("controller-b", 5, 3));
-        // No write may follow.
-        assert!(
-            tokio::time::timeout(Duration::from_millis(200), handle.next_request())
-                .await
-                .is_err(),
-            "a live lease must not be written"
-        );
+        send.json(StatusCode::OK.as_u16(), &lease("controller-b", 5, 3));
+        // No write may follow: a live lease is not written.
+        handle.quiet_for(Duration::from_millis(200)).await;
     });
     assert!(!try_acquire_or_renew(&api, &config, now()).await.unwrap());
     server.await.unwrap();
@@ -125,7 +98,7 @@ async fn an_expired_lease_is_taken_over_with_its_resource_version() {
     let (api, mut handle, config) = setup();
     let server = tokio::spawn(async move {
         let (_, send) = next(&mut handle, Method::GET, PATH).await;
-        respond(send, StatusCode::OK, &lease("controller-b", 60, 3));
+        send.json(StatusCode::OK.as_u16(), &lease("controller-b", 60, 3));
         let (body, send) = next(&mut handle, Method::PUT, PATH).await;
         assert_eq!(
             body["metadata"]["resourceVersion"], "41",
@@ -134,7 +107,7 @@ async fn an_expired_lease_is_taken_over_with_its_resource_version() {
         assert_eq!(body["spec"]["holderIdentity"], "controller-a");
         assert_eq!(body["spec"]["leaseTransitions"], 4);
         assert_eq!(body["spec"]["renewTime"], micro(now()));
-        respond(send, StatusCode::OK, &body);
+        send.json(StatusCode::OK.as_u16(), &body);
     });
     assert!(try_acquire_or_renew(&api, &config, now()).await.unwrap());
     server.await.unwrap();
@@ -145,11 +118,9 @@ async fn losing_the_race_for_an_expired_lease_is_not_an_error() {
     let (api, mut handle, config) = setup();
     let server = tokio::spawn(async move {
         let (_, send) = next(&mut handle, Method::GET, PATH).await;
-        respond(send, StatusCode::OK, &lease("", 60, 3));
+        send.json(StatusCode::OK.as_u16(), &lease("", 60, 3));
         let (_, send) = next(&mut handle, Method::PUT, PATH).await;
-        respond(
-            send,
-            StatusCode::CONFLICT,
+        send.json(StatusCode::CONFLICT.as_u16(),
             &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Conflict", "code": 409, "message": "the object has been modified"}),
         );
     });
@@ -162,13 +133,13 @@ async fn our_lease_is_renewed_without_a_transition() {
     let (api, mut handle, config) = setup();
     let server = tokio::spawn(async move {
         let (_, send) = next(&mut handle, Method::GET, PATH).await;
-        respond(send, StatusCode::OK, &lease("controller-a", 2, 7));
+        send.json(StatusCode::OK.as_u16(), &lease("controller-a", 2, 7));
         let (body, send) = next(&mut handle, Method::PUT, PATH).await;
         assert_eq!(body["spec"]["holderIdentity"], "controller-a");
         assert_eq!(body["spec"]["leaseTransitions"], 7);
         assert_eq!(body["spec"]["renewTime"], micro(now()));
         assert_ne!(body["spec"]["acquireTime"], body["spec"]["renewTime"]);
-        respond(send, StatusCode::OK, &body);
+        send.json(StatusCode::OK.as_u16(), &body);
     });
     assert!(try_acquire_or_renew(&api, &config, now()).await.unwrap());
     server.await.unwrap();
