@@ -19,6 +19,8 @@ use k8s_openapi::api::core::v1::ObjectReference;
 use kube::Resource as _;
 use vfplane_proto::node_state::{NodeState, NodeStateStatus, VfStatus};
 
+use crate::scrub::QUARANTINED;
+
 /// One Event to post.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum VfEvent {
@@ -50,8 +52,6 @@ pub enum VfEvent {
         vf: String,
     },
 }
-
-const QUARANTINED: &str = "Unhealthy: scrub failed: ";
 
 impl VfEvent {
     /// `Warning` or `Normal`.
@@ -153,7 +153,7 @@ pub fn between(previous: Option<&NodeStateStatus>, current: &NodeStateStatus) ->
                 vf: address.to_owned(),
             });
         }
-        let (Some(container), Some(owner)) = (&vf.container, &vf.owner) else {
+        let (Some(container), Some((namespace, pod, name))) = (&vf.container, vf.owner_parts()) else {
             continue;
         };
         let posted: &[String] = was
@@ -166,10 +166,7 @@ pub fn between(previous: Option<&NodeStateStatus>, current: &NodeStateStatus) ->
             .filter(|p| !posted.contains(p))
             .cloned()
             .collect();
-        let mut parts = owner.splitn(3, '/');
-        if let (Some(namespace), Some(pod), Some(name), false) =
-            (parts.next(), parts.next(), parts.next(), new.is_empty())
-        {
+        if !new.is_empty() {
             events.push(VfEvent::ContainerLimits {
                 vf: address.to_owned(),
                 namespace: namespace.to_owned(),

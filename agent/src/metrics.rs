@@ -31,7 +31,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use vfplane_proto::node_state::{NodeStateStatus, VfStatus};
 
-use crate::scrub::ScrubOutcome;
+use crate::scrub::{QUARANTINED, SCRUBBING, ScrubOutcome};
 
 /// Labels of `vf_info`.
 #[derive(Clone, Debug, Default, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -140,22 +140,15 @@ fn health_word(vf: &VfStatus) -> &'static str {
     let health = vf.health.as_str();
     if health == "Healthy" {
         "healthy"
-    } else if health.starts_with("Unhealthy: scrub failed") {
+    } else if health.starts_with(QUARANTINED) {
         "quarantined"
     } else if health.starts_with("Unhealthy") {
         "unhealthy"
-    } else if health == "Scrubbing" {
+    } else if health == SCRUBBING {
         "scrubbing"
     } else {
         "unmanaged"
     }
-}
-
-/// `namespace/pod/container` as three parts; empty when nobody holds it.
-fn owner_parts(vf: &VfStatus) -> (String, String, String) {
-    let mut parts = vf.owner.as_deref().unwrap_or_default().splitn(3, '/');
-    let mut next = || parts.next().unwrap_or_default().to_owned();
-    (next(), next(), next())
 }
 
 impl AgentMetrics {
@@ -167,7 +160,9 @@ impl AgentMetrics {
         let mut owners = HashSet::new();
         for pf in &status.pfs {
             for vf in &pf.vfs {
-                let (namespace, pod, container) = owner_parts(vf);
+                let (namespace, pod, container) = vf.owner_parts().unwrap_or_default();
+                let (namespace, pod, container) =
+                    (namespace.to_owned(), pod.to_owned(), container.to_owned());
                 let pool = vf.pool.clone().unwrap_or_default();
                 let labels = VfLabels {
                     pf: pf.pci_address.clone(),

@@ -48,6 +48,12 @@ pub const RETRY: Duration = Duration::from_secs(30);
 /// A released VF still open by a process is looked at again after this long.
 const HOLDER_RECHECK: Duration = Duration::from_secs(1);
 
+/// How a quarantined VF's status health begins; the reason follows.
+pub const QUARANTINED: &str = "Unhealthy: scrub failed: ";
+
+/// A VF's status health while its scrub runs (or was cut short by a crash).
+pub const SCRUBBING: &str = "Scrubbing";
+
 /// Why a VF's scrub failed. Each names the VF.
 #[derive(Debug, thiserror::Error)]
 pub enum ScrubError {
@@ -366,9 +372,9 @@ impl Scrubber {
                     let why = failures
                         .get(&address)
                         .map_or("reason lost with an agent restart; retried", |f| f.error.as_str());
-                    vf.health = format!("Unhealthy: scrub failed: {why}");
+                    vf.health = format!("{QUARANTINED}{why}");
                 }
-                Ok(Some(Ok(VfState::ScrubPending))) => vf.health = "Scrubbing".to_owned(),
+                Ok(Some(Ok(VfState::ScrubPending))) => vf.health = SCRUBBING.to_owned(),
                 _ => {}
             }
         }

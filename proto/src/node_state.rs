@@ -223,6 +223,14 @@ pub struct VfStatus {
     pub container: Option<VfContainerStatus>,
 }
 
+impl VfStatus {
+    /// The owner's namespace, pod and container, when the VF has one.
+    pub fn owner_parts(&self) -> Option<(&str, &str, &str)> {
+        let mut parts = self.owner.as_deref()?.splitn(3, '/');
+        Some((parts.next()?, parts.next()?, parts.next()?))
+    }
+}
+
 /// The container holding a VF, as the node sees it: its cgroup (cgroup
 /// v2 files) and its first process's locked-memory limit.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
