@@ -4,12 +4,21 @@
 //! client. [`KubeletStandin::restart`] does what a restarting kubelet does:
 //! stops, wipes the directory (plugin sockets included), serves anew.
 //!
+//! Like the kubelet (1.37, `ManagerImpl.PluginConnected`), it connects to
+//! the plugin's endpoint while it answers a registration (options, then a
+//! `ListAndWatch` stream it keeps reading), and refuses a registration of
+//! an endpoint it is still connected to with "device plugin already
+//! connected: <path>". The connection is dropped when the plugin's stream
+//! ends, or when the stand-in restarts.
+//!
 //! The tests of this crate use it in process; the `kubelet-standin` example
 //! wraps it in a binary for the testbed.
 
+use std::collections::HashSet;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::net::UnixListener;
@@ -40,9 +49,53 @@ impl Registration {
     }
 }
 
+/// The endpoints (socket paths) the stand-in is connected to.
+type Connected = Arc<Mutex<HashSet<PathBuf>>>;
+
 #[derive(Debug)]
 struct RegistrationService {
+    dir: PathBuf,
     registrations: mpsc::UnboundedSender<Registration>,
+    refusals: mpsc::UnboundedSender<Registration>,
+    connected: Connected,
+    streams: Streams,
+}
+
+/// The tasks reading the plugins' streams, aborted when the stand-in stops
+/// (a kubelet that exits closes its connections).
+type Streams = Arc<Mutex<Vec<tokio::task::AbortHandle>>>;
+
+impl RegistrationService {
+    /// Connects to the plugin as the kubelet does: its options, then a
+    /// `ListAndWatch` stream read until it ends, which drops the connection.
+    async fn connect(&self, socket: PathBuf) -> Result<(), Status> {
+        let unavailable = |what: &str, e: &dyn std::fmt::Display| {
+            Status::unavailable(format!("{what} {}: {e}", socket.display()))
+        };
+        let mut client = connect_plugin(&socket)
+            .await
+            .map_err(|e| unavailable("cannot dial", &e))?;
+        client
+            .get_device_plugin_options(dp::Empty {})
+            .await
+            .map_err(|e| unavailable("no options from", &e))?;
+        let mut stream = client
+            .list_and_watch(dp::Empty {})
+            .await
+            .map_err(|e| unavailable("no ListAndWatch from", &e))?
+            .into_inner();
+        let connected = Arc::clone(&self.connected);
+        let task = tokio::spawn(async move {
+            while let Ok(Some(_)) = stream.message().await {}
+            lock(&connected).remove(&socket);
+        });
+        lock(&self.streams).push(task.abort_handle());
+        Ok(())
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 #[tonic::async_trait]
@@ -70,6 +123,18 @@ impl RegistrationApi for RegistrationService {
                 request.resource_name
             )));
         }
+        let socket = self.dir.join(&request.endpoint);
+        if !lock(&self.connected).insert(socket.clone()) {
+            let _ = self.refusals.send(Registration { request, at });
+            return Err(Status::unknown(format!(
+                "device plugin already connected: {}",
+                socket.display()
+            )));
+        }
+        if let Err(status) = self.connect(socket.clone()).await {
+            lock(&self.connected).remove(&socket);
+            return Err(status);
+        }
         let _ = self.registrations.send(Registration { request, at });
         Ok(Response::new(dp::Empty {}))
     }
@@ -81,6 +146,9 @@ pub struct KubeletStandin {
     dir: PathBuf,
     tx: mpsc::UnboundedSender<Registration>,
     rx: mpsc::UnboundedReceiver<Registration>,
+    refusals_tx: mpsc::UnboundedSender<Registration>,
+    refusals: mpsc::UnboundedReceiver<Registration>,
+    streams: Streams,
     server: Option<(oneshot::Sender<()>, JoinHandle<()>)>,
 }
 
@@ -91,10 +159,14 @@ impl KubeletStandin {
     /// When the socket cannot be bound.
     pub async fn start(dir: impl Into<PathBuf>) -> io::Result<Self> {
         let (tx, rx) = mpsc::unbounded_channel();
+        let (refusals_tx, refusals) = mpsc::unbounded_channel();
         let mut standin = Self {
             dir: dir.into(),
             tx,
             rx,
+            refusals_tx,
+            refusals,
+            streams: Streams::default(),
             server: None,
         };
         standin.serve()?;
@@ -126,8 +198,13 @@ impl KubeletStandin {
         let listener = UnixListener::bind(&path)?;
         let created = Instant::now();
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        // A new kubelet process: no connections yet.
         let service = RegistrationService {
+            dir: self.dir.clone(),
             registrations: self.tx.clone(),
+            refusals: self.refusals_tx.clone(),
+            connected: Connected::default(),
+            streams: Arc::clone(&self.streams),
         };
         let task = tokio::spawn(async move {
             let _ = tonic::transport::Server::builder()
@@ -143,6 +220,9 @@ impl KubeletStandin {
 
     /// Stops serving and removes `kubelet.sock`.
     pub async fn stop(&mut self) {
+        for stream in lock(&self.streams).drain(..) {
+            stream.abort();
+        }
         if let Some((stop, mut task)) = self.server.take() {
             let _ = stop.send(());
             if tokio::time::timeout(Duration::from_secs(1), &mut task)
@@ -202,6 +282,12 @@ impl KubeletStandin {
     /// Registrations received and not yet taken.
     pub fn take_registrations(&mut self) -> Vec<Registration> {
         std::iter::from_fn(|| self.rx.try_recv().ok()).collect()
+    }
+
+    /// Registrations refused because the endpoint was still connected, not
+    /// yet taken.
+    pub fn take_refusals(&mut self) -> Vec<Registration> {
+        std::iter::from_fn(|| self.refusals.try_recv().ok()).collect()
     }
 }
 

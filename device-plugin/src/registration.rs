@@ -145,16 +145,48 @@ impl Kick {
 /// creates `kubelet.sock` (another kick) within moments.
 const SETTLE: Duration = Duration::from_millis(20);
 
+/// A socket file's identity: device and inode. A restarted kubelet binds a
+/// new `kubelet.sock`, a socket we serve again is a new file.
+type FileIdentity = (u64, u64);
+
+fn identity(path: &Path) -> Option<FileIdentity> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
+/// What one registration was made with: the kubelet's socket and ours.
+/// The kubelet (1.37) refuses a second registration of an endpoint it is
+/// connected to ("device plugin already connected"), and the refusal also
+/// drops its record of the connection it keeps, so that connection's end is
+/// never noticed and every later registration of the endpoint is refused
+/// until the kubelet restarts. One registration per pair is the rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Registered {
+    kubelet: FileIdentity,
+    ours: Option<FileIdentity>,
+}
+
+/// True when the kubelet refused because it already holds a connection to
+/// this endpoint (its words, from `ManagerImpl.PluginConnected`).
+fn already_connected(error: &RegisterError) -> bool {
+    matches!(error, RegisterError::Refused { status, .. } if status.message().contains("already connected"))
+}
+
 /// Registers the pool each time it is kicked (pool started, socket served
-/// again, `kubelet.sock` created). Without a `kubelet.sock` it waits for
-/// the next kick; a failed attempt is retried with exponential backoff
-/// (20 ms doubling to 5 s), and a new kick restarts the backoff. Never
-/// polls while there is nothing to do.
+/// again, `kubelet.sock` created), unless it is already registered with
+/// this `kubelet.sock` for this socket of ours (see [`Registered`]).
+/// Without a `kubelet.sock` it waits for the next kick; a failed attempt is
+/// retried with exponential backoff (20 ms doubling to 5 s), and a new kick
+/// restarts the backoff. A refusal because the kubelet is already
+/// connected to our endpoint is not retried: that connection serves, and a
+/// retry would only be refused again. Never polls while there is nothing
+/// to do.
 pub(crate) async fn registration_loop(
     shared: Arc<PoolShared>,
     kubelet_socket: PathBuf,
     mut kicks: watch::Receiver<u64>,
 ) {
+    let mut registered: Option<Registered> = None;
     loop {
         if kicks.changed().await.is_err() {
             return;
@@ -163,18 +195,37 @@ pub(crate) async fn registration_loop(
         kicks.borrow_and_update();
         let mut delay = FIRST_BACKOFF;
         loop {
-            if !kubelet_socket.exists() {
+            let Some(kubelet) = identity(&kubelet_socket) else {
                 tracing::info!(pool = %shared.name, socket = %kubelet_socket.display(), "no kubelet yet; registering when kubelet.sock appears");
+                break;
+            };
+            let pair = Registered {
+                kubelet,
+                ours: identity(&shared.socket_path),
+            };
+            if registered == Some(pair) {
+                tracing::debug!(pool = %shared.name, "already registered with this kubelet for this socket");
                 break;
             }
             match register_once(&shared, &kubelet_socket).await {
                 Ok(()) => {
+                    registered = Some(pair);
                     bump(&shared.metrics.registrations);
                     tracing::info!(
                         pool = %shared.name,
                         resource = %shared.resource(),
                         endpoint = %shared.socket_path.display(),
                         "registered with the kubelet"
+                    );
+                    break;
+                }
+                Err(error) if already_connected(&error) => {
+                    registered = Some(pair);
+                    bump(&shared.metrics.registration_errors);
+                    tracing::warn!(
+                        pool = %shared.name,
+                        error = %vfplane_host::error_chain(&error),
+                        "the kubelet keeps an earlier connection to our socket; not retrying"
                     );
                     break;
                 }

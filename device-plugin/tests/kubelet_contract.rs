@@ -172,12 +172,14 @@ async fn health_follows_driver_vfio_node_group_link_scrub_and_presence() {
         Some(3.0),
         "{text}"
     );
+    // The stand-in's stream (it connects when the plugin registers, as the
+    // kubelet does) and this test's.
     assert_eq!(
         metric(
             &text,
             "vfplane_device_plugin_list_and_watch_streams{pool=\"fast\"}"
         ),
-        Some(1.0)
+        Some(2.0)
     );
     plugin.shutdown().await.unwrap();
 }
@@ -487,17 +489,16 @@ async fn kubelet_restart_wiping_the_directory_brings_socket_and_registration_bac
     kubelet.next_registration(WAIT).await.expect("first registration");
     for round in 0..3 {
         let created = kubelet.restart().await.unwrap();
-        // The plugin may register twice around a restart (socket served
-        // again, then kubelet.sock created); what counts is one after it.
-        let registration = loop {
-            let registration = kubelet
-                .next_registration(WAIT)
-                .await
-                .unwrap_or_else(|| panic!("registration after restart {round}"));
-            if registration.at >= created {
-                break registration;
-            }
-        };
+        // One registration per kubelet: the socket served again and
+        // kubelet.sock created make one, after the new kubelet.sock.
+        let registration = kubelet
+            .next_registration(WAIT)
+            .await
+            .unwrap_or_else(|| panic!("registration after restart {round}"));
+        assert!(
+            registration.at >= created,
+            "round {round}: a registration before the restart"
+        );
         assert_eq!(registration.request.resource_name, "vfplane.io/fast");
         // The socket is served again and answers.
         let mut client = connect_plugin(registration.socket(kubelet.dir())).await.unwrap();
@@ -505,6 +506,10 @@ async fn kubelet_restart_wiping_the_directory_brings_socket_and_registration_bac
         let first = stream.message().await.unwrap().unwrap();
         assert_eq!(first.devices.len(), 2);
     }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(kubelet.take_registrations().is_empty(), "a second registration");
+    let refusals = kubelet.take_refusals();
+    assert!(refusals.is_empty(), "registered while connected: {refusals:?}");
     // The plugin counts a registration when the kubelet's answer is back,
     // a moment after the stand-in saw it.
     let registrations = wait_metric(
@@ -513,7 +518,41 @@ async fn kubelet_restart_wiping_the_directory_brings_socket_and_registration_bac
         |v| v >= 4.0,
     )
     .await;
-    assert!(registrations <= 7.0, "{registrations}");
+    assert_eq!(registrations, 4.0);
+    let text = metrics_text(&plugin).await;
+    assert_eq!(
+        metric(
+            &text,
+            "vfplane_device_plugin_registration_errors_total{pool=\"fast\"}"
+        ),
+        Some(0.0),
+        "{text}"
+    );
+    plugin.shutdown().await.unwrap();
+}
+
+/// The kubelet (1.37) refuses a second registration of an endpoint it is
+/// connected to, and the refusal wedges it (seen on the real node after a
+/// kubelet restart: two kicks, two registrations, every later one refused).
+/// A kick that finds the same kubelet.sock and the same socket of ours
+/// registers nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kick_for_the_same_kubelet_and_socket_registers_once() {
+    let node = Node::new(&[(0, 2)]);
+    node.write_config(ONE_POOL);
+    let mut kubelet = node.standin().await;
+    let plugin = node.start_plugin().await;
+    kubelet.next_registration(WAIT).await.expect("first registration");
+    // kubelet.sock moved away and back: "created" again, the same socket.
+    let away = kubelet.dir().join("kubelet.sock.away");
+    for _ in 0..3 {
+        std::fs::rename(kubelet.socket_path(), &away).unwrap();
+        std::fs::rename(&away, kubelet.socket_path()).unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(kubelet.take_registrations().is_empty(), "registered again");
+    let refusals = kubelet.take_refusals();
+    assert!(refusals.is_empty(), "registered while connected: {refusals:?}");
     plugin.shutdown().await.unwrap();
 }
 
