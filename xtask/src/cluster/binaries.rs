@@ -4,7 +4,7 @@
 //! machine reuses them and a missing cache rebuilds by itself.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use anyhow::{Context as _, Result, bail};
@@ -51,6 +51,45 @@ fn pinned(script: &str, name: &str) -> Result<String> {
         .with_context(|| format!("cluster/build-go-binaries.sh pins no {name}"))
 }
 
+/// How many of the build's last output lines an error carries.
+const ERROR_TAIL_LINES: usize = 8;
+
+/// Runs the build script for one component. Its output goes to our stderr
+/// as it comes; a failure is one error naming the component, with the
+/// script's last lines (the refused module and version, or the compiler's
+/// complaint).
+fn build_component(script_path: &Path, cache: &Path, component: &str) -> Result<()> {
+    use std::io::{BufRead as _, BufReader};
+    let mut child = Command::new("bash")
+        .arg(script_path)
+        .arg(cache)
+        .arg(component)
+        .stdout(Stdio::inherit())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("running cluster/build-go-binaries.sh (is bash installed?)")?;
+    let mut tail = std::collections::VecDeque::with_capacity(ERROR_TAIL_LINES);
+    if let Some(stderr) = child.stderr.take() {
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            eprintln!("{line}");
+            if tail.len() == ERROR_TAIL_LINES {
+                tail.pop_front();
+            }
+            tail.push_back(line);
+        }
+    }
+    let status = child.wait().context("waiting for cluster/build-go-binaries.sh")?;
+    if !status.success() {
+        let tail: Vec<String> = tail.into_iter().collect();
+        bail!(
+            "building {component} from its Go modules failed ({status}); its last lines:\n{}",
+            tail.join("\n")
+        );
+    }
+    Ok(())
+}
+
 /// Builds what is missing (nothing when the cache is complete) and returns the paths.
 ///
 /// # Errors
@@ -77,18 +116,7 @@ pub fn ensure(workspace: &Path) -> Result<GoBinaries> {
     };
     let begun = Instant::now();
     for component in ["etcd", "cni", "containerd", "kubernetes"] {
-        let status = Command::new("bash")
-            .arg(&script_path)
-            .arg(&cache)
-            .arg(component)
-            .status()
-            .context("running cluster/build-go-binaries.sh (is bash installed?)")?;
-        if !status.success() {
-            bail!(
-                "building {component} from its Go modules failed ({status}); its output is above. \
-                 Is `go` (1.26) on PATH and the Go module proxy reachable?"
-            );
-        }
+        build_component(&script_path, &cache, component)?;
     }
     let took = begun.elapsed().as_secs_f64();
     if took > 5.0 {
