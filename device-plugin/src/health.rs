@@ -24,46 +24,14 @@
 //! next probe.
 
 use std::fmt;
-use std::fs;
-use std::io;
-use std::path::Path;
 
-use vfplane_host::{Host, Netdev, PciAddress};
+use vfplane_host::{DeviceDir, Host, Netdev, PciAddress, VfioNodes};
 use vfplane_proto::vf_state::{ParseVfStateError, VfState};
 
 /// The driver a VF must be bound to.
 pub const VFIO_DRIVER: &str = "vfio-pci";
 
-/// The VFIO group node of a VF, as it exists under the dev root.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum VfioNode {
-    /// `/dev/vfio/<group>`: a group behind a real IOMMU.
-    Group(u32),
-    /// `/dev/vfio/noiommu-<group>`: VFIO's no-IOMMU mode.
-    NoIommu(u32),
-}
-
-impl VfioNode {
-    /// The node's name inside `/dev/vfio`.
-    pub fn file_name(self) -> String {
-        match self {
-            Self::Group(group) => group.to_string(),
-            Self::NoIommu(group) => format!("noiommu-{group}"),
-        }
-    }
-
-    /// Its path on the node and in the container: `/dev/vfio/<name>`.
-    pub fn path(self) -> String {
-        format!("/dev/vfio/{}", self.file_name())
-    }
-
-    /// The IOMMU group number.
-    pub fn group(self) -> u32 {
-        match self {
-            Self::Group(group) | Self::NoIommu(group) => group,
-        }
-    }
-}
+pub use vfplane_host::VfioNode;
 
 /// The link state of a PF.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -305,10 +273,7 @@ pub fn probe_vf(
     pf_link: LinkState,
     state: Option<Result<VfState, ParseVfStateError>>,
 ) -> VfObservation {
-    let dir = host
-        .sysfs_root()
-        .join("bus/pci/devices")
-        .join(address.to_string());
+    let dir = host.resolve_device(address);
     let mut observation = VfObservation {
         present: true,
         driver: None,
@@ -319,22 +284,19 @@ pub fn probe_vf(
         state,
         read_error: None,
     };
-    match link_target_name(&dir.join("driver")) {
+    match dir.driver() {
         Ok(driver) => observation.driver = driver,
-        Err(error) => observation.read_error = Some(error),
+        Err(error) => observation.read_error = Some(vfplane_host::error_chain(&error)),
     }
-    if observation.driver.is_none() && !dir.is_dir() {
+    if observation.driver.is_none() && !dir.is_present() {
         observation.present = false;
         observation.read_error = None;
         return observation;
     }
-    match link_target_name(&dir.join("iommu_group")) {
-        Ok(None) => {}
-        Ok(Some(name)) => match name.parse::<u32>() {
-            Ok(group) => observation.group = Some(group),
-            Err(_) => observation.read_error = Some(format!("iommu_group link names {name:?}")),
-        },
-        Err(error) => observation.read_error = Some(error),
+    match host.iommu_group_id(address) {
+        Ok(group) => observation.group = group,
+        Err(error) if error.is_vanished() => {}
+        Err(error) => observation.read_error = Some(vfplane_host::error_chain(&error)),
     }
     if let Some(group) = observation.group {
         match host.iommu_group(group) {
@@ -342,7 +304,7 @@ pub fn probe_vf(
             Err(error) if error.is_vanished() => {}
             Err(error) => observation.read_error = Some(vfplane_host::error_chain(&error)),
         }
-        observation.vfio_node = vfio_node(host, group);
+        observation.vfio_node = host.vfio_node(group);
     }
     observation
 }
@@ -361,11 +323,11 @@ pub struct KnownGroup {
 
 /// The per-tick probe: the VF's `driver` link (plus a `stat` of its
 /// directory when there is none) and its VFIO node; the group comes from
-/// discovery. `device_dir` is the VF's real sysfs directory (links
-/// resolved once at discovery, so each probe walks no symlink).
+/// discovery. `device` is the VF's directory resolved at discovery, so each
+/// probe walks no symlink.
 pub fn probe_vf_fast(
     vfio_nodes: &VfioNodes,
-    device_dir: &Path,
+    device: &DeviceDir,
     group: Option<&KnownGroup>,
     pf_link: LinkState,
     state: Option<Result<VfState, ParseVfStateError>>,
@@ -380,11 +342,11 @@ pub fn probe_vf_fast(
         state,
         read_error: None,
     };
-    match link_target_name(&device_dir.join("driver")) {
+    match device.driver() {
         Ok(driver) => observation.driver = driver,
-        Err(error) => observation.read_error = Some(error),
+        Err(error) => observation.read_error = Some(vfplane_host::error_chain(&error)),
     }
-    if observation.driver.is_none() && !device_dir.is_dir() {
+    if observation.driver.is_none() && !device.is_present() {
         observation.present = false;
         observation.read_error = None;
         return observation;
@@ -395,83 +357,11 @@ pub fn probe_vf_fast(
     observation
 }
 
-/// The names in `<dev-root>/vfio`, listed once per scan (one directory
-/// read instead of a `stat` per VF).
-#[derive(Debug, Clone, Default)]
-pub struct VfioNodes(std::collections::HashSet<String>);
-
-impl VfioNodes {
-    /// Lists `<dev-root>/vfio`; a missing directory is an empty one.
-    pub fn read(host: &Host) -> Self {
-        let names = fs::read_dir(host.dev_root().join("vfio"))
-            .map(|entries| {
-                entries
-                    .flatten()
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .collect()
-            })
-            .unwrap_or_default();
-        Self(names)
-    }
-
-    /// The node of a group, when there is one.
-    pub fn node(&self, group: u32) -> Option<VfioNode> {
-        if self.0.contains(&group.to_string()) {
-            Some(VfioNode::Group(group))
-        } else if self.0.contains(&format!("noiommu-{group}")) {
-            Some(VfioNode::NoIommu(group))
-        } else {
-            None
-        }
-    }
-}
-
-fn vfio_node(host: &Host, group: u32) -> Option<VfioNode> {
-    let vfio = host.dev_root().join("vfio");
-    if vfio.join(group.to_string()).exists() {
-        Some(VfioNode::Group(group))
-    } else if vfio.join(format!("noiommu-{group}")).exists() {
-        Some(VfioNode::NoIommu(group))
-    } else {
-        None
-    }
-}
-
-/// The link state of a PF from `<pf>/net/*/{operstate,carrier}` only (the
-/// per-tick form of [`probe_pf_link`]).
-pub fn probe_pf_link_fast(pf_dir: &Path) -> LinkState {
-    let Ok(entries) = fs::read_dir(pf_dir.join("net")) else {
-        return LinkState::Unknown;
-    };
-    let mut netdevs = Vec::new();
-    for entry in entries.flatten() {
-        let path = entry.path();
-        let operstate = fs::read_to_string(path.join("operstate"))
-            .map(|t| t.trim().to_owned())
-            .unwrap_or_else(|_| "unknown".to_owned());
-        // EINVAL while the interface is down: no carrier reading.
-        let carrier = fs::read_to_string(path.join("carrier"))
-            .ok()
-            .map(|t| t.trim() == "1");
-        netdevs.push(Netdev {
-            name: entry.file_name().to_string_lossy().into_owned(),
-            operstate,
-            carrier,
-            mac: None,
-            mtu: None,
-        });
-    }
-    netdevs.sort_by(|a, b| a.name.cmp(&b.name));
-    link_state(&netdevs)
-}
-
-/// The last component of a symlink's target, `None` without a link.
-fn link_target_name(path: &Path) -> Result<Option<String>, String> {
-    match fs::read_link(path) {
-        Ok(target) => Ok(target.file_name().map(|n| n.to_string_lossy().into_owned())),
-        Err(e) if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::NotADirectory) => Ok(None),
-        Err(e) => Err(format!("{}: {e}", path.display())),
-    }
+/// The link state of a PF from its interfaces' `operstate` and `carrier`
+/// only (the per-tick form of [`probe_pf_link`]).
+pub fn probe_pf_link_fast(pf: &DeviceDir) -> LinkState {
+    pf.link_states()
+        .map_or(LinkState::Unknown, |netdevs| link_state(&netdevs))
 }
 
 #[cfg(test)]

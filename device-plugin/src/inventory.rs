@@ -23,7 +23,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use vfplane_host::{Host, HostError, PciAddress};
+use vfplane_host::{DeviceDir, Host, HostError, PciAddress, VfioNodes};
 use vfplane_proto::deviceplugin::v1beta1 as dp;
 use vfplane_proto::pool::{Pool, PoolConfig, PoolSelector};
 use vfplane_proto::vf_state::{self, MAC_SUFFIX, ParseVfStateError, VfState};
@@ -49,8 +49,8 @@ pub struct VfFacts {
     pub device: String,
     /// Its IOMMU group as discovery saw it.
     pub group: Option<KnownGroup>,
-    /// Its real sysfs directory (`<sysfs>/devices/.../<address>`).
-    pub device_dir: PathBuf,
+    /// Its sysfs directory, resolved at discovery.
+    pub device_dir: DeviceDir,
 }
 
 /// A VF seen by discovery, with what selectors match on.
@@ -294,7 +294,7 @@ pub struct Inventory {
     candidates: BTreeMap<PciAddress, Candidate>,
     facts: BTreeMap<PciAddress, VfFacts>,
     pci_set: Vec<PciAddress>,
-    pf_dirs: BTreeMap<PciAddress, PathBuf>,
+    pf_dirs: BTreeMap<PciAddress, DeviceDir>,
     assignment: Assignment,
 }
 
@@ -377,7 +377,7 @@ impl Inventory {
         self.pf_dirs = model
             .pfs
             .iter()
-            .map(|pf| (pf.pci.address, self.device_dir(pf.pci.address)))
+            .map(|pf| (pf.pci.address, self.host.resolve_device(pf.pci.address)))
             .collect();
         for pf in &model.pfs {
             for vf in &pf.vfs {
@@ -393,7 +393,7 @@ impl Inventory {
                         id: g.id,
                         members: g.members.clone(),
                     }),
-                    device_dir: self.device_dir(vf.pci.address),
+                    device_dir: self.host.resolve_device(vf.pci.address),
                 };
                 candidates.insert(
                     vf.pci.address,
@@ -430,7 +430,7 @@ impl Inventory {
                             vendor: pci.vendor,
                             device: pci.device,
                             group,
-                            device_dir: self.device_dir(address),
+                            device_dir: self.host.resolve_device(address),
                         },
                     );
                 }
@@ -451,17 +451,6 @@ impl Inventory {
         Ok(conflicts)
     }
 
-    /// A device's real directory, symlinks resolved; the link path when it
-    /// cannot be resolved.
-    fn device_dir(&self, address: PciAddress) -> PathBuf {
-        let link = self
-            .host
-            .sysfs_root()
-            .join("bus/pci/devices")
-            .join(address.to_string());
-        fs::canonicalize(&link).unwrap_or(link)
-    }
-
     /// The current membership.
     pub fn assignment(&self) -> &Assignment {
         &self.assignment
@@ -470,7 +459,11 @@ impl Inventory {
     /// Probes every member's health.
     pub fn scan(&self) -> ScanResult {
         let state = StateDir::read(&self.state_dir);
-        let vfio_nodes = health::VfioNodes::read(&self.host);
+        // Unlistable, no VF has a node: each is Unhealthy with the reason.
+        let vfio_nodes = self.host.vfio_nodes().unwrap_or_else(|error| {
+            tracing::warn!(error = %vfplane_host::error_chain(&error), "cannot list the VFIO nodes");
+            VfioNodes::default()
+        });
         let mut pf_links: BTreeMap<PciAddress, LinkState> = BTreeMap::new();
         let mut result = ScanResult {
             owners: self.assignment.owners.clone(),
@@ -564,7 +557,7 @@ mod tests {
                     vendor: "8086".into(),
                     device: "10ca".into(),
                     group: None,
-                    device_dir: PathBuf::new(),
+                    device_dir: Host::new("/nonexistent", "/nonexistent").resolve_device(addr(address)),
                 },
                 driver: driver.map(Into::into),
                 driver_override: over.map(Into::into),

@@ -197,7 +197,8 @@ mod tests {
                     vendor: "8086".into(),
                     device: "10ca".into(),
                     group: None,
-                    device_dir: std::path::PathBuf::new(),
+                    device_dir: vfplane_host::Host::new("/nonexistent", "/nonexistent")
+                        .resolve_device(address.parse().unwrap()),
                 }),
                 health: if *healthy {
                     Health::default()

@@ -11,6 +11,7 @@ mod error;
 #[cfg(any(test, feature = "fake"))]
 pub mod fake;
 mod model;
+mod probe;
 
 use std::fs;
 use std::io;
@@ -20,6 +21,7 @@ pub use error::{HostError, Result};
 pub use model::{
     HostModel, IommuGroup, IommuState, Netdev, PciDevice, PhysicalFunction, Problem, VirtualFunction,
 };
+pub use probe::{DeviceDir, VfioNode, VfioNodes};
 pub use vfplane_proto::error_chain;
 pub use vfplane_proto::pci::{ParsePciAddressError, PciAddress};
 
@@ -691,7 +693,8 @@ fn write_attr(path: &Path, value: &str) -> Result<()> {
 fn link_name(path: &Path) -> Result<Option<String>> {
     match fs::read_link(path) {
         Ok(target) => Ok(target.file_name().map(|n| n.to_string_lossy().into_owned())),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        // A gone device: its directory, or the directory the link was in.
+        Err(e) if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::NotADirectory) => Ok(None),
         Err(source) => Err(HostError::Read {
             path: path.to_owned(),
             source,

@@ -407,3 +407,54 @@ fn cpu_lists_parse_ranges_and_refuse_garbage() {
         assert_eq!(parse_cpu_list(bad), None, "{bad}");
     }
 }
+
+#[test]
+fn a_resolved_device_dir_reads_driver_presence_and_link_state_without_the_bus_link() {
+    let fake = testbed_like(2);
+    let host = fake.host();
+    let vf = FakeSysfs::vf_address(addr(PF), 0);
+    let dir = host.resolve_device(vf);
+    // Resolved: the real directory, not the bus/pci/devices link.
+    assert!(!dir.path().starts_with(host.sysfs_root().join("bus")), "{dir:?}");
+    assert_eq!(dir.driver().unwrap().as_deref(), Some("vfio-pci"));
+    assert!(dir.is_present());
+    fake.set_driver(vf, None).unwrap();
+    assert_eq!(dir.driver().unwrap(), None);
+
+    let pf = host.resolve_device(addr(PF));
+    let links = pf.link_states().expect("the PF has a net directory");
+    assert_eq!(links.len(), 1);
+    assert_eq!(links[0].name, "eth0");
+    assert_eq!(
+        (links[0].mac.as_deref(), links[0].mtu),
+        (None, None),
+        "only link state is read"
+    );
+    assert_eq!(dir.link_states(), None, "a VF on vfio-pci has no net directory");
+
+    // Gone: no driver, not present, no error.
+    fake.remove_device_dir(vf).unwrap();
+    assert_eq!(dir.driver().unwrap(), None);
+    assert!(!dir.is_present());
+    let gone = host.resolve_device(addr("0000:7f:00.0"));
+    assert_eq!(gone.driver().unwrap(), None);
+    assert!(!gone.is_present());
+}
+
+#[test]
+fn vfio_nodes_are_listed_once_and_a_missing_directory_is_empty() {
+    let fake = testbed_like(2);
+    let host = fake.host();
+    let nodes = host.vfio_nodes().unwrap();
+    assert_eq!(nodes.node(4), Some(VfioNode::Group(4)));
+    assert_eq!(nodes.node(5), None);
+    assert_eq!(host.vfio_node(4), Some(VfioNode::Group(4)));
+    assert_eq!(host.vfio_node(5), None);
+    fs::write(fake.dev_root().join("vfio/noiommu-5"), "").unwrap();
+    assert_eq!(host.vfio_nodes().unwrap().node(5), Some(VfioNode::NoIommu(5)));
+    assert_eq!(host.vfio_node(5), Some(VfioNode::NoIommu(5)));
+    assert_eq!(VfioNode::NoIommu(5).path(), "/dev/vfio/noiommu-5");
+
+    let empty = Host::new(fake.sysfs_root(), fake.dev_root().join("absent"));
+    assert_eq!(empty.vfio_nodes().unwrap().node(4), None);
+}
