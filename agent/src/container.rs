@@ -192,7 +192,7 @@ impl ContainerView {
                                 problems.push(problem);
                             }
                         }
-                        Err(e) => problems.push(e),
+                        Err(e) => problems.push(vfplane_proto::error_chain(&e)),
                     }
                 }
                 // cgroups-rs reads v1 names here on v2 (see the module doc).
@@ -255,7 +255,7 @@ impl ContainerView {
     /// most tasks the container can have. `None`: unbounded. A cgroup
     /// without the file (its parent does not enable the pids controller)
     /// bounds nothing.
-    fn pids_bound(&self, dir: &std::path::Path) -> Result<Option<i64>, String> {
+    fn pids_bound(&self, dir: &std::path::Path) -> Result<Option<i64>, PidsMaxReadError> {
         let mut bound: Option<i64> = None;
         for cgroup in dir.ancestors().take_while(|d| *d != self.cgroup_root.as_path()) {
             if !cgroup.join("pids.max").exists() {
@@ -264,11 +264,27 @@ impl ContainerView {
             match PidController::new(cgroup.to_path_buf(), true).get_pid_max() {
                 Ok(MaxValue::Value(value)) => bound = Some(bound.map_or(value, |b| b.min(value))),
                 Ok(MaxValue::Max) => {}
-                Err(e) => return Err(format!("cannot read pids.max of {}: {e}", cgroup.display())),
+                Err(source) => {
+                    return Err(PidsMaxReadError {
+                        cgroup: cgroup.to_path_buf(),
+                        source,
+                    });
+                }
             }
         }
         Ok(bound)
     }
+}
+
+/// A `pids.max` on the way up from the container's cgroup could not be read.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot read pids.max of {}", cgroup.display())]
+struct PidsMaxReadError {
+    /// The cgroup whose file it is.
+    cgroup: PathBuf,
+    /// The cause.
+    #[source]
+    source: cgroups_rs::error::Error,
 }
 
 /// What breaks the profile in the container's bound on tasks: none at all

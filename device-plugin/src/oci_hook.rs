@@ -82,6 +82,56 @@ pub struct Attach {
     pub cgroup_root: PathBuf,
 }
 
+/// Why one step of the hook (cgroup, device owner, record) failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StepError {
+    /// The OCI spec names no cgroup.
+    #[error("the OCI spec has no linux.cgroupsPath")]
+    NoCgroupsPath,
+    /// A systemd-style cgroup path (`slice:prefix:name`).
+    #[error("cgroup path {0:?} is not a cgroupfs path (systemd cgroups are not supported)")]
+    NotCgroupfs(String),
+    /// The container's cgroup directory is missing.
+    #[error("its cgroup {} does not exist", .0.display())]
+    NoCgroup(PathBuf),
+    /// The OCI spec names no root filesystem.
+    #[error("the OCI spec names no root.path")]
+    NoRootfs,
+    /// A bound beyond what the kernel file takes.
+    #[error("{0} is too large")]
+    TooLarge(u64),
+    /// A cgroup file could not be read or written.
+    #[error("{action} {file}")]
+    Cgroup {
+        /// `reading`, `writing`, `reading back`.
+        action: &'static str,
+        /// The file.
+        file: &'static str,
+        /// The cause (boxed: cgroups-rs's error is large).
+        #[source]
+        source: Box<cgroups_rs::error::Error>,
+    },
+    /// A file could not be read, written or given to the user.
+    #[error("{action} {}", path.display())]
+    Io {
+        /// What was done.
+        action: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A value that does not read back as written.
+    #[error("{file} reads {value} after the write")]
+    ReadBack {
+        /// The file (or node).
+        file: String,
+        /// What it reads.
+        value: String,
+    },
+}
+
 /// Why the hook failed. Each message names the container and the limit.
 #[derive(Debug, thiserror::Error)]
 pub enum HookError {
@@ -94,18 +144,19 @@ pub enum HookError {
     )]
     Usage(Vec<String>),
     /// The container's cgroup could not be found or its pids.max set.
-    #[error("container {id}: cannot give its cgroup pids.max {pids}: {reason}")]
+    #[error("container {id}: cannot give its cgroup pids.max {pids}")]
     Pids {
         /// The container.
         id: String,
         /// The bound asked for.
         pids: u64,
         /// What went wrong.
-        reason: String,
+        #[source]
+        source: Box<StepError>,
     },
     /// The VF's device node in the container could not be given to the
     /// container's user.
-    #[error("container {id}: cannot give {device} to its user {uid}:{gid}: {reason}")]
+    #[error("container {id}: cannot give {device} to its user {uid}:{gid}")]
     DeviceOwner {
         /// The container.
         id: String,
@@ -116,10 +167,11 @@ pub enum HookError {
         /// The container's group.
         gid: u32,
         /// What went wrong.
-        reason: String,
+        #[source]
+        source: Box<StepError>,
     },
     /// The container's cgroup could not be found or set.
-    #[error("container {id}: cannot give its cgroup cpuset.cpus {cpus:?} and cpuset.mems {mems:?}: {reason}")]
+    #[error("container {id}: cannot give its cgroup cpuset.cpus {cpus:?} and cpuset.mems {mems:?}")]
     Cpuset {
         /// The container.
         id: String,
@@ -128,7 +180,8 @@ pub enum HookError {
         /// The memory nodes asked for.
         mems: String,
         /// What went wrong.
-        reason: String,
+        #[source]
+        source: Box<StepError>,
     },
     /// stdin did not hold an OCI state.
     #[error("the container state on stdin is not an OCI state")]
@@ -239,7 +292,7 @@ fn is_vfio_group_node(path: &str) -> bool {
 ///
 /// # Errors
 /// A state that does not parse, or the limit not set.
-pub fn run(attach: &Attach, state: impl Read, proc_root: &Path) -> Result<Option<String>, HookError> {
+pub fn run(attach: &Attach, state: impl Read, proc_root: &Path) -> Result<Option<StepError>, HookError> {
     let started = std::time::Instant::now();
     let mut text = String::new();
     let mut state = state;
@@ -314,46 +367,42 @@ fn own_device(id: &str, pid: i32, device: &str, bundle: &Bundle, proc_root: &Pat
     if (uid, gid) == (0, 0) {
         return Ok(());
     }
-    let fail = |reason: String| HookError::DeviceOwner {
+    let fail = |source: StepError| HookError::DeviceOwner {
         id: id.to_owned(),
         device: device.to_owned(),
         uid,
         gid,
-        reason,
+        source: Box::new(source),
     };
-    let rootfs = bundle
-        .rootfs
-        .as_ref()
-        .ok_or_else(|| fail("the OCI spec names no root.path".to_owned()))?;
+    let rootfs = bundle.rootfs.as_ref().ok_or_else(|| fail(StepError::NoRootfs))?;
     let path = proc_root
         .join(pid.to_string())
         .join("root")
         .join(rootfs.strip_prefix("/").unwrap_or(rootfs))
         .join(device.trim_start_matches('/'));
-    std::os::unix::fs::lchown(&path, Some(uid), Some(gid))
-        .map_err(|e| fail(format!("chown {}: {e}", path.display())))?;
-    let meta =
-        std::fs::symlink_metadata(&path).map_err(|e| fail(format!("reading {}: {e}", path.display())))?;
+    let io = |action: &'static str, path: &Path| {
+        let path = path.to_owned();
+        move |source| fail(StepError::Io { action, path, source })
+    };
+    std::os::unix::fs::lchown(&path, Some(uid), Some(gid)).map_err(io("chown", &path))?;
+    let meta = std::fs::symlink_metadata(&path).map_err(io("reading", &path))?;
     if (meta.uid(), meta.gid()) != (uid, gid) {
-        return Err(fail(format!(
-            "{} is owned by {}:{} after the chown",
-            path.display(),
-            meta.uid(),
-            meta.gid()
-        )));
+        return Err(fail(StepError::ReadBack {
+            file: path.display().to_string(),
+            value: format!("owner {}:{}", meta.uid(), meta.gid()),
+        }));
     }
     Ok(())
 }
 
 /// The container's cgroup directory, which must exist; the error says why
 /// it cannot be found.
-fn container_cgroup(attach: &Attach, cgroups_path: Option<&str>) -> Result<PathBuf, String> {
-    let path = cgroups_path.ok_or_else(|| "the OCI spec has no linux.cgroupsPath".to_owned())?;
-    let dir = vfplane_proto::container_record::cgroupfs_dir(&attach.cgroup_root, path).ok_or_else(|| {
-        format!("cgroup path {path:?} is not a cgroupfs path (systemd cgroups are not supported)")
-    })?;
+fn container_cgroup(attach: &Attach, cgroups_path: Option<&str>) -> Result<PathBuf, StepError> {
+    let path = cgroups_path.ok_or(StepError::NoCgroupsPath)?;
+    let dir = vfplane_proto::container_record::cgroupfs_dir(&attach.cgroup_root, path)
+        .ok_or_else(|| StepError::NotCgroupfs(path.to_owned()))?;
     if !dir.is_dir() {
-        return Err(format!("its cgroup {} does not exist", dir.display()));
+        return Err(StepError::NoCgroup(dir));
     }
     Ok(dir)
 }
@@ -363,27 +412,36 @@ fn container_cgroup(attach: &Attach, cgroups_path: Option<&str>) -> Result<PathB
 fn set_pids_max(attach: &Attach, id: &str, cgroups_path: Option<&str>, pids: u64) -> Result<(), HookError> {
     use cgroups_rs::MaxValue;
     use cgroups_rs::pid::PidController;
-    let fail = |reason: String| HookError::Pids {
+    let fail = |source: StepError| HookError::Pids {
         id: id.to_owned(),
         pids,
-        reason,
+        source: Box::new(source),
+    };
+    let cgroup = |action: &'static str| {
+        move |source| {
+            fail(StepError::Cgroup {
+                action,
+                file: "pids.max",
+                source: Box::new(source),
+            })
+        }
     };
     let dir = container_cgroup(attach, cgroups_path).map_err(fail)?;
-    let wanted = i64::try_from(pids).map_err(|_| fail("too large".to_owned()))?;
+    let wanted = i64::try_from(pids).map_err(|_| fail(StepError::TooLarge(pids)))?;
     let controller = PidController::new(dir, true);
-    let current = controller
-        .get_pid_max()
-        .map_err(|e| fail(format!("reading pids.max: {e}")))?;
+    let current = controller.get_pid_max().map_err(cgroup("reading"))?;
     if matches!(current, MaxValue::Value(have) if have <= wanted) {
         return Ok(());
     }
     controller
         .set_pid_max(MaxValue::Value(wanted))
-        .map_err(|e| fail(format!("writing pids.max: {e}")))?;
-    match controller.get_pid_max() {
-        Ok(MaxValue::Value(have)) if have <= wanted => Ok(()),
-        Ok(other) => Err(fail(format!("pids.max reads {other:?} after the write"))),
-        Err(e) => Err(fail(format!("reading pids.max back: {e}"))),
+        .map_err(cgroup("writing"))?;
+    match controller.get_pid_max().map_err(cgroup("reading back"))? {
+        MaxValue::Value(have) if have <= wanted => Ok(()),
+        other => Err(fail(StepError::ReadBack {
+            file: "pids.max".to_owned(),
+            value: format!("{other:?}"),
+        })),
     }
 }
 
@@ -397,27 +455,41 @@ fn set_cpuset(
     mems: &str,
 ) -> Result<(), HookError> {
     use cgroups_rs::cpuset::CpuSetController;
-    let fail = |reason: String| HookError::Cpuset {
+    let fail = |source: StepError| HookError::Cpuset {
         id: id.to_owned(),
         cpus: cpus.to_owned(),
         mems: mems.to_owned(),
-        reason,
+        source: Box::new(source),
+    };
+    let writing = |file: &'static str| {
+        move |source| {
+            fail(StepError::Cgroup {
+                action: "writing",
+                file,
+                source: Box::new(source),
+            })
+        }
     };
     let dir = container_cgroup(attach, cgroups_path).map_err(fail)?;
     let cpuset = CpuSetController::new(dir.clone(), true);
-    cpuset
-        .set_mems(mems)
-        .map_err(|e| fail(format!("writing cpuset.mems: {e}")))?;
-    cpuset
-        .set_cpus(cpus)
-        .map_err(|e| fail(format!("writing cpuset.cpus: {e}")))?;
+    cpuset.set_mems(mems).map_err(writing("cpuset.mems"))?;
+    cpuset.set_cpus(cpus).map_err(writing("cpuset.cpus"))?;
     // cgroups-rs reads cgroup v1 names for the effective sets on v2: read
     // cgroup v2's own files.
     for (file, wanted) in [("cpuset.cpus.effective", cpus), ("cpuset.mems.effective", mems)] {
-        let text =
-            std::fs::read_to_string(dir.join(file)).map_err(|e| fail(format!("reading {file}: {e}")))?;
+        let path = dir.join(file);
+        let text = std::fs::read_to_string(&path).map_err(|source| {
+            fail(StepError::Io {
+                action: "reading",
+                path: path.clone(),
+                source,
+            })
+        })?;
         if vfplane_host::parse_cpu_list(&text) != vfplane_host::parse_cpu_list(wanted) {
-            return Err(fail(format!("{file} reads {:?} after the write", text.trim())));
+            return Err(fail(StepError::ReadBack {
+                file: file.to_owned(),
+                value: format!("{:?}", text.trim()),
+            }));
         }
     }
     Ok(())
@@ -431,12 +503,19 @@ fn record(
     pid: i32,
     cgroups_path: Option<String>,
     started: std::time::Instant,
-) -> Result<(), String> {
+) -> Result<(), StepError> {
     use vfplane_proto::container_record::{ContainerRecord, read_record, write_record};
     let dir = &attach.records;
     let annotation = |key: &str| state.annotations.get(key).cloned();
+    let io = |action: &'static str| {
+        move |source| StepError::Io {
+            action,
+            path: vfplane_proto::container_record::record_path(dir, &state.id),
+            source,
+        }
+    };
     let mut record = read_record(dir, &state.id)
-        .map_err(|e| format!("reading the record of {} under {}: {e}", state.id, dir.display()))?
+        .map_err(io("reading the container record"))?
         .unwrap_or_else(|| ContainerRecord {
             id: state.id.clone(),
             ..ContainerRecord::default()
@@ -453,8 +532,7 @@ fn record(
     }
     let took = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
     record.hook_micros = record.hook_micros.saturating_add(took);
-    write_record(dir, &record)
-        .map_err(|e| format!("writing the record of {} under {}: {e}", state.id, dir.display()))
+    write_record(dir, &record).map_err(io("writing the container record"))
 }
 
 /// Raises RLIMIT_MEMLOCK of process `pid` (container `id`) to at least
@@ -676,8 +754,11 @@ mod tests {
                 records: records.clone(),
                 cgroup_root: PathBuf::from("/nonexistent"),
             };
-            results
-                .push(run(&attach, state.as_bytes(), proc_root).map_err(|e| vfplane_host::error_chain(&e)));
+            results.push(
+                run(&attach, state.as_bytes(), proc_root)
+                    .map(|record_error| record_error.map(|e| vfplane_host::error_chain(&e)))
+                    .map_err(|e| vfplane_host::error_chain(&e)),
+            );
         }
         let found = vfplane_host::memlock_limits(proc_root, pid);
         let _ = child.kill();
@@ -739,7 +820,8 @@ mod tests {
         // what it "computed".
         std::fs::write(dir.join("cpuset.cpus.effective"), "1\n").unwrap_or_else(|e| panic!("{e}"));
         std::fs::write(dir.join("cpuset.mems.effective"), "1\n").unwrap_or_else(|e| panic!("{e}"));
-        let result = set_cpuset(&attach(&root), "c3", path, "1", "1").map_err(|e| e.to_string());
+        let result =
+            set_cpuset(&attach(&root), "c3", path, "1", "1").map_err(|e| vfplane_host::error_chain(&e));
         assert_eq!(result, Ok(()));
         assert_eq!(
             std::fs::read_to_string(dir.join("cpuset.cpus")).ok().as_deref(),
@@ -751,7 +833,7 @@ mod tests {
         );
         // A parent without CPU 1 leaves another effective set: refused.
         std::fs::write(dir.join("cpuset.cpus.effective"), "0\n").unwrap_or_else(|e| panic!("{e}"));
-        let err = set_cpuset(&attach(&root), "c3", path, "1", "1").map_err(|e| e.to_string());
+        let err = set_cpuset(&attach(&root), "c3", path, "1", "1").map_err(|e| vfplane_host::error_chain(&e));
         assert_eq!(
             err,
             Err(
@@ -761,14 +843,14 @@ mod tests {
             )
         );
         let err = set_cpuset(&attach(&root), "c3", Some("kubepods.slice:cri:c3"), "1", "1")
-            .map_err(|e| e.to_string());
+            .map_err(|e| vfplane_host::error_chain(&e));
         assert!(
             err.as_ref()
                 .is_err_and(|e| e.ends_with("is not a cgroupfs path (systemd cgroups are not supported)")),
             "{err:?}"
         );
-        let err =
-            set_cpuset(&attach(&root), "c3", Some("/kubepods/gone"), "1", "1").map_err(|e| e.to_string());
+        let err = set_cpuset(&attach(&root), "c3", Some("/kubepods/gone"), "1", "1")
+            .map_err(|e| vfplane_host::error_chain(&e));
         assert!(
             err.as_ref().is_err_and(|e| e.contains("does not exist")),
             "{err:?}"
@@ -787,14 +869,15 @@ mod tests {
         let path = Some("/kubepods/besteffort/podu1/c4");
         let pids = |text: &str| {
             std::fs::write(dir.join("pids.max"), text).unwrap_or_else(|e| panic!("{e}"));
-            let result = set_pids_max(&attach, "c4", path, 256).map_err(|e| e.to_string());
+            let result = set_pids_max(&attach, "c4", path, 256).map_err(|e| vfplane_host::error_chain(&e));
             let after = std::fs::read_to_string(dir.join("pids.max")).unwrap_or_default();
             (result, after.trim().to_owned())
         };
         assert_eq!(pids("max\n"), (Ok(()), "256".to_owned()), "unbounded: set");
         assert_eq!(pids("4096\n"), (Ok(()), "256".to_owned()), "looser: lowered");
         assert_eq!(pids("100\n"), (Ok(()), "100".to_owned()), "stricter: kept");
-        let err = set_pids_max(&attach, "c4", Some("/kubepods/gone"), 256).map_err(|e| e.to_string());
+        let err = set_pids_max(&attach, "c4", Some("/kubepods/gone"), 256)
+            .map_err(|e| vfplane_host::error_chain(&e));
         assert!(
             err.as_ref().is_err_and(
                 |e| e.starts_with("container c4: cannot give its cgroup pids.max 256:")
@@ -828,20 +911,20 @@ mod tests {
             user: Some((uid, gid)),
             rootfs: Some(bundle.join("rootfs")),
         };
-        let result =
-            own_device("c5", 42, "/dev/vfio/7", &with_user(uid, gid), &proc_root).map_err(|e| e.to_string());
+        let result = own_device("c5", 42, "/dev/vfio/7", &with_user(uid, gid), &proc_root)
+            .map_err(|e| vfplane_host::error_chain(&e));
         assert_eq!(result, Ok(()));
         let owner = std::fs::metadata(node_dir.join("7"))
             .map(|m| (m.uid(), m.gid()))
             .ok();
         assert_eq!(owner, Some((uid, gid)));
         // A root container: nothing is touched (not even a missing node).
-        let result =
-            own_device("c5", 42, "/dev/vfio/9", &with_user(0, 0), &proc_root).map_err(|e| e.to_string());
+        let result = own_device("c5", 42, "/dev/vfio/9", &with_user(0, 0), &proc_root)
+            .map_err(|e| vfplane_host::error_chain(&e));
         assert_eq!(result, Ok(()));
         // A node that is not there fails the container, by name.
-        let err =
-            own_device("c5", 42, "/dev/vfio/9", &with_user(uid, gid), &proc_root).map_err(|e| e.to_string());
+        let err = own_device("c5", 42, "/dev/vfio/9", &with_user(uid, gid), &proc_root)
+            .map_err(|e| vfplane_host::error_chain(&e));
         assert!(
             err.as_ref().is_err_and(|e| e.starts_with(&format!(
                 "container c5: cannot give /dev/vfio/9 to its user {uid}:{gid}: chown "

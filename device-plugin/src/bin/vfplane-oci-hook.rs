@@ -15,7 +15,10 @@ fn main() -> ExitCode {
         Ok(None) => ExitCode::SUCCESS,
         Ok(Some(record_error)) => {
             // The container starts; its VF's owner shows no pod UID.
-            eprintln!("vfplane-oci-hook: no container record: {record_error}");
+            eprintln!(
+                "vfplane-oci-hook: no container record: {}",
+                vfplane_host::error_chain(&record_error)
+            );
             ExitCode::SUCCESS
         }
         Err(error) => {
