@@ -4,16 +4,14 @@
 //! user or an agent would and checks what the controller wrote back.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod fake_api;
-
 use std::sync::Arc;
 use std::time::Duration;
 
-use fake_api::{FakeApi, NODES, POLICIES, STATES};
 use http::{Method, StatusCode};
 use serde_json::{Value, json};
 use vfplane_controller::controller;
 use vfplane_controller::metrics::Metrics;
+use vfplane_kube_mock::in_memory::{FakeApi, NODES, POLICIES, STATES};
 use vfplane_proto::vf_range::parse_vf_range;
 
 const PF: &str = "0000:00:02.0";

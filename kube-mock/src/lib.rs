@@ -2,7 +2,14 @@
 //! [`kube::Client`] wired to an [`ApiServer`] the test drives, each request
 //! as the server sees it ([`Seen`]: method, path and query, content type,
 //! JSON body), and JSON answers ([`Reply`]). The agent's and the
-//! controller's tests share it: one way to fake the API server.
+//! controller's tests share it: one way to script the API server.
+//!
+//! [`in_memory`] is the other double, for whole-loop tests: a stateful
+//! in-memory API server (list/watch, server-side apply, patches,
+//! finalizers, injected failures) that the real kube client and the
+//! controller's runtime run over unchanged.
+
+pub mod in_memory;
 
 use std::time::Duration;
 

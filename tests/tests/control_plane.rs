@@ -14,15 +14,11 @@
 //! of. The agent against a real kernel is `agent_testbed.rs`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-#[path = "../../controller/tests/fake_api/mod.rs"]
-mod fake_api;
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use fake_api::{FakeApi, NODES, POLICIES, STATES};
 use serde_json::{Value, json};
 use vfplane_agent::kube_source::{Backoff, KubeSource};
 use vfplane_agent::netlink::fake::FakeNetlink;
@@ -31,6 +27,7 @@ use vfplane_agent::run::{RunOptions, Trigger, pass};
 use vfplane_controller::controller;
 use vfplane_controller::metrics::Metrics;
 use vfplane_host::fake::{FakeDevice, FakeSysfs};
+use vfplane_kube_mock::in_memory::{FakeApi, NODES, POLICIES, STATES};
 use vfplane_proto::pool::PoolConfig;
 
 const PF: &str = "0000:00:02.0";

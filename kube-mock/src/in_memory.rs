@@ -7,7 +7,8 @@
 //!
 //! It keeps what a scenario needs to check: every request (method, path,
 //! the virtual time it came at, and the answer's status), and the objects.
-#![allow(clippy::unwrap_used, clippy::expect_used, dead_code)]
+// A test double: a panic in it is the failure report of the test using it.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::convert::Infallible;
@@ -80,6 +81,12 @@ struct State {
 #[derive(Clone, Default)]
 pub struct FakeApi {
     state: Arc<Mutex<State>>,
+}
+
+impl std::fmt::Debug for FakeApi {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FakeApi").finish_non_exhaustive()
+    }
 }
 
 fn plural_of(path: &str) -> Option<(&'static str, Option<String>, bool)> {
