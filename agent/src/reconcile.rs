@@ -753,6 +753,8 @@ impl<N: VfLinkControl> Reconciler<N> {
                     driver: vf.pci.driver.clone(),
                     mac: link.map(|l| l.mac.to_string()),
                     vlan: link.map_or(0, |l| l.vlan),
+                    spoof_chk: link.and_then(|l| l.spoof_chk),
+                    trust: link.and_then(|l| l.trust),
                     iommu_group: vf.pci.iommu_group,
                     isolated: vf.isolated,
                     health,

@@ -200,6 +200,12 @@ pub struct VfStatus {
     /// VLAN the PF tags with (from netlink).
     #[serde(default)]
     pub vlan: u16,
+    /// Anti-spoof checking (from netlink), when the PF driver reports it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spoof_chk: Option<bool>,
+    /// Trust (from netlink), when the PF driver reports it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trust: Option<bool>,
     /// IOMMU group.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub iommu_group: Option<u32>,

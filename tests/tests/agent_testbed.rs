@@ -164,7 +164,11 @@ fn agent_converges_repairs_and_survives_kill_on_the_real_kernel() {
     for vf in &vfs[2..] {
         assert_eq!(vf["driver"], "igbvf");
         assert_eq!(vf["vlan"], 100);
+        assert_eq!(vf["trust"], true, "trust read back from the PF: {vf}");
         assert_eq!(vf["health"], "Healthy");
+    }
+    for vf in &vfs[..2] {
+        assert_eq!(vf["trust"], false, "the spec's default read back: {vf}");
     }
     // The kernel VF driver's interface carries the MAC the agent gave the VF.
     for index in [2usize, 3] {
