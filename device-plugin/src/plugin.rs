@@ -280,7 +280,17 @@ fn read_config(path: &Path) -> Result<Option<(String, PoolConfig)>> {
         path: path.to_owned(),
         source,
     })?;
+    warn_when_empty(path, &parsed);
     Ok(Some((text, parsed)))
+}
+
+/// A config without pools is valid (a node with nothing to offer yet) but
+/// is seldom meant: an empty file, or the pools under another key. Said
+/// once per config read, naming the file.
+fn warn_when_empty(path: &Path, config: &PoolConfig) {
+    if config.pools.is_empty() {
+        tracing::warn!(path = %path.display(), "the pool config defines no pools: no resource is offered to the kubelet");
+    }
 }
 
 /// Parses a pool config, and refuses pools whose container variables
@@ -641,6 +651,7 @@ impl Supervisor {
         match parse_config(&text) {
             Ok(parsed) => {
                 tracing::info!(path = %self.config.pool_config.display(), pools = parsed.pools.len(), "pool config changed; applying");
+                warn_when_empty(&self.config.pool_config, &parsed);
                 match self.apply(parsed).await {
                     Ok(()) => bump(&self.node.metrics.config_reloads_ok),
                     Err(error) => {

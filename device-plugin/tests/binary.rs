@@ -104,3 +104,63 @@ fn a_bad_config_exits_non_zero_naming_the_line() {
     );
     assert_eq!(log.matches("pool config line 4").count(), 1, "{log}");
 }
+
+/// A config that yields no pools is served (nothing to offer yet) but said
+/// in the log, naming the file: at start and again when a reload empties it.
+#[test]
+fn a_config_without_pools_is_said_in_the_log_naming_the_file() {
+    use std::io::{BufRead, BufReader};
+    let node = Node::new(&[(0, 1)]);
+    node.write_config("");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vfplane-device-plugin"))
+        .arg("--pool-config")
+        .arg(node.config_path())
+        .arg("--kubelet-dir")
+        .arg(node.kubelet_dir())
+        .arg("--sysfs-root")
+        .arg(node.fake.sysfs_root())
+        .arg("--dev-root")
+        .arg(node.fake.dev_root())
+        .arg("--no-cdi")
+        .arg("--state-dir")
+        .arg(node.state_dir())
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (lines_tx, lines) = std::sync::mpsc::channel::<String>();
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = lines_tx.send(line);
+        }
+    });
+    let path = node.config_path().display().to_string();
+    let mut log = String::new();
+    let mut wait_for = |what: &str| {
+        let deadline = Instant::now() + WAIT;
+        while let Ok(line) = lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            log.push_str(&line);
+            log.push('\n');
+            if line.contains(what) && line.contains(&path) {
+                return true;
+            }
+        }
+        false
+    };
+    let empty = "the pool config defines no pools";
+    let at_start = wait_for(empty);
+    node.write_config("pools:\n  - name: fast\n    selector: {drivers: [vfio-pci]}\n");
+    let applied = wait_for("pool config changed; applying");
+    node.write_config("# every pool removed\npools: []\n");
+    let at_reload = wait_for(empty);
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status();
+    let _ = child.wait();
+    assert!(at_start, "no warning at start naming {path}:\n{log}");
+    assert!(applied, "the good config was not applied:\n{log}");
+    assert!(at_reload, "no warning when a reload empties it:\n{log}");
+}
