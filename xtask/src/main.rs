@@ -1,5 +1,7 @@
 //! `cargo xtask`: the testbed, the demo, and the project's other chores.
 
+mod bench;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -47,11 +49,37 @@ enum Command {
     /// Lints the Helm chart (`helm lint --strict`) and renders it for every
     /// value set the tests use, into target/helm/<case>.yaml.
     Helm,
+    /// Benchmarks.
+    Bench {
+        #[command(subcommand)]
+        command: BenchCommand,
+    },
     /// Everything CI checks: formatting, clippy, and every test (testbed included).
     Test {
         /// Also run the slow tests (marked #[ignore = "slow: ..."]).
         #[arg(long)]
         slow: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum BenchCommand {
+    /// The igbvf driver's instructions per packet in rx_burst and tx_burst
+    /// on the device model, counted by callgrind with the model's own work
+    /// left out, and ns per packet measured natively beside them.
+    Driver {
+        /// Batch sizes, one row each.
+        #[arg(long, value_delimiter = ',', default_value = "1,4,8,32,64,256")]
+        batches: Vec<usize>,
+        /// Packets counted under callgrind per batch size.
+        #[arg(long, default_value_t = 8192)]
+        packets: usize,
+        /// Packets per timed run.
+        #[arg(long, default_value_t = 200_000)]
+        timed_packets: usize,
+        /// Timed runs per batch size; the median is reported.
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
     },
 }
 
@@ -162,6 +190,33 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Demo => run_demo(begun),
         Command::Test { slow } => run_tests(slow, begun),
+        Command::Bench {
+            command:
+                BenchCommand::Driver {
+                    batches,
+                    packets,
+                    timed_packets,
+                    runs,
+                },
+        } => {
+            let options = bench::DriverBenchOptions {
+                batches,
+                packets,
+                timed_packets,
+                runs,
+            };
+            let report = bench::driver(&xtask::testbed::workspace_root(), &options)?;
+            let table = report.table();
+            print!("{table}");
+            let saved = xtask::testbed::workspace_root().join("target/bench/driver/table.txt");
+            std::fs::write(&saved, &table).with_context(|| format!("writing {}", saved.display()))?;
+            eprintln!(
+                "bench driver: done in {:.0} s; table in {}",
+                begun.elapsed().as_secs_f64(),
+                saved.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Image { out } => {
             let testbed = Testbed::prepare()?;
             let spec = xtask::cluster::images::vfplane_image(&testbed)?;
