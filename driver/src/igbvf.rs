@@ -589,6 +589,10 @@ impl<R: RegisterSpace> NicDevice for IgbVf<R> {
         let mask = rx.ring.mask();
         let mut received = 0;
         let mut consumed = 0;
+        // Counted here and added to `stats` once per burst.
+        let mut bytes = 0u64;
+        let mut drops = 0u64;
+        let mut errors = 0u64;
         while received < max {
             let i = rx.next;
             let status = u32::from_le(rx.ring.read_u32(i, desc::RX_STATUS_OFFSET));
@@ -616,19 +620,22 @@ impl<R: RegisterSpace> NicDevice for IgbVf<R> {
             match old {
                 Some(mut buf) if good => {
                     buf.set_len(len);
-                    self.stats.rx_packets += 1;
-                    self.stats.rx_bytes += len as u64;
+                    bytes += len as u64;
                     out.push(buf);
                     received += 1;
                 }
                 _ => {
                     if status & desc::RX_ERR_MASK != 0 {
-                        self.stats.rx_errors += 1;
+                        errors += 1;
                     }
-                    self.stats.rx_drops += 1;
+                    drops += 1;
                 }
             }
         }
+        self.stats.rx_packets += received as u64;
+        self.stats.rx_bytes += bytes;
+        self.stats.rx_drops += drops;
+        self.stats.rx_errors += errors;
         if consumed > 0 {
             descriptors_before_doorbell();
             // The device may fill up to, not including, RDT.
@@ -648,10 +655,13 @@ impl<R: RegisterSpace> NicDevice for IgbVf<R> {
         }
         let mask = tx.ring.mask();
         let mut queued = 0;
+        // Counted here and added to `stats` once per burst.
+        let mut bytes = 0u64;
+        let mut drops = 0u64;
         for buf in packets.drain(..n) {
             let len = buf.len();
             if len == 0 || len > desc::TX_LEN_MASK as usize {
-                self.stats.tx_drops += 1;
+                drops += 1;
                 continue;
             }
             let i = tx.tail;
@@ -661,13 +671,15 @@ impl<R: RegisterSpace> NicDevice for IgbVf<R> {
             tx.ring.write_u32(i, desc::TX_CMD_OFFSET, cmd);
             tx.ring
                 .write_u32(i, desc::TX_STATUS_OFFSET, (len as u32) << desc::TX_PAYLEN_SHIFT);
-            self.stats.tx_packets += 1;
-            self.stats.tx_bytes += len as u64;
+            bytes += len as u64;
             tx.bufs[i] = Some(buf);
             tx.tail = (i + 1) & mask;
             queued += 1;
         }
         tx.in_flight += queued;
+        self.stats.tx_packets += queued as u64;
+        self.stats.tx_bytes += bytes;
+        self.stats.tx_drops += drops;
         if queued > 0 {
             descriptors_before_doorbell();
             self.regs.write32(regs::tdt(0), tx.tail as u32);
