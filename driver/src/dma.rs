@@ -145,6 +145,7 @@ impl DmaRegion {
     }
 
     /// The region's IOVA (what the device is told).
+    #[inline]
     pub fn iova(&self) -> u64 {
         self.iova
     }
@@ -155,6 +156,7 @@ impl DmaRegion {
     }
 
     /// Host address of the start of the region.
+    #[inline]
     pub fn as_ptr(&self) -> *mut u8 {
         self.virt.as_ptr()
     }

@@ -2,12 +2,14 @@
 //! [`PacketBuf`] that returns its buffer to the pool when dropped.
 //!
 //! Nothing here allocates after [`Mempool::new`]: the free list is a stack
-//! of indices with its full capacity reserved up front.
+//! of indices with a slot for every buffer, made up front.
 //!
 //! A pool and its buffers belong to one thread (the one that polls the
-//! queue they feed), as in ixy: the free list needs no lock.
+//! queue they feed), as in ixy: the free list needs no lock, and being
+//! `Cell`s it needs no borrow flag either (`Mempool` is not `Sync`).
+//! Allocation and release are inlined into the driver's burst loops.
 
-use std::cell::RefCell;
+use std::cell::Cell;
 use std::fmt;
 use std::rc::Rc;
 
@@ -34,7 +36,10 @@ pub struct Mempool {
     region: DmaRegion,
     entry_size: usize,
     entries: usize,
-    free: RefCell<Vec<u32>>,
+    /// Free buffer indices: a stack, `free[..free_top]`, one slot per buffer.
+    free: Box<[Cell<u32>]>,
+    /// How many indices `free` holds.
+    free_top: Cell<usize>,
 }
 
 impl fmt::Debug for Mempool {
@@ -62,12 +67,13 @@ impl Mempool {
         }
         let region = dma.allocate(entries * entry_size)?;
         // Pop order hands out low indices first.
-        let free = (0..entries as u32).rev().collect();
+        let free = (0..entries as u32).rev().map(Cell::new).collect();
         Ok(Rc::new(Self {
             region,
             entry_size,
             entries,
-            free: RefCell::new(free),
+            free,
+            free_top: Cell::new(entries),
         }))
     }
 
@@ -83,12 +89,13 @@ impl Mempool {
 
     /// Buffers currently free.
     pub fn free_count(&self) -> usize {
-        self.free.borrow().len()
+        self.free_top.get()
     }
 
     /// One free buffer with length 0, or `None` when the pool is empty.
+    #[inline]
     pub fn alloc(self: &Rc<Self>) -> Option<PacketBuf> {
-        let index = self.free.borrow_mut().pop()?;
+        let index = self.pop()?;
         Some(PacketBuf {
             pool: Rc::clone(self),
             index,
@@ -96,15 +103,21 @@ impl Mempool {
         })
     }
 
+    #[inline]
+    fn pop(&self) -> Option<u32> {
+        let top = self.free_top.get().checked_sub(1)?;
+        let index = self.free.get(top)?.get();
+        self.free_top.set(top);
+        Some(index)
+    }
+
     /// Pushes up to `n` buffers of length `len` onto `out` (never beyond its
     /// spare capacity, so it never allocates); returns how many.
     pub fn alloc_batch(self: &Rc<Self>, out: &mut Vec<PacketBuf>, n: usize, len: usize) -> usize {
         let len = len.min(self.entry_size) as u32;
-        let n = n.min(out.capacity() - out.len());
-        let mut free = self.free.borrow_mut();
-        let n = n.min(free.len());
+        let n = n.min(out.capacity() - out.len()).min(self.free_count());
         for _ in 0..n {
-            if let Some(index) = free.pop() {
+            if let Some(index) = self.pop() {
                 out.push(PacketBuf {
                     pool: Rc::clone(self),
                     index,
@@ -115,12 +128,19 @@ impl Mempool {
         n
     }
 
+    #[inline]
     fn release(&self, index: u32) {
-        // Capacity is `entries` and every index is pushed at most once, so
-        // this never allocates.
-        self.free.borrow_mut().push(index);
+        let top = self.free_top.get();
+        // Every index is free at most once and `free` has a slot for each,
+        // so there is always room.
+        debug_assert!(top < self.free.len(), "more buffers released than the pool has");
+        if let Some(slot) = self.free.get(top) {
+            slot.set(index);
+            self.free_top.set(top + 1);
+        }
     }
 
+    #[inline]
     fn offset(&self, index: u32) -> usize {
         index as usize * self.entry_size
     }
@@ -175,46 +195,55 @@ impl fmt::Debug for PacketBuf {
 
 impl PacketBuf {
     /// Bytes of packet data.
+    #[inline]
     pub fn len(&self) -> usize {
         self.len as usize
     }
 
     /// Whether the packet has no data.
+    #[inline]
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
 
     /// Room in the buffer.
+    #[inline]
     pub fn capacity(&self) -> usize {
         self.pool.entry_size
     }
 
     /// Sets the packet length (clamped to the capacity).
+    #[inline]
     pub fn set_len(&mut self, len: usize) {
         self.len = len.min(self.pool.entry_size) as u32;
     }
 
     /// IOVA of the first byte, what a descriptor points at.
+    #[inline]
     pub fn iova(&self) -> u64 {
         self.pool.region.iova() + self.pool.offset(self.index) as u64
     }
 
     /// Index of the buffer in its pool.
+    #[inline]
     pub fn index(&self) -> u32 {
         self.index
     }
 
     /// The pool the buffer returns to.
+    #[inline]
     pub fn pool(&self) -> &Rc<Mempool> {
         &self.pool
     }
 
+    #[inline]
     fn data_ptr(&self) -> *mut u8 {
         // SAFETY: index < entries, so the offset is inside the pool's region.
         unsafe { self.pool.region.as_ptr().add(self.pool.offset(self.index)) }
     }
 
     /// The packet's bytes.
+    #[inline]
     pub fn as_slice(&self) -> &[u8] {
         // SAFETY: the buffer lies inside the pool's region, which lives as
         // long as `self.pool`; this PacketBuf is the only owner of the index
@@ -224,12 +253,14 @@ impl PacketBuf {
     }
 
     /// The packet's bytes, writable.
+    #[inline]
     pub fn as_mut_slice(&mut self) -> &mut [u8] {
         // SAFETY: as in `as_slice`, and `&mut self` makes the slice unique.
         unsafe { std::slice::from_raw_parts_mut(self.data_ptr(), self.len as usize) }
     }
 
     /// The whole buffer (capacity bytes), writable; use with `set_len`.
+    #[inline]
     pub fn buffer_mut(&mut self) -> &mut [u8] {
         // SAFETY: as in `as_mut_slice`; the whole entry belongs to this buffer.
         unsafe { std::slice::from_raw_parts_mut(self.data_ptr(), self.pool.entry_size) }
@@ -237,6 +268,7 @@ impl PacketBuf {
 }
 
 impl Drop for PacketBuf {
+    #[inline]
     fn drop(&mut self) {
         self.pool.release(self.index);
     }
