@@ -6,6 +6,7 @@
 //! Generic over [`RegisterSpace`]: the same code drives a VF's mmapped BAR0
 //! through VFIO and the in-memory `model` (feature `model`).
 
+use std::marker::PhantomData;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -238,22 +239,64 @@ impl Ring {
         self.count - 1
     }
 
-    fn ptr(&self, index: usize, offset: usize) -> *mut u8 {
-        let at = (index & self.mask()) * desc::SIZE + offset;
-        // SAFETY: index is masked below `count`, offset < 16, and the region
-        // holds `count * 16` bytes.
-        unsafe { self.mem.as_ptr().add(at) }
+    /// The ring's descriptors, for as long as the ring is borrowed.
+    fn descriptors(&self) -> Descriptors<'_> {
+        Descriptors {
+            base: self.mem.as_ptr(),
+            mask: self.mask(),
+            _ring: PhantomData,
+        }
     }
 
     fn read_u32(&self, index: usize, offset: usize) -> u32 {
-        debug_assert!(offset.is_multiple_of(4) && offset < desc::SIZE);
-        // SAFETY: `ptr` stays inside the ring; the ring is 64-aligned so the
-        // address is 4-aligned; volatile because the device writes it.
-        unsafe { self.ptr(index, offset).cast::<u32>().read_volatile() }
+        self.descriptors().read_u32(index, offset)
     }
 
     fn write_u32(&self, index: usize, offset: usize, value: u32) {
-        debug_assert!(offset.is_multiple_of(4) && offset < desc::SIZE);
+        self.descriptors().write_u32(index, offset, value);
+    }
+
+    fn write_u64(&self, index: usize, offset: usize, value: u64) {
+        self.descriptors().write_u64(index, offset, value);
+    }
+}
+
+/// A ring's descriptor memory: its base address and index mask, copied out
+/// of the [`Ring`] so the burst loops hold them in registers rather than
+/// reload them from the queue around every volatile access. Borrows the
+/// ring, so the memory outlives it.
+#[derive(Clone, Copy)]
+struct Descriptors<'ring> {
+    /// Start of the ring's region, `(mask + 1) * desc::SIZE` bytes, 64-aligned.
+    base: *mut u8,
+    /// Descriptors in the ring minus one (the count is a power of two).
+    mask: usize,
+    _ring: PhantomData<&'ring Ring>,
+}
+
+impl Descriptors<'_> {
+    #[inline(always)]
+    fn ptr(self, index: usize, offset: usize) -> *mut u8 {
+        debug_assert!(offset < desc::SIZE);
+        let at = (index & self.mask) * desc::SIZE + (offset & (desc::SIZE - 1));
+        // SAFETY: index is masked below the descriptor count, offset below
+        // 16, and the ring's region (borrowed for this view's lifetime)
+        // holds count * 16 bytes.
+        unsafe { self.base.add(at) }
+    }
+
+    #[inline(always)]
+    fn read_u32(self, index: usize, offset: usize) -> u32 {
+        debug_assert!(offset.is_multiple_of(4));
+        // SAFETY: `ptr` stays inside the ring; the ring is 64-aligned and
+        // the offsets used are multiples of 4, so the address is 4-aligned;
+        // volatile because the device writes it.
+        unsafe { self.ptr(index, offset).cast::<u32>().read_volatile() }
+    }
+
+    #[inline(always)]
+    fn write_u32(self, index: usize, offset: usize, value: u32) {
+        debug_assert!(offset.is_multiple_of(4));
         // SAFETY: as in `read_u32`.
         unsafe {
             self.ptr(index, offset)
@@ -262,9 +305,11 @@ impl Ring {
         }
     }
 
-    fn write_u64(&self, index: usize, offset: usize, value: u64) {
-        debug_assert!(offset.is_multiple_of(8) && offset < desc::SIZE);
-        // SAFETY: as in `read_u32`, 8-aligned since descriptors are 16 bytes.
+    #[inline(always)]
+    fn write_u64(self, index: usize, offset: usize, value: u64) {
+        debug_assert!(offset.is_multiple_of(8));
+        // SAFETY: as in `read_u32`; the offsets used are 0 and 8, and
+        // descriptors are 16 bytes, so the address is 8-aligned.
         unsafe {
             self.ptr(index, offset)
                 .cast::<u64>()
@@ -277,8 +322,9 @@ impl Ring {
 #[derive(Debug)]
 struct RxQueue {
     ring: Ring,
-    /// The buffer each descriptor points at (None only transiently).
-    bufs: Vec<Option<PacketBuf>>,
+    /// The buffer each descriptor points at: one per descriptor from
+    /// `start_rx` on (a received buffer is swapped for a fresh one).
+    bufs: Vec<PacketBuf>,
     /// Next descriptor to look at.
     next: usize,
     /// Inside a frame that spans several descriptors (dropped to its EOP).
@@ -346,7 +392,7 @@ impl<R: RegisterSpace> IgbVf<R> {
         let pool = Mempool::new(dma, config.pool_entries, config.buffer_size)?;
         let rx = RxQueue {
             ring: Ring::new(dma, config.rx_ring_size, "RX")?,
-            bufs: (0..config.rx_ring_size).map(|_| None).collect(),
+            bufs: Vec::with_capacity(config.rx_ring_size),
             next: 0,
             discarding: false,
         };
@@ -396,7 +442,7 @@ impl<R: RegisterSpace> IgbVf<R> {
             buf.set_len(0);
             ring.write_u64(i, 0, buf.iova());
             ring.write_u64(i, 8, 0);
-            self.rx.bufs[i] = Some(buf);
+            self.rx.bufs.push(buf);
         }
         descriptors_before_doorbell();
         r.write32(regs::rxdctl(0), regs::QUEUE_ENABLE);
@@ -543,7 +589,7 @@ impl<R: RegisterSpace> IgbVf<R> {
     pub fn rx_point_next_descriptor_for_isolation_test(&mut self, iova: Option<u64>) {
         let rx = &self.rx;
         let i = rx.next;
-        let target = iova.or_else(|| rx.bufs[i].as_ref().map(PacketBuf::iova));
+        let target = iova.or_else(|| rx.bufs.get(i).map(PacketBuf::iova));
         if let Some(target) = target {
             rx.ring.write_u64(i, 0, target);
             rx.ring.write_u64(i, 8, 0);
@@ -586,60 +632,65 @@ impl<R: RegisterSpace> NicDevice for IgbVf<R> {
     fn rx_burst(&mut self, out: &mut Vec<PacketBuf>, max: usize) -> usize {
         let max = max.min(out.capacity() - out.len());
         let rx = &mut self.rx;
-        let mask = rx.ring.mask();
+        let ring = rx.ring.descriptors();
+        let bufs = &mut rx.bufs[..];
+        let pool = &self.pool;
+        let mask = ring.mask;
+        // The queue's state in locals for the loop, stored back after it.
+        let mut next = rx.next;
+        let mut discarding = rx.discarding;
         let mut received = 0;
         let mut consumed = 0;
         // Counted here and added to `stats` once per burst.
         let mut bytes = 0u64;
         let mut drops = 0u64;
         let mut errors = 0u64;
+        let mut no_buffer = false;
         while received < max {
-            let i = rx.next;
-            let status = u32::from_le(rx.ring.read_u32(i, desc::RX_STATUS_OFFSET));
+            let status = u32::from_le(ring.read_u32(next, desc::RX_STATUS_OFFSET));
             if status & desc::RX_DD == 0 {
                 break;
             }
             // Read the rest of the write-back only after DD.
             write_back_after_dd();
-            let Some(fresh) = self.pool.alloc() else {
+            let Some(fresh) = pool.alloc() else {
                 // Leave the frame on the ring until buffers come back.
-                self.stats.rx_no_buffer += 1;
+                no_buffer = true;
                 break;
             };
-            let len = (u32::from_le(rx.ring.read_u32(i, desc::RX_LENGTH_OFFSET)) & 0xFFFF) as usize;
-            let old = rx.bufs[i].replace(fresh);
-            if let Some(fresh) = &rx.bufs[i] {
-                rx.ring.write_u64(i, 0, fresh.iova());
-                rx.ring.write_u64(i, 8, 0);
-            }
-            rx.next = (i + 1) & mask;
+            let len = (u32::from_le(ring.read_u32(next, desc::RX_LENGTH_OFFSET)) & 0xFFFF) as usize;
+            ring.write_u64(next, 0, fresh.iova());
+            ring.write_u64(next, 8, 0);
+            let mut buf = std::mem::replace(&mut bufs[next], fresh);
+            next = (next + 1) & mask;
             consumed += 1;
-            let eop = status & desc::RX_EOP != 0;
-            let good = eop && !rx.discarding && status & desc::RX_ERR_MASK == 0;
-            rx.discarding = !eop;
-            match old {
-                Some(mut buf) if good => {
-                    buf.set_len(len);
-                    bytes += len as u64;
-                    out.push(buf);
-                    received += 1;
+            // A whole frame in this one buffer, without errors.
+            let good = status & (desc::RX_EOP | desc::RX_ERR_MASK) == desc::RX_EOP && !discarding;
+            discarding = status & desc::RX_EOP == 0;
+            if good {
+                buf.set_len(len);
+                bytes += len as u64;
+                out.push(buf);
+                received += 1;
+            } else {
+                if status & desc::RX_ERR_MASK != 0 {
+                    errors += 1;
                 }
-                _ => {
-                    if status & desc::RX_ERR_MASK != 0 {
-                        errors += 1;
-                    }
-                    drops += 1;
-                }
+                drops += 1;
             }
         }
-        self.stats.rx_packets += received as u64;
-        self.stats.rx_bytes += bytes;
-        self.stats.rx_drops += drops;
-        self.stats.rx_errors += errors;
+        rx.next = next;
+        rx.discarding = discarding;
+        let stats = &mut self.stats;
+        stats.rx_packets += received as u64;
+        stats.rx_bytes += bytes;
+        stats.rx_drops += drops;
+        stats.rx_errors += errors;
+        stats.rx_no_buffer += u64::from(no_buffer);
         if consumed > 0 {
             descriptors_before_doorbell();
             // The device may fill up to, not including, RDT.
-            let tail = (rx.next + mask) & mask;
+            let tail = (next + mask) & mask;
             self.regs.write32(regs::rdt(0), tail as u32);
         }
         received
