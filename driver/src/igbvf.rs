@@ -14,13 +14,15 @@ use thiserror::Error;
 
 use crate::dma::{DmaAllocator, DmaError, DmaRegion};
 use crate::mailbox::{Mailbox, MailboxError, MailboxTiming};
-use crate::mempool::{Mempool, MempoolError, PacketBuf};
+use crate::mempool::{Mempool, MempoolError, PacketBuf, PostedBuffers};
 use crate::nic::{LinkStatus, MacAddress, NicDevice, Stats};
 use crate::poll::{InterruptLine, PollError, RxInterrupts};
 use crate::regs::{self, RegisterSpace, desc, mbx};
 
 /// Descriptors reclaimed per DD check on the TX ring.
 pub const TX_CLEAN_BATCH: usize = 32;
+// `tx_burst` writes cmd_type_len and olinfo_status with one 64-bit store.
+const _: () = assert!(desc::TX_STATUS_OFFSET == desc::TX_CMD_OFFSET + 4 && desc::TX_CMD_OFFSET == 8);
 /// Largest frame without asking the PF for large packets.
 pub const STANDARD_MAX_FRAME: u32 = 1518;
 /// Most multicast addresses the PF takes.
@@ -322,9 +324,9 @@ impl Descriptors<'_> {
 #[derive(Debug)]
 struct RxQueue {
     ring: Ring,
-    /// The buffer each descriptor points at: one per descriptor from
-    /// `start_rx` on (a received buffer is swapped for a fresh one).
-    bufs: Vec<PacketBuf>,
+    /// The buffer each descriptor points at (a received buffer is
+    /// exchanged for a fresh one).
+    bufs: PostedBuffers,
     /// Next descriptor to look at.
     next: usize,
     /// Inside a frame that spans several descriptors (dropped to its EOP).
@@ -392,7 +394,8 @@ impl<R: RegisterSpace> IgbVf<R> {
         let pool = Mempool::new(dma, config.pool_entries, config.buffer_size)?;
         let rx = RxQueue {
             ring: Ring::new(dma, config.rx_ring_size, "RX")?,
-            bufs: Vec::with_capacity(config.rx_ring_size),
+            bufs: PostedBuffers::take(&pool, config.rx_ring_size)
+                .ok_or_else(|| IgbVfError::Config("the mempool cannot fill the RX ring".to_owned()))?,
             next: 0,
             discarding: false,
         };
@@ -435,14 +438,11 @@ impl<R: RegisterSpace> IgbVf<R> {
             regs::SRRCTL_DROP_EN | regs::SRRCTL_DESCTYPE_ADV_ONEBUF | bsize,
         );
         for i in 0..ring.count {
-            let mut buf = self
-                .pool
-                .alloc()
-                .ok_or_else(|| IgbVfError::Config("the mempool cannot fill the RX ring".to_owned()))?;
-            buf.set_len(0);
-            ring.write_u64(i, 0, buf.iova());
+            let iova = self.rx.bufs.iova(i).ok_or_else(|| {
+                IgbVfError::Config("the RX ring has more descriptors than buffers".to_owned())
+            })?;
+            ring.write_u64(i, 0, iova);
             ring.write_u64(i, 8, 0);
-            self.rx.bufs.push(buf);
         }
         descriptors_before_doorbell();
         r.write32(regs::rxdctl(0), regs::QUEUE_ENABLE);
@@ -566,19 +566,32 @@ impl<R: RegisterSpace> IgbVf<R> {
     /// the batch's last descriptor (the device completes in order).
     fn tx_reclaim(&mut self) {
         let tx = &mut self.tx;
-        let mask = tx.ring.mask();
-        while tx.in_flight > 0 {
-            let batch = tx.in_flight.min(TX_CLEAN_BATCH);
-            let last = (tx.clean + batch - 1) & mask;
-            if tx.ring.read_u32(last, desc::TX_STATUS_OFFSET) & desc::TX_DD == 0 {
+        let ring = tx.ring.descriptors();
+        let mask = ring.mask;
+        let slots = &mut tx.bufs[..];
+        let mut clean = tx.clean;
+        let mut in_flight = tx.in_flight;
+        while in_flight > 0 {
+            let batch = in_flight.min(TX_CLEAN_BATCH);
+            let last = (clean + batch - 1) & mask;
+            if ring.read_u32(last, desc::TX_STATUS_OFFSET) & desc::TX_DD == 0 {
                 break;
             }
-            for k in 0..batch {
-                tx.bufs[(tx.clean + k) & mask] = None;
+            // The batch's slots: up to the ring's end, then from its start;
+            // their buffers go back to their pools.
+            let end = clean + batch;
+            let wrapped = end.saturating_sub(slots.len());
+            for slot in slots.get_mut(clean..end - wrapped).unwrap_or_default() {
+                drop(slot.take());
             }
-            tx.clean = (tx.clean + batch) & mask;
-            tx.in_flight -= batch;
+            for slot in slots.get_mut(..wrapped).unwrap_or_default() {
+                drop(slot.take());
+            }
+            clean = end & mask;
+            in_flight -= batch;
         }
+        tx.clean = clean;
+        tx.in_flight = in_flight;
     }
 
     /// Points the next RX descriptor the device will fill at `iova` instead
@@ -589,7 +602,7 @@ impl<R: RegisterSpace> IgbVf<R> {
     pub fn rx_point_next_descriptor_for_isolation_test(&mut self, iova: Option<u64>) {
         let rx = &self.rx;
         let i = rx.next;
-        let target = iova.or_else(|| rx.bufs.get(i).map(PacketBuf::iova));
+        let target = iova.or_else(|| rx.bufs.iova(i));
         if let Some(target) = target {
             rx.ring.write_u64(i, 0, target);
             rx.ring.write_u64(i, 8, 0);
@@ -633,8 +646,6 @@ impl<R: RegisterSpace> NicDevice for IgbVf<R> {
         let max = max.min(out.capacity() - out.len());
         let rx = &mut self.rx;
         let ring = rx.ring.descriptors();
-        let bufs = &mut rx.bufs[..];
-        let pool = &self.pool;
         let mask = ring.mask;
         // The queue's state in locals for the loop, stored back after it.
         let mut next = rx.next;
@@ -653,31 +664,35 @@ impl<R: RegisterSpace> NicDevice for IgbVf<R> {
             }
             // Read the rest of the write-back only after DD.
             write_back_after_dd();
-            let Some(fresh) = pool.alloc() else {
-                // Leave the frame on the ring until buffers come back.
-                no_buffer = true;
-                break;
-            };
-            let len = (u32::from_le(ring.read_u32(next, desc::RX_LENGTH_OFFSET)) & 0xFFFF) as usize;
-            ring.write_u64(next, 0, fresh.iova());
-            ring.write_u64(next, 8, 0);
-            let mut buf = std::mem::replace(&mut bufs[next], fresh);
-            next = (next + 1) & mask;
-            consumed += 1;
             // A whole frame in this one buffer, without errors.
             let good = status & (desc::RX_EOP | desc::RX_ERR_MASK) == desc::RX_EOP && !discarding;
-            discarding = status & desc::RX_EOP == 0;
-            if good {
-                buf.set_len(len);
-                bytes += len as u64;
+            let iova = if good {
+                let len = (u32::from_le(ring.read_u32(next, desc::RX_LENGTH_OFFSET)) & 0xFFFF) as usize;
+                let Some((buf, fresh)) = rx.bufs.exchange(next, len) else {
+                    // Leave the frame on the ring until buffers come back.
+                    no_buffer = true;
+                    break;
+                };
+                bytes += buf.len() as u64;
                 out.push(buf);
                 received += 1;
+                fresh
             } else {
                 if status & desc::RX_ERR_MASK != 0 {
                     errors += 1;
                 }
                 drops += 1;
-            }
+                // The frame is dropped: its buffer is posted again.
+                let Some(same) = rx.bufs.iova(next) else {
+                    break;
+                };
+                same
+            };
+            discarding = status & desc::RX_EOP == 0;
+            ring.write_u64(next, 0, iova);
+            ring.write_u64(next, 8, 0);
+            next = (next + 1) & mask;
+            consumed += 1;
         }
         rx.next = next;
         rx.discarding = discarding;
@@ -704,36 +719,52 @@ impl<R: RegisterSpace> NicDevice for IgbVf<R> {
         if n == 0 {
             return 0;
         }
-        let mask = tx.ring.mask();
-        let mut queued = 0;
+        let ring = tx.ring.descriptors();
+        let mask = ring.mask;
+        let slots = &mut tx.bufs[..];
+        // The queue's tail in a local for the loop, stored back after it.
+        let start = tx.tail;
+        let mut tail = start;
         // Counted here and added to `stats` once per burst.
         let mut bytes = 0u64;
-        let mut drops = 0u64;
         for buf in packets.drain(..n) {
             let len = buf.len();
             if len == 0 || len > desc::TX_LEN_MASK as usize {
-                drops += 1;
+                self.stats.tx_drops += 1;
                 continue;
             }
-            let i = tx.tail;
-            let cmd =
+            let Some(slot) = slots.get_mut(tail) else {
+                // Cannot happen (tail is masked, one slot per descriptor):
+                // the buffer goes back to its pool, unsent.
+                continue;
+            };
+            let cmd_type_len =
                 len as u32 | desc::TX_DTYP_DATA | desc::TX_DEXT | desc::TX_IFCS | desc::TX_EOP | desc::TX_RS;
-            tx.ring.write_u64(i, 0, buf.iova());
-            tx.ring.write_u32(i, desc::TX_CMD_OFFSET, cmd);
-            tx.ring
-                .write_u32(i, desc::TX_STATUS_OFFSET, (len as u32) << desc::TX_PAYLEN_SHIFT);
+            let olinfo_status = (len as u32) << desc::TX_PAYLEN_SHIFT;
+            ring.write_u64(tail, 0, buf.iova());
+            // cmd_type_len and olinfo_status in one store (offsets 8 and 12).
+            ring.write_u64(
+                tail,
+                desc::TX_CMD_OFFSET,
+                u64::from(cmd_type_len) | u64::from(olinfo_status) << 32,
+            );
             bytes += len as u64;
-            tx.bufs[i] = Some(buf);
-            tx.tail = (i + 1) & mask;
-            queued += 1;
+            // The slot of a descriptor not in flight is empty (reclaim
+            // empties them in ring order); were it not, its buffer could
+            // still be read by the device and must not go back to the pool,
+            // so it is forgotten rather than dropped.
+            debug_assert!(slot.is_none(), "TX slot {tail} still holds a buffer");
+            std::mem::forget(slot.replace(buf));
+            tail = (tail + 1) & mask;
         }
+        let queued = (tail + mask + 1 - start) & mask;
+        tx.tail = tail;
         tx.in_flight += queued;
         self.stats.tx_packets += queued as u64;
         self.stats.tx_bytes += bytes;
-        self.stats.tx_drops += drops;
         if queued > 0 {
             descriptors_before_doorbell();
-            self.regs.write32(regs::tdt(0), tx.tail as u32);
+            self.regs.write32(regs::tdt(0), tail as u32);
         }
         n
     }

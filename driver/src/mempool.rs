@@ -140,9 +140,85 @@ impl Mempool {
         }
     }
 
+    /// IOVA of buffer `index`.
+    #[inline]
+    fn iova_of(&self, index: u32) -> u64 {
+        self.region.iova() + self.offset(index) as u64
+    }
+
     #[inline]
     fn offset(&self, index: u32) -> usize {
         index as usize * self.entry_size
+    }
+}
+
+/// Buffers of one pool posted on a device's receive ring, one per
+/// descriptor, held by index: no [`PacketBuf`] (and so no reference count
+/// update) per buffer while it sits on the ring. A received buffer leaves as
+/// a `PacketBuf` and a fresh one from the pool takes its slot in one step.
+///
+/// Every index in `slots` was taken off `pool`'s free list and is neither
+/// back on it nor in a `PacketBuf`: the slots own their buffers, uniquely,
+/// and give them back to the pool on drop. Nothing outside this module
+/// can put an index into a slot.
+pub(crate) struct PostedBuffers {
+    pool: Rc<Mempool>,
+    slots: Box<[u32]>,
+}
+
+impl fmt::Debug for PostedBuffers {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PostedBuffers")
+            .field("slots", &self.slots.len())
+            .finish()
+    }
+}
+
+impl PostedBuffers {
+    /// `count` buffers taken from `pool`; `None` (and none taken) when it
+    /// has fewer free.
+    pub(crate) fn take(pool: &Rc<Mempool>, count: usize) -> Option<Self> {
+        if pool.free_count() < count {
+            return None;
+        }
+        let slots = (0..count).map(|_| pool.pop()).collect::<Option<Box<[u32]>>>()?;
+        Some(Self {
+            pool: Rc::clone(pool),
+            slots,
+        })
+    }
+
+    /// IOVA of the buffer in `slot` (`None` past the last slot).
+    #[inline]
+    pub(crate) fn iova(&self, slot: usize) -> Option<u64> {
+        self.slots.get(slot).map(|&index| self.pool.iova_of(index))
+    }
+
+    /// Hands the buffer in `slot` out as a packet of `len` bytes (clamped
+    /// to the buffer size) and puts a fresh buffer from the pool in its
+    /// place; returns the packet and the fresh buffer's IOVA. `None`, with
+    /// nothing changed, when the pool has no free buffer (or past the last
+    /// slot).
+    #[inline]
+    pub(crate) fn exchange(&mut self, slot: usize, len: usize) -> Option<(PacketBuf, u64)> {
+        let posted = self.slots.get_mut(slot)?;
+        let pool = &self.pool;
+        let fresh = pool.pop()?;
+        let index = std::mem::replace(posted, fresh);
+        let packet = PacketBuf {
+            pool: Rc::clone(pool),
+            index,
+            len: len.min(pool.entry_size) as u32,
+        };
+        Some((packet, pool.iova_of(fresh)))
+    }
+}
+
+impl Drop for PostedBuffers {
+    fn drop(&mut self) {
+        for &index in &self.slots {
+            self.pool.release(index);
+        }
     }
 }
 
@@ -221,7 +297,7 @@ impl PacketBuf {
     /// IOVA of the first byte, what a descriptor points at.
     #[inline]
     pub fn iova(&self) -> u64 {
-        self.pool.region.iova() + self.pool.offset(self.index) as u64
+        self.pool.iova_of(self.index)
     }
 
     /// Index of the buffer in its pool.
@@ -303,6 +379,30 @@ mod tests {
         assert_eq!(pool.free_count(), 5);
         drop(held);
         assert_eq!(pool.free_count(), 8);
+    }
+
+    #[test]
+    fn posted_buffers_are_exchanged_and_given_back() {
+        let dma = ModelDma::standalone();
+        let pool = Mempool::new(&dma, 6, 2048).unwrap();
+        assert!(PostedBuffers::take(&pool, 7).is_none());
+        assert_eq!(pool.free_count(), 6, "nothing taken when too few");
+        let mut posted = PostedBuffers::take(&pool, 4).unwrap();
+        assert_eq!(pool.free_count(), 2);
+        let before = posted.iova(1).unwrap();
+        let (packet, fresh) = posted.exchange(1, 5000).unwrap();
+        assert_eq!(packet.iova(), before, "the posted buffer leaves");
+        assert_eq!(posted.iova(1), Some(fresh), "a fresh one takes its slot");
+        assert_ne!(fresh, before);
+        assert_eq!(packet.len(), 2048, "length clamped to the buffer");
+        let (second, _) = posted.exchange(2, 60).unwrap();
+        assert_eq!(pool.free_count(), 0);
+        assert!(posted.exchange(3, 60).is_none(), "empty pool: nothing changes");
+        assert!(posted.exchange(4, 60).is_none() && posted.iova(4).is_none());
+        drop((packet, second));
+        assert_eq!(pool.free_count(), 2);
+        drop(posted);
+        assert_eq!(pool.free_count(), 6);
     }
 
     #[test]
