@@ -581,11 +581,12 @@ impl<R: RegisterSpace> IgbVf<R> {
             // their buffers go back to their pools.
             let end = clean + batch;
             let wrapped = end.saturating_sub(slots.len());
+            // (Dropped where they lie: no copy of each onto the stack.)
             for slot in slots.get_mut(clean..end - wrapped).unwrap_or_default() {
-                drop(slot.take());
+                *slot = None;
             }
             for slot in slots.get_mut(..wrapped).unwrap_or_default() {
-                drop(slot.take());
+                *slot = None;
             }
             clean = end & mask;
             in_flight -= batch;
@@ -724,7 +725,10 @@ impl<R: RegisterSpace> NicDevice for IgbVf<R> {
         }
         let ring = tx.ring.descriptors();
         let mask = ring.mask;
-        let slots = &mut tx.bufs[..];
+        // Exactly one slot per descriptor, so a masked index needs no check.
+        let Some(slots) = tx.bufs.get_mut(..=mask) else {
+            return 0;
+        };
         // The queue's tail in a local for the loop, stored back after it.
         let start = tx.tail;
         let mut tail = start;
@@ -733,14 +737,10 @@ impl<R: RegisterSpace> NicDevice for IgbVf<R> {
         for buf in packets.drain(..n) {
             let len = buf.len();
             if len == 0 || len > desc::TX_LEN_MASK as usize {
-                self.stats.tx_drops += 1;
+                refuse(buf, &mut self.stats.tx_drops);
                 continue;
             }
-            let Some(slot) = slots.get_mut(tail) else {
-                // Cannot happen (tail is masked, one slot per descriptor):
-                // the buffer goes back to its pool, unsent.
-                continue;
-            };
+            let slot = &mut slots[tail & mask];
             let cmd_type_len =
                 len as u32 | desc::TX_DTYP_DATA | desc::TX_DEXT | desc::TX_IFCS | desc::TX_EOP | desc::TX_RS;
             let olinfo_status = (len as u32) << desc::TX_PAYLEN_SHIFT;
@@ -842,6 +842,16 @@ impl<R: RegisterSpace> Drop for IgbVf<R> {
         self.regs.write32(regs::txdctl(0), 0);
         self.regs.write32(regs::CTRL, regs::CTRL_RST);
     }
+}
+
+/// A frame `tx_burst` cannot send (empty, or more than one descriptor
+/// takes): its buffer goes back to its pool. Out of line, so the loop keeps
+/// the frame in registers rather than on the stack for this rare path.
+#[cold]
+#[inline(never)]
+fn refuse(buf: PacketBuf, drops: &mut u64) {
+    *drops += 1;
+    drop(buf);
 }
 
 /// Reset, RESET message, MAC, LPE, multicast: everything asked of the PF.
