@@ -661,14 +661,13 @@ impl<R: RegisterSpace> NicDevice for IgbVf<R> {
         let mut bytes = 0u64;
         while received < max {
             let status = u32::from_le(ring.read_u32(next, desc::RX_STATUS_OFFSET));
-            if status & desc::RX_DD == 0 {
-                break;
-            }
-            // Read the rest of the write-back only after DD.
-            write_back_after_dd();
-            // A whole frame in this one buffer, without errors.
-            let good = status & (desc::RX_EOP | desc::RX_ERR_MASK) == desc::RX_EOP && !discarding;
-            let iova = if good {
+            // Done, a whole frame in this one buffer, without errors: one
+            // test for the common case.
+            let whole =
+                status & (desc::RX_DD | desc::RX_EOP | desc::RX_ERR_MASK) == desc::RX_DD | desc::RX_EOP;
+            let iova = if whole && !discarding {
+                // Read the rest of the write-back only after DD.
+                write_back_after_dd();
                 let len = (u32::from_le(ring.read_u32(next, desc::RX_LENGTH_OFFSET)) & 0xFFFF) as usize;
                 let Some((buf, fresh)) = rx.bufs.exchange(next, len) else {
                     // Leave the frame on the ring until buffers come back.
@@ -680,17 +679,22 @@ impl<R: RegisterSpace> NicDevice for IgbVf<R> {
                 received += 1;
                 fresh
             } else {
+                if status & desc::RX_DD == 0 {
+                    break;
+                }
+                write_back_after_dd();
                 if status & desc::RX_ERR_MASK != 0 {
                     stats.rx_errors += 1;
                 }
                 stats.rx_drops += 1;
-                // The frame is dropped: its buffer is posted again.
+                // Dropped (an error, or a frame spanning buffers, to its
+                // last one): the buffer is posted again.
                 let Some(same) = rx.bufs.iova(next) else {
                     break;
                 };
+                discarding = status & desc::RX_EOP == 0;
                 same
             };
-            discarding = status & desc::RX_EOP == 0;
             ring.write_u64(next, 0, iova);
             ring.write_u64(next, 8, 0);
             next = (next + 1) & mask;
