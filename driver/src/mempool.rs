@@ -105,7 +105,9 @@ impl Mempool {
 
     #[inline]
     fn pop(&self) -> Option<u32> {
-        let top = self.free_top.get().checked_sub(1)?;
+        // An empty list wraps to usize::MAX, which `get` refuses too: one
+        // check for both.
+        let top = self.free_top.get().wrapping_sub(1);
         let index = self.free.get(top)?.get();
         self.free_top.set(top);
         Some(index)
