@@ -568,7 +568,10 @@ impl<R: RegisterSpace> IgbVf<R> {
         let tx = &mut self.tx;
         let ring = tx.ring.descriptors();
         let mask = ring.mask;
-        let slots = &mut tx.bufs[..];
+        // Exactly one slot per descriptor.
+        let Some(slots) = tx.bufs.get_mut(..=mask) else {
+            return;
+        };
         let mut clean = tx.clean;
         let mut in_flight = tx.in_flight;
         while in_flight > 0 {
@@ -579,13 +582,17 @@ impl<R: RegisterSpace> IgbVf<R> {
             }
             // The batch's slots: up to the ring's end, then from its start;
             // their buffers go back to their pools.
-            let end = clean + batch;
-            let wrapped = end.saturating_sub(slots.len());
             // (Dropped where they lie: no copy of each onto the stack.)
-            for slot in slots.get_mut(clean..end - wrapped).unwrap_or_default() {
+            let end = clean + batch;
+            let (to_end, from_start) = if end <= slots.len() {
+                (clean..end, 0..0)
+            } else {
+                (clean..slots.len(), 0..end - slots.len())
+            };
+            for slot in slots.get_mut(to_end).unwrap_or_default() {
                 *slot = None;
             }
-            for slot in slots.get_mut(..wrapped).unwrap_or_default() {
+            for slot in slots.get_mut(from_start).unwrap_or_default() {
                 *slot = None;
             }
             clean = end & mask;
@@ -651,7 +658,13 @@ impl<R: RegisterSpace> NicDevice for IgbVf<R> {
         // The queue's state in locals for the loop, stored back after it.
         let start = rx.next;
         let mut next = start;
-        let mut discarding = rx.discarding;
+        // What a descriptor's DD, EOP and error bits read for a whole good
+        // frame in one buffer (one test for the common case), or, while a
+        // frame that spans buffers is dropped to its end, a value they never
+        // read.
+        const WHOLE_FRAME: u32 = desc::RX_DD | desc::RX_EOP;
+        const NOTHING: u32 = u32::MAX;
+        let mut accept = if rx.discarding { NOTHING } else { WHOLE_FRAME };
         // Frames go straight into `out`'s spare capacity: never past it, so
         // `out` never reallocates, and no capacity check per frame.
         let spare = out.spare_capacity_mut();
@@ -661,11 +674,7 @@ impl<R: RegisterSpace> NicDevice for IgbVf<R> {
         let mut bytes = 0u64;
         while received < max {
             let status = u32::from_le(ring.read_u32(next, desc::RX_STATUS_OFFSET));
-            // Done, a whole frame in this one buffer, without errors: one
-            // test for the common case.
-            let whole =
-                status & (desc::RX_DD | desc::RX_EOP | desc::RX_ERR_MASK) == desc::RX_DD | desc::RX_EOP;
-            let iova = if whole && !discarding {
+            let iova = if status & (desc::RX_DD | desc::RX_EOP | desc::RX_ERR_MASK) == accept {
                 // Read the rest of the write-back only after DD.
                 write_back_after_dd();
                 let len = (u32::from_le(ring.read_u32(next, desc::RX_LENGTH_OFFSET)) & 0xFFFF) as usize;
@@ -692,7 +701,11 @@ impl<R: RegisterSpace> NicDevice for IgbVf<R> {
                 let Some(same) = rx.bufs.iova(next) else {
                     break;
                 };
-                discarding = status & desc::RX_EOP == 0;
+                accept = if status & desc::RX_EOP == 0 {
+                    NOTHING
+                } else {
+                    WHOLE_FRAME
+                };
                 same
             };
             ring.write_u64(next, 0, iova);
@@ -704,7 +717,7 @@ impl<R: RegisterSpace> NicDevice for IgbVf<R> {
         // spare.len()`, so the new length stays within the capacity.
         unsafe { out.set_len(out.len() + received) };
         rx.next = next;
-        rx.discarding = discarding;
+        rx.discarding = accept != WHOLE_FRAME;
         stats.rx_packets += received as u64;
         stats.rx_bytes += bytes;
         // The device fills at most all descriptors but one before RDT moves
