@@ -26,7 +26,6 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::time::{Duration, Instant, SystemTime};
 
-use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_KOBJECT_UEVENT};
 use vfplane_host::error_chain;
 use vfplane_proto::node_state::{NodeStateSpec, NodeStateStatus, StateFile};
 use vfplane_proto::vf_state;
@@ -426,39 +425,12 @@ fn next_trigger(rx: &Receiver<Trigger>, resync: Duration) -> Trigger {
 }
 
 fn spawn_uevent_listener(tx: Sender<Trigger>) {
-    std::thread::spawn(move || {
-        let socket = Socket::new(NETLINK_KOBJECT_UEVENT).and_then(|mut socket| {
-            socket.bind(&SocketAddr::new(0, 1))?;
-            Ok(socket)
-        });
-        let socket = match socket {
-            Ok(socket) => socket,
-            Err(error) => {
-                tracing::warn!(%error, "no uevent socket: changes behind the agent's back are seen at the next resync");
-                return;
-            }
-        };
-        let mut buf = vec![0u8; 16 * 1024];
-        loop {
-            let read = match socket.recv(&mut &mut buf[..], 0) {
-                Ok(n) => n,
-                Err(error) => {
-                    tracing::warn!(%error, "uevent socket failed");
-                    return;
-                }
-            };
-            if is_relevant_uevent(&buf[..read.min(buf.len())]) && tx.send(Trigger::Uevent).is_err() {
-                return;
-            }
-        }
+    let spawned = vfplane_host::kernel_events::spawn_uevent_listener("vfplane-uevents", move || {
+        tx.send(Trigger::Uevent).is_ok()
     });
-}
-
-/// A uevent about a PCI device, a network interface or a VFIO group.
-fn is_relevant_uevent(message: &[u8]) -> bool {
-    message
-        .split(|&b| b == 0)
-        .any(|field| matches!(field, b"SUBSYSTEM=pci" | b"SUBSYSTEM=net" | b"SUBSYSTEM=vfio"))
+    if let Err(error) = spawned {
+        tracing::warn!(%error, "no uevent socket: changes behind the agent's back are seen at the next resync");
+    }
 }
 
 fn spawn_file_watcher(path: PathBuf, tx: Sender<Trigger>) {
@@ -539,16 +511,6 @@ mod tests {
             rx.recv_timeout(Duration::from_secs(2)).ok(),
             Some(Trigger::Containers)
         );
-    }
-
-    #[test]
-    fn uevent_filter_takes_pci_net_and_vfio() {
-        assert!(is_relevant_uevent(
-            b"add@/devices/pci0000:00/0000:00:12.0\0ACTION=add\0SUBSYSTEM=pci\0"
-        ));
-        assert!(is_relevant_uevent(b"bind@/x\0SUBSYSTEM=vfio\0"));
-        assert!(!is_relevant_uevent(b"change@/x\0SUBSYSTEM=block\0"));
-        assert!(!is_relevant_uevent(b"SUBSYSTEM=pcie"));
     }
 
     #[test]

@@ -44,7 +44,9 @@ pub struct Args {
     /// Serve Prometheus metrics on this address (for example 0.0.0.0:9465).
     #[arg(long)]
     pub metrics_addr: Option<SocketAddr>,
-    /// Health probe period in milliseconds.
-    #[arg(long, default_value_t = 50)]
+    /// Period of the safety-net health probe in milliseconds; kernel
+    /// events (uevents, PF link messages) and inotify (`/dev/vfio`, the VF
+    /// state directory) start a probe at once.
+    #[arg(long, default_value_t = 1000)]
     pub rescan_interval_ms: u64,
 }

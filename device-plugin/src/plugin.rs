@@ -59,7 +59,8 @@ pub struct PluginConfig {
     pub state_dir: PathBuf,
     /// Serve metrics here.
     pub metrics_addr: Option<SocketAddr>,
-    /// Health probe period.
+    /// Period of the safety-net health probe; kernel events and inotify
+    /// start a probe at once.
     pub rescan_interval: Duration,
     /// Full discovery period (safety net).
     pub discovery_interval: Duration,
@@ -69,8 +70,9 @@ pub struct PluginConfig {
 
 impl PluginConfig {
     /// The defaults of a node: `/var/lib/kubelet/device-plugins`, `/sys`,
-    /// `/dev`, `/var/run/cdi`, `/run/vfplane/vf-state`, no metrics, 50 ms
-    /// probes, 5 s discovery, 5 s drain.
+    /// `/dev`, `/var/run/cdi`, `/run/vfplane/vf-state`, no metrics, a 1 s
+    /// safety-net probe (kernel events and inotify start the others), 5 s
+    /// discovery, 5 s drain.
     pub fn new(pool_config: impl Into<PathBuf>) -> Self {
         Self {
             pool_config: pool_config.into(),
@@ -81,7 +83,7 @@ impl PluginConfig {
             oci_hook_dir: None,
             state_dir: PathBuf::from(vfplane_proto::vf_state::DEFAULT_STATE_DIR),
             metrics_addr: None,
-            rescan_interval: Duration::from_millis(50),
+            rescan_interval: Duration::from_secs(1),
             discovery_interval: Duration::from_secs(5),
             drain_timeout: Duration::from_secs(5),
         }
@@ -234,6 +236,8 @@ pub async fn start(config: PluginConfig) -> Result<RunningPlugin> {
         .spawn(move || scanner::run(inventory, scan_rx, scanner_node, timing))
         .map_err(|e| Error::Task(format!("cannot start the scanner thread: {e}")))?;
 
+    listen_to_the_kernel(&scan_tx, config.rescan_interval);
+
     let kubelet_socket = config.kubelet_dir.join(vfplane_proto::KUBELET_SOCKET);
     let mut supervisor = Supervisor {
         config,
@@ -262,6 +266,24 @@ pub async fn start(config: PluginConfig) -> Result<RunningPlugin> {
         task,
         metrics_addr,
     })
+}
+
+/// Health follows the kernel's events: a uevent (a VF bound, unbound,
+/// created, removed) or a link message (a PF's carrier) makes the scanner
+/// probe at once; the periodic probe is only the safety net. Without a
+/// socket, changes wait for that probe, and the log says so.
+fn listen_to_the_kernel(scan: &std::sync::mpsc::Sender<ScanCommand>, rescan: Duration) {
+    use vfplane_host::kernel_events::{spawn_link_listener, spawn_uevent_listener};
+    let to_scanner = |scan: &std::sync::mpsc::Sender<ScanCommand>| {
+        let scan = scan.clone();
+        move || scan.send(ScanCommand::Scan).is_ok()
+    };
+    if let Err(error) = spawn_uevent_listener("vfplane-uevents", to_scanner(scan)) {
+        tracing::warn!(%error, every = ?rescan, "no uevent socket: drivers bound or unbound and VFs gone are seen at the periodic probe");
+    }
+    if let Err(error) = spawn_link_listener("vfplane-links", to_scanner(scan)) {
+        tracing::warn!(%error, every = ?rescan, "no rtnetlink socket: PF link changes are seen at the periodic probe");
+    }
 }
 
 /// Reads and parses the pool config; `Ok(None)` when the file is missing.

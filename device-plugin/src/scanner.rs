@@ -1,28 +1,26 @@
 //! The scanner thread: keeps every pool's device view current.
 //!
-//! # Why a fast rescan, and inotify where it works
+//! # Events first, a slow probe as the safety net
 //!
 //! The kubelet must hear of a health change within 100 ms. Most of what
 //! decides health lives in sysfs (driver links, IOMMU group members, PF
 //! `operstate`/`carrier`, device directories), and sysfs sends no inotify
-//! events for changes the kernel makes. The options were kernel uevents
-//! (a netlink socket, delivered only in the host's network namespace, blind
-//! to PF carrier which changes through rtnetlink, and absent on a fake
-//! tree, so polling would still be needed) or polling. This thread polls,
-//! cheaply: every `rescan_interval` (50 ms by default, at a fixed rate) it
-//! probes only the pool members: one `readlink` of each VF's `driver` link
-//! (a `stat` more when there is none), one listing each of `/dev/vfio`, the
-//! VF state directory and the PCI devices, and two small reads per PF
-//! netdev (`operstate`, `carrier`). IOMMU groups come from discovery: a
-//! group changes only when a PCI device comes or goes, which the device
-//! listing catches. On a 256-VF fake tree that is about 2 ms per probe,
-//! about 5-7 % of one core. Streams are woken only when the kubelet would
-//! see a difference. Real inotify covers what it can
-//! see, so those changes arrive in milliseconds rather than at the next
-//! tick: `/dev/vfio` (a VFIO group node created or removed: probed at
-//! once, then a discovery) and the VF state directory the agent writes.
-//! Listening to kernel uevents (bind/unbind) as well would let the probe
-//! period grow; that is not done yet.
+//! events for changes the kernel makes. The kernel says so another way:
+//! uevents (a VF bound, unbound, created, removed) and rtnetlink link
+//! messages (a PF's carrier), which `plugin` listens to
+//! ([`vfplane_host::kernel_events`]) and turns into `ScanCommand::Scan`;
+//! inotify covers `/dev/vfio` (a VFIO group node created or removed: probed
+//! at once, then a discovery) and the VF state directory the agent writes.
+//! A probe is cheap: only the pool members, one `readlink` of each VF's
+//! `driver` link (a `stat` more when there is none), one listing each of
+//! `/dev/vfio`, the VF state directory and the PCI devices, and two small
+//! reads per PF netdev (`operstate`, `carrier`); IOMMU groups come from
+//! discovery (a group changes only when a PCI device comes or goes, which
+//! the device listing catches). On a 256-VF fake tree that is about 2 ms.
+//! Commands queued while a probe runs are served by the next one, so a
+//! burst of events costs one or two probes. Every `rescan_interval` (1 s by
+//! default, at a fixed rate) a probe runs anyway: the safety net for what
+//! sends no event, and the only source on a fake tree.
 //!
 //! The expensive full discovery (every PF and VF, for membership) runs only
 //! when the list of PCI devices changed (one directory listing per tick), a
@@ -180,10 +178,15 @@ pub(crate) fn run(
             last_discovery = Instant::now();
             follow_up = None;
         }
-        // A fixed rate: the period does not stretch by the scan's length.
-        next_tick += timing.rescan;
-        if next_tick <= Instant::now() {
-            next_tick = Instant::now() + timing.rescan;
+        // The periodic probe keeps a fixed rate (the period does not stretch
+        // by the scan's length) and only a due tick moves it: probes started
+        // by events must not push the safety net away (they did, one period
+        // per event, and a busy node's periodic probe never came).
+        if Instant::now() >= next_tick {
+            next_tick += timing.rescan;
+            if next_tick <= Instant::now() {
+                next_tick = Instant::now() + timing.rescan;
+            }
         }
     }
 }

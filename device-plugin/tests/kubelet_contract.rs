@@ -788,3 +788,35 @@ async fn a_vf_handed_out_is_refused_until_the_agent_scrubbed_it() {
         .unwrap();
     plugin.shutdown().await.unwrap();
 }
+
+/// Probes started by events do not push the periodic probe away: after
+/// 200 state-directory changes (each a probe, as a busy node's Allocate
+/// marks and scrubs make), a change that sends no event (a fake driver
+/// link) is still found by the 1 s safety-net probe. Each event once moved
+/// the periodic probe a whole period later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn event_driven_probes_leave_the_periodic_probe_on_time() {
+    let node = Node::new(&[(0, 2)]);
+    node.write_config(ONE_POOL);
+    let _kubelet = node.standin().await;
+    let mut config = node.plugin_config();
+    config.rescan_interval = Duration::from_secs(1);
+    let plugin = vfplane_device_plugin::start(config).await.unwrap();
+    let mut client = client(node.socket("fast")).await;
+    let mut stream = list_and_watch(&mut client).await;
+    let first = stream.message().await.unwrap().unwrap();
+    let vf = first.devices[0].id.clone();
+    let unrelated = node.state_dir().join("0000:7f:00.0");
+    fs::create_dir_all(node.state_dir()).unwrap();
+    for _ in 0..100 {
+        fs::write(&unrelated, "scrub-pending").unwrap();
+        fs::remove_file(&unrelated).unwrap();
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    node.fake.set_driver(vf.parse().unwrap(), None).unwrap();
+    wait_for(&mut stream, "unbound VF unhealthy by the periodic probe", |m| {
+        m.devices.iter().any(|d| d.id == vf && d.health == UNHEALTHY)
+    })
+    .await;
+    plugin.shutdown().await.unwrap();
+}

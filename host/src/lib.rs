@@ -10,6 +10,7 @@
 mod error;
 #[cfg(any(test, feature = "fake"))]
 pub mod fake;
+pub mod kernel_events;
 mod model;
 mod probe;
 

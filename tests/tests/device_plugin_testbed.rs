@@ -2,7 +2,9 @@
 //! real intel-iommu groups, real vfio-pci. The guest makes two VFs, binds
 //! them to vfio-pci, starts `vfplane-device-plugin` and the
 //! `kubelet-standin` example (which prints JSON lines), then unbinds one VF
-//! and binds it back; this test reads the lines.
+//! and binds it back, and takes the PF's link down and up; this test reads
+//! the lines. The plugin's periodic probe is pushed past the test, so every
+//! health change it sees came through a kernel event.
 
 #![allow(clippy::expect_used)] // test helpers: a panic is the failure report
 
@@ -37,7 +39,9 @@ pools:
       pfAddresses: ["0000:00:02.0"]
       drivers: [vfio-pci]
 EOF
-vfplane-device-plugin --pool-config /etc/vfplane/pools.yaml > /tmp/plugin.log 2>&1 &
+# The safety-net probe is pushed past the test: every health change below
+# reaches the kubelet through a kernel event (uevent, rtnetlink) or nothing.
+vfplane-device-plugin --pool-config /etc/vfplane/pools.yaml --rescan-interval-ms 600000 > /tmp/plugin.log 2>&1 &
 plugin=$!
 kubelet-standin --kubelet-dir /var/lib/kubelet/device-plugins --resource vfplane.io/testbed \
   --allocate 1 --ready-file /tmp/ready --stop-file /tmp/stop --timeout-secs 120 &
@@ -54,6 +58,18 @@ sleep 3
 echo "{\"event\":\"bind\",\"vf\":\"$vf1\",\"uptime\":$(cut -d' ' -f1 /proc/uptime)}"
 echo "$vf1" > /sys/bus/pci/drivers_probe
 sleep 3
+pfnet=$(basename $pf/net/*)
+echo "{\"event\":\"link-down\",\"uptime\":$(cut -d' ' -f1 /proc/uptime)}"
+ip link set "$pfnet" down
+sleep 3
+echo "{\"event\":\"link-up\",\"uptime\":$(cut -d' ' -f1 /proc/uptime)}"
+ip link set "$pfnet" up
+i=0
+until [ "$(cat $pf/net/*/carrier 2>/dev/null)" = 1 ]; do
+  i=$((i+1)); [ $i -le 100 ] || { echo "the PF has no carrier 10 s after link up"; break; }
+  sleep 0.1
+done
+sleep 2
 touch /tmp/stop
 code=0
 wait $standin || code=$?
@@ -182,6 +198,25 @@ fn plugin_serves_real_vfs_and_follows_vfio_binding() {
         delay(unbind, went_bad.1),
         delay(bind, came_back.1),
         allocate["micros"]
+    );
+
+    // The PF's link down makes both VFs Unhealthy, its return Healthy: PF
+    // carrier reaches the plugin through rtnetlink link messages.
+    let (down_at, down) = *events(&lines, "link-down").first().expect("link-down line");
+    let (up_at, up) = *events(&lines, "link-up").first().expect("link-up line");
+    let both = |u: &Value, health: &str| ids.iter().all(|id| health_of(u, id) == Some(health));
+    let link_lost = updates
+        .iter()
+        .find(|(i, u)| *i > down_at && *i < up_at && both(u, "Unhealthy"))
+        .unwrap_or_else(|| panic!("no update with both VFs Unhealthy after the PF link went down\n{report}"));
+    let link_back = updates
+        .iter()
+        .find(|(i, u)| *i > up_at && both(u, "Healthy"))
+        .unwrap_or_else(|| panic!("no update with both VFs Healthy after the PF link came back\n{report}"));
+    eprintln!(
+        "testbed: PF link down -> Unhealthy update {:.2} s, link up -> Healthy update {:.2} s (carrier included)",
+        delay(down, link_lost.1),
+        delay(up, link_back.1),
     );
 
     let standin = &events(&lines, "standin-exit")[0].1;

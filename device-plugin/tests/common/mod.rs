@@ -116,6 +116,8 @@ impl Node {
 
     pub fn plugin_config(&self) -> PluginConfig {
         let mut config = PluginConfig::new(self.config_path());
+        // A fake tree sends no kernel events: the tests probe it often.
+        config.rescan_interval = std::time::Duration::from_millis(50);
         config.kubelet_dir = self.kubelet_dir();
         config.sysfs_root = self.fake.sysfs_root();
         config.dev_root = self.fake.dev_root();
