@@ -167,7 +167,7 @@ async fn scrape(addr: std::net::SocketAddr) -> BenchResult<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(addr).await?;
     stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: bench\r\n\r\n")
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
         .await?;
     let mut text = String::new();
     stream.read_to_string(&mut text).await?;

@@ -721,7 +721,8 @@ fn the_node_pod_mounts_the_host_and_only_the_agent_is_privileged() {
         ("/sys", false),
         ("/dev/vfio", false),
         ("/var/lib/kubelet/pod-resources", true),
-        ("/sys/fs/cgroup", false),
+        // Read only: the agent reads VF containers' cgroups, never writes them.
+        ("/sys/fs/cgroup", true),
         ("/run/vfplane", false),
         ("/var/lib/vfplane", false),
     ] {
