@@ -6,7 +6,7 @@
 //!   through [`vfplane_host::Host::discover`] and decides pool membership
 //!   ([`assign`]). It runs at start, when the config changes, when the set
 //!   of PCI devices changes (a new listing shows it: VFs made or removed),
-//!   when a VFIO node appears or goes, and every 5 s as a safety net (a
+//!   when a VFIO node appears or goes, and every 30 s as a safety net (a
 //!   driver override written, say).
 //! - **Scan** ([`Inventory::scan`]) probes only the pool members' health
 //!   (see [`crate::health`]): a few syscalls per VF, cheap enough to run

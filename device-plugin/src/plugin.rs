@@ -71,8 +71,8 @@ pub struct PluginConfig {
 impl PluginConfig {
     /// The defaults of a node: `/var/lib/kubelet/device-plugins`, `/sys`,
     /// `/dev`, `/var/run/cdi`, `/run/vfplane/vf-state`, no metrics, a 1 s
-    /// safety-net probe (kernel events and inotify start the others), 5 s
-    /// discovery, 5 s drain.
+    /// safety-net probe (kernel events and inotify start the others), a 30 s
+    /// safety-net discovery, 5 s drain.
     pub fn new(pool_config: impl Into<PathBuf>) -> Self {
         Self {
             pool_config: pool_config.into(),
@@ -84,7 +84,7 @@ impl PluginConfig {
             state_dir: PathBuf::from(vfplane_proto::vf_state::DEFAULT_STATE_DIR),
             metrics_addr: None,
             rescan_interval: Duration::from_secs(1),
-            discovery_interval: Duration::from_secs(5),
+            discovery_interval: Duration::from_secs(30),
             drain_timeout: Duration::from_secs(5),
         }
     }

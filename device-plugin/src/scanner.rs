@@ -25,7 +25,7 @@
 //! The expensive full discovery (every PF and VF, for membership) runs only
 //! when the list of PCI devices changed (one directory listing per tick), a
 //! `/dev/vfio` node came or went, the config changed, or once per
-//! `discovery_interval` (5 s) as a safety net for changes nothing signals
+//! `discovery_interval` (30 s) as a safety net for changes nothing signals
 //! (a `driver_override` written).
 //!
 //! It runs on its own OS thread so that sysfs reads never stall the async

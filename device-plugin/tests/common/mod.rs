@@ -116,8 +116,10 @@ impl Node {
 
     pub fn plugin_config(&self) -> PluginConfig {
         let mut config = PluginConfig::new(self.config_path());
-        // A fake tree sends no kernel events: the tests probe it often.
+        // A fake tree sends no kernel events: the tests probe it often and
+        // rediscover every 5 s (a node: 1 s and 30 s, events in between).
         config.rescan_interval = std::time::Duration::from_millis(50);
+        config.discovery_interval = std::time::Duration::from_secs(5);
         config.kubelet_dir = self.kubelet_dir();
         config.sysfs_root = self.fake.sysfs_root();
         config.dev_root = self.fake.dev_root();
