@@ -61,11 +61,10 @@ async fn serves_registers_and_removes_its_socket_on_sigterm() {
     );
 }
 
-/// The plugin's stderr when it starts on `config`.
-fn start_with(config: &str) -> (bool, String) {
-    let node = Node::new(&[(0, 1)]);
-    node.write_config(config);
-    let output = Command::new(env!("CARGO_BIN_EXE_vfplane-device-plugin"))
+/// The plugin binary on `node`'s fake tree, without CDI.
+fn plugin_on(node: &Node) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_vfplane-device-plugin"));
+    command
         .arg("--pool-config")
         .arg(node.config_path())
         .arg("--kubelet-dir")
@@ -76,7 +75,15 @@ fn start_with(config: &str) -> (bool, String) {
         .arg(node.fake.dev_root())
         .arg("--no-cdi")
         .arg("--state-dir")
-        .arg(node.state_dir())
+        .arg(node.state_dir());
+    command
+}
+
+/// The plugin's stderr when it starts on `config`.
+fn start_with(config: &str) -> (bool, String) {
+    let node = Node::new(&[(0, 1)]);
+    node.write_config(config);
+    let output = plugin_on(&node)
         .output()
         .unwrap_or_else(|e| panic!("running the plugin: {e}"));
     (
@@ -112,18 +119,7 @@ fn a_config_without_pools_is_said_in_the_log_naming_the_file() {
     use std::io::{BufRead, BufReader};
     let node = Node::new(&[(0, 1)]);
     node.write_config("");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_vfplane-device-plugin"))
-        .arg("--pool-config")
-        .arg(node.config_path())
-        .arg("--kubelet-dir")
-        .arg(node.kubelet_dir())
-        .arg("--sysfs-root")
-        .arg(node.fake.sysfs_root())
-        .arg("--dev-root")
-        .arg(node.fake.dev_root())
-        .arg("--no-cdi")
-        .arg("--state-dir")
-        .arg(node.state_dir())
+    let mut child = plugin_on(&node)
         .env("NO_COLOR", "1")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
