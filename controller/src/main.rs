@@ -67,10 +67,7 @@ async fn run(args: RunArgs) -> Result<()> {
 
     let probes = tokio::spawn(metrics::serve(args.metrics_addr, Arc::clone(&metrics), stopped()));
 
-    // One watch per kind, on every replica: the webhook's view reads their
-    // stores, and the controllers subscribe to them if this replica leads.
-    let watches = controller::ClusterWatches::spawn(&client);
-    let view = watches.view();
+    let view = controller::spawn_view(&client);
     {
         let (view, metrics) = (view.clone(), Arc::clone(&metrics));
         tokio::spawn(async move {
@@ -109,14 +106,14 @@ async fn run(args: RunArgs) -> Result<()> {
     let lease = LeaseConfig::new(args.lease_name, identity);
     let outcome: Result<()> = if args.no_leader_election {
         metrics.set_leader(true);
-        controller::run_with(watches, client, Arc::clone(&metrics), stopped()).await;
+        controller::run(client, Arc::clone(&metrics), stopped()).await;
         Ok(())
     } else {
         tokio::select! {
             () = leader::acquire(&lease_api, &lease) => {
                 metrics.set_leader(true);
                 tokio::select! {
-                    () = controller::run_with(watches, client, Arc::clone(&metrics), stopped()) => Ok(()),
+                    () = controller::run(client, Arc::clone(&metrics), stopped()) => Ok(()),
                     lost = leader::keep(&lease_api, &lease) => Err(anyhow::Error::new(lost)),
                 }
             }
