@@ -15,31 +15,14 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput};
-use vfplane_driver::igbvf::{IgbVf, IgbVfConfig};
-use vfplane_driver::mailbox::MailboxTiming;
-use vfplane_driver::model::{Model, ModelConfig, ModelRegisters};
+use vfplane_driver::igbvf::IgbVf;
+use vfplane_driver::model::{Model, ModelRegisters};
 use vfplane_driver::{NicDevice, PacketBuf};
 
 const BATCHES: [usize; 6] = [1, 4, 16, 32, 64, 256];
 
 fn device() -> (Model, IgbVf<ModelRegisters>) {
-    let model = Model::new(ModelConfig {
-        discard_tx: true,
-        ..ModelConfig::default()
-    });
-    let config = IgbVfConfig {
-        rx_ring_size: 512,
-        tx_ring_size: 512,
-        pool_entries: 4096,
-        mailbox: MailboxTiming {
-            timeout: Duration::from_millis(100),
-            poll_interval: Duration::from_micros(10),
-        },
-        reset_settle: Duration::ZERO,
-        ..IgbVfConfig::default()
-    };
-    let dev = IgbVf::new(model.registers(), &model.dma(), &config).expect("device on the model");
-    (model, dev)
+    Model::benchmark_device(false).expect("device on the model")
 }
 
 /// One round; returns the time spent in the driver's burst calls.

@@ -61,33 +61,15 @@
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
-use vfplane_driver::igbvf::{IgbVf, IgbVfConfig};
-use vfplane_driver::mailbox::MailboxTiming;
-use vfplane_driver::model::{Model, ModelConfig, ModelRegisters};
+use vfplane_driver::igbvf::IgbVf;
+use vfplane_driver::model::{Model, ModelRegisters};
 use vfplane_driver::{NicDevice, PacketBuf};
 
 /// Bytes per frame: a minimal Ethernet frame without FCS.
 const FRAME_LEN: usize = 60;
 
 fn device() -> (Model, IgbVf<ModelRegisters>) {
-    let model = Model::new(ModelConfig {
-        discard_tx: true,
-        tx_paused: true,
-        ..ModelConfig::default()
-    });
-    let config = IgbVfConfig {
-        rx_ring_size: 512,
-        tx_ring_size: 512,
-        pool_entries: 4096,
-        mailbox: MailboxTiming {
-            timeout: Duration::from_millis(100),
-            poll_interval: Duration::from_micros(10),
-        },
-        reset_settle: Duration::ZERO,
-        ..IgbVfConfig::default()
-    };
-    let dev = IgbVf::new(model.registers(), &model.dma(), &config).expect("device on the model");
-    (model, dev)
+    Model::benchmark_device(true).expect("device on the model")
 }
 
 /// The RX call callgrind counts (its symbol toggles collection on and off).

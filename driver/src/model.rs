@@ -598,6 +598,37 @@ impl crate::poll::InterruptLine for ModelRegisters {
 }
 
 impl Model {
+    /// The device the benchmarks measure (`benches/burst.rs`,
+    /// `examples/burst_cost.rs`): 512-descriptor rings, a 4096-buffer pool,
+    /// a fast mailbox and no reset settle, on a model that does not keep
+    /// what it sends and, with `tx_paused`, holds transmission until
+    /// [`Model::resume_tx`].
+    ///
+    /// # Errors
+    /// When the driver cannot bring the modelled VF up.
+    pub fn benchmark_device(
+        tx_paused: bool,
+    ) -> Result<(Self, crate::igbvf::IgbVf<ModelRegisters>), crate::igbvf::IgbVfError> {
+        let model = Self::new(ModelConfig {
+            discard_tx: true,
+            tx_paused,
+            ..ModelConfig::default()
+        });
+        let config = crate::igbvf::IgbVfConfig {
+            rx_ring_size: 512,
+            tx_ring_size: 512,
+            pool_entries: 4096,
+            mailbox: crate::mailbox::MailboxTiming {
+                timeout: Duration::from_millis(100),
+                poll_interval: Duration::from_micros(10),
+            },
+            reset_settle: Duration::ZERO,
+            ..crate::igbvf::IgbVfConfig::default()
+        };
+        let dev = crate::igbvf::IgbVf::new(model.registers(), &model.dma(), &config)?;
+        Ok((model, dev))
+    }
+
     /// A model VF.
     pub fn new(config: ModelConfig) -> Self {
         let map = Rc::new(RefCell::new(MemoryMap {
