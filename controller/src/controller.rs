@@ -1,4 +1,4 @@
-//! The kube-runtime wiring: two controllers over shared watch streams.
+//! The kube-runtime wiring: two controllers over one shared watch per kind.
 //!
 //! - **nodes**: one reconcile per Node. It merges the policies selecting the
 //!   node ([`crate::plan::plan_node`]) and server-side-applies the result as
@@ -14,12 +14,19 @@
 //!   any NodeState (agent status) and by a Node that is new, relabelled or
 //!   deleted ([`node_selection_changes`]; not its status).
 //!
-//! Each controller keeps reflector stores of the other kinds, fed by the
-//! same streams that trigger it, so a reconcile never sees a store older
-//! than the event that caused it.
+//! Node, VfPolicy and NodeState are each watched once per process
+//! ([`ClusterWatches`], one [`SharedWatch`] per kind): one watch, one
+//! reflector store, read by both controllers and by the webhook's
+//! [`StoreView`]. The watches run on every replica (the webhook needs the
+//! stores on followers); the controllers subscribe when they start, on the
+//! leader, and get a listing of what the stores hold, then every event.
+//! Each event is in its store before any subscriber gets it, so a
+//! reconcile never sees a store older than the event that caused it, and
+//! no subscriber can hold up a watch (a slow one is given a listing again).
 
 use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
+use std::pin::pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,7 +35,7 @@ use k8s_openapi::api::core::v1::Node;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::finalizer::{Event as FinalizerEvent, finalizer};
-use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::{PredicateConfig, WatchStreamExt, predicates, watcher};
 use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
@@ -38,6 +45,7 @@ use vfplane_proto::vf_policy::VfPolicy;
 
 use crate::metrics::Metrics;
 use crate::plan::{self, NodePlan};
+use crate::shared_watch::SharedWatch;
 use crate::{Error, Result};
 
 /// The field manager of everything the controller writes.
@@ -261,77 +269,143 @@ pub fn error_policy<K>(controller: &'static str) -> impl Fn(Arc<K>, &Error, Arc<
     }
 }
 
-/// Runs both controllers until `shutdown` resolves.
+/// The one watch of each kind that the controllers and the webhook's view
+/// share. Cheap to clone; clones share the watches.
+#[derive(Clone, Debug)]
+pub struct ClusterWatches {
+    /// Every Node.
+    pub nodes: SharedWatch<Node>,
+    /// Every VfPolicy.
+    pub policies: SharedWatch<VfPolicy>,
+    /// Every NodeState.
+    pub states: SharedWatch<NodeState>,
+}
+
+impl ClusterWatches {
+    /// The three watches, and the future that runs them. Nothing is
+    /// watched until that future runs; dropping it stops the watches and
+    /// ends their subscriptions.
+    pub fn new(client: &Client) -> (Self, impl Future<Output = ()> + Send + 'static) {
+        fn watch<K>(client: &Client) -> (SharedWatch<K>, impl Future<Output = ()> + Send + 'static)
+        where
+            K: Resource<DynamicType = ()>
+                + Clone
+                + std::fmt::Debug
+                + serde::de::DeserializeOwned
+                + Send
+                + Sync
+                + 'static,
+        {
+            let events = watcher(
+                Api::<K>::all(client.clone()),
+                watcher::Config::default().any_semantic(),
+            )
+            .default_backoff();
+            SharedWatch::new(events)
+        }
+        let (nodes, watching_nodes) = watch(client);
+        let (policies, watching_policies) = watch(client);
+        let (states, watching_states) = watch(client);
+        let watching = async move {
+            futures::join!(watching_nodes, watching_policies, watching_states);
+        };
+        (
+            Self {
+                nodes,
+                policies,
+                states,
+            },
+            watching,
+        )
+    }
+
+    /// Starts the three watches on the runtime, each on a task of its
+    /// own; they run until the process ends. Every replica runs them: the
+    /// webhook answers on followers too.
+    pub fn spawn(client: &Client) -> Self {
+        let (watches, watching) = Self::new(client);
+        tokio::spawn(watching);
+        watches
+    }
+
+    /// Waits until each store has held a complete listing; false if a
+    /// watch stopped first. Any number of tasks may wait at once,
+    /// alongside the controllers (see [`SharedWatch::store`]).
+    pub async fn listed(&self) -> bool {
+        let (nodes, policies, states) =
+            futures::join!(self.nodes.listed(), self.policies.listed(), self.states.listed());
+        nodes && policies && states
+    }
+
+    /// The webhook's view, over the watches' stores.
+    pub fn view(&self) -> StoreView {
+        StoreView {
+            nodes: self.nodes.store(),
+            policies: self.policies.store(),
+            states: self.states.store(),
+        }
+    }
+}
+
+/// Runs both controllers, over watches of their own, until `shutdown`
+/// resolves; the watches stop with them. A process that also serves the
+/// webhook shares one set of watches through [`run_with`] instead.
 pub async fn run(
     client: Client,
     metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
-    let shutdown = futures::FutureExt::shared(shutdown);
-    let wc = watcher::Config::default().any_semantic();
+    let (watches, watching) = ClusterWatches::new(&client);
+    let controllers = run_with(watches, client, metrics, shutdown);
+    // The watches never end on their own (their watchers retry), so this
+    // ends when the controllers do.
+    futures::future::select(pin!(controllers), pin!(watching)).await;
+}
 
-    // The node controller, with stores of policies and node states.
-    let (node_policies, policy_writer) = reflector::store();
-    let (node_states, state_writer) = reflector::store();
-    // Nodes depend on a policy's spec and on its deletion, both of which
-    // bump its generation; its status (written by the policy controller)
-    // must not send every node through a reconcile.
-    let policy_stream = watcher(Api::<VfPolicy>::all(client.clone()), wc.clone())
-        .default_backoff()
-        .reflect(policy_writer)
+/// Runs both controllers over `watches` until `shutdown` resolves. They
+/// subscribe here: each starts from a listing of the stores, waiting for
+/// the first one if need be (see [`crate::shared_watch`]).
+pub async fn run_with(
+    watches: ClusterWatches,
+    client: Client,
+    metrics: Arc<Metrics>,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+) {
+    let shutdown = futures::FutureExt::shared(shutdown);
+    let ctx = Arc::new(Context {
+        client,
+        nodes: watches.nodes.store(),
+        policies: watches.policies.store(),
+        states: watches.states.store(),
+        metrics,
+    });
+
+    // The node controller. Nodes depend on a policy's spec and on its
+    // deletion, both of which bump its generation; its status (written by
+    // the policy controller) must not send every node through a reconcile.
+    let policy_generations = watches
+        .policies
+        .subscribe()
         .touched_objects()
         .predicate_filter(predicates::generation, PredicateConfig::default());
-    let state_stream = watcher(Api::<NodeState>::all(client.clone()), wc.clone())
-        .default_backoff()
-        .reflect(state_writer)
-        .touched_objects();
-    let nodes_controller = Controller::new(Api::<Node>::all(client.clone()), wc.clone());
-    let node_store = nodes_controller.store();
-    let all_nodes = node_store.clone();
-    let node_ctx = Arc::new(Context {
-        client: client.clone(),
-        nodes: node_store,
-        policies: node_policies,
-        states: node_states,
-        metrics: Arc::clone(&metrics),
-    });
-    let nodes = nodes_controller
-        .watches_stream(policy_stream, move |_policy: VfPolicy| {
+    let all_nodes = ctx.nodes.clone();
+    let nodes = Controller::for_stream(watches.nodes.subscribe().applied_objects(), ctx.nodes.clone())
+        .watches_stream(policy_generations, move |_policy: VfPolicy| {
             all_nodes
                 .state()
                 .iter()
                 .map(|n| ObjectRef::from_obj(n.as_ref()))
                 .collect::<Vec<_>>()
         })
-        .watches_stream(state_stream, |state: NodeState| {
-            Some(ObjectRef::<Node>::new(&state.name_any()))
-        })
+        .watches_stream(
+            watches.states.subscribe().touched_objects(),
+            |state: NodeState| Some(ObjectRef::<Node>::new(&state.name_any())),
+        )
         .graceful_shutdown_on(shutdown.clone())
-        .run(reconcile_node, error_policy("nodes"), node_ctx)
+        .run(reconcile_node, error_policy("nodes"), Arc::clone(&ctx))
         .for_each(|_| std::future::ready(()));
 
-    // The policy controller, with stores of nodes and node states.
-    let (policy_nodes, node_writer) = reflector::store();
-    let (policy_states, state_writer) = reflector::store();
-    let node_stream = node_selection_changes(
-        watcher(Api::<Node>::all(client.clone()), wc.clone())
-            .default_backoff()
-            .reflect(node_writer),
-    );
-    let state_stream = watcher(Api::<NodeState>::all(client.clone()), wc.clone())
-        .default_backoff()
-        .reflect(state_writer)
-        .touched_objects();
-    let policies_controller = Controller::new(Api::<VfPolicy>::all(client.clone()), wc);
-    let policy_store = policies_controller.store();
-    let (for_nodes, for_states) = (policy_store.clone(), policy_store.clone());
-    let policy_ctx = Arc::new(Context {
-        client,
-        nodes: policy_nodes,
-        policies: policy_store,
-        states: policy_states,
-        metrics,
-    });
+    // The policy controller.
     let every_policy = |store: &Store<VfPolicy>| {
         store
             .state()
@@ -339,12 +413,22 @@ pub async fn run(
             .map(|p| ObjectRef::from_obj(p.as_ref()))
             .collect::<Vec<_>>()
     };
-    let policies = policies_controller
-        .watches_stream(node_stream, move |_node: Node| every_policy(&for_nodes))
-        .watches_stream(state_stream, move |_state: NodeState| every_policy(&for_states))
-        .graceful_shutdown_on(shutdown)
-        .run(reconcile_policy, error_policy("policies"), policy_ctx)
-        .for_each(|_| std::future::ready(()));
+    let (for_nodes, for_states) = (ctx.policies.clone(), ctx.policies.clone());
+    let policies = Controller::for_stream(
+        watches.policies.subscribe().applied_objects(),
+        ctx.policies.clone(),
+    )
+    .watches_stream(
+        node_selection_changes(watches.nodes.subscribe()),
+        move |_node: Node| every_policy(&for_nodes),
+    )
+    .watches_stream(
+        watches.states.subscribe().touched_objects(),
+        move |_state: NodeState| every_policy(&for_states),
+    )
+    .graceful_shutdown_on(shutdown)
+    .run(reconcile_policy, error_policy("policies"), ctx)
+    .for_each(|_| std::future::ready(()));
 
     futures::join!(nodes, policies);
 }
@@ -382,8 +466,9 @@ where
     })
 }
 
-/// The webhook's view of the cluster, over reflector stores that every
-/// replica keeps (the webhook answers on followers too).
+/// The webhook's view of the cluster, over the stores of the
+/// [`ClusterWatches`] that every replica keeps (the webhook answers on
+/// followers too).
 #[derive(Clone)]
 pub struct StoreView {
     /// Every Node.
@@ -431,32 +516,5 @@ impl crate::webhook::ClusterView for StoreView {
             .into_iter()
             .filter(|p| p.spec.resource_name == pool)
             .find_map(|p| p.spec.container_profile.clone())
-    }
-}
-
-/// Starts reflectors for the webhook's view; they run until the process ends.
-pub fn spawn_view(client: &Client) -> StoreView {
-    fn keep<K>(api: Api<K>) -> Store<K>
-    where
-        K: kube::Resource<DynamicType = ()>
-            + Clone
-            + std::fmt::Debug
-            + serde::de::DeserializeOwned
-            + Send
-            + Sync
-            + 'static,
-    {
-        let (store, writer) = reflector::store();
-        let stream = watcher(api, watcher::Config::default().any_semantic())
-            .default_backoff()
-            .reflect(writer)
-            .for_each(|_| std::future::ready(()));
-        tokio::spawn(stream);
-        store
-    }
-    StoreView {
-        nodes: keep(Api::all(client.clone())),
-        policies: keep(Api::all(client.clone())),
-        states: keep(Api::all(client.clone())),
     }
 }

@@ -8,6 +8,8 @@
 //! - [`controller`]: the kube-runtime wiring. Watches VfPolicy, Node and
 //!   NodeState; writes specs and statuses by server-side apply; the policy
 //!   finalizer.
+//! - [`shared_watch`]: one watch and one store per kind, shared by both
+//!   controllers and the webhook.
 //! - [`leader`]: Lease-based leader election so two replicas can run.
 //! - [`metrics`]: Prometheus metrics and the health endpoints.
 //! - [`webhook`]: admission for VfPolicy and for pods asking for VFs.
@@ -17,6 +19,7 @@ pub mod controller;
 pub mod leader;
 pub mod metrics;
 pub mod plan;
+pub mod shared_watch;
 pub mod webhook;
 
 /// Everything that can go wrong in a reconcile.

@@ -67,16 +67,14 @@ async fn run(args: RunArgs) -> Result<()> {
 
     let probes = tokio::spawn(metrics::serve(args.metrics_addr, Arc::clone(&metrics), stopped()));
 
-    let view = controller::spawn_view(&client);
+    // One watch per kind, on every replica: the webhook's view reads their
+    // stores, and the controllers subscribe to them if this replica leads.
+    let watches = controller::ClusterWatches::spawn(&client);
+    let view = watches.view();
     {
-        let (view, metrics) = (view.clone(), Arc::clone(&metrics));
+        let (watches, metrics) = (watches.clone(), Arc::clone(&metrics));
         tokio::spawn(async move {
-            let ready = futures::join!(
-                view.nodes.wait_until_ready(),
-                view.policies.wait_until_ready(),
-                view.states.wait_until_ready()
-            );
-            if ready.0.is_ok() && ready.1.is_ok() && ready.2.is_ok() {
+            if watches.listed().await {
                 metrics.set_ready(true);
                 info!("caches filled; ready");
             }
@@ -106,14 +104,14 @@ async fn run(args: RunArgs) -> Result<()> {
     let lease = LeaseConfig::new(args.lease_name, identity);
     let outcome: Result<()> = if args.no_leader_election {
         metrics.set_leader(true);
-        controller::run(client, Arc::clone(&metrics), stopped()).await;
+        controller::run_with(watches, client, Arc::clone(&metrics), stopped()).await;
         Ok(())
     } else {
         tokio::select! {
             () = leader::acquire(&lease_api, &lease) => {
                 metrics.set_leader(true);
                 tokio::select! {
-                    () = controller::run(client, Arc::clone(&metrics), stopped()) => Ok(()),
+                    () = controller::run_with(watches, client, Arc::clone(&metrics), stopped()) => Ok(()),
                     lost = leader::keep(&lease_api, &lease) => Err(anyhow::Error::new(lost)),
                 }
             }

@@ -366,3 +366,79 @@ async fn node_heartbeats_leave_policies_alone_but_new_relabelled_and_deleted_nod
     })
     .await;
 }
+
+/// The requests to `plural`'s collection that `watch` picks: its watches
+/// (`watch=true`) or its lists.
+fn collection_reads(api: &FakeApi, plural: &str, watch: bool) -> usize {
+    api.log()
+        .iter()
+        .filter(|l| {
+            l.method == Method::GET
+                && l.path.rsplit('/').next() == Some(plural)
+                && l.query.split('&').any(|p| p == "watch=true") == watch
+        })
+        .count()
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_controllers_and_the_webhook_view_share_one_watch_per_kind() {
+    let api = FakeApi::default();
+    api.put(NODES, node("w1", true));
+    api.put(STATES, reported_state("w1"));
+    api.put(POLICIES, policy("fast", 10, "eth0"));
+    // As `vfplane-controller run` does: the watches and the webhook's view
+    // first, the controllers (on the leader) over the same watches.
+    // On the leader, the readiness probe waits for the stores while the
+    // controllers do (kube-runtime's own store readiness wakes only one of
+    // several waiters; with it, the leader never became ready).
+    let watches = controller::ClusterWatches::spawn(&api.client());
+    let view = watches.view();
+    let ready = tokio::spawn({
+        let watches = watches.clone();
+        async move { watches.listed().await }
+    });
+    tokio::spawn(controller::run_with(
+        watches,
+        api.client(),
+        Arc::new(Metrics::default()),
+        std::future::pending(),
+    ));
+    until(&api, "the spec", |api| spec_pf(api, "w1")["numVfs"] == 4).await;
+    assert!(
+        tokio::time::timeout(SOON, ready)
+            .await
+            .expect("the stores never became ready")
+            .unwrap()
+    );
+    agent_catches_up(&api, "w1");
+    until(&api, "ready VFs", |api| {
+        policy_status(api, "fast")["readyVfs"] == 4
+    })
+    .await;
+    // A node joins and the view sees it; the controllers see it too.
+    api.put(STATES, reported_state("w2"));
+    api.put(NODES, node("w2", true));
+    within(&api, "the policy to count the new node", SOON, |api| {
+        policy_status(api, "fast")["matchedNodes"] == 2
+    })
+    .await;
+    assert_eq!(view.nodes.state().len(), 2);
+    assert_eq!(view.states.state().len(), 2);
+    assert!(
+        view.policies
+            .state()
+            .iter()
+            .any(|p| p.status.as_ref().is_some_and(|s| s.ready_vfs == 4))
+    );
+
+    for plural in [NODES, POLICIES, STATES] {
+        for (watch, what) in [(true, "watches"), (false, "lists")] {
+            assert_eq!(
+                collection_reads(&api, plural, watch),
+                1,
+                "{what} of {plural}:\n{}",
+                api.describe_log()
+            );
+        }
+    }
+}
