@@ -735,7 +735,8 @@ struct Reply {
     server_cert: CertificateDer<'static>,
 }
 
-async fn https(port: u16, method: &str, path: &str, body: Vec<u8>) -> Reply {
+/// A TLS connection to the webhook on `port`, trusting both fixture pairs.
+async fn tls_connect(port: u16) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = rustls::RootCertStore::empty();
     roots.add(cert_der("cert1.pem")).unwrap();
@@ -747,10 +748,14 @@ async fn https(port: u16, method: &str, path: &str, body: Vec<u8>) -> Reply {
         .with_no_client_auth();
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
     let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    let tls = connector
+    connector
         .connect(ServerName::try_from("localhost").unwrap(), tcp)
         .await
-        .unwrap();
+        .unwrap()
+}
+
+async fn https(port: u16, method: &str, path: &str, body: Vec<u8>) -> Reply {
+    let tls = tls_connect(port).await;
     let server_cert = tls.get_ref().1.peer_certificates().unwrap()[0]
         .clone()
         .into_owned();
@@ -778,28 +783,61 @@ async fn https(port: u16, method: &str, path: &str, body: Vec<u8>) -> Reply {
     }
 }
 
+/// A webhook server on a free port of 127.0.0.1 with the first fixture
+/// pair in `dir`, reloading every `period`.
+struct Server {
+    port: u16,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Result<(), vfplane_controller::webhook::WebhookError>>,
+}
+
+impl Server {
+    async fn start(dir: &Path, period: Duration) -> Self {
+        install_pair(dir, 1);
+        let files = TlsFiles {
+            cert: dir.join("tls.crt"),
+            key: dir.join("tls.key"),
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(serve_on(
+            listener,
+            files,
+            Arc::new(FakeCluster::new()),
+            PodMode::Mutate,
+            period,
+            async {
+                let _ = stopped.await;
+            },
+        ));
+        Self { port, stop, task }
+    }
+
+    /// Stops the server and checks that it stopped cleanly.
+    async fn stop(self) {
+        self.stop.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(15), self.task)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+    }
+}
+
+/// A pod review the webhook answers with 200 (and a denial).
+async fn good_review(port: u16) {
+    let body = std::fs::read(fixtures().join("pod-reject-missing-limits.json")).unwrap();
+    let reply = https(port, "POST", "/validate/pods", body).await;
+    assert_eq!(reply.status, 200, "{}", String::from_utf8_lossy(&reply.body));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn https_server_answers_refuses_garbage_and_reloads_its_certificate() {
     let dir = tempfile::tempdir().unwrap();
-    install_pair(dir.path(), 1);
-    let files = TlsFiles {
-        cert: dir.path().join("tls.crt"),
-        key: dir.path().join("tls.key"),
-    };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let period = Duration::from_millis(100);
-    let server = tokio::spawn(serve_on(
-        listener,
-        files,
-        Arc::new(FakeCluster::new()),
-        PodMode::Mutate,
-        period,
-        async {
-            let _ = stopped.await;
-        },
-    ));
+    let server = Server::start(dir.path(), period).await;
+    let port = server.port;
 
     // A valid review: 200, uid echoed.
     let body = std::fs::read(fixtures().join("pod-reject-missing-limits.json")).unwrap();
@@ -850,12 +888,82 @@ async fn https_server_answers_refuses_garbage_and_reloads_its_certificate() {
         tokio::time::sleep(period / 4).await;
     }
 
-    stop.send(()).unwrap();
-    tokio::time::timeout(Duration::from_secs(15), server)
+    server.stop().await;
+}
+
+/// Clients that send too much, too little or nothing at all: each is
+/// refused or left to its own connection, the server keeps answering, and
+/// it stops cleanly after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_server_survives_huge_truncated_plaintext_and_stalled_clients() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), Duration::from_secs(10)).await;
+    let port = server.port;
+    good_review(port).await;
+
+    // Over the body limit: 413, and the next review is answered.
+    let huge = vec![b' '; vfplane_controller::webhook::MAX_BODY_BYTES + 1];
+    let reply = https(port, "POST", "/validate/pods", huge).await;
+    assert_eq!(reply.status, 413);
+    good_review(port).await;
+
+    // A body cut short: the client promises 100 kB, sends a few bytes and
+    // closes.
+    let mut tls = tls_connect(port).await;
+    tls.write_all(
+        b"POST /validate/pods HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\ncontent-length: 100000\r\n\r\n{\"apiVersion\":",
+    )
+    .await
+    .unwrap();
+    tls.shutdown().await.unwrap();
+    drop(tls);
+    good_review(port).await;
+
+    // Not TLS at all: the handshake fails and the connection is closed.
+    let mut plain = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    plain
+        .write_all(b"GET / HTTP/1.1\r\n\r\n\x00\xff garbage")
         .await
-        .unwrap()
-        .unwrap()
         .unwrap();
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(15), plain.read_to_end(&mut rest)).await;
+    assert!(read.is_ok(), "a plaintext client was never hung up on");
+    good_review(port).await;
+
+    // Stalled clients held open while others are served: TCP connections
+    // that never start TLS, TLS connections that stop halfway through the
+    // headers, and one that stops halfway through its body.
+    let mut stalled_tcp = Vec::new();
+    for _ in 0..32 {
+        stalled_tcp.push(tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap());
+    }
+    let mut stalled_tls = Vec::new();
+    for _ in 0..8 {
+        let mut tls = tls_connect(port).await;
+        tls.write_all(b"POST /validate/pods HTTP/1.1\r\nhost: loc")
+            .await
+            .unwrap();
+        tls.flush().await.unwrap();
+        stalled_tls.push(tls);
+    }
+    let mut stalled_body = tls_connect(port).await;
+    stalled_body
+        .write_all(b"POST /validate/pods HTTP/1.1\r\nhost: localhost\r\ncontent-length: 1000\r\n\r\n{")
+        .await
+        .unwrap();
+    stalled_body.flush().await.unwrap();
+    for _ in 0..3 {
+        tokio::time::timeout(Duration::from_secs(15), good_review(port))
+            .await
+            .expect("a review was not answered while stalled clients were connected");
+    }
+
+    // Shutdown is not held up by them either (the drain gives up on them).
+    drop(stalled_tcp);
+    server.stop().await;
+    drop((stalled_tls, stalled_body));
 }
 
 #[tokio::test]

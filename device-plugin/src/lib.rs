@@ -40,7 +40,7 @@ pub mod scanner;
 mod server;
 mod watch;
 
-pub use plugin::{PluginConfig, RunningPlugin, SOCKET_PREFIX, socket_name, start};
+pub use plugin::{MAX_REQUEST_BYTES, PluginConfig, RunningPlugin, SOCKET_PREFIX, socket_name, start};
 
 /// What can stop the plugin from starting or running.
 #[derive(Debug, thiserror::Error)]

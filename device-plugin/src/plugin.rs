@@ -32,6 +32,11 @@ use crate::{Error, Result};
 /// Prefix of every socket this plugin serves: `vfplane-<pool>.sock`.
 pub const SOCKET_PREFIX: &str = "vfplane-";
 
+/// The largest request a pool's gRPC server decodes; larger ones are
+/// refused (`OutOfRange`) without ending the connection. The kubelet's
+/// largest, an Allocate naming every VF of a node, is a few kB.
+pub const MAX_REQUEST_BYTES: usize = 1 << 20;
+
 /// The socket file name of a pool.
 pub fn socket_name(pool: &str) -> String {
     format!("{SOCKET_PREFIX}{pool}.sock")
@@ -406,7 +411,7 @@ impl PoolRuntime {
         let name = shared.name.clone();
         let server = tokio::spawn(async move {
             let result = tonic::transport::Server::builder()
-                .add_service(DevicePluginServer::new(service))
+                .add_service(DevicePluginServer::new(service).max_decoding_message_size(MAX_REQUEST_BYTES))
                 .serve_with_incoming_shutdown(ReceiverStream::new(incoming_rx), async {
                     let _ = stop_rx.await;
                 })

@@ -820,3 +820,105 @@ async fn event_driven_probes_leave_the_periodic_probe_on_time() {
     .await;
     plugin.shutdown().await.unwrap();
 }
+
+/// Clients that send garbage, cut frames short, send too much or stall:
+/// each loses only its own connection or call, and the kubelet's next
+/// request on a fresh connection is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_truncated_huge_and_stalled_clients_leave_the_next_request_served() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::UnixStream;
+
+    /// The HTTP/2 client preface (RFC 9113, 3.4).
+    const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+    let node = Node::new(&[(0, 2)]);
+    node.write_config(ONE_POOL);
+    let plugin = node.start_plugin().await;
+    let socket = node.socket("fast");
+    let vf = node.pfs[0].vfs[0].to_string();
+    async fn served(socket: &std::path::Path, vf: &str) {
+        let mut client = client(socket).await;
+        client.get_device_plugin_options(dp::Empty {}).await.unwrap();
+        let reply = client
+            .allocate(allocate_request(&[&[vf.to_owned()]]))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(reply.container_responses.len(), 1);
+    }
+    // Hands the VF back, as the agent's scrub would, for the next call.
+    let state_dir = node.state_dir();
+    let release = |vf: &str| {
+        clear_handed_out(&state_dir, vf.parse().unwrap()).unwrap();
+    };
+    served(&socket, &vf).await;
+    release(&vf);
+
+    /// Writes `bytes` on a fresh connection, then reads until the plugin
+    /// hangs up (or `WAIT` passes, which fails the test).
+    async fn hung_up_on(socket: &std::path::Path, bytes: &[u8]) {
+        let mut stream = UnixStream::connect(socket).await.unwrap();
+        stream.write_all(bytes).await.unwrap();
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(WAIT, stream.read_to_end(&mut rest)).await;
+        assert!(read.is_ok(), "the plugin kept a connection that sent {bytes:?}");
+    }
+    // Not HTTP/2 at all.
+    hung_up_on(&socket, b"\x00\xffGET / HTTP/1.1\r\n\r\ngarbage").await;
+    served(&socket, &vf).await;
+    release(&vf);
+    // The preface, then a SETTINGS frame that claims 600 bytes and brings
+    // 6, then the stream closes: cut short.
+    let mut cut = PREFACE.to_vec();
+    cut.extend_from_slice(&[0, 2, 0x58, 0x4, 0, 0, 0, 0, 0, 0, 0x3, 0, 0, 0, 0x64]);
+    {
+        let mut stream = UnixStream::connect(&socket).await.unwrap();
+        stream.write_all(&cut).await.unwrap();
+        stream.shutdown().await.unwrap();
+    }
+    // The preface, then a frame of a type and length that make no sense
+    // (a DATA frame on stream 0): a protocol error, hung up on.
+    let mut nonsense = PREFACE.to_vec();
+    nonsense.extend_from_slice(&[0, 0, 0, 0x4, 0, 0, 0, 0, 0]); // empty SETTINGS
+    nonsense.extend_from_slice(&[0, 0, 4, 0x0, 0, 0, 0, 0, 0, 1, 2, 3, 4]); // DATA on stream 0
+    hung_up_on(&socket, &nonsense).await;
+    served(&socket, &vf).await;
+    release(&vf);
+
+    // A request over the limit: refused by name, the connection stays
+    // usable, and the pool still answers.
+    let mut client = client(&socket).await;
+    let huge = vec!["0000:00:10.0".to_owned(); vfplane_device_plugin::MAX_REQUEST_BYTES / 8];
+    let status = client
+        .allocate(allocate_request(&[&huge]))
+        .await
+        .expect_err("a request over the limit was taken");
+    assert_eq!(status.code(), Code::OutOfRange, "{status}");
+    let options = client.get_device_plugin_options(dp::Empty {}).await;
+    assert!(
+        options.is_ok(),
+        "the connection did not survive a refused request"
+    );
+    served(&socket, &vf).await;
+    release(&vf);
+
+    // Stalled clients held open while the kubelet is served: connections
+    // that never send a byte, and ones that stop inside the preface.
+    let mut stalled = Vec::new();
+    for i in 0..64 {
+        let mut stream = UnixStream::connect(&socket).await.unwrap();
+        if i % 2 == 1 {
+            stream.write_all(&PREFACE[..10]).await.unwrap();
+        }
+        stalled.push(stream);
+    }
+    for _ in 0..3 {
+        tokio::time::timeout(WAIT, served(&socket, &vf))
+            .await
+            .expect("the kubelet was not served while stalled clients were connected");
+        release(&vf);
+    }
+    drop(stalled);
+    plugin.shutdown().await.unwrap();
+}
