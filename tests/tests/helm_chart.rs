@@ -668,7 +668,7 @@ fn crds_ship_from_the_chart_and_parse_as_custom_resource_definitions() {
 }
 
 #[test]
-fn the_node_pod_mounts_the_host_and_only_the_agent_is_privileged() {
+fn the_node_pod_mounts_the_host_and_no_container_is_privileged() {
     let ds = case("defaults").daemonset();
     let spec = ds.spec.as_ref().unwrap();
     assert_eq!(
@@ -715,11 +715,28 @@ fn the_node_pod_mounts_the_host_and_only_the_agent_is_privileged() {
         Some("spec.nodeName")
     );
     assert_eq!(env_value(agent, "VFPLANE_LOG").as_deref(), Some("info"));
-    assert!(privileged(agent));
+    // Least privilege: root (sysfs and the state directories are root's)
+    // with three capabilities, each needed (see the template's comment).
+    assert!(!privileged(agent));
+    let sc = agent.security_context.as_ref().unwrap();
+    assert_eq!(sc.run_as_user, Some(0));
+    assert_eq!(sc.allow_privilege_escalation, Some(false));
+    assert_eq!(sc.read_only_root_filesystem, Some(true));
+    let caps = sc.capabilities.as_ref().unwrap();
+    assert_eq!(caps.drop.as_deref(), Some(&["ALL".to_owned()][..]));
+    assert_eq!(
+        caps.add.as_deref(),
+        Some(&["NET_ADMIN".to_owned(), "SYS_PTRACE".to_owned(), "DAC_READ_SEARCH".to_owned()][..])
+    );
+    assert_eq!(
+        sc.seccomp_profile.as_ref().map(|p| p.type_.as_str()),
+        Some("RuntimeDefault")
+    );
     let mounts = host_mounts(pod, agent);
     for (path, read_only) in [
         ("/sys", false),
-        ("/dev/vfio", false),
+        // It checks a VF's group node exists, never opens it.
+        ("/dev/vfio", true),
         ("/var/lib/kubelet/pod-resources", true),
         // Read only: the agent reads VF containers' cgroups, never writes them.
         ("/sys/fs/cgroup", true),
