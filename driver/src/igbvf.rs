@@ -222,6 +222,25 @@ pub enum MacSource {
     Random,
 }
 
+/// The page size (bytes) behind each of a device's DMA regions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DmaPageSizes {
+    /// The packet buffers.
+    pub mempool: usize,
+    /// The RX descriptor ring.
+    pub rx_ring: usize,
+    /// The TX descriptor ring.
+    pub tx_ring: usize,
+}
+
+impl DmaPageSizes {
+    /// The one page size of every region, or `None` when they differ (the
+    /// hugepages ran out part way through under `PagePolicy::Auto`).
+    pub fn uniform(self) -> Option<usize> {
+        (self.mempool == self.rx_ring && self.rx_ring == self.tx_ring).then_some(self.mempool)
+    }
+}
+
 /// A descriptor ring in DMA memory.
 #[derive(Debug)]
 struct Ring {
@@ -538,6 +557,17 @@ impl<R: RegisterSpace> IgbVf<R> {
         )
     }
 
+    /// The page sizes behind the device's DMA memory, as mapped (with
+    /// [`crate::dma::PagePolicy::Auto`] this says whether hugepages were
+    /// had).
+    pub fn dma_page_sizes(&self) -> DmaPageSizes {
+        DmaPageSizes {
+            mempool: self.pool.page_size(),
+            rx_ring: self.rx.ring.mem.page_size(),
+            tx_ring: self.tx.ring.mem.page_size(),
+        }
+    }
+
     /// The register space.
     pub fn registers(&self) -> &R {
         &self.regs
@@ -821,9 +851,16 @@ impl<R: RegisterSpace + InterruptLine> RxInterrupts for IgbVf<R> {
         // RX queue 0 -> vector 0; mailbox -> vector 2 (left masked).
         r.write32(regs::VTIVAR, regs::IVAR_VALID);
         r.write32(regs::VTIVAR_MISC, regs::IVAR_VALID | 2);
-        // Moderate to ~8 k interrupts/s while armed.
-        r.write32(regs::eitr(0), 500 << 2);
-        // Auto-clear the cause; auto-mask the vector when it fires.
+        // No throttling. The vector is unmasked only while the poller
+        // sleeps and masked as soon as it wakes, so there is no storm to
+        // moderate, and throttling would only delay the wake. It also
+        // doubled every wake on QEMU's igb: when the throttle timer
+        // expires, QEMU sends the vector's message again whether or not a
+        // cause is pending or the vector is masked
+        // (`igb_intrmgr_on_msix_throttling_timer`), one spurious wakeup
+        // per frame for a queue that sleeps between frames.
+        r.write32(regs::eitr(0), 0);
+        // Auto-clear the cause when the message is sent.
         r.write32(regs::EIAC, 1);
         r.write32(regs::EIAM, 1);
         r.write32(regs::EIMC, regs::EIMS_ALL);
@@ -833,6 +870,13 @@ impl<R: RegisterSpace + InterruptLine> RxInterrupts for IgbVf<R> {
 
     fn arm_rx_interrupt(&mut self) {
         if self.irq_enabled {
+            // Frames received while the vector was masked left their cause
+            // latched in EICR (write 1 to clear): unmasking with it set
+            // sends the message at once, for frames already taken. An
+            // interrupt that fired after the last wake left a count on the
+            // eventfd. Neither may end the sleep that follows.
+            self.regs.write32(regs::EICR, 1);
+            self.regs.discard_pending();
             self.regs.write32(regs::EIMS, 1);
         }
     }

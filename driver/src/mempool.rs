@@ -87,6 +87,12 @@ impl Mempool {
         self.entries
     }
 
+    /// Size of the pages backing the pool's memory: [`crate::dma::PAGE_2M`]
+    /// for hugepages, [`crate::dma::PAGE_4K`] otherwise.
+    pub fn page_size(&self) -> usize {
+        self.region.page_size()
+    }
+
     /// Buffers currently free.
     pub fn free_count(&self) -> usize {
         self.free_top.get()

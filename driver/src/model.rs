@@ -66,6 +66,9 @@ pub struct ModelConfig {
     /// Hold transmission: TDT writes queue descriptors but nothing is sent
     /// until [`Model::resume_tx`].
     pub tx_paused: bool,
+    /// The host cannot have the device's interrupt (as when VFIO refuses
+    /// MSI-X): enabling it fails with [`crate::poll::PollError::NoMsix`].
+    pub no_msix: bool,
 }
 
 /// One IOVA range of the model's IOMMU.
@@ -233,6 +236,12 @@ struct State {
     partial_bad: bool,
     rx_missed: u64,
     interrupts: u64,
+    /// Interrupt messages sent and not yet taken by the host (an eventfd's count).
+    signalled: u64,
+    /// Sleeps the driver began on the interrupt line.
+    waits: u64,
+    /// Frames delivered when the driver next sleeps on the interrupt line.
+    arrive_while_asleep: Vec<Vec<u8>>,
     gprc: u32,
     gptc: u32,
     gorc: u32,
@@ -295,6 +304,13 @@ impl State {
             regs::EIMS => {
                 let v = self.reg(regs::EIMS) | value;
                 self.set(regs::EIMS, v);
+                // Unmasking a vector whose cause is latched sends it now.
+                self.send_pending_interrupts();
+            }
+            // Write 1 to clear.
+            regs::EICR => {
+                let v = self.reg(regs::EICR) & !value;
+                self.set(regs::EICR, v);
             }
             regs::EIMC => {
                 let v = self.reg(regs::EIMS) & !value;
@@ -540,17 +556,30 @@ impl State {
         self.set(regs::rdh(0), head);
         self.gprc = self.gprc.wrapping_add(1);
         self.gorc = self.gorc.wrapping_add(data.len() as u32);
-        // RX queue 0's vector, if mapped and unmasked, fires.
+        // RX queue 0's vector, if mapped, latches its cause; unmasked, it
+        // fires.
         let ivar = self.reg(regs::VTIVAR);
         if ivar & regs::IVAR_VALID != 0 {
             let bit = 1 << (ivar & 0x3);
-            if self.reg(regs::EIMS) & bit != 0 {
-                self.interrupts += 1;
-                let cause = self.reg(regs::EICR) | bit;
-                self.set(regs::EICR, cause);
-            }
+            let cause = self.reg(regs::EICR) | bit;
+            self.set(regs::EICR, cause);
+            self.send_pending_interrupts();
         }
         true
+    }
+
+    /// Sends the message of every unmasked vector whose cause is set (the
+    /// host's eventfd counts it), then clears the causes EIAC auto-clears,
+    /// as the 82576 (and QEMU's igb) does.
+    fn send_pending_interrupts(&mut self) {
+        let firing = self.reg(regs::EICR) & self.reg(regs::EIMS) & regs::EIMS_ALL;
+        if firing == 0 {
+            return;
+        }
+        self.interrupts += u64::from(firing.count_ones());
+        self.signalled += u64::from(firing.count_ones());
+        let left = self.reg(regs::EICR) & !(firing & self.reg(regs::EIAC));
+        self.set(regs::EICR, left);
     }
 }
 
@@ -584,16 +613,29 @@ impl RegisterSpace for ModelRegisters {
 
 impl crate::poll::InterruptLine for ModelRegisters {
     fn enable(&mut self) -> Result<(), crate::poll::PollError> {
+        if self.state.borrow().config.no_msix {
+            return Err(crate::poll::PollError::NoMsix);
+        }
         Ok(())
     }
 
     fn wait(&self, _timeout: Duration) -> Result<bool, crate::poll::PollError> {
-        // The model cannot block: report whether an interrupt was raised
-        // since the last call.
+        // The model cannot block: report whether an interrupt message was
+        // sent since the last wait or discard (an eventfd's count, read and
+        // zeroed). Frames a test injects while the poller "sleeps" must be
+        // injected before the wait, so a test sees a sleep that no frame
+        // ends as a timeout.
         let mut state = self.state.borrow_mut();
-        let fired = state.reg(regs::EICR) != 0;
-        state.set(regs::EICR, 0);
-        Ok(fired)
+        state.waits += 1;
+        // Frames "on the wire" during this sleep arrive now.
+        for frame in std::mem::take(&mut state.arrive_while_asleep) {
+            state.receive(&frame);
+        }
+        Ok(std::mem::take(&mut state.signalled) > 0)
+    }
+
+    fn discard_pending(&self) -> bool {
+        std::mem::take(&mut self.state.borrow_mut().signalled) > 0
     }
 }
 
@@ -658,6 +700,9 @@ impl Model {
                 partial_bad: false,
                 rx_missed: 0,
                 interrupts: 0,
+                signalled: 0,
+                waits: 0,
+                arrive_while_asleep: Vec::new(),
                 gprc: 0,
                 gptc: 0,
                 gorc: 0,
@@ -758,9 +803,28 @@ impl Model {
         self.state.borrow().multicast.clone()
     }
 
-    /// Interrupts raised for RX queue 0.
+    /// Interrupt messages sent for RX queue 0's vector.
     pub fn interrupts(&self) -> u64 {
         self.state.borrow().interrupts
+    }
+
+    /// Times the driver slept on the interrupt line (called its `wait`).
+    pub fn interrupt_waits(&self) -> u64 {
+        self.state.borrow().waits
+    }
+
+    /// Delivers `frame` from the wire when the driver next sleeps on the
+    /// interrupt line (the model cannot block, so "a frame arrives while
+    /// the poller sleeps" is staged this way).
+    pub fn arrive_during_next_sleep(&self, frame: &[u8]) {
+        self.state.borrow_mut().arrive_while_asleep.push(frame.to_vec());
+    }
+
+    /// Makes the host side of the interrupt see a message the device never
+    /// sent (what an interrupt that fired after the last wake leaves on an
+    /// eventfd).
+    pub fn signal_stale_interrupt(&self) {
+        self.state.borrow_mut().signalled += 1;
     }
 
     /// A register's raw value (no read side effects).

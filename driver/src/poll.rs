@@ -1,6 +1,29 @@
 //! Hybrid polling: busy-poll a queue while frames come, then arm the
 //! queue's MSI-X interrupt and sleep until it fires, so an idle queue burns
 //! no core and a busy one never waits for an interrupt.
+//!
+//! Make a poller with [`Poller::for_device`]: it enables the device's RX
+//! interrupt for [`PollMode::Hybrid`] and, when that fails (no MSI-X, VFIO
+//! refuses the eventfd), falls back to [`PollMode::AlwaysPoll`]. The
+//! fallback is never silent: it is logged, [`Poller::fallback`] says what
+//! was asked for and why it could not be had, and [`PollStats::mode`] is
+//! the mode in use.
+//!
+//! # Sleeping and waking
+//! After `idle_polls` empty bursts the poller
+//! 1. discards interrupts left over from before (an eventfd count from an
+//!    interrupt that fired after the last wake; a cause the device latched
+//!    while the vector was masked),
+//! 2. unmasks the vector and looks at the ring once more (a frame that
+//!    landed before the unmask raised no interrupt),
+//! 3. sleeps until the interrupt or the caller's deadline, and masks the
+//!    vector again.
+//!
+//! A wake by the interrupt goes back to busy polling; a sleep that ended at
+//! the deadline leaves the poller idle, so the next call sleeps again after
+//! one look at the ring instead of spinning `idle_polls` times first. A
+//! wake whose next burst finds nothing is counted as spurious
+//! ([`PollStats::spurious_wakeups`]).
 
 use std::time::{Duration, Instant};
 
@@ -43,6 +66,10 @@ pub trait InterruptLine {
     /// # Errors
     /// When waiting fails or the line is not enabled.
     fn wait(&self, timeout: Duration) -> Result<bool, PollError>;
+
+    /// Forgets interrupts that fired before now (without blocking); returns
+    /// whether there were any.
+    fn discard_pending(&self) -> bool;
 }
 
 /// A device whose receive queue can raise an interrupt.
@@ -52,7 +79,8 @@ pub trait RxInterrupts: NicDevice {
     /// # Errors
     /// When the device or VFIO cannot.
     fn enable_rx_interrupt(&mut self) -> Result<(), PollError>;
-    /// Unmasks the RX interrupt.
+    /// Unmasks the RX interrupt, after discarding any interrupt that fired
+    /// or was latched before (so only a frame from now on wakes a sleep).
     fn arm_rx_interrupt(&mut self);
     /// Masks the RX interrupt.
     fn disarm_rx_interrupt(&mut self);
@@ -81,9 +109,11 @@ impl Default for PollMode {
     }
 }
 
-/// Counters of a [`Poller`].
+/// Counters of a [`Poller`], and the mode it runs in.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct PollStats {
+    /// The mode in use (after any fallback; see [`Poller::fallback`]).
+    pub mode: PollMode,
     /// Bursts that returned frames.
     pub busy_polls: u64,
     /// Bursts that returned nothing.
@@ -92,6 +122,17 @@ pub struct PollStats {
     pub sleeps: u64,
     /// Sleeps ended by the interrupt (not the timeout).
     pub wakeups: u64,
+    /// Wakeups whose next burst found no frame.
+    pub spurious_wakeups: u64,
+}
+
+/// Why a [`Poller`] does not run in the mode it was asked for.
+#[derive(Debug)]
+pub struct PollFallback {
+    /// The mode asked for.
+    pub requested: PollMode,
+    /// Why the device's interrupt could not be enabled.
+    pub reason: PollError,
 }
 
 /// Receives with a [`PollMode`].
@@ -99,23 +140,91 @@ pub struct PollStats {
 pub struct Poller {
     mode: PollMode,
     idle: u32,
+    /// The last sleep ended by the interrupt and no burst ran since.
+    woken: bool,
     stats: PollStats,
+    fallback: Option<PollFallback>,
 }
 
 impl Poller {
-    /// A poller in `mode`. For [`PollMode::Hybrid`] call
-    /// [`RxInterrupts::enable_rx_interrupt`] on the device first.
+    /// A poller in `mode`, for a device whose interrupt the caller set up:
+    /// for [`PollMode::Hybrid`] call [`RxInterrupts::enable_rx_interrupt`]
+    /// on the device first (or use [`Poller::for_device`], which does and
+    /// falls back when it fails).
     pub fn new(mode: PollMode) -> Self {
         Self {
             mode,
             idle: 0,
-            stats: PollStats::default(),
+            woken: false,
+            stats: PollStats {
+                mode,
+                ..PollStats::default()
+            },
+            fallback: None,
         }
+    }
+
+    /// A poller for `dev` in `mode`. For [`PollMode::Hybrid`] it enables
+    /// the device's RX interrupt; when that fails the poller busy-polls
+    /// ([`PollMode::AlwaysPoll`]) and keeps the reason.
+    ///
+    /// # Guarantees
+    /// Never fails and never falls back silently: a fallback is logged at
+    /// `warn`, [`Poller::fallback`] returns the mode asked for and the
+    /// error, and [`PollStats::mode`] reads [`PollMode::AlwaysPoll`].
+    pub fn for_device<D: RxInterrupts>(dev: &mut D, mode: PollMode) -> Self {
+        if !matches!(mode, PollMode::Hybrid { .. }) {
+            return Self::new(mode);
+        }
+        match dev.enable_rx_interrupt() {
+            Ok(()) => Self::new(mode),
+            Err(reason) => {
+                tracing::warn!(
+                    driver = dev.driver_name(),
+                    requested = ?mode,
+                    error = %error_chain(&reason),
+                    "cannot enable the RX interrupt: busy polling instead of hybrid polling"
+                );
+                let mut poller = Self::new(PollMode::AlwaysPoll);
+                poller.fallback = Some(PollFallback {
+                    requested: mode,
+                    reason,
+                });
+                poller
+            }
+        }
+    }
+
+    /// The mode in use.
+    pub fn mode(&self) -> PollMode {
+        self.mode
+    }
+
+    /// Why the poller busy-polls though hybrid polling was asked for;
+    /// `None` when it runs in the mode asked for.
+    pub fn fallback(&self) -> Option<&PollFallback> {
+        self.fallback.as_ref()
     }
 
     /// The poller's counters.
     pub fn stats(&self) -> PollStats {
         self.stats
+    }
+
+    /// Counts a burst's outcome; true when it returned frames.
+    fn counted(&mut self, n: usize) -> bool {
+        let woken = std::mem::take(&mut self.woken);
+        if n > 0 {
+            self.stats.busy_polls += 1;
+            self.idle = 0;
+            return true;
+        }
+        self.stats.empty_polls += 1;
+        if woken {
+            self.stats.spurious_wakeups += 1;
+        }
+        self.idle = self.idle.saturating_add(1);
+        false
     }
 
     /// Receives up to `max` frames into `out`, waiting at most `timeout`
@@ -134,13 +243,9 @@ impl Poller {
         let mut spins = 0u32;
         loop {
             let n = dev.rx_burst(out, max);
-            if n > 0 {
-                self.stats.busy_polls += 1;
-                self.idle = 0;
+            if self.counted(n) {
                 return Ok(n);
             }
-            self.stats.empty_polls += 1;
-            self.idle = self.idle.saturating_add(1);
             if let PollMode::Hybrid { idle_polls } = self.mode
                 && self.idle >= idle_polls
             {
@@ -154,8 +259,7 @@ impl Poller {
                 let n = dev.rx_burst(out, max);
                 if n > 0 {
                     dev.disarm_rx_interrupt();
-                    self.stats.busy_polls += 1;
-                    self.idle = 0;
+                    self.counted(n);
                     return Ok(n);
                 }
                 self.stats.sleeps += 1;
@@ -163,8 +267,14 @@ impl Poller {
                 dev.disarm_rx_interrupt();
                 if fired? {
                     self.stats.wakeups += 1;
+                    self.woken = true;
+                    // Traffic again: busy-poll before the next sleep.
+                    self.idle = 0;
+                } else {
+                    // The deadline: still idle, so the next call sleeps
+                    // again after one look instead of spinning first.
+                    return Ok(0);
                 }
-                self.idle = 0;
                 continue;
             }
             spins = spins.wrapping_add(1);
@@ -174,4 +284,16 @@ impl Poller {
             std::hint::spin_loop();
         }
     }
+}
+
+/// An error with its sources, one line.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
 }

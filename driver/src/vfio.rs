@@ -559,6 +559,12 @@ impl InterruptLine for VfioVf {
             Err(e) => Err(PollError::Wait(e)),
         }
     }
+
+    fn discard_pending(&self) -> bool {
+        // Non-blocking: Ok when the count was above zero (and is now zero),
+        // WouldBlock when it was zero.
+        self.irq.as_ref().is_some_and(|efd| efd.read().is_ok())
+    }
 }
 
 impl Drop for VfioVf {

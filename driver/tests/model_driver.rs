@@ -10,7 +10,7 @@ use proptest::prelude::*;
 use vfplane_driver::igbvf::{IgbVf, IgbVfConfig, IgbVfError, MacSource, multicast_hash};
 use vfplane_driver::mailbox::{MailboxError, MailboxTiming};
 use vfplane_driver::model::{Model, ModelConfig, ModelRegisters, PfBehaviour, PfConfig};
-use vfplane_driver::poll::{PollMode, Poller, RxInterrupts};
+use vfplane_driver::poll::{PollError, PollMode, Poller, RxInterrupts};
 use vfplane_driver::{MacAddress, NicDevice, PacketBuf};
 
 const PF_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
@@ -495,6 +495,142 @@ fn hybrid_poller_sleeps_when_idle_and_wakes_on_frames() {
         0
     );
     assert_eq!(always.stats().sleeps, 0);
+}
+
+#[test]
+fn hybrid_polling_without_an_interrupt_falls_back_to_busy_polling_and_says_why() {
+    let model = Model::new(ModelConfig {
+        no_msix: true,
+        ..ModelConfig::default()
+    });
+    let mut dev = up(&model, &fast_config());
+    let hybrid = PollMode::Hybrid { idle_polls: 16 };
+    let mut poller = Poller::for_device(&mut dev, hybrid);
+    assert_eq!(poller.mode(), PollMode::AlwaysPoll);
+    assert_eq!(
+        poller.stats().mode,
+        PollMode::AlwaysPoll,
+        "the stats show the mode in use"
+    );
+    let fallback = poller.fallback().expect("the fallback is kept");
+    assert_eq!(fallback.requested, hybrid);
+    assert!(
+        matches!(fallback.reason, PollError::NoMsix),
+        "{:?}",
+        fallback.reason
+    );
+    // It still receives, and busy-polls instead of sleeping.
+    let mut out = Vec::with_capacity(8);
+    assert_eq!(
+        poller
+            .recv(&mut dev, &mut out, 8, Duration::from_millis(5))
+            .unwrap(),
+        0
+    );
+    model.inject(&frame(1, 64));
+    assert_eq!(
+        poller
+            .recv(&mut dev, &mut out, 8, Duration::from_millis(5))
+            .unwrap(),
+        1
+    );
+    assert_eq!(poller.stats().sleeps, 0);
+    assert_eq!(model.interrupt_waits(), 0);
+
+    // Busy polling asked for needs no interrupt, and is no fallback.
+    let always = Poller::for_device(&mut dev, PollMode::AlwaysPoll);
+    assert!(always.fallback().is_none());
+}
+
+#[test]
+fn idle_hybrid_poller_sleeps_and_a_frame_wakes_it() {
+    let model = model_with(PfConfig::default());
+    let mut dev = up(&model, &fast_config());
+    let mut poller = Poller::for_device(&mut dev, PollMode::Hybrid { idle_polls: 16 });
+    assert!(poller.fallback().is_none());
+    assert_eq!(poller.stats().mode, PollMode::Hybrid { idle_polls: 16 });
+    let mut out = Vec::with_capacity(8);
+
+    // Idle: it spins 16 empty polls, then sleeps until the deadline.
+    assert_eq!(
+        poller
+            .recv(&mut dev, &mut out, 8, Duration::from_millis(5))
+            .unwrap(),
+        0
+    );
+    let idle = poller.stats();
+    assert_eq!(idle.sleeps, 1, "{idle:?}");
+    assert_eq!(idle.wakeups, 0);
+    assert_eq!(idle.empty_polls, 16);
+    assert_eq!(model.interrupt_waits(), 1);
+
+    // Still idle: the next call looks once and sleeps again, no spinning.
+    assert_eq!(
+        poller
+            .recv(&mut dev, &mut out, 8, Duration::from_millis(5))
+            .unwrap(),
+        0
+    );
+    let still = poller.stats();
+    assert_eq!(still.sleeps, 2);
+    assert_eq!(still.empty_polls, idle.empty_polls + 1, "{still:?}");
+
+    // A frame while it sleeps: the interrupt wakes it and it receives.
+    model.arrive_during_next_sleep(&frame(7, 64));
+    assert_eq!(
+        poller
+            .recv(&mut dev, &mut out, 8, Duration::from_secs(5))
+            .unwrap(),
+        1
+    );
+    assert_eq!(seq_of(out[0].as_slice()), 7);
+    let woke = poller.stats();
+    assert_eq!(woke.sleeps, 3);
+    assert_eq!(woke.wakeups, 1, "{woke:?}");
+    assert_eq!(woke.spurious_wakeups, 0);
+    assert_eq!(model.interrupts(), 1);
+    // Masked again once awake: a frame now raises no interrupt.
+    model.inject(&frame(8, 64));
+    assert_eq!(model.interrupts(), 1);
+}
+
+#[test]
+fn frames_taken_while_masked_do_not_wake_the_next_sleep() {
+    let model = model_with(PfConfig::default());
+    let mut dev = up(&model, &fast_config());
+    let mut poller = Poller::for_device(&mut dev, PollMode::Hybrid { idle_polls: 4 });
+    let mut out = Vec::with_capacity(8);
+    // Frames arrive and are taken while the vector is masked (busy
+    // polling): each latches the queue's cause in EICR.
+    for seq in 0..3 {
+        model.inject(&frame(seq, 64));
+        assert_eq!(
+            poller
+                .recv(&mut dev, &mut out, 8, Duration::from_millis(5))
+                .unwrap(),
+            1
+        );
+    }
+    assert_eq!(
+        model.peek(vfplane_driver::regs::EICR) & 1,
+        1,
+        "the cause is latched"
+    );
+    // An interrupt that fired after a wake left a count on the eventfd.
+    model.signal_stale_interrupt();
+    // Idle now: it sleeps, and neither the latched cause nor the stale
+    // count ends the sleep.
+    assert_eq!(
+        poller
+            .recv(&mut dev, &mut out, 8, Duration::from_millis(5))
+            .unwrap(),
+        0
+    );
+    let stats = poller.stats();
+    assert_eq!(stats.sleeps, 1, "{stats:?}");
+    assert_eq!(stats.wakeups, 0, "no spurious wakeup: {stats:?}");
+    assert_eq!(stats.spurious_wakeups, 0);
+    assert_eq!(model.interrupts(), 0, "unmasking sent no message for old causes");
 }
 
 #[derive(Debug, Clone)]
