@@ -2,10 +2,14 @@
 //! reports the count and the rate (first to last frame).
 //!
 //! `rxcount [--pci ..] [--count 10000] [--timeout 60] [--mode poll|hybrid]
-//!  [--idle-polls 10000]`
+//!  [--idle-polls 10000] [--idle-timeout S] [--rounds 1]`
 //!
 //! Prints `{"event":"ready",..}` once the VF is up (send after it), then
-//! one result line.
+//! one result line. With `--idle-timeout`, it stops that long after the
+//! last frame even when fewer than `--count` came (a rate measurement under
+//! loss). `--rounds N` counts N times in turn on the same open VF, a ready
+//! line before each. In hybrid mode, a VF whose interrupt cannot be had is
+//! busy-polled: `irq_error` says why and `mode_in_use` is `AlwaysPoll`.
 
 mod common;
 
@@ -14,7 +18,9 @@ use std::time::{Duration, Instant};
 
 use common::{Args, check_frame, emit, identity, open, run};
 use vfplane_driver::NicDevice;
-use vfplane_driver::poll::{PollMode, Poller, RxInterrupts};
+use vfplane_driver::igbvf::IgbVf;
+use vfplane_driver::poll::{PollMode, Poller};
+use vfplane_driver::vfio::VfioVf;
 
 fn main() {
     run("rxcount", || {
@@ -28,24 +34,51 @@ fn main() {
             },
             other => return Err(format!("--mode {other:?}: poll or hybrid")),
         };
+        let idle_timeout = match args.get("idle-timeout") {
+            Some(_) => Some(Duration::from_secs_f64(args.num("idle-timeout", 1.0)?)),
+            None => None,
+        };
+        let rounds: u32 = args.num("rounds", 1)?;
         let pci = args.pci()?;
         let mut dev = open(&args)?;
-        let mut irq_error = None;
-        if matches!(mode, PollMode::Hybrid { .. })
-            && let Err(e) = dev.enable_rx_interrupt()
-        {
-            irq_error = Some(common::chain(&e));
+        // Hybrid polling falls back to busy polling, with the reason, when
+        // the VF's interrupt cannot be had.
+        let mut poller = Poller::for_device(&mut dev, mode);
+        let irq_error = poller.fallback().map(|f| common::chain(&f.reason));
+        for _ in 0..rounds {
+            count_round(
+                &mut dev,
+                &mut poller,
+                &pci,
+                mode,
+                irq_error.as_deref(),
+                count,
+                timeout,
+                idle_timeout,
+            )?;
         }
-        let mut ready = identity(&dev, &pci);
+        Ok(())
+    });
+}
+
+/// One round: a ready line, frames counted, a result line.
+#[allow(clippy::too_many_arguments)]
+fn count_round(
+    dev: &mut IgbVf<VfioVf>,
+    poller: &mut Poller,
+    pci: &str,
+    mode: PollMode,
+    irq_error: Option<&str>,
+    count: u64,
+    timeout: Duration,
+    idle_timeout: Option<Duration>,
+) -> Result<(), String> {
+    {
+        let mut ready = identity(dev, pci);
         ready["tool"] = "rxcount".into();
         ready["event"] = "ready".into();
         emit(&ready);
-
-        let mut poller = Poller::new(if irq_error.is_some() {
-            PollMode::AlwaysPoll
-        } else {
-            mode
-        });
+        let (hw_before, _, _, _) = dev.hw_counters();
         let mut batch = Vec::with_capacity(64);
         let (mut good, mut bad, mut other) = (0u64, 0u64, 0u64);
         let mut seen = HashSet::with_capacity(count as usize);
@@ -58,8 +91,13 @@ fn main() {
             if left.is_zero() {
                 break;
             }
+            if let (Some(idle), Some(_)) = (idle_timeout, first)
+                && last.elapsed() > idle
+            {
+                break;
+            }
             let n = poller
-                .recv(&mut dev, &mut batch, 64, left.min(Duration::from_millis(200)))
+                .recv(dev, &mut batch, 64, left.min(Duration::from_millis(200)))
                 .map_err(|e| common::chain(&e))?;
             if n == 0 {
                 continue;
@@ -88,7 +126,7 @@ fn main() {
         let stats = dev.stats();
         let (hw_rx, _, _, _) = dev.hw_counters();
         let ps = poller.stats();
-        let mut line = identity(&dev, &pci);
+        let mut line = identity(dev, pci);
         line["tool"] = "rxcount".into();
         line["expected"] = count.into();
         line["received"] = good.into();
@@ -105,17 +143,19 @@ fn main() {
             0.0
         }
         .into();
-        line["hw_rx_packets"] = hw_rx.into();
+        line["hw_rx_packets"] = hw_rx.wrapping_sub(hw_before).into();
         line["rx_drops"] = stats.rx_drops.into();
         line["rx_errors"] = stats.rx_errors.into();
         line["rx_no_buffer"] = stats.rx_no_buffer.into();
         line["mode"] = format!("{mode:?}").into();
+        line["mode_in_use"] = format!("{:?}", ps.mode).into();
         line["irq_error"] = irq_error.into();
         line["poll"] = serde_json::json!({
             "busy_polls": ps.busy_polls, "empty_polls": ps.empty_polls,
             "sleeps": ps.sleeps, "wakeups": ps.wakeups,
+            "spurious_wakeups": ps.spurious_wakeups,
         });
         emit(&line);
         Ok(())
-    });
+    }
 }

@@ -493,24 +493,9 @@ impl VfioDma {
         lock_state(&self.state).mapped_bytes
     }
 
-    fn host_memory(&self, len: usize) -> Result<HostMemory, DmaError> {
-        match self.policy {
-            PagePolicy::Hugepages => HostMemory::map(len, PAGE_2M),
-            PagePolicy::SmallPages => HostMemory::map(len, PAGE_4K),
-            PagePolicy::Auto => HostMemory::map(len, PAGE_2M).or_else(|error| {
-                tracing::debug!(%error, "no 2 MiB hugepages; using 4 KiB pages");
-                HostMemory::map(len, PAGE_4K)
-            }),
-        }
-    }
-}
-
-impl DmaAllocator for VfioDma {
-    fn allocate(&self, len: usize) -> Result<DmaRegion, DmaError> {
-        if len == 0 {
-            return Err(DmaError::Empty);
-        }
-        let host = self.host_memory(len)?;
+    /// Host memory of `page_size` pages, mapped into the IOMMU.
+    fn map_pages(&self, len: usize, page_size: usize) -> Result<DmaRegion, DmaError> {
+        let host = HostMemory::map(len, page_size)?;
         let mut state = lock_state(&self.state);
         let iova = state
             .iova
@@ -558,6 +543,40 @@ impl DmaAllocator for VfioDma {
         // IOMMU maps `iova` to it for the device.
         Ok(unsafe { DmaRegion::from_raw_parts(ptr, full_len, iova, page_size, Box::new(backing)) })
     }
+}
+
+impl DmaAllocator for VfioDma {
+    fn allocate(&self, len: usize) -> Result<DmaRegion, DmaError> {
+        if len == 0 {
+            return Err(DmaError::Empty);
+        }
+        match self.policy {
+            PagePolicy::Hugepages => self.map_pages(len, PAGE_2M),
+            PagePolicy::SmallPages => self.map_pages(len, PAGE_4K),
+            // Hugepages can fail at either step: mmap, when none are free
+            // (or a hugetlb cgroup's reservation limit says no), or the
+            // IOMMU mapping, when the pages could not be faulted in (a
+            // hugetlb cgroup's `hugetlb.2MB.max` is enforced at fault time,
+            // which MAP_POPULATE does not report; VFIO's pinning then fails,
+            // as under a kubelet that gives a pod no hugepages).
+            PagePolicy::Auto => self.map_pages(len, PAGE_2M).or_else(|error| {
+                tracing::info!(len, error = %error_chain(&error), "2 MiB hugepages cannot back DMA memory; using 4 KiB pages");
+                self.map_pages(len, PAGE_4K)
+            }),
+        }
+    }
+}
+
+/// An error with its sources, one line.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
 }
 
 #[cfg(test)]

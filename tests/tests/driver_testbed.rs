@@ -5,6 +5,13 @@
 //! One guest runs four phases in order, the host side playing the wire:
 //! 1. `pktgen` sends 10,000 frames: the host receives all 10,000, byte exact;
 //! 2. the host sends 10,000 frames: `rxcount` counts all 10,000;
+//!
+//!    phases 1 and 2 run twice, with the DMA memory on 2 MiB hugepages (the
+//!    guest reserves 64 MiB of them) and on 4 KiB pages, each program
+//!    reporting the pages it really got; then `pktgen` with the automatic
+//!    choice takes hugepages, and inside a cgroup whose `hugetlb.2MB.max`
+//!    is 0 (what the kubelet gives a pod that asks for no hugepages) falls
+//!    back to 4 KiB pages and still sends every frame;
 //! 3. the host sends 2,000 frames: `echo` returns every one, MACs swapped;
 //! 4. `isolation` points a TX and an RX descriptor at the physical address
 //!    of a canary page it never mapped for the device: the guest kernel
@@ -30,6 +37,12 @@ const FRAMES: u32 = 10_000;
 const ECHO_FRAMES: u32 = 2_000;
 const SIZE: usize = 60;
 const MARKER: u32 = 0x00C0_FFEE;
+/// Frames of each `pktgen --pages auto` run.
+const AUTO_FRAMES: u32 = 200;
+const PAGE_2M: u64 = 2 * 1024 * 1024;
+const PAGE_4K: u64 = 4096;
+/// The page policies phases 1 and 2 run with, and the page size each must get.
+const PAGES: [(&str, u64); 2] = [("huge", PAGE_2M), ("small", PAGE_4K)];
 
 fn script() -> String {
     format!(
@@ -38,8 +51,16 @@ vf=0000:00:12.0
 echo vfio-pci > /sys/bus/pci/devices/$vf/driver_override
 echo $vf > /sys/bus/pci/drivers_probe
 [ -e /sys/bus/pci/devices/$vf/driver ] || {{ echo "VF not bound"; exit 1; }}
-pktgen --pci $vf --count {FRAMES} --size {SIZE} --dst {HOST_MAC_TEXT} --warmup 500
-rxcount --pci $vf --count {FRAMES} --timeout 120
+grep -i hugepages_ /proc/meminfo
+for pages in huge small; do
+  pktgen --pci $vf --count {FRAMES} --size {SIZE} --dst {HOST_MAC_TEXT} --warmup 500 --pages $pages
+  rxcount --pci $vf --count {FRAMES} --timeout 120 --pages $pages
+done
+pktgen --pci $vf --count {AUTO_FRAMES} --size {SIZE} --dst {HOST_MAC_TEXT} --pages auto
+echo +hugetlb > /sys/fs/cgroup/cgroup.subtree_control
+mkdir -p /sys/fs/cgroup/nohuge
+echo 0 > /sys/fs/cgroup/nohuge/hugetlb.2MB.max
+sh -c 'echo $$ > /sys/fs/cgroup/nohuge/cgroup.procs && exec pktgen --pci '$vf' --count {AUTO_FRAMES} --size {SIZE} --dst {HOST_MAC_TEXT} --pages auto'
 # the example, not the shell's echo builtin
 /usr/local/bin/echo --pci $vf --count {ECHO_FRAMES} --idle-timeout 60
 isolation --pci $vf --dst {HOST_MAC_TEXT} --timeout 60
@@ -58,6 +79,18 @@ fn parse_mac(text: &str) -> [u8; 6] {
 
 /// Waits for a JSON line of the guest's output that `pick` accepts.
 fn wait_for(guest: &RunningGuest, what: &str, timeout: Duration, pick: impl Fn(&Value) -> bool) -> Value {
+    wait_for_nth(guest, what, timeout, 0, pick)
+}
+
+/// Waits for the `nth` (from 0) JSON line of the guest's output that `pick`
+/// accepts.
+fn wait_for_nth(
+    guest: &RunningGuest,
+    what: &str,
+    timeout: Duration,
+    nth: usize,
+    pick: impl Fn(&Value) -> bool,
+) -> Value {
     let deadline = Instant::now() + timeout;
     loop {
         let output = guest.output_so_far();
@@ -65,7 +98,8 @@ fn wait_for(guest: &RunningGuest, what: &str, timeout: Duration, pick: impl Fn(&
             .lines()
             .filter(|l| l.starts_with('{'))
             .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .find(|v| pick(v));
+            .filter(|v| pick(v))
+            .nth(nth);
         if let Some(v) = found {
             return v;
         }
@@ -129,59 +163,98 @@ fn vf_on_vfio_sends_receives_echoes_and_is_isolated() {
     let guest = testbed.start(&script(), &options).expect("guest starts");
     let wire = guest.listen_wire(0).expect("listen on the PF link");
 
-    // 1. pktgen -> host.
-    let pktgen = wait_for(&guest, "pktgen result", Duration::from_secs(300), |v| {
-        v["tool"] == "pktgen"
-    });
-    assert_no_error(&pktgen);
-    wire.settle(Duration::from_secs(2));
-    let vf_mac = parse_mac(pktgen["mac"].as_str().expect("mac"));
-    let received = wire.take_from(vf_mac, ETHERTYPE_TEST);
-    let mut seen = HashSet::new();
-    let mut wrong = 0;
-    for f in &received {
-        let seq = u32::from_be_bytes([f[14], f[15], f[16], f[17]]);
-        if *f == test_frame(HOST_MAC, vf_mac, seq, SIZE) && seq < FRAMES {
-            seen.insert(seq);
-        } else {
-            wrong += 1;
+    for (round, (pages, page_size)) in PAGES.into_iter().enumerate() {
+        // 1. pktgen -> host.
+        let pktgen = wait_for_nth(&guest, "pktgen result", Duration::from_secs(300), round, |v| {
+            v["tool"] == "pktgen"
+        });
+        assert_no_error(&pktgen);
+        wire.settle(Duration::from_secs(2));
+        let vf_mac = parse_mac(pktgen["mac"].as_str().expect("mac"));
+        let received = wire.take_from(vf_mac, ETHERTYPE_TEST);
+        let mut seen = HashSet::new();
+        let mut wrong = 0;
+        for f in &received {
+            let seq = u32::from_be_bytes([f[14], f[15], f[16], f[17]]);
+            if *f == test_frame(HOST_MAC, vf_mac, seq, SIZE) && seq < FRAMES {
+                seen.insert(seq);
+            } else {
+                wrong += 1;
+            }
         }
-    }
-    eprintln!("pktgen: {pktgen}");
-    assert_eq!(pktgen["sent"], FRAMES);
-    assert_eq!(
-        pktgen["hw_tx_packets"], FRAMES,
-        "the VF counted every frame: {pktgen}"
-    );
-    assert_eq!(wrong, 0, "frames with wrong bytes");
-    assert_eq!(seen.len() as u32, FRAMES, "host received every pktgen frame");
-    assert_eq!(received.len() as u32, FRAMES, "and no duplicates");
+        eprintln!("pktgen --pages {pages}: {pktgen}");
+        assert_eq!(
+            pktgen["dma_page_size"], page_size,
+            "--pages {pages}: the DMA memory is on the pages asked for: {pktgen}"
+        );
+        assert_eq!(pktgen["sent"], FRAMES);
+        assert_eq!(
+            pktgen["hw_tx_packets"], FRAMES,
+            "the VF counted every frame: {pktgen}"
+        );
+        assert_eq!(wrong, 0, "frames with wrong bytes");
+        assert_eq!(seen.len() as u32, FRAMES, "host received every pktgen frame");
+        assert_eq!(received.len() as u32, FRAMES, "and no duplicates");
 
-    // 2. host -> rxcount.
-    let ready = wait_for(
-        &guest,
-        "rxcount ready",
-        Duration::from_secs(120),
-        tool_line("rxcount", Some("ready")),
-    );
-    assert_no_error(&ready);
-    let vf_mac = parse_mac(ready["mac"].as_str().expect("mac"));
-    send_paced(
-        &guest,
-        (0..FRAMES).map(|seq| test_frame(vf_mac, HOST_MAC, seq, SIZE)),
-        10_000,
-    );
-    let rxcount = wait_for(&guest, "rxcount result", Duration::from_secs(180), |v| {
-        v["tool"] == "rxcount" && (v.get("received").is_some() || v.get("error").is_some())
-    });
-    eprintln!("rxcount: {rxcount}");
-    assert_no_error(&rxcount);
-    assert_eq!(
-        rxcount["received"], FRAMES,
-        "rxcount counted every frame: {rxcount}"
-    );
-    assert_eq!(rxcount["unique"], FRAMES);
-    assert_eq!(rxcount["bad"], 0);
+        // 2. host -> rxcount.
+        let ready = wait_for_nth(
+            &guest,
+            "rxcount ready",
+            Duration::from_secs(120),
+            round,
+            tool_line("rxcount", Some("ready")),
+        );
+        assert_no_error(&ready);
+        assert_eq!(ready["dma_page_size"], page_size, "--pages {pages}: {ready}");
+        let vf_mac = parse_mac(ready["mac"].as_str().expect("mac"));
+        send_paced(
+            &guest,
+            (0..FRAMES).map(|seq| test_frame(vf_mac, HOST_MAC, seq, SIZE)),
+            10_000,
+        );
+        let rxcount = wait_for_nth(&guest, "rxcount result", Duration::from_secs(180), round, |v| {
+            v["tool"] == "rxcount" && (v.get("received").is_some() || v.get("error").is_some())
+        });
+        eprintln!("rxcount --pages {pages}: {rxcount}");
+        assert_no_error(&rxcount);
+        assert_eq!(
+            rxcount["received"], FRAMES,
+            "rxcount counted every frame: {rxcount}"
+        );
+        assert_eq!(rxcount["unique"], FRAMES);
+        assert_eq!(rxcount["bad"], 0);
+        assert_eq!(rxcount["dma_page_size"], page_size);
+    }
+
+    // The automatic choice: hugepages when there are, and 4 KiB pages
+    // under a hugetlb limit of 0, with every frame sent either way.
+    for (nth, (place, page_size)) in [("no hugetlb limit", PAGE_2M), ("hugetlb.2MB.max 0", PAGE_4K)]
+        .into_iter()
+        .enumerate()
+    {
+        let pktgen = wait_for_nth(
+            &guest,
+            "pktgen --pages auto result",
+            Duration::from_secs(120),
+            PAGES.len() + nth,
+            |v| v["tool"] == "pktgen",
+        );
+        eprintln!("pktgen --pages auto, {place}: {pktgen}");
+        assert_no_error(&pktgen);
+        assert_eq!(
+            pktgen["dma_page_size"], page_size,
+            "--pages auto, {place}: {pktgen}"
+        );
+        wire.settle(Duration::from_secs(1));
+        let vf_mac = parse_mac(pktgen["mac"].as_str().expect("mac"));
+        let received = wire.take_from(vf_mac, ETHERTYPE_TEST);
+        assert_eq!(pktgen["hw_tx_packets"], AUTO_FRAMES, "{pktgen}");
+        assert_eq!(
+            received.len() as u32,
+            AUTO_FRAMES,
+            "--pages auto, {place}: every frame on the wire"
+        );
+    }
 
     // 3. host -> echo -> host.
     let ready = wait_for(
@@ -337,6 +410,10 @@ grep -i vfio /proc/interrupts || true
     eprintln!("hybrid rxcount: {result}\n{}", outcome.output);
     assert_no_error(&result);
     assert_eq!(result["irq_error"], Value::Null, "MSI-X enabled: {result}");
+    assert_eq!(
+        result["mode_in_use"], "Hybrid { idle_polls: 2000 }",
+        "no fallback to busy polling: {result}"
+    );
     assert_eq!(result["received"], SLOW_FRAMES, "{result}");
     let sleeps = result["poll"]["sleeps"].as_u64().unwrap_or(0);
     let wakeups = result["poll"]["wakeups"].as_u64().unwrap_or(0);

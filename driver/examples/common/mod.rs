@@ -92,14 +92,44 @@ pub fn chain(error: &dyn std::error::Error) -> String {
     text
 }
 
-/// The device's identity as JSON fields.
-pub fn identity<D: NicDevice>(dev: &D, pci: &str) -> serde_json::Value {
+/// The device's identity as JSON fields, with the pages behind its DMA
+/// memory (`dma_page_size`: 2097152 for 2 MiB hugepages, 4096 for 4 KiB
+/// pages, null when its regions differ).
+pub fn identity(dev: &IgbVf<VfioVf>, pci: &str) -> serde_json::Value {
+    let pages = dev.dma_page_sizes();
     serde_json::json!({
         "pci": pci,
         "mac": dev.mac().to_string(),
         "link_up": dev.link().up,
         "speed_mbps": dev.link().speed_mbps,
+        "dma_page_size": pages.uniform(),
+        "dma_pages": {"mempool": pages.mempool, "rx_ring": pages.rx_ring, "tx_ring": pages.tx_ring},
     })
+}
+
+/// User plus system CPU time of this process so far, in seconds, from
+/// `/proc/self/stat` (fields 14 and 15, in clock ticks).
+pub fn cpu_seconds() -> Result<f64, String> {
+    let stat = std::fs::read_to_string("/proc/self/stat").map_err(|e| format!("/proc/self/stat: {e}"))?;
+    // The command name (field 2) may hold spaces: count from after its ')'.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .ok_or("/proc/self/stat: no ')'")?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // `rest` starts at field 3 (state): utime is field 14, stime field 15.
+    let ticks = |i: usize| -> Result<u64, String> {
+        fields
+            .get(i - 3)
+            .and_then(|f| f.parse().ok())
+            .ok_or_else(|| format!("/proc/self/stat: field {i}"))
+    };
+    // SAFETY: sysconf reads a system constant; no memory is passed.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if hz <= 0 {
+        return Err("sysconf(_SC_CLK_TCK) failed".to_owned());
+    }
+    Ok((ticks(14)? + ticks(15)?) as f64 / hz as f64)
 }
 
 /// Prints one JSON line and flushes.
