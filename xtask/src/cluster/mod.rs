@@ -738,7 +738,7 @@ fn run_dir(workspace: &Path) -> Result<PathBuf> {
 
 /// The kubelet's configuration: cgroupfs on cgroup v2, containerd's
 /// socket, x509 and webhook authentication, thresholds that fit a guest
-/// whose root is a tmpfs.
+/// whose root is a tmpfs, a 2 s cap on container restart backoff.
 fn kubelet_config() -> String {
     format!(
         r#"apiVersion: kubelet.config.k8s.io/v1beta1
@@ -768,6 +768,11 @@ evictionHard:
   imagefs.available: 1%
 imageGCHighThresholdPercent: 100
 imageGCLowThresholdPercent: 99
+# A killed container comes back within 2 s rather than after a backoff of
+# up to 5 min: the crash campaign kills vfplane's containers 100 times and
+# measures vfplane's recovery, not the kubelet's patience.
+crashLoopBackOff:
+  maxContainerRestartPeriod: 2s
 "#
     )
 }

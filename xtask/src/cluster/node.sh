@@ -35,7 +35,15 @@ mkdir -p /var/lib/containerd /run/containerd /var/lib/kubelet /var/log/pods /etc
 # (LimitMEMLOCK 8 MiB), not the testbed's unlimited one: a poll-mode driver
 # must get more through its pool's profile.
 ulimit -l 8192
-containerd --config /etc/containerd/config.toml > /dev/ttyS3 2>&1 &
+# containerd restarts when it exits, as under a service manager (the
+# restart campaign kills it; running containers live on in their shims).
+(
+  while :; do
+    containerd --config /etc/containerd/config.toml > /dev/ttyS3 2>&1
+    echo "node: containerd exited ($?), restarting in 1 s"
+    sleep 1
+  done
+) &
 i=0
 until ctr version > /dev/null 2>&1; do
   i=$((i + 1))

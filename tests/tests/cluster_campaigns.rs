@@ -1,0 +1,45 @@
+//! The reliability campaigns (`xtask::campaign`) on the real node, vfplane
+//! installed by Helm: pods churned through the kubelet, the agent and the
+//! device plugin SIGKILLed, the kubelet and containerd restarted, the PF's
+//! link taken down and up. Each prints its figures; a dirty VF, a pod that
+//! lost its VF or anything left behind fails it.
+//!
+//! CI runs the short versions; `cargo xtask test --slow` (or
+//! `cargo xtask campaign`) the lengths the reliability issue asks for.
+//! `VFPLANE_CAMPAIGN_SEED` repeats a run's random moments.
+
+#![allow(clippy::expect_used)] // test: a panic is the failure report
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use xtask::campaign::{self, Options};
+use xtask::testbed::Testbed;
+
+fn seed() -> u64 {
+    std::env::var("VFPLANE_CAMPAIGN_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(1, |d| d.as_secs())
+        })
+}
+
+fn run(options: &Options) {
+    let testbed = Testbed::prepare().expect("testbed");
+    let report = campaign::run(&testbed, options, &["churn", "crashes", "restarts", "faults"])
+        .unwrap_or_else(|e| panic!("campaign failed (seed {}): {e:#}", options.seed));
+    eprintln!("\n== campaigns (seed {})\n{}", options.seed, report.text());
+}
+
+#[test]
+fn short_campaigns_leave_the_node_clean_and_every_vf_scrubbed() {
+    run(&Options::short(seed()));
+}
+
+#[test]
+#[ignore = "slow: 200 pods, 100 SIGKILLs and 20 kubelet restarts on the emulated node (about 1.5 h)"]
+fn long_campaigns_leave_the_node_clean_and_every_vf_scrubbed() {
+    run(&Options::long(seed()));
+}

@@ -1,0 +1,965 @@
+//! Reliability campaigns on the real node: pods churned through the real
+//! kubelet, the agent and the device plugin killed with SIGKILL, the
+//! kubelet and containerd restarted, the PF's link taken down. Each
+//! campaign prints what it did and its figures, and fails naming the first
+//! thing that leaked or went wrong.
+//!
+//! Every campaign runs on one pool, [`POOL`]: [`TOTAL_VFS`] trusted
+//! vfio-pci VFs of the testbed's PF, with locked memory for the driver.
+//! Each pod the campaigns make runs the driver on every VF it was given:
+//! first `pktgen` as it found the VF, whose MAC must be the spec's (a VF
+//! handed out without its scrub would still carry the previous tenant's),
+//! then `pktgen --mac` with a MAC of its own through the PF mailbox, so
+//! the next tenant finds the VF dirty unless the agent scrubbed it.
+//!
+//! The checks between and after campaigns ([`Campaigns::check_clean`]):
+//! every VF of the pool Healthy, unowned, carrying its spec MAC and
+//! advertised; no handed-out mark, container record or CDI spec beyond
+//! the plugin's one left on the node.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::fmt::Write as _;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, bail, ensure};
+use serde_json::Value;
+
+use crate::cluster::images::VFPLANE_IMAGE;
+use crate::cluster::{Cluster, NODE_NAME};
+use crate::session::{NAMESPACE, Session, node_vf_statuses};
+use crate::testbed::wire::test_frame;
+
+/// The campaigns' pool.
+pub const POOL: &str = "churn";
+/// VFs in the pool (the testbed's 82576 has 7).
+pub const TOTAL_VFS: usize = 6;
+/// The MAC the long-lived pod of the crash campaign gives its VF.
+const ANCHOR_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0xaa, 0x00, 0x01];
+/// The source MAC of the frames the host sends it.
+const HOST_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x00, 0xaa];
+/// How long one pod may take to run its driver checks.
+const POD_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long the node may take to settle after a campaign or a fault.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// How much of each campaign to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Options {
+    /// Pods created and deleted by the churn campaign.
+    pub pods: u32,
+    /// Churn pods alive at once.
+    pub parallel: u32,
+    /// SIGKILLs of the agent (the device plugin gets as many).
+    pub kills: u32,
+    /// Kubelet restarts.
+    pub kubelet_restarts: u32,
+    /// Seed of the random moments and VF counts.
+    pub seed: u64,
+}
+
+impl Options {
+    /// The versions CI runs.
+    pub fn short(seed: u64) -> Self {
+        Self {
+            pods: 12,
+            parallel: 3,
+            kills: 3,
+            kubelet_restarts: 3,
+            seed,
+        }
+    }
+
+    /// The versions the issue asks for (slow tests).
+    pub fn long(seed: u64) -> Self {
+        Self {
+            pods: 200,
+            parallel: 3,
+            kills: 50,
+            kubelet_restarts: 20,
+            seed,
+        }
+    }
+}
+
+/// A small, seeded xorshift: the campaigns' random moments, reproducible
+/// from the seed they print.
+#[derive(Debug, Clone)]
+pub struct Moments(u64);
+
+impl Moments {
+    /// From a seed (0 is replaced: xorshift would stay at 0).
+    pub fn new(seed: u64) -> Self {
+        Self(seed.max(1))
+    }
+
+    fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.0 = x;
+        x
+    }
+
+    /// A duration in `[0, max)`.
+    pub fn within(&mut self, max: Duration) -> Duration {
+        let millis = u64::try_from(max.as_millis()).unwrap_or(u64::MAX).max(1);
+        Duration::from_millis(self.next() % millis)
+    }
+
+    /// 1 or 2.
+    pub fn vfs(&mut self) -> u32 {
+        1 + u32::from(!self.next().is_multiple_of(2))
+    }
+}
+
+/// Median and worst of a list of durations, in seconds.
+pub fn median_and_worst(times: &[Duration]) -> (f64, f64) {
+    let mut sorted: Vec<f64> = times.iter().map(Duration::as_secs_f64).collect();
+    sorted.sort_by(f64::total_cmp);
+    let median = sorted.get(sorted.len() / 2).copied().unwrap_or(f64::NAN);
+    let worst = sorted.last().copied().unwrap_or(f64::NAN);
+    (median, worst)
+}
+
+/// What a campaign measured, printed at its end.
+#[derive(Debug, Default)]
+pub struct Report {
+    lines: Vec<String>,
+}
+
+impl Report {
+    fn add(&mut self, line: String) {
+        eprintln!("campaign: {line}");
+        self.lines.push(line);
+    }
+
+    /// Every figure, one per line.
+    pub fn text(&self) -> String {
+        self.lines.join("\n")
+    }
+}
+
+/// RSS and open descriptors of one of vfplane's node processes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Footprint {
+    /// Resident set, KiB.
+    pub rss_kib: u64,
+    /// Open file descriptors.
+    pub fds: u64,
+}
+
+/// The campaigns over one session with vfplane installed.
+#[derive(Debug)]
+pub struct Campaigns<'a> {
+    session: &'a mut Session,
+    /// Each VF of the pool and the MAC its spec gives it.
+    clean_macs: BTreeMap<String, String>,
+    moments: Moments,
+    next_pod: u32,
+    report: Report,
+}
+
+/// The pool's policy: trusted vfio-pci VFs (a tenant may set its MAC
+/// through the PF) with the locked memory the driver needs.
+fn policy() -> String {
+    format!(
+        r#"apiVersion: vfplane.io/v1alpha1
+kind: VfPolicy
+metadata:
+  name: {POOL}
+spec:
+  nodeSelector:
+    vfplane.io/sriov: "true"
+  nicSelector:
+    pciAddresses: ["0000:00:02.0"]
+  numVfs: {TOTAL_VFS}
+  deviceType: vfio-pci
+  resourceName: {POOL}
+  trust: true
+  containerProfile:
+    lockedMemory: 64Mi
+    pids: 64
+"#
+    )
+}
+
+/// A pod of user 1000 without capabilities, asking for `vfs` VFs, running
+/// `script`, then sleeping.
+fn pod(name: &str, vfs: u32, script: &str) -> String {
+    format!(
+        r#"apiVersion: v1
+kind: Pod
+metadata:
+  name: {name}
+  labels:
+    campaign: "true"
+spec:
+  restartPolicy: Never
+  terminationGracePeriodSeconds: 1
+  securityContext:
+    runAsUser: 1000
+    runAsGroup: 1000
+    runAsNonRoot: true
+  containers:
+    - name: app
+      image: {VFPLANE_IMAGE}
+      imagePullPolicy: IfNotPresent
+      command: ["sh", "-c", {script:?}]
+      securityContext:
+        allowPrivilegeEscalation: false
+        capabilities:
+          drop: ["ALL"]
+      resources:
+        limits:
+          vfplane.io/{POOL}: {vfs}
+"#
+    )
+}
+
+/// The MAC pod `n` gives its `i`th VF: `02:00:00:cc:<n>:<i>`.
+fn tenant_mac(n: u32, i: usize) -> String {
+    format!("02:00:00:cc:{:02x}:{:02x}", n % 256, (n / 256) * 4 + u32::try_from(i).unwrap_or(0))
+}
+
+/// The churn pod's script: for each VF, the driver as found, then with the
+/// pod's own MAC; `churn-ready` once done.
+fn churn_script(n: u32) -> String {
+    let env = format!("PCIDEVICE_VFPLANE_IO_{}", POOL.to_uppercase());
+    format!(
+        "set -e; i=0; for vf in $(echo \"${env}\" | tr ',' ' '); do \
+         pktgen --pci $vf --count 1 --size 60; \
+         pktgen --pci $vf --mac 02:00:00:cc:{:02x}:$(printf %02x $(({} + i))) --count 20 --size 60; \
+         i=$((i + 1)); done; echo churn-ready; exec sleep 86400",
+        n % 256,
+        (n / 256) * 4
+    )
+}
+
+/// The JSON lines of `tool` in a log.
+fn tool_lines(logs: &str, tool: &str) -> Vec<Value> {
+    logs.lines()
+        .filter(|l| l.starts_with('{'))
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v["tool"] == tool)
+        .collect()
+}
+
+/// Processes whose `comm` is `comm` on the node, as a shell loop (busybox
+/// has no pgrep).
+fn pids_of(comm: &str) -> String {
+    format!(
+        "for p in /proc/[0-9]*; do [ \"$(cat $p/comm 2>/dev/null)\" = {comm} ] && echo ${{p#/proc/}}; done"
+    )
+}
+
+/// The agent's and the device plugin's process names (`comm`, 15 bytes).
+const AGENT_COMM: &str = "vfplane-agent";
+const PLUGIN_COMM: &str = "vfplane-device-";
+
+impl<'a> Campaigns<'a> {
+    /// Applies the pool's policy on a session with vfplane installed and
+    /// waits for its VFs; records each VF's spec MAC.
+    ///
+    /// # Errors
+    /// The pool not coming up.
+    pub fn prepare(session: &'a mut Session, seed: u64) -> Result<Self> {
+        eprintln!("campaign: seed {seed} (rerun with the same seed for the same moments)");
+        session.apply(&policy())?;
+        session.wait_allocatable(POOL, u32::try_from(TOTAL_VFS)?, SETTLE_TIMEOUT)?;
+        let mut clean_macs = BTreeMap::new();
+        for vf in node_vf_statuses(session.cluster())? {
+            if vf["pool"] == POOL
+                && let (Some(address), Some(mac)) = (vf["pciAddress"].as_str(), vf["mac"].as_str())
+            {
+                clean_macs.insert(address.to_owned(), mac.to_owned());
+            }
+        }
+        ensure!(
+            clean_macs.len() == TOTAL_VFS,
+            "the NodeState reports {} VFs of pool {POOL} with a MAC, not {TOTAL_VFS}: {clean_macs:?}",
+            clean_macs.len()
+        );
+        Ok(Self {
+            session,
+            clean_macs,
+            moments: Moments::new(seed),
+            next_pod: 0,
+            report: Report::default(),
+        })
+    }
+
+    /// The figures so far.
+    pub fn report(&self) -> &Report {
+        &self.report
+    }
+
+    fn cluster(&self) -> &Cluster {
+        self.session.cluster()
+    }
+
+    /// Creates the next churn pod, asking for `vfs` VFs; returns its name.
+    fn create_churn_pod(&mut self, vfs: u32) -> Result<String> {
+        let n = self.next_pod;
+        self.next_pod += 1;
+        let name = format!("churn-{n}");
+        self.cluster()
+            .kubectl_stdin(&["apply", "-f", "-"], &pod(&name, vfs, &churn_script(n)))
+            .with_context(|| format!("creating pod {name}"))?;
+        Ok(name)
+    }
+
+    /// Waits until pod `name` ran its driver checks, and checks them: each
+    /// VF found with its spec MAC, then carrying the pod's own.
+    fn check_churn_pod(&mut self, name: &str) -> Result<Vec<String>> {
+        let began = Instant::now();
+        let logs = loop {
+            let logs = self.cluster().kubectl_output(&["logs", name]).unwrap_or_default();
+            if logs.contains("churn-ready") {
+                break logs;
+            }
+            let phase = self
+                .cluster()
+                .kubectl_output(&["get", "pod", name, "-o=jsonpath={.status.phase}"])
+                .unwrap_or_default();
+            if phase == "Failed" || phase == "Succeeded" || logs.contains("\"error\"") {
+                bail!("pod {name} ended ({phase}) before its driver checks passed:\n{logs}");
+            }
+            if began.elapsed() > POD_TIMEOUT {
+                bail!(
+                    "pod {name} did not finish its driver checks in {POD_TIMEOUT:?} (phase {phase:?}):\n{logs}\n{}",
+                    self.session.pod_diagnostics()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        };
+        let n: u32 = name.trim_start_matches("churn-").parse()?;
+        let lines = tool_lines(&logs, "pktgen");
+        ensure!(
+            !lines.is_empty() && lines.len().is_multiple_of(2),
+            "pod {name}: expected two pktgen lines per VF:\n{logs}"
+        );
+        let mut vfs = Vec::new();
+        for (i, pair) in lines.chunks(2).enumerate() {
+            let vf = pair[0]["pci"].as_str().unwrap_or_default().to_owned();
+            let found = pair[0]["mac"].as_str().unwrap_or_default();
+            let Some(clean) = self.clean_macs.get(&vf) else {
+                bail!("pod {name} got {vf}, not a VF of pool {POOL}: {:?}", self.clean_macs.keys());
+            };
+            ensure!(
+                found == clean,
+                "VF {vf} was handed to pod {name} dirty: its MAC is {found}, the spec's is {clean}"
+            );
+            let set = pair[1]["mac"].as_str().unwrap_or_default();
+            ensure!(
+                set == tenant_mac(n, i),
+                "pod {name} could not give VF {vf} its MAC {} (the PF kept {set})",
+                tenant_mac(n, i)
+            );
+            vfs.push(vf);
+        }
+        Ok(vfs)
+    }
+
+    /// Deletes pods without waiting.
+    fn delete_pods(&self, names: &[String]) -> Result<()> {
+        if names.is_empty() {
+            return Ok(());
+        }
+        let mut args = vec!["delete", "pod", "--wait=false"];
+        args.extend(names.iter().map(String::as_str));
+        self.cluster().kubectl_output(&args)?;
+        Ok(())
+    }
+
+    /// The agent's and the device plugin's footprints on the node.
+    ///
+    /// # Errors
+    /// The node shell failing, or either process missing.
+    pub fn footprints(&mut self) -> Result<(Footprint, Footprint)> {
+        let mut out = Vec::new();
+        for comm in [AGENT_COMM, PLUGIN_COMM] {
+            let script = format!(
+                "for p in $({}); do echo $(grep VmRSS /proc/$p/status | tr -dc 0-9) $(ls /proc/$p/fd | wc -l); done",
+                pids_of(comm)
+            );
+            let text = self.session.cluster_mut().node_exec(&script)?;
+            let numbers: Vec<u64> = text.split_whitespace().filter_map(|w| w.parse().ok()).collect();
+            let [rss_kib, fds] = numbers[..] else {
+                bail!("expected one {comm} process on the node, found: {text:?}");
+            };
+            out.push(Footprint { rss_kib, fds });
+        }
+        Ok((out[0], out[1]))
+    }
+
+    /// Waits until nothing of the campaign's pods is left (`keep` excepted)
+    /// and checks the node is clean: see the module's doc.
+    ///
+    /// # Errors
+    /// The first leak found.
+    pub fn check_clean(&mut self, keep: &[(&str, &str)]) -> Result<Duration> {
+        let began = Instant::now();
+        let kept: Vec<&str> = keep.iter().map(|(pod, _)| *pod).collect();
+        self.session.wait("the campaign's pods gone", SETTLE_TIMEOUT, |c| {
+            let names = c.kubectl_output(&["get", "pods", "-l", "campaign=true", "-o=name"])?;
+            Ok(names
+                .lines()
+                .all(|l| kept.contains(&l.trim_start_matches("pod/"))))
+        })?;
+        let free = TOTAL_VFS - keep.len();
+        // Allocatable counts the healthy VFs, held or not.
+        self.session
+            .wait_allocatable(POOL, u32::try_from(TOTAL_VFS)?, SETTLE_TIMEOUT)?;
+        let clean_macs = self.clean_macs.clone();
+        let held: BTreeMap<&str, &str> = keep.iter().map(|(pod, vf)| (*vf, *pod)).collect();
+        // Every released VF scrubbed: its mark gone, its spec MAC back.
+        self.session.wait(
+            &format!("{free} VFs of {POOL} unowned, healthy and with their spec MACs"),
+            SETTLE_TIMEOUT,
+            |c| {
+                let statuses = node_vf_statuses(c)?;
+                Ok(clean_macs.iter().all(|(vf, mac)| {
+                    statuses.iter().any(|s| {
+                        s["pciAddress"] == vf.as_str()
+                            && s["health"] == "Healthy"
+                            && (held.contains_key(vf.as_str()) || (s["owner"].is_null() && s["mac"] == mac.as_str()))
+                    })
+                }))
+            },
+        )?;
+        let listing = self.session.cluster_mut().node_exec(
+            "cd /proc/1/root; echo marks: $(ls run/vfplane/vf-state | grep handed-out); \
+             echo records: $(ls run/vfplane/containers 2>/dev/null | wc -l); echo cdi: $(ls var/run/cdi)",
+        )?;
+        let field = |name: &str| {
+            listing
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .unwrap_or_default()
+                .split_whitespace()
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        };
+        let marks = field("marks:");
+        let marked_ok = marks
+            .iter()
+            .all(|m| held.keys().any(|vf| m.starts_with(vf)));
+        ensure!(
+            marked_ok && marks.len() == keep.len(),
+            "handed-out marks left for VFs nobody holds: {marks:?} (held: {held:?})"
+        );
+        let records: usize = field("records:").first().and_then(|n| n.parse().ok()).unwrap_or(usize::MAX);
+        ensure!(
+            records <= keep.len(),
+            "{records} container records left with {} container(s) holding VFs",
+            keep.len()
+        );
+        let cdi = field("cdi:");
+        ensure!(
+            cdi == ["vfplane.io-vf.json"],
+            "CDI specs on the node other than the plugin's one: {cdi:?}"
+        );
+        Ok(began.elapsed())
+    }
+
+    /// Churn: `options.pods` pods of 1 or 2 VFs, `options.parallel` alive
+    /// at once, created and deleted through the kubelet; then the node must
+    /// be clean and the agent's and plugin's footprints back to what they
+    /// were after the first tenth of the pods.
+    ///
+    /// # Errors
+    /// A pod failing, a dirty VF, a leak.
+    pub fn churn(&mut self, options: &Options) -> Result<()> {
+        let began = Instant::now();
+        let baseline_at = (options.pods / 10).clamp(1, 10);
+        let mut baseline = None;
+        let mut alive: VecDeque<String> = VecDeque::new();
+        let mut vfs_handed = 0usize;
+        for i in 0..options.pods {
+            while alive.len() >= usize::try_from(options.parallel)? {
+                if let Some(oldest) = alive.pop_front() {
+                    self.delete_pods(&[oldest])?;
+                }
+            }
+            let vfs = self.moments.vfs();
+            let name = self.create_churn_pod(vfs)?;
+            vfs_handed += self.check_churn_pod(&name)?.len();
+            alive.push_back(name);
+            if i + 1 == baseline_at {
+                baseline = Some(self.footprints()?);
+            }
+        }
+        self.delete_pods(&alive.drain(..).collect::<Vec<_>>())?;
+        let settled = self.check_clean(&[])?;
+        let (agent, plugin) = self.footprints()?;
+        let churned = began.elapsed();
+        self.report.add(format!(
+            "churn: {} pods ({vfs_handed} VFs handed out, {} alive at once) in {:.0} s; none got a dirty VF; \
+             settled and clean {:.1} s after the last delete",
+            options.pods,
+            options.parallel,
+            churned.as_secs_f64(),
+            settled.as_secs_f64()
+        ));
+        if let Some((agent0, plugin0)) = baseline {
+            self.report.add(format!(
+                "churn: after {baseline_at} pods -> at the end: agent RSS {} -> {} KiB, fds {} -> {}; \
+                 device plugin RSS {} -> {} KiB, fds {} -> {}",
+                agent0.rss_kib, agent.rss_kib, agent0.fds, agent.fds, plugin0.rss_kib, plugin.rss_kib, plugin0.fds, plugin.fds
+            ));
+            for (what, before, after) in [("agent", agent0, agent), ("device plugin", plugin0, plugin)] {
+                ensure!(
+                    after.fds <= before.fds,
+                    "the {what} holds {} descriptors after the churn, {} after the first {baseline_at} pods",
+                    after.fds,
+                    before.fds
+                );
+                // Allocators keep freed pages: allow a quarter and 4 MiB,
+                // far below what a leak per pod over this many pods gives.
+                let allowed = before.rss_kib + before.rss_kib / 4 + 4096;
+                ensure!(
+                    after.rss_kib <= allowed,
+                    "the {what}'s RSS grew from {} KiB to {} KiB over the churn",
+                    before.rss_kib,
+                    after.rss_kib
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// The node pod's container `container`: (restart count, ready).
+    fn container_state(&self, container: &str) -> Result<(u64, bool)> {
+        let pods = self
+            .cluster()
+            .kubectl_json(&["get", "pods", "-n", NAMESPACE, "-l", "app.kubernetes.io/component=node"])?;
+        let status = pods["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|p| p["status"]["containerStatuses"].as_array().into_iter().flatten())
+            .find(|s| s["name"] == container)
+            .with_context(|| format!("no {container} container in the node pod"))?;
+        Ok((
+            status["restartCount"].as_u64().unwrap_or(0),
+            status["ready"].as_bool().unwrap_or(false),
+        ))
+    }
+
+    /// Kills every process named `comm` on the node with SIGKILL; returns
+    /// when it was done. The kubelet and containerd carry `kubectl exec`'s
+    /// stream, so they are killed a second after the node shell returns.
+    fn kill(&mut self, comm: &str) -> Result<Instant> {
+        let delayed = matches!(comm, "kubelet" | "containerd");
+        let kill = format!("for p in $({}); do kill -9 $p; done", pids_of(comm));
+        let script = if delayed {
+            format!("[ -n \"$({})\" ] && echo found; (sleep 1; {kill}) > /dev/null 2>&1 &", pids_of(comm))
+        } else {
+            format!("[ -n \"$({})\" ] && echo found; {kill}", pids_of(comm))
+        };
+        let out = self.session.cluster_mut().node_exec(&script)?;
+        ensure!(out.contains("found"), "no {comm} process to kill on the node");
+        let killed = Instant::now();
+        if delayed {
+            std::thread::sleep(Duration::from_secs(1));
+            return Ok(killed + Duration::from_secs(1));
+        }
+        Ok(killed)
+    }
+
+    /// Crashes: a long-lived pod runs the driver's receive rings on its VF
+    /// throughout. Each round deletes the previous churn pod (its scrub
+    /// starts), creates the next, and at a random moment within 4 s
+    /// SIGKILLs the agent or the device plugin (alternately), so kills land
+    /// during scrubs, Allocates, hooks and registrations. The round ends
+    /// when the node converged: the container back and ready, the churn
+    /// pod running with clean VFs. At the end the long-lived pod receives
+    /// the frames the host sends it (its VF was never reset under it).
+    ///
+    /// # Errors
+    /// A pod given a dirty VF, a round that does not converge, the
+    /// long-lived pod losing its VF, a leak.
+    pub fn crashes(&mut self, options: &Options) -> Result<()> {
+        let anchor = "anchor";
+        let mac = ANCHOR_MAC.map(|b| format!("{b:02x}")).join(":");
+        self.cluster().kubectl_stdin(
+            &["apply", "-f", "-"],
+            &pod(anchor, 1, &format!("rxcount --mac {mac} --count 100 --timeout 86400")),
+        )?;
+        let began = Instant::now();
+        let anchor_vf = loop {
+            let logs = self.cluster().kubectl_output(&["logs", anchor]).unwrap_or_default();
+            if let Some(ready) = tool_lines(&logs, "rxcount").into_iter().find(|v| v["event"] == "ready") {
+                ensure!(ready["mac"] == mac.as_str(), "the anchor pod's VF did not take its MAC: {ready}");
+                break ready["pci"].as_str().unwrap_or_default().to_owned();
+            }
+            ensure!(
+                !logs.contains("\"error\"") && began.elapsed() < POD_TIMEOUT,
+                "the anchor pod's driver did not start:\n{logs}"
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        };
+        let mut converge: BTreeMap<&str, Vec<Duration>> = BTreeMap::new();
+        let mut previous: Option<String> = None;
+        for round in 0..options.kills * 2 {
+            let (container, comm) = if round.is_multiple_of(2) {
+                ("agent", AGENT_COMM)
+            } else {
+                ("device-plugin", PLUGIN_COMM)
+            };
+            let (restarts_before, _) = self.container_state(container)?;
+            if let Some(old) = previous.take() {
+                self.delete_pods(&[old])?;
+            }
+            let vfs = self.moments.vfs();
+            let name = self.create_churn_pod(vfs)?;
+            std::thread::sleep(self.moments.within(Duration::from_secs(4)));
+            let killed = self.kill(comm)?;
+            self.session.wait(
+                &format!("the {container} container restarted and ready after its kill"),
+                SETTLE_TIMEOUT,
+                |c| {
+                    let pods = c.kubectl_json(&["get", "pods", "-n", NAMESPACE, "-l", "app.kubernetes.io/component=node"])?;
+                    Ok(pods["items"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .flat_map(|p| p["status"]["containerStatuses"].as_array().into_iter().flatten())
+                        .any(|s| {
+                            s["name"] == container
+                                && s["restartCount"].as_u64().unwrap_or(0) > restarts_before
+                                && s["ready"] == true
+                        }))
+                },
+            )?;
+            self.check_churn_pod(&name)
+                .with_context(|| format!("round {round}: after the kill of the {container}"))?;
+            converge.entry(container).or_default().push(killed.elapsed());
+            previous = Some(name);
+        }
+        if let Some(old) = previous.take() {
+            self.delete_pods(&[old])?;
+        }
+        self.check_clean(&[(anchor, anchor_vf.as_str())])?;
+        // The long-lived pod's rings still run: it receives what the host sends.
+        let link = self
+            .cluster()
+            .guest()
+            .pf_link(0)
+            .context("the testbed has no PF link")?;
+        for seq in 0..100 {
+            link.send_frame(&test_frame(ANCHOR_MAC, HOST_MAC, seq, 60))?;
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let began = Instant::now();
+        let result = loop {
+            let logs = self.cluster().kubectl_output(&["logs", anchor]).unwrap_or_default();
+            if let Some(result) = tool_lines(&logs, "rxcount").into_iter().find(|v| v.get("received").is_some()) {
+                break result;
+            }
+            ensure!(
+                began.elapsed() < Duration::from_secs(60),
+                "the long-lived pod received nothing after {} kills: its VF was lost\n{logs}",
+                options.kills * 2
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        };
+        ensure!(
+            result["received"] == 100 && result["bad"] == 0,
+            "the long-lived pod's VF did not keep working through the kills: {result}"
+        );
+        let anchor_restarts = self
+            .cluster()
+            .kubectl_output(&["get", "pod", anchor, "-o=jsonpath={.status.containerStatuses[0].restartCount}"])?;
+        ensure!(anchor_restarts.trim() == "0", "the long-lived pod restarted: {anchor_restarts}");
+        self.delete_pods(&[anchor.to_owned()])?;
+        self.check_clean(&[])?;
+        for (container, times) in &converge {
+            let (median, worst) = median_and_worst(times);
+            self.report.add(format!(
+                "crashes: {} SIGKILLs of the {container}: converged (container ready, next pod running on clean VFs) \
+                 median {median:.1} s, worst {worst:.1} s after the kill",
+                times.len()
+            ));
+        }
+        self.report.add(format!(
+            "crashes: the long-lived pod kept its VF {anchor_vf} throughout (100/100 frames received after the last kill); \
+             no pod got a dirty VF; node clean at the end"
+        ));
+        Ok(())
+    }
+
+    /// The device plugin's log, without colour codes.
+    fn plugin_log(&self) -> Result<String> {
+        let raw = self.cluster().kubectl_output(&[
+            "logs",
+            "-n",
+            NAMESPACE,
+            "daemonset/vfplane-node",
+            "-c",
+            "device-plugin",
+        ])?;
+        Ok(strip_ansi(&raw))
+    }
+
+    /// Restarts: the kubelet killed `options.kubelet_restarts` times (the
+    /// node's service loop starts it again after 1 s; it wipes the
+    /// device-plugin directory). Each time: how long the plugin took from
+    /// the new `kubelet.sock` to its registration (from its log), the
+    /// longest stretch the API server showed the pool's allocatable below
+    /// the free VFs, and a pod created right after the kill must get clean
+    /// VFs. Then containerd restarted once the same way.
+    ///
+    /// # Errors
+    /// A pod failing, a registration that never comes, a leak.
+    pub fn restarts(&mut self, options: &Options) -> Result<()> {
+        let mut registrations = Vec::new();
+        let mut dips = Vec::new();
+        let mut pod_times = Vec::new();
+        for _ in 0..options.kubelet_restarts {
+            let log_before = self.plugin_log()?.lines().count();
+            let killed = self.kill("kubelet")?;
+            let name = self.create_churn_pod(1)?;
+            // Allocatable as the API server shows it, every 0.2 s, until the
+            // plugin registered with the new kubelet and the pool is back.
+            let mut dip: Option<Instant> = None;
+            let mut longest = Duration::ZERO;
+            let registered = loop {
+                // Allocatable counts the healthy VFs, held or not.
+                let full = self.session.allocatable(POOL) == TOTAL_VFS.to_string();
+                match (full, dip) {
+                    (false, None) => dip = Some(Instant::now()),
+                    (true, Some(since)) => {
+                        longest = longest.max(since.elapsed());
+                        dip = None;
+                    }
+                    _ => {}
+                }
+                let log = self.plugin_log()?;
+                let new: Vec<&str> = log.lines().skip(log_before).collect();
+                if let Some(latency) = registration_latency(&new)
+                    && full
+                {
+                    break latency;
+                }
+                ensure!(
+                    killed.elapsed() < SETTLE_TIMEOUT,
+                    "no registration with the restarted kubelet in {SETTLE_TIMEOUT:?}; the plugin's log since:\n{}",
+                    new.join("\n")
+                );
+                std::thread::sleep(Duration::from_millis(200));
+            };
+            if let Some(since) = dip {
+                longest = longest.max(since.elapsed());
+            }
+            registrations.push(registered);
+            dips.push(longest);
+            self.check_churn_pod(&name)?;
+            pod_times.push(killed.elapsed());
+            self.delete_pods(&[name])?;
+            self.check_clean(&[])?;
+        }
+        let (median, worst) = median_and_worst(&registrations);
+        self.report.add(format!(
+            "restarts: {} kubelet restarts: plugin registered {median:.2} s (median), {worst:.2} s (worst) after the new kubelet.sock",
+            registrations.len()
+        ));
+        let (median, worst) = median_and_worst(&dips);
+        self.report.add(format!(
+            "restarts: allocatable below the pool's healthy VFs for {median:.1} s (median), {worst:.1} s (worst) per restart, as the API server showed it"
+        ));
+        let (median, worst) = median_and_worst(&pod_times);
+        self.report.add(format!(
+            "restarts: a pod created right after each kill ran on clean VFs {median:.1} s (median), {worst:.1} s (worst) after the kill"
+        ));
+
+        // containerd, once: running containers live on in their shims.
+        let (plugin_restarts, _) = self.container_state("device-plugin")?;
+        let killed = self.kill("containerd")?;
+        let name = self.create_churn_pod(1)?;
+        self.check_churn_pod(&name)?;
+        let after = killed.elapsed();
+        let (plugin_restarts_after, ready) = self.container_state("device-plugin")?;
+        ensure!(
+            ready && plugin_restarts_after == plugin_restarts,
+            "the device plugin restarted ({plugin_restarts} -> {plugin_restarts_after}) or is not ready after containerd's restart"
+        );
+        self.delete_pods(&[name])?;
+        self.check_clean(&[])?;
+        self.report.add(format!(
+            "restarts: containerd killed and restarted: vfplane's containers kept running, a new pod ran on clean VFs {:.1} s after the kill",
+            after.as_secs_f64()
+        ));
+        Ok(())
+    }
+
+    /// Faults: the PF's link taken down under a running pod (the pool's
+    /// VFs Unhealthy, the node's allocatable 0) and up again (back), with
+    /// how long each took as the API server showed it.
+    ///
+    /// # Errors
+    /// The health not following the link, a leak.
+    pub fn faults(&mut self) -> Result<()> {
+        let name = self.create_churn_pod(1)?;
+        let held = self.check_churn_pod(&name)?;
+        let pf = self
+            .session
+            .jsonpath(&["get", "nodestate", NODE_NAME, "-o=jsonpath={.status.pfs[0].name}"]);
+        ensure!(!pf.is_empty(), "the NodeState names no PF interface");
+        let mut times = Vec::new();
+        for (state, want) in [("down", "0"), ("up", &*TOTAL_VFS.to_string())] {
+            self.session
+                .cluster_mut()
+                .node_exec(&format!("ip link set {pf} {state}"))?;
+            let began = Instant::now();
+            self.session.wait(
+                &format!("allocatable {want} after the PF link went {state}"),
+                SETTLE_TIMEOUT,
+                |c| {
+                    Ok(c.kubectl_output(&[
+                        "get",
+                        "node",
+                        NODE_NAME,
+                        &format!("-o=jsonpath={{.status.allocatable.vfplane\\.io/{POOL}}}"),
+                    ])
+                    .is_ok_and(|v| v.trim() == want))
+                },
+            )?;
+            times.push((state, began.elapsed()));
+        }
+        self.delete_pods(&[name])?;
+        self.check_clean(&[])?;
+        for (state, took) in times {
+            self.report.add(format!(
+                "faults: PF {pf} link {state} -> allocatable as the API server shows it: {:.1} s (pod on {} kept running)",
+                took.as_secs_f64(),
+                held.join(", ")
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Removes ANSI colour codes.
+fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Seconds since midnight of a tracing line's RFC 3339 timestamp
+/// (`2026-11-29T10:36:38.233315Z ...`).
+fn seconds_of_day(line: &str) -> Option<f64> {
+    let stamp = line.split_whitespace().next()?;
+    let time = stamp.split('T').nth(1)?.trim_end_matches('Z');
+    let mut parts = time.split(':');
+    let hours: f64 = parts.next()?.parse().ok()?;
+    let minutes: f64 = parts.next()?.parse().ok()?;
+    let seconds: f64 = parts.next()?.parse().ok()?;
+    Some(hours * 3600.0 + minutes * 60.0 + seconds)
+}
+
+/// From the plugin's log lines after a kubelet restart: the time from the
+/// last `kubelet.sock created` to the first registration after it.
+pub fn registration_latency(lines: &[&str]) -> Option<Duration> {
+    let created = lines.iter().rposition(|l| l.contains("kubelet.sock created"))?;
+    let registered = lines[created..]
+        .iter()
+        .find(|l| l.contains("registered with the kubelet"))?;
+    let mut delta = seconds_of_day(registered)? - seconds_of_day(lines[created])?;
+    if delta < 0.0 {
+        delta += 86_400.0;
+    }
+    Some(Duration::from_secs_f64(delta))
+}
+
+/// Runs the chosen campaigns on a fresh cluster with vfplane installed by
+/// Helm, printing each one's figures; the report at the end.
+///
+/// # Errors
+/// The cluster not coming up, or the first campaign that fails.
+pub fn run(testbed: &crate::testbed::Testbed, options: &Options, which: &[&str]) -> Result<Report> {
+    let mut session = Session::start(testbed, crate::cluster::ClusterOptions::default())?;
+    session.install_vfplane()?;
+    let mut campaigns = Campaigns::prepare(&mut session, options.seed)?;
+    for name in which {
+        let began = Instant::now();
+        match *name {
+            "churn" => campaigns.churn(options)?,
+            "crashes" => campaigns.crashes(options)?,
+            "restarts" => campaigns.restarts(options)?,
+            "faults" => campaigns.faults()?,
+            other => bail!("no campaign {other:?}: churn, crashes, restarts or faults"),
+        }
+        let mut line = String::new();
+        let _ = write!(line, "{name}: done in {:.0} s", began.elapsed().as_secs_f64());
+        campaigns.report.add(line);
+    }
+    Ok(std::mem::take(&mut campaigns.report))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn registration_latency_is_from_the_last_socket_to_the_next_registration() {
+        let lines = [
+            "2026-11-29T10:00:00.000000Z  INFO kubelet.sock created: the kubelet (re)started; registering again",
+            "2026-11-29T10:00:05.000000Z  INFO kubelet.sock created: the kubelet (re)started; registering again",
+            "2026-11-29T10:00:05.250000Z  INFO registered with the kubelet pool=churn",
+        ];
+        let latency = registration_latency(&lines).unwrap();
+        assert!((latency.as_secs_f64() - 0.25).abs() < 1e-6, "{latency:?}");
+        assert_eq!(registration_latency(&lines[..2]), None);
+        let across_midnight = [
+            "2026-11-29T23:59:59.900000Z  INFO kubelet.sock created",
+            "2026-11-30T00:00:00.100000Z  INFO registered with the kubelet",
+        ];
+        let latency = registration_latency(&across_midnight).unwrap();
+        assert!((latency.as_secs_f64() - 0.2).abs() < 1e-6, "{latency:?}");
+    }
+
+    #[test]
+    fn ansi_codes_are_stripped() {
+        assert_eq!(strip_ansi("\u{1b}[2m2026\u{1b}[0m \u{1b}[32m INFO\u{1b}[0m x"), "2026  INFO x");
+    }
+
+    #[test]
+    fn moments_repeat_with_their_seed_and_stay_in_range() {
+        let (mut a, mut b) = (Moments::new(7), Moments::new(7));
+        for _ in 0..100 {
+            let d = a.within(Duration::from_secs(4));
+            assert_eq!(d, b.within(Duration::from_secs(4)));
+            assert!(d < Duration::from_secs(4));
+            assert!((1..=2).contains(&a.vfs()));
+            b.vfs();
+        }
+    }
+
+    #[test]
+    fn median_and_worst_of_durations() {
+        let times = [3, 1, 2].map(Duration::from_secs);
+        assert_eq!(median_and_worst(&times), (2.0, 3.0));
+    }
+
+    #[test]
+    fn tenant_macs_match_the_script() {
+        assert_eq!(tenant_mac(5, 1), "02:00:00:cc:05:01");
+        assert_eq!(tenant_mac(300, 0), "02:00:00:cc:2c:04");
+        assert!(churn_script(300).contains("02:00:00:cc:2c:$(printf %02x $((4 + i)))"));
+    }
+}
