@@ -1,6 +1,7 @@
 //! `cargo xtask`: the testbed, the demo, and the project's other chores.
 
 mod bench;
+mod bench_testbed;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -80,6 +81,29 @@ enum BenchCommand {
         /// Timed runs per batch size; the median is reported.
         #[arg(long, default_value_t = 5)]
         runs: usize,
+    },
+    /// TX and RX packets per second of the driver against igbvf +
+    /// AF_PACKET on the testbed guest, medians and their ratio.
+    TestbedPps {
+        /// Frames per run.
+        #[arg(long, default_value_t = 20_000)]
+        frames: u32,
+        /// Runs per path and direction; the median is reported.
+        #[arg(long, default_value_t = 3)]
+        rounds: u32,
+    },
+    /// Hybrid polling on the testbed guest: idle CPU, and the round trip
+    /// of a frame to a sleeping poller against a busy-polling one.
+    Hybrid {
+        /// Seconds of no traffic the idle CPU is taken over.
+        #[arg(long, default_value_t = 10)]
+        idle_seconds: u32,
+        /// Frames echoed, one at a time.
+        #[arg(long, default_value_t = 50)]
+        frames: u32,
+        /// Milliseconds between frames.
+        #[arg(long, default_value_t = 200)]
+        gap_ms: u64,
     },
 }
 
@@ -215,6 +239,37 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 begun.elapsed().as_secs_f64(),
                 saved.display()
             );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench {
+            command: BenchCommand::TestbedPps { frames, rounds },
+        } => {
+            let testbed = Testbed::prepare()?;
+            let report = bench_testbed::pps(&testbed, &bench_testbed::PpsOptions { frames, rounds })?;
+            print!("{}", report.table());
+            eprintln!(
+                "bench testbed-pps: done in {:.0} s",
+                begun.elapsed().as_secs_f64()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench {
+            command:
+                BenchCommand::Hybrid {
+                    idle_seconds,
+                    frames,
+                    gap_ms,
+                },
+        } => {
+            let testbed = Testbed::prepare()?;
+            let options = bench_testbed::HybridOptions {
+                idle_seconds,
+                frames,
+                gap: Duration::from_millis(gap_ms),
+            };
+            let report = bench_testbed::hybrid(&testbed, &options)?;
+            print!("{}", report.table());
+            eprintln!("bench hybrid: done in {:.0} s", begun.elapsed().as_secs_f64());
             Ok(ExitCode::SUCCESS)
         }
         Command::Image { out } => {
