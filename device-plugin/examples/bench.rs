@@ -11,6 +11,9 @@
 //!   removed (an inotify-watched change) to the update;
 //! - time from `kubelet.sock` being created anew (a kubelet restart that
 //!   wiped the directory) to the plugin's Register arriving;
+//! - the plugin's RSS and open descriptors after 200 warm-up Allocates and
+//!   after the timed ones (`--allocations N` of one VF, N of four: a leak
+//!   per call shows as growth);
 //! - the plugin's RSS (VmRSS, VmHWM) and its CPU use while idle over 30 s
 //!   (the cost of the default 1 s safety-net probes and 5 s discoveries),
 //!   and the time one probe of all 256 VFs takes.
@@ -249,6 +252,8 @@ async fn main() -> BenchResult<()> {
         client.allocate(request(call)).await?;
         scrubbed(call)?;
     }
+    let open_fds = || std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count);
+    let (rss_warm, fds_warm) = (proc_status(pid, "VmRSS:").unwrap_or_default(), open_fds());
     for per_call in [1usize, 4] {
         let mut samples = Vec::with_capacity(allocations());
         for i in 0..allocations() {
@@ -262,6 +267,12 @@ async fn main() -> BenchResult<()> {
         }
         summary(&format!("Allocate, {per_call} VF(s) per call"), samples);
     }
+    println!(
+        "plugin after 200 warm-up Allocates: VmRSS {rss_warm}, {fds_warm} fds; after {} more: VmRSS {}, {} fds",
+        2 * allocations(),
+        proc_status(pid, "VmRSS:").unwrap_or_default(),
+        open_fds()
+    );
     let mut samples = Vec::new();
     for _ in 0..500 {
         let t = Instant::now();
