@@ -71,13 +71,17 @@ pub struct PluginConfig {
     pub discovery_interval: Duration,
     /// How long a stopping server may take to close its connections.
     pub drain_timeout: Duration,
+    /// How long Allocate waits for the agent to scrub a VF the kubelet
+    /// offers again before the scrub is done (the agent's 10 s grace after
+    /// a release, then the scrub); refused after that.
+    pub scrub_wait: Duration,
 }
 
 impl PluginConfig {
     /// The defaults of a node: `/var/lib/kubelet/device-plugins`, `/sys`,
     /// `/dev`, `/var/run/cdi`, `/run/vfplane/vf-state`, no metrics, a 1 s
     /// safety-net probe (kernel events and inotify start the others), a 30 s
-    /// safety-net discovery, 5 s drain.
+    /// safety-net discovery, 5 s drain, 30 s wait for a pending scrub.
     pub fn new(pool_config: impl Into<PathBuf>) -> Self {
         Self {
             pool_config: pool_config.into(),
@@ -91,6 +95,7 @@ impl PluginConfig {
             rescan_interval: Duration::from_secs(1),
             discovery_interval: Duration::from_secs(30),
             drain_timeout: Duration::from_secs(5),
+            scrub_wait: Duration::from_secs(30),
         }
     }
 }
@@ -181,6 +186,7 @@ pub async fn start(config: PluginConfig) -> Result<RunningPlugin> {
     let node = Arc::new(NodeContext {
         host: Host::new(&config.sysfs_root, &config.dev_root),
         state_dir: config.state_dir.clone(),
+        scrub_wait: config.scrub_wait,
         owners: RwLock::default(),
         cdi: CdiWriter::new(config.cdi_dir.clone(), install_oci_hook(&config)),
         metrics: NodeMetrics::default(),

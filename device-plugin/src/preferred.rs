@@ -16,7 +16,10 @@
 //!    VFs that does), before the next.
 //!
 //! Only IDs this pool knows and reports Healthy are candidates; the answer
-//! is shorter than the size when there are not enough.
+//! is shorter than the size when there are not enough. VFs awaiting their
+//! scrub (handed out before, not yet scrubbed: Allocate would wait for
+//! the agent) are taken, by the same rules, only when the others do not
+//! suffice.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -39,6 +42,7 @@ pub fn preferred_allocation(
     available: &[String],
     must_include: &[String],
     size: usize,
+    awaiting_scrub: &dyn Fn(PciAddress) -> bool,
 ) -> Vec<String> {
     let mut chosen: Vec<String> = Vec::new();
     for id in must_include {
@@ -67,27 +71,34 @@ pub fn preferred_allocation(
         }
     }
     let mut seen = BTreeSet::new();
-    let mut by_node: BTreeMap<Option<u32>, Vec<Candidate>> = BTreeMap::new();
+    // Clean VFs first, then those awaiting their scrub.
+    let mut tiers: [BTreeMap<Option<u32>, Vec<Candidate>>; 2] = Default::default();
     for id in available {
         if chosen.contains(id) || !seen.insert(id.as_str()) {
             continue;
         }
         let Some(candidate) = lookup(id) else { continue };
         if view.get(candidate.address).is_some_and(|d| d.health.is_healthy()) {
-            by_node.entry(candidate.numa).or_default().push(candidate);
+            let tier = usize::from(awaiting_scrub(candidate.address));
+            tiers[tier].entry(candidate.numa).or_default().push(candidate);
         }
     }
-    let need = size - chosen.len();
-    let nodes = node_order(&by_node, &must_nodes, need, policy);
-    let mut remaining = need;
-    for node in nodes {
-        if remaining == 0 {
+    for mut by_node in tiers {
+        let need = size.saturating_sub(chosen.len());
+        if need == 0 {
             break;
         }
-        let candidates = by_node.remove(&node).unwrap_or_default();
-        let picked = pick_within_node(candidates, remaining, &mut pf_load, policy);
-        remaining -= picked.len();
-        chosen.extend(picked.into_iter().map(|c| c.address.to_string()));
+        let nodes = node_order(&by_node, &must_nodes, need, policy);
+        let mut remaining = need;
+        for node in nodes {
+            if remaining == 0 {
+                break;
+            }
+            let candidates = by_node.remove(&node).unwrap_or_default();
+            let picked = pick_within_node(candidates, remaining, &mut pf_load, policy);
+            remaining -= picked.len();
+            chosen.extend(picked.into_iter().map(|c| c.address.to_string()));
+        }
     }
     chosen
 }
@@ -251,7 +262,7 @@ mod tests {
     #[test]
     fn spread_stays_on_one_node_and_alternates_pfs() {
         let v = node();
-        let got = preferred_allocation(&v, AllocationPolicy::Spread, &all(&v), &[], 4);
+        let got = preferred_allocation(&v, AllocationPolicy::Spread, &all(&v), &[], 4, &|_| false);
         assert_eq!(got.len(), 4);
         assert_eq!(numa_of(&v, &got).len(), 1, "{got:?}");
         // Both nodes fit 4 (node 0 has 6): spread picks the node with the most.
@@ -263,10 +274,10 @@ mod tests {
     #[test]
     fn pack_fills_one_pf_of_the_best_fitting_node() {
         let v = node();
-        let got = preferred_allocation(&v, AllocationPolicy::Pack, &all(&v), &[], 3);
+        let got = preferred_allocation(&v, AllocationPolicy::Pack, &all(&v), &[], 3, &|_| false);
         // Node 1 (4 VFs) is the best fit for 3; all on PF C.
         assert_eq!(got, ["0000:81:10.0", "0000:81:10.2", "0000:81:10.4"]);
-        let got = preferred_allocation(&v, AllocationPolicy::Pack, &all(&v), &[], 5);
+        let got = preferred_allocation(&v, AllocationPolicy::Pack, &all(&v), &[], 5, &|_| false);
         // Only node 0 fits 5: one PF filled (3), then the other.
         assert_eq!(numa_of(&v, &got), BTreeSet::from([Some(0)]));
         assert_eq!(got[..3], ["0000:01:10.0", "0000:01:10.2", "0000:01:10.4"]);
@@ -276,22 +287,22 @@ mod tests {
     fn must_include_comes_first_and_pulls_its_node() {
         let v = node();
         let must = vec!["0000:81:10.6".to_owned()];
-        let got = preferred_allocation(&v, AllocationPolicy::Spread, &all(&v), &must, 3);
+        let got = preferred_allocation(&v, AllocationPolicy::Spread, &all(&v), &must, 3, &|_| false);
         assert_eq!(got[0], "0000:81:10.6");
         assert_eq!(got.len(), 3);
         assert_eq!(numa_of(&v, &got), BTreeSet::from([Some(1)]), "{got:?}");
         // must_include alone already meets the size.
-        let got = preferred_allocation(&v, AllocationPolicy::Spread, &all(&v), &must, 1);
+        let got = preferred_allocation(&v, AllocationPolicy::Spread, &all(&v), &must, 1, &|_| false);
         assert_eq!(got, must);
     }
 
     #[test]
     fn spans_nodes_only_when_no_node_fits() {
         let v = node();
-        let got = preferred_allocation(&v, AllocationPolicy::Spread, &all(&v), &[], 8);
+        let got = preferred_allocation(&v, AllocationPolicy::Spread, &all(&v), &[], 8, &|_| false);
         assert_eq!(got.len(), 8);
         assert_eq!(numa_of(&v, &got).len(), 2);
-        let got = preferred_allocation(&v, AllocationPolicy::Spread, &all(&v), &[], 20);
+        let got = preferred_allocation(&v, AllocationPolicy::Spread, &all(&v), &[], 20, &|_| false);
         assert_eq!(got.len(), 10, "everything available, no more");
     }
 
@@ -305,7 +316,37 @@ mod tests {
             "0000:09:10.0".to_owned(),
             "junk".to_owned(),
         ];
-        let got = preferred_allocation(&v, AllocationPolicy::Spread, &available, &[], 2);
+        let got = preferred_allocation(&v, AllocationPolicy::Spread, &available, &[], 2, &|_| false);
         assert_eq!(got, ["0000:01:10.2"]);
+    }
+
+    #[test]
+    fn vfs_awaiting_their_scrub_come_only_after_the_clean_ones() {
+        let v = node();
+        // PF A's VFs await their scrub: node 0 has 3 clean VFs left, node
+        // 1 has 4, so spread takes node 1, as if PF A's were not there.
+        let dirty = |address: PciAddress| address.to_string().starts_with("0000:01");
+        let got = preferred_allocation(&v, AllocationPolicy::Spread, &all(&v), &[], 2, &dirty);
+        assert_eq!(got, ["0000:81:10.0", "0000:81:10.2"]);
+        let got = preferred_allocation(&v, AllocationPolicy::Spread, &all(&v), &[], 2, &|_| false);
+        assert_eq!(
+            numa_of(&v, &got),
+            BTreeSet::from([Some(0)]),
+            "node 0 when all are clean: {got:?}"
+        );
+        let got = preferred_allocation(&v, AllocationPolicy::Spread, &all(&v), &[], 8, &dirty);
+        assert_eq!(got.len(), 8);
+        assert!(
+            got[..7].iter().all(|id| !id.starts_with("0000:01")),
+            "the seven clean VFs first: {got:?}"
+        );
+        assert!(got[7].starts_with("0000:01"), "{got:?}");
+        // Only dirty ones left: they are still offered (Allocate waits).
+        let only_dirty: Vec<String> = all(&v)
+            .into_iter()
+            .filter(|id| id.starts_with("0000:01"))
+            .collect();
+        let got = preferred_allocation(&v, AllocationPolicy::Spread, &only_dirty, &[], 1, &dirty);
+        assert_eq!(got.len(), 1);
     }
 }

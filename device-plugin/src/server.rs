@@ -19,12 +19,17 @@ use crate::inventory::{self, DeviceStatus, PoolView};
 use crate::metrics::{NodeMetrics, PoolMetrics, bump};
 use crate::preferred::preferred_allocation;
 
+/// How often a VF's handed-out mark is looked at meanwhile.
+const SCRUB_POLL: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// What every pool shares: the host, the VF state dir, pool ownership of
 /// every VF, the CDI spec writer, node metrics.
 #[derive(Debug)]
 pub(crate) struct NodeContext {
     pub host: Host,
     pub state_dir: PathBuf,
+    /// How long Allocate waits for a VF's pending scrub.
+    pub scrub_wait: std::time::Duration,
     pub owners: RwLock<Arc<BTreeMap<PciAddress, String>>>,
     pub cdi: CdiWriter,
     pub metrics: NodeMetrics,
@@ -170,6 +175,10 @@ impl dp::device_plugin_server::DevicePlugin for DevicePluginService {
             .current_view()
             .ok_or_else(|| Status::unavailable("the pool's devices are not scanned yet"))?;
         let policy = self.shared.config().preferred_allocation;
+        let dir = &self.shared.node.state_dir;
+        // VFs awaiting their scrub come last: Allocate would wait for it.
+        let awaiting_scrub =
+            |address: PciAddress| matches!(vf_state::handed_out_at(dir, address), Ok(Some(_)));
         let container_responses = request
             .into_inner()
             .container_requests
@@ -183,6 +192,7 @@ impl dp::device_plugin_server::DevicePlugin for DevicePluginService {
                         &c.available_device_i_ds,
                         &c.must_include_device_i_ds,
                         size,
+                        &awaiting_scrub,
                     ),
                 }
             })
@@ -196,7 +206,9 @@ impl dp::device_plugin_server::DevicePlugin for DevicePluginService {
         &self,
         request: Request<dp::AllocateRequest>,
     ) -> Result<Response<dp::AllocateResponse>, Status> {
-        match self.allocate_all(&request.into_inner()) {
+        let request = request.into_inner();
+        self.wait_for_scrubs(&request).await;
+        match self.allocate_all(&request) {
             Ok((response, devices)) => {
                 bump(&self.shared.metrics.allocations);
                 self.shared
@@ -283,6 +295,49 @@ impl DevicePluginService {
         Ok((dp::AllocateResponse { container_responses }, count))
     }
 
+    /// Waits, up to the node's `scrub_wait`, while a VF the request names carries a
+    /// handed-out mark and is not quarantined. The kubelet offers a VF
+    /// again the moment its last pod is gone, seconds before the agent has
+    /// scrubbed it (it lets the release settle, then resets the VF), and a
+    /// refused Allocate fails the pod for good (the kubelet does not
+    /// retry). Waiting holds up that one pod's admission for a few seconds
+    /// instead; [`Self::allocate_all`] still refuses a VF marked after it.
+    async fn wait_for_scrubs(&self, request: &dp::AllocateRequest) {
+        let dir = &self.shared.node.state_dir;
+        let requested: BTreeSet<PciAddress> = request
+            .container_requests
+            .iter()
+            .flat_map(|c| &c.devices_ids)
+            .filter_map(|id| id.parse().ok())
+            .collect();
+        let pending = |address: &PciAddress| {
+            matches!(vf_state::handed_out_at(dir, *address), Ok(Some(_)))
+                && !matches!(
+                    vf_state::read_vf_state(dir, *address),
+                    Ok(Some(Ok(vf_state::VfState::ScrubFailed)))
+                )
+        };
+        let began = tokio::time::Instant::now();
+        let mut waited_for: Vec<PciAddress> = Vec::new();
+        loop {
+            let waiting: Vec<PciAddress> = requested.iter().copied().filter(pending).collect();
+            if waiting.is_empty() {
+                if !waited_for.is_empty() {
+                    tracing::info!(pool = %self.shared.name, vfs = ?waited_for, waited = ?began.elapsed(), "scrubbed meanwhile; handing out");
+                }
+                return;
+            }
+            if began.elapsed() >= self.shared.node.scrub_wait {
+                return;
+            }
+            if waited_for.is_empty() {
+                tracing::info!(pool = %self.shared.name, vfs = ?waiting, "the kubelet asks for VFs the agent has not scrubbed yet; waiting for the scrub");
+                waited_for = waiting;
+            }
+            tokio::time::sleep(SCRUB_POLL).await;
+        }
+    }
+
     /// Refuses a VF handed out before and not scrubbed since: its last
     /// container may be gone a moment before the agent notices, and the
     /// kubelet may offer it again in that moment.
@@ -292,8 +347,9 @@ impl DevicePluginService {
             Ok(None) => Ok(()),
             Ok(Some(_)) => Err(Status::failed_precondition(format!(
                 "device {address} of {} was given to a container before and the agent has not \
-                 scrubbed it yet; it is offered again once scrubbed",
-                self.shared.resource()
+                 scrubbed it yet (waited {:?}); it is offered again once scrubbed",
+                self.shared.resource(),
+                self.shared.node.scrub_wait
             ))),
             Err(error) => Err(Status::internal(format!(
                 "cannot read the handed-out mark of device {address} under {}: {error}",

@@ -745,10 +745,12 @@ async fn metrics_and_healthz_are_served() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_vf_handed_out_is_refused_until_the_agent_scrubbed_it() {
+async fn a_vf_handed_out_waits_for_its_scrub_and_is_refused_without_one() {
     let node = Node::new(&[(0, 2)]);
     node.write_config(ONE_POOL);
-    let plugin = node.start_plugin().await;
+    let mut config = node.plugin_config();
+    config.scrub_wait = Duration::from_secs(2);
+    let plugin = vfplane_device_plugin::start(config).await.unwrap();
     let mut client = client(node.socket("fast")).await;
     let vf = node.pfs[0].vfs[0];
     assert_eq!(handed_out_at(&node.state_dir(), vf).unwrap(), None);
@@ -761,11 +763,16 @@ async fn a_vf_handed_out_is_refused_until_the_agent_scrubbed_it() {
         "the mark is written before the answer"
     );
     // The container left; the kubelet offers the VF again before the agent
-    // scrubbed it.
+    // scrubbed it, and no scrub comes: refused after the wait.
+    let asked = std::time::Instant::now();
     let status = client
         .allocate(allocate_request(&[&[vf.to_string()]]))
         .await
         .unwrap_err();
+    assert!(
+        asked.elapsed() >= Duration::from_secs(2),
+        "it waited for the scrub first"
+    );
     assert_eq!(status.code(), Code::FailedPrecondition, "{status}");
     assert!(
         status.message().contains(&format!(
@@ -780,12 +787,30 @@ async fn a_vf_handed_out_is_refused_until_the_agent_scrubbed_it() {
         .await
         .unwrap_err();
     assert_eq!(handed_out_at(&node.state_dir(), other).unwrap(), None);
-    // The agent's scrub removes the mark: the VF is handed out again.
-    clear_handed_out(&node.state_dir(), vf).unwrap();
+    // The agent scrubs it while the kubelet's Allocate waits: handed out.
+    let state_dir = node.state_dir();
+    let scrub = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        clear_handed_out(&state_dir, vf).unwrap();
+    });
     client
         .allocate(allocate_request(&[&[vf.to_string()]]))
         .await
-        .unwrap();
+        .expect("handed out once the scrub removed the mark");
+    scrub.await.unwrap();
+    // A quarantined VF (its scrub failed) is refused without waiting; its
+    // health takes it out of the pool too, so this is a kubelet that did
+    // not see that yet.
+    write_vf_state(&node.state_dir(), vf, Some(VfState::ScrubFailed)).unwrap();
+    let asked = std::time::Instant::now();
+    client
+        .allocate(allocate_request(&[&[vf.to_string()]]))
+        .await
+        .unwrap_err();
+    assert!(
+        asked.elapsed() < Duration::from_secs(2),
+        "no wait for a quarantined VF"
+    );
     plugin.shutdown().await.unwrap();
 }
 
