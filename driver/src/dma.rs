@@ -560,23 +560,11 @@ impl DmaAllocator for VfioDma {
             // which MAP_POPULATE does not report; VFIO's pinning then fails,
             // as under a kubelet that gives a pod no hugepages).
             PagePolicy::Auto => self.map_pages(len, PAGE_2M).or_else(|error| {
-                tracing::info!(len, error = %error_chain(&error), "2 MiB hugepages cannot back DMA memory; using 4 KiB pages");
+                tracing::info!(len, error = %crate::error_chain(&error), "2 MiB hugepages cannot back DMA memory; using 4 KiB pages");
                 self.map_pages(len, PAGE_4K)
             }),
         }
     }
-}
-
-/// An error with its sources, one line.
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 #[cfg(test)]

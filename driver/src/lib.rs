@@ -143,3 +143,15 @@ pub fn open_igbvf_with(
         source,
     })
 }
+
+/// An error with its sources, one line (for logs).
+pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}

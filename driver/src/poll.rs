@@ -182,7 +182,7 @@ impl Poller {
                 tracing::warn!(
                     driver = dev.driver_name(),
                     requested = ?mode,
-                    error = %error_chain(&reason),
+                    error = %crate::error_chain(&reason),
                     "cannot enable the RX interrupt: busy polling instead of hybrid polling"
                 );
                 let mut poller = Self::new(PollMode::AlwaysPoll);
@@ -284,16 +284,4 @@ impl Poller {
             std::hint::spin_loop();
         }
     }
-}
-
-/// An error with its sources, one line.
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }

@@ -726,7 +726,13 @@ fn the_node_pod_mounts_the_host_and_no_container_is_privileged() {
     assert_eq!(caps.drop.as_deref(), Some(&["ALL".to_owned()][..]));
     assert_eq!(
         caps.add.as_deref(),
-        Some(&["NET_ADMIN".to_owned(), "SYS_PTRACE".to_owned(), "DAC_READ_SEARCH".to_owned()][..])
+        Some(
+            &[
+                "NET_ADMIN".to_owned(),
+                "SYS_PTRACE".to_owned(),
+                "DAC_READ_SEARCH".to_owned()
+            ][..]
+        )
     );
     assert_eq!(
         sc.seccomp_profile.as_ref().map(|p| p.type_.as_str()),

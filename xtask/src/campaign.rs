@@ -219,17 +219,24 @@ spec:
 
 /// The MAC pod `n` gives its `i`th VF: `02:00:00:cc:<n>:<i>`.
 fn tenant_mac(n: u32, i: usize) -> String {
-    format!("02:00:00:cc:{:02x}:{:02x}", n % 256, (n / 256) * 4 + u32::try_from(i).unwrap_or(0))
+    format!(
+        "02:00:00:cc:{:02x}:{:02x}",
+        n % 256,
+        (n / 256) * 4 + u32::try_from(i).unwrap_or(0)
+    )
 }
 
 /// The churn pod's script: for each VF, the driver as found, then with the
-/// pod's own MAC; `churn-ready` once done.
+/// pod's own MAC; `churn-ready` once done. Its frames go to the host's MAC
+/// (out of the PF), not broadcast: other VFs of the PF would receive those,
+/// the crash campaign's long-lived receiver among them.
 fn churn_script(n: u32) -> String {
     let env = format!("PCIDEVICE_VFPLANE_IO_{}", POOL.to_uppercase());
+    let host = HOST_MAC.map(|b| format!("{b:02x}")).join(":");
     format!(
         "set -e; i=0; for vf in $(echo \"${env}\" | tr ',' ' '); do \
-         pktgen --pci $vf --count 1 --size 60; \
-         pktgen --pci $vf --mac 02:00:00:cc:{:02x}:$(printf %02x $(({} + i))) --count 20 --size 60; \
+         pktgen --pci $vf --dst {host} --count 1 --size 60; \
+         pktgen --pci $vf --dst {host} --mac 02:00:00:cc:{:02x}:$(printf %02x $(({} + i))) --count 20 --size 60; \
          i=$((i + 1)); done; echo churn-ready; exec sleep 86400",
         n % 256,
         (n / 256) * 4
@@ -312,6 +319,15 @@ impl<'a> Campaigns<'a> {
     /// Waits until pod `name` ran its driver checks, and checks them: each
     /// VF found with its spec MAC, then carrying the pod's own.
     fn check_churn_pod(&mut self, name: &str) -> Result<Vec<String>> {
+        match self.churn_pod_outcome(name)? {
+            Ok(vfs) => Ok(vfs),
+            Err(rejected) => bail!("pod {name} was rejected by the kubelet: {rejected}"),
+        }
+    }
+
+    /// [`Self::check_churn_pod`], except that a pod the kubelet rejected at
+    /// admission (`UnexpectedAdmissionError`) is `Ok(Err(why))`.
+    fn churn_pod_outcome(&mut self, name: &str) -> Result<std::result::Result<Vec<String>, String>> {
         let began = Instant::now();
         let logs = loop {
             let logs = self.cluster().kubectl_output(&["logs", name]).unwrap_or_default();
@@ -323,7 +339,19 @@ impl<'a> Campaigns<'a> {
                 .kubectl_output(&["get", "pod", name, "-o=jsonpath={.status.phase}"])
                 .unwrap_or_default();
             if phase == "Failed" || phase == "Succeeded" || logs.contains("\"error\"") {
-                bail!("pod {name} ended ({phase}) before its driver checks passed:\n{logs}");
+                let why = self
+                    .cluster()
+                    .kubectl_output(&[
+                        "get",
+                        "pod",
+                        name,
+                        "-o=jsonpath={.status.reason}: {.status.message}",
+                    ])
+                    .unwrap_or_default();
+                if why.starts_with("UnexpectedAdmissionError") {
+                    return Ok(Err(why));
+                }
+                bail!("pod {name} ended ({phase}; {why}) before its driver checks passed:\n{logs}");
             }
             if began.elapsed() > POD_TIMEOUT {
                 bail!(
@@ -344,7 +372,10 @@ impl<'a> Campaigns<'a> {
             let vf = pair[0]["pci"].as_str().unwrap_or_default().to_owned();
             let found = pair[0]["mac"].as_str().unwrap_or_default();
             let Some(clean) = self.clean_macs.get(&vf) else {
-                bail!("pod {name} got {vf}, not a VF of pool {POOL}: {:?}", self.clean_macs.keys());
+                bail!(
+                    "pod {name} got {vf}, not a VF of pool {POOL}: {:?}",
+                    self.clean_macs.keys()
+                );
             };
             ensure!(
                 found == clean,
@@ -358,7 +389,7 @@ impl<'a> Campaigns<'a> {
             );
             vfs.push(vf);
         }
-        Ok(vfs)
+        Ok(Ok(vfs))
     }
 
     /// Deletes pods without waiting.
@@ -401,12 +432,13 @@ impl<'a> Campaigns<'a> {
     pub fn check_clean(&mut self, keep: &[(&str, &str)]) -> Result<Duration> {
         let began = Instant::now();
         let kept: Vec<&str> = keep.iter().map(|(pod, _)| *pod).collect();
-        self.session.wait("the campaign's pods gone", SETTLE_TIMEOUT, |c| {
-            let names = c.kubectl_output(&["get", "pods", "-l", "campaign=true", "-o=name"])?;
-            Ok(names
-                .lines()
-                .all(|l| kept.contains(&l.trim_start_matches("pod/"))))
-        })?;
+        self.session
+            .wait("the campaign's pods gone", SETTLE_TIMEOUT, |c| {
+                let names = c.kubectl_output(&["get", "pods", "-l", "campaign=true", "-o=name"])?;
+                Ok(names
+                    .lines()
+                    .all(|l| kept.contains(&l.trim_start_matches("pod/"))))
+            })?;
         let free = TOTAL_VFS - keep.len();
         // Allocatable counts the healthy VFs, held or not.
         self.session
@@ -423,7 +455,8 @@ impl<'a> Campaigns<'a> {
                     statuses.iter().any(|s| {
                         s["pciAddress"] == vf.as_str()
                             && s["health"] == "Healthy"
-                            && (held.contains_key(vf.as_str()) || (s["owner"].is_null() && s["mac"] == mac.as_str()))
+                            && (held.contains_key(vf.as_str())
+                                || (s["owner"].is_null() && s["mac"] == mac.as_str()))
                     })
                 }))
             },
@@ -442,14 +475,15 @@ impl<'a> Campaigns<'a> {
                 .collect::<Vec<_>>()
         };
         let marks = field("marks:");
-        let marked_ok = marks
-            .iter()
-            .all(|m| held.keys().any(|vf| m.starts_with(vf)));
+        let marked_ok = marks.iter().all(|m| held.keys().any(|vf| m.starts_with(vf)));
         ensure!(
             marked_ok && marks.len() == keep.len(),
             "handed-out marks left for VFs nobody holds: {marks:?} (held: {held:?})"
         );
-        let records: usize = field("records:").first().and_then(|n| n.parse().ok()).unwrap_or(usize::MAX);
+        let records: usize = field("records:")
+            .first()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(usize::MAX);
         ensure!(
             records <= keep.len(),
             "{records} container records left with {} container(s) holding VFs",
@@ -506,7 +540,14 @@ impl<'a> Campaigns<'a> {
             self.report.add(format!(
                 "churn: after {baseline_at} pods -> at the end: agent RSS {} -> {} KiB, fds {} -> {}; \
                  device plugin RSS {} -> {} KiB, fds {} -> {}",
-                agent0.rss_kib, agent.rss_kib, agent0.fds, agent.fds, plugin0.rss_kib, plugin.rss_kib, plugin0.fds, plugin.fds
+                agent0.rss_kib,
+                agent.rss_kib,
+                agent0.fds,
+                agent.fds,
+                plugin0.rss_kib,
+                plugin.rss_kib,
+                plugin0.fds,
+                plugin.fds
             ));
             for (what, before, after) in [("agent", agent0, agent), ("device plugin", plugin0, plugin)] {
                 ensure!(
@@ -531,37 +572,31 @@ impl<'a> Campaigns<'a> {
 
     /// The node pod's container `container`: (restart count, ready).
     fn container_state(&self, container: &str) -> Result<(u64, bool)> {
-        let pods = self
-            .cluster()
-            .kubectl_json(&["get", "pods", "-n", NAMESPACE, "-l", "app.kubernetes.io/component=node"])?;
-        let status = pods["items"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .flat_map(|p| p["status"]["containerStatuses"].as_array().into_iter().flatten())
-            .find(|s| s["name"] == container)
-            .with_context(|| format!("no {container} container in the node pod"))?;
-        Ok((
-            status["restartCount"].as_u64().unwrap_or(0),
-            status["ready"].as_bool().unwrap_or(false),
-        ))
+        node_container_state(self.cluster(), container)
     }
 
-    /// Kills every process named `comm` on the node with SIGKILL; returns
-    /// when it was done. The kubelet and containerd carry `kubectl exec`'s
-    /// stream, so they are killed a second after the node shell returns.
+    /// Kills every process named `comm` on the node: the agent and the
+    /// device plugin with SIGKILL (a crash), the kubelet and containerd
+    /// with SIGTERM (a restart, as a service manager does it; the node
+    /// starts them again a second later). Returns when it was done. The
+    /// kubelet and containerd carry `kubectl exec`'s stream, so they are
+    /// signalled a second after the node shell returns.
     fn kill(&mut self, comm: &str) -> Result<Instant> {
-        let delayed = matches!(comm, "kubelet" | "containerd");
-        let kill = format!("for p in $({}); do kill -9 $p; done", pids_of(comm));
-        let script = if delayed {
-            format!("[ -n \"$({})\" ] && echo found; (sleep 1; {kill}) > /dev/null 2>&1 &", pids_of(comm))
+        let restart = matches!(comm, "kubelet" | "containerd");
+        let signal = if restart { "TERM" } else { "KILL" };
+        let kill = format!("for p in $({}); do kill -{signal} $p; done", pids_of(comm));
+        let script = if restart {
+            format!(
+                "[ -n \"$({})\" ] && echo found; (sleep 1; {kill}) > /dev/null 2>&1 &",
+                pids_of(comm)
+            )
         } else {
             format!("[ -n \"$({})\" ] && echo found; {kill}", pids_of(comm))
         };
         let out = self.session.cluster_mut().node_exec(&script)?;
-        ensure!(out.contains("found"), "no {comm} process to kill on the node");
+        ensure!(out.contains("found"), "no {comm} process on the node");
         let killed = Instant::now();
-        if delayed {
+        if restart {
             std::thread::sleep(Duration::from_secs(1));
             return Ok(killed + Duration::from_secs(1));
         }
@@ -585,13 +620,26 @@ impl<'a> Campaigns<'a> {
         let mac = ANCHOR_MAC.map(|b| format!("{b:02x}")).join(":");
         self.cluster().kubectl_stdin(
             &["apply", "-f", "-"],
-            &pod(anchor, 1, &format!("rxcount --mac {mac} --count 100 --timeout 86400")),
+            &pod(
+                anchor,
+                1,
+                &format!("rxcount --mac {mac} --count 100 --timeout 86400"),
+            ),
         )?;
         let began = Instant::now();
         let anchor_vf = loop {
-            let logs = self.cluster().kubectl_output(&["logs", anchor]).unwrap_or_default();
-            if let Some(ready) = tool_lines(&logs, "rxcount").into_iter().find(|v| v["event"] == "ready") {
-                ensure!(ready["mac"] == mac.as_str(), "the anchor pod's VF did not take its MAC: {ready}");
+            let logs = self
+                .cluster()
+                .kubectl_output(&["logs", anchor])
+                .unwrap_or_default();
+            if let Some(ready) = tool_lines(&logs, "rxcount")
+                .into_iter()
+                .find(|v| v["event"] == "ready")
+            {
+                ensure!(
+                    ready["mac"] == mac.as_str(),
+                    "the anchor pod's VF did not take its MAC: {ready}"
+                );
                 break ready["pci"].as_str().unwrap_or_default().to_owned();
             }
             ensure!(
@@ -620,17 +668,8 @@ impl<'a> Campaigns<'a> {
                 &format!("the {container} container restarted and ready after its kill"),
                 SETTLE_TIMEOUT,
                 |c| {
-                    let pods = c.kubectl_json(&["get", "pods", "-n", NAMESPACE, "-l", "app.kubernetes.io/component=node"])?;
-                    Ok(pods["items"]
-                        .as_array()
-                        .into_iter()
-                        .flatten()
-                        .flat_map(|p| p["status"]["containerStatuses"].as_array().into_iter().flatten())
-                        .any(|s| {
-                            s["name"] == container
-                                && s["restartCount"].as_u64().unwrap_or(0) > restarts_before
-                                && s["ready"] == true
-                        }))
+                    let (restarts, ready) = node_container_state(c, container)?;
+                    Ok(restarts > restarts_before && ready)
                 },
             )?;
             self.check_churn_pod(&name)
@@ -654,8 +693,14 @@ impl<'a> Campaigns<'a> {
         }
         let began = Instant::now();
         let result = loop {
-            let logs = self.cluster().kubectl_output(&["logs", anchor]).unwrap_or_default();
-            if let Some(result) = tool_lines(&logs, "rxcount").into_iter().find(|v| v.get("received").is_some()) {
+            let logs = self
+                .cluster()
+                .kubectl_output(&["logs", anchor])
+                .unwrap_or_default();
+            if let Some(result) = tool_lines(&logs, "rxcount")
+                .into_iter()
+                .find(|v| v.get("received").is_some())
+            {
                 break result;
             }
             ensure!(
@@ -669,10 +714,16 @@ impl<'a> Campaigns<'a> {
             result["received"] == 100 && result["bad"] == 0,
             "the long-lived pod's VF did not keep working through the kills: {result}"
         );
-        let anchor_restarts = self
-            .cluster()
-            .kubectl_output(&["get", "pod", anchor, "-o=jsonpath={.status.containerStatuses[0].restartCount}"])?;
-        ensure!(anchor_restarts.trim() == "0", "the long-lived pod restarted: {anchor_restarts}");
+        let anchor_restarts = self.cluster().kubectl_output(&[
+            "get",
+            "pod",
+            anchor,
+            "-o=jsonpath={.status.containerStatuses[0].restartCount}",
+        ])?;
+        ensure!(
+            anchor_restarts.trim() == "0",
+            "the long-lived pod restarted: {anchor_restarts}"
+        );
         self.delete_pods(&[anchor.to_owned()])?;
         self.check_clean(&[])?;
         for (container, times) in &converge {
@@ -690,6 +741,47 @@ impl<'a> Campaigns<'a> {
         Ok(())
     }
 
+    /// Saves the agent's, the plugin's and the controller's logs (and the
+    /// previous containers' after a kill) and the NodeState beside the
+    /// cluster's own logs; returns where, or why not.
+    fn save_logs(&self, campaign: &str) -> String {
+        let dir = self.cluster().dir().join(format!("campaign-{campaign}"));
+        if let Err(error) = std::fs::create_dir_all(&dir) {
+            return format!("not saved ({error})");
+        }
+        let node = ["-n", NAMESPACE, "daemonset/vfplane-node", "-c"];
+        for (file, args) in [
+            ("agent.log", [&node[..], &["agent"]].concat()),
+            (
+                "agent.previous.log",
+                [&node[..], &["agent", "--previous"]].concat(),
+            ),
+            ("device-plugin.log", [&node[..], &["device-plugin"]].concat()),
+            (
+                "device-plugin.previous.log",
+                [&node[..], &["device-plugin", "--previous"]].concat(),
+            ),
+            (
+                "controller.log",
+                vec!["-n", NAMESPACE, "deployment/vfplane-controller"],
+            ),
+        ] {
+            let mut all = vec!["logs"];
+            all.extend(args);
+            let text = self
+                .cluster()
+                .kubectl_output(&all)
+                .unwrap_or_else(|e| format!("{e:#}"));
+            let _ = std::fs::write(dir.join(file), strip_ansi(&text));
+        }
+        let state = self
+            .cluster()
+            .kubectl_output(&["get", "nodestate", NODE_NAME, "-o", "yaml"])
+            .unwrap_or_else(|e| format!("{e:#}"));
+        let _ = std::fs::write(dir.join("nodestate.yaml"), state);
+        dir.display().to_string()
+    }
+
     /// The device plugin's log, without colour codes.
     fn plugin_log(&self) -> Result<String> {
         let raw = self.cluster().kubectl_output(&[
@@ -703,9 +795,9 @@ impl<'a> Campaigns<'a> {
         Ok(strip_ansi(&raw))
     }
 
-    /// Restarts: the kubelet killed `options.kubelet_restarts` times (the
-    /// node's service loop starts it again after 1 s; it wipes the
-    /// device-plugin directory). Each time: how long the plugin took from
+    /// Restarts: the kubelet stopped (SIGTERM) `options.kubelet_restarts`
+    /// times (the node's service loop starts it again after 1 s; it wipes
+    /// the device-plugin directory). Each time: how long the plugin took from
     /// the new `kubelet.sock` to its registration (from its log), the
     /// longest stretch the API server showed the pool's allocatable below
     /// the free VFs, and a pod created right after the kill must get clean
@@ -717,6 +809,7 @@ impl<'a> Campaigns<'a> {
         let mut registrations = Vec::new();
         let mut dips = Vec::new();
         let mut pod_times = Vec::new();
+        let mut rejected = Vec::new();
         for _ in 0..options.kubelet_restarts {
             let log_before = self.plugin_log()?.lines().count();
             let killed = self.kill("kubelet")?;
@@ -736,7 +829,8 @@ impl<'a> Campaigns<'a> {
                     }
                     _ => {}
                 }
-                let log = self.plugin_log()?;
+                // The kubelet serves the logs: nothing while it restarts.
+                let log = self.plugin_log().unwrap_or_default();
                 let new: Vec<&str> = log.lines().skip(log_before).collect();
                 if let Some(latency) = registration_latency(&new)
                     && full
@@ -755,8 +849,19 @@ impl<'a> Campaigns<'a> {
             }
             registrations.push(registered);
             dips.push(longest);
-            self.check_churn_pod(&name)?;
-            pod_times.push(killed.elapsed());
+            match self.churn_pod_outcome(&name)? {
+                Ok(_) => pod_times.push(killed.elapsed()),
+                Err(why) => {
+                    // Admitted by the new kubelet before the plugin had
+                    // re-registered: the kubelet fails such a pod (it
+                    // restores the resource from its checkpoint with no
+                    // healthy device). A pod created now must run.
+                    rejected.push(why);
+                    let again = self.create_churn_pod(1)?;
+                    self.check_churn_pod(&again)?;
+                    self.delete_pods(&[again])?;
+                }
+            }
             self.delete_pods(&[name])?;
             self.check_clean(&[])?;
         }
@@ -770,11 +875,21 @@ impl<'a> Campaigns<'a> {
             "restarts: allocatable below the pool's healthy VFs for {median:.1} s (median), {worst:.1} s (worst) per restart, as the API server showed it"
         ));
         let (median, worst) = median_and_worst(&pod_times);
-        self.report.add(format!(
-            "restarts: a pod created right after each kill ran on clean VFs {median:.1} s (median), {worst:.1} s (worst) after the kill"
-        ));
+        let mut line = format!(
+            "restarts: of {} pods created right after a kubelet stop, {} ran on clean VFs ({median:.1} s median, {worst:.1} s worst after the stop)",
+            options.kubelet_restarts,
+            pod_times.len(),
+        );
+        if let Some(first) = rejected.first() {
+            line.push_str(&format!(
+                "; {} were rejected by the new kubelet before the plugin re-registered ({first}); a pod created after that ran each time",
+                rejected.len()
+            ));
+        }
+        self.report.add(line);
 
-        // containerd, once: running containers live on in their shims.
+        // containerd, once (SIGTERM): running containers live on in their
+        // shims.
         let (plugin_restarts, _) = self.container_state("device-plugin")?;
         let killed = self.kill("containerd")?;
         let name = self.create_churn_pod(1)?;
@@ -788,7 +903,7 @@ impl<'a> Campaigns<'a> {
         self.delete_pods(&[name])?;
         self.check_clean(&[])?;
         self.report.add(format!(
-            "restarts: containerd killed and restarted: vfplane's containers kept running, a new pod ran on clean VFs {:.1} s after the kill",
+            "restarts: containerd stopped and restarted: vfplane's containers kept running, a new pod ran on clean VFs {:.1} s after the kill",
             after.as_secs_f64()
         ));
         Ok(())
@@ -839,6 +954,29 @@ impl<'a> Campaigns<'a> {
         }
         Ok(())
     }
+}
+
+/// A container of the node pod: (restart count, ready).
+fn node_container_state(cluster: &Cluster, container: &str) -> Result<(u64, bool)> {
+    let pods = cluster.kubectl_json(&[
+        "get",
+        "pods",
+        "-n",
+        NAMESPACE,
+        "-l",
+        "app.kubernetes.io/component=node",
+    ])?;
+    let status = pods["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|p| p["status"]["containerStatuses"].as_array().into_iter().flatten())
+        .find(|s| s["name"] == container)
+        .with_context(|| format!("no {container} container in the node pod"))?;
+    Ok((
+        status["restartCount"].as_u64().unwrap_or(0),
+        status["ready"].as_bool().unwrap_or(false),
+    ))
 }
 
 /// Removes ANSI colour codes.
@@ -896,12 +1034,16 @@ pub fn run(testbed: &crate::testbed::Testbed, options: &Options, which: &[&str])
     let mut campaigns = Campaigns::prepare(&mut session, options.seed)?;
     for name in which {
         let began = Instant::now();
-        match *name {
-            "churn" => campaigns.churn(options)?,
-            "crashes" => campaigns.crashes(options)?,
-            "restarts" => campaigns.restarts(options)?,
-            "faults" => campaigns.faults()?,
+        let result = match *name {
+            "churn" => campaigns.churn(options),
+            "crashes" => campaigns.crashes(options),
+            "restarts" => campaigns.restarts(options),
+            "faults" => campaigns.faults(),
             other => bail!("no campaign {other:?}: churn, crashes, restarts or faults"),
+        };
+        if let Err(error) = result {
+            let saved = campaigns.save_logs(name);
+            return Err(error.context(format!("campaign {name} failed; vfplane's logs: {saved}")));
         }
         let mut line = String::new();
         let _ = write!(line, "{name}: done in {:.0} s", began.elapsed().as_secs_f64());
@@ -935,7 +1077,10 @@ mod tests {
 
     #[test]
     fn ansi_codes_are_stripped() {
-        assert_eq!(strip_ansi("\u{1b}[2m2026\u{1b}[0m \u{1b}[32m INFO\u{1b}[0m x"), "2026  INFO x");
+        assert_eq!(
+            strip_ansi("\u{1b}[2m2026\u{1b}[0m \u{1b}[32m INFO\u{1b}[0m x"),
+            "2026  INFO x"
+        );
     }
 
     #[test]

@@ -34,6 +34,31 @@ enum Command {
     /// The demo: vfplane installed by Helm on the real cluster, a VfPolicy,
     /// a pod running the driver on its VF, the host counting the frames.
     Demo,
+    /// Reliability campaigns on the real cluster (vfplane installed by
+    /// Helm): pod churn, SIGKILLs of the agent and the device plugin,
+    /// kubelet and containerd restarts, PF link faults. Prints each one's
+    /// figures; fails on a dirty VF, a lost VF or anything left behind.
+    Campaign {
+        /// Which, in order: churn, crashes, restarts, faults.
+        #[arg(value_delimiter = ',', default_value = "churn,crashes,restarts,faults")]
+        which: Vec<String>,
+        /// The lengths the reliability issue asks for (200 pods, 50 + 50
+        /// kills, 20 kubelet restarts); CI runs the short ones.
+        #[arg(long)]
+        long: bool,
+        /// Pods of the churn campaign (overrides --long's).
+        #[arg(long)]
+        pods: Option<u32>,
+        /// SIGKILLs of the agent, and as many of the plugin.
+        #[arg(long)]
+        kills: Option<u32>,
+        /// Kubelet restarts.
+        #[arg(long)]
+        restarts: Option<u32>,
+        /// Seed of the random moments (default: the time).
+        #[arg(long)]
+        seed: Option<u64>,
+    },
     /// Builds vfplane's image (the static node and controller binaries,
     /// the driver's examples, busybox) as an OCI archive.
     Image {
@@ -213,6 +238,47 @@ fn run(cli: Cli) -> Result<ExitCode> {
             run_guest(&text, &guest.options(), begun)
         }
         Command::Demo => run_demo(begun),
+        Command::Campaign {
+            which,
+            long,
+            pods,
+            kills,
+            restarts,
+            seed,
+        } => {
+            let seed = seed.unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(1, |d| d.as_secs())
+            });
+            let mut options = if long {
+                xtask::campaign::Options::long(seed)
+            } else {
+                xtask::campaign::Options::short(seed)
+            };
+            options.pods = pods.unwrap_or(options.pods);
+            options.kills = kills.unwrap_or(options.kills);
+            options.kubelet_restarts = restarts.unwrap_or(options.kubelet_restarts);
+            let testbed = Testbed::prepare()?;
+            let which: Vec<&str> = which.iter().map(String::as_str).collect();
+            match xtask::campaign::run(&testbed, &options, &which) {
+                Ok(report) => {
+                    eprintln!(
+                        "\n== campaigns (seed {seed}, {:.0} s)\n{}",
+                        begun.elapsed().as_secs_f64(),
+                        report.text()
+                    );
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(error) => {
+                    eprintln!(
+                        "\ncampaign FAILED (seed {seed}) after {:.0} s: {error:#}",
+                        begun.elapsed().as_secs_f64()
+                    );
+                    Ok(ExitCode::FAILURE)
+                }
+            }
+        }
         Command::Test { slow } => run_tests(slow, begun),
         Command::Bench {
             command:

@@ -96,6 +96,15 @@ pub struct GuestOptions {
     /// driver's examples with the default configuration takes 6: 8 MiB of
     /// buffers and a page per ring).
     pub hugepages_2m: u32,
+    /// Under TCG, run every vCPU on one host thread (`-accel
+    /// tcg,thread=single`) instead of one thread each. QEMU 10.0.2's
+    /// multi-threaded TCG died under the reliability campaigns' VF resets
+    /// (`iotlb_to_section: Assertion 'section_index < d->map.sections_nb'
+    /// failed`: a vCPU's TLB kept a memory section the other vCPU's BAR
+    /// change had just removed), and twice before that left a vCPU that
+    /// never woke (guest RCU stalls, "timer wakeup didn't happen ...
+    /// cpu=1", then the whole node frozen). Cluster nodes set it.
+    pub single_threaded_tcg: bool,
 }
 
 /// 2 MiB hugepages a guest reserves unless told otherwise: 64 MiB, room
@@ -128,6 +137,7 @@ impl Default for GuestOptions {
             root_on_tmpfs: false,
             node_modules: false,
             hugepages_2m: DEFAULT_HUGEPAGES_2M,
+            single_threaded_tcg: false,
         }
     }
 }
@@ -353,7 +363,12 @@ impl Testbed {
             Accel::Tcg => "tcg",
             Accel::Kvm => "kvm",
         };
-        qemu.arg("-machine").arg(format!("q35,accel={accel}"));
+        if self.accel == Accel::Tcg && options.single_threaded_tcg {
+            // QEMU refuses `-machine accel=` beside `-accel`.
+            qemu.args(["-machine", "q35", "-accel", "tcg,thread=single"]);
+        } else {
+            qemu.arg("-machine").arg(format!("q35,accel={accel}"));
+        }
         qemu.args([
             "-cpu",
             "max",
