@@ -39,7 +39,7 @@ fn short_campaigns_leave_the_node_clean_and_every_vf_scrubbed() {
 }
 
 #[test]
-#[ignore = "slow: 200 pods, 100 SIGKILLs and 20 kubelet restarts on the emulated node (about 1.5 h)"]
+#[ignore = "slow: 200 pods, 100 SIGKILLs and 20 kubelet restarts on the emulated node (about 1.5 h, extrapolated from the short runs)"]
 fn long_campaigns_leave_the_node_clean_and_every_vf_scrubbed() {
     run(&Options::long(seed()));
 }
