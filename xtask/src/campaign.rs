@@ -156,6 +156,7 @@ pub struct Campaigns<'a> {
     /// Each VF of the pool and the MAC its spec gives it.
     clean_macs: BTreeMap<String, String>,
     moments: Moments,
+    seed: u64,
     next_pod: u32,
     report: Report,
 }
@@ -291,6 +292,7 @@ impl<'a> Campaigns<'a> {
             session,
             clean_macs,
             moments: Moments::new(seed),
+            seed,
             next_pod: 0,
             report: Report::default(),
         })
@@ -609,7 +611,9 @@ impl<'a> Campaigns<'a> {
     /// SIGKILLs the agent or the device plugin (alternately), so kills land
     /// during scrubs, Allocates, hooks and registrations. The round ends
     /// when the node converged: the container back and ready, the churn
-    /// pod running with clean VFs. At the end the long-lived pod receives
+    /// pod running with clean VFs. A pod the kubelet rejects at admission
+    /// (it had no healthy VF of the pool then) is counted and reported,
+    /// with the logs of that moment saved, and the next pod must run. At the end the long-lived pod receives
     /// the frames the host sends it (its VF was never reset under it).
     ///
     /// # Errors
@@ -650,6 +654,7 @@ impl<'a> Campaigns<'a> {
         };
         let mut converge: BTreeMap<&str, Vec<Duration>> = BTreeMap::new();
         let mut previous: Option<String> = None;
+        let mut rejected: Vec<String> = Vec::new();
         for round in 0..options.kills * 2 {
             let (container, comm) = if round.is_multiple_of(2) {
                 ("agent", AGENT_COMM)
@@ -672,8 +677,26 @@ impl<'a> Campaigns<'a> {
                     Ok(restarts > restarts_before && ready)
                 },
             )?;
-            self.check_churn_pod(&name)
+            let outcome = self
+                .churn_pod_outcome(&name)
                 .with_context(|| format!("round {round}: after the kill of the {container}"))?;
+            if let Err(why) = outcome {
+                // The kubelet failed the pod at admission: it had no
+                // healthy VF of the pool at that moment. Counted and shown
+                // with the logs of that moment; the next pod must run.
+                let saved = self.save_logs(&format!("crashes-rejected-{round}"));
+                eprintln!(
+                    "campaign: crashes: round {round}: pod {name} rejected by the kubelet ({why}); logs: {saved}"
+                );
+                rejected.push(format!("round {round} ({container} killed): {why}"));
+                self.delete_pods(std::slice::from_ref(&name))?;
+                let again = self.create_churn_pod(1)?;
+                self.check_churn_pod(&again)
+                    .with_context(|| format!("round {round}: the pod after a rejected one"))?;
+                converge.entry(container).or_default().push(killed.elapsed());
+                previous = Some(again);
+                continue;
+            }
             converge.entry(container).or_default().push(killed.elapsed());
             previous = Some(name);
         }
@@ -738,6 +761,12 @@ impl<'a> Campaigns<'a> {
             "crashes: the long-lived pod kept its VF {anchor_vf} throughout (100/100 frames received after the last kill); \
              no pod got a dirty VF; node clean at the end"
         ));
+        self.report.add(format!(
+            "crashes: pods the kubelet rejected at admission (no healthy VF of the pool at that moment): {} of {}{}",
+            rejected.len(),
+            options.kills * 2,
+            if rejected.is_empty() { String::new() } else { format!(": {}", rejected.join("; ")) }
+        ));
         Ok(())
     }
 
@@ -745,7 +774,10 @@ impl<'a> Campaigns<'a> {
     /// previous containers' after a kill) and the NodeState beside the
     /// cluster's own logs; returns where, or why not.
     fn save_logs(&self, campaign: &str) -> String {
-        let dir = self.cluster().dir().join(format!("campaign-{campaign}"));
+        // Beside the run directories, not in one: a later run removes those
+        // of dead processes.
+        let parent = self.cluster().dir().parent().unwrap_or(self.cluster().dir());
+        let dir = parent.join(format!("campaign-logs-{}-{campaign}", self.seed));
         if let Err(error) = std::fs::create_dir_all(&dir) {
             return format!("not saved ({error})");
         }
@@ -774,11 +806,13 @@ impl<'a> Campaigns<'a> {
                 .unwrap_or_else(|e| format!("{e:#}"));
             let _ = std::fs::write(dir.join(file), strip_ansi(&text));
         }
-        let state = self
-            .cluster()
-            .kubectl_output(&["get", "nodestate", NODE_NAME, "-o", "yaml"])
-            .unwrap_or_else(|e| format!("{e:#}"));
-        let _ = std::fs::write(dir.join("nodestate.yaml"), state);
+        for (file, kind) in [("nodestate.yaml", "nodestate"), ("node.yaml", "node")] {
+            let text = self
+                .cluster()
+                .kubectl_output(&["get", kind, NODE_NAME, "-o", "yaml"])
+                .unwrap_or_else(|e| format!("{e:#}"));
+            let _ = std::fs::write(dir.join(file), text);
+        }
         dir.display().to_string()
     }
 
