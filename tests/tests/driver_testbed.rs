@@ -82,8 +82,8 @@ fn wait_for(guest: &RunningGuest, what: &str, timeout: Duration, pick: impl Fn(&
     wait_for_nth(guest, what, timeout, 0, pick)
 }
 
-/// Waits for the `nth` (from 0) JSON line of the guest's output that `pick`
-/// accepts.
+/// Waits for the `nth` (from 0) JSON line of the guest's output that
+/// `pick` accepts; the panic holds the output and the guest console's tail.
 fn wait_for_nth(
     guest: &RunningGuest,
     what: &str,
@@ -91,27 +91,9 @@ fn wait_for_nth(
     nth: usize,
     pick: impl Fn(&Value) -> bool,
 ) -> Value {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let output = guest.output_so_far();
-        let found = output
-            .lines()
-            .filter(|l| l.starts_with('{'))
-            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .filter(|v| pick(v))
-            .nth(nth);
-        if let Some(v) = found {
-            return v;
-        }
-        if let Some(code) = guest.script_exit_code() {
-            panic!("the script ended (exit {code}) with no {what}; its output:\n{output}");
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no {what} within {timeout:?}; guest output so far:\n{output}"
-        );
-        thread::sleep(Duration::from_millis(100));
-    }
+    guest
+        .json_line(what, timeout, nth, pick)
+        .unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 fn tool_line(tool: &'static str, event: Option<&'static str>) -> impl Fn(&Value) -> bool {

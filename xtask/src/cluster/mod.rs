@@ -371,7 +371,6 @@ impl Cluster {
         }
         let mut guest_options = options.guest.clone();
         guest_options.memory_mib = guest_options.memory_mib.max(MAX_GUEST_MEMORY_MIB);
-        guest_options.single_threaded_tcg = true;
         guest_options.netns = Some(cluster.netns.name().to_owned());
         guest_options.tap = Some(TAP.to_owned());
         guest_options.root_on_tmpfs = true;
