@@ -1,8 +1,9 @@
 //! The reliability campaigns (`xtask::campaign`) on the real node, vfplane
 //! installed by Helm: pods churned through the kubelet, the agent and the
 //! device plugin SIGKILLed, the kubelet and containerd restarted, the PF's
-//! link taken down and up. Each prints its figures; a dirty VF, a pod that
-//! lost its VF or anything left behind fails it.
+//! link taken down and up, a root pod with `MKNOD` opening the node's other
+//! VFIO groups. Each prints its figures; a dirty VF, a pod that lost its
+//! VF, a group opened or anything left behind fails it.
 //!
 //! CI runs the short versions; `cargo xtask test --slow` (or
 //! `cargo xtask campaign`) the lengths the reliability issue asks for.
@@ -28,7 +29,8 @@ fn seed() -> u64 {
 
 fn run(options: &Options) {
     let testbed = Testbed::prepare().expect("testbed");
-    let report = campaign::run(&testbed, options, &["churn", "crashes", "restarts", "faults"])
+    let which = ["churn", "crashes", "restarts", "faults", "isolation"];
+    let report = campaign::run(&testbed, options, &which)
         .unwrap_or_else(|e| panic!("campaign failed (seed {}): {e:#}", options.seed));
     eprintln!("\n== campaigns (seed {})\n{}", options.seed, report.text());
 }

@@ -36,11 +36,15 @@ enum Command {
     Demo,
     /// Reliability campaigns on the real cluster (vfplane installed by
     /// Helm): pod churn, SIGKILLs of the agent and the device plugin,
-    /// kubelet and containerd restarts, PF link faults. Prints each one's
-    /// figures; fails on a dirty VF, a lost VF or anything left behind.
+    /// kubelet and containerd restarts, PF link faults, a pod opening
+    /// other VFIO groups. Prints each one's figures; fails on a dirty VF,
+    /// a lost VF, a group opened or anything left behind.
     Campaign {
-        /// Which, in order: churn, crashes, restarts, faults.
-        #[arg(value_delimiter = ',', default_value = "churn,crashes,restarts,faults")]
+        /// Which, in order: churn, crashes, restarts, faults, isolation.
+        #[arg(
+            value_delimiter = ',',
+            default_value = "churn,crashes,restarts,faults,isolation"
+        )]
         which: Vec<String>,
         /// The lengths the reliability issue asks for (200 pods, 50 + 50
         /// kills, 20 kubelet restarts); CI runs the short ones.

@@ -738,7 +738,8 @@ fn run_dir(workspace: &Path) -> Result<PathBuf> {
 
 /// The kubelet's configuration: cgroupfs on cgroup v2, containerd's
 /// socket, x509 and webhook authentication, thresholds that fit a guest
-/// whose root is a tmpfs, a 2 s cap on container restart backoff.
+/// whose root is a tmpfs, a 2 s cap on container restart backoff, node
+/// status sent every second.
 fn kubelet_config() -> String {
     format!(
         r#"apiVersion: kubelet.config.k8s.io/v1beta1
@@ -773,6 +774,11 @@ imageGCLowThresholdPercent: 99
 # measures vfplane's recovery, not the kubelet's patience.
 crashLoopBackOff:
   maxContainerRestartPeriod: 2s
+# A restarted kubelet reports every device resource as 0 until its plugin
+# registers again (0.2-0.5 s here), and the API server sees the count only
+# at the next node status update: every 10 s by default, 1 s here, so the
+# scheduler sees a pool at 0 for about a second, not ten.
+nodeStatusUpdateFrequency: 1s
 "#
     )
 }
