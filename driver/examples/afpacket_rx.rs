@@ -100,9 +100,13 @@ fn main() {
             let mut first: Option<Instant> = None;
             let mut last = Instant::now();
             let deadline = Instant::now() + timeout;
-            while good < count && Instant::now() < deadline {
+            let mut span = common::ReceiveSpan::default();
+            // One clock read per frame (its time), as the driver's receiver
+            // takes one per burst: a clock read can be a system call.
+            let mut now = Instant::now();
+            while good < count && now < deadline {
                 if let (Some(idle), Some(_)) = (idle_timeout, first)
-                    && last.elapsed() > idle
+                    && now.duration_since(last) > idle
                 {
                     break;
                 }
@@ -114,23 +118,26 @@ fn main() {
                         err.kind(),
                         std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
                     ) {
+                        now = Instant::now();
                         continue;
                     }
                     return Err(format!("recv: {err}"));
                 }
-                let now = Instant::now();
+                now = Instant::now();
                 first.get_or_insert(now);
                 last = now;
                 match frame.get(..n as usize).and_then(check_frame) {
                     Some(_) => good += 1,
                     None => bad += 1,
                 }
+                span.received(good);
             }
+            let span_frames = span.end(good);
             let seconds = first.map_or(0.0, |f| last.duration_since(f).as_secs_f64());
             emit(&serde_json::json!({
                 "tool": "afpacket_rx", "iface": iface, "mac": mac.to_string(),
                 "expected": count, "received": good, "bad": bad, "timed_out": good < count,
-                "seconds": seconds,
+                "seconds": seconds, "span_frames": span_frames,
                 "pps": if seconds > 0.0 { (good as f64 / seconds).round() } else { 0.0 },
             }));
         }

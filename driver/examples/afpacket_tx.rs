@@ -10,6 +10,7 @@ use std::time::Instant;
 
 use common::{Args, ETHERTYPE_TEST, ETHERTYPE_WARMUP, emit, fill_frame, run};
 use vfplane_driver::MacAddress;
+use vfplane_guest_insns::marker::{Mark, mark};
 
 struct Socket(i32);
 
@@ -101,7 +102,9 @@ fn main() {
             send_all(&sock, ifindex, &mut frame, dst, src, ETHERTYPE_WARMUP, warmup)?;
         }
         let started = Instant::now();
+        mark(Mark::SpanBegin);
         send_all(&sock, ifindex, &mut frame, dst, src, ETHERTYPE_TEST, count)?;
+        mark(Mark::SpanEnd);
         let seconds = started.elapsed().as_secs_f64();
         emit(&serde_json::json!({
             "tool": "afpacket_tx", "iface": iface, "mac": MacAddress(src).to_string(),

@@ -7,7 +7,8 @@
 //! then byte i = (i ^ seq) as u8. Warm-up frames (ethertype 0x88b6) go
 //! first and are not timed. Prints one JSON line: `requested` (the
 //! argument), `sent` (frames the driver queued on the TX ring),
-//! `hw_tx_packets` (the VF's own TX counter).
+//! `hw_tx_packets` (the VF's own TX counter). The timed frames are one span
+//! of the testbed's instruction count (`vfplane-guest-insns`).
 
 mod common;
 
@@ -15,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use common::{Args, ETHERTYPE_TEST, ETHERTYPE_WARMUP, emit, fill_frame, identity, open, run};
 use vfplane_driver::{MacAddress, NicDevice};
+use vfplane_guest_insns::marker::{Mark, mark};
 
 fn send<D: NicDevice>(
     dev: &mut D,
@@ -69,7 +71,9 @@ fn main() {
         let (_, tx_before, _, _) = dev.hw_counters();
         let driver_before = dev.stats().tx_packets;
         let started = Instant::now();
+        mark(Mark::SpanBegin);
         send(&mut dev, dst, ETHERTYPE_TEST, count, size, batch)?;
+        mark(Mark::SpanEnd);
         let seconds = started.elapsed().as_secs_f64();
         let (_, tx_after, _, _) = dev.hw_counters();
         let stats = dev.stats();

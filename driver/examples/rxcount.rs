@@ -10,6 +10,10 @@
 //! loss). `--rounds N` counts N times in turn on the same open VF, a ready
 //! line before each. In hybrid mode, a VF whose interrupt cannot be had is
 //! busy-polled: `irq_error` says why and `mode_in_use` is `AlwaysPoll`.
+//! Each round is a span of the testbed's instruction count
+//! (`vfplane-guest-insns`) from its first burst with frames to its last;
+//! busy polling marks each look (kept with the work on its frames, or
+//! dropped when empty); `span_frames` is how many frames the span holds.
 
 mod common;
 
@@ -21,6 +25,7 @@ use vfplane_driver::NicDevice;
 use vfplane_driver::igbvf::IgbVf;
 use vfplane_driver::poll::{PollMode, Poller};
 use vfplane_driver::vfio::VfioVf;
+use vfplane_guest_insns::marker::{Mark, mark};
 
 fn main() {
     run("rxcount", || {
@@ -81,28 +86,59 @@ fn count_round(
         let (hw_before, _, _, _) = dev.hw_counters();
         let mut batch = Vec::with_capacity(64);
         let (mut good, mut bad, mut other) = (0u64, 0u64, 0u64);
-        let mut seen = HashSet::with_capacity(count as usize);
+        let mut seen = SeenSeqs::new(count);
         let (mut min_len, mut max_len) = (usize::MAX, 0usize);
         let mut first: Option<Instant> = None;
         let mut last = Instant::now();
         let deadline = Instant::now() + timeout;
+        let mut span = common::ReceiveSpan::default();
+        // Busy polling runs its own loop of single looks, each marked for
+        // the instruction count: a look that found frames is kept with the
+        // work on them, an empty one dropped. Hybrid polling waits in the
+        // library and is not marked.
+        let busy = poller.mode() == PollMode::AlwaysPoll;
+        let mut empty_looks = 0u32;
+        // One clock read per burst with frames (the last frame's time), and
+        // one per 64 empty looks.
+        let mut now = Instant::now();
         while good < count {
-            let left = deadline.saturating_duration_since(Instant::now());
+            if busy {
+                // The whole turn of the loop is the look's.
+                mark(Mark::BurstBegin);
+            }
+            let left = deadline.saturating_duration_since(now);
             if left.is_zero() {
                 break;
             }
             if let (Some(idle), Some(_)) = (idle_timeout, first)
-                && last.elapsed() > idle
+                && now.duration_since(last) > idle
             {
                 break;
             }
-            let n = poller
-                .recv(dev, &mut batch, 64, left.min(Duration::from_millis(200)))
-                .map_err(|e| common::chain(&e))?;
-            if n == 0 {
-                continue;
-            }
-            let now = Instant::now();
+            let n = if busy {
+                let n = poller.poll(dev, &mut batch, 64);
+                if n == 0 {
+                    mark(Mark::BurstDrop);
+                    empty_looks = empty_looks.wrapping_add(1);
+                    if empty_looks.is_multiple_of(64) {
+                        now = Instant::now();
+                    }
+                    std::hint::spin_loop();
+                    continue;
+                }
+                n
+            } else {
+                let n = poller
+                    .recv(dev, &mut batch, 64, left.min(Duration::from_millis(200)))
+                    .map_err(|e| common::chain(&e))?;
+                if n == 0 {
+                    now = Instant::now();
+                    continue;
+                }
+                n
+            };
+            debug_assert!(n > 0);
+            now = Instant::now();
             first.get_or_insert(now);
             last = now;
             for buf in batch.drain(..) {
@@ -121,7 +157,12 @@ fn count_round(
                     None => bad += 1,
                 }
             }
+            if busy {
+                mark(Mark::BurstKeep);
+            }
+            span.received(good);
         }
+        let span_frames = span.end(good);
         let seconds = first.map_or(0.0, |f| last.duration_since(f).as_secs_f64());
         let stats = dev.stats();
         let (hw_rx, _, _, _) = dev.hw_counters();
@@ -130,13 +171,14 @@ fn count_round(
         line["tool"] = "rxcount".into();
         line["expected"] = count.into();
         line["received"] = good.into();
-        line["unique"] = (seen.len() as u64).into();
+        line["unique"] = seen.len().into();
         line["bad"] = bad.into();
         line["other"] = other.into();
         line["timed_out"] = (good < count).into();
         line["min_len"] = if max_len == 0 { 0 } else { min_len }.into();
         line["max_len"] = max_len.into();
         line["seconds"] = seconds.into();
+        line["span_frames"] = span_frames.into();
         line["pps"] = if seconds > 0.0 {
             (good as f64 / seconds).round()
         } else {
@@ -157,5 +199,42 @@ fn count_round(
         });
         emit(&line);
         Ok(())
+    }
+}
+
+/// The distinct sequence numbers received: a bit per number below the
+/// count expected (a few instructions a frame, where hashing would cost
+/// more than the driver's own work), a set for any above it.
+struct SeenSeqs {
+    bits: Vec<u64>,
+    below: u64,
+    distinct_below: u64,
+    above: HashSet<u32>,
+}
+
+impl SeenSeqs {
+    fn new(count: u64) -> Self {
+        Self {
+            bits: vec![0; usize::try_from(count.div_ceil(64)).unwrap_or(0)],
+            below: count,
+            distinct_below: 0,
+            above: HashSet::new(),
+        }
+    }
+
+    fn insert(&mut self, seq: u32) {
+        if u64::from(seq) < self.below {
+            let (word, bit) = ((seq / 64) as usize, seq % 64);
+            if self.bits[word] & (1 << bit) == 0 {
+                self.bits[word] |= 1 << bit;
+                self.distinct_below += 1;
+            }
+        } else {
+            self.above.insert(seq);
+        }
+    }
+
+    fn len(&self) -> u64 {
+        self.distinct_below + self.above.len() as u64
     }
 }

@@ -227,6 +227,16 @@ impl Poller {
         false
     }
 
+    /// Looks once, without waiting: up to `max` frames into `out`, counted
+    /// in [`Self::stats`] as a busy or an empty poll. For a program that
+    /// runs its own loop and does other work between looks; it never
+    /// sleeps, whatever the mode.
+    pub fn poll<D: NicDevice>(&mut self, dev: &mut D, out: &mut Vec<PacketBuf>, max: usize) -> usize {
+        let n = dev.rx_burst(out, max);
+        self.counted(n);
+        n
+    }
+
     /// Receives up to `max` frames into `out`, waiting at most `timeout`
     /// for the first; returns how many (0 on timeout).
     ///

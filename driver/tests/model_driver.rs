@@ -498,6 +498,26 @@ fn hybrid_poller_sleeps_when_idle_and_wakes_on_frames() {
 }
 
 #[test]
+fn one_look_polls_are_counted_and_never_wait() {
+    let model = model_with(PfConfig::default());
+    let mut dev = up(&model, &fast_config());
+    let mut poller = Poller::new(PollMode::Hybrid { idle_polls: 1 });
+    let mut out = Vec::with_capacity(8);
+    for _ in 0..3 {
+        assert_eq!(poller.poll(&mut dev, &mut out, 8), 0);
+    }
+    model.inject(&frame(1, 64));
+    model.inject(&frame(2, 64));
+    assert_eq!(poller.poll(&mut dev, &mut out, 8), 2);
+    assert_eq!(
+        out.iter().map(|b| seq_of(b.as_slice())).collect::<Vec<_>>(),
+        [1, 2]
+    );
+    let stats = poller.stats();
+    assert_eq!((stats.empty_polls, stats.busy_polls, stats.sleeps), (3, 1, 0));
+}
+
+#[test]
 fn hybrid_polling_without_an_interrupt_falls_back_to_busy_polling_and_says_why() {
     let model = Model::new(ModelConfig {
         no_msix: true,

@@ -16,7 +16,7 @@ use std::fmt::Write as _;
 use std::net::UdpSocket;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Context as _, Result, bail, ensure};
 use serde_json::Value;
 use xtask::testbed::wire::{ETHERTYPE_TEST, test_frame};
 use xtask::testbed::{GuestOptions, RunningGuest, Testbed};
@@ -34,6 +34,8 @@ pub struct PpsOptions {
     pub frames: u32,
     /// Runs per path and direction (the median is reported).
     pub rounds: u32,
+    /// Count guest instructions per frame with QEMU's TCG plugin.
+    pub count_instructions: bool,
 }
 
 /// The `nth` (from 0) JSON line of the guest's output `pick` accepts;
@@ -89,6 +91,27 @@ pub struct PpsRuns {
     /// end of the wire, from the sending VF's MACs; RX: in the guest
     /// program), of `frames` x runs sent.
     pub delivered: u64,
+    /// Guest instructions per frame of each run (all vCPUs, kernel and
+    /// user, from the program's first to its last frame), when counted.
+    pub instructions: Vec<f64>,
+    /// Of those, the receive bursts that returned frames, per frame (the
+    /// driver's receiver only: its cost without empty polls).
+    pub burst_instructions: Vec<f64>,
+    /// Frames in each receive run's instruction span (all but those of
+    /// its first burst).
+    pub span_frames: Vec<u64>,
+}
+
+impl PpsRuns {
+    fn new() -> Self {
+        Self {
+            pps: Vec::new(),
+            delivered: 0,
+            instructions: Vec::new(),
+            burst_instructions: Vec::new(),
+            span_frames: Vec::new(),
+        }
+    }
 }
 
 /// The table of `bench testbed-pps`.
@@ -108,6 +131,11 @@ pub struct PpsReport {
     pub dma_page_size: Value,
     /// The guest's accelerator.
     pub accel: String,
+    /// Whether the instruction-counting plugin was loaded.
+    pub counted: bool,
+    /// The guest kernel's clocksource (with one that is not `tsc`, a clock
+    /// read is a system call: both receivers read the clock per burst).
+    pub clocksource: String,
 }
 
 impl PpsReport {
@@ -147,11 +175,60 @@ impl PpsReport {
         }
         let _ = writeln!(
             out,
-            "driver DMA page size: {}. RX: the host sends each run's frames as fast as its socket takes them; \
+            "driver DMA page size: {}; guest clocksource: {}. RX: the host sends each run's frames as fast as its socket takes them; \
              QEMU drops what the NIC cannot take in time, so fewer arrive than were sent, and the rate is \
              first to last frame received",
-            self.dma_page_size
+            self.dma_page_size, self.clocksource
         );
+        if self.counted {
+            out.push_str(&self.instruction_table());
+        }
+        out
+    }
+
+    /// Guest instructions per frame, and what they say about the rates.
+    fn instruction_table(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "\nguest instructions per frame (QEMU TCG plugin vfplane-guest-insns: every vCPU, kernel and user, \
+             from the program's first frame to its last, the program's own work on each frame included; RX: \
+             less the driver's empty looks, over the frames after the first burst; the last column: the driver \
+             program's looks that found frames, with its work on them, on their own vCPU), median of {} runs; the \
+             rates above were taken with the plugin loaded. guest M/s: instructions per frame x pps, the guest \
+             code the vCPUs ran per second; the rest of the time is QEMU's (its emulated NIC, the host's sockets)",
+            self.driver_tx.instructions.len()
+        );
+        let _ = writeln!(
+            out,
+            "{:<4}  {:>14}  {:>14}  {:>7}  {:>16}  {:>16}  {:<32}",
+            "dir",
+            "driver insn/f",
+            "kernel insn/f",
+            "ratio",
+            "driver guest M/s",
+            "kernel guest M/s",
+            "driver's looks with frames"
+        );
+        for (dir, driver, kernel) in [
+            ("TX", &self.driver_tx, &self.kernel_tx),
+            ("RX", &self.driver_rx, &self.kernel_rx),
+        ] {
+            let (d, k) = (median(&driver.instructions), median(&kernel.instructions));
+            let bursts = if driver.burst_instructions.is_empty() {
+                "-".to_owned()
+            } else {
+                let b = median(&driver.burst_instructions);
+                format!("{b:.0} insn/f")
+            };
+            let _ = writeln!(
+                out,
+                "{dir:<4}  {d:>14.0}  {k:>14.0}  {:>6.1}x  {:>16.1}  {:>16.1}  {bursts:<32}",
+                k / d,
+                d * median(&driver.pps) / 1e6,
+                k * median(&kernel.pps) / 1e6,
+            );
+        }
         out
     }
 }
@@ -185,6 +262,7 @@ echo $u > /sys/bus/pci/devices/$u/driver/unbind
 echo vfio-pci > /sys/bus/pci/devices/$u/driver_override
 echo $u > /sys/bus/pci/drivers_probe
 for i in $(seq 30); do grep -q 1 /sys/class/net/$ifc/carrier 2>/dev/null && break; sleep 1; done
+echo "{{\"clocksource\":\"$(cat /sys/devices/system/clocksource/clocksource0/current_clocksource)\"}}"
 for round in $(seq {rounds}); do
   pktgen --pci $u --count {n} --size {SIZE} --dst {HOST_MAC_TEXT} --warmup 2000
   afpacket_tx --iface $ifc --count {n} --size {SIZE} --dst {HOST_MAC_TEXT} --warmup 2000
@@ -199,6 +277,7 @@ afpacket_rx --iface $ifc --count {n} --timeout 600 --idle-timeout 3 --rounds {ro
         timeout: Duration::from_secs(1800),
         // One host thread per vCPU, as every figure of this bench so far.
         single_threaded_tcg: false,
+        count_instructions: options.count_instructions,
         ..GuestOptions::default()
     };
     let guest = testbed.start(&script, &guest_options)?;
@@ -207,28 +286,20 @@ afpacket_rx --iface $ifc --count {n} --timeout 600 --idle-timeout 3 --rounds {ro
 
     let mut report = PpsReport {
         frames: n,
-        driver_tx: PpsRuns {
-            pps: Vec::new(),
-            delivered: 0,
-        },
-        kernel_tx: PpsRuns {
-            pps: Vec::new(),
-            delivered: 0,
-        },
-        driver_rx: PpsRuns {
-            pps: Vec::new(),
-            delivered: 0,
-        },
-        kernel_rx: PpsRuns {
-            pps: Vec::new(),
-            delivered: 0,
-        },
+        driver_tx: PpsRuns::new(),
+        kernel_tx: PpsRuns::new(),
+        driver_rx: PpsRuns::new(),
+        kernel_rx: PpsRuns::new(),
+        counted: options.count_instructions,
+        clocksource: String::new(),
         dma_page_size: Value::Null,
         accel: format!("{:?}", testbed.accel()),
     };
     // The driver's VF takes a new random MAC at every open, the kernel's
     // keeps one: frames on the wire are counted per path over all runs.
     let mut macs: [Vec<[u8; 6]>; 2] = [Vec::new(), Vec::new()];
+    let clocksource = guest.json_line("clocksource", long, 0, |v| v.get("clocksource").is_some())?;
+    report.clocksource = clocksource["clocksource"].as_str().unwrap_or_default().to_owned();
     for round in 0..rounds as usize {
         for (i, (tool, runs)) in [
             ("pktgen", &mut report.driver_tx),
@@ -275,7 +346,11 @@ afpacket_rx --iface $ifc --count {n} --timeout 600 --idle-timeout 3 --rounds {ro
             eprintln!("bench testbed-pps: {line}");
             runs.pps.push(pps_of(&line));
             runs.delivered += line["received"].as_u64().unwrap_or(0);
+            runs.span_frames.push(line["span_frames"].as_u64().unwrap_or(0));
         }
+    }
+    if options.count_instructions {
+        count_instructions(&guest, &mut report, rounds as usize)?;
     }
     let outcome = guest.wait()?;
     if outcome.exit_code != 0 {
@@ -286,6 +361,51 @@ afpacket_rx --iface $ifc --count {n} --timeout 600 --idle-timeout 3 --rounds {ro
         );
     }
     Ok(report)
+}
+
+/// Puts the plugin's spans beside the runs they measured. The script runs
+/// `pktgen`, `afpacket_tx` in turn `rounds` times, then `rxcount` and
+/// `afpacket_rx` `rounds` rounds each, and each run is one span, so the
+/// spans come in that order.
+fn count_instructions(guest: &RunningGuest, report: &mut PpsReport, rounds: usize) -> Result<()> {
+    let spans = guest.instruction_spans()?;
+    ensure!(
+        spans.len() == 4 * rounds,
+        "the counting plugin wrote {} spans, not the {} the runs mark: {spans:?}",
+        spans.len(),
+        4 * rounds
+    );
+    let (tx, rx) = spans.split_at(2 * rounds);
+    let frames = f64::from(report.frames);
+    for pair in tx.chunks(2) {
+        report
+            .driver_tx
+            .instructions
+            .push(pair[0].span_instructions as f64 / frames);
+        report
+            .kernel_tx
+            .instructions
+            .push(pair[1].span_instructions as f64 / frames);
+    }
+    let (driver, kernel) = rx.split_at(rounds);
+    for (runs, spans) in [(&mut report.driver_rx, driver), (&mut report.kernel_rx, kernel)] {
+        ensure!(
+            runs.span_frames.len() == spans.len(),
+            "runs and spans differ in number"
+        );
+        for (span, frames) in spans.iter().zip(runs.span_frames.clone()) {
+            ensure!(frames > 0, "a receive run's span holds no frame");
+            let frames = frames as f64;
+            // Empty looks are the driver's wait for frames, not their cost.
+            let work = span.span_instructions.saturating_sub(span.dropped_instructions);
+            runs.instructions.push(work as f64 / frames);
+            if span.bursts > 0 {
+                runs.burst_instructions
+                    .push(span.burst_instructions as f64 / frames);
+            }
+        }
+    }
+    Ok(())
 }
 
 /// What `bench hybrid` measures.

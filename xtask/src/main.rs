@@ -120,6 +120,11 @@ enum BenchCommand {
         /// Runs per path and direction; the median is reported.
         #[arg(long, default_value_t = 3)]
         rounds: u32,
+        /// Also count the guest instructions per frame of each path, with
+        /// QEMU's TCG plugin `vfplane-guest-insns` loaded (which slows the
+        /// guest: take rates from a run without it).
+        #[arg(long)]
+        instructions: bool,
     },
     /// Hybrid polling on the testbed guest: idle CPU, and the round trip
     /// of a frame to a sleeping poller against a busy-polling one.
@@ -312,10 +317,20 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench {
-            command: BenchCommand::TestbedPps { frames, rounds },
+            command:
+                BenchCommand::TestbedPps {
+                    frames,
+                    rounds,
+                    instructions,
+                },
         } => {
             let testbed = Testbed::prepare()?;
-            let report = bench_testbed::pps(&testbed, &bench_testbed::PpsOptions { frames, rounds })?;
+            let options = bench_testbed::PpsOptions {
+                frames,
+                rounds,
+                count_instructions: instructions,
+            };
+            let report = bench_testbed::pps(&testbed, &options)?;
             print!("{}", report.table());
             eprintln!(
                 "bench testbed-pps: done in {:.0} s",

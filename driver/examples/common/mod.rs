@@ -179,3 +179,30 @@ pub fn check_frame(frame: &[u8]) -> Option<u32> {
         .all(|(i, &b)| b == (i as u32 ^ seq) as u8)
         .then_some(seq)
 }
+
+/// A receiver's span of the testbed's instruction count
+/// (`vfplane-guest-insns`): it begins once the first frames are in (the
+/// wait for them left out) and runs to the last.
+#[derive(Debug, Default)]
+pub struct ReceiveSpan {
+    from: Option<u64>,
+}
+
+impl ReceiveSpan {
+    /// After frames were received and handled, `good` counted so far.
+    pub fn received(&mut self, good: u64) {
+        use vfplane_guest_insns::marker::{Mark, mark};
+        if self.from.is_none() {
+            mark(Mark::SpanBegin);
+            self.from = Some(good);
+        } else {
+            mark(Mark::SpanPoint);
+        }
+    }
+
+    /// Ends the span; returns the frames in it (those after its beginning).
+    pub fn end(self, good: u64) -> u64 {
+        vfplane_guest_insns::marker::mark(vfplane_guest_insns::marker::Mark::SpanEnd);
+        self.from.map_or(0, |from| good - from)
+    }
+}

@@ -12,6 +12,7 @@
 //! [`RunningGuest::pf_link`] gives the host side of each link.
 
 mod cpio;
+pub mod insns;
 mod kernel;
 pub mod wire;
 
@@ -22,7 +23,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Context as _, Result, bail, ensure};
 
 pub use cpio::CpioArchive;
 pub use kernel::GuestKernel;
@@ -108,6 +109,11 @@ pub struct GuestOptions {
     /// benchmarks turn it off to keep one host thread per vCPU, as their
     /// figures so far were measured.
     pub single_threaded_tcg: bool,
+    /// Under TCG, load the instruction-counting plugin
+    /// (`vfplane-guest-insns`, built on first use): the spans the guest's
+    /// programs mark are read with [`RunningGuest::instruction_spans`].
+    /// Needs `single_threaded_tcg` false (see [`Testbed::start`]'s errors).
+    pub count_instructions: bool,
 }
 
 /// 2 MiB hugepages a guest reserves unless told otherwise: 64 MiB, room
@@ -141,6 +147,7 @@ impl Default for GuestOptions {
             node_modules: false,
             hugepages_2m: DEFAULT_HUGEPAGES_2M,
             single_threaded_tcg: true,
+            count_instructions: false,
         }
     }
 }
@@ -372,6 +379,25 @@ impl Testbed {
         } else {
             qemu.arg("-machine").arg(format!("q35,accel={accel}"));
         }
+        if options.count_instructions {
+            ensure!(
+                self.accel == Accel::Tcg,
+                "counting guest instructions needs TCG (a QEMU plugin), not {:?}",
+                self.accel
+            );
+            ensure!(
+                !options.single_threaded_tcg,
+                "counting guest instructions needs a host thread per vCPU (single_threaded_tcg \
+                 false): with QEMU 10.0.2's single-threaded TCG and the plugin loaded, the guest \
+                 kernel crashed at boot (stack corruption), twice in two runs"
+            );
+            let plugin = insns::build_plugin(&self.workspace)?;
+            qemu.arg("-plugin").arg(format!(
+                "file={},out={}",
+                plugin.display(),
+                run_dir.join(insns::SPANS_FILE).display()
+            ));
+        }
         qemu.args([
             "-cpu",
             "max",
@@ -571,11 +597,15 @@ impl RunningGuest {
                 return Ok(v);
             }
             let ended = self.script_exit_code();
-            if ended.is_some() || Instant::now() >= deadline {
+            if ended.is_some() || self.qemu_exited() || Instant::now() >= deadline {
                 let console = crate::cluster::log_tail(&self.console_log(), 40);
                 match ended {
                     Some(code) => bail!(
                         "the guest script ended (exit {code}) with no {what}\n\
+                         --- script output ---\n{output}\n--- console (last lines) ---\n{console}"
+                    ),
+                    None if self.qemu_exited() => bail!(
+                        "the guest stopped before its script printed {what}\n\
                          --- script output ---\n{output}\n--- console (last lines) ---\n{console}"
                     ),
                     None => bail!(
@@ -585,6 +615,28 @@ impl RunningGuest {
                 }
             }
             std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The instruction counts of the spans the guest's programs marked so
+    /// far, in the order they ended (see [`insns`]).
+    ///
+    /// # Errors
+    /// The guest was not started with [`GuestOptions::count_instructions`],
+    /// or the plugin wrote a line that is not a span.
+    pub fn instruction_spans(&self) -> Result<Vec<insns::Span>> {
+        insns::read_spans(&self.run_dir.join(insns::SPANS_FILE))
+    }
+
+    /// Whether QEMU has exited (a zombie not yet waited for counts), seen
+    /// through `/proc` so that `&self` will do.
+    fn qemu_exited(&self) -> bool {
+        match fs::read_to_string(format!("/proc/{}/stat", self.child.id())) {
+            // The state follows the parenthesised command name.
+            Ok(stat) => stat
+                .rsplit_once(')')
+                .is_some_and(|(_, rest)| rest.trim_start().starts_with(['Z', 'X'])),
+            Err(_) => true,
         }
     }
 
