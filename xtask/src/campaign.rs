@@ -1,7 +1,8 @@
 //! Reliability campaigns on the real node: pods churned through the real
 //! kubelet, the agent and the device plugin killed with SIGKILL, the
-//! kubelet and containerd restarted, the PF's link taken down, and a pod
-//! trying to open VFIO groups not its own. Each
+//! kubelet and containerd restarted, the PF's link taken down, the node
+//! rebooted with its VFs' IOMMU groups renumbered, and a pod trying to open
+//! VFIO groups not its own. Each
 //! campaign prints what it did and its figures, and fails naming the first
 //! thing that leaked or went wrong.
 //!
@@ -42,6 +43,9 @@ const HOST_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x00, 0xaa];
 const POD_TIMEOUT: Duration = Duration::from_secs(300);
 /// How long the node may take to settle after a campaign or a fault.
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(180);
+/// The device the reboot campaign's node boots with in addition: any PCI
+/// device present at boot takes an IOMMU group before the VFs are made.
+const REBOOT_EXTRA_DEVICE: &str = "virtio-rng-pci,bus=pcie.0,addr=0x9";
 
 /// How much of each campaign to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -403,6 +407,89 @@ impl<'a> Campaigns<'a> {
         let mut args = vec!["delete", "pod", "--wait=false"];
         args.extend(names.iter().map(String::as_str));
         self.cluster().kubectl_output(&args)?;
+        Ok(())
+    }
+
+    /// The IOMMU group of each VF of the pool, as the NodeState reports it.
+    fn pool_groups(&self) -> Result<BTreeMap<String, u64>> {
+        Ok(node_vf_statuses(self.cluster())?
+            .iter()
+            .filter(|vf| vf["pool"] == POOL)
+            .filter_map(|vf| Some((vf["pciAddress"].as_str()?.to_owned(), vf["iommuGroup"].as_u64()?)))
+            .collect())
+    }
+
+    /// The node rebooted with one more PCI device, which takes an IOMMU
+    /// group at boot, so every VF's group number changes. Its root is a
+    /// tmpfs: the VFs, their settings, the plugin's state and the CDI
+    /// specs are all made again by vfplane from the NodeState. The pool
+    /// must come back in its new groups and a pod must run the driver on
+    /// a VF of it (its group node is the new one, or the driver cannot
+    /// open the VF).
+    ///
+    /// # Errors
+    /// The node not coming back, the groups not changing (the reboot
+    /// would prove nothing), the pool not advertised again, the pod
+    /// failing, anything left behind.
+    pub fn reboot(&mut self, testbed: &crate::testbed::Testbed) -> Result<()> {
+        let before = self.pool_groups()?;
+        ensure!(
+            before.len() == TOTAL_VFS,
+            "the NodeState reports {} VFs of pool {POOL} with a group before the reboot: {before:?}",
+            before.len()
+        );
+        let began = Instant::now();
+        self.session.cluster_mut().reboot_node(
+            testbed,
+            |guest| guest.extra_devices.push(REBOOT_EXTRA_DEVICE.to_owned()),
+            Duration::from_secs(600),
+        )?;
+        let ready = began.elapsed();
+        let mut after = BTreeMap::new();
+        self.session.wait(
+            "the pool's VFs made again in new IOMMU groups and advertised",
+            Duration::from_secs(600),
+            |c| {
+                let groups: BTreeMap<String, u64> = node_vf_statuses(c)?
+                    .iter()
+                    .filter(|vf| vf["pool"] == POOL)
+                    .filter_map(|vf| {
+                        Some((vf["pciAddress"].as_str()?.to_owned(), vf["iommuGroup"].as_u64()?))
+                    })
+                    .collect();
+                let renumbered =
+                    groups.len() == TOTAL_VFS && groups.iter().all(|(vf, g)| before.get(vf) != Some(g));
+                let allocatable = c
+                    .kubectl_output(&[
+                        "get",
+                        "node",
+                        NODE_NAME,
+                        &format!("-o=jsonpath={{.status.allocatable.vfplane\\.io/{POOL}}}"),
+                    ])
+                    .unwrap_or_default();
+                after = groups;
+                Ok(renumbered && allocatable.trim() == TOTAL_VFS.to_string())
+            },
+        )?;
+        let advertised = began.elapsed();
+        let name = self.create_churn_pod(1)?;
+        let held = self.check_churn_pod(&name)?;
+        let pod_ran = began.elapsed();
+        self.delete_pods(&[name])?;
+        self.check_clean(&[])?;
+        let groups =
+            |map: &BTreeMap<String, u64>| map.values().map(u64::to_string).collect::<Vec<_>>().join(",");
+        self.report.add(format!(
+            "reboot: node powered off and booted with one more PCI device: Ready (new boot) {:.1} s after the \
+             power-off, pool {POOL} advertised again in new IOMMU groups ({} -> {}) at {:.1} s, a pod ran the driver \
+             on {} at {:.1} s",
+            ready.as_secs_f64(),
+            groups(&before),
+            groups(&after),
+            advertised.as_secs_f64(),
+            held.join(", "),
+            pod_ran.as_secs_f64()
+        ));
         Ok(())
     }
 
@@ -1215,7 +1302,8 @@ pub fn run(testbed: &crate::testbed::Testbed, options: &Options, which: &[&str])
             "restarts" => campaigns.restarts(options),
             "faults" => campaigns.faults(),
             "isolation" => campaigns.isolation(),
-            other => bail!("no campaign {other:?}: churn, crashes, restarts, faults or isolation"),
+            "reboot" => campaigns.reboot(testbed),
+            other => bail!("no campaign {other:?}: churn, crashes, restarts, faults, isolation or reboot"),
         };
         if let Err(error) = result {
             let saved = campaigns.save_logs(name);

@@ -111,6 +111,9 @@ impl Drop for Service {
 #[derive(Debug)]
 pub struct Cluster {
     guest: RunningGuest,
+    /// What the node guest was started with (its files included), for a
+    /// reboot.
+    node_options: GuestOptions,
     services: Vec<Service>,
     netns: Netns,
     dir: PathBuf,
@@ -385,6 +388,7 @@ impl Cluster {
         }
         let mut cluster = Cluster {
             guest,
+            node_options: guest_options,
             services: std::mem::take(&mut cluster.services),
             netns: cluster.into_netns(),
             dir,
@@ -403,6 +407,32 @@ impl Cluster {
             step.elapsed().as_secs_f64()
         );
         Ok(cluster)
+    }
+
+    /// Reboots the node: the guest is powered off and a new one boots
+    /// with the same files and options, as `change` leaves them. Its root
+    /// is a tmpfs, so nothing of the node survives but what the API server
+    /// holds: a node whose disks were wiped, or a diskless one. Returns
+    /// once the kubelet of the new boot (a new boot ID) reports Ready.
+    ///
+    /// # Errors
+    /// The new guest not starting or its node not Ready in `timeout`.
+    pub fn reboot_node(
+        &mut self,
+        testbed: &Testbed,
+        change: impl FnOnce(&mut GuestOptions),
+        timeout: Duration,
+    ) -> Result<()> {
+        let boot_id = "-o=jsonpath={.status.nodeInfo.bootID}";
+        let before = self.kubectl_output(&["get", "node", NODE_NAME, boot_id])?;
+        change(&mut self.node_options);
+        self.guest.power_off();
+        self.guest = testbed.start(NODE_SCRIPT, &self.node_options)?;
+        self.wait_until("the node's new boot", timeout, |c| {
+            Ok(c.kubectl_output(&["get", "node", NODE_NAME, boot_id])
+                .is_ok_and(|now| !now.trim().is_empty() && now.trim() != before.trim()))
+        })?;
+        self.wait_node_ready(timeout)
     }
 
     fn wait_node_ready(&mut self, timeout: Duration) -> Result<()> {

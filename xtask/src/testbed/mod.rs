@@ -109,6 +109,11 @@ pub struct GuestOptions {
     /// benchmarks turn it off to keep one host thread per vCPU, as their
     /// figures so far were measured.
     pub single_threaded_tcg: bool,
+    /// More QEMU `-device` arguments (e.g. `virtio-rng-pci,bus=pcie.0,addr=0x9`):
+    /// every device present at boot takes an IOMMU group before any VF is
+    /// created, so one more renumbers the VFs' groups, as a node that
+    /// reboots with a card added does.
+    pub extra_devices: Vec<String>,
     /// Under TCG, load the instruction-counting plugin
     /// (`vfplane-guest-insns`, built on first use): the spans the guest's
     /// programs mark are read with [`RunningGuest::instruction_spans`].
@@ -147,6 +152,7 @@ impl Default for GuestOptions {
             node_modules: false,
             hugepages_2m: DEFAULT_HUGEPAGES_2M,
             single_threaded_tcg: true,
+            extra_devices: Vec::new(),
             count_instructions: false,
         }
     }
@@ -398,6 +404,9 @@ impl Testbed {
                 run_dir.join(insns::SPANS_FILE).display()
             ));
         }
+        for device in &options.extra_devices {
+            qemu.arg("-device").arg(device);
+        }
         qemu.args([
             "-cpu",
             "max",
@@ -527,6 +536,15 @@ impl RunningGuest {
     /// QEMU's process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Powers the guest off at once (QEMU killed, as a power cut), and
+    /// waits for QEMU to be gone.
+    pub fn power_off(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
     }
 
     /// Whether QEMU still runs.
