@@ -1,7 +1,8 @@
 //! The reliability campaigns (`xtask::campaign`) on the real node, vfplane
 //! installed by Helm: pods churned through the kubelet, the agent and the
 //! device plugin SIGKILLed, the kubelet and containerd restarted, the PF's
-//! link taken down and up, the node rebooted with its VFs' IOMMU groups
+//! link taken down and up, the VFs removed under a running pod, the node
+//! rebooted with its VFs' IOMMU groups
 //! renumbered, a root pod with `MKNOD` opening the node's other VFIO
 //! groups. Each prints its figures; a dirty VF, a pod that lost its
 //! VF, a group opened or anything left behind fails it.
@@ -30,7 +31,15 @@ fn seed() -> u64 {
 
 fn run(options: &Options) {
     let testbed = Testbed::prepare().expect("testbed");
-    let which = ["churn", "crashes", "restarts", "faults", "reboot", "isolation"];
+    let which = [
+        "churn",
+        "crashes",
+        "restarts",
+        "faults",
+        "vf-removal",
+        "reboot",
+        "isolation",
+    ];
     let report = campaign::run(&testbed, options, &which)
         .unwrap_or_else(|e| panic!("campaign failed (seed {}): {e:#}", options.seed));
     eprintln!("\n== campaigns (seed {})\n{}", options.seed, report.text());

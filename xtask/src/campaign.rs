@@ -1,7 +1,7 @@
 //! Reliability campaigns on the real node: pods churned through the real
 //! kubelet, the agent and the device plugin killed with SIGKILL, the
-//! kubelet and containerd restarted, the PF's link taken down, the node
-//! rebooted with its VFs' IOMMU groups renumbered, and a pod trying to open
+//! kubelet and containerd restarted, the PF's link taken down, the VFs
+//! removed under a running pod, the node rebooted with its VFs' IOMMU groups renumbered, and a pod trying to open
 //! VFIO groups not its own. Each
 //! campaign prints what it did and its figures, and fails naming the first
 //! thing that leaked or went wrong.
@@ -408,6 +408,144 @@ impl<'a> Campaigns<'a> {
         args.extend(names.iter().map(String::as_str));
         self.cluster().kubectl_output(&args)?;
         Ok(())
+    }
+
+    /// The VFs removed under a running pod: something other than vfplane
+    /// (an operator's script, another tool) writes 0 to the PF's
+    /// `sriov_numvfs` while a pod runs the driver on one of them. (A VF
+    /// has no sysfs `remove` of its own: the PF removes its VFs.) The
+    /// kernel removes the VFs nobody holds at once and waits for the pod
+    /// to let go of its VF, so the write blocks; the pod must keep
+    /// running meanwhile. Once the pod is deleted the removal completes,
+    /// and vfplane must make the pool again from the NodeState: VFs
+    /// re-created, bound, scrubbed, advertised, and a pod must run on
+    /// them with nothing left behind.
+    ///
+    /// # Errors
+    /// The pod dying while it held its VF, the pool not coming back,
+    /// anything left behind.
+    pub fn vf_removal(&mut self) -> Result<()> {
+        let name = "holder".to_owned();
+        let held = vec![self.start_receiver(&name)?];
+        let pf = self.session.jsonpath(&[
+            "get",
+            "nodestate",
+            NODE_NAME,
+            "-o=jsonpath={.status.pfs[0].pciAddress}",
+        ]);
+        ensure!(!pf.is_empty(), "the NodeState names no PF");
+        // The node shell is made on first use: before the clock starts.
+        self.session.cluster_mut().node_exec("true")?;
+        let began = Instant::now();
+        self.session.cluster_mut().node_exec(&format!(
+            "setsid sh -c 'echo 0 > /sys/bus/pci/devices/{pf}/sriov_numvfs; echo $? > /tmp/vf-removal-done' \
+             > /dev/null 2>&1 &"
+        ))?;
+        // The removal waits for the pod, which must keep running; the VF
+        // on its way out is no longer offered (its driver is gone).
+        let want = (TOTAL_VFS - 1).to_string();
+        self.session.wait(
+            "the VF being removed taken out of the node's allocatable",
+            Duration::from_secs(60),
+            |c| {
+                Ok(c.kubectl_output(&[
+                    "get",
+                    "node",
+                    NODE_NAME,
+                    &format!("-o=jsonpath={{.status.allocatable.vfplane\\.io/{POOL}}}"),
+                ])
+                .is_ok_and(|v| v.trim() == want))
+            },
+        )?;
+        let withdrawn = began.elapsed();
+        std::thread::sleep(Duration::from_secs(10));
+        let phase = self
+            .cluster()
+            .kubectl_output(&["get", "pod", &name, "-o=jsonpath={.status.phase}"])?;
+        ensure!(
+            phase == "Running",
+            "pod {name} is {phase:?} while the removal of its VF waits for it"
+        );
+        let done = self
+            .session
+            .cluster_mut()
+            .node_exec("cat /tmp/vf-removal-done 2>/dev/null || echo waiting")?;
+        ensure!(
+            done.trim() == "waiting",
+            "the removal finished ({}) while the pod still held its VF",
+            done.trim()
+        );
+        let deleted = Instant::now();
+        self.delete_pods(&[name])?;
+        let mut finished = None;
+        while deleted.elapsed() < SETTLE_TIMEOUT {
+            let done = self
+                .session
+                .cluster_mut()
+                .node_exec("cat /tmp/vf-removal-done 2>/dev/null || echo waiting")?;
+            if done.trim() != "waiting" {
+                finished = Some(deleted.elapsed());
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        let finished = finished.context("the removal did not finish after the pod was deleted")?;
+        // Clean: every VF of the pool made again, Healthy, with its spec MAC,
+        // unowned and advertised.
+        self.check_clean(&[])?;
+        let clean = deleted.elapsed();
+        let name = self.create_churn_pod(1)?;
+        let next = self.check_churn_pod(&name)?;
+        self.delete_pods(&[name])?;
+        self.check_clean(&[])?;
+        self.report.add(format!(
+            "vf-removal: {pf}'s VFs removed from outside (sriov_numvfs 0) under a pod receiving on {}: the pod kept \
+             running and the removal waited for it ({:.0} s checked), the VF out of the allocatable in {:.1} s; \
+             after its deletion the removal finished in {:.1} s and the pool was made again and clean at {:.1} s; \
+             the next pod ran on {} (logs: {})",
+            held.join(", "),
+            deleted.duration_since(began).as_secs_f64(),
+            withdrawn.as_secs_f64(),
+            finished.as_secs_f64(),
+            clean.as_secs_f64(),
+            next.join(", "),
+            self.save_logs("vf-removal")
+        ));
+        Ok(())
+    }
+
+    /// Starts pod `name` receiving on one VF of the pool with the driver
+    /// (holding the VF open) under [`ANCHOR_MAC`]; returns its VF once the
+    /// driver is up.
+    fn start_receiver(&mut self, name: &str) -> Result<String> {
+        let mac = ANCHOR_MAC.map(|b| format!("{b:02x}")).join(":");
+        self.cluster().kubectl_stdin(
+            &["apply", "-f", "-"],
+            &pod(
+                name,
+                1,
+                &format!("rxcount --mac {mac} --count 100 --timeout 86400"),
+            ),
+        )?;
+        let began = Instant::now();
+        loop {
+            let logs = self.cluster().kubectl_output(&["logs", name]).unwrap_or_default();
+            if let Some(ready) = tool_lines(&logs, "rxcount")
+                .into_iter()
+                .find(|v| v["event"] == "ready")
+            {
+                ensure!(
+                    ready["mac"] == mac.as_str(),
+                    "pod {name}'s VF did not take its MAC: {ready}"
+                );
+                return Ok(ready["pci"].as_str().unwrap_or_default().to_owned());
+            }
+            ensure!(
+                !logs.contains("\"error\"") && began.elapsed() < POD_TIMEOUT,
+                "pod {name}'s driver did not start:\n{logs}"
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
     }
 
     /// The IOMMU group of each VF of the pool, as the NodeState reports it.
@@ -830,37 +968,7 @@ spec:
     /// long-lived pod losing its VF, a leak.
     pub fn crashes(&mut self, options: &Options) -> Result<()> {
         let anchor = "anchor";
-        let mac = ANCHOR_MAC.map(|b| format!("{b:02x}")).join(":");
-        self.cluster().kubectl_stdin(
-            &["apply", "-f", "-"],
-            &pod(
-                anchor,
-                1,
-                &format!("rxcount --mac {mac} --count 100 --timeout 86400"),
-            ),
-        )?;
-        let began = Instant::now();
-        let anchor_vf = loop {
-            let logs = self
-                .cluster()
-                .kubectl_output(&["logs", anchor])
-                .unwrap_or_default();
-            if let Some(ready) = tool_lines(&logs, "rxcount")
-                .into_iter()
-                .find(|v| v["event"] == "ready")
-            {
-                ensure!(
-                    ready["mac"] == mac.as_str(),
-                    "the anchor pod's VF did not take its MAC: {ready}"
-                );
-                break ready["pci"].as_str().unwrap_or_default().to_owned();
-            }
-            ensure!(
-                !logs.contains("\"error\"") && began.elapsed() < POD_TIMEOUT,
-                "the anchor pod's driver did not start:\n{logs}"
-            );
-            std::thread::sleep(Duration::from_millis(500));
-        };
+        let anchor_vf = self.start_receiver(anchor)?;
         let mut converge: BTreeMap<&str, Vec<Duration>> = BTreeMap::new();
         let mut previous: Option<String> = None;
         let mut rejected: Vec<String> = Vec::new();
@@ -1303,7 +1411,10 @@ pub fn run(testbed: &crate::testbed::Testbed, options: &Options, which: &[&str])
             "faults" => campaigns.faults(),
             "isolation" => campaigns.isolation(),
             "reboot" => campaigns.reboot(testbed),
-            other => bail!("no campaign {other:?}: churn, crashes, restarts, faults, isolation or reboot"),
+            "vf-removal" => campaigns.vf_removal(),
+            other => bail!(
+                "no campaign {other:?}: churn, crashes, restarts, faults, vf-removal, reboot or isolation"
+            ),
         };
         if let Err(error) = result {
             let saved = campaigns.save_logs(name);
