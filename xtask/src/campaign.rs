@@ -426,7 +426,7 @@ impl<'a> Campaigns<'a> {
     /// anything left behind.
     pub fn vf_removal(&mut self) -> Result<()> {
         let name = "holder".to_owned();
-        let held = vec![self.start_receiver(&name)?];
+        let held = self.start_receiver(&name)?;
         let pf = self.session.jsonpath(&[
             "get",
             "nodestate",
@@ -503,7 +503,7 @@ impl<'a> Campaigns<'a> {
              running and the removal waited for it ({:.0} s checked), the VF out of the allocatable in {:.1} s; \
              after its deletion the removal finished in {:.1} s and the pool was made again and clean at {:.1} s; \
              the next pod ran on {} (logs: {})",
-            held.join(", "),
+            held,
             deleted.duration_since(began).as_secs_f64(),
             withdrawn.as_secs_f64(),
             finished.as_secs_f64(),
