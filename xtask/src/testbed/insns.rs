@@ -34,14 +34,18 @@ pub fn build_plugin(workspace: &Path) -> Result<PathBuf> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
     let out = Command::new(cargo)
         .current_dir(workspace)
+        // A shared object only here: the guest's static programs take the
+        // crate as an rlib, where a cdylib type would only be dropped.
         .args([
-            "build",
+            "rustc",
             "--release",
             "-p",
             "vfplane-guest-insns",
             "--features",
             "plugin",
             "--lib",
+            "--crate-type",
+            "cdylib",
             "--message-format=json-render-diagnostics",
         ])
         .stderr(Stdio::inherit())
