@@ -28,7 +28,7 @@ use serde_json::Value;
 
 use crate::cluster::images::VFPLANE_IMAGE;
 use crate::cluster::{Cluster, NODE_NAME};
-use crate::session::{NAMESPACE, Session, node_vf_statuses};
+use crate::session::{NAMESPACE, Session, allocatable, node_vf_statuses};
 use crate::testbed::wire::test_frame;
 
 /// The campaigns' pool.
@@ -190,9 +190,34 @@ spec:
     )
 }
 
+/// Who a campaign pod's container runs as.
+#[derive(Debug, Clone, Copy)]
+enum Tenant {
+    /// User 1000 without capabilities: what the campaigns' tenants are.
+    Unprivileged,
+    /// Root with the runtime's default capabilities plus `MKNOD`: the most
+    /// a tenant gets short of `privileged`.
+    RootWithMknod,
+}
+
 /// A pod of user 1000 without capabilities, asking for `vfs` VFs, running
-/// `script`, then sleeping.
+/// `script`.
 fn pod(name: &str, vfs: u32, script: &str) -> String {
+    pod_as(name, vfs, script, Tenant::Unprivileged)
+}
+
+/// A campaign pod running as `tenant`.
+fn pod_as(name: &str, vfs: u32, script: &str, tenant: Tenant) -> String {
+    let (pod_security, container_security) = match tenant {
+        Tenant::Unprivileged => (
+            "\n  securityContext:\n    runAsUser: 1000\n    runAsGroup: 1000\n    runAsNonRoot: true",
+            "allowPrivilegeEscalation: false\n        capabilities:\n          drop: [\"ALL\"]",
+        ),
+        Tenant::RootWithMknod => (
+            "",
+            "runAsUser: 0\n        capabilities:\n          add: [\"MKNOD\"]",
+        ),
+    };
     format!(
         r#"apiVersion: v1
 kind: Pod
@@ -202,20 +227,14 @@ metadata:
     campaign: "true"
 spec:
   restartPolicy: Never
-  terminationGracePeriodSeconds: 1
-  securityContext:
-    runAsUser: 1000
-    runAsGroup: 1000
-    runAsNonRoot: true
+  terminationGracePeriodSeconds: 1{pod_security}
   containers:
     - name: app
       image: {VFPLANE_IMAGE}
       imagePullPolicy: IfNotPresent
       command: ["sh", "-c", {script:?}]
       securityContext:
-        allowPrivilegeEscalation: false
-        capabilities:
-          drop: ["ALL"]
+        {container_security}
       resources:
         limits:
           vfplane.io/{POOL}: {vfs}
@@ -443,20 +462,8 @@ impl<'a> Campaigns<'a> {
         ))?;
         // The removal waits for the pod, which must keep running; the VF
         // on its way out is no longer offered (its driver is gone).
-        let want = (TOTAL_VFS - 1).to_string();
-        self.session.wait(
-            "the VF being removed taken out of the node's allocatable",
-            Duration::from_secs(60),
-            |c| {
-                Ok(c.kubectl_output(&[
-                    "get",
-                    "node",
-                    NODE_NAME,
-                    &format!("-o=jsonpath={{.status.allocatable.vfplane\\.io/{POOL}}}"),
-                ])
-                .is_ok_and(|v| v.trim() == want))
-            },
-        )?;
+        self.session
+            .wait_allocatable(POOL, u32::try_from(TOTAL_VFS - 1)?, Duration::from_secs(60))?;
         let withdrawn = began.elapsed();
         std::thread::sleep(Duration::from_secs(10));
         let phase = self
@@ -548,15 +555,6 @@ impl<'a> Campaigns<'a> {
         }
     }
 
-    /// The IOMMU group of each VF of the pool, as the NodeState reports it.
-    fn pool_groups(&self) -> Result<BTreeMap<String, u64>> {
-        Ok(node_vf_statuses(self.cluster())?
-            .iter()
-            .filter(|vf| vf["pool"] == POOL)
-            .filter_map(|vf| Some((vf["pciAddress"].as_str()?.to_owned(), vf["iommuGroup"].as_u64()?)))
-            .collect())
-    }
-
     /// The node rebooted with one more PCI device, which takes an IOMMU
     /// group at boot, so every VF's group number changes. Its root is a
     /// tmpfs: the VFs, their settings, the plugin's state and the CDI
@@ -570,7 +568,7 @@ impl<'a> Campaigns<'a> {
     /// would prove nothing), the pool not advertised again, the pod
     /// failing, anything left behind.
     pub fn reboot(&mut self, testbed: &crate::testbed::Testbed) -> Result<()> {
-        let before = self.pool_groups()?;
+        let before = pool_groups(self.cluster())?;
         ensure!(
             before.len() == TOTAL_VFS,
             "the NodeState reports {} VFs of pool {POOL} with a group before the reboot: {before:?}",
@@ -588,25 +586,11 @@ impl<'a> Campaigns<'a> {
             "the pool's VFs made again in new IOMMU groups and advertised",
             Duration::from_secs(600),
             |c| {
-                let groups: BTreeMap<String, u64> = node_vf_statuses(c)?
-                    .iter()
-                    .filter(|vf| vf["pool"] == POOL)
-                    .filter_map(|vf| {
-                        Some((vf["pciAddress"].as_str()?.to_owned(), vf["iommuGroup"].as_u64()?))
-                    })
-                    .collect();
+                let groups = pool_groups(c)?;
                 let renumbered =
                     groups.len() == TOTAL_VFS && groups.iter().all(|(vf, g)| before.get(vf) != Some(g));
-                let allocatable = c
-                    .kubectl_output(&[
-                        "get",
-                        "node",
-                        NODE_NAME,
-                        &format!("-o=jsonpath={{.status.allocatable.vfplane\\.io/{POOL}}}"),
-                    ])
-                    .unwrap_or_default();
                 after = groups;
-                Ok(renumbered && allocatable.trim() == TOTAL_VFS.to_string())
+                Ok(renumbered && allocatable(c, POOL) == TOTAL_VFS.to_string())
             },
         )?;
         let advertised = began.elapsed();
@@ -670,31 +654,7 @@ impl<'a> Campaigns<'a> {
         );
         let minors: Vec<u32> = groups.values().map(|(_, minor)| *minor).collect();
         let name = "isolation";
-        let pod = format!(
-            r#"apiVersion: v1
-kind: Pod
-metadata:
-  name: {name}
-  labels:
-    campaign: "true"
-spec:
-  restartPolicy: Never
-  terminationGracePeriodSeconds: 1
-  containers:
-    - name: app
-      image: {VFPLANE_IMAGE}
-      imagePullPolicy: IfNotPresent
-      command: ["sh", "-c", {script:?}]
-      securityContext:
-        runAsUser: 0
-        capabilities:
-          add: ["MKNOD"]
-      resources:
-        limits:
-          vfplane.io/{POOL}: 1
-"#,
-            script = isolation_script(&minors)
-        );
+        let pod = pod_as(name, 1, &isolation_script(&minors), Tenant::RootWithMknod);
         self.cluster()
             .kubectl_stdin(&["apply", "-f", "-"], &pod)
             .context("creating the isolation pod")?;
@@ -1274,24 +1234,14 @@ spec:
             .jsonpath(&["get", "nodestate", NODE_NAME, "-o=jsonpath={.status.pfs[0].name}"]);
         ensure!(!pf.is_empty(), "the NodeState names no PF interface");
         let mut times = Vec::new();
-        for (state, want) in [("down", "0"), ("up", &*TOTAL_VFS.to_string())] {
+        for (state, want) in [("down", 0), ("up", u32::try_from(TOTAL_VFS)?)] {
             self.session
                 .cluster_mut()
                 .node_exec(&format!("ip link set {pf} {state}"))?;
             let began = Instant::now();
-            self.session.wait(
-                &format!("allocatable {want} after the PF link went {state}"),
-                SETTLE_TIMEOUT,
-                |c| {
-                    Ok(c.kubectl_output(&[
-                        "get",
-                        "node",
-                        NODE_NAME,
-                        &format!("-o=jsonpath={{.status.allocatable.vfplane\\.io/{POOL}}}"),
-                    ])
-                    .is_ok_and(|v| v.trim() == want))
-                },
-            )?;
+            self.session
+                .wait_allocatable(POOL, want, SETTLE_TIMEOUT)
+                .with_context(|| format!("after the PF link went {state}"))?;
             times.push((state, began.elapsed()));
         }
         self.delete_pods(&[name])?;
@@ -1324,6 +1274,15 @@ fn isolation_script(minors: &[u32]) -> String {
            else echo \"minor $m: $(cat /tmp/err)\"; fi; \
          done; echo isolation-done; exec sleep 86400"
     )
+}
+
+/// The IOMMU group of each VF of the pool, as the NodeState reports it.
+fn pool_groups(cluster: &Cluster) -> Result<BTreeMap<String, u64>> {
+    Ok(node_vf_statuses(cluster)?
+        .iter()
+        .filter(|vf| vf["pool"] == POOL)
+        .filter_map(|vf| Some((vf["pciAddress"].as_str()?.to_owned(), vf["iommuGroup"].as_u64()?)))
+        .collect())
 }
 
 /// A container of the node pod: (restart count, ready).
@@ -1474,6 +1433,24 @@ mod tests {
     fn median_and_worst_of_durations() {
         let times = [3, 1, 2].map(Duration::from_secs);
         assert_eq!(median_and_worst(&times), (2.0, 3.0));
+    }
+
+    #[test]
+    fn campaign_pods_are_yaml_with_their_tenant_s_security() {
+        let tenant: serde_yaml::Value = serde_yaml::from_str(&pod("p", 2, "echo 'a \"b\"'")).unwrap();
+        assert_eq!(tenant["spec"]["securityContext"]["runAsUser"], 1000);
+        let container = &tenant["spec"]["containers"][0];
+        assert_eq!(container["command"][2], "echo 'a \"b\"'");
+        assert_eq!(container["securityContext"]["capabilities"]["drop"][0], "ALL");
+        assert_eq!(container["securityContext"]["allowPrivilegeEscalation"], false);
+        assert_eq!(container["resources"]["limits"]["vfplane.io/churn"], 2);
+        let root: serde_yaml::Value =
+            serde_yaml::from_str(&pod_as("q", 1, "true", Tenant::RootWithMknod)).unwrap();
+        assert!(root["spec"].get("securityContext").is_none());
+        let container = &root["spec"]["containers"][0];
+        assert_eq!(container["securityContext"]["runAsUser"], 0);
+        assert_eq!(container["securityContext"]["capabilities"]["add"][0], "MKNOD");
+        assert_eq!(root["metadata"]["labels"]["campaign"], "true");
     }
 
     #[test]

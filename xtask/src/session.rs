@@ -224,12 +224,7 @@ impl Session {
     /// The node's allocatable count of `vfplane.io/<pool>`, as kubectl
     /// prints it (empty when the node has none).
     pub fn allocatable(&self, pool: &str) -> String {
-        self.jsonpath(&[
-            "get",
-            "node",
-            NODE_NAME,
-            &format!("-o=jsonpath={{.status.allocatable.vfplane\\.io/{pool}}}"),
-        ])
+        allocatable(&self.cluster, pool)
     }
 
     /// Waits until the node's allocatable shows `count` VFs of `pool`.
@@ -241,15 +236,7 @@ impl Session {
         self.wait(
             &format!("vfplane.io/{pool}: {count} in the node's allocatable"),
             timeout,
-            |c| {
-                Ok(c.kubectl_output(&[
-                    "get",
-                    "node",
-                    NODE_NAME,
-                    &format!("-o=jsonpath={{.status.allocatable.vfplane\\.io/{pool}}}"),
-                ])
-                .is_ok_and(|v| v.trim() == want))
-            },
+            |c| Ok(allocatable(c, pool) == want),
         )
     }
 
@@ -331,6 +318,20 @@ pub fn events(cluster: &Cluster, namespace: &str, reason: &str) -> Result<Vec<se
 ///
 /// # Errors
 /// kubectl failing, or an answer that is not JSON.
+/// The node's allocatable count of `vfplane.io/<pool>`, trimmed (empty
+/// when the node has none or kubectl fails).
+pub fn allocatable(cluster: &Cluster, pool: &str) -> String {
+    cluster
+        .kubectl_output(&[
+            "get",
+            "node",
+            NODE_NAME,
+            &format!("-o=jsonpath={{.status.allocatable.vfplane\\.io/{pool}}}"),
+        ])
+        .map(|v| v.trim().to_owned())
+        .unwrap_or_default()
+}
+
 pub fn node_vf_statuses(cluster: &Cluster) -> Result<Vec<serde_json::Value>> {
     let text = cluster.kubectl_output(&["get", "nodestate", NODE_NAME, "-o", "json"])?;
     let state: serde_json::Value = serde_json::from_str(&text).context("the NodeState is not JSON")?;
