@@ -594,6 +594,20 @@ impl<'a> Campaigns<'a> {
             },
         )?;
         let advertised = began.elapsed();
+        // vfplane's admission webhook runs on the node too: until its pod
+        // is back and the Service points at its new address, every pod
+        // asking for a VF is refused (the chart's podFailurePolicy Fail). A server
+        // side dry run goes through admission without creating anything.
+        let probe = pod("reboot-probe", 1, "true");
+        self.session.wait(
+            "vfplane's admission webhook answering again",
+            Duration::from_secs(300),
+            |c| {
+                Ok(c.kubectl_stdin(&["apply", "--dry-run=server", "-f", "-"], &probe)
+                    .is_ok())
+            },
+        )?;
+        let webhook = began.elapsed();
         let name = self.create_churn_pod(1)?;
         let held = self.check_churn_pod(&name)?;
         let pod_ran = began.elapsed();
@@ -603,12 +617,13 @@ impl<'a> Campaigns<'a> {
             |map: &BTreeMap<String, u64>| map.values().map(u64::to_string).collect::<Vec<_>>().join(",");
         self.report.add(format!(
             "reboot: node powered off and booted with one more PCI device: Ready (new boot) {:.1} s after the \
-             power-off, pool {POOL} advertised again in new IOMMU groups ({} -> {}) at {:.1} s, a pod ran the driver \
-             on {} at {:.1} s",
+             power-off, pool {POOL} advertised again in new IOMMU groups ({} -> {}) at {:.1} s, vfplane's admission \
+             webhook answering at {:.1} s, a pod ran the driver on {} at {:.1} s",
             ready.as_secs_f64(),
             groups(&before),
             groups(&after),
             advertised.as_secs_f64(),
+            webhook.as_secs_f64(),
             held.join(", "),
             pod_ran.as_secs_f64()
         ));
