@@ -644,8 +644,13 @@ impl<'a> Campaigns<'a> {
     /// The pod seeing or opening another group, or the check not running.
     pub fn isolation(&mut self) -> Result<()> {
         // "crw------- 1 root root 243, 3 Nov 29 10:00 12": group 12 is
-        // minor 3 of the VFIO group major.
-        let listing = self.session.cluster_mut().node_exec("ls -l /dev/vfio")?;
+        // minor 3 of the VFIO group major. The node's own /dev, through PID
+        // 1's root: the node shell's /dev is a copy made when its container
+        // started (after a reboot, before the VFs existed).
+        let listing = self
+            .session
+            .cluster_mut()
+            .node_exec("ls -l /proc/1/root/dev/vfio")?;
         let mut groups = BTreeMap::new();
         for line in listing.lines().filter(|l| l.starts_with('c')) {
             let words: Vec<&str> = line.split_whitespace().collect();
