@@ -353,8 +353,11 @@ impl Scrubber {
                 problem: format!("Bus Master Enable is still set (command register {command:#06x})"),
             });
         }
-        vf_state::clear_handed_out(dir, address).map_err(state_error)?;
+        // The state first, the mark last: the device plugin holds an
+        // Allocate while either is there, and a VF seen with neither is
+        // clean. A crash between the two leaves the mark: scrubbed again.
         vf_state::write_vf_state(dir, address, None).map_err(state_error)?;
+        vf_state::clear_handed_out(dir, address).map_err(state_error)?;
         Ok(())
     }
 

@@ -296,7 +296,7 @@ impl DevicePluginService {
     }
 
     /// Waits, up to the node's `scrub_wait`, while a VF the request names carries a
-    /// handed-out mark and is not quarantined. The kubelet offers a VF
+    /// handed-out mark and is not quarantined, or is being scrubbed. The kubelet offers a VF
     /// again the moment its last pod is gone, seconds before the agent has
     /// scrubbed it (it lets the release settle, then resets the VF), and a
     /// refused Allocate fails the pod for good (the kubelet does not
@@ -310,12 +310,13 @@ impl DevicePluginService {
             .flat_map(|c| &c.devices_ids)
             .filter_map(|id| id.parse().ok())
             .collect();
-        let pending = |address: &PciAddress| {
-            matches!(vf_state::handed_out_at(dir, *address), Ok(Some(_)))
-                && !matches!(
-                    vf_state::read_vf_state(dir, *address),
-                    Ok(Some(Ok(vf_state::VfState::ScrubFailed)))
-                )
+        // Marked and not quarantined, or its scrub running: the agent
+        // writes `scrub-pending` before the reset and clears the mark and
+        // the state one after the other, so either may be seen alone.
+        let pending = |address: &PciAddress| match vf_state::read_vf_state(dir, *address) {
+            Ok(Some(Ok(vf_state::VfState::ScrubFailed))) => false,
+            Ok(Some(Ok(vf_state::VfState::ScrubPending))) => true,
+            _ => matches!(vf_state::handed_out_at(dir, *address), Ok(Some(_))),
         };
         let began = tokio::time::Instant::now();
         let mut waited_for: Vec<PciAddress> = Vec::new();

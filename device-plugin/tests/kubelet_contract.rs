@@ -811,6 +811,26 @@ async fn a_vf_handed_out_waits_for_its_scrub_and_is_refused_without_one() {
         asked.elapsed() < Duration::from_secs(2),
         "no wait for a quarantined VF"
     );
+    // A scrub running (its state written, the mark already gone, as a
+    // scrub ending may be seen): the request waits for the state to clear,
+    // then the VF is handed out. Refused at once before, failing the pod.
+    write_vf_state(&node.state_dir(), vf, Some(VfState::ScrubPending)).unwrap();
+    clear_handed_out(&node.state_dir(), vf).unwrap();
+    let state_dir = node.state_dir();
+    let scrub = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        write_vf_state(&state_dir, vf, None).unwrap();
+    });
+    let asked = std::time::Instant::now();
+    client
+        .allocate(allocate_request(&[&[vf.to_string()]]))
+        .await
+        .expect("handed out once the scrub's state cleared");
+    assert!(
+        asked.elapsed() >= Duration::from_millis(400),
+        "it waited for the running scrub"
+    );
+    scrub.await.unwrap();
     plugin.shutdown().await.unwrap();
 }
 
