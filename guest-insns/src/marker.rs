@@ -72,40 +72,36 @@ impl Mark {
 /// (and a span's count includes the call: a few instructions per marker).
 #[inline(never)]
 pub fn mark(m: Mark) {
+    match m {
+        Mark::SpanBegin => marker_nop::<{ Mark::SpanBegin as u8 }>(),
+        Mark::SpanEnd => marker_nop::<{ Mark::SpanEnd as u8 }>(),
+        Mark::BurstBegin => marker_nop::<{ Mark::BurstBegin as u8 }>(),
+        Mark::BurstKeep => marker_nop::<{ Mark::BurstKeep as u8 }>(),
+        Mark::BurstDrop => marker_nop::<{ Mark::BurstDrop as u8 }>(),
+        Mark::SpanPoint => marker_nop::<{ Mark::SpanPoint as u8 }>(),
+    }
+}
+
+/// The marker instruction of kind `KIND`: [`PREFIX`], `KIND`, [`TAG`].
+#[inline(always)]
+fn marker_nop<const KIND: u8>() {
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: each is a NOP with a memory operand that is never accessed
+    // SAFETY: a NOP with a memory operand that is never accessed
     // (`nopl disp32(%rax)`): no register, flag, stack or memory changes.
     // Not `nomem`, so the compiler keeps memory accesses on their side of it.
     unsafe {
-        match m {
-            Mark::SpanBegin => core::arch::asm!(
-                ".byte 0x0f,0x1f,0x80,0x01,0x4c,0x46,0x56",
-                options(nostack, preserves_flags)
-            ),
-            Mark::SpanEnd => core::arch::asm!(
-                ".byte 0x0f,0x1f,0x80,0x02,0x4c,0x46,0x56",
-                options(nostack, preserves_flags)
-            ),
-            Mark::BurstBegin => core::arch::asm!(
-                ".byte 0x0f,0x1f,0x80,0x03,0x4c,0x46,0x56",
-                options(nostack, preserves_flags)
-            ),
-            Mark::BurstKeep => core::arch::asm!(
-                ".byte 0x0f,0x1f,0x80,0x04,0x4c,0x46,0x56",
-                options(nostack, preserves_flags)
-            ),
-            Mark::BurstDrop => core::arch::asm!(
-                ".byte 0x0f,0x1f,0x80,0x05,0x4c,0x46,0x56",
-                options(nostack, preserves_flags)
-            ),
-            Mark::SpanPoint => core::arch::asm!(
-                ".byte 0x0f,0x1f,0x80,0x06,0x4c,0x46,0x56",
-                options(nostack, preserves_flags)
-            ),
-        }
+        core::arch::asm!(
+            ".byte {p0},{p1},{p2},{kind},{t0},{t1},{t2}",
+            p0 = const PREFIX[0],
+            p1 = const PREFIX[1],
+            p2 = const PREFIX[2],
+            kind = const KIND,
+            t0 = const TAG[0],
+            t1 = const TAG[1],
+            t2 = const TAG[2],
+            options(nostack, preserves_flags),
+        );
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = m;
 }
 
 /// Instructions [`spin`] executes per iteration (`dec`, `jnz`).

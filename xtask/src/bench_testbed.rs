@@ -83,7 +83,7 @@ fn pps_of(line: &Value) -> f64 {
 }
 
 /// One path and direction's runs.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct PpsRuns {
     /// Each run's rate, in run order.
     pub pps: Vec<f64>,
@@ -100,18 +100,6 @@ pub struct PpsRuns {
     /// Frames in each receive run's instruction span (all but those of
     /// its first burst).
     pub span_frames: Vec<u64>,
-}
-
-impl PpsRuns {
-    fn new() -> Self {
-        Self {
-            pps: Vec::new(),
-            delivered: 0,
-            instructions: Vec::new(),
-            burst_instructions: Vec::new(),
-            span_frames: Vec::new(),
-        }
-    }
 }
 
 /// The table of `bench testbed-pps`.
@@ -131,8 +119,6 @@ pub struct PpsReport {
     pub dma_page_size: Value,
     /// The guest's accelerator.
     pub accel: String,
-    /// Whether the instruction-counting plugin was loaded.
-    pub counted: bool,
     /// The guest kernel's clocksource (with one that is not `tsc`, a clock
     /// read is a system call: both receivers read the clock per burst).
     pub clocksource: String,
@@ -180,7 +166,8 @@ impl PpsReport {
              first to last frame received",
             self.dma_page_size, self.clocksource
         );
-        if self.counted {
+        // Counted runs have instructions; the plugin was not loaded otherwise.
+        if !self.driver_tx.instructions.is_empty() {
             out.push_str(&self.instruction_table());
         }
         out
@@ -286,11 +273,10 @@ afpacket_rx --iface $ifc --count {n} --timeout 600 --idle-timeout 3 --rounds {ro
 
     let mut report = PpsReport {
         frames: n,
-        driver_tx: PpsRuns::new(),
-        kernel_tx: PpsRuns::new(),
-        driver_rx: PpsRuns::new(),
-        kernel_rx: PpsRuns::new(),
-        counted: options.count_instructions,
+        driver_tx: PpsRuns::default(),
+        kernel_tx: PpsRuns::default(),
+        driver_rx: PpsRuns::default(),
+        kernel_rx: PpsRuns::default(),
         clocksource: String::new(),
         dma_page_size: Value::Null,
         accel: format!("{:?}", testbed.accel()),
@@ -393,7 +379,7 @@ fn count_instructions(guest: &RunningGuest, report: &mut PpsReport, rounds: usiz
             runs.span_frames.len() == spans.len(),
             "runs and spans differ in number"
         );
-        for (span, frames) in spans.iter().zip(runs.span_frames.clone()) {
+        for (span, &frames) in spans.iter().zip(&runs.span_frames) {
             ensure!(frames > 0, "a receive run's span holds no frame");
             let frames = frames as f64;
             // Empty looks are the driver's wait for frames, not their cost.

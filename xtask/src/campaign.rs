@@ -1,10 +1,10 @@
 //! Reliability campaigns on the real node: pods churned through the real
 //! kubelet, the agent and the device plugin killed with SIGKILL, the
 //! kubelet and containerd restarted, the PF's link taken down, the VFs
-//! removed under a running pod, the node rebooted with its VFs' IOMMU groups renumbered, and a pod trying to open
-//! VFIO groups not its own. Each
-//! campaign prints what it did and its figures, and fails naming the first
-//! thing that leaked or went wrong.
+//! removed under a running pod, the node rebooted with its VFs' IOMMU
+//! groups renumbered, and a pod trying to open VFIO groups not its own.
+//! Each campaign prints what it did and its figures, and fails naming the
+//! first thing that leaked or went wrong.
 //!
 //! Every campaign runs on one pool, [`POOL`]: [`TOTAL_VFS`] trusted
 //! vfio-pci VFs of the testbed's PF, with locked memory for the driver.
@@ -433,9 +433,9 @@ impl<'a> Campaigns<'a> {
     /// (an operator's script, another tool) writes 0 to the PF's
     /// `sriov_numvfs` while a pod runs the driver on one of them. (A VF
     /// has no sysfs `remove` of its own: the PF removes its VFs.) The
-    /// kernel removes the VFs nobody holds at once and waits for the pod
-    /// to let go of its VF, so the write blocks; the pod must keep
-    /// running meanwhile. Once the pod is deleted the removal completes,
+    /// kernel removes the VFs in order and, at the one the pod holds,
+    /// waits for the pod to let go of it, so the write blocks; the pod
+    /// must keep running meanwhile and its VF leave the allocatable. Once the pod is deleted the removal completes,
     /// and vfplane must make the pool again from the NodeState: VFs
     /// re-created, bound, scrubbed, advertised, and a pod must run on
     /// them with nothing left behind.
@@ -596,8 +596,9 @@ impl<'a> Campaigns<'a> {
         let advertised = began.elapsed();
         // vfplane's admission webhook runs on the node too: until its pod
         // is back and the Service points at its new address, every pod
-        // asking for a VF is refused (the chart's podFailurePolicy Fail). A server
-        // side dry run goes through admission without creating anything.
+        // asking for a VF is refused (the chart's podFailurePolicy Fail). A
+        // server-side dry run goes through admission without creating
+        // anything.
         let probe = pod("reboot-probe", 1, "true");
         self.session.wait(
             "vfplane's admission webhook answering again",
@@ -940,8 +941,9 @@ impl<'a> Campaigns<'a> {
     /// when the node converged: the container back and ready, the churn
     /// pod running with clean VFs. A pod the kubelet rejects at admission
     /// (it had no healthy VF of the pool then) is counted and reported,
-    /// with the logs of that moment saved, and the next pod must run. At the end the long-lived pod receives
-    /// the frames the host sends it (its VF was never reset under it).
+    /// with the logs of that moment saved, and the next pod must run. At
+    /// the end the long-lived pod receives the frames the host sends it
+    /// (its VF was never reset under it).
     ///
     /// # Errors
     /// A pod given a dirty VF, a round that does not converge, the

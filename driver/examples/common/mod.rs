@@ -6,6 +6,7 @@ use std::time::Duration;
 use vfplane_driver::igbvf::{IgbVf, IgbVfConfig};
 use vfplane_driver::vfio::VfioVf;
 use vfplane_driver::{MacAddress, NicDevice};
+use vfplane_guest_insns::marker::{Mark, mark};
 
 /// Ethertype of test frames (IEEE local experimental 1).
 pub const ETHERTYPE_TEST: u16 = 0x88b5;
@@ -191,7 +192,6 @@ pub struct ReceiveSpan {
 impl ReceiveSpan {
     /// After frames were received and handled, `good` counted so far.
     pub fn received(&mut self, good: u64) {
-        use vfplane_guest_insns::marker::{Mark, mark};
         if self.from.is_none() {
             mark(Mark::SpanBegin);
             self.from = Some(good);
@@ -202,7 +202,7 @@ impl ReceiveSpan {
 
     /// Ends the span; returns the frames in it (those after its beginning).
     pub fn end(self, good: u64) -> u64 {
-        vfplane_guest_insns::marker::mark(vfplane_guest_insns::marker::Mark::SpanEnd);
+        mark(Mark::SpanEnd);
         self.from.map_or(0, |from| good - from)
     }
 }

@@ -805,9 +805,9 @@ imageGCLowThresholdPercent: 99
 crashLoopBackOff:
   maxContainerRestartPeriod: 2s
 # A restarted kubelet reports every device resource as 0 until its plugin
-# registers again (0.2-0.5 s here), and the API server sees the count only
-# at the next node status update: every 10 s by default, 1 s here, so the
-# scheduler sees a pool at 0 for about a second, not ten.
+# registers again (0.13-0.73 s measured here), and the API server sees the
+# count only at the next node status update: every 10 s by default, 1 s
+# here, so the scheduler saw a pool at 0 for up to 1.5 s, not 10.
 nodeStatusUpdateFrequency: 1s
 "#
     )

@@ -501,10 +501,7 @@ impl Drop for RunningGuest {
     /// Its initramfs (hundreds of MiB for a cluster node) goes with it; the
     /// logs stay.
     fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
+        self.power_off();
         let _ = fs::remove_file(self.run_dir.join(RUN_INITRD));
     }
 }
@@ -604,7 +601,8 @@ impl RunningGuest {
     ) -> Result<serde_json::Value> {
         let deadline = Instant::now() + timeout;
         loop {
-            let output = self.output_so_far();
+            let (output, ended) =
+                clean_output(&fs::read_to_string(self.run_dir.join("output.log")).unwrap_or_default());
             let found = output
                 .lines()
                 .filter(|l| l.starts_with('{'))
@@ -614,15 +612,15 @@ impl RunningGuest {
             if let Some(v) = found {
                 return Ok(v);
             }
-            let ended = self.script_exit_code();
-            if ended.is_some() || self.qemu_exited() || Instant::now() >= deadline {
+            let stopped = self.qemu_exited();
+            if ended.is_some() || stopped || Instant::now() >= deadline {
                 let console = crate::cluster::log_tail(&self.console_log(), 40);
                 match ended {
                     Some(code) => bail!(
                         "the guest script ended (exit {code}) with no {what}\n\
                          --- script output ---\n{output}\n--- console (last lines) ---\n{console}"
                     ),
-                    None if self.qemu_exited() => bail!(
+                    None if stopped => bail!(
                         "the guest stopped before its script printed {what}\n\
                          --- script output ---\n{output}\n--- console (last lines) ---\n{console}"
                     ),
@@ -640,8 +638,8 @@ impl RunningGuest {
     /// far, in the order they ended (see [`insns`]).
     ///
     /// # Errors
-    /// The guest was not started with [`GuestOptions::count_instructions`],
-    /// or the plugin wrote a line that is not a span.
+    /// The plugin wrote a line that is not a span. A guest started without
+    /// [`GuestOptions::count_instructions`] has none: an empty list.
     pub fn instruction_spans(&self) -> Result<Vec<insns::Span>> {
         insns::read_spans(&self.run_dir.join(insns::SPANS_FILE))
     }
