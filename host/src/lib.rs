@@ -85,16 +85,9 @@ impl Host {
     /// PCI addresses are skipped.
     pub fn pci_addresses(&self) -> Result<Vec<PciAddress>> {
         let dir = self.devices_dir();
-        let entries = fs::read_dir(&dir).map_err(|source| HostError::Read {
-            path: dir.clone(),
-            source,
-        })?;
+        let entries = list_dir(&dir)?;
         let mut addresses = Vec::new();
         for entry in entries {
-            let entry = entry.map_err(|source| HostError::Read {
-                path: dir.clone(),
-                source,
-            })?;
             match entry.file_name().to_str().map(str::parse::<PciAddress>) {
                 Some(Ok(address)) => addresses.push(address),
                 _ => tracing::debug!(entry = ?entry.file_name(), "skipping a non-PCI entry"),
@@ -179,16 +172,9 @@ impl Host {
     /// When the group directory cannot be listed.
     pub fn iommu_group(&self, id: u32) -> Result<IommuGroup> {
         let dir = self.iommu_groups_dir().join(id.to_string()).join("devices");
-        let entries = fs::read_dir(&dir).map_err(|source| HostError::Read {
-            path: dir.clone(),
-            source,
-        })?;
+        let entries = list_dir(&dir)?;
         let mut members = Vec::new();
         for entry in entries {
-            let entry = entry.map_err(|source| HostError::Read {
-                path: dir.clone(),
-                source,
-            })?;
             let name = entry.file_name();
             let address = name
                 .to_str()
@@ -263,16 +249,9 @@ impl Host {
     /// When the PF is missing or a link cannot be read.
     pub fn vf_addresses(&self, pf: PciAddress) -> Result<Vec<(u16, PciAddress)>> {
         let dir = self.existing_device_dir(pf)?;
-        let entries = fs::read_dir(&dir).map_err(|source| HostError::Read {
-            path: dir.clone(),
-            source,
-        })?;
+        let entries = list_dir(&dir)?;
         let mut vfs = Vec::new();
         for entry in entries {
-            let entry = entry.map_err(|source| HostError::Read {
-                path: dir.clone(),
-                source,
-            })?;
             let name = entry.file_name();
             let Some(index) = name.to_str().and_then(|n| n.strip_prefix("virtfn")) else {
                 continue;
@@ -317,17 +296,11 @@ impl Host {
     /// When an interface's attributes cannot be read.
     pub fn netdevs(&self, address: PciAddress) -> Result<Vec<Netdev>> {
         let dir = self.existing_device_dir(address)?.join("net");
-        let entries = match fs::read_dir(&dir) {
-            Ok(entries) => entries,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(source) => return Err(HostError::Read { path: dir, source }),
+        let Some(entries) = list_optional_dir(&dir)? else {
+            return Ok(Vec::new());
         };
         let mut netdevs = Vec::new();
         for entry in entries {
-            let entry = entry.map_err(|source| HostError::Read {
-                path: dir.clone(),
-                source,
-            })?;
             let name = entry.file_name().to_string_lossy().into_owned();
             let path = entry.path();
             let trimmed = |name: &str| -> Result<Option<String>> {
@@ -670,6 +643,30 @@ fn read_attr(path: &Path) -> Result<String> {
 }
 
 /// Reads an attribute that may legitimately be absent.
+/// The entries of a directory, every read error naming it.
+fn list_dir(dir: &Path) -> Result<Vec<fs::DirEntry>> {
+    list_optional_dir(dir)?.ok_or_else(|| HostError::Read {
+        path: dir.to_owned(),
+        source: io::Error::from(io::ErrorKind::NotFound),
+    })
+}
+
+/// The entries of a directory, `None` when it does not exist.
+fn list_optional_dir(dir: &Path) -> Result<Option<Vec<fs::DirEntry>>> {
+    let read_error = |source| HostError::Read {
+        path: dir.to_owned(),
+        source,
+    };
+    match fs::read_dir(dir) {
+        Ok(entries) => entries
+            .map(|entry| entry.map_err(read_error))
+            .collect::<Result<Vec<_>>>()
+            .map(Some),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(read_error(source)),
+    }
+}
+
 fn read_optional_attr(path: &Path) -> Result<Option<String>> {
     match fs::read_to_string(path) {
         Ok(text) => Ok(Some(text)),
