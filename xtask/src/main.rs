@@ -161,7 +161,9 @@ enum ClusterCommand {
     /// cached), then stop.
     Build,
     /// Start the cluster, print how to reach it, and keep it until the
-    /// command is interrupted or --hold seconds have passed.
+    /// command gets SIGINT, SIGTERM or SIGHUP, or --hold seconds have
+    /// passed; then stop the guest and the control plane and remove the
+    /// network namespace.
     Up {
         #[command(flatten)]
         guest: GuestArgs,
@@ -540,6 +542,18 @@ fn cluster_up(guest: &GuestArgs, hold: Option<u64>, node_extra: Option<String>) 
         guest: guest.options(),
         node_extra,
     };
+    // Taken before the start, so that a signal during it stops the cluster
+    // once it is up instead of leaving its processes behind (the default
+    // action of SIGTERM ends xtask without running any Drop).
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    for signal in [
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGHUP,
+    ] {
+        signal_hook::flag::register(signal, std::sync::Arc::clone(&stop))
+            .with_context(|| format!("handling signal {signal}"))?;
+    }
     let cluster = xtask::cluster::Cluster::start(&testbed, options)?;
     let nodes = cluster.kubectl_output(&["get", "nodes", "-o", "wide"])?;
     eprintln!("{nodes}");
@@ -553,8 +567,10 @@ fn cluster_up(guest: &GuestArgs, hold: Option<u64>, node_extra: Option<String>) 
         cluster.guest().run_dir().display()
     );
     let until = hold.map(|s| std::time::Instant::now() + Duration::from_secs(s));
-    while until.is_none_or(|t| std::time::Instant::now() < t) {
-        std::thread::sleep(Duration::from_secs(1));
+    while !stop.load(std::sync::atomic::Ordering::Relaxed)
+        && until.is_none_or(|t| std::time::Instant::now() < t)
+    {
+        std::thread::sleep(Duration::from_millis(200));
     }
     eprintln!("cluster: stopping");
     drop(cluster);
