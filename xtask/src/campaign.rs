@@ -28,7 +28,7 @@ use serde_json::Value;
 
 use crate::cluster::images::VFPLANE_IMAGE;
 use crate::cluster::{Cluster, NODE_NAME};
-use crate::session::{NAMESPACE, Session, allocatable, node_vf_statuses};
+use crate::session::{AllocatableWatch, NAMESPACE, Session, allocatable, longest_not, node_vf_statuses};
 use crate::testbed::wire::test_frame;
 
 /// The campaigns' pool.
@@ -1133,7 +1133,7 @@ impl<'a> Campaigns<'a> {
     /// the device-plugin directory). Each time: how long the plugin took from
     /// the new `kubelet.sock` to its registration (from its log), the
     /// longest stretch the API server showed the pool's allocatable below
-    /// the free VFs, and a pod created right after the kill must get clean
+    /// its healthy VFs (every status the kubelet posts, from a watch), and a pod created right after the kill must get clean
     /// VFs. Then containerd restarted once the same way.
     ///
     /// # Errors
@@ -1145,28 +1145,21 @@ impl<'a> Campaigns<'a> {
         let mut rejected = Vec::new();
         for _ in 0..options.kubelet_restarts {
             let log_before = self.plugin_log()?.lines().count();
+            // Every allocatable the kubelet posts, as the API server sends
+            // it, from before the kill until the plugin registered again and
+            // the pool is back.
+            let watch = AllocatableWatch::start(self.session.cluster(), POOL, Duration::from_secs(30))?;
             let killed = self.kill("kubelet")?;
             let name = self.create_churn_pod(1)?;
-            // Allocatable as the API server shows it, every 0.2 s, until the
-            // plugin registered with the new kubelet and the pool is back.
-            let mut dip: Option<Instant> = None;
-            let mut longest = Duration::ZERO;
+            let full = TOTAL_VFS.to_string();
             let registered = loop {
                 // Allocatable counts the healthy VFs, held or not.
-                let full = self.session.allocatable(POOL) == TOTAL_VFS.to_string();
-                match (full, dip) {
-                    (false, None) => dip = Some(Instant::now()),
-                    (true, Some(since)) => {
-                        longest = longest.max(since.elapsed());
-                        dip = None;
-                    }
-                    _ => {}
-                }
+                let back = watch.latest().as_deref() == Some(full.as_str());
                 // The kubelet serves the logs: nothing while it restarts.
                 let log = self.plugin_log().unwrap_or_default();
                 let new: Vec<&str> = log.lines().skip(log_before).collect();
                 if let Some(latency) = registration_latency(&new)
-                    && full
+                    && back
                 {
                     break latency;
                 }
@@ -1177,9 +1170,7 @@ impl<'a> Campaigns<'a> {
                 );
                 std::thread::sleep(Duration::from_millis(200));
             };
-            if let Some(since) = dip {
-                longest = longest.max(since.elapsed());
-            }
+            let longest = longest_not(&watch.finish(), &full, Instant::now());
             registrations.push(registered);
             dips.push(longest);
             match self.churn_pod_outcome(&name)? {
@@ -1205,7 +1196,7 @@ impl<'a> Campaigns<'a> {
         ));
         let (median, worst) = median_and_worst(&dips);
         self.report.add(format!(
-            "restarts: allocatable below the pool's healthy VFs for {median:.1} s (median), {worst:.1} s (worst) per restart, as the API server showed it"
+            "restarts: allocatable below the pool's healthy VFs for {median:.2} s (median), {worst:.2} s (worst) per restart, as the API server sent it on a watch"
         ));
         let (median, worst) = median_and_worst(&pod_times);
         let mut line = format!(

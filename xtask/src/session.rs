@@ -5,7 +5,7 @@
 
 use std::path::PathBuf;
 use std::process::Stdio;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
 
@@ -342,4 +342,132 @@ pub fn node_vf_statuses(cluster: &Cluster) -> Result<Vec<serde_json::Value>> {
         .flat_map(|pf| pf["vfs"].as_array().into_iter().flatten())
         .cloned()
         .collect())
+}
+
+/// The node's allocatable count of one pool as the API server sends it on
+/// a watch (`kubectl get node -w`), each value with the moment it arrived.
+/// A poll sees only the moments it asks at; the watch sees every status
+/// the kubelet posts, so a dip is measured to the event, not to the poll.
+#[derive(Debug)]
+pub struct AllocatableWatch {
+    child: std::process::Child,
+    values: std::sync::Arc<std::sync::Mutex<Vec<(Instant, String)>>>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl AllocatableWatch {
+    /// Starts the watch and waits for its first value (the node as it is).
+    ///
+    /// # Errors
+    /// kubectl not starting, or no first value within `timeout`.
+    pub fn start(cluster: &Cluster, pool: &str, timeout: Duration) -> Result<Self> {
+        let mut child = cluster
+            .kubectl()
+            .args([
+                "get",
+                "node",
+                NODE_NAME,
+                "--watch",
+                &format!("-o=jsonpath={{.status.allocatable.vfplane\\.io/{pool}}}{{\"\\n\"}}"),
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting kubectl get node --watch")?;
+        let stdout = child.stdout.take().context("kubectl's stdout")?;
+        let values = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = std::sync::Arc::clone(&values);
+        let reader = std::thread::spawn(move || {
+            use std::io::BufRead as _;
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if let Ok(mut values) = sink.lock() {
+                    values.push((Instant::now(), line.trim().to_owned()));
+                }
+            }
+        });
+        let watch = Self {
+            child,
+            values,
+            reader: Some(reader),
+        };
+        let begun = Instant::now();
+        while watch.latest().is_none() {
+            if begun.elapsed() > timeout {
+                bail!("kubectl get node --watch sent nothing in {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(watch)
+    }
+
+    /// The last value the watch sent.
+    pub fn latest(&self) -> Option<String> {
+        self.values
+            .lock()
+            .ok()
+            .and_then(|values| values.last().map(|(_, value)| value.clone()))
+    }
+
+    /// Stops the watch and returns every value it sent, in order.
+    pub fn finish(mut self) -> Vec<(Instant, String)> {
+        self.stop();
+        self.values.lock().map(|values| values.clone()).unwrap_or_default()
+    }
+
+    fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if let Some(reader) = self.reader.take() {
+            let _ = reader.join();
+        }
+    }
+}
+
+impl Drop for AllocatableWatch {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The longest stretch in `values` (a watch's timeline) during which the
+/// value was not `full`, counting a stretch still open at `end` up to `end`.
+pub fn longest_not(values: &[(Instant, String)], full: &str, end: Instant) -> Duration {
+    let mut longest = Duration::ZERO;
+    let mut since: Option<Instant> = None;
+    for (at, value) in values {
+        match (value == full, since) {
+            (false, None) => since = Some(*at),
+            (true, Some(start)) => {
+                longest = longest.max(at.duration_since(start));
+                since = None;
+            }
+            _ => {}
+        }
+    }
+    if let Some(start) = since {
+        longest = longest.max(end.saturating_duration_since(start));
+    }
+    longest
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn longest_not_measures_each_stretch_to_its_event() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let values: Vec<(Instant, String)> = [(0, "6"), (100, "0"), (900, "0"), (1300, "6"), (2000, "3"), (2400, "6")]
+            .into_iter()
+            .map(|(ms, v)| (at(ms), v.to_owned()))
+            .collect();
+        assert_eq!(longest_not(&values, "6", at(3000)), Duration::from_millis(1200));
+        // A stretch still open at the end counts up to the end.
+        let open = &values[..5];
+        assert_eq!(longest_not(open, "6", at(4000)), Duration::from_millis(2000));
+        assert_eq!(longest_not(&values[..1], "6", at(4000)), Duration::ZERO);
+    }
 }
