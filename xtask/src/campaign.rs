@@ -1206,8 +1206,8 @@ impl<'a> Campaigns<'a> {
         );
         if let Some(first) = rejected.first() {
             line.push_str(&format!(
-                "; {} were rejected by the new kubelet before the plugin re-registered ({first}); a pod created after that ran each time",
-                rejected.len()
+                "; {} rejected by the new kubelet before the plugin re-registered ({first}); a pod created after that ran each time",
+                if rejected.len() == 1 { "1 was".to_owned() } else { format!("{} were", rejected.len()) }
             ));
         }
         self.report.add(line);

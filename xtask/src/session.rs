@@ -413,7 +413,10 @@ impl AllocatableWatch {
     /// Stops the watch and returns every value it sent, in order.
     pub fn finish(mut self) -> Vec<(Instant, String)> {
         self.stop();
-        self.values.lock().map(|values| values.clone()).unwrap_or_default()
+        self.values
+            .lock()
+            .map(|values| values.clone())
+            .unwrap_or_default()
     }
 
     fn stop(&mut self) {
@@ -460,10 +463,17 @@ mod tests {
     fn longest_not_measures_each_stretch_to_its_event() {
         let t0 = Instant::now();
         let at = |ms: u64| t0 + Duration::from_millis(ms);
-        let values: Vec<(Instant, String)> = [(0, "6"), (100, "0"), (900, "0"), (1300, "6"), (2000, "3"), (2400, "6")]
-            .into_iter()
-            .map(|(ms, v)| (at(ms), v.to_owned()))
-            .collect();
+        let values: Vec<(Instant, String)> = [
+            (0, "6"),
+            (100, "0"),
+            (900, "0"),
+            (1300, "6"),
+            (2000, "3"),
+            (2400, "6"),
+        ]
+        .into_iter()
+        .map(|(ms, v)| (at(ms), v.to_owned()))
+        .collect();
         assert_eq!(longest_not(&values, "6", at(3000)), Duration::from_millis(1200));
         // A stretch still open at the end counts up to the end.
         let open = &values[..5];
