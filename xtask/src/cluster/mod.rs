@@ -769,7 +769,7 @@ fn run_dir(workspace: &Path) -> Result<PathBuf> {
 /// The kubelet's configuration: cgroupfs on cgroup v2, containerd's
 /// socket, x509 and webhook authentication, thresholds that fit a guest
 /// whose root is a tmpfs, a 2 s cap on container restart backoff, node
-/// status sent every second.
+/// status computed every 500 ms and posted when it changes.
 fn kubelet_config() -> String {
     format!(
         r#"apiVersion: kubelet.config.k8s.io/v1beta1
