@@ -144,8 +144,8 @@ pub fn open_igbvf_with(
     })
 }
 
-/// An error with its sources, one line (for logs).
-pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
+/// An error with its sources, one line (for logs and a tool's message).
+pub fn error_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
     while let Some(s) = source {

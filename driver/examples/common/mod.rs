@@ -82,16 +82,7 @@ pub fn open(args: &Args) -> Result<IgbVf<VfioVf>, String> {
 }
 
 /// An error with its sources, one line.
-pub fn chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
-}
+pub use vfplane_driver::error_chain as chain;
 
 /// The device's identity as JSON fields, with the pages behind its DMA
 /// memory (`dma_page_size`: 2097152 for 2 MiB hugepages, 4096 for 4 KiB
