@@ -256,7 +256,6 @@ struct VfPlan {
     pool: String,
     device_type: DeviceType,
     settings: VfLinkSettings,
-    container_limits: ContainerLimits,
 }
 
 /// One PF as the spec wants it, validated against the node.
@@ -499,7 +498,6 @@ impl<N: VfLinkControl> Reconciler<N> {
                     index,
                     pool: group.resource_name.clone(),
                     device_type: group.device_type,
-                    container_limits: group.container_limits,
                     settings: VfLinkSettings {
                         mac,
                         vlan: group.vlan,
@@ -695,6 +693,20 @@ impl<N: VfLinkControl> Reconciler<N> {
         // A pool whose groups (on several PFs) name different limits gets
         // the strictest: a container of the pool may get a VF of any of them.
         let mut limits: BTreeMap<String, ContainerLimits> = BTreeMap::new();
+        // Every vfio-pci pool the spec names is served, ready VFs or not: a
+        // pool left out of the plugin's config is unknown to the kubelet,
+        // and a kubelet that never knew a resource (a node rebooted before
+        // its VFs came back, say) neither reports it at 0 nor refuses a pod
+        // asking for it: the API server kept the count from before the
+        // reboot and a pod was started without its VF. Served empty, the
+        // pool is reported at 0 and such a pod is refused.
+        for group in spec.pfs.iter().flat_map(|pf| &pf.vf_groups) {
+            if group.device_type == DeviceType::VfioPci && validate_pool_name(&group.resource_name).is_ok() {
+                pools.entry(group.resource_name.clone()).or_default();
+                let entry = limits.entry(group.resource_name.clone()).or_default();
+                *entry = entry.merge(group.container_limits);
+            }
+        }
         let mut pfs = Vec::new();
         for pf in &model.pfs {
             let plan = plans.iter().find(|p| p.address == pf.pci.address);
@@ -743,8 +755,6 @@ impl<N: VfLinkControl> Reconciler<N> {
                         ));
                     } else if wanted.device_type == DeviceType::VfioPci {
                         pools.entry(wanted.pool.clone()).or_default().push(vf.pci.address);
-                        let entry = limits.entry(wanted.pool.clone()).or_default();
-                        *entry = entry.merge(wanted.container_limits);
                     }
                 }
                 vfs.push(VfStatus {
@@ -783,8 +793,7 @@ impl<N: VfLinkControl> Reconciler<N> {
                 vfs,
             });
         }
-        // A pool with no VF ready is left out: the plugin then stops
-        // advertising it, which is what an empty pool means to the kubelet.
+        // A pool with no VF ready is written with `devices: []`.
         let pools = PoolConfig {
             pools: pools
                 .into_iter()
@@ -792,7 +801,7 @@ impl<N: VfLinkControl> Reconciler<N> {
                     container_limits: limits.get(&name).copied().unwrap_or_default(),
                     name,
                     selector: None,
-                    devices,
+                    devices: Some(devices),
                     preferred_allocation: Default::default(),
                     allow_no_iommu: spec.allow_no_iommu,
                 })

@@ -239,7 +239,7 @@ pub fn assign(
         out.members.entry(pool.to_owned()).or_default().insert(address);
     };
     for pool in &config.pools {
-        for &address in &pool.devices {
+        for &address in pool.listed_devices() {
             match out.owners.get(&address) {
                 Some(owner) if owner != &pool.name => out.conflicts.push(format!(
                     "{address} is listed by pools {owner} and {}; it stays in {owner}",
@@ -407,7 +407,7 @@ impl Inventory {
         }
         // Explicit devices that are not VFs of an SR-IOV PF still get facts.
         for pool in &self.config.pools {
-            for &address in &pool.devices {
+            for &address in pool.listed_devices() {
                 if candidates.contains_key(&address) {
                     continue;
                 }

@@ -967,3 +967,24 @@ async fn garbage_truncated_huge_and_stalled_clients_leave_the_next_request_serve
     drop(stalled);
     plugin.shutdown().await.unwrap();
 }
+
+/// A pool that holds no VF now (`devices: []`, what the agent writes when
+/// none of the pool's VFs is ready) is still registered and lists nothing,
+/// so the kubelet knows the resource and reports it at 0. A kubelet that
+/// never heard of a resource keeps the count the API server had and starts
+/// a pod asking for it without a device (seen after a reboot).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_with_no_vf_now_is_registered_and_lists_nothing() {
+    let node = Node::new(&[(0, 2)]);
+    node.write_config("pools:\n  - name: empty\n    devices: []\n");
+    let mut kubelet = node.standin().await;
+    let plugin = node.start_plugin().await;
+
+    let registration = kubelet.next_registration(WAIT).await.expect("a registration");
+    assert_eq!(registration.request.resource_name, "vfplane.io/empty");
+    let mut client = client(registration.socket(kubelet.dir())).await;
+    let mut stream = list_and_watch(&mut client).await;
+    let first = stream.message().await.unwrap().expect("a first list");
+    assert!(first.devices.is_empty(), "{:?}", first.devices);
+    plugin.shutdown().await.unwrap();
+}

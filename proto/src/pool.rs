@@ -5,7 +5,7 @@
 //! ```yaml
 //! pools:
 //!   - name: fast                     # advertised as vfplane.io/fast
-//!     devices: ["0000:00:12.0"]      # explicit VF addresses, and/or
+//!     devices: ["0000:00:12.0"]      # explicit VF addresses ([]: none now, reported at 0), and/or
 //!     selector:                      # every VF that matches all given fields
 //!       vendor: "8086"
 //!       device: "10ca"
@@ -49,9 +49,11 @@ pub struct PoolConfig {
 pub struct Pool {
     /// Pool name; the resource is `vfplane.io/<name>`.
     pub name: String,
-    /// VFs by PCI address.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub devices: Vec<PciAddress>,
+    /// VFs by PCI address. `Some` of an empty list (`devices: []`) is a
+    /// pool that holds no VF now and is still served, so the kubelet
+    /// reports it at 0; absent (`None`) means "by the selector only".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub devices: Option<Vec<PciAddress>>,
     /// VFs by their properties.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub selector: Option<PoolSelector>,
@@ -172,9 +174,10 @@ impl PoolConfig {
             if !seen.insert(pool.name.as_str()) {
                 return Err(invalid("a pool of this name is already defined".to_owned()));
             }
-            if pool.devices.is_empty() && pool.selector.is_none() {
+            if pool.devices.is_none() && pool.selector.is_none() {
                 return Err(invalid(
-                    "neither devices nor selector given: the pool would select nothing".to_owned(),
+                    "neither devices nor selector given (devices: [] for a pool that holds no VF now)"
+                        .to_owned(),
                 ));
             }
             if let Some(selector) = &pool.selector {
@@ -201,6 +204,11 @@ impl PoolConfig {
 }
 
 impl Pool {
+    /// The VFs listed by address (none when only a selector is given).
+    pub fn listed_devices(&self) -> &[PciAddress] {
+        self.devices.as_deref().unwrap_or_default()
+    }
+
     /// `vfplane.io/<name>`.
     pub fn resource_name(&self) -> String {
         resource_name(&self.name)
@@ -329,7 +337,10 @@ pools:
         assert_eq!(config.pools.len(), 2);
         let fast = &config.pools[0];
         assert_eq!(fast.resource_name(), "vfplane.io/fast");
-        assert_eq!(fast.devices, ["0000:00:12.0".parse::<PciAddress>().unwrap()]);
+        assert_eq!(
+            fast.listed_devices(),
+            ["0000:00:12.0".parse::<PciAddress>().unwrap()]
+        );
         assert_eq!(fast.preferred_allocation, AllocationPolicy::Pack);
         let selector = fast.selector.as_ref().unwrap();
         assert_eq!(
@@ -413,8 +424,15 @@ pools:
             PoolConfig::from_yaml(empty)
                 .unwrap_err()
                 .to_string()
-                .contains("select nothing")
+                .contains("neither devices nor selector given")
         );
+        // An explicitly empty list is a pool that holds no VF now: served,
+        // at 0. It survives the agent's round trip as such.
+        let none_now = PoolConfig::from_yaml("pools:\n  - name: a\n    devices: []\n").unwrap();
+        assert_eq!(none_now.pools[0].devices, Some(Vec::new()));
+        assert!(none_now.pools[0].listed_devices().is_empty());
+        let again = PoolConfig::from_yaml(&none_now.to_yaml().unwrap()).unwrap();
+        assert_eq!(again, none_now);
         let vendor = "pools:\n  - name: a\n    selector: {vendor: \"0x8086\"}\n";
         assert!(
             PoolConfig::from_yaml(vendor)

@@ -109,7 +109,7 @@ fn pools(dir: &std::path::Path) -> Option<PoolConfig> {
 fn pool_devices(dir: &std::path::Path, name: &str) -> Vec<String> {
     pools(dir)
         .and_then(|c| c.pools.into_iter().find(|p| p.name == name))
-        .map(|p| p.devices.iter().map(ToString::to_string).collect())
+        .map(|p| p.listed_devices().iter().map(ToString::to_string).collect())
         .unwrap_or_default()
 }
 

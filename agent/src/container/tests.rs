@@ -107,7 +107,7 @@ fn pools() -> PoolConfig {
     PoolConfig {
         pools: vec![Pool {
             name: "fast".to_owned(),
-            devices: vec![VF.parse().unwrap()],
+            devices: Some(vec![VF.parse().unwrap()]),
             selector: None,
             preferred_allocation: Default::default(),
             allow_no_iommu: false,

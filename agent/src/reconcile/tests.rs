@@ -91,7 +91,7 @@ fn converges_sets_link_attributes_and_writes_pools_for_vfio_vfs() {
     assert_eq!(status.conditions[0].status, "True");
     assert_eq!(report.pools.pools.len(), 1, "netdevice VFs are not advertised");
     assert_eq!(report.pools.pools[0].name, "fast");
-    assert_eq!(report.pools.pools[0].devices.len(), 2);
+    assert_eq!(report.pools.pools[0].listed_devices().len(), 2);
 
     // A second pass over a matching node writes nothing.
     agent.netlink().clear_writes();
@@ -278,7 +278,10 @@ fn vfs_on_the_wrong_driver_are_unhealthy_and_kept_out_of_the_pool() {
         "{}",
         vf0.health
     );
-    assert_eq!(report.pools.pools[0].devices, ["0000:00:12.2".parse().unwrap()]);
+    assert_eq!(
+        report.pools.pools[0].listed_devices(),
+        ["0000:00:12.2".parse().unwrap()]
+    );
 }
 
 #[test]
@@ -295,11 +298,43 @@ fn no_iommu_keeps_vfio_vfs_out_unless_allowed() {
     let report = agent.apply(&spec(text));
     assert!(!report.converged);
     assert!(report.errors[0].contains("no IOMMU"), "{:?}", report.errors);
-    assert!(report.pools.pools.is_empty());
+    // Served with no VF (the kubelet reports it at 0), not left out.
+    assert_eq!(report.pools.pools.len(), 1);
+    assert_eq!(report.pools.pools[0].name, "a");
+    assert_eq!(report.pools.pools[0].devices, Some(Vec::new()));
     let allowed = text.replace("spec:\n", "spec:\n  allowNoIommu: true\n");
     let report = agent.apply(&spec(&allowed));
     assert!(report.converged, "{:?}", report.errors);
     assert!(report.pools.pools[0].allow_no_iommu);
+}
+
+#[test]
+fn a_pool_whose_pf_is_absent_is_served_empty_and_netdevice_pools_never() {
+    // After a reboot into another topology, say: the PF the spec names is
+    // not on the node. The pool must still reach the plugin, empty, so
+    // that the kubelet knows the resource and reports it at 0.
+    let fake = node();
+    let agent = reconciler_with(&fake, |_| {});
+    let text = "spec:\n  pfs:\n    - pciAddress: \"0000:00:09.0\"\n      numVfs: 2\n      vfGroups:\n        - {resourceName: gone, vfRange: \"0\", deviceType: vfio-pci}\n        - {resourceName: kernel, vfRange: \"1\", deviceType: netdevice}\n";
+    let report = agent.apply(&spec(text));
+    assert!(!report.converged);
+    assert!(
+        report.errors.iter().any(|e| e.contains("0000:00:09.0")),
+        "{:?}",
+        report.errors
+    );
+    let pools: Vec<(&str, Option<usize>)> = report
+        .pools
+        .pools
+        .iter()
+        .map(|p| (p.name.as_str(), p.devices.as_ref().map(Vec::len)))
+        .collect();
+    assert_eq!(pools, [("gone", Some(0))]);
+    let written = report.pools.to_yaml().unwrap();
+    assert_eq!(
+        vfplane_proto::pool::PoolConfig::from_yaml(&written).unwrap(),
+        report.pools
+    );
 }
 
 #[test]
@@ -434,7 +469,7 @@ fn a_trusted_vf_handed_out_keeps_its_tenants_mac_and_an_untrusted_one_is_repaire
             .pools
             .iter()
             .find(|p| p.name == "trusted")
-            .map(|p| p.devices.len()),
+            .map(|p| p.listed_devices().len()),
         Some(1)
     );
     // Released (the mark gone): the spec's MAC again.
