@@ -707,6 +707,14 @@ impl<N: VfLinkControl> Reconciler<N> {
                 *entry = entry.merge(group.container_limits);
             }
         }
+        // Pools of policies that select the node but none of its PFs.
+        for name in &spec.pools {
+            if validate_pool_name(name).is_ok() {
+                pools.entry(name.clone()).or_default();
+            } else {
+                errors.push(format!("spec.pools: {name:?} is not a valid pool name"));
+            }
+        }
         let mut pfs = Vec::new();
         for pf in &model.pfs {
             let plan = plans.iter().find(|p| p.address == pf.pci.address);

@@ -24,7 +24,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use k8s_openapi::api::core::v1::Node;
 use kube::ResourceExt;
 use vfplane_proto::container_limits::ContainerLimits;
-use vfplane_proto::node_state::{Condition, NodeState, NodeStateSpec, PfSpec, PfStatus, VfGroupSpec};
+use vfplane_proto::node_state::{
+    Condition, DeviceType, NodeState, NodeStateSpec, PfSpec, PfStatus, VfGroupSpec,
+};
 use vfplane_proto::vf_policy::{PolicyConflict, VfPolicy, VfPolicySpec, VfPolicyStatus};
 use vfplane_proto::vf_range::{PfNameSelector, format_vf_range};
 
@@ -263,9 +265,18 @@ pub fn plan_node(node: &Node, ordered: &[&VfPolicy], state: Option<&NodeState>) 
     }
     pfs.sort_by(|a, b| a.pci_address.cmp(&b.pci_address));
     conflicts.sort();
+    let pools: BTreeSet<String> = selecting
+        .iter()
+        .filter(|p| p.spec.device_type == DeviceType::VfioPci)
+        .map(|p| p.spec.resource_name.clone())
+        .collect();
     NodePlan {
         node: node_name,
-        spec: NodeStateSpec { pfs, allow_no_iommu },
+        spec: NodeStateSpec {
+            pfs,
+            allow_no_iommu,
+            pools: pools.into_iter().collect(),
+        },
         claims,
         conflicts,
         matched_policies: matched,

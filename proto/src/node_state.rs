@@ -34,6 +34,14 @@ pub struct NodeStateSpec {
     /// without an IOMMU a VF can DMA anywhere in host memory.
     #[serde(default)]
     pub allow_no_iommu: bool,
+    /// The vfio-pci pools of every policy that selects this node, whether
+    /// or not one of the node's PFs matches it. The device plugin serves
+    /// each, empty when the node has no ready VF for it, so the kubelet
+    /// reports it at 0: a kubelet that never heard of a resource (after a
+    /// reboot, say) keeps the count the API server had and starts a pod
+    /// asking for it without a device.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pools: Vec<String>,
 }
 
 /// One PF and the VFs to make on it.

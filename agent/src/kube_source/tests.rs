@@ -379,6 +379,7 @@ fn the_named_nodestate_is_applied_and_its_status_written() {
                     ..PfSpec::default()
                 }],
                 allow_no_iommu: false,
+                pools: Vec::new(),
             },
             generation: Some(3),
             warning: None,

@@ -335,6 +335,24 @@ fn a_pool_whose_pf_is_absent_is_served_empty_and_netdevice_pools_never() {
         vfplane_proto::pool::PoolConfig::from_yaml(&written).unwrap(),
         report.pools
     );
+
+    // A pool the spec names with no PF at all (the controller found none
+    // of the policy's PFs on the node): served empty too. An invalid name
+    // is reported, not written (the plugin would refuse the whole file).
+    let only_named = "spec:\n  pools: [elsewhere, \"Bad Name\"]\n";
+    let report = agent.apply(&spec(only_named));
+    let pools: Vec<(&str, Option<usize>)> = report
+        .pools
+        .pools
+        .iter()
+        .map(|p| (p.name.as_str(), p.devices.as_ref().map(Vec::len)))
+        .collect();
+    assert_eq!(pools, [("elsewhere", Some(0))]);
+    assert!(
+        report.errors.iter().any(|e| e.contains("Bad Name")),
+        "{:?}",
+        report.errors
+    );
 }
 
 #[test]

@@ -91,9 +91,32 @@ fn a_policy_becomes_a_pf_spec_on_the_nodes_it_selects() {
     let other_state = state("worker-2", vec![pf("0000:3b:00.0", "ens1f0", 7, 0)]);
     let plan = plan_node(&other, &ordered, Some(&other_state));
     assert!(plan.spec.pfs.is_empty());
+    assert!(plan.spec.pools.is_empty(), "not selected: no pool either");
     // No status yet: nothing known to configure, but the node is selected.
     let plan = plan_node(&worker, &ordered, None);
     assert!(plan.spec.pfs.is_empty());
+    assert_eq!(
+        plan.spec.pools,
+        ["fast"],
+        "the selected node serves the pool, at 0"
+    );
+}
+
+#[test]
+fn a_selected_node_without_the_pf_still_names_the_vfio_pools() {
+    // After a reboot the policy's PF is not on the node (or not yet): its
+    // vfio-pci pool is still named, so the plugin serves it empty and the
+    // kubelet reports 0 instead of the count from before. A netdevice
+    // pool is never advertised, so never named.
+    let kernel = "nodeSelector:\n  sriov: \"true\"\nnicSelector:\n  pciAddresses: [\"0000:3b:00.0\"]\nnumVfs: 2\nresourceName: kernel\ndeviceType: netdevice\n";
+    let gone = "nodeSelector:\n  sriov: \"true\"\nnicSelector:\n  pciAddresses: [\"0000:3b:00.0\"]\nnumVfs: 2\nresourceName: fast\n";
+    let policies = [policy("fast", gone), policy("kernel", kernel)];
+    let ordered = merge_order(&policies);
+    let worker = node("worker-1", &[("sriov", "true")]);
+    let st = state("worker-1", vec![pf("0000:5e:00.0", "ens9f0", 7, 0)]);
+    let plan = plan_node(&worker, &ordered, Some(&st));
+    assert!(plan.spec.pfs.is_empty(), "{:?}", plan.spec.pfs);
+    assert_eq!(plan.spec.pools, ["fast"]);
 }
 
 #[test]
