@@ -2,10 +2,11 @@
 //! installed by Helm: pods churned through the kubelet, the agent and the
 //! device plugin SIGKILLed, the kubelet and containerd restarted, the PF's
 //! link taken down and up, the VFs removed under a running pod, the node
-//! rebooted with its VFs' IOMMU groups
-//! renumbered, a root pod with `MKNOD` opening the node's other VFIO
-//! groups. Each prints its figures; a dirty VF, a pod that lost its
-//! VF, a group opened or anything left behind fails it.
+//! rebooted with its VFs' IOMMU groups renumbered, a root pod with `MKNOD`
+//! opening the node's other VFIO groups, the node rebooted with its PF
+//! behind a root port without ACS (VFs in a shared IOMMU group). Each
+//! prints its figures; a dirty VF, a pod that lost its VF, a group opened,
+//! a shared VF advertised or anything left behind fails it.
 //!
 //! CI runs the short versions; `cargo xtask test --slow` (or
 //! `cargo xtask campaign`) the lengths the reliability issue asks for.
@@ -39,6 +40,7 @@ fn run(options: &Options) {
         "vf-removal",
         "reboot",
         "isolation",
+        "shared-group",
     ];
     let report = campaign::run(&testbed, options, &which)
         .unwrap_or_else(|e| panic!("campaign failed (seed {}): {e:#}", options.seed));

@@ -30,6 +30,7 @@ use crate::cluster::images::VFPLANE_IMAGE;
 use crate::cluster::{Cluster, NODE_NAME};
 use crate::session::{AllocatableWatch, NAMESPACE, Session, allocatable, longest_not, node_vf_statuses};
 use crate::testbed::wire::test_frame;
+use crate::testbed::{SHARED_GROUP_PF, Topology};
 
 /// The campaigns' pool.
 pub const POOL: &str = "churn";
@@ -594,20 +595,7 @@ impl<'a> Campaigns<'a> {
             },
         )?;
         let advertised = began.elapsed();
-        // vfplane's admission webhook runs on the node too: until its pod
-        // is back and the Service points at its new address, every pod
-        // asking for a VF is refused (the chart's podFailurePolicy Fail). A
-        // server-side dry run goes through admission without creating
-        // anything.
-        let probe = pod("reboot-probe", 1, "true");
-        self.session.wait(
-            "vfplane's admission webhook answering again",
-            Duration::from_secs(300),
-            |c| {
-                Ok(c.kubectl_stdin(&["apply", "--dry-run=server", "-f", "-"], &probe)
-                    .is_ok())
-            },
-        )?;
+        self.wait_webhook()?;
         let webhook = began.elapsed();
         let name = self.create_churn_pod(1)?;
         let held = self.check_churn_pod(&name)?;
@@ -627,6 +615,192 @@ impl<'a> Campaigns<'a> {
             webhook.as_secs_f64(),
             held.join(", "),
             pod_ran.as_secs_f64()
+        ));
+        Ok(())
+    }
+
+    /// Waits until vfplane's admission webhook answers again after a
+    /// reboot, for pods and for policies, three times in a row. It runs on
+    /// the node too: until both controller replicas are back and the
+    /// Service points at their new addresses, a pod asking for a VF or a
+    /// policy change is refused (failure policy Fail), and a call that
+    /// reaches a replica on its way up is reset (seen once right after a
+    /// pod passed). A server-side dry run goes through admission without
+    /// changing anything.
+    fn wait_webhook(&mut self) -> Result<()> {
+        let probe = pod("reboot-probe", 1, "true");
+        let mut in_a_row = 0;
+        self.session.wait(
+            "vfplane's admission webhook answering again (3 times in a row)",
+            Duration::from_secs(300),
+            |c| {
+                let pod_admitted = c
+                    .kubectl_stdin(&["apply", "--dry-run=server", "-f", "-"], &probe)
+                    .is_ok();
+                let policy_admitted = c
+                    .kubectl_output(&[
+                        "patch",
+                        "vfpolicy",
+                        POOL,
+                        "--dry-run=server",
+                        "--type=merge",
+                        "-p",
+                        r#"{"metadata":{"labels":{"vfplane.io/probe":"dry-run"}}}"#,
+                    ])
+                    .is_ok();
+                in_a_row = if pod_admitted && policy_admitted {
+                    in_a_row + 1
+                } else {
+                    0
+                };
+                Ok(in_a_row >= 3)
+            },
+        )
+    }
+
+    /// Points the pool's policy at the PF at `address`.
+    fn select_pf(&mut self, address: &str) -> Result<()> {
+        let patch = format!(r#"{{"spec":{{"nicSelector":{{"pciAddresses":["{address}"]}}}}}}"#);
+        self.session
+            .kubectl(&["patch", "vfpolicy", POOL, "--type=merge", "-p", &patch])?;
+        Ok(())
+    }
+
+    /// Shared group: the node rebooted with its PF behind a PCIe root port
+    /// without ACS ([`Topology::SharedIommuGroup`]), so the kernel puts the
+    /// port, the PF and every VF it makes in one IOMMU group; the pool's
+    /// policy then points at the PF's new address. The agent makes the VFs
+    /// and binds them to vfio-pci, and must report each as not isolated;
+    /// the plugin must never advertise one: every allocatable of the pool
+    /// the API server sends (on a watch, from before the policy change to
+    /// the end) is 0, and a pod asking for a VF is not scheduled. Then the
+    /// node boots its usual topology again, the policy points back, and
+    /// the pool must come back clean.
+    ///
+    /// # Errors
+    /// A VF of the shared group advertised or reported isolated, a pod
+    /// scheduled on it, or the pool not coming back.
+    pub fn shared_group(&mut self, testbed: &crate::testbed::Testbed) -> Result<()> {
+        let began = Instant::now();
+        self.session.cluster_mut().reboot_node(
+            testbed,
+            |guest| guest.topology = Topology::SharedIommuGroup,
+            Duration::from_secs(600),
+        )?;
+        let ready = began.elapsed();
+        // The new boot's kubelet starts knowing no device resource, and the
+        // API server still shows the pool's count from before the reboot.
+        // The policy still names the old PF, absent now, so the pool has
+        // no VF; it must still be served, empty, so that the kubelet
+        // reports it at 0 (a kubelet that never heard of it kept the old
+        // count and started a pod asking for a VF without one).
+        self.session.wait(
+            "the pool with no VF reported at 0 by the new boot's kubelet",
+            Duration::from_secs(300),
+            |c| Ok(allocatable(c, POOL) == "0"),
+        )?;
+        let zero = began.elapsed();
+        self.wait_webhook()?;
+        let watch = AllocatableWatch::start(self.session.cluster(), POOL, Duration::from_secs(30))?;
+        self.select_pf(SHARED_GROUP_PF)?;
+        let mut shared = Vec::new();
+        self.session.wait(
+            "the pool's VFs made in the shared group and reported not isolated",
+            Duration::from_secs(300),
+            |c| {
+                shared = node_vf_statuses(c)?
+                    .into_iter()
+                    .filter(|vf| vf["pool"] == POOL && vf["driver"] == "vfio-pci")
+                    .collect();
+                Ok(shared.len() == TOTAL_VFS)
+            },
+        )?;
+        let made = began.elapsed();
+        let groups: std::collections::BTreeSet<u64> =
+            shared.iter().filter_map(|vf| vf["iommuGroup"].as_u64()).collect();
+        let group = match groups.iter().collect::<Vec<_>>().as_slice() {
+            [group] if groups.len() == 1 => **group,
+            _ => bail!("the pool's VFs are not in one IOMMU group: {groups:?}"),
+        };
+        for vf in &shared {
+            ensure!(
+                vf["isolated"] == false && vf["health"].as_str().is_some_and(|h| h.starts_with("Unhealthy")),
+                "a VF of the shared group is reported isolated or healthy: {vf}"
+            );
+        }
+        let members = self
+            .session
+            .cluster_mut()
+            .node_exec(&format!("ls /sys/kernel/iommu_groups/{group}/devices"))?;
+        let members: Vec<&str> = members.split_whitespace().collect();
+        ensure!(
+            members.contains(&SHARED_GROUP_PF) && members.len() > TOTAL_VFS + 1,
+            "IOMMU group {group} holds {members:?}, not the PF and its {TOTAL_VFS} VFs with the port"
+        );
+        // A pod asking for a VF: the scheduler finds none.
+        let name = self.create_churn_pod(1)?;
+        let resource = format!("vfplane.io/{POOL}");
+        self.session
+            .wait("the scheduler refusing the pod", Duration::from_secs(60), |c| {
+                Ok(crate::session::events(c, "default", "FailedScheduling")?
+                    .iter()
+                    .any(|e| {
+                        e["involvedObject"]["name"] == name.as_str()
+                            && e["message"].as_str().is_some_and(|m| m.contains(&resource))
+                    }))
+            })?;
+        let phase = self.session.jsonpath(&[
+            "get",
+            "pod",
+            &name,
+            "-o=jsonpath={.status.phase}/{.spec.nodeName}",
+        ]);
+        ensure!(
+            phase == "Pending/",
+            "pod {name} was not left pending unscheduled: {phase}"
+        );
+        self.delete_pods(&[name])?;
+        let seen = watch.finish();
+        let advertised: Vec<&String> = seen
+            .iter()
+            .map(|(_, value)| value)
+            .filter(|value| value.as_str() != "0")
+            .collect();
+        ensure!(
+            advertised.is_empty(),
+            "the pool's allocatable was not 0 while its VFs were in a shared IOMMU group: {advertised:?}"
+        );
+        let health = shared
+            .first()
+            .and_then(|vf| vf["health"].as_str())
+            .unwrap_or_default()
+            .to_owned();
+
+        // Back to the usual topology: the pool must come back clean.
+        let back = Instant::now();
+        self.session.cluster_mut().reboot_node(
+            testbed,
+            |guest| guest.topology = Topology::SinglePf,
+            Duration::from_secs(600),
+        )?;
+        self.wait_webhook()?;
+        self.select_pf("0000:00:02.0")?;
+        self.session
+            .wait_allocatable(POOL, u32::try_from(TOTAL_VFS)?, Duration::from_secs(300))?;
+        self.check_clean(&[])?;
+        self.report.add(format!(
+            "shared-group: node booted with its PF behind a root port without ACS: Ready {:.1} s after the power-off, \
+             the pool (no VF yet) reported at 0 at {:.1} s; {TOTAL_VFS} VFs made and bound at {:.1} s, all in IOMMU group {group} with {} devices ({}), each \
+             reported \"{health}\"; allocatable of {POOL} 0 throughout ({} values on the watch); a pod asking \
+             for one left unscheduled (FailedScheduling); usual topology again: pool back and clean {:.1} s after \
+             that power-off",
+            ready.as_secs_f64(),
+            zero.as_secs_f64(),
+            made.as_secs_f64(),
+            members.len(),
+            members.join(" "),
+            seen.len(),
+            back.elapsed().as_secs_f64(),
         ));
         Ok(())
     }
@@ -1195,8 +1369,11 @@ impl<'a> Campaigns<'a> {
             registrations.len()
         ));
         let (median, worst) = median_and_worst(&dips);
+        let over_a_second = dips.iter().filter(|d| **d > Duration::from_secs(1)).count();
         self.report.add(format!(
-            "restarts: allocatable below the pool's healthy VFs for {median:.2} s (median), {worst:.2} s (worst) per restart, as the API server sent it on a watch"
+            "restarts: allocatable below the pool's healthy VFs for {median:.2} s (median), {worst:.2} s (worst) per restart, \
+             over 1 s in {over_a_second} of {}, as the API server sent it on a watch",
+            dips.len()
         ));
         let (median, worst) = median_and_worst(&pod_times);
         let mut line = format!(
@@ -1384,8 +1561,9 @@ pub fn run(testbed: &crate::testbed::Testbed, options: &Options, which: &[&str])
             "isolation" => campaigns.isolation(),
             "reboot" => campaigns.reboot(testbed),
             "vf-removal" => campaigns.vf_removal(),
+            "shared-group" => campaigns.shared_group(testbed),
             other => bail!(
-                "no campaign {other:?}: churn, crashes, restarts, faults, vf-removal, reboot or isolation"
+                "no campaign {other:?}: churn, crashes, restarts, faults, vf-removal, reboot, isolation or shared-group"
             ),
         };
         if let Err(error) = result {

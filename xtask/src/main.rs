@@ -36,14 +36,17 @@ enum Command {
     Demo,
     /// Reliability campaigns on the real cluster (vfplane installed by
     /// Helm): pod churn, SIGKILLs of the agent and the device plugin,
-    /// kubelet and containerd restarts, PF link faults, a pod opening
-    /// other VFIO groups. Prints each one's figures; fails on a dirty VF,
-    /// a lost VF, a group opened or anything left behind.
+    /// kubelet and containerd restarts, PF link faults, VFs removed under
+    /// a pod, a reboot renumbering IOMMU groups, a pod opening other VFIO
+    /// groups, VFs in a shared IOMMU group. Prints each one's figures;
+    /// fails on a dirty VF, a lost VF, a group opened, a shared VF
+    /// advertised or anything left behind.
     Campaign {
-        /// Which, in order: churn, crashes, restarts, faults, isolation.
+        /// Which, in order: churn, crashes, restarts, faults, vf-removal,
+        /// reboot, isolation, shared-group (the order CI runs them in).
         #[arg(
             value_delimiter = ',',
-            default_value = "churn,crashes,restarts,faults,isolation"
+            default_value = "churn,crashes,restarts,faults,vf-removal,reboot,isolation,shared-group"
         )]
         which: Vec<String>,
         /// The lengths the reliability issue asks for (200 pods, 50 + 50

@@ -42,13 +42,21 @@ pub enum Topology {
     /// Two NUMA nodes with one CPU each, a PF on each: 0000:00:02.0 behind
     /// nothing (node unknown) and 0000:21:00.0 behind a pxb-pcie on node 1.
     TwoNumaNodes,
+    /// One igb PF at 0000:01:00.0 behind a PCIe root port without ACS
+    /// (`disable-acs=on`): the kernel cannot tell the devices below the
+    /// port apart for DMA, so the port, the PF and every VF it makes share
+    /// one IOMMU group.
+    SharedIommuGroup,
 }
+
+/// The PF's address in [`Topology::SharedIommuGroup`].
+pub const SHARED_GROUP_PF: &str = "0000:01:00.0";
 
 impl Topology {
     /// How many PFs (and so datagram links) the guest has.
     pub fn pf_count(self) -> usize {
         match self {
-            Self::SinglePf => 1,
+            Self::SinglePf | Self::SharedIommuGroup => 1,
             Self::TwoNumaNodes => 2,
         }
     }
@@ -460,6 +468,14 @@ impl Testbed {
                 qemu.args(["-device", "pxb-pcie,id=pxb1,bus_nr=32,numa_node=1,bus=pcie.0"]);
                 qemu.args(["-device", "pcie-root-port,id=rp1,bus=pxb1,chassis=1"]);
                 qemu.args(["-device", "igb,netdev=n1,bus=rp1"]);
+            }
+            Topology::SharedIommuGroup => {
+                qemu.args(["-device", "intel-iommu,intremap=on,caching-mode=on"]);
+                qemu.args([
+                    "-device",
+                    "pcie-root-port,id=rp0,bus=pcie.0,addr=0x3,chassis=3,disable-acs=on",
+                ]);
+                qemu.args(["-device", "igb,netdev=n0,bus=rp0"]);
             }
         }
         for arg in &netdev_args {
