@@ -16,9 +16,18 @@
 //! 5. its PF's link is not down ([`UnhealthyReason::PfLinkDown`]): a PF
 //!    with network interfaces none of which is up; a PF without one (not
 //!    bound to a network driver) has no link state and does not count;
-//! 6. the agent has no scrub going on or failed on it
-//!    ([`UnhealthyReason::Scrub`], [`UnhealthyReason::UnknownState`]; see
+//! 6. the agent's scrub has not failed on it ([`UnhealthyReason::ScrubFailed`],
+//!    the VF quarantined) and its state file holds no word this plugin does
+//!    not know ([`UnhealthyReason::UnknownState`]; see
 //!    [`vfplane_proto::vf_state`]).
+//!
+//! A scrub that is running (`scrub-pending`) leaves the VF Healthy. The
+//! VF was freed when its pod left, and the scheduler counts it free from
+//! that moment; were it Unhealthy to the kubelet for the few seconds of the
+//! reset, a pod the scheduler placed on it would be refused at admission
+//! ("requested number of devices unavailable"), and for good. Allocate
+//! waits for the running scrub instead and refuses a VF still unscrubbed
+//! after that wait (`server.rs`).
 //!
 //! Nothing is remembered: a VF whose causes went away is Healthy on the
 //! next probe.
@@ -88,21 +97,12 @@ pub enum UnhealthyReason {
         /// Its interface.
         netdev: String,
     },
-    /// The agent is scrubbing the VF, or the scrub failed.
-    Scrub(ScrubReason),
+    /// The agent's scrub failed on the VF: it is quarantined.
+    ScrubFailed,
     /// The state file holds a word this plugin does not know.
     UnknownState(String),
     /// sysfs could not be read.
     Unreadable(String),
-}
-
-/// [`VfState`] as a health reason (ordered, hashable).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum ScrubReason {
-    /// `scrub-pending`.
-    Pending,
-    /// `scrub-failed`.
-    Failed,
 }
 
 impl UnhealthyReason {
@@ -116,8 +116,7 @@ impl UnhealthyReason {
             Self::VfioNodeMissing(_) => "vfio_node_missing",
             Self::NoIommuNotAllowed(_) => "no_iommu_not_allowed",
             Self::PfLinkDown { .. } => "pf_link_down",
-            Self::Scrub(ScrubReason::Pending) => "scrub_pending",
-            Self::Scrub(ScrubReason::Failed) => "scrub_failed",
+            Self::ScrubFailed => "scrub_failed",
             Self::UnknownState(_) => "unknown_state",
             Self::Unreadable(_) => "unreadable",
         }
@@ -141,8 +140,7 @@ impl fmt::Display for UnhealthyReason {
                 "only /dev/vfio/noiommu-{group} exists (no DMA isolation) and the pool does not set allowNoIommu"
             ),
             Self::PfLinkDown { pf, netdev } => write!(f, "link of PF {pf} ({netdev}) is down"),
-            Self::Scrub(ScrubReason::Pending) => f.write_str("scrub pending"),
-            Self::Scrub(ScrubReason::Failed) => f.write_str("scrub failed"),
+            Self::ScrubFailed => f.write_str("scrub failed (quarantined)"),
             Self::UnknownState(word) => write!(f, "unknown VF state {word:?}"),
             Self::Unreadable(what) => write!(f, "cannot read sysfs: {what}"),
         }
@@ -227,9 +225,9 @@ pub fn evaluate(
         });
     }
     match &observation.state {
-        None => {}
-        Some(Ok(VfState::ScrubPending)) => reasons.push(UnhealthyReason::Scrub(ScrubReason::Pending)),
-        Some(Ok(VfState::ScrubFailed)) => reasons.push(UnhealthyReason::Scrub(ScrubReason::Failed)),
+        // A running scrub is Allocate's to wait for (module docs).
+        None | Some(Ok(VfState::ScrubPending)) => {}
+        Some(Ok(VfState::ScrubFailed)) => reasons.push(UnhealthyReason::ScrubFailed),
         Some(Err(error)) => reasons.push(UnhealthyReason::UnknownState(error.0.clone())),
     }
     if let Some(error) = &observation.read_error {
@@ -451,13 +449,6 @@ mod tests {
             ),
             (
                 VfObservation {
-                    state: Some(Ok(VfState::ScrubPending)),
-                    ..good(vf)
-                },
-                "scrub_pending",
-            ),
-            (
-                VfObservation {
                     state: Some(Ok(VfState::ScrubFailed)),
                     ..good(vf)
                 },
@@ -482,6 +473,12 @@ mod tests {
             ..good(vf)
         };
         assert!(evaluate(vf, pf, &no_iommu, true).is_healthy());
+        // A running scrub is not a health matter: Allocate waits for it.
+        let scrubbing = VfObservation {
+            state: Some(Ok(VfState::ScrubPending)),
+            ..good(vf)
+        };
+        assert!(evaluate(vf, pf, &scrubbing, false).is_healthy());
     }
 
     #[test]

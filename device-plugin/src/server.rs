@@ -339,11 +339,20 @@ impl DevicePluginService {
         }
     }
 
-    /// Refuses a VF handed out before and not scrubbed since: its last
-    /// container may be gone a moment before the agent notices, and the
-    /// kubelet may offer it again in that moment.
+    /// Refuses a VF handed out before and not scrubbed since, or under a
+    /// scrub that is still running: its last container may be gone a
+    /// moment before the agent notices, and the kubelet offers it again in
+    /// that moment (a running scrub leaves the VF Healthy, `health.rs`).
     fn refuse_unscrubbed(&self, address: PciAddress) -> Result<(), Status> {
         let dir = &self.shared.node.state_dir;
+        if let Ok(Some(Ok(vf_state::VfState::ScrubPending))) = vf_state::read_vf_state(dir, address) {
+            return Err(Status::failed_precondition(format!(
+                "device {address} of {} is being scrubbed by the agent (waited {:?}); it is \
+                 offered again once scrubbed",
+                self.shared.resource(),
+                self.shared.node.scrub_wait
+            )));
+        }
         match vf_state::handed_out_at(dir, address) {
             Ok(None) => Ok(()),
             Ok(Some(_)) => Err(Status::failed_precondition(format!(

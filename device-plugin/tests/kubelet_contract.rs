@@ -138,11 +138,22 @@ async fn health_follows_driver_vfio_node_group_link_scrub_and_presence() {
     })
     .await;
 
-    // Scrub states written by the agent, then cleared.
+    // A scrub running stays Healthy: the scheduler counted the VF free
+    // when its pod left, and the kubelet's admission would refuse a pod
+    // placed on it while it were Unhealthy (Allocate waits for the scrub
+    // instead). The other VF's unbind, after the state, makes a probe that
+    // has seen the state too.
     write_vf_state(&node.state_dir(), vf, Some(VfState::ScrubPending)).unwrap();
-    wait_for(&mut stream, "scrub pending: unhealthy", |m| is(m, vf, UNHEALTHY)).await;
+    node.fake.set_driver(other, None).unwrap();
+    let m = wait_for(&mut stream, "other VF unbound", |m| is(m, other, UNHEALTHY)).await;
+    assert!(
+        is(&m, vf, HEALTHY),
+        "a VF under scrub is Healthy to the kubelet: {m:?}"
+    );
+    node.fake.set_driver(other, Some("vfio-pci")).unwrap();
+    wait_for(&mut stream, "other VF rebound", |m| is(m, other, HEALTHY)).await;
     write_vf_state(&node.state_dir(), vf, None).unwrap();
-    wait_for(&mut stream, "scrub done: healthy", |m| is(m, vf, HEALTHY)).await;
+    // A failed scrub quarantines it.
     write_vf_state(&node.state_dir(), vf, Some(VfState::ScrubFailed)).unwrap();
     wait_for(&mut stream, "scrub failed: unhealthy", |m| is(m, vf, UNHEALTHY)).await;
     write_vf_state(&node.state_dir(), vf, None).unwrap();
@@ -831,6 +842,23 @@ async fn a_vf_handed_out_waits_for_its_scrub_and_is_refused_without_one() {
         "it waited for the running scrub"
     );
     scrub.await.unwrap();
+    // A scrub that does not end within the wait (the VF is Healthy to the
+    // kubelet meanwhile, so only Allocate stands between it and a pod):
+    // refused, naming the scrub.
+    clear_handed_out(&node.state_dir(), vf).unwrap();
+    write_vf_state(&node.state_dir(), vf, Some(VfState::ScrubPending)).unwrap();
+    let status = client
+        .allocate(allocate_request(&[&[vf.to_string()]]))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status}");
+    assert!(
+        status
+            .message()
+            .contains(&format!("device {vf} of vfplane.io/fast is being scrubbed")),
+        "{status}"
+    );
+    assert_eq!(handed_out_at(&node.state_dir(), vf).unwrap(), None, "not marked");
     plugin.shutdown().await.unwrap();
 }
 
