@@ -12,8 +12,11 @@
 //! - the mark is older than [`GRACE`] (the kubelet records an allocation
 //!   a moment after `Allocate` answers).
 //!
-//! A scrub: state `scrub-pending` (the plugin reports the VF Unhealthy),
-//! a function-level reset through sysfs `reset`, the spec's MAC, VLAN,
+//! A scrub: state `scrub-pending` (the plugin keeps the VF Healthy to the
+//! kubelet and holds an `Allocate` for it until the scrub ends), a
+//! function-level reset through sysfs `reset` (given up after
+//! [`RESET_TIMEOUT`]: a reset that hangs in the kernel quarantines its VF
+//! and does not hold up the agent), the spec's MAC, VLAN,
 //! spoof checking, trust, rate and link state written again through the
 //! PF where they differ, then a check: the PF reports the spec's settings and the VF's
 //! Bus Master Enable bit is clear (it cannot DMA; the reset disabled its
@@ -29,10 +32,11 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use vfplane_host::{HostError, PCI_COMMAND_BUS_MASTER, PciAddress, error_chain};
+use vfplane_host::{Host, HostError, PCI_COMMAND_BUS_MASTER, PciAddress, error_chain};
 use vfplane_proto::node_state::{NodeStateSpec, NodeStateStatus};
 use vfplane_proto::vf_state::{self, VfState};
 
@@ -45,6 +49,11 @@ use crate::reconcile::Reconciler;
 pub const GRACE: Duration = Duration::from_secs(10);
 /// A failed scrub is tried again after this long.
 pub const RETRY: Duration = Duration::from_secs(30);
+/// A function reset that has not returned after this long is given up on:
+/// the VF is quarantined and the agent goes on. (The kernel itself waits
+/// up to a minute for a device that is slow to come back from a reset;
+/// one that takes longer than this is not fit to hand out meanwhile.)
+pub const RESET_TIMEOUT: Duration = Duration::from_secs(10);
 /// A released VF still open by a process is looked at again after this long.
 const HOLDER_RECHECK: Duration = Duration::from_secs(1);
 
@@ -76,6 +85,33 @@ pub enum ScrubError {
         /// The cause.
         #[source]
         source: HostError,
+    },
+    /// The function reset did not return in time; it may still be stuck
+    /// in the kernel.
+    #[error("VF {address}: the function reset did not return within {waited:?}")]
+    ResetHung {
+        /// The VF.
+        address: PciAddress,
+        /// How long it was given.
+        waited: Duration,
+    },
+    /// A reset started by an earlier scrub has not returned yet: no second
+    /// one is started beside it.
+    #[error("VF {address}: the function reset started {started:?} ago has not returned yet")]
+    ResetStillRunning {
+        /// The VF.
+        address: PciAddress,
+        /// How long ago that reset began.
+        started: Duration,
+    },
+    /// No thread could be started for the reset.
+    #[error("VF {address}: cannot start a thread for its function reset")]
+    ResetThread {
+        /// The VF.
+        address: PciAddress,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
     },
     /// Writing the spec's settings through the PF failed.
     #[error("VF {address}: restoring its settings through {ifname} failed: {message}")]
@@ -137,8 +173,11 @@ enum Considered {
 pub struct Scrubber {
     state_dir: PathBuf,
     retry: Duration,
+    reset_timeout: Duration,
     next_due: Mutex<Option<Duration>>,
     failures: Mutex<BTreeMap<PciAddress, Failure>>,
+    /// Resets whose thread has not returned, with when each began.
+    resets_running: Arc<Mutex<BTreeMap<PciAddress, Instant>>>,
 }
 
 #[derive(Debug, Clone)]
@@ -153,9 +192,18 @@ impl Scrubber {
         Self {
             state_dir: state_dir.into(),
             retry: RETRY,
+            reset_timeout: RESET_TIMEOUT,
             next_due: Mutex::new(None),
             failures: Mutex::new(BTreeMap::new()),
+            resets_running: Arc::new(Mutex::new(BTreeMap::new())),
         }
+    }
+
+    /// Gives a function reset `timeout` instead of [`RESET_TIMEOUT`].
+    #[must_use]
+    pub fn reset_within(mut self, timeout: Duration) -> Self {
+        self.reset_timeout = timeout;
+        self
     }
 
     /// Tries a failed scrub again after `retry` instead of [`RETRY`].
@@ -298,10 +346,7 @@ impl Scrubber {
             source,
         };
         vf_state::write_vf_state(dir, address, Some(VfState::ScrubPending)).map_err(state_error)?;
-        reconciler
-            .host()
-            .reset_function(address)
-            .map_err(|source| ScrubError::Reset { address, source })?;
+        self.reset(reconciler.host(), address)?;
         if let Some((ifname, index, want)) = reconciler.spec_of_vf(spec, address) {
             let restore = |message: String| ScrubError::Restore {
                 address,
@@ -359,6 +404,51 @@ impl Scrubber {
         vf_state::write_vf_state(dir, address, None).map_err(state_error)?;
         vf_state::clear_handed_out(dir, address).map_err(state_error)?;
         Ok(())
+    }
+
+    /// The function reset of `address`, on a thread of its own, waited for
+    /// up to the reset timeout. A write to sysfs `reset` that never
+    /// returns (a device that does not come back, a kernel lock held
+    /// elsewhere) leaves its thread blocked in the kernel, where nothing
+    /// can cancel it; the scrub fails instead of the agent stopping, and
+    /// no further reset of the VF is started until that one returns.
+    fn reset(&self, host: &Host, address: PciAddress) -> Result<(), ScrubError> {
+        if let Some(began) = lock(&self.resets_running).get(&address) {
+            return Err(ScrubError::ResetStillRunning {
+                address,
+                started: began.elapsed(),
+            });
+        }
+        lock(&self.resets_running).insert(address, Instant::now());
+        let (done, answer) = mpsc::sync_channel(1);
+        let host = host.clone();
+        let running = Arc::clone(&self.resets_running);
+        let spawned = std::thread::Builder::new()
+            .name(format!("reset {address}"))
+            .spawn(move || {
+                let result = host.reset_function(address);
+                lock(&running).remove(&address);
+                // The scrub may have stopped waiting; then nobody listens.
+                let _ = done.send(result);
+            });
+        if let Err(source) = spawned {
+            lock(&self.resets_running).remove(&address);
+            return Err(ScrubError::ResetThread { address, source });
+        }
+        match answer.recv_timeout(self.reset_timeout) {
+            Ok(result) => result.map_err(|source| ScrubError::Reset { address, source }),
+            Err(RecvTimeoutError::Timeout) => {
+                tracing::error!(%address, waited = ?self.reset_timeout, "the function reset has not returned; its thread is left to the kernel");
+                Err(ScrubError::ResetHung {
+                    address,
+                    waited: self.reset_timeout,
+                })
+            }
+            Err(RecvTimeoutError::Disconnected) => Err(ScrubError::ResetThread {
+                address,
+                source: std::io::Error::other("the reset's thread ended without an answer"),
+            }),
+        }
     }
 
     /// Writes the scrub state of each VF into its health in `status`:

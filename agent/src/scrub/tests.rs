@@ -226,6 +226,72 @@ fn a_failed_reset_quarantines_the_vf_says_why_and_is_retried() {
     assert_eq!(node.state(), None);
 }
 
+/// A reset that never returns (here a FIFO nobody reads, so the write to
+/// `reset` blocks in `open`, as a write to a device stuck in the kernel's
+/// reset would): the scrub gives up after its timeout and quarantines the
+/// VF, the next pass starts no second reset beside the stuck one, and once
+/// the stuck write returns the VF is scrubbed as usual.
+#[test]
+fn a_reset_that_hangs_quarantines_the_vf_and_the_agent_goes_on() {
+    let node = node();
+    let reset = node.fake.device_dir(node.vf).join("reset");
+    fs::remove_file(&reset).unwrap();
+    let made = std::process::Command::new("mkfifo").arg(&reset).status().unwrap();
+    assert!(made.success(), "mkfifo {}", reset.display());
+    let scrubber = node
+        .scrubber()
+        .retry_after(Duration::ZERO)
+        .reset_within(Duration::from_millis(300));
+    let owners = Owners::new();
+    let began = Instant::now();
+    let outcomes = scrubber.scrub_released(&node.reconciler, &node.spec, Some(&owners), true);
+    assert!(began.elapsed() < Duration::from_secs(5), "the pass returned");
+    assert_eq!(
+        outcomes,
+        [ScrubOutcome::Failed {
+            address: node.vf,
+            error: format!("VF {}: the function reset did not return within 300ms", node.vf),
+        }]
+    );
+    assert_eq!(node.state(), Some(VfState::ScrubFailed), "quarantined");
+    assert!(handed_out_at(node.state.path(), node.vf).unwrap().is_some());
+
+    // Tried again while the first reset is still stuck: refused at once.
+    let began = Instant::now();
+    let outcomes = scrubber.scrub_released(&node.reconciler, &node.spec, Some(&owners), true);
+    assert!(began.elapsed() < Duration::from_millis(300), "no wait");
+    let [ScrubOutcome::Failed { error, .. }] = outcomes.as_slice() else {
+        panic!("{outcomes:?}");
+    };
+    assert!(
+        error.starts_with(&format!("VF {}: the function reset started ", node.vf))
+            && error.ends_with(" ago has not returned yet"),
+        "{error}"
+    );
+    assert_eq!(node.state(), Some(VfState::ScrubFailed));
+
+    // The stuck write goes through (a reader opens the FIFO) and returns.
+    let written = fs::read_to_string(&reset).unwrap();
+    assert_eq!(written.trim(), "1");
+    let waiting = Instant::now();
+    while lock(&scrubber.resets_running).contains_key(&node.vf) {
+        assert!(
+            waiting.elapsed() < Duration::from_secs(5),
+            "the reset thread did not end"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    fs::remove_file(&reset).unwrap();
+    fs::write(&reset, "").unwrap();
+    let outcomes = scrubber.scrub_released(&node.reconciler, &node.spec, Some(&owners), true);
+    assert!(
+        matches!(outcomes.as_slice(), [ScrubOutcome::Scrubbed { .. }]),
+        "{outcomes:?}"
+    );
+    assert_eq!(node.state(), None);
+    assert_eq!(handed_out_at(node.state.path(), node.vf).unwrap(), None);
+}
+
 #[test]
 fn a_failed_scrub_is_not_retried_before_the_retry_time() {
     let node = node();
