@@ -7,8 +7,9 @@ use std::str::FromStr;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// A PCI function address in the extended BDF form sysfs uses: `0000:00:02.0`
-/// (domain, bus, device, function).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+/// (domain, bus, device, function). `Debug` prints the same form, so logs
+/// and assertion messages that list addresses read as sysfs does.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct PciAddress {
     /// PCI segment (domain), 16 bits on every platform Linux supports for SR-IOV.
     pub domain: u16,
@@ -55,6 +56,12 @@ impl PciAddress {
             });
         }
         Ok(addr)
+    }
+}
+
+impl fmt::Debug for PciAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
     }
 }
 
@@ -191,5 +198,14 @@ mod tests {
         let back: PciAddress = serde_json::from_str(&json).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(back, addr);
         assert!(serde_json::from_str::<PciAddress>("\"nope\"").is_err());
+    }
+
+    #[test]
+    fn debug_reads_as_sysfs_does() {
+        let addrs: Vec<PciAddress> = ["0000:00:12.2", "0001:3b:1f.7"]
+            .iter()
+            .map(|a| a.parse().unwrap_or_else(|e| panic!("{e}")))
+            .collect();
+        assert_eq!(format!("{addrs:?}"), "[0000:00:12.2, 0001:3b:1f.7]");
     }
 }
