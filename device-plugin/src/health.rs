@@ -17,9 +17,10 @@
 //!    with network interfaces none of which is up; a PF without one (not
 //!    bound to a network driver) has no link state and does not count;
 //! 6. the agent's scrub has not failed on it ([`UnhealthyReason::ScrubFailed`],
-//!    the VF quarantined) and its state file holds no word this plugin does
-//!    not know ([`UnhealthyReason::UnknownState`]; see
-//!    [`vfplane_proto::vf_state`]).
+//!    the VF quarantined), has not stalled ([`UnhealthyReason::ScrubStalled`]:
+//!    `scrub-pending` older than [`SCRUB_STALLED`], so no agent is finishing
+//!    it) and its state file holds no word this plugin does not know
+//!    ([`UnhealthyReason::UnknownState`]; see [`vfplane_proto::vf_state`]).
 //!
 //! A scrub that is running (`scrub-pending`) leaves the VF Healthy. The
 //! VF was freed when its pod left, and the scheduler counts it free from
@@ -33,8 +34,10 @@
 //! next probe.
 
 use std::fmt;
+use std::time::Duration;
 
 use vfplane_host::{DeviceDir, Host, Netdev, PciAddress, VfioNodes};
+pub use vfplane_proto::vf_state::SCRUB_STALLED;
 use vfplane_proto::vf_state::{ParseVfStateError, VfState};
 
 /// The driver a VF must be bound to.
@@ -71,6 +74,8 @@ pub struct VfObservation {
     pub pf_link: LinkState,
     /// The agent's state file.
     pub state: Option<Result<VfState, ParseVfStateError>>,
+    /// How long that file has held its word, when known.
+    pub state_age: Option<Duration>,
     /// Something could not be read (other than a file being absent).
     pub read_error: Option<String>,
 }
@@ -99,6 +104,9 @@ pub enum UnhealthyReason {
     },
     /// The agent's scrub failed on the VF: it is quarantined.
     ScrubFailed,
+    /// `scrub-pending` for this long, past [`SCRUB_STALLED`]: nobody is
+    /// finishing the scrub.
+    ScrubStalled(Duration),
     /// The state file holds a word this plugin does not know.
     UnknownState(String),
     /// sysfs could not be read.
@@ -117,6 +125,7 @@ impl UnhealthyReason {
             Self::NoIommuNotAllowed(_) => "no_iommu_not_allowed",
             Self::PfLinkDown { .. } => "pf_link_down",
             Self::ScrubFailed => "scrub_failed",
+            Self::ScrubStalled(_) => "scrub_stalled",
             Self::UnknownState(_) => "unknown_state",
             Self::Unreadable(_) => "unreadable",
         }
@@ -141,6 +150,11 @@ impl fmt::Display for UnhealthyReason {
             ),
             Self::PfLinkDown { pf, netdev } => write!(f, "link of PF {pf} ({netdev}) is down"),
             Self::ScrubFailed => f.write_str("scrub failed (quarantined)"),
+            Self::ScrubStalled(age) => write!(
+                f,
+                "scrub pending for {} s, longer than a scrub takes (is the agent running?)",
+                age.as_secs()
+            ),
             Self::UnknownState(word) => write!(f, "unknown VF state {word:?}"),
             Self::Unreadable(what) => write!(f, "cannot read sysfs: {what}"),
         }
@@ -226,7 +240,12 @@ pub fn evaluate(
     }
     match &observation.state {
         // A running scrub is Allocate's to wait for (module docs).
-        None | Some(Ok(VfState::ScrubPending)) => {}
+        None => {}
+        Some(Ok(VfState::ScrubPending)) => {
+            if let Some(age) = observation.state_age.filter(|age| *age > SCRUB_STALLED) {
+                reasons.push(UnhealthyReason::ScrubStalled(age));
+            }
+        }
         Some(Ok(VfState::ScrubFailed)) => reasons.push(UnhealthyReason::ScrubFailed),
         Some(Err(error)) => reasons.push(UnhealthyReason::UnknownState(error.0.clone())),
     }
@@ -280,6 +299,7 @@ pub fn probe_vf(
         vfio_node: None,
         pf_link,
         state,
+        state_age: None,
         read_error: None,
     };
     match dir.driver() {
@@ -338,6 +358,7 @@ pub fn probe_vf_fast(
         vfio_node: None,
         pf_link,
         state,
+        state_age: None,
         read_error: None,
     };
     match device.driver() {
@@ -379,6 +400,7 @@ mod tests {
             vfio_node: Some(VfioNode::Group(4)),
             pf_link: LinkState::Up,
             state: None,
+            state_age: None,
             read_error: None,
         }
     }
@@ -479,6 +501,28 @@ mod tests {
             ..good(vf)
         };
         assert!(evaluate(vf, pf, &scrubbing, false).is_healthy());
+        let young = VfObservation {
+            state_age: Some(SCRUB_STALLED - Duration::from_secs(1)),
+            ..scrubbing.clone()
+        };
+        assert!(evaluate(vf, pf, &young, false).is_healthy());
+        // Pending past any scrub's length: nobody is finishing it.
+        let stalled = VfObservation {
+            state_age: Some(SCRUB_STALLED + Duration::from_secs(1)),
+            ..scrubbing
+        };
+        let health = evaluate(vf, pf, &stalled, false);
+        assert_eq!(
+            health.reasons,
+            [UnhealthyReason::ScrubStalled(
+                SCRUB_STALLED + Duration::from_secs(1)
+            )]
+        );
+        assert_eq!(health.reasons[0].label(), "scrub_stalled");
+        assert_eq!(
+            health.to_string(),
+            "scrub pending for 61 s, longer than a scrub takes (is the agent running?)"
+        );
     }
 
     #[test]

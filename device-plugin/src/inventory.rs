@@ -142,6 +142,8 @@ impl PoolView {
 pub struct StateDir {
     /// State files by VF.
     pub states: BTreeMap<PciAddress, Result<VfState, ParseVfStateError>>,
+    /// How long each `scrub-pending` has been there (the stalled-scrub rule).
+    pub pending_for: BTreeMap<PciAddress, std::time::Duration>,
     /// MAC files by VF.
     pub macs: BTreeMap<PciAddress, String>,
 }
@@ -175,6 +177,11 @@ impl StateDir {
             } else {
                 match vf_state::read_vf_state(dir, address) {
                     Ok(Some(value)) => {
+                        if value == Ok(VfState::ScrubPending)
+                            && let Some(age) = pending_age(dir, address)
+                        {
+                            state.pending_for.insert(address, age);
+                        }
                         state.states.insert(address, value);
                     }
                     Ok(None) => {}
@@ -485,7 +492,7 @@ impl Inventory {
                     None => LinkState::Unknown,
                 };
                 let state_of = state.states.get(&address).cloned();
-                let observation = match &facts {
+                let mut observation = match &facts {
                     Some(facts) => health::probe_vf_fast(
                         &vfio_nodes,
                         &facts.device_dir,
@@ -496,6 +503,7 @@ impl Inventory {
                     // A listed device never seen: read everything.
                     None => health::probe_vf(&self.host, address, link, state_of),
                 };
+                observation.state_age = state.pending_for.get(&address).copied();
                 let health = health::evaluate(address, pf, &observation, pool.allow_no_iommu);
                 view.devices.push(DeviceStatus {
                     address,
@@ -521,7 +529,11 @@ pub fn probe_now(host: &Host, state_dir: &Path, known: &DeviceStatus, allow_no_i
         Ok(state) => state,
         Err(error) => Some(Err(ParseVfStateError(format!("unreadable: {error}")))),
     };
-    let observation = health::probe_vf(host, address, link, state);
+    let pending = state == Some(Ok(VfState::ScrubPending));
+    let mut observation = health::probe_vf(host, address, link, state);
+    if pending {
+        observation.state_age = pending_age(state_dir, address);
+    }
     DeviceStatus {
         address,
         facts: known.facts.clone(),
@@ -529,6 +541,14 @@ pub fn probe_now(host: &Host, state_dir: &Path, known: &DeviceStatus, allow_no_i
         vfio_node: observation.vfio_node,
         mac: vf_state::read_vf_mac(state_dir, address).ok().flatten(),
     }
+}
+
+/// The age of a VF's state file; `None` (no opinion) when it cannot be read.
+fn pending_age(dir: &Path, address: PciAddress) -> Option<std::time::Duration> {
+    vf_state::vf_state_age(dir, address)
+        .inspect_err(|error| tracing::warn!(%address, %error, "cannot read the age of the VF's state file"))
+        .ok()
+        .flatten()
 }
 
 #[cfg(test)]

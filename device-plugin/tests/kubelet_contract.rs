@@ -152,7 +152,20 @@ async fn health_follows_driver_vfio_node_group_link_scrub_and_presence() {
     );
     node.fake.set_driver(other, Some("vfio-pci")).unwrap();
     wait_for(&mut stream, "other VF rebound", |m| is(m, other, HEALTHY)).await;
+    // The same state, written longer ago than any scrub takes: nobody is
+    // finishing it (an agent gone or stuck), and the VF leaves the pool.
+    let long_ago = std::time::SystemTime::now() - vfplane_proto::vf_state::SCRUB_STALLED * 2;
+    fs::File::options()
+        .write(true)
+        .open(node.state_dir().join(vf.to_string()))
+        .and_then(|f| f.set_modified(long_ago))
+        .unwrap();
+    wait_for(&mut stream, "stalled scrub: unhealthy", |m| is(m, vf, UNHEALTHY)).await;
     write_vf_state(&node.state_dir(), vf, None).unwrap();
+    wait_for(&mut stream, "stalled scrub cleared: healthy", |m| {
+        is(m, vf, HEALTHY)
+    })
+    .await;
     // A failed scrub quarantines it.
     write_vf_state(&node.state_dir(), vf, Some(VfState::ScrubFailed)).unwrap();
     wait_for(&mut stream, "scrub failed: unhealthy", |m| is(m, vf, UNHEALTHY)).await;

@@ -6,7 +6,7 @@
 //!
 //! | file | holds | meaning |
 //! |---|---|---|
-//! | `<address>` | one word: `scrub-pending` or `scrub-failed` | the VF is being scrubbed after its container left, or the scrub failed: the plugin reports it Unhealthy. No file: no scrub in progress. |
+//! | `<address>` | one word: `scrub-pending` or `scrub-failed` | the VF is being scrubbed after its container left (the plugin holds an `Allocate` for it until the file goes, and reports the VF Unhealthy only once the word is older than [`SCRUB_STALLED`]: no agent is finishing it), or the scrub failed (Unhealthy: quarantined). No file: no scrub in progress. |
 //! | `<address>.mac` | a MAC address, `aa:bb:cc:dd:ee:ff` | the MAC the agent gave the VF; the plugin puts it in `PCIDEVICE_VFPLANE_IO_<POOL>_INFO` |
 //! | `<address>.handed-out` | the Unix time (seconds) of the `Allocate` | written by the device plugin when it hands the VF to a container: the VF is dirty until the agent scrubs it and removes the file. The plugin refuses to hand out a VF that has one. |
 //!
@@ -100,6 +100,25 @@ pub fn read_vf_state(
 ) -> io::Result<Option<Result<VfState, ParseVfStateError>>> {
     match fs::read_to_string(state_path(dir, address)) {
         Ok(text) => Ok(Some(text.parse())),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// A `scrub-pending` older than this (by its file's modification time) is
+/// a scrub nobody is finishing: a scrub takes about a second and the agent
+/// gives a function reset 10 s, so the agent that wrote it is gone or
+/// stuck.
+pub const SCRUB_STALLED: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// How long a VF's state file has held its word (since it was last
+/// written): `Ok(None)` without a file. A clock step backwards gives zero.
+///
+/// # Errors
+/// I/O errors other than the file not existing.
+pub fn vf_state_age(dir: &Path, address: PciAddress) -> io::Result<Option<std::time::Duration>> {
+    match fs::metadata(state_path(dir, address)) {
+        Ok(meta) => Ok(Some(meta.modified()?.elapsed().unwrap_or_default())),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e),
     }
@@ -279,6 +298,22 @@ mod tests {
             read_vf_state(&dir, addr()).ok(),
             Some(Some(Ok(VfState::ScrubFailed)))
         );
+        let age = vf_state_age(&dir, addr()).ok().flatten();
+        assert!(
+            age.is_some_and(|a| a < std::time::Duration::from_secs(5)),
+            "{age:?}"
+        );
+        let hour_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+        fs::File::options()
+            .write(true)
+            .open(state_path(&dir, addr()))
+            .and_then(|f| f.set_modified(hour_ago))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let age = vf_state_age(&dir, addr()).ok().flatten();
+        assert!(
+            age.is_some_and(|a| a >= std::time::Duration::from_secs(3600)),
+            "{age:?}"
+        );
         write_vf_mac(&dir, addr(), Some("52:54:00:AA:BB:01")).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(
             read_vf_mac(&dir, addr()).ok(),
@@ -288,6 +323,7 @@ mod tests {
         write_vf_state(&dir, addr(), None).unwrap_or_else(|e| panic!("{e}"));
         write_vf_mac(&dir, addr(), None).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(read_vf_state(&dir, addr()).ok(), Some(None));
+        assert_eq!(vf_state_age(&dir, addr()).ok(), Some(None));
         assert_eq!(read_vf_mac(&dir, addr()).ok(), Some(None));
         let leftovers: Vec<_> = fs::read_dir(&dir)
             .map(|d| d.filter_map(Result::ok).map(|e| e.file_name()).collect())
