@@ -104,9 +104,10 @@ pub enum UnhealthyReason {
     },
     /// The agent's scrub failed on the VF: it is quarantined.
     ScrubFailed,
-    /// `scrub-pending` for this long, past [`SCRUB_STALLED`]: nobody is
-    /// finishing the scrub.
-    ScrubStalled(Duration),
+    /// `scrub-pending` for longer than [`SCRUB_STALLED`]: nobody is
+    /// finishing the scrub. (No age here: a reason that changed every probe
+    /// would log the VF as newly unhealthy every probe.)
+    ScrubStalled,
     /// The state file holds a word this plugin does not know.
     UnknownState(String),
     /// sysfs could not be read.
@@ -125,7 +126,7 @@ impl UnhealthyReason {
             Self::NoIommuNotAllowed(_) => "no_iommu_not_allowed",
             Self::PfLinkDown { .. } => "pf_link_down",
             Self::ScrubFailed => "scrub_failed",
-            Self::ScrubStalled(_) => "scrub_stalled",
+            Self::ScrubStalled => "scrub_stalled",
             Self::UnknownState(_) => "unknown_state",
             Self::Unreadable(_) => "unreadable",
         }
@@ -150,10 +151,10 @@ impl fmt::Display for UnhealthyReason {
             ),
             Self::PfLinkDown { pf, netdev } => write!(f, "link of PF {pf} ({netdev}) is down"),
             Self::ScrubFailed => f.write_str("scrub failed (quarantined)"),
-            Self::ScrubStalled(age) => write!(
+            Self::ScrubStalled => write!(
                 f,
-                "scrub pending for {} s, longer than a scrub takes (is the agent running?)",
-                age.as_secs()
+                "scrub pending for over {} s, longer than a scrub takes (is the agent running?)",
+                SCRUB_STALLED.as_secs()
             ),
             Self::UnknownState(word) => write!(f, "unknown VF state {word:?}"),
             Self::Unreadable(what) => write!(f, "cannot read sysfs: {what}"),
@@ -239,13 +240,11 @@ pub fn evaluate(
         });
     }
     match &observation.state {
-        // A running scrub is Allocate's to wait for (module docs).
-        None => {}
-        Some(Ok(VfState::ScrubPending)) => {
-            if let Some(age) = observation.state_age.filter(|age| *age > SCRUB_STALLED) {
-                reasons.push(UnhealthyReason::ScrubStalled(age));
-            }
+        Some(Ok(VfState::ScrubPending)) if observation.state_age.is_some_and(|age| age > SCRUB_STALLED) => {
+            reasons.push(UnhealthyReason::ScrubStalled);
         }
+        // A running scrub is Allocate's to wait for (module docs).
+        None | Some(Ok(VfState::ScrubPending)) => {}
         Some(Ok(VfState::ScrubFailed)) => reasons.push(UnhealthyReason::ScrubFailed),
         Some(Err(error)) => reasons.push(UnhealthyReason::UnknownState(error.0.clone())),
     }
@@ -512,16 +511,11 @@ mod tests {
             ..scrubbing
         };
         let health = evaluate(vf, pf, &stalled, false);
-        assert_eq!(
-            health.reasons,
-            [UnhealthyReason::ScrubStalled(
-                SCRUB_STALLED + Duration::from_secs(1)
-            )]
-        );
+        assert_eq!(health.reasons, [UnhealthyReason::ScrubStalled]);
         assert_eq!(health.reasons[0].label(), "scrub_stalled");
         assert_eq!(
             health.to_string(),
-            "scrub pending for 61 s, longer than a scrub takes (is the agent running?)"
+            "scrub pending for over 60 s, longer than a scrub takes (is the agent running?)"
         );
     }
 
