@@ -413,13 +413,16 @@ impl Scrubber {
     /// can cancel it; the scrub fails instead of the agent stopping, and
     /// no further reset of the VF is started until that one returns.
     fn reset(&self, host: &Host, address: PciAddress) -> Result<(), ScrubError> {
-        if let Some(began) = lock(&self.resets_running).get(&address) {
-            return Err(ScrubError::ResetStillRunning {
-                address,
-                started: began.elapsed(),
-            });
+        {
+            let mut running = lock(&self.resets_running);
+            if let Some(began) = running.get(&address) {
+                return Err(ScrubError::ResetStillRunning {
+                    address,
+                    started: began.elapsed(),
+                });
+            }
+            running.insert(address, Instant::now());
         }
-        lock(&self.resets_running).insert(address, Instant::now());
         let (done, answer) = mpsc::sync_channel(1);
         let host = host.clone();
         let running = Arc::clone(&self.resets_running);

@@ -323,12 +323,7 @@ fn a_pool_whose_pf_is_absent_is_served_empty_and_netdevice_pools_never() {
         "{:?}",
         report.errors
     );
-    let pools: Vec<(&str, Option<usize>)> = report
-        .pools
-        .pools
-        .iter()
-        .map(|p| (p.name.as_str(), p.devices.as_ref().map(Vec::len)))
-        .collect();
+    let pools = pool_sizes(&report);
     assert_eq!(pools, [("gone", Some(0))]);
     let written = report.pools.to_yaml().unwrap();
     assert_eq!(
@@ -341,12 +336,7 @@ fn a_pool_whose_pf_is_absent_is_served_empty_and_netdevice_pools_never() {
     // is reported, not written (the plugin would refuse the whole file).
     let only_named = "spec:\n  pools: [elsewhere, \"Bad Name\"]\n";
     let report = agent.apply(&spec(only_named));
-    let pools: Vec<(&str, Option<usize>)> = report
-        .pools
-        .pools
-        .iter()
-        .map(|p| (p.name.as_str(), p.devices.as_ref().map(Vec::len)))
-        .collect();
+    let pools = pool_sizes(&report);
     assert_eq!(pools, [("elsewhere", Some(0))]);
     assert!(
         report.errors.iter().any(|e| e.contains("Bad Name")),
@@ -497,4 +487,15 @@ fn a_trusted_vf_handed_out_keeps_its_tenants_mac_and_an_untrusted_one_is_repaire
         agent.netlink().get("eth0", 0).unwrap().mac.to_string(),
         "02:00:00:00:00:01"
     );
+}
+
+/// Each written pool's name and how many devices it lists (`None`: by
+/// selector only).
+fn pool_sizes(report: &ApplyReport) -> Vec<(&str, Option<usize>)> {
+    report
+        .pools
+        .pools
+        .iter()
+        .map(|p| (p.name.as_str(), p.devices.as_ref().map(Vec::len)))
+        .collect()
 }
