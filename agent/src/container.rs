@@ -120,10 +120,10 @@ impl ContainerView {
         }
     }
 
-    /// The container's cgroup directory, for a cgroupfs-style path
-    /// (`/kubepods/...`); `None` for systemd's `slice:prefix:name` form.
+    /// The container's cgroup directory, for either cgroup driver's form of
+    /// the path (see [`container_record::cgroup_dir`]).
     fn cgroup_dir(&self, record: &ContainerRecord) -> Option<PathBuf> {
-        container_record::cgroupfs_dir(&self.cgroup_root, record.cgroups_path.as_deref()?)
+        container_record::cgroup_dir(&self.cgroup_root, record.cgroups_path.as_deref()?)
     }
 
     fn alive(&self, record: &ContainerRecord) -> bool {
@@ -208,7 +208,7 @@ impl ContainerView {
             }
             Some(dir) => problems.push(format!("its cgroup {} is not there", dir.display())),
             None => problems.push(format!(
-                "cgroup path {:?} is not a cgroupfs path under the cgroup root",
+                "cgroup path {:?} names no cgroup under the cgroup root",
                 record.cgroups_path.as_deref().unwrap_or("")
             )),
         }

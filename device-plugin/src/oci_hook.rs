@@ -399,7 +399,10 @@ fn own_device(id: &str, pid: i32, device: &str, bundle: &Bundle, proc_root: &Pat
 /// it cannot be found.
 fn container_cgroup(attach: &Attach, cgroups_path: Option<&str>) -> Result<PathBuf, StepError> {
     let path = cgroups_path.ok_or(StepError::NoCgroupsPath)?;
-    let dir = vfplane_proto::container_record::cgroupfs_dir(&attach.cgroup_root, path)
+    if path.contains(':') {
+        return Err(StepError::NotCgroupfs(path.to_owned()));
+    }
+    let dir = vfplane_proto::container_record::cgroup_dir(&attach.cgroup_root, path)
         .ok_or_else(|| StepError::NotCgroupfs(path.to_owned()))?;
     if !dir.is_dir() {
         return Err(StepError::NoCgroup(dir));

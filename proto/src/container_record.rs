@@ -55,14 +55,66 @@ pub struct ContainerRecord {
 }
 
 /// The directory of a container's cgroup under the cgroup v2 mount `root`,
-/// for a cgroupfs-style `linux.cgroupsPath` (`/kubepods/...`, the kubelet's
-/// `cgroupfs` driver); `None` for systemd's `slice:prefix:name` form or a
-/// relative path.
-pub fn cgroupfs_dir(root: &Path, cgroups_path: &str) -> Option<PathBuf> {
-    if cgroups_path.contains(':') || !cgroups_path.starts_with('/') {
+/// for either form of `linux.cgroupsPath`:
+/// - the `cgroupfs` driver's absolute path (`/kubepods/burstable/pod<uid>/<id>`);
+/// - the `systemd` driver's `slice:prefix:name`
+///   (`kubepods-burstable-pod<uid>.slice:cri-containerd:<id>`), which is the
+///   scope `<prefix>-<name>.scope` inside the slice, each dash of a slice's
+///   name one level down (`kubepods.slice/kubepods-burstable.slice/...`), as
+///   systemd lays slices out.
+///
+/// `None` for a relative path or a systemd form that names no unit.
+pub fn cgroup_dir(root: &Path, cgroups_path: &str) -> Option<PathBuf> {
+    if !cgroups_path.contains(':') {
+        if !cgroups_path.starts_with('/') {
+            return None;
+        }
+        return Some(root.join(cgroups_path.trim_start_matches('/')));
+    }
+    let mut parts = cgroups_path.split(':');
+    let (Some(slice), Some(prefix), Some(name), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return None;
+    };
+    if name.is_empty() || name.contains('/') || prefix.contains('/') {
         return None;
     }
-    Some(root.join(cgroups_path.trim_start_matches('/')))
+    let unit = if name.ends_with(".slice") {
+        name.to_owned()
+    } else if prefix.is_empty() {
+        format!("{name}.scope")
+    } else {
+        format!("{prefix}-{name}.scope")
+    };
+    let slice = if slice.is_empty() { "system.slice" } else { slice };
+    Some(root.join(systemd_slice_path(slice)?).join(unit))
+}
+
+/// `a-b-c.slice` -> `a.slice/a-b.slice/a-b-c.slice`; `-.slice` is the root.
+fn systemd_slice_path(slice: &str) -> Option<PathBuf> {
+    let stem = slice.strip_suffix(".slice")?;
+    if stem == "-" {
+        return Some(PathBuf::new());
+    }
+    if stem.is_empty()
+        || stem.contains('/')
+        || stem.starts_with('-')
+        || stem.ends_with('-')
+        || stem.contains("--")
+    {
+        return None;
+    }
+    let mut path = PathBuf::new();
+    let mut name = String::new();
+    for part in stem.split('-') {
+        if !name.is_empty() {
+            name.push('-');
+        }
+        name.push_str(part);
+        path.push(format!("{name}.slice"));
+    }
+    Some(path)
 }
 
 /// `<dir>/<id>.json`.
@@ -140,6 +192,49 @@ pub fn read_records(dir: &Path) -> io::Result<(Vec<ContainerRecord>, Vec<PathBuf
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn both_drivers_cgroup_paths_name_their_directory() {
+        let root = Path::new("/sys/fs/cgroup");
+        assert_eq!(
+            cgroup_dir(root, "/kubepods/burstable/podu1/c1"),
+            Some(PathBuf::from("/sys/fs/cgroup/kubepods/burstable/podu1/c1"))
+        );
+        assert_eq!(
+            cgroup_dir(root, "kubepods-burstable-podu1.slice:cri-containerd:c1"),
+            Some(PathBuf::from(
+                "/sys/fs/cgroup/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-podu1.slice/cri-containerd-c1.scope"
+            ))
+        );
+        // A Guaranteed pod's slice is one level under kubepods.slice.
+        assert_eq!(
+            cgroup_dir(root, "kubepods-podu2.slice:cri-containerd:c2"),
+            Some(PathBuf::from(
+                "/sys/fs/cgroup/kubepods.slice/kubepods-podu2.slice/cri-containerd-c2.scope"
+            ))
+        );
+        assert_eq!(
+            cgroup_dir(root, ":runc:c3"),
+            Some(PathBuf::from("/sys/fs/cgroup/system.slice/runc-c3.scope")),
+            "no slice: system.slice"
+        );
+        assert_eq!(
+            cgroup_dir(root, "-.slice::c4"),
+            Some(PathBuf::from("/sys/fs/cgroup/c4.scope")),
+            "the root slice, no prefix"
+        );
+        for refused in [
+            "kubepods/c1",
+            "kubepods.slice:cri-containerd",
+            "a--b.slice:p:c",
+            "-a.slice:p:c",
+            "kubepods:p:c",
+            "kubepods.slice:p:../c",
+            "a:b:c:d",
+        ] {
+            assert_eq!(cgroup_dir(root, refused), None, "{refused}");
+        }
+    }
 
     #[test]
     fn records_round_trip_and_bad_files_are_named() {

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand};
-use xtask::testbed::{GuestOptions, Testbed, Topology};
+use xtask::testbed::{GuestInit, GuestOptions, Testbed, Topology};
 
 #[derive(Debug, Parser)]
 #[command(name = "cargo xtask")]
@@ -176,6 +176,11 @@ enum ClusterCommand {
         /// A shell script the node runs once kubelet has started.
         #[arg(long)]
         node_script: Option<PathBuf>,
+        /// The node: `systemd` (systemd as init, the systemd cgroup driver,
+        /// the kubelet's CPU, memory and topology managers, hugepages) or
+        /// `minimal` (busybox as init, cgroupfs, no managers).
+        #[arg(long, value_enum, default_value_t)]
+        node_profile: xtask::cluster::NodeProfile,
     },
 }
 
@@ -199,6 +204,11 @@ struct GuestArgs {
     /// Kill the guest after this many seconds.
     #[arg(long, default_value_t = 300)]
     timeout: u64,
+    /// PID 1: `busybox` from the initramfs, or `systemd` on the Debian
+    /// root image (the cluster's node chooses its own: see
+    /// --node-profile).
+    #[arg(long, value_enum, default_value_t)]
+    init: GuestInit,
 }
 
 impl GuestArgs {
@@ -214,6 +224,7 @@ impl GuestArgs {
             },
             kernel_vf_driver: self.kernel_vf_driver,
             timeout: Duration::from_secs(self.timeout),
+            init: self.init,
             ..GuestOptions::default()
         }
     }
@@ -396,12 +407,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     guest,
                     hold,
                     node_script,
+                    node_profile,
                 },
         } => {
             let node_extra = node_script
                 .map(|p| std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display())))
                 .transpose()?;
-            cluster_up(&guest, hold, node_extra)
+            cluster_up(&guest, hold, node_extra, node_profile)
         }
         Command::Helm => {
             let report = xtask::helm::run(&xtask::testbed::workspace_root())?;
@@ -539,9 +551,15 @@ fn run_demo(begun: Instant) -> Result<ExitCode> {
 }
 
 /// `cargo xtask cluster up`: the cluster until interrupted.
-fn cluster_up(guest: &GuestArgs, hold: Option<u64>, node_extra: Option<String>) -> Result<ExitCode> {
+fn cluster_up(
+    guest: &GuestArgs,
+    hold: Option<u64>,
+    node_extra: Option<String>,
+    node_profile: xtask::cluster::NodeProfile,
+) -> Result<ExitCode> {
     let testbed = Testbed::prepare()?;
     let options = xtask::cluster::ClusterOptions {
+        node_profile,
         guest: guest.options(),
         node_extra,
     };

@@ -177,19 +177,45 @@ fn a_vf_nobody_holds_shows_no_container_and_records_of_gone_containers_are_remov
 }
 
 #[test]
-fn a_systemd_cgroup_path_is_named_as_unreadable() {
+fn a_systemd_cgroup_path_is_read_from_its_scope_in_the_slices() {
+    let node = node("67108864");
+    // The systemd driver's form: the scope sits in the pod's slice, each
+    // dash of the slice's name one level down.
+    let scope = node.view.cgroup_root.join(
+        "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-podu1.slice/cri-containerd-c1.scope",
+    );
+    fs::create_dir_all(scope.parent().unwrap()).unwrap();
+    fs::rename(node.view.cgroup_root.join(CGROUP.trim_start_matches('/')), &scope).unwrap();
+    fs::write(scope.join("memory.max"), "268435456\n").unwrap();
+    // The pod's slice bounds its tasks, as the pod's cgroup does above.
+    fs::write(scope.parent().unwrap().join("pids.max"), "1024\n").unwrap();
+    let mut record = read_records(&node.view.records_dir).unwrap().0.remove(0);
+    record.cgroups_path = Some("kubepods-besteffort-podu1.slice:cri-containerd:c1".to_owned());
+    write_record(&node.view.records_dir, &record).unwrap();
+    let mut status = status();
+    node.view.annotate(&mut status, &owners(), &pools());
+    let container = status.pfs[0].vfs[0].container.clone().unwrap();
+    assert_eq!(container.problems, Vec::<String>::new());
+    assert_eq!(
+        container.memory_max.as_deref(),
+        Some("268435456"),
+        "read from the scope"
+    );
+    assert_eq!(container.cpus.as_deref(), Some("0-1"));
+}
+
+#[test]
+fn a_cgroup_path_that_names_no_cgroup_is_a_problem() {
     let node = node("67108864");
     let mut record = read_records(&node.view.records_dir).unwrap().0.remove(0);
-    record.cgroups_path = Some("kubepods-besteffort.slice:cri-containerd:c1".to_owned());
+    record.cgroups_path = Some("kubepods.slice:cri-containerd".to_owned());
     write_record(&node.view.records_dir, &record).unwrap();
     let mut status = status();
     node.view.annotate(&mut status, &owners(), &pools());
     let container = status.pfs[0].vfs[0].container.clone().unwrap();
     assert_eq!(
         container.problems,
-        [
-            "cgroup path \"kubepods-besteffort.slice:cri-containerd:c1\" is not a cgroupfs path under the cgroup root"
-        ]
+        ["cgroup path \"kubepods.slice:cri-containerd\" names no cgroup under the cgroup root"]
     );
 }
 

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::testbed::{GuestOptions, MAX_GUEST_MEMORY_MIB, MGMT_MAC, RunningGuest, Testbed};
+use crate::testbed::{GuestInit, GuestOptions, MAX_GUEST_MEMORY_MIB, MGMT_MAC, RunningGuest, Testbed};
 pub use binaries::GoBinaries;
 pub use netns::Netns;
 use pki::{ClusterPki, PkiNames};
@@ -49,9 +49,46 @@ const TAP: &str = "vfpk0";
 
 const NODE_SCRIPT: &str = include_str!("node.sh");
 
+/// How the node is built and configured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum NodeProfile {
+    /// A node as production runs it: Debian with systemd as PID 1,
+    /// containerd and the kubelet as systemd units, the systemd cgroup
+    /// driver, the static CPU manager (CPU 0 reserved), the Topology
+    /// Manager (`single-numa-node`), the Static memory manager and 2 MiB
+    /// hugepages.
+    Systemd,
+    /// busybox as init, containerd and the kubelet kept alive by shell
+    /// loops, the cgroupfs driver, no CPU, memory or topology manager.
+    /// The default until vfplane's container limits work on the systemd
+    /// driver.
+    #[default]
+    Minimal,
+}
+
+impl NodeProfile {
+    /// How the guest boots for this profile.
+    pub fn init(self) -> GuestInit {
+        match self {
+            Self::Systemd => GuestInit::Systemd,
+            Self::Minimal => GuestInit::Busybox,
+        }
+    }
+
+    /// The profile's name on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Systemd => "systemd",
+            Self::Minimal => "minimal",
+        }
+    }
+}
+
 /// What kind of cluster to start.
 #[derive(Debug, Clone, Default)]
 pub struct ClusterOptions {
+    /// How the node is built and configured.
+    pub node_profile: NodeProfile,
     /// The guest: VFs at boot, memory, CPUs, NUMA topology. The cluster
     /// sets the namespace, the management NIC and the root itself, and
     /// raises memory to the testbed's most.
@@ -351,8 +388,14 @@ impl Cluster {
         let text_files = [
             ("var/lib/kubelet/kubeconfig", kubelet_kubeconfig),
             ("var/lib/kube-proxy/kubeconfig", kube_proxy_kubeconfig),
-            ("var/lib/kubelet/config.yaml", kubelet_config()),
-            ("etc/containerd/config.toml", containerd_config()),
+            (
+                "var/lib/kubelet/config.yaml",
+                kubelet_config(options.node_profile),
+            ),
+            (
+                "etc/containerd/config.toml",
+                containerd_config(options.node_profile),
+            ),
             ("etc/cni/net.d/10-vfplane.conflist", cni_config()),
             (
                 "etc/vfplane/node.env",
@@ -376,8 +419,10 @@ impl Cluster {
         guest_options.memory_mib = guest_options.memory_mib.max(MAX_GUEST_MEMORY_MIB);
         guest_options.netns = Some(cluster.netns.name().to_owned());
         guest_options.tap = Some(TAP.to_owned());
-        guest_options.root_on_tmpfs = true;
-        guest_options.node_modules = true;
+        guest_options.init = options.node_profile.init();
+        // The systemd node has a disk and loads its modules itself.
+        guest_options.root_on_tmpfs = options.node_profile == NodeProfile::Minimal;
+        guest_options.node_modules = options.node_profile == NodeProfile::Minimal;
         guest_options.files.extend(files);
         let guest = testbed.start(NODE_SCRIPT, &guest_options)?;
         // Pods and Services are reached through the node.
@@ -766,11 +811,39 @@ fn run_dir(workspace: &Path) -> Result<PathBuf> {
     Ok(dir)
 }
 
-/// The kubelet's configuration: cgroupfs on cgroup v2, containerd's
-/// socket, x509 and webhook authentication, thresholds that fit a guest
-/// whose root is a tmpfs, a 2 s cap on container restart backoff, node
-/// status computed every 500 ms and posted when it changes.
-fn kubelet_config() -> String {
+/// The memory the systemd node's kubelet keeps for the system beside the
+/// hard eviction threshold (64 MiB); the Static memory manager takes their
+/// sum off NUMA node 0.
+const SYSTEM_RESERVED_MEMORY_MIB: u32 = 192;
+/// See [`SYSTEM_RESERVED_MEMORY_MIB`].
+const EVICTION_HARD_MEMORY_MIB: u32 = 64;
+
+/// The kubelet's configuration: containerd's socket, x509 and webhook
+/// authentication, thresholds that fit the guest, a 2 s cap on container
+/// restart backoff, node status computed every 500 ms and posted when it
+/// changes. The systemd profile adds what its users run: the systemd
+/// cgroup driver, the static CPU manager with CPU 0 reserved for the
+/// system, the Topology Manager's `single-numa-node` policy and the Static
+/// memory manager; the minimal one keeps cgroupfs and no managers.
+fn kubelet_config(profile: NodeProfile) -> String {
+    let managers = match profile {
+        NodeProfile::Systemd => format!(
+            r#"cgroupDriver: systemd
+cpuManagerPolicy: static
+reservedSystemCPUs: "0"
+topologyManagerPolicy: single-numa-node
+memoryManagerPolicy: Static
+systemReserved:
+  memory: {SYSTEM_RESERVED_MEMORY_MIB}Mi
+reservedMemory:
+  - numaNode: 0
+    limits:
+      memory: {}Mi
+"#,
+            SYSTEM_RESERVED_MEMORY_MIB + EVICTION_HARD_MEMORY_MIB
+        ),
+        NodeProfile::Minimal => "cgroupDriver: cgroupfs\n".to_owned(),
+    };
     format!(
         r#"apiVersion: kubelet.config.k8s.io/v1beta1
 kind: KubeletConfiguration
@@ -783,8 +856,7 @@ authentication:
     clientCAFile: /var/lib/kubelet/pki/ca.crt
 authorization:
   mode: Webhook
-cgroupDriver: cgroupfs
-containerRuntimeEndpoint: unix:///run/containerd/containerd.sock
+{managers}containerRuntimeEndpoint: unix:///run/containerd/containerd.sock
 tlsCertFile: /var/lib/kubelet/pki/kubelet.crt
 tlsPrivateKeyFile: /var/lib/kubelet/pki/kubelet.key
 failSwapOn: false
@@ -793,7 +865,7 @@ podCIDR: {POD_CIDR}
 maxPods: 32
 serializeImagePulls: false
 evictionHard:
-  memory.available: 64Mi
+  memory.available: {EVICTION_HARD_MEMORY_MIB}Mi
   nodefs.available: 1%
   nodefs.inodesFree: 1%
   imagefs.available: 1%
@@ -817,9 +889,15 @@ nodeStatusReportFrequency: 5m
     )
 }
 
-/// containerd 2's configuration: CRI with CDI on, runc from the initramfs,
-/// overlayfs, our pause image pinned, CNI from /opt/cni/bin.
-fn containerd_config() -> String {
+/// containerd 2's configuration: CRI with CDI on, runc (Debian's, from the
+/// root image on the systemd node, from the initramfs on the minimal one)
+/// with the profile's cgroup driver, overlayfs, our pause image pinned, CNI
+/// from /opt/cni/bin.
+fn containerd_config(profile: NodeProfile) -> String {
+    let (runc, systemd_cgroup) = match profile {
+        NodeProfile::Systemd => ("/usr/sbin/runc", true),
+        NodeProfile::Minimal => ("/usr/bin/runc", false),
+    };
     format!(
         r#"version = 3
 root = "/var/lib/containerd"
@@ -842,14 +920,14 @@ state = "/run/containerd"
   runtime_type = "io.containerd.runc.v2"
 
 [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc.options]
-  BinaryName = "/usr/bin/runc"
-  SystemdCgroup = false
+  BinaryName = "{runc}"
+  SystemdCgroup = {systemd_cgroup}
 
 [plugins.'io.containerd.cri.v1.runtime'.cni]
   bin_dirs = ["/opt/cni/bin"]
   conf_dir = "/etc/cni/net.d"
 "#,
-        images::PAUSE_IMAGE
+        images::PAUSE_IMAGE,
     )
 }
 

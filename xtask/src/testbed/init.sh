@@ -1,10 +1,34 @@
 #!/bin/busybox sh
 # /init of the vfplane testbed guest. The console (ttyS0) carries the
 # kernel's messages; the script's output goes to ttyS1, which the host reads.
-# With VFPLANE_TESTBED_ROOT_ON_TMPFS=1, the first pass copies the initramfs
-# onto a tmpfs and makes that the root (switch_root frees the initramfs):
-# container runtimes cannot pivot_root out of an initramfs. The second pass
-# (this same file, on the new root) goes on as usual.
+#
+# Three ways to boot, chosen by /etc/vfplane/testbed.env:
+# - VFPLANE_TESTBED_INIT=systemd: the root is the Debian image on the
+#   virtio disk (/dev/vda). This init loads the disk's modules, mounts it,
+#   copies the run's files (/overlay in the initramfs) onto it and hands
+#   over to systemd, whose vfplane-testbed unit runs the stage.
+# - VFPLANE_TESTBED_ROOT_ON_TMPFS=1: the first pass copies the initramfs
+#   onto a tmpfs and makes that the root (switch_root frees the
+#   initramfs): container runtimes cannot pivot_root out of an initramfs.
+#   The second pass (this same file, on the new root) goes on as usual.
+# - otherwise busybox runs everything from the initramfs.
+if /bin/busybox grep -q '^VFPLANE_TESTBED_INIT=systemd' /etc/vfplane/testbed.env; then
+  /bin/busybox --install -s /bin
+  mkdir -p /proc /sys /dev /newroot
+  mount -t proc proc /proc
+  mount -t sysfs sysfs /sys
+  mount -t devtmpfs devtmpfs /dev
+  fail() { echo "testbed: $*" > /dev/ttyS1; echo "VFPLANE-TESTBED-EXIT 125" > /dev/ttyS1; poweroff -f; }
+  for m in $(cat /etc/vfplane/root-modules); do
+    insmod "/lib/modules/vfplane/$m" || fail "insmod $m failed"
+  done
+  i=0
+  while [ ! -b /dev/vda ] && [ "$i" -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
+  mount -t ext4 /dev/vda /newroot || fail "cannot mount the root disk /dev/vda"
+  cp -a /overlay/. /newroot/ || fail "cannot copy the run's files onto the root disk"
+  umount /proc /sys /dev
+  exec switch_root /newroot /sbin/init
+fi
 if [ -z "$VFPLANE_ROOT_MOVED" ] && /bin/busybox grep -q '^VFPLANE_TESTBED_ROOT_ON_TMPFS=1' /etc/vfplane/testbed.env; then
   /bin/busybox mkdir -p /newroot
   /bin/busybox mount -t tmpfs -o size=80%,mode=755 tmpfs /newroot
@@ -51,30 +75,4 @@ if [ "$VFPLANE_TESTBED_NODE_MODULES" = 1 ]; then
   done
 fi
 
-ip link set lo up
-# Every PF's interface up: the VF data path needs the PF's RX/TX enabled.
-for pf in /sys/bus/pci/devices/*; do
-  [ -f "$pf/sriov_totalvfs" ] || continue
-  for net in "$pf"/net/*; do
-    [ -e "$net" ] || continue
-    ip link set "${net##*/}" up
-    # The link comes up after auto-negotiation; scripts start with carrier.
-    i=0
-    while [ "$(cat "$net/carrier" 2>/dev/null)" != 1 ] && [ "$i" -lt 100 ]; do
-      sleep 0.1; i=$((i + 1))
-    done
-    [ "$i" -lt 100 ] || echo "testbed: ${net##*/} has no carrier after 10 s" > $out
-  done
-  if [ "${VFPLANE_TESTBED_VFS:-0}" -gt 0 ]; then
-    echo "$VFPLANE_TESTBED_VFS" > "$pf/sriov_numvfs" || echo "testbed: cannot make $VFPLANE_TESTBED_VFS VFs on ${pf##*/}" > $out
-  fi
-done
-ulimit -l unlimited
-
-echo "VFPLANE-TESTBED-START" > $out
-cd /root
-sh /etc/vfplane/script < /dev/null > $out 2>&1
-rc=$?
-echo "VFPLANE-TESTBED-EXIT $rc" > $out
-sync
-poweroff -f
+. /etc/vfplane/stage.sh

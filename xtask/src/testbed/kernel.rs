@@ -43,9 +43,16 @@ pub const NODE_MODULES: &[&str] = &[
     "virtio_net",
 ];
 
+/// Modules the systemd node's initramfs loads to mount its root disk (a
+/// virtio disk holding ext4, whose metadata checksums ask the crypto API
+/// for "crc32c").
+pub const ROOT_MODULES: &[&str] = &["crc32c_generic", "virtio_blk", "ext4"];
+
 /// A kernel ready to boot: its image and its modules in load order.
 #[derive(Debug, Clone)]
 pub struct GuestKernel {
+    /// The Debian package it came from (`linux-image-6.12.95+deb12-amd64`).
+    pub package: String,
     /// Kernel release (`6.12.95+deb12-amd64`).
     pub release: String,
     /// The bzImage.
@@ -56,6 +63,8 @@ pub struct GuestKernel {
     pub optional_modules: Vec<PathBuf>,
     /// Decompressed [`NODE_MODULES`] (and any dependency not loaded at boot), in load order.
     pub node_modules: Vec<PathBuf>,
+    /// Decompressed [`ROOT_MODULES`] and their dependencies, in load order.
+    pub root_modules: Vec<PathBuf>,
 }
 
 /// Makes sure the kernel is cached in `cache` and returns it.
@@ -65,7 +74,7 @@ pub struct GuestKernel {
 pub fn ensure(cache: &Path) -> Result<GuestKernel> {
     // The stamp records the module lists: a changed list refetches.
     let stamp = cache.join("READY");
-    let wanted = format!("{BOOT_MODULES:?}\n{OPTIONAL_MODULES:?}\n{NODE_MODULES:?}\n");
+    let wanted = format!("{BOOT_MODULES:?}\n{OPTIONAL_MODULES:?}\n{NODE_MODULES:?}\n{ROOT_MODULES:?}\n");
     if fs::read_to_string(&stamp).ok().as_deref() != Some(wanted.as_str()) {
         fetch(cache)?;
         fs::write(&stamp, wanted)?;
@@ -87,6 +96,8 @@ fn load(cache: &Path) -> Result<GuestKernel> {
         boot_modules: read_list("boot-modules")?,
         optional_modules: read_list("optional-modules")?,
         node_modules: read_list("node-modules")?,
+        root_modules: read_list("root-modules")?,
+        package: fs::read_to_string(cache.join("package"))?.trim().to_owned(),
         release,
     })
 }
@@ -165,7 +176,9 @@ fn fetch(cache: &Path) -> Result<()> {
     let already: BTreeSet<String> = boot_order.iter().cloned().collect();
     let optional_order = load_order(&deps, OPTIONAL_MODULES, &already)?;
     let node_order = load_order(&deps, NODE_MODULES, &already)?;
-    for list in [&boot_order, &optional_order, &node_order] {
+    // The root disk's modules load before anything else, on their own.
+    let root_order = load_order(&deps, ROOT_MODULES, &BTreeSet::new())?;
+    for list in [&boot_order, &optional_order, &node_order, &root_order] {
         for path in list {
             decompress(&modules_dir.join(path), &out.join(module_file_name(path)))?;
         }
@@ -178,6 +191,8 @@ fn fetch(cache: &Path) -> Result<()> {
     fs::write(cache.join("boot-modules"), names(&boot_order))?;
     fs::write(cache.join("optional-modules"), names(&optional_order))?;
     fs::write(cache.join("node-modules"), names(&node_order))?;
+    fs::write(cache.join("root-modules"), names(&root_order))?;
+    fs::write(cache.join("package"), format!("{package}\n"))?;
     fs::write(cache.join("release"), format!("{release}\n"))?;
     fs::remove_dir_all(&download)?;
     Ok(())

@@ -14,6 +14,7 @@
 mod cpio;
 pub mod insns;
 mod kernel;
+mod rootfs;
 pub mod wire;
 
 use std::fs::{self, File};
@@ -27,9 +28,11 @@ use anyhow::{Context as _, Result, bail, ensure};
 
 pub use cpio::CpioArchive;
 pub use kernel::GuestKernel;
+pub use rootfs::NodeRootfs;
 pub use wire::Wire;
 
 const INIT_SCRIPT: &str = include_str!("init.sh");
+const STAGE_SCRIPT: &str = include_str!("stage.sh");
 const START_MARKER: &str = "VFPLANE-TESTBED-START";
 const EXIT_MARKER: &str = "VFPLANE-TESTBED-EXIT ";
 
@@ -39,8 +42,9 @@ pub enum Topology {
     /// One igb PF at 0000:00:02.0 on the root bus (NUMA node unknown).
     #[default]
     SinglePf,
-    /// Two NUMA nodes with one CPU each, a PF on each: 0000:00:02.0 behind
-    /// nothing (node unknown) and 0000:21:00.0 behind a pxb-pcie on node 1.
+    /// Two NUMA nodes, the CPUs split between them (node 0 takes the odd
+    /// one), a PF on each: 0000:00:02.0 behind nothing (node unknown) and
+    /// 0000:21:00.0 behind a pxb-pcie on node 1.
     TwoNumaNodes,
     /// One igb PF at 0000:01:00.0 behind a PCIe root port without ACS
     /// (`disable-acs=on`): the kernel cannot tell the devices below the
@@ -60,6 +64,20 @@ impl Topology {
             Self::TwoNumaNodes => 2,
         }
     }
+}
+
+/// What the guest runs as PID 1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum GuestInit {
+    /// busybox from the initramfs: the script runs straight after the
+    /// kernel's drivers load (about 5 s to the script).
+    #[default]
+    Busybox,
+    /// systemd, on the Debian root image (see [`NodeRootfs`]) booted from a
+    /// virtio disk: a node as production runs it, with D-Bus and udev. The
+    /// run's files are copied onto the disk's root before systemd starts,
+    /// and the `vfplane-testbed` unit runs the script.
+    Systemd,
 }
 
 /// What kind of acceleration QEMU uses.
@@ -127,6 +145,8 @@ pub struct GuestOptions {
     /// programs mark are read with [`RunningGuest::instruction_spans`].
     /// Needs `single_threaded_tcg` false (see [`Testbed::start`]'s errors).
     pub count_instructions: bool,
+    /// What runs as PID 1.
+    pub init: GuestInit,
 }
 
 /// 2 MiB hugepages a guest reserves unless told otherwise: 64 MiB, room
@@ -162,6 +182,7 @@ impl Default for GuestOptions {
             single_threaded_tcg: true,
             extra_devices: Vec::new(),
             count_instructions: false,
+            init: GuestInit::Busybox,
         }
     }
 }
@@ -175,6 +196,8 @@ pub struct Testbed {
     base_initrd: PathBuf,
     binaries: Vec<PathBuf>,
     accel: Accel,
+    /// The systemd node's root image, built on first use.
+    node_rootfs: std::sync::OnceLock<NodeRootfs>,
 }
 
 /// The host side of one PF's link: datagrams sent to 127.0.0.1:`guest_port`
@@ -291,7 +314,27 @@ impl Testbed {
             base_initrd,
             binaries,
             accel,
+            node_rootfs: std::sync::OnceLock::new(),
         })
+    }
+
+    /// The systemd node's root image, built (once, cached outside the work
+    /// tree) when first asked for.
+    ///
+    /// # Errors
+    /// When the image cannot be built (see [`rootfs::ensure`]).
+    pub fn node_rootfs(&self) -> Result<&NodeRootfs> {
+        if let Some(rootfs) = self.node_rootfs.get() {
+            return Ok(rootfs);
+        }
+        let cache = crate::cluster::binaries::cache_root().join("node-rootfs");
+        fs::create_dir_all(&cache)?;
+        let lock = File::create(cache.join(".lock"))?;
+        lock.lock().context("locking the node root image cache")?;
+        let built =
+            rootfs::ensure(&cache, &self.kernel).context("preparing the systemd node's root image")?;
+        drop(lock);
+        Ok(self.node_rootfs.get_or_init(|| built))
     }
 
     /// The binaries that are on the guest's PATH.
@@ -328,33 +371,53 @@ impl Testbed {
                 options.memory_mib
             );
         }
+        let root_image = match options.init {
+            GuestInit::Busybox => None,
+            GuestInit::Systemd => Some(self.node_rootfs()?.image.clone()),
+        };
         let run_dir = tempdir_in(&self.dir.join("runs"))?;
         let initrd = run_dir.join(RUN_INITRD);
         let mut bytes = fs::read(&self.base_initrd)?;
         let mut run = CpioArchive::new();
-        run.dir("usr", 0o755);
-        run.dir("usr/local", 0o755);
-        run.dir("usr/local/bin", 0o755);
+        let env = format!(
+            "VFPLANE_TESTBED_VFS={}\nVFPLANE_TESTBED_KERNEL_VF_DRIVER={}\n\
+             VFPLANE_TESTBED_ROOT_ON_TMPFS={}\nVFPLANE_TESTBED_NODE_MODULES={}\n\
+             VFPLANE_TESTBED_INIT={}\n",
+            options.vfs,
+            u8::from(options.kernel_vf_driver),
+            u8::from(options.root_on_tmpfs),
+            u8::from(options.node_modules),
+            match options.init {
+                GuestInit::Busybox => "busybox",
+                GuestInit::Systemd => "systemd",
+            },
+        );
+        run.file("etc/vfplane/testbed.env", 0o644, env.as_bytes());
+        // On the systemd node the run's files go onto the disk's root: the
+        // initramfs holds them under overlay/ until /init copies them.
+        let prefix = match options.init {
+            GuestInit::Busybox => "",
+            GuestInit::Systemd => "overlay/",
+        };
+        let mut add = |path: &str, mode: u32, contents: &[u8]| {
+            let path = format!("{prefix}{}", path.trim_start_matches('/'));
+            run.parents(&path);
+            run.file(&path, mode, contents);
+        };
         for binary in &self.binaries {
             let name = binary
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default();
-            run.file(&format!("usr/local/bin/{name}"), 0o755, &fs::read(binary)?);
+            add(&format!("usr/local/bin/{name}"), 0o755, &fs::read(binary)?);
         }
-        run.file("etc/vfplane/script", 0o755, script.as_bytes());
-        let env = format!(
-            "VFPLANE_TESTBED_VFS={}\nVFPLANE_TESTBED_KERNEL_VF_DRIVER={}\n\
-             VFPLANE_TESTBED_ROOT_ON_TMPFS={}\nVFPLANE_TESTBED_NODE_MODULES={}\n",
-            options.vfs,
-            u8::from(options.kernel_vf_driver),
-            u8::from(options.root_on_tmpfs),
-            u8::from(options.node_modules),
-        );
-        run.file("etc/vfplane/testbed.env", 0o644, env.as_bytes());
+        add("etc/vfplane/script", 0o755, script.as_bytes());
+        if options.init == GuestInit::Systemd {
+            add("etc/vfplane/testbed.env", 0o644, env.as_bytes());
+            add("etc/vfplane/stage.sh", 0o644, STAGE_SCRIPT.as_bytes());
+        }
         for (path, contents, mode) in &options.files {
-            run.parents(path);
-            run.file(path, *mode, contents);
+            add(path, *mode, contents);
         }
         bytes.extend_from_slice(&run.finish());
         fs::write(&initrd, bytes)?;
@@ -457,11 +520,21 @@ impl Testbed {
                 let half = options.memory_mib / 2;
                 qemu.args(["-object", &format!("memory-backend-ram,id=m0,size={half}M")]);
                 qemu.args(["-object", &format!("memory-backend-ram,id=m1,size={half}M")]);
+                // The CPUs split in halves, node 0 taking the odd one.
+                let cpus = options.cpus.max(2);
+                let first = cpus.div_ceil(2);
+                let range = |from: u32, to: u32| {
+                    if from == to {
+                        from.to_string()
+                    } else {
+                        format!("{from}-{to}")
+                    }
+                };
                 qemu.args([
                     "-numa",
-                    "node,nodeid=0,cpus=0,memdev=m0",
+                    &format!("node,nodeid=0,cpus={},memdev=m0", range(0, first - 1)),
                     "-numa",
-                    "node,nodeid=1,cpus=1,memdev=m1",
+                    &format!("node,nodeid=1,cpus={},memdev=m1", range(first, cpus - 1)),
                 ]);
                 qemu.args(["-device", "intel-iommu,intremap=on,caching-mode=on"]);
                 qemu.args(["-device", "igb,netdev=n0,bus=pcie.0,addr=2"]);
@@ -480,6 +553,20 @@ impl Testbed {
         }
         for arg in &netdev_args {
             qemu.arg("-netdev").arg(arg);
+        }
+        if let Some(image) = &root_image {
+            // snapshot=on: the guest's writes go to a temporary overlay,
+            // so every boot starts from the same image. A fixed slot clear
+            // of the PFs, their VFs and the management NIC (0x8).
+            qemu.args([
+                "-drive",
+                &format!(
+                    "file={},if=none,id=rootdisk,format=raw,snapshot=on",
+                    image.display()
+                ),
+                "-device",
+                "virtio-blk-pci,drive=rootdisk,bus=pcie.0,addr=0x7",
+            ]);
         }
         qemu.arg("-kernel").arg(&self.kernel.vmlinuz);
         qemu.arg("-initrd").arg(&initrd);
@@ -946,6 +1033,7 @@ fn build_base_initrd(kernel: &GuestKernel, path: &Path) -> Result<()> {
     );
     archive.symlink("bin/sh", "busybox");
     archive.file("init", 0o755, INIT_SCRIPT.as_bytes());
+    archive.file("etc/vfplane/stage.sh", 0o644, STAGE_SCRIPT.as_bytes());
     archive.file("etc/passwd", 0o644, b"root:x:0:0:root:/root:/bin/sh\n");
     archive.file("etc/group", 0o644, b"root:x:0:\n");
     let names = |list: &[PathBuf], file: &str, archive: &mut CpioArchive| -> Result<()> {
@@ -969,6 +1057,7 @@ fn build_base_initrd(kernel: &GuestKernel, path: &Path) -> Result<()> {
         &mut archive,
     )?;
     names(&kernel.node_modules, "etc/vfplane/node-modules", &mut archive)?;
+    names(&kernel.root_modules, "etc/vfplane/root-modules", &mut archive)?;
     // Host programs the guest runs, with the shared libraries `ldd` names:
     // runc for containers, nft for kube-proxy's nftables mode.
     let mut libraries = std::collections::BTreeSet::new();
@@ -1049,6 +1138,7 @@ fn choose_accel(dir: &Path, kernel: &GuestKernel, base_initrd: &Path) -> Result<
         base_initrd: base_initrd.to_path_buf(),
         binaries: Vec::new(),
         accel: Accel::Kvm,
+        node_rootfs: std::sync::OnceLock::new(),
     };
     let options = GuestOptions {
         timeout: Duration::from_secs(60),
