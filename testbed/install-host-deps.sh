@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the emulated SR-IOV node needs on the host, idempotently:
 # QEMU >= 8 (igb device) from bookworm-backports, busybox-static, cpio, kmod,
-# xz-utils, and runc and nftables (copied into the guest). Only Debian's registry is used.
+# xz-utils, runc and nftables (copied into the minimal guest), and mmdebstrap
+# and e2fsprogs (the systemd node's root image). Only Debian's registry is used.
 set -euo pipefail
 
 need_install=0
@@ -10,7 +11,7 @@ if ! command -v qemu-system-x86_64 >/dev/null 2>&1; then
 elif ! qemu-system-x86_64 -device help 2>/dev/null | grep -q '"igb"'; then
   need_install=1
 fi
-for bin in busybox cpio depmod xz runc nft; do
+for bin in busybox cpio depmod xz runc nft mmdebstrap mkfs.ext4; do
   command -v "$bin" >/dev/null 2>&1 || need_install=1
 done
 [ -x /bin/busybox ] || need_install=1
@@ -38,5 +39,5 @@ fi
 export DEBIAN_FRONTEND=noninteractive
 $SUDO apt-get update -qq
 $SUDO apt-get install -y -qq -t bookworm-backports qemu-system-x86 >/dev/null
-$SUDO apt-get install -y -qq busybox-static cpio kmod xz-utils runc nftables >/dev/null
+$SUDO apt-get install -y -qq busybox-static cpio kmod xz-utils runc nftables mmdebstrap e2fsprogs >/dev/null
 qemu-system-x86_64 --version | head -n1
