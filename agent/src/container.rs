@@ -134,9 +134,19 @@ impl ContainerView {
 
     /// What the container runs under, with what breaks the profile.
     fn read(&self, record: &ContainerRecord, wanted: &Wanted) -> VfContainerStatus {
+        // The directory under the cgroup root, whichever driver's form the
+        // runtime gave (the systemd driver's names a scope in its slices).
+        let cgroup = self
+            .cgroup_dir(record)
+            .and_then(|dir| {
+                dir.strip_prefix(&self.cgroup_root)
+                    .ok()
+                    .map(|d| format!("/{}", d.display()))
+            })
+            .or_else(|| record.cgroups_path.clone());
         let mut status = VfContainerStatus {
             id: record.id.clone(),
-            cgroup: record.cgroups_path.clone(),
+            cgroup,
             ..VfContainerStatus::default()
         };
         let mut problems = Vec::new();

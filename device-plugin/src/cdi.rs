@@ -234,9 +234,11 @@ pub fn spec_for(devices: &BTreeMap<PciAddress, CdiEntry>, hook: Option<&Path>) -
     })
 }
 
-/// `vfplane-oci-hook attach --vf <address> --device <node> [--memlock
-/// <bytes>] [--cpus <list> --mems <list>] [--pids-max <n>]` as a
-/// `createRuntime` hook.
+/// `vfplane-oci-hook attach --vf <address> --device <node> [--pids-max
+/// <n>] [--memlock <bytes>]` as a `createRuntime` hook: the NRI plugin
+/// gives the container its profile, the hook checks its spec carries it
+/// (the cpuset is not checked: under the static CPU manager the kubelet's
+/// CPUs stay).
 fn attach_hook(path: &Path, address: PciAddress, entry: &CdiEntry) -> Hook {
     let mut args = vec![
         crate::oci_hook::HOOK_BINARY.to_owned(),
@@ -251,14 +253,6 @@ fn attach_hook(path: &Path, address: PciAddress, entry: &CdiEntry) -> Hook {
     }
     if let Some(bytes) = entry.locked_memory_bytes {
         args.extend(["--memlock".to_owned(), bytes.to_string()]);
-    }
-    if let Some(cpuset) = &entry.cpuset {
-        args.extend([
-            "--cpus".to_owned(),
-            cpuset.cpus.clone(),
-            "--mems".to_owned(),
-            cpuset.mems.clone(),
-        ]);
     }
     Hook {
         hook_name: "createRuntime".to_owned(),
@@ -425,7 +419,7 @@ mod tests {
     }
 
     #[test]
-    fn every_vf_gets_the_hook_when_it_is_installed_with_its_limit() {
+    fn every_vf_gets_the_hook_when_it_is_installed_with_its_limit_and_no_cpuset() {
         let a: PciAddress = "0000:00:12.0".parse().unwrap();
         let b: PciAddress = "0000:00:12.2".parse().unwrap();
         let devices = BTreeMap::from([
@@ -460,11 +454,7 @@ mod tests {
                     "--pids-max",
                     "512",
                     "--memlock",
-                    "67108864",
-                    "--cpus",
-                    "2-3",
-                    "--mems",
-                    "1"
+                    "67108864"
                 ]
                 .map(str::to_owned)
                 .to_vec(),

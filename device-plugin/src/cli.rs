@@ -38,6 +38,11 @@ pub struct Args {
     /// Empty: not installed (pools with lockedMemory then refuse Allocate).
     #[arg(long, default_value = "/run/vfplane/bin")]
     pub oci_hook_dir: PathBuf,
+    /// The container runtime's NRI socket: the plugin registers there and
+    /// gives containers holding VFs their pool's profile. Empty: no NRI
+    /// (pools with a container profile then refuse Allocate).
+    #[arg(long, default_value = crate::nri::DEFAULT_SOCKET)]
+    pub nri_socket: PathBuf,
     /// The VF state directory the agent writes (scrub states, MACs).
     #[arg(long, default_value = vfplane_proto::vf_state::DEFAULT_STATE_DIR)]
     pub state_dir: PathBuf,

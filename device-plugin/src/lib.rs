@@ -14,6 +14,8 @@
 //! - a kubelet restart (noticed by inotify on its directory) gets our
 //!   sockets served and registered again at once;
 //! - the config file is watched and applied live;
+//! - an NRI plugin ([`nri`]) gives containers holding VFs their pools'
+//!   profile (locked memory, pids, NUMA cpuset) through the runtime;
 //! - metrics in Prometheus text ([`metrics`]).
 //!
 //! [`start`] runs it; the binary is a thin wrapper. `kubelet_standin`
@@ -32,6 +34,7 @@ pub mod inventory;
 #[cfg(feature = "kubelet-standin")]
 pub mod kubelet_standin;
 pub mod metrics;
+pub mod nri;
 pub mod oci_hook;
 mod plugin;
 pub mod preferred;

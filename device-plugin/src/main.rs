@@ -32,6 +32,7 @@ async fn main() -> anyhow::Result<()> {
     config.cdi_dir = (!args.no_cdi).then_some(args.cdi_dir);
     config.oci_hook_dir = (!args.oci_hook_dir.as_os_str().is_empty()).then_some(args.oci_hook_dir);
     config.state_dir = args.state_dir;
+    config.nri_socket = (!args.nri_socket.as_os_str().is_empty()).then_some(args.nri_socket);
     config.metrics_addr = args.metrics_addr;
     config.rescan_interval = Duration::from_millis(args.rescan_interval_ms.max(1));
 

@@ -1,46 +1,35 @@
 //! The OCI hook the CDI spec names for every VF: `vfplane-oci-hook attach
-//! --vf <address> [--device /dev/vfio/<group>] [--memlock <bytes>] [--cpus
-//! <list> --mems <list>] [--pids-max <n>] [--records <dir>]`, run by the
-//! container runtime (runc) as a `createRuntime` hook. It raises the
-//! container's locked-memory limit to its pool's profile (`--memlock`),
-//! gives its cgroup the VF's NUMA cpuset (`--cpus`/`--mems`) and the
-//! profile's `pids.max` (`--pids-max`), hands the VF's group node in the
-//! container to the container's user (`--device`: a container that is
-//! not root can open it), and writes the container's record
-//! (`vfplane_proto::container_record`: ID, pod UID, cgroup, VFs) for the
-//! agent.
+//! --vf <address> [--device /dev/vfio/<group>] [--memlock <bytes>]
+//! [--pids-max <n>] [--records <dir>]`, run by the container runtime (runc)
+//! as a `createRuntime` hook. It applies no limit: vfplane's NRI plugin
+//! ([`crate::nri`]) puts the pool's profile into the container's spec, and
+//! runc applies the spec through the node's cgroup driver. The hook
 //!
-//! Why a CDI hook, not an NRI plugin: the plugin already writes the CDI
-//! spec each VF is injected from, so the hook travels with the VF to every
-//! CDI-aware runtime (containerd 2, CRI-O) with nothing else to install or
-//! configure; NRI would need a ttrpc client multiplexing the plugin and
-//! runtime services on one socket, which no Rust crate provides.
+//! - checks that the spec runc is applying carries the profile
+//!   (`process.rlimits` RLIMIT_MEMLOCK of at least `--memlock`,
+//!   `linux.resources.pids.limit` of at most `--pids-max`): a container the
+//!   NRI plugin did not adjust (NRI off in the runtime, the plugin not
+//!   connected) fails to be created, with a message saying so, instead of
+//!   running without its pool's profile (the runtime creates containers
+//!   without a plugin's adjustments while the plugin is away);
+//! - hands the VF's group node in the container to the container's user
+//!   (`--device`), so a container that is not root can open it: NRI cannot,
+//!   as the runtime does not tell plugins the container's user;
+//! - writes the container's record (`vfplane_proto::container_record`: ID,
+//!   process, pod, cgroup, VFs) for the agent, which needs the container's
+//!   first process, known only once it exists.
 //!
 //! When it runs: runc calls `createRuntime` hooks after it created the
-//! container's process (`runc init`, waiting) and applied its cgroups, and
-//! before that process executes the container's program. The limit set
-//! here on that process is inherited by the program through `execve`, so
-//! it holds from the program's first instruction: no race with its first
-//! `mmap` or `VFIO_IOMMU_MAP_DMA`. runc sets only the rlimits the OCI spec
-//! lists, and containerd's and CRI-O's specs list no RLIMIT_MEMLOCK, so
-//! nothing overwrites it afterwards.
-//!
-//! What it does: reads the container state (OCI runtime spec, "State") on
-//! stdin and the container's `config.json` from its bundle; raises
-//! RLIMIT_MEMLOCK of its `pid` to at least `<bytes>` (soft and hard; a
-//! higher or unlimited limit is kept); writes the cpuset and `pids.max`
-//! (a lower `pids.max` already there is kept); changes the owner of the
-//! group node. Each is read back, and the hook fails when it does not
-//! hold. A failing hook fails the container's creation with this hook's
-//! message, so a container never starts with less than its pool's
-//! profile. The record is best effort: a record that cannot be written is
-//! said on stderr and the container starts (the agent then shows its VF's
-//! owner without a pod UID).
+//! container's process (`runc init`, waiting) and before that process
+//! executes the container's program. The bundle's `config.json` is the spec
+//! runc applies. A failing hook fails the container's creation with this
+//! hook's message. The record is best effort: a record that cannot be
+//! written is said on stderr and the container starts (the agent then
+//! shows its VF's owner without a pod UID).
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use rustix::process::{Pid, Resource, Rlimit, prlimit};
 use serde::Deserialize;
 
 /// The name the hook binary is installed under.
@@ -67,50 +56,23 @@ struct OciState {
 pub struct Attach {
     /// The VF (PCI address) of the CDI device that named the hook.
     pub vf: String,
-    /// RLIMIT_MEMLOCK to give the container, in bytes.
+    /// The RLIMIT_MEMLOCK the container's spec must give, in bytes.
     pub memlock: Option<u64>,
-    /// `cpuset.cpus` and `cpuset.mems` to give the container's cgroup.
-    pub cpuset: Option<(String, String)>,
-    /// `pids.max` to give the container's cgroup.
+    /// The pids limit the container's spec must not exceed.
     pub pids_max: Option<u64>,
     /// The VF's VFIO group node in the container (`/dev/vfio/<group>`),
     /// handed to the container's user.
     pub device: Option<String>,
     /// Where container records go.
     pub records: PathBuf,
-    /// The cgroup v2 mount the container's `cgroupsPath` is under.
-    pub cgroup_root: PathBuf,
 }
 
 /// Why one step of the hook (cgroup, device owner, record) failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StepError {
-    /// The OCI spec names no cgroup.
-    #[error("the OCI spec has no linux.cgroupsPath")]
-    NoCgroupsPath,
-    /// A systemd-style cgroup path (`slice:prefix:name`).
-    #[error("cgroup path {0:?} is not a cgroupfs path (systemd cgroups are not supported)")]
-    NotCgroupfs(String),
-    /// The container's cgroup directory is missing.
-    #[error("its cgroup {} does not exist", .0.display())]
-    NoCgroup(PathBuf),
     /// The OCI spec names no root filesystem.
     #[error("the OCI spec names no root.path")]
     NoRootfs,
-    /// A bound beyond what the kernel file takes.
-    #[error("{0} is too large")]
-    TooLarge(u64),
-    /// A cgroup file could not be read or written.
-    #[error("{action} {file}")]
-    Cgroup {
-        /// `reading`, `writing`, `reading back`.
-        action: &'static str,
-        /// The file.
-        file: &'static str,
-        /// The cause (boxed: cgroups-rs's error is large).
-        #[source]
-        source: Box<cgroups_rs::error::Error>,
-    },
     /// A file could not be read, written or given to the user.
     #[error("{action} {}", path.display())]
     Io {
@@ -137,22 +99,25 @@ pub enum StepError {
 pub enum HookError {
     /// The command line is not `attach --vf <address> [--device
     /// /dev/vfio/<group>] [--memlock <bytes>] [--cpus <list> --mems <list>]
-    /// [--pids-max <n>] [--records <dir>] [--cgroup-root <dir>]`.
+    /// [--pids-max <n>] [--records <dir>]`.
     #[error(
         "usage: {HOOK_BINARY} attach --vf <address> [--device /dev/vfio/<group>] [--memlock <bytes>] \
-         [--cpus <list> --mems <list>] [--pids-max <n>] [--records <dir>] [--cgroup-root <dir>] (got {0:?})"
+         [--pids-max <n>] [--records <dir>] (got {0:?})"
     )]
     Usage(Vec<String>),
-    /// The container's cgroup could not be found or its pids.max set.
-    #[error("container {id}: cannot give its cgroup pids.max {pids}")]
-    Pids {
+    /// The container's spec lacks what its pool's profile gives: the NRI
+    /// plugin did not adjust it.
+    #[error(
+        "container {id}: its spec does not give it {wanted} (it has {found}): vfplane's NRI plugin did not \
+         adjust it; is NRI enabled in the container runtime, and vfplane's device plugin running?"
+    )]
+    NotAdjusted {
         /// The container.
         id: String,
-        /// The bound asked for.
-        pids: u64,
-        /// What went wrong.
-        #[source]
-        source: Box<StepError>,
+        /// What the pool's profile gives.
+        wanted: String,
+        /// What the spec has.
+        found: String,
     },
     /// The VF's device node in the container could not be given to the
     /// container's user.
@@ -170,19 +135,6 @@ pub enum HookError {
         #[source]
         source: Box<StepError>,
     },
-    /// The container's cgroup could not be found or set.
-    #[error("container {id}: cannot give its cgroup cpuset.cpus {cpus:?} and cpuset.mems {mems:?}")]
-    Cpuset {
-        /// The container.
-        id: String,
-        /// The CPUs asked for.
-        cpus: String,
-        /// The memory nodes asked for.
-        mems: String,
-        /// What went wrong.
-        #[source]
-        source: Box<StepError>,
-    },
     /// stdin did not hold an OCI state.
     #[error("the container state on stdin is not an OCI state")]
     State(#[source] serde_json::Error),
@@ -195,35 +147,11 @@ pub enum HookError {
         /// The container.
         id: String,
     },
-    /// prlimit refused.
-    #[error("container {id}: cannot raise RLIMIT_MEMLOCK of pid {pid} to {bytes} bytes")]
-    Set {
-        /// The container.
-        id: String,
-        /// Its process.
-        pid: i32,
-        /// The limit asked for.
-        bytes: u64,
-        /// The cause.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The limit read back is below what was set.
-    #[error("container {id}: RLIMIT_MEMLOCK of pid {pid} reads back as {found} after setting {bytes} bytes")]
-    Check {
-        /// The container.
-        id: String,
-        /// Its process.
-        pid: i32,
-        /// The limit asked for.
-        bytes: u64,
-        /// What `/proc/<pid>/limits` says.
-        found: String,
-    },
 }
 
 /// The hook's command line (after `argv[0]`): `attach --vf <address>
-/// [--memlock <bytes>] [--records <dir>]`.
+/// [--device /dev/vfio/<group>] [--memlock <bytes>] [--pids-max <n>]
+/// [--records <dir>]`.
 ///
 /// # Errors
 /// [`HookError::Usage`] for anything else.
@@ -235,22 +163,13 @@ pub fn parse_args(args: &[String]) -> Result<Attach, HookError> {
     }
     let mut vf = None;
     let mut memlock = None;
-    let mut cpus: Option<String> = None;
-    let mut mems: Option<String> = None;
     let mut pids_max = None;
     let mut device = None;
     let mut records = PathBuf::from(vfplane_proto::container_record::DEFAULT_RECORDS_DIR);
-    let mut cgroup_root = PathBuf::from("/sys/fs/cgroup");
     for pair in flags.chunks(2) {
         match (pair[0].as_str(), &pair[1]) {
             ("--vf", value) if vf.is_none() => vf = Some(value.clone()),
             ("--memlock", value) if memlock.is_none() => memlock = Some(value.parse().map_err(|_| usage())?),
-            ("--cpus", value) if cpus.is_none() && vfplane_host::parse_cpu_list(value).is_some() => {
-                cpus = Some(value.clone());
-            }
-            ("--mems", value) if mems.is_none() && vfplane_host::parse_cpu_list(value).is_some() => {
-                mems = Some(value.clone());
-            }
             ("--pids-max", value) if pids_max.is_none() => {
                 pids_max = Some(value.parse().ok().filter(|n| *n > 0).ok_or_else(usage)?);
             }
@@ -258,23 +177,15 @@ pub fn parse_args(args: &[String]) -> Result<Attach, HookError> {
                 device = Some(value.clone());
             }
             ("--records", value) => records = PathBuf::from(value),
-            ("--cgroup-root", value) => cgroup_root = PathBuf::from(value),
             _ => return Err(usage()),
         }
     }
-    let cpuset = match (cpus, mems) {
-        (Some(cpus), Some(mems)) => Some((cpus, mems)),
-        (None, None) => None,
-        _ => return Err(usage()),
-    };
     Ok(Attach {
         vf: vf.ok_or_else(usage)?,
         memlock,
-        cpuset,
         pids_max,
         device,
         records,
-        cgroup_root,
     })
 }
 
@@ -286,12 +197,13 @@ fn is_vfio_group_node(path: &str) -> bool {
         .is_some_and(|group| !group.is_empty() && group.bytes().all(|b| b.is_ascii_digit()))
 }
 
-/// Runs the hook on the container state read from `state`: the limit when
-/// asked (an error fails the container), then the record (an error is
-/// returned beside success, for stderr).
+/// Runs the hook on the container state read from `state`: the spec's
+/// check and the device's owner (an error fails the container), then the
+/// record (an error is returned beside success, for stderr).
 ///
 /// # Errors
-/// A state that does not parse, or the limit not set.
+/// A state that does not parse, a spec without the pool's profile, a
+/// device node that cannot be given to the container's user.
 pub fn run(attach: &Attach, state: impl Read, proc_root: &Path) -> Result<Option<StepError>, HookError> {
     let started = std::time::Instant::now();
     let mut text = String::new();
@@ -301,16 +213,8 @@ pub fn run(attach: &Attach, state: impl Read, proc_root: &Path) -> Result<Option
     let Some(pid) = state.pid.filter(|p| *p > 0) else {
         return Err(HookError::NoPid { id: state.id });
     };
-    if let Some(bytes) = attach.memlock {
-        raise_memlock(&state.id, pid, bytes, proc_root)?;
-    }
     let bundle = Bundle::read(&state);
-    if let Some((cpus, mems)) = &attach.cpuset {
-        set_cpuset(attach, &state.id, bundle.cgroups_path.as_deref(), cpus, mems)?;
-    }
-    if let Some(pids) = attach.pids_max {
-        set_pids_max(attach, &state.id, bundle.cgroups_path.as_deref(), pids)?;
-    }
+    check_adjusted(attach, &state.id, &bundle)?;
     if let Some(device) = &attach.device {
         own_device(&state.id, pid, device, &bundle, proc_root)?;
     }
@@ -328,6 +232,10 @@ struct Bundle {
     user: Option<(u32, u32)>,
     /// `root.path`, made absolute against the bundle.
     rootfs: Option<PathBuf>,
+    /// The soft limit of `process.rlimits` RLIMIT_MEMLOCK.
+    memlock: Option<u64>,
+    /// `linux.resources.pids.limit`.
+    pids_limit: Option<i64>,
 }
 
 impl Bundle {
@@ -347,6 +255,14 @@ impl Bundle {
             cgroups_path: config["linux"]["cgroupsPath"].as_str().map(str::to_owned),
             user: id(&user["uid"]).map(|uid| (uid, id(&user["gid"]).unwrap_or(0))),
             rootfs: config["root"]["path"].as_str().map(|root| dir.join(root)),
+            memlock: config["process"]["rlimits"].as_array().and_then(|rlimits| {
+                rlimits
+                    .iter()
+                    .filter(|r| r["type"] == crate::nri::MEMLOCK)
+                    .filter_map(|r| r["soft"].as_u64())
+                    .max()
+            }),
+            pids_limit: config["linux"]["resources"]["pids"]["limit"].as_i64(),
         }
     }
 }
@@ -395,109 +311,6 @@ fn own_device(id: &str, pid: i32, device: &str, bundle: &Bundle, proc_root: &Pat
     Ok(())
 }
 
-/// The container's cgroup directory, which must exist; the error says why
-/// it cannot be found.
-fn container_cgroup(attach: &Attach, cgroups_path: Option<&str>) -> Result<PathBuf, StepError> {
-    let path = cgroups_path.ok_or(StepError::NoCgroupsPath)?;
-    if path.contains(':') {
-        return Err(StepError::NotCgroupfs(path.to_owned()));
-    }
-    let dir = vfplane_proto::container_record::cgroup_dir(&attach.cgroup_root, path)
-        .ok_or_else(|| StepError::NotCgroupfs(path.to_owned()))?;
-    if !dir.is_dir() {
-        return Err(StepError::NoCgroup(dir));
-    }
-    Ok(dir)
-}
-
-/// Lowers `pids.max` of the container's cgroup to `pids` (through
-/// cgroups-rs; a lower bound already there is kept) and checks it.
-fn set_pids_max(attach: &Attach, id: &str, cgroups_path: Option<&str>, pids: u64) -> Result<(), HookError> {
-    use cgroups_rs::MaxValue;
-    use cgroups_rs::pid::PidController;
-    let fail = |source: StepError| HookError::Pids {
-        id: id.to_owned(),
-        pids,
-        source: Box::new(source),
-    };
-    let cgroup = |action: &'static str| {
-        move |source| {
-            fail(StepError::Cgroup {
-                action,
-                file: "pids.max",
-                source: Box::new(source),
-            })
-        }
-    };
-    let dir = container_cgroup(attach, cgroups_path).map_err(fail)?;
-    let wanted = i64::try_from(pids).map_err(|_| fail(StepError::TooLarge(pids)))?;
-    let controller = PidController::new(dir, true);
-    let current = controller.get_pid_max().map_err(cgroup("reading"))?;
-    if matches!(current, MaxValue::Value(have) if have <= wanted) {
-        return Ok(());
-    }
-    controller
-        .set_pid_max(MaxValue::Value(wanted))
-        .map_err(cgroup("writing"))?;
-    match controller.get_pid_max().map_err(cgroup("reading back"))? {
-        MaxValue::Value(have) if have <= wanted => Ok(()),
-        other => Err(fail(StepError::ReadBack {
-            file: "pids.max".to_owned(),
-            value: format!("{other:?}"),
-        })),
-    }
-}
-
-/// Writes `cpuset.cpus` and `cpuset.mems` of the container's cgroup
-/// (through cgroups-rs) and checks the effective sets it gets.
-fn set_cpuset(
-    attach: &Attach,
-    id: &str,
-    cgroups_path: Option<&str>,
-    cpus: &str,
-    mems: &str,
-) -> Result<(), HookError> {
-    use cgroups_rs::cpuset::CpuSetController;
-    let fail = |source: StepError| HookError::Cpuset {
-        id: id.to_owned(),
-        cpus: cpus.to_owned(),
-        mems: mems.to_owned(),
-        source: Box::new(source),
-    };
-    let writing = |file: &'static str| {
-        move |source| {
-            fail(StepError::Cgroup {
-                action: "writing",
-                file,
-                source: Box::new(source),
-            })
-        }
-    };
-    let dir = container_cgroup(attach, cgroups_path).map_err(fail)?;
-    let cpuset = CpuSetController::new(dir.clone(), true);
-    cpuset.set_mems(mems).map_err(writing("cpuset.mems"))?;
-    cpuset.set_cpus(cpus).map_err(writing("cpuset.cpus"))?;
-    // cgroups-rs reads cgroup v1 names for the effective sets on v2: read
-    // cgroup v2's own files.
-    for (file, wanted) in [("cpuset.cpus.effective", cpus), ("cpuset.mems.effective", mems)] {
-        let path = dir.join(file);
-        let text = std::fs::read_to_string(&path).map_err(|source| {
-            fail(StepError::Io {
-                action: "reading",
-                path: path.clone(),
-                source,
-            })
-        })?;
-        if vfplane_host::parse_cpu_list(&text) != vfplane_host::parse_cpu_list(wanted) {
-            return Err(fail(StepError::ReadBack {
-                file: file.to_owned(),
-                value: format!("{:?}", text.trim()),
-            }));
-        }
-    }
-    Ok(())
-}
-
 /// Adds the VF to the container's record, made from the state and the
 /// bundle's `config.json`.
 fn record(
@@ -538,45 +351,39 @@ fn record(
     write_record(dir, &record).map_err(io("writing the container record"))
 }
 
-/// Raises RLIMIT_MEMLOCK of process `pid` (container `id`) to at least
-/// `bytes` and checks it under `proc_root` (`/proc`).
+/// Checks that the spec runc applies gives the container what its pool's
+/// profile asks: RLIMIT_MEMLOCK of at least `--memlock`, a pids limit of at
+/// most `--pids-max`.
 ///
 /// # Errors
-/// prlimit refusing, or a limit that does not read back.
-fn raise_memlock(id: &str, pid: i32, bytes: u64, proc_root: &Path) -> Result<(), HookError> {
-    let id = id.to_owned();
-    let set_error = |source: std::io::Error| HookError::Set {
-        id: id.clone(),
-        pid,
-        bytes,
-        source,
+/// [`HookError::NotAdjusted`], naming what is missing.
+fn check_adjusted(attach: &Attach, id: &str, bundle: &Bundle) -> Result<(), HookError> {
+    let not_adjusted = |wanted: String, found: String| HookError::NotAdjusted {
+        id: id.to_owned(),
+        wanted,
+        found,
     };
-    let target =
-        Pid::from_raw(pid).ok_or_else(|| set_error(std::io::Error::from(rustix::io::Errno::SRCH)))?;
-    // prlimit always sets, so the current limits come from /proc.
-    let unreadable = || {
-        set_error(std::io::Error::other(format!(
-            "{}/{pid}/limits has no locked-memory line",
-            proc_root.display()
-        )))
-    };
-    let (soft, hard) = vfplane_host::memlock_limits(proc_root, pid).ok_or_else(unreadable)?;
-    let raise = |limit: Option<u64>| limit.map(|value| value.max(bytes));
-    let wanted = Rlimit {
-        current: raise(soft),
-        maximum: raise(hard),
-    };
-    prlimit(Some(target), Resource::Memlock, wanted).map_err(|e| set_error(e.into()))?;
-    let (soft, hard) = vfplane_host::memlock_limits(proc_root, pid).ok_or_else(unreadable)?;
-    let holds = |limit: Option<u64>| limit.is_none_or(|value| value >= bytes);
-    if !(holds(soft) && holds(hard)) {
-        let show = |limit: Option<u64>| limit.map_or_else(|| "unlimited".to_owned(), |v| v.to_string());
-        return Err(HookError::Check {
-            id,
-            pid,
-            bytes,
-            found: format!("soft {} hard {}", show(soft), show(hard)),
-        });
+    if let Some(bytes) = attach.memlock
+        && bundle.memlock.is_none_or(|have| have < bytes)
+    {
+        return Err(not_adjusted(
+            format!("RLIMIT_MEMLOCK of at least {bytes} bytes"),
+            bundle
+                .memlock
+                .map_or_else(|| "no RLIMIT_MEMLOCK".to_owned(), |have| format!("{have} bytes")),
+        ));
+    }
+    if let Some(pids) = attach.pids_max
+        && bundle
+            .pids_limit
+            .is_none_or(|have| have <= 0 || u64::try_from(have).is_ok_and(|have| have > pids))
+    {
+        return Err(not_adjusted(
+            format!("a pids limit of at most {pids}"),
+            bundle
+                .pids_limit
+                .map_or_else(|| "no pids limit".to_owned(), |have| format!("pids limit {have}")),
+        ));
     }
     Ok(())
 }
@@ -628,17 +435,17 @@ mod tests {
                 "--vf",
                 "0000:00:12.0",
                 "--memlock",
-                "67108864"
+                "67108864",
+                "--pids-max",
+                "256",
             ]))
             .ok(),
             Some(Attach {
                 vf: "0000:00:12.0".to_owned(),
                 memlock: Some(67_108_864),
-                cpuset: None,
-                pids_max: None,
+                pids_max: Some(256),
                 device: None,
                 records: PathBuf::from("/run/vfplane/containers"),
-                cgroup_root: PathBuf::from("/sys/fs/cgroup"),
             })
         );
         assert_eq!(
@@ -653,8 +460,8 @@ mod tests {
             &["attach", "--vf"],
             &["memlock", "1"],
             &["attach", "--vf", "a", "--vf", "b"],
-            &["attach", "--vf", "a", "--cpus", "1"],
-            &["attach", "--vf", "a", "--cpus", "x", "--mems", "0"],
+            &["attach", "--vf", "a", "--cpus", "1", "--mems", "0"],
+            &["attach", "--vf", "a", "--cgroup-root", "/sys/fs/cgroup"],
             &["attach", "--vf", "a", "--pids-max", "0"],
             &["attach", "--vf", "a", "--pids-max", "many"],
             &["attach", "--vf", "a", "--device", "/dev/vfio/../../etc/shadow"],
@@ -702,76 +509,47 @@ mod tests {
         );
     }
 
-    #[test]
-    fn the_limit_is_raised_and_read_back_and_the_record_lists_both_vfs() {
-        // A child with a lowered soft limit stands for runc's waiting init.
-        // Only the soft limit is lowered: raising a hard limit needs
-        // CAP_SYS_RESOURCE, which runc has on a node and a test sandbox may
-        // not; the hard limit it keeps must be at least 1 MiB here.
-        let proc_root = Path::new("/proc");
-        let own = vfplane_host::memlock_limits(proc_root, i32::try_from(std::process::id()).unwrap_or(0));
-        let Some((_, hard)) = own else {
-            panic!("no locked-memory line in /proc/self/limits");
-        };
-        assert!(
-            hard.is_none_or(|h| h >= 1 << 20),
-            "this test needs a hard RLIMIT_MEMLOCK of at least 1 MiB, not {hard:?}"
-        );
-        let mut child = std::process::Command::new("sh")
-            .args(["-c", "ulimit -S -l 64 && exec sleep 30"])
-            .spawn()
-            .unwrap_or_else(|e| panic!("{e}"));
-        let pid = i32::try_from(child.id()).unwrap_or_else(|e| panic!("{e}"));
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        while vfplane_host::memlock_limits(proc_root, pid).map(|l| l.0) != Some(Some(65536)) {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "{:?}",
-                vfplane_host::memlock_limits(proc_root, pid)
-            );
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-        let work = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-        let bundle = work.path().join("bundle");
+    /// A bundle whose config.json is `config`, and the state naming it.
+    fn bundle_state(work: &Path, id: &str, config: &str) -> String {
+        let bundle = work.join(format!("bundle-{id}"));
         std::fs::create_dir_all(&bundle).unwrap_or_else(|e| panic!("{e}"));
-        std::fs::write(
-            bundle.join("config.json"),
-            r#"{"linux":{"cgroupsPath":"/kubepods/besteffort/podu1/c2"}}"#,
-        )
-        .unwrap_or_else(|e| panic!("{e}"));
-        let records = work.path().join("records");
-        let state = format!(
-            r#"{{"ociVersion":"1.2.0","id":"c2","status":"created","pid":{pid},"bundle":"{}",
+        std::fs::write(bundle.join("config.json"), config).unwrap_or_else(|e| panic!("{e}"));
+        format!(
+            r#"{{"ociVersion":"1.2.0","id":"{id}","status":"created","pid":4242,"bundle":"{}",
                 "annotations":{{"io.kubernetes.cri.sandbox-uid":"u1","io.kubernetes.cri.sandbox-namespace":"default",
                 "io.kubernetes.cri.sandbox-name":"tenant-1","io.kubernetes.cri.container-name":"app"}}}}"#,
             bundle.display()
+        )
+    }
+
+    #[test]
+    fn a_spec_with_the_profile_passes_and_the_record_lists_both_vfs() {
+        let work = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let records = work.path().join("records");
+        let state = bundle_state(
+            work.path(),
+            "c2",
+            r#"{"process":{"rlimits":[{"type":"RLIMIT_NOFILE","hard":1024,"soft":1024},
+                {"type":"RLIMIT_MEMLOCK","hard":1048576,"soft":1048576}]},
+               "linux":{"cgroupsPath":"kubepods-besteffort-podu1.slice:cri-containerd:c2",
+                        "resources":{"pids":{"limit":128}}}}"#,
         );
         let mut results = Vec::new();
         for vf in ["0000:00:12.2", "0000:00:12.0"] {
             let attach = Attach {
                 vf: vf.to_owned(),
                 memlock: Some(1 << 20),
-                cpuset: None,
-                pids_max: None,
+                pids_max: Some(256),
                 device: None,
                 records: records.clone(),
-                cgroup_root: PathBuf::from("/nonexistent"),
             };
             results.push(
-                run(&attach, state.as_bytes(), proc_root)
+                run(&attach, state.as_bytes(), Path::new("/proc"))
                     .map(|record_error| record_error.map(|e| vfplane_host::error_chain(&e)))
                     .map_err(|e| vfplane_host::error_chain(&e)),
             );
         }
-        let found = vfplane_host::memlock_limits(proc_root, pid);
-        let _ = child.kill();
-        let _ = child.wait();
-        assert_eq!(results, [Ok(None), Ok(None)], "limit set, record written");
-        assert_eq!(
-            found,
-            Some((Some(1 << 20), hard)),
-            "the soft limit raised, the hard one kept"
-        );
+        assert_eq!(results, [Ok(None), Ok(None)], "spec checked, record written");
         let record = read_record(&records, "c2")
             .unwrap_or_else(|e| panic!("{e}"))
             .unwrap_or_else(|| panic!("no record"));
@@ -786,12 +564,12 @@ mod tests {
                 record.vfs.as_slice()
             ),
             (
-                pid,
+                4242,
                 Some("u1"),
                 Some("default"),
                 Some("tenant-1"),
                 Some("app"),
-                Some("/kubepods/besteffort/podu1/c2"),
+                Some("kubepods-besteffort-podu1.slice:cri-containerd:c2"),
                 &["0000:00:12.0".to_owned(), "0000:00:12.2".to_owned()][..]
             )
         );
@@ -799,94 +577,65 @@ mod tests {
     }
 
     #[test]
-    fn the_cpuset_is_written_to_the_containers_cgroup_and_its_effective_sets_checked() {
+    fn a_spec_the_nri_plugin_did_not_adjust_fails_the_container_saying_so() {
         let work = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-        let root = work.path().join("cgroup");
-        let dir = root.join("kubepods/besteffort/podu1/c3");
-        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
-        let attach = |cgroup_root: &Path| {
-            let mut attach = parse_args(&args(&[
-                "attach",
-                "--vf",
-                "0000:21:10.0",
-                "--cpus",
-                "1",
-                "--mems",
-                "1",
-            ]))
-            .unwrap_or_else(|e| panic!("{e}"));
-            attach.cgroup_root = cgroup_root.to_owned();
-            attach
+        let attach = Attach {
+            vf: "0000:00:12.0".to_owned(),
+            memlock: Some(64 << 20),
+            pids_max: Some(256),
+            device: None,
+            records: work.path().join("records"),
         };
-        let path = Some("/kubepods/besteffort/podu1/c3");
-        // The kernel would compute the effective sets; the fake tree says
-        // what it "computed".
-        std::fs::write(dir.join("cpuset.cpus.effective"), "1\n").unwrap_or_else(|e| panic!("{e}"));
-        std::fs::write(dir.join("cpuset.mems.effective"), "1\n").unwrap_or_else(|e| panic!("{e}"));
-        let result =
-            set_cpuset(&attach(&root), "c3", path, "1", "1").map_err(|e| vfplane_host::error_chain(&e));
-        assert_eq!(result, Ok(()));
-        assert_eq!(
-            std::fs::read_to_string(dir.join("cpuset.cpus")).ok().as_deref(),
-            Some("1")
-        );
-        assert_eq!(
-            std::fs::read_to_string(dir.join("cpuset.mems")).ok().as_deref(),
-            Some("1")
-        );
-        // A parent without CPU 1 leaves another effective set: refused.
-        std::fs::write(dir.join("cpuset.cpus.effective"), "0\n").unwrap_or_else(|e| panic!("{e}"));
-        let err = set_cpuset(&attach(&root), "c3", path, "1", "1").map_err(|e| vfplane_host::error_chain(&e));
-        assert_eq!(
-            err,
-            Err(
-                "container c3: cannot give its cgroup cpuset.cpus \"1\" and cpuset.mems \"1\": \
-                 cpuset.cpus.effective reads \"0\" after the write"
-                    .to_owned()
+        let check = |id: &str, config: &str| {
+            run(
+                &attach,
+                bundle_state(work.path(), id, config).as_bytes(),
+                Path::new("/proc"),
             )
-        );
-        let err = set_cpuset(&attach(&root), "c3", Some("kubepods.slice:cri:c3"), "1", "1")
-            .map_err(|e| vfplane_host::error_chain(&e));
-        assert!(
-            err.as_ref()
-                .is_err_and(|e| e.ends_with("is not a cgroupfs path (systemd cgroups are not supported)")),
-            "{err:?}"
-        );
-        let err = set_cpuset(&attach(&root), "c3", Some("/kubepods/gone"), "1", "1")
-            .map_err(|e| vfplane_host::error_chain(&e));
-        assert!(
-            err.as_ref().is_err_and(|e| e.contains("does not exist")),
-            "{err:?}"
-        );
-    }
-
-    #[test]
-    fn pids_max_is_lowered_to_the_profile_and_a_lower_bound_kept() {
-        let work = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-        let root = work.path().join("cgroup");
-        let dir = root.join("kubepods/besteffort/podu1/c4");
-        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
-        let mut attach = parse_args(&args(&["attach", "--vf", "0000:00:12.0", "--pids-max", "256"]))
-            .unwrap_or_else(|e| panic!("{e}"));
-        attach.cgroup_root = root.clone();
-        let path = Some("/kubepods/besteffort/podu1/c4");
-        let pids = |text: &str| {
-            std::fs::write(dir.join("pids.max"), text).unwrap_or_else(|e| panic!("{e}"));
-            let result = set_pids_max(&attach, "c4", path, 256).map_err(|e| vfplane_host::error_chain(&e));
-            let after = std::fs::read_to_string(dir.join("pids.max")).unwrap_or_default();
-            (result, after.trim().to_owned())
+            .map(|_| ())
+            .map_err(|e| e.to_string())
         };
-        assert_eq!(pids("max\n"), (Ok(()), "256".to_owned()), "unbounded: set");
-        assert_eq!(pids("4096\n"), (Ok(()), "256".to_owned()), "looser: lowered");
-        assert_eq!(pids("100\n"), (Ok(()), "100".to_owned()), "stricter: kept");
-        let err = set_pids_max(&attach, "c4", Some("/kubepods/gone"), 256)
-            .map_err(|e| vfplane_host::error_chain(&e));
+        let memlock = check("c3", r#"{"linux":{"resources":{"pids":{"limit":256}}}}"#);
+        assert_eq!(
+            memlock,
+            Err("container c3: its spec does not give it RLIMIT_MEMLOCK of at least 67108864 bytes (it has no \
+                 RLIMIT_MEMLOCK): vfplane's NRI plugin did not adjust it; is NRI enabled in the container \
+                 runtime, and vfplane's device plugin running?"
+                .to_owned())
+        );
+        let low = check(
+            "c4",
+            r#"{"process":{"rlimits":[{"type":"RLIMIT_MEMLOCK","hard":8388608,"soft":8388608}]}}"#,
+        );
         assert!(
-            err.as_ref().is_err_and(
-                |e| e.starts_with("container c4: cannot give its cgroup pids.max 256:")
-                    && e.contains("does not exist")
-            ),
-            "{err:?}"
+            low.as_ref().is_err_and(|e| e.contains("(it has 8388608 bytes)")),
+            "{low:?}"
+        );
+        let pids = check(
+            "c5",
+            r#"{"process":{"rlimits":[{"type":"RLIMIT_MEMLOCK","hard":67108864,"soft":67108864}]},
+                "linux":{"resources":{"pids":{"limit":4096}}}}"#,
+        );
+        assert!(
+            pids.as_ref()
+                .is_err_and(|e| e.contains("a pids limit of at most 256 (it has pids limit 4096)")),
+            "{pids:?}"
+        );
+        let unlimited = check(
+            "c6",
+            r#"{"process":{"rlimits":[{"type":"RLIMIT_MEMLOCK","hard":67108864,"soft":67108864}]},
+                "linux":{"resources":{"pids":{"limit":-1}}}}"#,
+        );
+        assert!(unlimited.is_err(), "-1 is no limit: {unlimited:?}");
+        let stricter = check(
+            "c7",
+            r#"{"process":{"rlimits":[{"type":"RLIMIT_MEMLOCK","hard":134217728,"soft":134217728}]},
+                "linux":{"resources":{"pids":{"limit":100}}}}"#,
+        );
+        assert_eq!(
+            stricter,
+            Ok(()),
+            "more locked memory and fewer tasks than the profile pass"
         );
     }
 
@@ -910,9 +659,9 @@ mod tests {
             .unwrap_or_default();
         let (uid, gid) = if me.0 == 0 { (1000, 2000) } else { me };
         let with_user = |uid: u32, gid: u32| Bundle {
-            cgroups_path: None,
             user: Some((uid, gid)),
             rootfs: Some(bundle.join("rootfs")),
+            ..Bundle::default()
         };
         let result = own_device("c5", 42, "/dev/vfio/7", &with_user(uid, gid), &proc_root)
             .map_err(|e| vfplane_host::error_chain(&e));

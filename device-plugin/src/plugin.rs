@@ -62,6 +62,10 @@ pub struct PluginConfig {
     pub oci_hook_dir: Option<PathBuf>,
     /// The VF state directory ([`vfplane_proto::vf_state`]).
     pub state_dir: PathBuf,
+    /// The container runtime's NRI socket, which the plugin connects to
+    /// (and reconnects to whenever the runtime restarts); `None`: no NRI,
+    /// and pools with a container profile refuse `Allocate`.
+    pub nri_socket: Option<PathBuf>,
     /// Serve metrics here.
     pub metrics_addr: Option<SocketAddr>,
     /// Period of the safety-net health probe; kernel events and inotify
@@ -91,6 +95,7 @@ impl PluginConfig {
             cdi_dir: Some(PathBuf::from("/var/run/cdi")),
             oci_hook_dir: None,
             state_dir: PathBuf::from(vfplane_proto::vf_state::DEFAULT_STATE_DIR),
+            nri_socket: Some(PathBuf::from(crate::nri::DEFAULT_SOCKET)),
             metrics_addr: None,
             rescan_interval: Duration::from_secs(1),
             discovery_interval: Duration::from_secs(30),
@@ -189,7 +194,20 @@ pub async fn start(config: PluginConfig) -> Result<RunningPlugin> {
         scrub_wait: config.scrub_wait,
         owners: RwLock::default(),
         cdi: CdiWriter::new(config.cdi_dir.clone(), install_oci_hook(&config)),
+        edits: RwLock::default(),
+        nri: crate::nri::NriState::default(),
         metrics: NodeMetrics::default(),
+    });
+    let nri_task = config.nri_socket.clone().map(|socket| {
+        let plugin = Arc::new(crate::nri::ContainerLimits::new(Arc::clone(&node)));
+        tokio::spawn(async move {
+            // The name and index are constants that pass the check.
+            if let Ok(registration) =
+                vfplane_nri::Registration::new(crate::nri::PLUGIN_NAME, crate::nri::PLUGIN_INDEX)
+            {
+                vfplane_nri::run(&socket, registration, plugin).await;
+            }
+        })
     });
     let registry: Arc<RwLock<BTreeMap<String, Arc<PoolShared>>>> = Arc::default();
 
@@ -261,6 +279,7 @@ pub async fn start(config: PluginConfig) -> Result<RunningPlugin> {
         events,
         last_config_text: None,
         metrics_task,
+        nri_task,
         kubelet_socket,
     };
     if let Some((text, parsed)) = initial {
@@ -548,6 +567,8 @@ struct Supervisor {
     events: mpsc::UnboundedReceiver<FsEvent>,
     last_config_text: Option<String>,
     metrics_task: Option<JoinHandle<()>>,
+    /// The NRI plugin's connection loop.
+    nri_task: Option<JoinHandle<()>>,
     kubelet_socket: PathBuf,
 }
 
@@ -781,6 +802,9 @@ impl Supervisor {
             let _ = stop.await;
         }
         if let Some(task) = self.metrics_task.take() {
+            task.abort();
+        }
+        if let Some(task) = self.nri_task.take() {
             task.abort();
         }
         if let Some(thread) = self.scanner_thread.take() {

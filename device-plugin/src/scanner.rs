@@ -160,6 +160,15 @@ pub(crate) fn run(
             }));
             publish(shared, view);
         }
+        {
+            let mut edits = node
+                .edits
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if **edits != cdi_devices {
+                *edits = Arc::new(cdi_devices.clone());
+            }
+        }
         match node.cdi.update(&cdi_devices) {
             Ok(()) => last_cdi_error = None,
             Err(error) => {

@@ -32,10 +32,40 @@ pub(crate) struct NodeContext {
     pub scrub_wait: std::time::Duration,
     pub owners: RwLock<Arc<BTreeMap<PciAddress, String>>>,
     pub cdi: CdiWriter,
+    /// What a container of each VF with a VFIO node gets (its node, its
+    /// pool's profile), as last scanned and as handed out since: what the
+    /// NRI plugin adjusts containers from.
+    pub edits: RwLock<Arc<BTreeMap<PciAddress, CdiEntry>>>,
+    /// Whether the NRI plugin is registered with the runtime.
+    pub nri: crate::nri::NriState,
     pub metrics: NodeMetrics,
 }
 
 impl NodeContext {
+    pub fn vf_edits(&self) -> Arc<BTreeMap<PciAddress, CdiEntry>> {
+        Arc::clone(
+            &self
+                .edits
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
+    }
+
+    /// Adds VFs just handed out to the table (the scanner replaces it
+    /// whole at its next scan).
+    pub fn add_vf_edits(&self, devices: &[(PciAddress, CdiEntry)]) {
+        let mut edits = self
+            .edits
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if devices.iter().all(|(a, e)| edits.get(a) == Some(e)) {
+            return;
+        }
+        let mut table = BTreeMap::clone(&edits);
+        table.extend(devices.iter().cloned());
+        *edits = Arc::new(table);
+    }
+
     pub fn owners(&self) -> Arc<BTreeMap<PciAddress, String>> {
         Arc::clone(
             &self
@@ -423,15 +453,23 @@ impl DevicePluginService {
         devices: &[DeviceStatus],
     ) -> Result<dp::ContainerAllocateResponse, Status> {
         let cdi = &self.shared.node.cdi;
-        if let Some(wants) = crate::cdi::needs_hook(pool)
-            && !cdi.has_hook()
-        {
-            return Err(Status::failed_precondition(format!(
-                "pool {} gives its containers {wants} through a CDI hook, \
-                 but this plugin writes no CDI spec or has no vfplane-oci-hook installed (--no-cdi, \
-                 or --oci-hook-dir unset or not writable)",
-                pool.name
-            )));
+        if let Some(wants) = crate::cdi::needs_hook(pool) {
+            if !self.shared.node.nri.connected() {
+                return Err(Status::failed_precondition(format!(
+                    "pool {} gives its containers {wants} through the container runtime's NRI, \
+                     but vfplane's NRI plugin is not registered with the runtime (is NRI enabled in \
+                     the runtime, and its socket mounted at --nri-socket?)",
+                    pool.name
+                )));
+            }
+            if !cdi.has_hook() {
+                return Err(Status::failed_precondition(format!(
+                    "pool {} gives its containers {wants}, which vfplane-oci-hook checks, \
+                     but this plugin writes no CDI spec or has no vfplane-oci-hook installed (--no-cdi, \
+                     or --oci-hook-dir unset or not writable)",
+                    pool.name
+                )));
+            }
         }
         let mut specs = vec![device_spec("/dev/vfio/vfio")];
         let mut nodes: Vec<(PciAddress, CdiEntry)> = Vec::with_capacity(devices.len());
@@ -470,6 +508,7 @@ impl DevicePluginService {
         ]
         .into_iter()
         .collect();
+        self.shared.node.add_vf_edits(&nodes);
         let cdi_devices = if cdi.enabled() {
             cdi.ensure(&nodes)
                 .map_err(|e| Status::internal(vfplane_host::error_chain(&e)))?;

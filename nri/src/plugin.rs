@@ -181,6 +181,11 @@ pub trait Plugin: Send + Sync + 'static {
         _container: Option<&api::Container>,
     ) {
     }
+
+    /// The plugin was registered with the runtime (`true`), or its
+    /// connection ended (`false`): while it is not connected, the runtime
+    /// creates containers without its adjustments.
+    fn connection_changed(&self, _connected: bool) {}
 }
 
 /// Why a connection to the runtime ended in error.
@@ -370,6 +375,7 @@ where
         }
     });
     let pending: Pending = Arc::default();
+    let connection_plugin = Arc::clone(&plugin);
     let reading = {
         let out = out.clone();
         let pending = Arc::clone(&pending);
@@ -418,10 +424,10 @@ where
         Err(error)
     } else {
         tracing::info!(plugin = %registration.name, index = %registration.index, "NRI: registered with the runtime");
-        match reading.await {
-            Ok(result) => result,
-            Err(_) => Ok(()),
-        }
+        connection_plugin.connection_changed(true);
+        let result = reading.await.unwrap_or(Ok(()));
+        connection_plugin.connection_changed(false);
+        result
     };
     drop(out);
     let _ = writing.await;

@@ -23,6 +23,7 @@ use vfplane_nri::{Events, Plugin, Refusal, Registration};
 struct PidsPlugin {
     synchronized: Mutex<Vec<String>>,
     removed: Mutex<Vec<String>>,
+    connections: Mutex<Vec<bool>>,
 }
 
 impl Plugin for PidsPlugin {
@@ -61,6 +62,10 @@ impl Plugin for PidsPlugin {
             }),
             ..Default::default()
         })
+    }
+
+    fn connection_changed(&self, connected: bool) {
+        self.connections.lock().unwrap().push(connected);
     }
 
     fn state_change(
@@ -303,6 +308,11 @@ async fn the_plugin_registers_configures_synchronizes_and_adjusts_like_the_runti
     // The runtime goes away: the connection ends without error.
     drop(runtime);
     serving.await.unwrap().expect("a clean end");
+    assert_eq!(
+        *plugin.connections.lock().unwrap(),
+        [true, false],
+        "both ends heard of"
+    );
 }
 
 #[tokio::test]

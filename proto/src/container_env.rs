@@ -68,11 +68,71 @@ pub fn parse_address_list(value: &str) -> Result<Vec<PciAddress>, ParsePciAddres
         .collect()
 }
 
+/// Every VF an environment names (`NAME=value` entries, as an OCI spec
+/// lists them): the addresses of each `PCIDEVICE_VFPLANE_IO_<POOL>`
+/// variable, the info variables skipped, in the order they appear.
+///
+/// # Errors
+/// The first `PCIDEVICE_VFPLANE_IO_<POOL>` variable whose value is not a
+/// list of PCI addresses, with its name.
+pub fn vfs_in_env<'a>(env: impl IntoIterator<Item = &'a str>) -> Result<Vec<PciAddress>, BadEnvVar> {
+    let prefix = pci_env_var("");
+    let mut vfs = Vec::new();
+    for entry in env {
+        let Some((name, value)) = entry.split_once('=') else {
+            continue;
+        };
+        if !name.starts_with(&prefix) || name.ends_with(INFO_SUFFIX) || name.len() == prefix.len() {
+            continue;
+        }
+        let parsed = parse_address_list(value).map_err(|source| BadEnvVar {
+            name: name.to_owned(),
+            source,
+        })?;
+        for vf in parsed {
+            if !vfs.contains(&vf) {
+                vfs.push(vf);
+            }
+        }
+    }
+    Ok(vfs)
+}
+
+/// A `PCIDEVICE_VFPLANE_IO_<POOL>` variable that is not a list of addresses.
+#[derive(Debug, thiserror::Error)]
+#[error("{name} is not a list of PCI addresses")]
+pub struct BadEnvVar {
+    /// The variable.
+    pub name: String,
+    /// The item that is not an address.
+    #[source]
+    pub source: ParsePciAddressError,
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
+
+    #[test]
+    fn the_vfs_of_every_pool_variable_are_found_and_the_info_skipped() {
+        let env = [
+            "PATH=/bin",
+            "PCIDEVICE_VFPLANE_IO_FAST=0000:00:12.0, 0000:00:12.2",
+            "PCIDEVICE_VFPLANE_IO_FAST_INFO={\"0000:00:12.0\":{}}",
+            "PCIDEVICE_VFPLANE_IO_SLOW=0000:21:10.0,0000:00:12.0",
+            "PCIDEVICE_VFPLANE_IO_=0000:00:13.0",
+            "NOT_AN_ENTRY",
+        ];
+        let vfs: Vec<String> = vfs_in_env(env).unwrap().iter().map(ToString::to_string).collect();
+        assert_eq!(vfs, ["0000:00:12.0", "0000:00:12.2", "0000:21:10.0"]);
+        let error = vfs_in_env(["PCIDEVICE_VFPLANE_IO_FAST=12.0"]).unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "PCIDEVICE_VFPLANE_IO_FAST is not a list of PCI addresses"
+        );
+    }
 
     #[test]
     fn round_trips_and_names() {

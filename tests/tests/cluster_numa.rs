@@ -1,10 +1,14 @@
 //! A `numaAligned` pool on the real cluster with two NUMA nodes: the
 //! testbed's `TwoNumaNodes` guest (one CPU each) as the node, the PF
-//! 0000:21:00.0 behind a PCIe expander bridge on node 1. A pod given a VF
-//! of that PF runs on node 1's CPU and memory: the OCI hook set its
-//! cgroup's cpuset before its first instruction, the pod sees it in
-//! `/proc/self/status`, and the agent reads it back into the VF's status
-//! with no problem; its `memory.max`, `cpu.max` and `pids.max` are what the
+//! 0000:21:00.0 behind a PCIe expander bridge on node 1. A Guaranteed pod
+//! given a VF of that PF runs on node 1's CPU and memory, the pod sees it
+//! in `/proc/self/status`, and the agent reads it back into the VF's status
+//! with no problem. On the minimal node (no CPU manager) vfplane's NRI
+//! plugin put the VF's NUMA cpuset into the container's spec; on the
+//! systemd node the kubelet's static CPU manager, Topology Manager and
+//! memory manager placed it from the plugin's TopologyInfo (CPU 0 is
+//! reserved, CPU 1 on node 1 is the exclusive one), and vfplane left the
+//! kubelet's cpuset alone; its `memory.max`, `cpu.max` and `pids.max` are what the
 //! profile says. When the policy then asks for more memory than the
 //! running container has, the agent says so in the VF's status, in a
 //! Kubernetes Event on the pod and in its metrics.
@@ -14,8 +18,8 @@
 use std::time::Duration;
 
 use serde_json::Value;
-use xtask::cluster::ClusterOptions;
 use xtask::cluster::images::VFPLANE_IMAGE;
+use xtask::cluster::{ClusterOptions, NodeProfile};
 use xtask::session::{Session, events, node_vf_statuses};
 use xtask::testbed::{GuestOptions, Testbed, Topology};
 
@@ -71,9 +75,19 @@ spec:
 }
 
 #[test]
-fn a_numa_aligned_pools_container_runs_on_its_vfs_numa_node() {
+fn on_the_systemd_node_a_numa_aligned_pools_guaranteed_container_runs_on_its_vfs_numa_node() {
+    numa_aligned(NodeProfile::Systemd);
+}
+
+#[test]
+fn on_the_minimal_node_a_numa_aligned_pools_container_runs_on_its_vfs_numa_node() {
+    numa_aligned(NodeProfile::Minimal);
+}
+
+fn numa_aligned(node_profile: NodeProfile) {
     let testbed = Testbed::prepare().expect("testbed");
     let options = ClusterOptions {
+        node_profile,
         guest: GuestOptions {
             topology: Topology::TwoNumaNodes,
             cpus: 2,

@@ -5,9 +5,10 @@
 //!
 //! - Tenant 0, without the profile's `lockedMemory`: the driver cannot pin
 //!   its DMA memory and its error names the limit and the fix.
-//! - Tenant 1, with it: the OCI hook raised RLIMIT_MEMLOCK before its first
-//!   instruction and gave it the VF's group node, so it runs the driver
-//!   (DMA mapped). It changes the VF's MAC through the PF mailbox and is
+//! - Tenant 1, with it: vfplane's NRI plugin put RLIMIT_MEMLOCK and the
+//!   pids bound into its spec (runc applied them before its first
+//!   instruction) and the OCI hook gave it the VF's group node, so it runs
+//!   the driver (DMA mapped). It changes the VF's MAC through the PF mailbox and is
 //!   deleted while its receive rings run. While its pod lives the VF
 //!   carries a handed-out mark and its owner (status, metrics); after the
 //!   pod is deleted the agent scrubs the VF (function reset, the spec's
@@ -21,6 +22,9 @@
 //!   to 0) and tenant 3 stays Pending. Once the reset works again, the
 //!   retried scrub releases the VF (Event) and tenant 3 runs on it.
 //!
+//! It runs on both nodes: the systemd one (systemd cgroup driver, static
+//! CPU manager) and the minimal one (cgroupfs).
+//!
 //! The times it prints: pod applied and running to attributed, what the
 //! OCI hook took per container, pod deleted to VF scrubbed, and quarantine
 //! to release after the fault is cleared.
@@ -31,7 +35,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use xtask::cluster::images::VFPLANE_IMAGE;
-use xtask::cluster::{ClusterOptions, NODE_NAME};
+use xtask::cluster::{ClusterOptions, NODE_NAME, NodeProfile};
 use xtask::session::{NAMESPACE, Session, events, node_vf_statuses};
 use xtask::testbed::Testbed;
 use xtask::testbed::wire::test_frame;
@@ -147,9 +151,24 @@ fn parse_mac(text: &str) -> [u8; 6] {
 }
 
 #[test]
-fn a_released_vf_is_scrubbed_before_the_next_tenant_and_quarantined_when_its_reset_fails() {
+fn on_the_systemd_node_a_released_vf_is_scrubbed_before_the_next_tenant_and_quarantined_when_its_reset_fails()
+{
+    scrub_and_quarantine(NodeProfile::Systemd);
+}
+
+#[test]
+fn on_the_minimal_node_a_released_vf_is_scrubbed_before_the_next_tenant_and_quarantined_when_its_reset_fails()
+{
+    scrub_and_quarantine(NodeProfile::Minimal);
+}
+
+fn scrub_and_quarantine(node_profile: NodeProfile) {
     let testbed = Testbed::prepare().expect("testbed");
-    let mut session = Session::start(&testbed, ClusterOptions::default()).expect("cluster");
+    let options = ClusterOptions {
+        node_profile,
+        ..ClusterOptions::default()
+    };
+    let mut session = Session::start(&testbed, options).expect("cluster");
     session.install_vfplane().expect("helm install");
     session.apply(&policy(false)).expect("policy");
     session
@@ -274,7 +293,7 @@ fn a_released_vf_is_scrubbed_before_the_next_tenant_and_quarantined_when_its_res
     assert_eq!(container["lockedMemory"], "67108864", "{container}");
     assert_eq!(
         container["pidsMax"], "64",
-        "the hook bounded the container's tasks: {container}"
+        "the NRI plugin bounded the container's tasks: {container}"
     );
     assert!(
         container["problems"].as_array().is_none_or(Vec::is_empty),
@@ -322,7 +341,7 @@ fn a_released_vf_is_scrubbed_before_the_next_tenant_and_quarantined_when_its_res
         .unwrap();
     let record: Value = serde_json::from_str(record.trim()).unwrap();
     eprintln!(
-        "OCI hook time for tenant 1's container (memlock, pids.max, device owner, record): {} us",
+        "OCI hook time for tenant 1's container (the spec's check, device owner, record): {} us",
         record["hookMicros"]
     );
     // The pod holds the VF: no scrub, though frames keep arriving.

@@ -781,6 +781,8 @@ fn the_node_pod_mounts_the_host_and_no_container_is_privileged() {
         // The handed-out marks of the VFs it gives out (scrub on release).
         ("/run/vfplane", false),
         ("/var/lib/vfplane", true),
+        // The runtime's NRI socket: the plugin adjusts VF containers' specs.
+        ("/var/run/nri", false),
     ]
     .into_iter()
     .map(|(p, ro)| (p.to_owned(), (p.to_owned(), ro)))

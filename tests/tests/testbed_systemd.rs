@@ -87,15 +87,25 @@ fn the_systemd_node_boots_as_production_runs_and_systemd_reverts_raw_cgroup_writ
     );
     // The kernel spreads the boot-time hugepages over the NUMA nodes.
     let half = (xtask::testbed::DEFAULT_HUGEPAGES_2M / 2).to_string();
-    assert_eq!((value("node0_hugepages"), value("node1_hugepages")), (half.clone(), half));
-    assert_eq!((value("node0_cpus"), value("node1_cpus")), ("0-1".to_owned(), "2-3".to_owned()));
+    assert_eq!(
+        (value("node0_hugepages"), value("node1_hugepages")),
+        (half.clone(), half)
+    );
+    assert_eq!(
+        (value("node0_cpus"), value("node1_cpus")),
+        ("0-1".to_owned(), "2-3".to_owned())
+    );
     // systemd's own default, which containerd's unit keeps: 8 MiB.
     assert_eq!(value("memlock_default"), "8388608");
 
     // The premise of applying limits through the runtime: systemd owns the
     // files of the units it manages.
     assert_eq!(value("raw_written"), "64");
-    assert_ne!(value("raw_after_reload"), "64", "daemon-reload puts back the unit's TasksMax");
+    assert_ne!(
+        value("raw_after_reload"),
+        "64",
+        "daemon-reload puts back the unit's TasksMax"
+    );
     assert_eq!(value("property_after_reload"), "64", "a unit property holds");
     assert_ne!(
         value("raw_after_property_change"),

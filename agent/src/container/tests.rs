@@ -202,6 +202,13 @@ fn a_systemd_cgroup_path_is_read_from_its_scope_in_the_slices() {
         "read from the scope"
     );
     assert_eq!(container.cpus.as_deref(), Some("0-1"));
+    assert_eq!(
+        container.cgroup.as_deref(),
+        Some(
+            "/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-podu1.slice/cri-containerd-c1.scope"
+        ),
+        "the directory, not the driver's form"
+    );
 }
 
 #[test]
