@@ -34,6 +34,9 @@ pub struct Owner {
     pub container: String,
     /// The `vfplane.io/` resource it asked for.
     pub resource: String,
+    /// The CPUs the kubelet's static CPU manager gave the container for
+    /// itself (pod-resources `cpu_ids`); empty without exclusive CPUs.
+    pub exclusive_cpus: Vec<u32>,
 }
 
 impl std::fmt::Display for Owner {
@@ -116,6 +119,11 @@ pub fn owners_from(response: &pr::ListPodResourcesResponse) -> Result<Owners, At
                         pod: pod.name.clone(),
                         container: container.name.clone(),
                         resource: devices.resource_name.clone(),
+                        exclusive_cpus: container
+                            .cpu_ids
+                            .iter()
+                            .filter_map(|c| u32::try_from(*c).ok())
+                            .collect(),
                     };
                     let address: PciAddress = device.parse().map_err(|_| AttributionError::BadDevice {
                         device: device.clone(),

@@ -57,6 +57,8 @@ struct Wanted {
     /// For a `numaAligned` pool whose VF's NUMA node is known: the node and
     /// its CPUs.
     numa: Option<(u32, String)>,
+    /// How many CPUs the static CPU manager gave the container for itself.
+    exclusive_cpus: usize,
 }
 
 impl ContainerView {
@@ -114,6 +116,7 @@ impl ContainerView {
                         .filter(|l| l.numa_aligned)
                         .and(numa_node)
                         .and_then(|node| self.host.numa_node_cpus(node).ok().map(|cpus| (node, cpus))),
+                    exclusive_cpus: owner.exclusive_cpus.len(),
                 };
                 vf.container = Some(self.read(record, &wanted));
             }
@@ -176,11 +179,19 @@ impl ContainerView {
                         } else {
                             quota.to_string()
                         };
+                        // A container on exclusive CPUs runs without a CFS
+                        // quota (the kubelet drops it for them): its CPUs
+                        // are its limit.
+                        let exclusive_millis = u128::try_from(wanted.exclusive_cpus).unwrap_or(0) * 1000;
                         if let Some(wanted) = wanted.limits.cpu_millis {
-                            let have = u64::try_from(quota)
-                                .ok()
-                                .filter(|_| period > 0)
-                                .map(|q| u128::from(q) * 1000 / u128::from(period));
+                            let have = if quota < 0 && exclusive_millis > 0 {
+                                Some(exclusive_millis)
+                            } else {
+                                u64::try_from(quota)
+                                    .ok()
+                                    .filter(|_| period > 0)
+                                    .map(|q| u128::from(q) * 1000 / u128::from(period))
+                            };
                             if have.is_none_or(|h| h < u128::from(wanted)) {
                                 problems.push(format!(
                                     "cpu.max is \"{text} {period}\", the pool's profile wants a CPU limit of at least {wanted} millicores"

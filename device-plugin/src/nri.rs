@@ -212,10 +212,6 @@ mod tests {
     use crate::cdi::NumaCpuset;
     use crate::health::VfioNode;
 
-    fn vf(text: &str) -> PciAddress {
-        text.parse().unwrap()
-    }
-
     fn entry(memlock: Option<u64>, pids: Option<u64>, numa: Option<(&str, &str)>) -> CdiEntry {
         CdiEntry {
             node: VfioNode::Group(4),

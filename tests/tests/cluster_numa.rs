@@ -84,13 +84,27 @@ fn on_the_minimal_node_a_numa_aligned_pools_container_runs_on_its_vfs_numa_node(
     numa_aligned(NodeProfile::Minimal);
 }
 
+/// One cluster at a time: its guest alone takes most of the machine's two
+/// cores (the two tests of this file would otherwise run at once).
+static ONE_CLUSTER: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn numa_aligned(node_profile: NodeProfile) {
+    let _cluster = ONE_CLUSTER
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let testbed = Testbed::prepare().expect("testbed");
     let options = ClusterOptions {
         node_profile,
         guest: GuestOptions {
             topology: Topology::TwoNumaNodes,
-            cpus: 2,
+            // The systemd node reserves CPU 0 for the system and vfplane's
+            // own pods take a share of the rest: node 1 needs CPUs of its
+            // own to hand out whole.
+            cpus: if node_profile == NodeProfile::Systemd {
+                4
+            } else {
+                2
+            },
             ..GuestOptions::default()
         },
         node_extra: None,
@@ -100,7 +114,13 @@ fn numa_aligned(node_profile: NodeProfile) {
         .cluster_mut()
         .node_exec("cat /sys/devices/system/node/node1/cpulist")
         .unwrap();
-    assert_eq!(cpus.trim(), "1", "the node's NUMA node 1 has CPU 1");
+    let node1_cpus = cpus.trim().to_owned();
+    let expected = if node_profile == NodeProfile::Systemd {
+        "2-3"
+    } else {
+        "1"
+    };
+    assert_eq!(node1_cpus, expected, "the node's NUMA node 1 CPUs");
     session.install_vfplane().expect("helm install");
     session.apply(&policy("128Mi")).expect("policy");
     session
@@ -121,10 +141,18 @@ fn numa_aligned(node_profile: NodeProfile) {
             .unwrap_or_default()
             .to_owned()
     };
+    let allowed = field("Cpus_allowed_list:");
+    match node_profile {
+        NodeProfile::Minimal => assert_eq!(allowed, node1_cpus, "vfplane's NUMA cpuset: node 1's CPUs"),
+        NodeProfile::Systemd => assert!(
+            ["2", "3"].contains(&allowed.as_str()),
+            "one exclusive CPU of node 1, the static CPU manager's, aligned by the Topology Manager: {allowed}"
+        ),
+    }
     assert_eq!(
-        (field("Cpus_allowed_list:"), field("Mems_allowed_list:")),
-        ("1".to_owned(), "1".to_owned()),
-        "the container runs on NUMA node 1's CPU and memory"
+        field("Mems_allowed_list:"),
+        "1",
+        "the container's memory on NUMA node 1"
     );
     let report: Value = logs
         .lines()
@@ -142,13 +170,16 @@ fn numa_aligned(node_profile: NodeProfile) {
             Duration::from_secs(60),
             |c| {
                 Ok(node_vf_statuses(c)?.iter().any(|vf| {
-                    vf["container"]["cpus"] == "1"
+                    vf["container"]["cpus"] == allowed.as_str()
                         && vf["container"]["mems"] == "1"
                         && vf["container"]["problems"].as_array().is_none_or(Vec::is_empty)
                 }))
             },
         )
-        .unwrap();
+        .unwrap_or_else(|e| {
+            let statuses = node_vf_statuses(session.cluster()).unwrap_or_default();
+            panic!("{e:#}\n--- the VFs' statuses ---\n{statuses:#?}")
+        });
     // What the runtime and the hook gave the container, in its cgroup and
     // in the status: the profile's memory, one CPU, 128 tasks.
     let vf = node_vf_statuses(session.cluster())
@@ -157,6 +188,12 @@ fn numa_aligned(node_profile: NodeProfile) {
         .find(|v| v["container"].is_object())
         .unwrap();
     let container = &vf["container"];
+    // The kubelet drops the CFS quota of a container on exclusive CPUs:
+    // its CPU is its own.
+    let cpu_max = match node_profile {
+        NodeProfile::Systemd => "max 100000",
+        NodeProfile::Minimal => "100000 100000",
+    };
     assert_eq!(
         [
             &container["memoryMax"],
@@ -165,7 +202,7 @@ fn numa_aligned(node_profile: NodeProfile) {
         ],
         [
             &Value::from("134217728"),
-            &Value::from("100000 100000"),
+            &Value::from(cpu_max),
             &Value::from("128")
         ],
         "{container}"
@@ -179,7 +216,7 @@ fn numa_aligned(node_profile: NodeProfile) {
         .unwrap();
     assert_eq!(
         files.lines().collect::<Vec<_>>(),
-        ["134217728", "100000 100000", "128"],
+        ["134217728", cpu_max, "128"],
         "read in the node's cgroup fs"
     );
 

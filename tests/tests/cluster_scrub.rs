@@ -162,7 +162,14 @@ fn on_the_minimal_node_a_released_vf_is_scrubbed_before_the_next_tenant_and_quar
     scrub_and_quarantine(NodeProfile::Minimal);
 }
 
+/// One cluster at a time: its guest alone takes most of the machine's two
+/// cores (the two tests of this file would otherwise run at once).
+static ONE_CLUSTER: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn scrub_and_quarantine(node_profile: NodeProfile) {
+    let _cluster = ONE_CLUSTER
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let testbed = Testbed::prepare().expect("testbed");
     let options = ClusterOptions {
         node_profile,
@@ -223,7 +230,10 @@ fn scrub_and_quarantine(node_profile: NodeProfile) {
     let cdi = |session: &mut Session| {
         session
             .cluster_mut()
-            .node_exec("cat /proc/1/root/var/run/cdi/vfplane.io-vf.json")
+            // Inside the node's root: /var/run is a link to /run on the
+            // systemd node, which /proc/1/root/var/run would resolve in
+            // the shell's own root.
+            .node_exec("chroot /proc/1/root cat /var/run/cdi/vfplane.io-vf.json")
             .unwrap_or_default()
     };
     let began = Instant::now();

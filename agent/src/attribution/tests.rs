@@ -122,6 +122,7 @@ fn annotate_sets_and_clears_owners() {
             pod: "p".into(),
             container: "c".into(),
             resource: "vfplane.io/fast".into(),
+            exclusive_cpus: Vec::new(),
         },
     );
     annotate(&mut status, &owners);

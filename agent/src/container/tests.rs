@@ -99,6 +99,7 @@ fn owners() -> Owners {
             pod: "tenant-1".to_owned(),
             container: "app".to_owned(),
             resource: "vfplane.io/fast".to_owned(),
+            exclusive_cpus: Vec::new(),
         },
     )])
 }
@@ -208,6 +209,39 @@ fn a_systemd_cgroup_path_is_read_from_its_scope_in_the_slices() {
             "/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-podu1.slice/cri-containerd-c1.scope"
         ),
         "the directory, not the driver's form"
+    );
+}
+
+#[test]
+fn a_container_on_exclusive_cpus_without_a_quota_meets_the_profiles_cpu() {
+    let node = node("67108864");
+    let dir = node.view.cgroup_root.join(CGROUP.trim_start_matches('/'));
+    fs::write(dir.join("cpu.max"), "max 100000\n").unwrap();
+    let problems = |owners: &Owners, cpu_millis: u64| {
+        let mut pools = pools();
+        pools.pools[0].container_limits.cpu_millis = Some(cpu_millis);
+        let mut status = status();
+        node.view.annotate(&mut status, owners, &pools);
+        status.pfs[0].vfs[0].container.clone().unwrap().problems
+    };
+    assert_eq!(
+        problems(&owners(), 1000),
+        ["cpu.max is \"max 100000\", the pool's profile wants a CPU limit of at least 1000 millicores"],
+        "no quota and no CPU of its own: nothing bounds what it gets"
+    );
+    let mut exclusive = owners();
+    for owner in exclusive.values_mut() {
+        owner.exclusive_cpus = vec![2];
+    }
+    assert_eq!(
+        problems(&exclusive, 1000),
+        Vec::<String>::new(),
+        "one exclusive CPU is 1000 millicores"
+    );
+    assert_eq!(
+        problems(&exclusive, 2000).len(),
+        1,
+        "one exclusive CPU is not 2000 millicores"
     );
 }
 

@@ -117,6 +117,7 @@ fn owned_by(address: PciAddress) -> Owners {
             pod: "pktgen".to_owned(),
             container: "app".to_owned(),
             resource: "vfplane.io/fast".to_owned(),
+            exclusive_cpus: Vec::new(),
         },
     );
     owners
