@@ -93,6 +93,17 @@ struct Runtime {
 }
 
 impl Runtime {
+    fn new(stream: UnixStream) -> Self {
+        let (reader, writer) = tokio::io::split(stream);
+        Self {
+            reader,
+            writer,
+            plugin_conn: Reassembler::default(),
+            runtime_conn: Reassembler::default(),
+            next_stream: 1,
+        }
+    }
+
     async fn next(&mut self, conn: u32) -> Message {
         loop {
             let (got, payload) = mux::read_frame(&mut self.reader).await.unwrap().expect("a frame");
@@ -164,14 +175,7 @@ async fn the_plugin_registers_configures_synchronizes_and_adjusts_like_the_runti
         let plugin = Arc::clone(&plugin);
         async move { vfplane_nri::serve(plugin_end, &registration, plugin).await }
     });
-    let (reader, writer) = tokio::io::split(runtime_end);
-    let mut runtime = Runtime {
-        reader,
-        writer,
-        plugin_conn: Reassembler::default(),
-        runtime_conn: Reassembler::default(),
-        next_stream: 1,
-    };
+    let mut runtime = Runtime::new(runtime_end);
 
     // The registration, on the runtime's connection, from an odd stream.
     let register = runtime.next(RUNTIME_SERVICE_CONN).await;
@@ -322,14 +326,7 @@ async fn a_refused_registration_ends_the_connection_with_the_runtimes_reason() {
     let serving = tokio::spawn(async move {
         vfplane_nri::serve(plugin_end, &registration, Arc::new(PidsPlugin::default())).await
     });
-    let (reader, writer) = tokio::io::split(runtime_end);
-    let mut runtime = Runtime {
-        reader,
-        writer,
-        plugin_conn: Reassembler::default(),
-        runtime_conn: Reassembler::default(),
-        next_stream: 1,
-    };
+    let mut runtime = Runtime::new(runtime_end);
     let register = runtime.next(RUNTIME_SERVICE_CONN).await;
     runtime
         .send(

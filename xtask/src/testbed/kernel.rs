@@ -130,17 +130,7 @@ fn fetch(cache: &Path) -> Result<()> {
     eprintln!("testbed: fetching guest kernel {package} with apt");
     let download = cache.join("download");
     let _ = fs::remove_dir_all(&download);
-    fs::create_dir_all(&download)?;
-    run_checked(
-        Command::new("apt-get")
-            .args(["download", "-qq", "-t", "bookworm-backports", &package])
-            .current_dir(&download),
-    )?;
-    let deb = fs::read_dir(&download)?
-        .filter_map(|e| e.ok())
-        .map(|e| e.path())
-        .find(|p| p.extension().is_some_and(|x| x == "deb"))
-        .context("apt-get download left no .deb")?;
+    let deb = download_deb(&download, &package)?;
     let root = download.join("root");
     run_checked(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&root))?;
 
@@ -196,6 +186,26 @@ fn fetch(cache: &Path) -> Result<()> {
     fs::write(cache.join("release"), format!("{release}\n"))?;
     fs::remove_dir_all(&download)?;
     Ok(())
+}
+
+/// Downloads the kernel package `package` from bookworm-backports with
+/// apt into `dir` (made if missing) and returns the `.deb`.
+///
+/// # Errors
+/// apt failing, or leaving no `.deb`.
+pub(super) fn download_deb(dir: &Path, package: &str) -> Result<PathBuf> {
+    fs::create_dir_all(dir)?;
+    run_checked(
+        Command::new("apt-get")
+            .args(["download", "-qq", "-t", "bookworm-backports", package])
+            .current_dir(dir),
+    )
+    .with_context(|| format!("apt-get download {package}"))?;
+    fs::read_dir(dir)?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "deb"))
+        .context("apt-get download left no .deb")
 }
 
 /// `kernel/drivers/net/igb/igb.ko.xz` -> `igb.ko`.

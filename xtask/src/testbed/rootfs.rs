@@ -193,19 +193,7 @@ fn build_tree(root: &Path, work: &Path, kernel: &GuestKernel) -> Result<()> {
     // The kernel's own package, unpacked as dpkg would: its modules in
     // /lib/modules/<release> with their index, so modprobe, udev and
     // systemd-modules-load work as on any Debian node.
-    let download = work.join("kernel");
-    fs::create_dir_all(&download)?;
-    run_checked(
-        Command::new("apt-get")
-            .args(["download", "-qq", "-t", "bookworm-backports", &kernel.package])
-            .current_dir(&download),
-    )
-    .with_context(|| format!("apt-get download {}", kernel.package))?;
-    let deb = fs::read_dir(&download)?
-        .filter_map(|e| e.ok())
-        .map(|e| e.path())
-        .find(|p| p.extension().is_some_and(|x| x == "deb"))
-        .context("apt-get download left no .deb")?;
+    let deb = super::kernel::download_deb(&work.join("kernel"), &kernel.package)?;
     // Unpacked beside, then moved in: the package holds a real lib/
     // directory, which unpacked over the root would replace the merged-/usr
     // root's lib -> usr/lib link.
