@@ -6,7 +6,7 @@
 //! |---|---|---|---|
 //! | `/validate/vfpolicies` | VfPolicy | CREATE, UPDATE | overlapping or out-of-range VF ranges, PFs named twice, malformed `pfNames` / `pciAddresses`, the resource name, unreadable profile quantities, `numVfs` above a matched PF's `totalVfs` |
 //! | `/validate/pods` | Pod | CREATE, UPDATE of `pods/resize` | containers of a pool whose profile wants limits must set them, at least the profile's values |
-//! | `/mutate/pods` | Pod | CREATE, UPDATE of `pods/resize` | in [`PodMode::Mutate`], adds the missing limits (and equal requests) to a new pod instead of refusing it; in [`PodMode::Validate`], the same checks as `/validate/pods`. A resize is never mended: one that takes a limit below the profile is refused |
+//! | `/mutate/pods` | Pod | CREATE, UPDATE of `pods/resize` | in [`PodMode::Mutate`], adds the missing limits (and equal requests) to a new pod instead of refusing it; in [`PodMode::Validate`], the same checks as `/validate/pods`. In both modes, marks containers whose profile the runtime applies as needing vfplane's NRI plugin (see [`pod`]). A resize is never mended: one that takes a limit below the profile is refused |
 //!
 //! Every other operation (DELETE, CONNECT, other pod subresources, plain
 //! pod updates, which cannot change resources) is allowed.
@@ -49,7 +49,7 @@ use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 use vfplane_proto::vf_policy::{ContainerProfile, VfPolicy, VfPolicySpec};
 
-pub use pod::{DEFAULT_HUGEPAGES_RESOURCE, PodVerdict, admit_pod};
+pub use pod::{DEFAULT_HUGEPAGES_RESOURCE, PodChanges, PodVerdict, admit_pod};
 pub use policy::{policy_problems, validate_qualified_name};
 
 /// How often the certificate files are re-read by [`serve`].
@@ -242,8 +242,14 @@ fn decide(
     let response = AdmissionResponse::from(request);
     match endpoint {
         Endpoint::ValidatePolicies => decide_policy(request, view, response),
-        Endpoint::ValidatePods => decide_pod(request, view, false, response),
-        Endpoint::MutatePods => decide_pod(request, view, pod_mode == PodMode::Mutate, response),
+        Endpoint::ValidatePods => decide_pod(request, view, PodChanges::default(), response),
+        Endpoint::MutatePods => {
+            let changes = PodChanges {
+                limits: pod_mode == PodMode::Mutate,
+                nri_annotation: true,
+            };
+            decide_pod(request, view, changes, response)
+        }
     }
 }
 
@@ -301,7 +307,7 @@ fn decide_policy(
 fn decide_pod(
     request: &AdmissionRequest<DynamicObject>,
     view: &dyn ClusterView,
-    mutate: bool,
+    changes: PodChanges,
     mut response: AdmissionResponse,
 ) -> AdmissionResponse {
     // An in-place resize (`pods/resize`, UPDATE) may lower a limit below the
@@ -315,7 +321,9 @@ fn decide_pod(
         Ok(pod) => pod,
         Err(reason) => return response.deny(reason),
     };
-    let verdict = admit_pod(&pod, view, mutate && !resize);
+    // A resize is never mended, and cannot change annotations.
+    let changes = if resize { PodChanges::default() } else { changes };
+    let verdict = admit_pod(&pod, view, changes);
     if !verdict.warnings.is_empty() {
         response.warnings = Some(verdict.warnings);
     }

@@ -100,6 +100,12 @@ impl ClusterView for FakeCluster {
                 numa_aligned: true,
                 ..ContainerProfile::default()
             }),
+            // Only what the runtime applies: no limits to check or add.
+            "locked" => Some(ContainerProfile {
+                locked_memory: text("64Mi"),
+                pids: Some(64),
+                ..ContainerProfile::default()
+            }),
             "kernel" => Some(ContainerProfile::default()),
             _ => None,
         }
@@ -318,7 +324,16 @@ fn cases() -> Vec<Case> {
             Allow,
         ),
         case("pod-allow-limits-set.json", ValidatePods, Validate, Allow),
-        case("pod-allow-limits-set.json", MutatePods, Mutate, Allow),
+        // The pool's profile is numaAligned, which the runtime applies:
+        // the container is marked as needing vfplane's NRI plugin.
+        case(
+            "pod-allow-limits-set.json",
+            MutatePods,
+            Mutate,
+            Patch(json!([
+                {"op": "add", "path": "/metadata/annotations", "value": {"required-plugins.noderesource.dev/container.dpdk": "[\"vfplane\"]"}},
+            ])),
+        ),
         case(
             "pod-allow-limits-above-in-other-units.json",
             ValidatePods,
@@ -473,6 +488,7 @@ fn cases() -> Vec<Case> {
                 {"op": "add", "path": "/spec/containers/1/resources/limits/memory", "value": "1Gi"},
                 {"op": "add", "path": "/spec/containers/1/resources/requests/cpu", "value": "2"},
                 {"op": "add", "path": "/spec/containers/1/resources/requests/memory", "value": "1Gi"},
+                {"op": "add", "path": "/metadata/annotations", "value": {"required-plugins.noderesource.dev/container.dpdk": "[\"vfplane\"]"}},
             ])),
         ),
         case(
@@ -495,6 +511,7 @@ fn cases() -> Vec<Case> {
                 {"op": "add", "path": "/spec/containers/0/resources/limits", "value": {"cpu": "2", "memory": "1Gi"}},
                 {"op": "add", "path": "/spec/containers/0/resources/requests/cpu", "value": "2"},
                 {"op": "add", "path": "/spec/containers/0/resources/requests/memory", "value": "1Gi"},
+                {"op": "add", "path": "/metadata/annotations", "value": {"required-plugins.noderesource.dev/container.dpdk": "[\"vfplane\"]"}},
             ])),
         ),
         case(
@@ -516,6 +533,7 @@ fn cases() -> Vec<Case> {
                 {"op": "add", "path": "/spec/containers/0/resources/limits/cpu", "value": "4"},
                 {"op": "add", "path": "/spec/containers/0/resources/limits/memory", "value": "1Gi"},
                 {"op": "add", "path": "/spec/containers/0/resources/requests/memory", "value": "1Gi"},
+                {"op": "add", "path": "/metadata/annotations", "value": {"required-plugins.noderesource.dev/container.dpdk": "[\"vfplane\"]"}},
             ])),
         ),
         case(
@@ -531,6 +549,34 @@ fn cases() -> Vec<Case> {
             MutatePods,
             Mutate,
             Deny(vec!["add resources.limits.cpu and resources.limits.memory"]),
+        ),
+        // Pods: NRI's required-plugins annotation (mutating endpoint, both
+        // modes; never on the validating one, which cannot patch).
+        case(
+            "pod-nri-annotation-added.json",
+            MutatePods,
+            Validate,
+            Patch(json!([
+                {"op": "add", "path": "/metadata/annotations", "value": {"required-plugins.noderesource.dev/container.dpdk": "[\"vfplane\"]"}},
+            ])),
+        ),
+        case("pod-nri-annotation-added.json", ValidatePods, Validate, Allow),
+        case(
+            "pod-nri-annotation-merged.json",
+            MutatePods,
+            Mutate,
+            Patch(json!([
+                {"op": "add", "path": "/metadata/annotations/required-plugins.noderesource.dev~1container.dpdk", "value": "[\"10-topology-aware\",\"vfplane\"]"},
+            ])),
+        ),
+        case("pod-nri-annotation-kept.json", MutatePods, Validate, Allow),
+        case(
+            "pod-nri-annotation-garbage.json",
+            MutatePods,
+            Validate,
+            Deny(vec![
+                r#"annotation required-plugins.noderesource.dev/container.dpdk: "{vfplane: yes}" is not a list of NRI plugin names"#,
+            ]),
         ),
         // Not an AdmissionReview request: HTTP 400.
         case(

@@ -31,7 +31,7 @@ use crate::cdi::CdiEntry;
 use crate::server::NodeContext;
 
 /// The name vfplane registers with the runtime.
-pub const PLUGIN_NAME: &str = "vfplane";
+pub const PLUGIN_NAME: &str = vfplane_proto::vf_policy::NRI_PLUGIN_NAME;
 /// Its place among the runtime's plugins (called in this order): after
 /// the usual resource-policy plugins (`10`), so a cpuset they give is in
 /// the request vfplane sees.

@@ -455,12 +455,18 @@ impl DevicePluginService {
         let cdi = &self.shared.node.cdi;
         if let Some(wants) = crate::cdi::needs_hook(pool) {
             if !self.shared.node.nri.connected() {
-                return Err(Status::failed_precondition(format!(
-                    "pool {} gives its containers {wants} through the container runtime's NRI, \
-                     but vfplane's NRI plugin is not registered with the runtime (is NRI enabled in \
-                     the runtime, and its socket mounted at --nri-socket?)",
-                    pool.name
-                )));
+                // Not a refusal: the runtime may be restarting (the plugin
+                // reconnects within seconds), and a pod refused here is
+                // failed for good by the kubelet. A container created
+                // before the plugin is back fails at the hook's check,
+                // which the kubelet retries.
+                tracing::warn!(
+                    pool = %pool.name,
+                    wants = %wants,
+                    "allocating while vfplane's NRI plugin is not registered with the container runtime: \
+                     the container starts only once it is (is NRI enabled in the runtime, and its socket \
+                     mounted at --nri-socket?)"
+                );
             }
             if !cdi.has_hook() {
                 return Err(Status::failed_precondition(format!(

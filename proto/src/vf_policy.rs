@@ -157,14 +157,31 @@ pub struct ContainerProfile {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub locked_memory: Option<String>,
     /// The most processes and threads the container may run (`pids.max`
-    /// of its cgroup, set by vfplane's OCI hook). Absent: the runtime's
+    /// of its cgroup, set by the container runtime from vfplane's NRI
+    /// plugin). Absent: the runtime's
     /// bound, which the node then requires to exist.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 4_194_304))]
     pub pids: Option<u32>,
 }
 
+/// The name vfplane's NRI plugin registers with the container runtime.
+pub const NRI_PLUGIN_NAME: &str = "vfplane";
+
+/// NRI's pod annotation (read by the runtime's default validator) naming
+/// the plugins that must have processed a container before it is created;
+/// `<key>/container.<name>` scopes it to one container. Its value is a YAML
+/// list of plugin names.
+pub const NRI_REQUIRED_PLUGINS_ANNOTATION: &str = "required-plugins.noderesource.dev";
+
 impl ContainerProfile {
+    /// Whether the container runtime must adjust the container for this
+    /// profile (locked memory, pids bound, NUMA cpuset), which vfplane's
+    /// NRI plugin asks it to do.
+    pub fn adjusted_by_runtime(&self) -> bool {
+        self.locked_memory.is_some() || self.pids.is_some() || self.numa_aligned
+    }
+
     /// Whether the profile asks containers for CPU and memory limits.
     pub fn wants_limits(&self) -> bool {
         self.cpu.is_some() || self.memory.is_some() || self.hugepages.is_some() || self.numa_aligned

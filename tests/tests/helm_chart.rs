@@ -544,14 +544,19 @@ fn every_case_renders_only_known_kinds_in_the_release_namespace() {
         }
         kinds
     };
-    let fallback = [("Secret", 1), ("ValidatingWebhookConfiguration", 1)];
+    let fallback = [
+        ("Secret", 1),
+        ("ValidatingWebhookConfiguration", 1),
+        ("MutatingWebhookConfiguration", 1),
+    ];
     assert_eq!(case("defaults").kinds(), expected_kinds(&fallback));
     assert_eq!(
         case("cert-manager").kinds(),
         expected_kinds(&[
             ("Issuer", 2),
             ("Certificate", 2),
-            ("ValidatingWebhookConfiguration", 1)
+            ("ValidatingWebhookConfiguration", 1),
+            ("MutatingWebhookConfiguration", 1)
         ])
     );
     assert_eq!(
@@ -568,6 +573,7 @@ fn every_case_renders_only_known_kinds_in_the_release_namespace() {
         expected_kinds(&[
             ("Secret", 1),
             ("ValidatingWebhookConfiguration", 1),
+            ("MutatingWebhookConfiguration", 1),
             ("ServiceMonitor", 1),
             ("PodMonitor", 1)
         ])
@@ -1103,7 +1109,25 @@ fn fallback_mode_webhooks_trust_the_generated_ca_and_point_at_the_service() {
 #[test]
 fn the_validating_webhooks_cover_policies_and_only_vf_pods() {
     let r = case("defaults");
-    assert!(r.mutating().is_empty());
+    // In validate mode the pod webhook mutates too: only to add NRI's
+    // required-plugins annotation (the handler's tests hold what it adds).
+    let mutating = r.mutating();
+    assert_eq!(mutating.len(), 1);
+    let webhooks = mutating[0].webhooks.as_deref().unwrap();
+    assert_eq!(webhooks.len(), 1);
+    assert_eq!(webhooks[0].name, "pods.vfplane.io");
+    assert_eq!(
+        webhooks[0]
+            .client_config
+            .service
+            .as_ref()
+            .unwrap()
+            .path
+            .as_deref(),
+        Some("/mutate/pods")
+    );
+    check_pod_rules(webhooks[0].rules.as_deref().unwrap());
+    check_vf_pod_condition(&webhooks[0].match_conditions.as_deref().unwrap()[0].expression);
     let v = r.validating();
     let webhooks = v[0].webhooks.as_deref().unwrap();
     let names: Vec<_> = webhooks.iter().map(|w| w.name.as_str()).collect();

@@ -2,13 +2,21 @@
 //! has a container profile wanting limits must set CPU, memory (and, when
 //! named, hugepages) limits of at least the profile's values. In mutate mode
 //! the missing ones are filled in with a JSONPatch instead of refused.
+//!
+//! On the mutating endpoint (either mode), a container of a pool whose
+//! profile the container runtime applies (locked memory, pids, NUMA
+//! cpuset: [`ContainerProfile::adjusted_by_runtime`]) is marked as needing
+//! vfplane's NRI plugin ([`NRI_REQUIRED_PLUGINS_ANNOTATION`]): a runtime
+//! with NRI's default validator then refuses to create it while the plugin
+//! is not registered (a runtime or plugin restart), and the kubelet tries
+//! again, instead of the container being created without its limits.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::core::v1::{Container, Pod};
 use serde_json::{Value, json};
 use vfplane_proto::pool::RESOURCE_DOMAIN;
-use vfplane_proto::vf_policy::ContainerProfile;
+use vfplane_proto::vf_policy::{ContainerProfile, NRI_PLUGIN_NAME, NRI_REQUIRED_PLUGINS_ANNOTATION};
 
 use super::ClusterView;
 use super::quantity::{Quantity, parse_quantity};
@@ -70,12 +78,25 @@ struct Minimum {
     value: Quantity,
 }
 
-/// Checks (and in mutate mode, completes) a pod being created.
-pub fn admit_pod(pod: &Pod, view: &dyn ClusterView, mutate: bool) -> PodVerdict {
+/// What pod admission may change in a pod it admits.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct PodChanges {
+    /// Add the limits a profile asks for instead of refusing the pod
+    /// (mutate mode).
+    pub limits: bool,
+    /// Mark containers the runtime adjusts for vfplane as needing its NRI
+    /// plugin (the mutating endpoint, in both modes).
+    pub nri_annotation: bool,
+}
+
+/// Checks (and with `changes`, completes) a pod being created.
+pub fn admit_pod(pod: &Pod, view: &dyn ClusterView, changes: PodChanges) -> PodVerdict {
     let mut verdict = PodVerdict::default();
     let Some(spec) = &pod.spec else {
         return verdict;
     };
+    let mutate = changes.limits;
+    let mut needs_nri: Vec<&str> = Vec::new();
     let mut profiles: BTreeMap<String, Option<ContainerProfile>> = BTreeMap::new();
     let lists = [
         (
@@ -87,10 +108,63 @@ pub fn admit_pod(pod: &Pod, view: &dyn ClusterView, mutate: bool) -> PodVerdict 
     for (list_path, containers) in lists {
         for (index, container) in containers.iter().enumerate() {
             let path = format!("{list_path}/{index}");
-            check_container(container, &path, view, &mut profiles, mutate, &mut verdict);
+            if check_container(container, &path, view, &mut profiles, mutate, &mut verdict) {
+                needs_nri.push(&container.name);
+            }
         }
     }
+    if changes.nri_annotation {
+        annotate_nri(pod, &needs_nri, &mut verdict);
+    }
     verdict
+}
+
+/// Adds, for each of `containers`, vfplane's NRI plugin to NRI's
+/// required-plugins annotation of that container (keeping plugins the pod
+/// already names there).
+fn annotate_nri(pod: &Pod, containers: &[&str], verdict: &mut PodVerdict) {
+    let existing = pod.metadata.annotations.as_ref();
+    let mut added = serde_json::Map::new();
+    for name in containers {
+        let key = format!("{NRI_REQUIRED_PLUGINS_ANNOTATION}/container.{name}");
+        let mut plugins: Vec<String> = match existing.and_then(|a| a.get(&key)) {
+            None => Vec::new(),
+            Some(value) => match serde_yaml::from_str::<Vec<String>>(value) {
+                Ok(plugins) => plugins,
+                Err(error) => {
+                    verdict.problems.push(format!(
+                        "annotation {key}: {value:?} is not a list of NRI plugin names ({error})"
+                    ));
+                    continue;
+                }
+            },
+        };
+        if plugins.iter().any(|p| p == NRI_PLUGIN_NAME) {
+            continue;
+        }
+        plugins.push(NRI_PLUGIN_NAME.to_owned());
+        added.insert(key, Value::String(Value::from(plugins).to_string()));
+    }
+    if added.is_empty() {
+        return;
+    }
+    match existing {
+        None => verdict.patch.push(json!({
+            "op": "add",
+            "path": "/metadata/annotations",
+            "value": Value::Object(added),
+        })),
+        Some(_) => {
+            for (key, value) in added {
+                // `add` replaces a member that exists (RFC 6902 4.1).
+                verdict.patch.push(json!({
+                    "op": "add",
+                    "path": format!("/metadata/annotations/{}", escape_token(&key)),
+                    "value": value,
+                }));
+            }
+        }
+    }
 }
 
 /// The pools a container asks for (by request or limit).
@@ -109,6 +183,8 @@ fn pools_of(container: &Container) -> BTreeSet<String> {
         .collect()
 }
 
+/// Checks one container; true when a pool it asks for has a profile the
+/// runtime applies through vfplane's NRI plugin.
 fn check_container(
     container: &Container,
     path: &str,
@@ -116,7 +192,7 @@ fn check_container(
     profiles: &mut BTreeMap<String, Option<ContainerProfile>>,
     mutate: bool,
     verdict: &mut PodVerdict,
-) {
+) -> bool {
     let name = &container.name;
     let empty = BTreeMap::new();
     let resources = container.resources.as_ref();
@@ -125,11 +201,15 @@ fn check_container(
     // What mutate mode adds: resource -> (largest minimum, pool asking it).
     let mut to_add: BTreeMap<Res, Minimum> = BTreeMap::new();
     let mut numa_aligned = false;
+    let mut needs_nri = false;
     for pool in pools_of(container) {
         let profile = profiles
             .entry(pool.clone())
             .or_insert_with(|| view.container_profile(&pool))
             .clone();
+        needs_nri |= profile
+            .as_ref()
+            .is_some_and(ContainerProfile::adjusted_by_runtime);
         let Some(profile) = profile.filter(ContainerProfile::wants_limits) else {
             continue;
         };
@@ -207,6 +287,7 @@ fn check_container(
     if !to_add.is_empty() {
         patch_container(container, path, requests, &to_add, numa_aligned, verdict);
     }
+    needs_nri
 }
 
 impl Res {

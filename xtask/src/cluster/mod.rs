@@ -926,6 +926,12 @@ state = "/run/containerd"
 [plugins.'io.containerd.cri.v1.runtime'.cni]
   bin_dirs = ["/opt/cni/bin"]
   conf_dir = "/etc/cni/net.d"
+
+# NRI is on by default; its default validator refuses to create a container
+# whose pod names a required plugin that is not registered (vfplane's
+# webhook names its plugin for containers the plugin adjusts).
+[plugins.'io.containerd.nri.v1.nri'.default_validator]
+  enable = true
 "#,
         images::PAUSE_IMAGE,
     )
