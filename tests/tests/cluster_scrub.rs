@@ -102,6 +102,65 @@ spec:
     )
 }
 
+/// What keeps a VF container from being created without its profile while
+/// vfplane's NRI plugin is away (a runtime or plugin restart), which no
+/// test can time: the webhook named vfplane's plugin as required for
+/// tenant-1's container, and the node's runtime refuses to create a
+/// container whose required plugin is not registered (shown with a plugin
+/// that never registers), which the kubelet reports and retries.
+fn nri_guard(session: &mut Session) {
+    let required = session.jsonpath(&[
+        "get",
+        "pod",
+        "tenant-1",
+        r"-o=jsonpath={.metadata.annotations.required-plugins\.noderesource\.dev/container\.app}",
+    ]);
+    assert_eq!(
+        required, r#"["vfplane"]"#,
+        "the webhook's NRI annotation on tenant-1"
+    );
+    session
+        .apply(&format!(
+            r#"apiVersion: v1
+kind: Pod
+metadata:
+  name: needs-absent-plugin
+  annotations:
+    required-plugins.noderesource.dev/container.app: '["vfplane-absent"]'
+spec:
+  terminationGracePeriodSeconds: 1
+  containers:
+    - name: app
+      image: {VFPLANE_IMAGE}
+      imagePullPolicy: IfNotPresent
+      command: ["sleep", "86400"]
+"#
+        ))
+        .unwrap();
+    session
+        .wait(
+            "the runtime refusing a container whose required NRI plugin is absent",
+            Duration::from_secs(120),
+            |c| {
+                Ok(c.kubectl_output(&[
+                    "get",
+                    "events",
+                    "--field-selector=involvedObject.name=needs-absent-plugin",
+                    "-o=jsonpath={.items[*].message}",
+                ])
+                .is_ok_and(|m| m.contains(r#"required plugin "vfplane-absent" not present"#)))
+            },
+        )
+        .unwrap();
+    assert_ne!(
+        session.jsonpath(&["get", "pod", "needs-absent-plugin", "-o=jsonpath={.status.phase}"]),
+        "Running"
+    );
+    session
+        .kubectl(&["delete", "pod", "needs-absent-plugin", "--wait=true"])
+        .unwrap();
+}
+
 /// Waits for the first JSON line of `tool` in the pod's log that `wanted`
 /// accepts, and returns it; a line with an `error` fails the test.
 fn report(session: &mut Session, pod: &str, tool: &str, wanted: impl Fn(&Value) -> bool) -> Value {
@@ -257,6 +316,7 @@ fn scrub_and_quarantine(node_profile: NodeProfile) {
         .unwrap();
     let ready = report(&mut session, "tenant-1", "rxcount", |v| v["event"] == "ready");
     let running = Instant::now();
+    nri_guard(&mut session);
     assert_eq!(
         log_words(&session, "tenant-1", "Max locked memory"),
         ["Max", "locked", "memory", "67108864", "67108864", "bytes"],

@@ -1396,6 +1396,24 @@ impl<'a> Campaigns<'a> {
         let name = self.create_churn_pod(1)?;
         self.check_churn_pod(&name)?;
         let after = killed.elapsed();
+        // Creations the runtime's NRI validator refused while vfplane's
+        // plugin had not registered again (the kubelet retried them).
+        let events = self.cluster().kubectl_output(&[
+            "get",
+            "events",
+            &format!("--field-selector=involvedObject.name={name}"),
+            "-o=jsonpath={range .items[*]}{.count} {.message}{\"\\n\"}{end}",
+        ])?;
+        let refused: u32 = events
+            .lines()
+            .filter(|line| {
+                line.contains(&format!(
+                    "required plugin \"{}\" not present",
+                    vfplane_proto::vf_policy::NRI_PLUGIN_NAME
+                ))
+            })
+            .filter_map(|line| line.split_whitespace().next()?.parse::<u32>().ok())
+            .sum();
         let (plugin_restarts_after, ready) = self.container_state("device-plugin")?;
         ensure!(
             ready && plugin_restarts_after == plugin_restarts,
@@ -1404,7 +1422,8 @@ impl<'a> Campaigns<'a> {
         self.delete_pods(&[name])?;
         self.check_clean(&[])?;
         self.report.add(format!(
-            "restarts: containerd stopped and restarted: vfplane's containers kept running, a new pod ran on clean VFs {:.1} s after the kill",
+            "restarts: containerd stopped and restarted: vfplane's containers kept running, a new pod ran on clean VFs {:.1} s after the kill \
+             (its container's creation refused {refused} time(s) by the runtime's NRI validator until vfplane's plugin registered again)",
             after.as_secs_f64()
         ));
         Ok(())
