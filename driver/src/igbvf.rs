@@ -636,8 +636,23 @@ impl<R: RegisterSpace> IgbVf<R> {
     /// of its buffer (`None` puts the buffer back). Only for proving IOMMU
     /// isolation on the testbed: the device is told to write memory this
     /// process never mapped for it.
+    ///
+    /// # Safety
+    /// The device writes the next frame it receives at `iova`. If `iova` is
+    /// inside this device's DMA mappings, that is memory the driver owns: a
+    /// buffer lent out as a [`PacketBuf`] slice, another buffer or a
+    /// descriptor ring, written behind every reference to it. The caller
+    /// must pass an IOVA that no DMA mapping of this device covers (which
+    /// is what an isolation test is about), or `None`.
+    ///
+    /// ```compile_fail,E0133
+    /// // Not callable from safe code.
+    /// fn aim<R: vfplane_driver::regs::RegisterSpace>(dev: &mut vfplane_driver::IgbVf<R>, iova: u64) {
+    ///     dev.rx_point_next_descriptor_for_isolation_test(Some(iova));
+    /// }
+    /// ```
     #[doc(hidden)]
-    pub fn rx_point_next_descriptor_for_isolation_test(&mut self, iova: Option<u64>) {
+    pub unsafe fn rx_point_next_descriptor_for_isolation_test(&mut self, iova: Option<u64>) {
         let rx = &self.rx;
         let i = rx.next;
         let target = iova.or_else(|| rx.bufs.iova(i));
@@ -652,8 +667,22 @@ impl<R: RegisterSpace> IgbVf<R> {
     /// Only for proving IOMMU isolation on the testbed: the device is told
     /// to read memory this process never mapped for it. Returns whether the
     /// ring had room; the descriptor is reclaimed like any other.
+    ///
+    /// # Safety
+    /// The device reads `len` bytes at `iova` while the call returns. If
+    /// `iova` is inside this device's DMA mappings, it reads memory the
+    /// driver may be lending out as a writable [`PacketBuf`] slice at that
+    /// moment (a read racing a write). The caller must pass an IOVA that no
+    /// DMA mapping of this device covers.
+    ///
+    /// ```compile_fail,E0133
+    /// // Not callable from safe code.
+    /// fn aim<R: vfplane_driver::regs::RegisterSpace>(dev: &mut vfplane_driver::IgbVf<R>, iova: u64) {
+    ///     dev.tx_raw_descriptor_for_isolation_test(iova, 64);
+    /// }
+    /// ```
     #[doc(hidden)]
-    pub fn tx_raw_descriptor_for_isolation_test(&mut self, iova: u64, len: u16) -> bool {
+    pub unsafe fn tx_raw_descriptor_for_isolation_test(&mut self, iova: u64, len: u16) -> bool {
         self.tx_reclaim();
         let tx = &mut self.tx;
         if tx.in_flight + 1 >= tx.ring.count {
