@@ -175,11 +175,6 @@ impl Endpoint {
             Self::MutatePods => "/mutate/pods",
         }
     }
-
-    /// The endpoint served on `path`.
-    pub fn from_path(path: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|e| e.path() == path)
-    }
 }
 
 /// Answers one AdmissionReview body: the decision wrapped in a review that

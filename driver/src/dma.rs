@@ -189,18 +189,6 @@ impl DmaRegion {
         true
     }
 
-    /// Copies `out.len()` bytes from `offset` (volatile byte reads); false when out of range.
-    pub fn read_bytes(&self, offset: usize, out: &mut [u8]) -> bool {
-        if !self.contains(offset, out.len()) {
-            return false;
-        }
-        for (i, byte) in out.iter_mut().enumerate() {
-            // SAFETY: offset + i < len (checked above); memory valid for reads.
-            *byte = unsafe { self.virt.as_ptr().add(offset + i).read_volatile() };
-        }
-        true
-    }
-
     /// Fills `len` bytes at `offset` with `value` (volatile writes); false
     /// when out of range. `&mut self`, as for `write_u32`.
     pub fn fill(&mut self, offset: usize, len: usize, value: u8) -> bool {

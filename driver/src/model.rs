@@ -770,11 +770,6 @@ impl Model {
         self.state.borrow_mut().link_up = up;
     }
 
-    /// Changes the fake PF.
-    pub fn set_pf(&self, pf: PfConfig) {
-        self.state.borrow_mut().config.pf = pf;
-    }
-
     /// The PF sends an unsolicited control message (a ping).
     pub fn pf_ping(&self) {
         let mut state = self.state.borrow_mut();

@@ -20,11 +20,6 @@ impl MacAddress {
     pub fn is_zero(self) -> bool {
         self.0 == [0; 6]
     }
-
-    /// Whether the address is multicast (broadcast included).
-    pub fn is_multicast(self) -> bool {
-        self.0[0] & 0x01 == 0x01
-    }
 }
 
 impl fmt::Display for MacAddress {

@@ -653,11 +653,6 @@ impl Cluster {
         &self.guest
     }
 
-    /// The guest, mutably.
-    pub fn guest_mut(&mut self) -> &mut RunningGuest {
-        &mut self.guest
-    }
-
     /// The run directory (certificates, kubeconfigs, control plane logs).
     pub fn dir(&self) -> &Path {
         &self.dir

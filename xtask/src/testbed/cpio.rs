@@ -2,8 +2,6 @@
 //! Written here rather than shelling out to `cpio` so archives are
 //! reproducible (fixed mtimes, owners and inode numbers) and need no tool.
 
-use std::io::{self, Write};
-
 /// Builds one newc archive in memory. The kernel accepts several archives
 /// concatenated, which is how a cached base and a per-run part are joined.
 #[derive(Debug, Default)]
@@ -101,14 +99,6 @@ impl CpioArchive {
     pub fn finish(mut self) -> Vec<u8> {
         self.header(0, 0, 1, 0, (0, 0), "TRAILER!!!");
         self.bytes
-    }
-
-    /// Closes the archive and writes it.
-    ///
-    /// # Errors
-    /// I/O errors of `out`.
-    pub fn write_to(self, out: &mut impl Write) -> io::Result<()> {
-        out.write_all(&self.finish())
     }
 }
 

@@ -759,12 +759,6 @@ impl RunningGuest {
         }
     }
 
-    /// The script's exit code once it has finished (the guest may still be
-    /// powering off); `None` while it runs.
-    pub fn script_exit_code(&self) -> Option<i32> {
-        clean_output(&fs::read_to_string(self.run_dir.join("output.log")).unwrap_or_default()).1
-    }
-
     /// Waits for the guest to power off.
     ///
     /// # Errors
