@@ -512,9 +512,6 @@ impl crate::webhook::ClusterView for StoreView {
 
     fn container_profile(&self, pool: &str) -> Option<vfplane_proto::vf_policy::ContainerProfile> {
         let policies = self.policies.state();
-        plan::merge_order(policies.iter().map(|p| p.as_ref()))
-            .into_iter()
-            .filter(|p| p.spec.resource_name == pool)
-            .find_map(|p| p.spec.container_profile.clone())
+        plan::pool_profiles(policies.iter().map(|p| p.as_ref())).remove(pool)
     }
 }

@@ -27,7 +27,7 @@ use vfplane_proto::container_limits::ContainerLimits;
 use vfplane_proto::node_state::{
     Condition, DeviceType, NodeState, NodeStateSpec, PfSpec, PfStatus, VfGroupSpec,
 };
-use vfplane_proto::vf_policy::{PolicyConflict, VfPolicy, VfPolicySpec, VfPolicyStatus};
+use vfplane_proto::vf_policy::{ContainerProfile, PolicyConflict, VfPolicy, VfPolicySpec, VfPolicyStatus};
 use vfplane_proto::vf_range::{PfNameSelector, format_vf_range};
 
 /// What one policy ends up with on one PF.
@@ -138,6 +138,7 @@ pub fn merge_order<'a>(policies: impl IntoIterator<Item = &'a VfPolicy>) -> Vec<
 /// `state` is the node's current NodeState, if any.
 pub fn plan_node(node: &Node, ordered: &[&VfPolicy], state: Option<&NodeState>) -> NodePlan {
     let node_name = node.name_any();
+    let profiles = pool_profiles(ordered.iter().copied());
     let selecting: Vec<&VfPolicy> = ordered
         .iter()
         .copied()
@@ -223,7 +224,7 @@ pub fn plan_node(node: &Node, ordered: &[&VfPolicy], state: Option<&NodeState>) 
                 max_tx_rate_mbps: policy.spec.max_tx_rate_mbps,
                 link_state: None,
                 macs: Vec::new(),
-                container_limits: container_limits(&policy.spec),
+                container_limits: container_limits(profiles.get(&policy.spec.resource_name)),
             });
             claims.push(Claim {
                 policy: name.to_owned(),
@@ -437,30 +438,38 @@ fn condition(type_: &str, status: &str, reason: &str, message: &str) -> Conditio
     }
 }
 
-/// The policy's `containerProfile` in numbers. The webhook refuses a
-/// policy whose quantities do not parse, so an unreadable one (written while
-/// the webhook was down) gives no limit, and the status of the policy's pods
-/// shows what the runtime gave them.
-fn container_limits(spec: &VfPolicySpec) -> ContainerLimits {
-    use crate::webhook::quantity::parse_quantity;
-    let Some(profile) = spec.container_profile.as_ref() else {
+/// Each pool's profile ([`ContainerProfile::strictest`] of every live
+/// policy naming it), the one the pod webhook checks pods against.
+pub fn pool_profiles<'a>(
+    policies: impl IntoIterator<Item = &'a VfPolicy>,
+) -> BTreeMap<String, ContainerProfile> {
+    let mut named: BTreeMap<&str, Vec<&ContainerProfile>> = BTreeMap::new();
+    for policy in merge_order(policies) {
+        if let Some(profile) = &policy.spec.container_profile {
+            named
+                .entry(policy.spec.resource_name.as_str())
+                .or_default()
+                .push(profile);
+        }
+    }
+    named
+        .into_iter()
+        .filter_map(|(pool, profiles)| Some((pool.to_owned(), ContainerProfile::strictest(profiles)?)))
+        .collect()
+}
+
+/// A pool's profile in numbers. The policy webhook refuses a policy whose
+/// quantities do not parse, so an unreadable one (written while the webhook
+/// was down) gives no limit, with a warning; the pod webhook refuses the
+/// pool's pods, naming the policy's field.
+fn container_limits(profile: Option<&ContainerProfile>) -> ContainerLimits {
+    let Some(profile) = profile else {
         return ContainerLimits::default();
     };
-    let bytes = |text: &Option<String>| {
-        let quantity = parse_quantity(text.as_deref()?).ok()?;
-        u64::try_from(quantity.ceil_units()).ok()
-    };
-    let millis = |text: &Option<String>| {
-        let quantity = parse_quantity(text.as_deref()?).ok()?;
-        u64::try_from(quantity.ceil_millis()).ok()
-    };
-    ContainerLimits {
-        locked_memory_bytes: bytes(&profile.locked_memory),
-        numa_aligned: profile.numa_aligned,
-        memory_bytes: bytes(&profile.memory),
-        cpu_millis: millis(&profile.cpu),
-        pids_max: profile.pids.map(u64::from),
-    }
+    profile.limits().unwrap_or_else(|error| {
+        tracing::warn!(%error, "a pool's containerProfile does not parse; its VF groups get no limits");
+        ContainerLimits::default()
+    })
 }
 
 #[cfg(test)]

@@ -20,8 +20,6 @@
 //! its certificate and key every [`CERT_RELOAD_PERIOD`], so cert-manager can
 //! rotate them under a running webhook.
 
-pub mod quantity;
-
 mod pod;
 mod policy;
 mod tls;

@@ -1,10 +1,12 @@
 //! What a pool's `containerProfile` means on the node, in numbers: the
 //! limits a container given a VF of the pool must run under. The controller
-//! resolves the policy's quantities into a VF group's `containerLimits`
-//! (NodeState spec); the agent merges the groups of a pool into the pool's
-//! (pool config); the device plugin's OCI hook sets what the node sets
-//! (locked memory, NUMA cpuset, pids), and the agent checks all of them in
-//! the container's cgroup.
+//! resolves a pool's profile (the strictest of every policy naming the pool,
+//! [`crate::vf_policy::ContainerProfile::strictest`]) into each of the
+//! pool's VF groups' `containerLimits` (NodeState spec); the agent merges
+//! the groups of a pool into the pool's (pool config), which changes nothing
+//! when they come from one controller; the device plugin's NRI plugin has
+//! the runtime set what the node sets (locked memory, NUMA cpuset, pids),
+//! and the agent checks all of them in the container's cgroup.
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -29,8 +31,8 @@ pub struct ContainerLimits {
     /// (`containerProfile.cpu`; the kubelet sets it from the pod).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu_millis: Option<u64>,
-    /// The container's `pids.max`, set by the OCI hook
-    /// (`containerProfile.pids`).
+    /// The container's `pids.max`, set by the runtime from vfplane's NRI
+    /// plugin (`containerProfile.pids`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pids_max: Option<u64>,
 }

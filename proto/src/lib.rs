@@ -29,6 +29,7 @@ pub mod container_record;
 pub mod node_state;
 pub mod pci;
 pub mod pool;
+pub mod quantity;
 pub mod unix_grpc;
 pub mod vf_policy;
 pub mod vf_range;

@@ -18,7 +18,9 @@ use std::collections::BTreeMap;
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
+use crate::container_limits::ContainerLimits;
 use crate::node_state::Condition;
+use crate::quantity::{Quantity, QuantityError, parse_quantity};
 
 /// Highest `priority` value (the lowest priority).
 pub const LOWEST_PRIORITY: u8 = 99;
@@ -174,7 +176,80 @@ pub const NRI_PLUGIN_NAME: &str = "vfplane";
 /// list of plugin names.
 pub const NRI_REQUIRED_PLUGINS_ANNOTATION: &str = "required-plugins.noderesource.dev";
 
+/// A profile quantity that does not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("spec.containerProfile.{field}: {source}")]
+pub struct ProfileError {
+    /// The profile's field (`cpu`, `memory`, `hugepages`, `lockedMemory`).
+    pub field: &'static str,
+    /// Why its text is not a quantity.
+    #[source]
+    pub source: QuantityError,
+}
+
 impl ContainerProfile {
+    /// The profile of a pool that several policies name (`resourceName`):
+    /// a container of the pool may get a VF of any of them, so each minimum
+    /// is the largest of theirs, the pids bound the smallest, and
+    /// `numaAligned` holds when any asks. The one rule for a pool's
+    /// profile: the pod webhook checks pods against it and the controller
+    /// gives it to every VF group of the pool. A quantity that does not
+    /// parse loses to one that does (the policy webhook refuses such
+    /// policies; one may exist if it was written while the webhook was
+    /// down). `None` when no profile is given.
+    pub fn strictest<'a>(
+        profiles: impl IntoIterator<Item = &'a ContainerProfile>,
+    ) -> Option<ContainerProfile> {
+        fn larger(a: Option<String>, b: &Option<String>) -> Option<String> {
+            let value = |text: &Option<String>| text.as_deref().and_then(|t| parse_quantity(t).ok());
+            match (value(&a), value(b)) {
+                (_, None) if a.is_some() => a,
+                (None, _) => b.clone(),
+                (Some(x), Some(y)) if y > x => b.clone(),
+                _ => a,
+            }
+        }
+        profiles.into_iter().fold(None, |merged, next| {
+            let Some(merged) = merged else {
+                return Some(next.clone());
+            };
+            Some(ContainerProfile {
+                cpu: larger(merged.cpu, &next.cpu),
+                memory: larger(merged.memory, &next.memory),
+                hugepages: larger(merged.hugepages, &next.hugepages),
+                numa_aligned: merged.numa_aligned || next.numa_aligned,
+                locked_memory: larger(merged.locked_memory, &next.locked_memory),
+                pids: match (merged.pids, next.pids) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                },
+            })
+        })
+    }
+
+    /// The profile in numbers, as the node checks and applies it.
+    ///
+    /// # Errors
+    /// The first quantity that does not parse, naming its field.
+    pub fn limits(&self) -> Result<ContainerLimits, ProfileError> {
+        fn read(field: &'static str, text: &Option<String>) -> Result<Option<Quantity>, ProfileError> {
+            text.as_deref()
+                .map(|t| parse_quantity(t).map_err(|source| ProfileError { field, source }))
+                .transpose()
+        }
+        let units = |q: Option<Quantity>| q.and_then(|q| u64::try_from(q.ceil_units()).ok());
+        // Hugepages are the pod webhook's: the kubelet gives them, the node
+        // checks nothing of them yet; read for the error only.
+        read("hugepages", &self.hugepages)?;
+        Ok(ContainerLimits {
+            locked_memory_bytes: units(read("lockedMemory", &self.locked_memory)?),
+            numa_aligned: self.numa_aligned,
+            memory_bytes: units(read("memory", &self.memory)?),
+            cpu_millis: read("cpu", &self.cpu)?.and_then(|q| u64::try_from(q.ceil_millis()).ok()),
+            pids_max: self.pids.map(u64::from),
+        })
+    }
+
     /// Whether the container runtime must adjust the container for this
     /// profile (locked memory, pids bound, NUMA cpuset), which vfplane's
     /// NRI plugin asks it to do.

@@ -150,6 +150,89 @@ fn the_profile_reaches_the_node_in_numbers() {
     }
 }
 
+/// Two policies give one pool on different PFs with different profiles:
+/// the webhook's profile of the pool and every VF group's limits are the
+/// same strictest one, whichever policy comes first in merge order.
+#[test]
+fn a_pool_named_by_two_policies_has_one_profile_for_the_webhook_and_the_node() {
+    use vfplane_proto::container_limits::ContainerLimits;
+    let first = "nodeSelector: {sriov: \"true\"}\nnicSelector: {pfNames: [ens1f0]}\nnumVfs: 2\nresourceName: fast\npriority: 1\n\
+                 containerProfile: {cpu: \"1\", memory: 2Gi, pids: 512}\n";
+    let second = "nodeSelector: {sriov: \"true\"}\nnicSelector: {pfNames: [ens1f1]}\nnumVfs: 2\nresourceName: fast\npriority: 2\n\
+                  containerProfile: {cpu: 1500m, memory: 1Gi, lockedMemory: 64Mi, pids: 64, numaAligned: true}\n";
+    let other = "nodeSelector: {sriov: \"true\"}\nnicSelector: {pfNames: [ens2f0]}\nnumVfs: 1\nresourceName: slow\n\
+                 containerProfile: {cpu: \"4\"}\n";
+    let policies = [policy("a", first), policy("b", second), policy("c", other)];
+    let profiles = pool_profiles(&policies);
+    let fast = ContainerProfile {
+        cpu: Some("1500m".to_owned()),
+        memory: Some("2Gi".to_owned()),
+        hugepages: None,
+        numa_aligned: true,
+        locked_memory: Some("64Mi".to_owned()),
+        pids: Some(64),
+    };
+    assert_eq!(profiles.get("fast"), Some(&fast));
+    assert_eq!(
+        profiles["slow"].cpu.as_deref(),
+        Some("4"),
+        "another pool's is its own"
+    );
+
+    let worker = node("worker-1", &[("sriov", "true")]);
+    let st = state(
+        "worker-1",
+        vec![
+            pf("0000:3b:00.0", "ens1f0", 7, 0),
+            pf("0000:3b:00.1", "ens1f1", 7, 0),
+        ],
+    );
+    let plan = plan_node(&worker, &merge_order(&policies), Some(&st));
+    let limits: Vec<ContainerLimits> = plan
+        .spec
+        .pfs
+        .iter()
+        .flat_map(|pf| &pf.vf_groups)
+        .map(|group| group.container_limits)
+        .collect();
+    let strictest = ContainerLimits {
+        locked_memory_bytes: Some(64 << 20),
+        numa_aligned: true,
+        memory_bytes: Some(2 << 30),
+        cpu_millis: Some(1500),
+        pids_max: Some(64),
+    };
+    assert_eq!(limits, [strictest, strictest]);
+    assert_eq!(
+        fast.limits(),
+        Ok(strictest),
+        "the webhook's profile in numbers is the node's"
+    );
+}
+
+#[test]
+fn an_unreadable_profile_loses_to_a_readable_one_and_alone_gives_no_limits() {
+    let bad = ContainerProfile {
+        memory: Some("lots".to_owned()),
+        ..ContainerProfile::default()
+    };
+    let good = ContainerProfile {
+        memory: Some("1Gi".to_owned()),
+        ..ContainerProfile::default()
+    };
+    assert_eq!(ContainerProfile::strictest([&bad, &good]), Some(good.clone()));
+    assert_eq!(ContainerProfile::strictest([&good, &bad]), Some(good));
+    let error = bad.limits().unwrap_err();
+    assert_eq!(error.field, "memory");
+    assert!(
+        error
+            .to_string()
+            .starts_with("spec.containerProfile.memory: \"lots\""),
+        "{error}"
+    );
+    assert_eq!(container_limits(Some(&bad)), ContainerLimits::default());
+}
+
 #[test]
 fn nic_selectors_match_vendor_device_names_and_addresses() {
     let p = pf("0000:3b:00.0", "ens1f0", 7, 0);

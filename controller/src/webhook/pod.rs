@@ -19,7 +19,7 @@ use vfplane_proto::pool::RESOURCE_DOMAIN;
 use vfplane_proto::vf_policy::{ContainerProfile, NRI_PLUGIN_NAME, NRI_REQUIRED_PLUGINS_ANNOTATION};
 
 use super::ClusterView;
-use super::quantity::{Quantity, parse_quantity};
+use vfplane_proto::quantity::{Quantity, parse_quantity};
 
 /// The hugepages resource added in mutate mode when the container names no
 /// page size of its own.

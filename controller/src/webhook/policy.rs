@@ -11,7 +11,7 @@ use vfplane_proto::vf_policy::VfPolicySpec;
 use vfplane_proto::vf_range::{PfNameSelector, format_vf_range};
 
 use super::ClusterView;
-use super::quantity::parse_quantity;
+use vfplane_proto::quantity::parse_quantity;
 
 /// At most this many PFs are named in one "numVfs is more than ..." problem
 /// list; the rest are counted.
