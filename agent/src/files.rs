@@ -16,20 +16,7 @@ pub fn write_if_changed(path: &Path, contents: &str) -> io::Result<bool> {
     if fs::read_to_string(path).ok().as_deref() == Some(contents) {
         return Ok(false);
     }
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    // One fixed temporary name: a write killed half-way leaves at most this
-    // file, which the next write replaces.
-    let tmp = path.with_file_name(format!(".{name}.vfplane-tmp"));
-    let annotate =
-        |e: io::Error, what: &str, p: &Path| io::Error::new(e.kind(), format!("{what} {}: {e}", p.display()));
-    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        fs::create_dir_all(parent).map_err(|e| annotate(e, "creating", parent))?;
-    }
-    fs::write(&tmp, contents).map_err(|e| annotate(e, "writing", &tmp))?;
-    fs::rename(&tmp, path).map_err(|e| annotate(e, "renaming onto", path))?;
+    vfplane_proto::files::write_atomically(path, contents.as_bytes(), None)?;
     Ok(true)
 }
 

@@ -368,14 +368,8 @@ fn write_spec(
             _ => Ok(()),
         };
     };
-    fs::create_dir_all(dir).map_err(err)?;
     let text = serde_json::to_string_pretty(&spec).map_err(|e| err(io::Error::other(e)))?;
-    let temporary = dir.join(format!(".{SPEC_FILE_NAME}.tmp-{}", std::process::id()));
-    fs::write(&temporary, text + "\n").map_err(err)?;
-    fs::rename(&temporary, &path).map_err(|e| {
-        let _ = fs::remove_file(&temporary);
-        err(e)
-    })?;
+    vfplane_proto::files::write_atomically(&path, (text + "\n").as_bytes(), None).map_err(err)?;
     tracing::debug!(path = %path.display(), devices = devices.len(), "CDI spec written");
     Ok(())
 }

@@ -400,20 +400,10 @@ pub fn installed_path(dir: &Path) -> PathBuf {
 /// # Errors
 /// I/O errors, naming the file.
 pub fn install(source: &Path, dir: &Path) -> Result<PathBuf, std::io::Error> {
-    use std::os::unix::fs::PermissionsExt as _;
     let target = installed_path(dir);
-    let annotate = |what: &str, path: &Path, e: std::io::Error| {
-        std::io::Error::new(e.kind(), format!("{what} {}: {e}", path.display()))
-    };
-    std::fs::create_dir_all(dir).map_err(|e| annotate("creating", dir, e))?;
-    let temporary = dir.join(format!(".{HOOK_BINARY}.tmp-{}", std::process::id()));
-    std::fs::copy(source, &temporary).map_err(|e| annotate("copying", source, e))?;
-    std::fs::set_permissions(&temporary, std::fs::Permissions::from_mode(0o755))
-        .map_err(|e| annotate("making executable", &temporary, e))?;
-    std::fs::rename(&temporary, &target).map_err(|e| {
-        let _ = std::fs::remove_file(&temporary);
-        annotate("installing", &target, e)
-    })?;
+    let binary = std::fs::read(source)
+        .map_err(|e| std::io::Error::new(e.kind(), format!("reading {}: {e}", source.display())))?;
+    vfplane_proto::files::write_atomically(&target, &binary, Some(0o755))?;
     Ok(target)
 }
 

@@ -147,14 +147,9 @@ pub fn write_record(dir: &Path, record: &ContainerRecord) -> io::Result<()> {
             format!("container ID {:?} cannot name a record file", record.id),
         ));
     }
-    fs::create_dir_all(dir)?;
     let path = record_path(dir, &record.id);
-    let temporary = dir.join(format!(".{}.tmp-{}", record.id, std::process::id()));
     let text = serde_json::to_string(record).map_err(io::Error::other)?;
-    fs::write(&temporary, text + "\n")?;
-    fs::rename(&temporary, &path).inspect_err(|_| {
-        let _ = fs::remove_file(&temporary);
-    })
+    crate::files::write_atomically(&path, (text + "\n").as_bytes(), None)
 }
 
 /// Every record in `dir` that parses (none when `dir` does not exist),

@@ -26,6 +26,7 @@
 pub mod container_env;
 pub mod container_limits;
 pub mod container_record;
+pub mod files;
 pub mod node_state;
 pub mod pci;
 pub mod pool;

@@ -153,7 +153,7 @@ pub fn write_vf_state(dir: &Path, address: PciAddress, state: Option<VfState>) -
             Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
             _ => Ok(()),
         },
-        Some(state) => write_atomically(dir, &path, &format!("{state}\n")),
+        Some(state) => crate::files::write_atomically(&path, format!("{state}\n").as_bytes(), None),
     }
 }
 
@@ -168,7 +168,7 @@ pub fn write_vf_mac(dir: &Path, address: PciAddress, mac: Option<&str>) -> io::R
             Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
             _ => Ok(()),
         },
-        Some(mac) => write_atomically(dir, &path, &format!("{}\n", mac.trim())),
+        Some(mac) => crate::files::write_atomically(&path, format!("{}\n", mac.trim()).as_bytes(), None),
     }
 }
 
@@ -188,7 +188,11 @@ pub fn mark_handed_out(dir: &Path, address: PciAddress) -> io::Result<()> {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    write_atomically(dir, &handed_out_path(dir, address), &format!("{now}\n"))
+    crate::files::write_atomically(
+        &handed_out_path(dir, address),
+        format!("{now}\n").as_bytes(),
+        None,
+    )
 }
 
 /// When a VF was handed out, if it has not been scrubbed since: the time in
@@ -244,19 +248,6 @@ pub fn handed_out_vfs(dir: &Path) -> io::Result<Vec<PciAddress>> {
     }
     vfs.sort();
     Ok(vfs)
-}
-
-fn write_atomically(dir: &Path, path: &Path, contents: &str) -> io::Result<()> {
-    fs::create_dir_all(dir)?;
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let temporary = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    fs::write(&temporary, contents)?;
-    fs::rename(&temporary, path).inspect_err(|_| {
-        let _ = fs::remove_file(&temporary);
-    })
 }
 
 #[cfg(test)]
