@@ -240,20 +240,15 @@ pub fn spec_for(devices: &BTreeMap<PciAddress, CdiEntry>, hook: Option<&Path>) -
 /// (the cpuset is not checked: under the static CPU manager the kubelet's
 /// CPUs stay).
 fn attach_hook(path: &Path, address: PciAddress, entry: &CdiEntry) -> Hook {
-    let mut args = vec![
-        crate::oci_hook::HOOK_BINARY.to_owned(),
-        "attach".to_owned(),
-        "--vf".to_owned(),
-        address.to_string(),
-        "--device".to_owned(),
-        entry.node.path(),
-    ];
-    if let Some(pids) = entry.pids_max {
-        args.extend(["--pids-max".to_owned(), pids.to_string()]);
-    }
-    if let Some(bytes) = entry.locked_memory_bytes {
-        args.extend(["--memlock".to_owned(), bytes.to_string()]);
-    }
+    let attach = crate::oci_hook::Attach {
+        vf: address.to_string(),
+        memlock: entry.locked_memory_bytes,
+        pids_max: entry.pids_max,
+        device: Some(entry.node.path()),
+        records: PathBuf::from(vfplane_proto::container_record::DEFAULT_RECORDS_DIR),
+    };
+    let mut args = vec![crate::oci_hook::HOOK_BINARY.to_owned()];
+    args.extend(attach.to_args());
     Hook {
         hook_name: "createRuntime".to_owned(),
         path: path.display().to_string(),

@@ -189,6 +189,28 @@ pub fn parse_args(args: &[String]) -> Result<Attach, HookError> {
     })
 }
 
+impl Attach {
+    /// The hook's command line (after `argv[0]`) that [`parse_args`] reads
+    /// back as `self`: what the CDI spec names. `--records` only when not
+    /// the default.
+    pub fn to_args(&self) -> Vec<String> {
+        let mut args = vec!["attach".to_owned(), "--vf".to_owned(), self.vf.clone()];
+        if let Some(device) = &self.device {
+            args.extend(["--device".to_owned(), device.clone()]);
+        }
+        if let Some(pids) = self.pids_max {
+            args.extend(["--pids-max".to_owned(), pids.to_string()]);
+        }
+        if let Some(bytes) = self.memlock {
+            args.extend(["--memlock".to_owned(), bytes.to_string()]);
+        }
+        if self.records != Path::new(vfplane_proto::container_record::DEFAULT_RECORDS_DIR) {
+            args.extend(["--records".to_owned(), self.records.display().to_string()]);
+        }
+        args
+    }
+}
+
 /// `/dev/vfio/<group>` or `/dev/vfio/noiommu-<group>`, nothing else (the
 /// hook changes the owner of this file only).
 fn is_vfio_group_node(path: &str) -> bool {
@@ -465,6 +487,32 @@ mod tests {
                     .is_some_and(|e| e.starts_with("usage: vfplane-oci-hook attach --vf <address>")),
                 "{bad:?}: {err:?}"
             );
+        }
+    }
+
+    #[test]
+    fn what_the_cdi_spec_renders_parses_back_to_the_same_request() {
+        for vf in ["0000:00:12.0", "0001:3b:10.7"] {
+            for device in [None, Some("/dev/vfio/12"), Some("/dev/vfio/noiommu-3")] {
+                for memlock in [None, Some(67_108_864)] {
+                    for pids_max in [None, Some(1), Some(4_194_304)] {
+                        for records in ["/run/vfplane/containers", "/tmp/records"] {
+                            let attach = Attach {
+                                vf: vf.to_owned(),
+                                memlock,
+                                pids_max,
+                                device: device.map(str::to_owned),
+                                records: PathBuf::from(records),
+                            };
+                            assert_eq!(
+                                parse_args(&attach.to_args()).ok(),
+                                Some(attach.clone()),
+                                "{attach:?}"
+                            );
+                        }
+                    }
+                }
+            }
         }
     }
 

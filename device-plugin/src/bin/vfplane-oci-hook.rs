@@ -1,6 +1,8 @@
-//! `vfplane-oci-hook attach --vf <address> [--memlock <bytes>] [--records
-//! <dir>]`: the OCI `createRuntime` hook the device plugin's CDI spec names
-//! for every VF. See `vfplane_device_plugin::oci_hook`.
+//! `vfplane-oci-hook attach --vf <address> [--device /dev/vfio/<group>]
+//! [--pids-max <n>] [--memlock <bytes>] [--records <dir>]`: the OCI
+//! `createRuntime` hook the device plugin's CDI spec names for every VF
+//! (the spec renders it with `oci_hook::Attach::to_args`). See
+//! `vfplane_device_plugin::oci_hook`.
 
 use std::path::Path;
 use std::process::ExitCode;
