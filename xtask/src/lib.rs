@@ -2,11 +2,13 @@
 //! `tests/` boot the same testbed and cluster, and run the same demo, as the
 //! command line does.
 
+pub mod cache;
 pub mod campaign;
 pub mod cluster;
 pub mod crdgen;
 pub mod demo;
 pub mod helm;
 pub mod oci;
+pub mod process;
 pub mod session;
 pub mod testbed;

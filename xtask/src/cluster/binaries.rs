@@ -30,21 +30,9 @@ impl GoBinaries {
     }
 }
 
-/// Where what is built outside the work tree is cached:
-/// `$VFPLANE_CACHE_DIR`, else `$XDG_CACHE_HOME/vfplane`, else
-/// `~/.cache/vfplane`. Go binaries are under `go/`, the systemd node's
-/// root image under `node-rootfs/`.
-pub fn cache_root() -> PathBuf {
-    std::env::var_os("VFPLANE_CACHE_DIR")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|d| PathBuf::from(d).join("vfplane")))
-        .or_else(|| std::env::var_os("HOME").map(|d| PathBuf::from(d).join(".cache/vfplane")))
-        .unwrap_or_else(|| PathBuf::from("/var/cache/vfplane"))
-}
-
 /// Where the Go binaries are cached (see [`cache_root`]).
 pub fn cache_dir() -> PathBuf {
-    cache_root().join("go")
+    crate::cache::cache_root().join("go")
 }
 
 /// Reads `NAME=value` pins from the build script, so Rust and the script

@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
 
+use crate::process::log_tail;
 use crate::testbed::{GuestInit, GuestOptions, MAX_GUEST_MEMORY_MIB, MGMT_MAC, RunningGuest, Testbed};
 pub use binaries::GoBinaries;
 pub use netns::Netns;
@@ -173,14 +174,6 @@ fn check_services(services: &mut [Service], step: &str) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// The last `lines` lines of a log file ("" when unreadable).
-pub fn log_tail(path: &Path, lines: usize) -> String {
-    let text = fs::read_to_string(path).unwrap_or_default();
-    let text = text.replace('\r', "");
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
 }
 
 impl Cluster {

@@ -7,7 +7,7 @@ use std::process::Command;
 
 use anyhow::{Context as _, Result};
 
-use crate::testbed::run_checked;
+use crate::process::run_checked;
 
 const PREFIX: &str = "vfplane-";
 

@@ -10,7 +10,7 @@ use std::process::Command;
 
 use anyhow::{Context as _, Result, bail};
 
-use super::run_checked;
+use crate::process::run_checked;
 
 /// Modules the guest loads at boot, by name; their dependencies come along.
 pub const BOOT_MODULES: &[&str] = &["igb", "vfio_iommu_type1", "vfio_pci"];

@@ -256,20 +256,6 @@ impl GuestOutcome {
     }
 }
 
-/// Runs a command and fails with its output when it fails.
-pub(crate) fn run_checked(command: &mut Command) -> Result<()> {
-    let out = command.output().with_context(|| format!("running {command:?}"))?;
-    if !out.status.success() {
-        bail!(
-            "{command:?} failed ({}):\n{}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(())
-}
-
 /// The workspace root (this crate lives in `<root>/xtask`).
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -299,7 +285,7 @@ impl Testbed {
         lock.lock().context("locking the testbed cache")?;
         prune_run_initrds(&dir.join("runs"));
 
-        run_checked(Command::new("bash").arg(workspace.join("testbed/install-host-deps.sh")))
+        crate::process::run_checked(Command::new("bash").arg(workspace.join("testbed/install-host-deps.sh")))
             .context("installing the testbed's host packages")?;
         let kernel = kernel::ensure(&dir.join("kernel")).context("preparing the guest kernel")?;
         let binaries = build_guest_binaries(&workspace).context("building the guest binaries")?;
@@ -327,7 +313,7 @@ impl Testbed {
         if let Some(rootfs) = self.node_rootfs.get() {
             return Ok(rootfs);
         }
-        let cache = crate::cluster::binaries::cache_root().join("node-rootfs");
+        let cache = crate::cache::cache_root().join("node-rootfs");
         fs::create_dir_all(&cache)?;
         let lock = File::create(cache.join(".lock"))?;
         lock.lock().context("locking the node root image cache")?;
@@ -717,7 +703,7 @@ impl RunningGuest {
             }
             let stopped = self.qemu_exited();
             if ended.is_some() || stopped || Instant::now() >= deadline {
-                let console = crate::cluster::log_tail(&self.console_log(), 40);
+                let console = crate::process::log_tail(&self.console_log(), 40);
                 match ended {
                     Some(code) => bail!(
                         "the guest script ended (exit {code}) with no {what}\n\

@@ -21,7 +21,7 @@ use anyhow::{Context as _, Result, bail};
 use sha2::{Digest as _, Sha256};
 
 use super::kernel::GuestKernel;
-use super::run_checked;
+use crate::process::run_checked;
 
 /// The Debian release the node runs.
 pub const SUITE: &str = "bookworm";
