@@ -51,9 +51,6 @@ pub type Owners = BTreeMap<PciAddress, Owner>;
 /// Why the owners could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum AttributionError {
-    /// No runtime for the gRPC call.
-    #[error("cannot start a runtime for pod-resources calls")]
-    Runtime(#[source] std::io::Error),
     /// The kubelet's socket did not answer.
     #[error("cannot connect to the kubelet's pod-resources socket {socket}")]
     Connect {
@@ -159,27 +156,23 @@ pub fn annotate(status: &mut NodeStateStatus, owners: &Owners) {
     }
 }
 
-/// A client of the kubelet's pod-resources socket, for synchronous callers.
-#[derive(Debug)]
+/// A client of the kubelet's pod-resources socket, for synchronous callers
+/// (never from inside the runtime: [`Self::owners`] blocks on it).
+#[derive(Debug, Clone)]
 pub struct PodResources {
     socket: PathBuf,
-    runtime: tokio::runtime::Runtime,
+    runtime: tokio::runtime::Handle,
 }
 
 impl PodResources {
-    /// A client of the socket at `socket` (nothing is connected yet).
-    ///
-    /// # Errors
-    /// When no runtime can be made.
-    pub fn new(socket: impl Into<PathBuf>) -> Result<Self, AttributionError> {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(AttributionError::Runtime)?;
-        Ok(Self {
+    /// A client of the socket at `socket` (nothing is connected yet), its
+    /// calls run on `runtime` (a multi-thread runtime, whose workers drive
+    /// the I/O while a caller outside it waits).
+    pub fn new(socket: impl Into<PathBuf>, runtime: tokio::runtime::Handle) -> Self {
+        Self {
             socket: socket.into(),
             runtime,
-        })
+        }
     }
 
     /// The socket.
@@ -225,15 +218,8 @@ impl PodResources {
 /// sends [`Trigger::Owners`] when the answer differs from the last one, so
 /// the agent's next pass writes the new owners. A kubelet that does not
 /// answer is logged once per outage, not every poll.
-pub fn spawn_owner_watch(socket: PathBuf, tx: Sender<Trigger>) {
+pub fn spawn_owner_watch(client: PodResources, tx: Sender<Trigger>) {
     std::thread::spawn(move || {
-        let client = match PodResources::new(&socket) {
-            Ok(client) => client,
-            Err(error) => {
-                tracing::warn!(error = %vfplane_host::error_chain(&error), "no VF attribution");
-                return;
-            }
-        };
         let mut last: Option<Owners> = None;
         let mut failing = false;
         loop {

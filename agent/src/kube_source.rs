@@ -52,9 +52,6 @@ pub enum KubeSourceError {
     /// A configuration was found but the client could not be built from it.
     #[error("cannot build the Kubernetes client")]
     Client(#[source] kube::Error),
-    /// The runtime for the API tasks could not start.
-    #[error("cannot start the runtime for the Kubernetes API tasks")]
-    Runtime(#[source] std::io::Error),
 }
 
 /// Delays between retries of a failed status write: `initial`, doubled
@@ -124,32 +121,26 @@ pub struct KubeSource {
     watched: Arc<Mutex<Watched>>,
     status_tx: watch::Sender<Option<StatusUpdate>>,
     applied_uid: Option<String>,
-    // Owned when `connect` made it; kept alive as long as the source.
-    _runtime: Option<tokio::runtime::Runtime>,
 }
 
 impl KubeSource {
     /// Connects with `kube::Client::try_default` (the in-cluster service
-    /// account, or `KUBECONFIG` / `~/.kube/config`) on a runtime of its own.
+    /// account, or `KUBECONFIG` / `~/.kube/config`), its API tasks on
+    /// `runtime` (a multi-thread runtime; called from outside it).
     ///
     /// # Errors
-    /// No usable configuration (naming both), or no runtime.
-    pub fn connect(node: impl Into<String>) -> Result<Self, KubeSourceError> {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("vfplane-kube")
-            .enable_all()
-            .build()
-            .map_err(KubeSourceError::Runtime)?;
+    /// No usable configuration (naming both).
+    pub fn connect(
+        node: impl Into<String>,
+        runtime: tokio::runtime::Handle,
+    ) -> Result<Self, KubeSourceError> {
         let client = runtime
             .block_on(Client::try_default())
             .map_err(|error| match error {
                 kube::Error::InferConfig(error) => KubeSourceError::NoConfig(error),
                 other => KubeSourceError::Client(other),
             })?;
-        let mut source = Self::new(runtime.handle().clone(), client, node, Backoff::default());
-        source._runtime = Some(runtime);
-        Ok(source)
+        Ok(Self::new(runtime, client, node, Backoff::default()))
     }
 
     /// A source for the NodeState named `node`, its API tasks spawned on
@@ -180,7 +171,6 @@ impl KubeSource {
             watched: Arc::new(Mutex::new(Watched::Unknown)),
             status_tx,
             applied_uid: None,
-            _runtime: None,
         }
     }
 

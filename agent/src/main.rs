@@ -90,19 +90,26 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             cgroup_root,
             metrics_addr,
         } => {
+            // The one runtime of the process: the API tasks, the metrics
+            // server and the pod-resources calls. The reconcile loop runs
+            // on this thread, outside it, and blocks on it where it must.
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .thread_name("vfplane-agent-io")
+                .enable_all()
+                .build()
+                .context("cannot start the agent's runtime")?;
+            let handle = runtime.handle().clone();
             let metrics = match metrics_addr {
                 Some(addr) => {
                     let metrics = std::sync::Arc::new(AgentMetrics::default());
-                    vfplane_agent::metrics::spawn_server(addr, std::sync::Arc::clone(&metrics))?;
+                    vfplane_agent::metrics::spawn_server(addr, std::sync::Arc::clone(&metrics), &handle)?;
                     Some(metrics)
                 }
                 None => None,
             };
-            let pod_resources = if pod_resources_socket.as_os_str().is_empty() {
-                None
-            } else {
-                Some(std::sync::Arc::new(PodResources::new(pod_resources_socket)?))
-            };
+            let pod_resources = (!pod_resources_socket.as_os_str().is_empty())
+                .then(|| std::sync::Arc::new(PodResources::new(pod_resources_socket, handle.clone())));
             let options = RunOptions {
                 status_file: target.status_file.clone(),
                 pool_config: target.pool_config.clone(),
@@ -129,7 +136,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         .clone()
                         .filter(|n| !n.is_empty())
                         .context("run --kube needs the node's name: --node-name or NODE_NAME (from the downward API's spec.nodeName)")?;
-                    let mut source = KubeSource::connect(node)?;
+                    let mut source = KubeSource::connect(node, handle)?;
                     vfplane_agent::run::run(&reconciler, &mut source, &options)
                 }
             }

@@ -222,26 +222,26 @@ impl AgentMetrics {
     }
 }
 
-/// Serves `/metrics` and `/healthz` on `addr` from a thread of its own,
-/// for the life of the process. Returns once the address is bound.
+/// Serves `/metrics` and `/healthz` on `addr` as a task on `runtime` (a
+/// multi-thread runtime; called from outside it), for the life of the
+/// process. Returns once the address is bound.
 ///
 /// # Errors
-/// The runtime cannot start or the address cannot be bound, named.
-pub fn spawn_server(addr: SocketAddr, metrics: Arc<AgentMetrics>) -> std::io::Result<()> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
+/// The address cannot be bound, named.
+pub fn spawn_server(
+    addr: SocketAddr,
+    metrics: Arc<AgentMetrics>,
+    runtime: &tokio::runtime::Handle,
+) -> std::io::Result<()> {
     let listener = runtime
         .block_on(tokio::net::TcpListener::bind(addr))
         .map_err(|e| std::io::Error::new(e.kind(), format!("cannot serve metrics on {addr}: {e}")))?;
     tracing::info!(%addr, "serving metrics");
-    std::thread::Builder::new()
-        .name("vfplane-metrics".to_owned())
-        .spawn(move || {
-            if let Err(error) = runtime.block_on(async { axum::serve(listener, router(metrics)).await }) {
-                tracing::error!(%error, "the metrics server stopped");
-            }
-        })?;
+    runtime.spawn(async move {
+        if let Err(error) = axum::serve(listener, router(metrics)).await {
+            tracing::error!(%error, "the metrics server stopped");
+        }
+    });
     Ok(())
 }
 

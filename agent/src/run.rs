@@ -306,7 +306,7 @@ pub fn run<N: VfLinkControl, S: DesiredStateSource>(
     let (tx, rx) = mpsc::channel();
     spawn_uevent_listener(tx.clone());
     if let Some(client) = &options.pod_resources {
-        attribution::spawn_owner_watch(client.socket().to_owned(), tx.clone());
+        attribution::spawn_owner_watch(PodResources::clone(client), tx.clone());
     }
     if let Some(view) = &options.containers {
         spawn_records_watcher(view.records_dir.clone(), tx.clone());

@@ -171,7 +171,7 @@ fn the_client_reads_owners_over_the_kubelet_socket() {
             .add_service(PodResourcesListerServer::new(Lister(sample())))
             .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener)),
     );
-    let client = PodResources::new(&socket).unwrap();
+    let client = PodResources::new(&socket, server_runtime.handle().clone());
     let owners = client.owners().unwrap();
     assert_eq!(owners[&address("0000:00:12.2")].to_string(), "trading/gw-0/main");
     assert_eq!(owners.len(), 3);
@@ -181,7 +181,10 @@ fn the_client_reads_owners_over_the_kubelet_socket() {
 fn a_missing_socket_is_named() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("absent.sock");
-    let error = PodResources::new(&socket).unwrap().owners().unwrap_err();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let error = PodResources::new(&socket, runtime.handle().clone())
+        .owners()
+        .unwrap_err();
     let text = vfplane_host::error_chain(&error);
     assert!(text.contains("absent.sock"), "{text}");
 }
