@@ -129,6 +129,12 @@ fn step<'a>(lines: &'a [Value], name: &str) -> &'a Value {
 
 #[test]
 fn agent_converges_repairs_and_survives_kill_on_the_real_kernel() {
+    if !xtask::e2e::enabled(
+        "agent_converges_repairs_and_survives_kill_on_the_real_kernel",
+        xtask::e2e::TESTBED,
+    ) {
+        return;
+    }
     let testbed = Testbed::prepare().expect("testbed prepares");
     let options = GuestOptions {
         kernel_vf_driver: true,

@@ -49,11 +49,23 @@ fn run(options: &Options) {
 
 #[test]
 fn short_campaigns_leave_the_node_clean_and_every_vf_scrubbed() {
+    if !xtask::e2e::enabled(
+        "short_campaigns_leave_the_node_clean_and_every_vf_scrubbed",
+        xtask::e2e::CLUSTER,
+    ) {
+        return;
+    }
     run(&Options::short(seed()));
 }
 
 #[test]
 #[ignore = "slow: 200 pods, 100 SIGKILLs and 20 kubelet restarts on the emulated node (about 1.6 h: churn 39 min, crashes 35 min, restarts 11 min as measured on 2026-11-29, the others minutes each)"]
 fn long_campaigns_leave_the_node_clean_and_every_vf_scrubbed() {
+    if !xtask::e2e::enabled(
+        "long_campaigns_leave_the_node_clean_and_every_vf_scrubbed",
+        xtask::e2e::CLUSTER,
+    ) {
+        return;
+    }
     run(&Options::long(seed()));
 }

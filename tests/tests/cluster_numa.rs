@@ -76,11 +76,23 @@ spec:
 
 #[test]
 fn on_the_systemd_node_a_numa_aligned_pools_guaranteed_container_runs_on_its_vfs_numa_node() {
+    if !xtask::e2e::enabled(
+        "on_the_systemd_node_a_numa_aligned_pools_guaranteed_container_runs_on_its_vfs_numa_node",
+        xtask::e2e::CLUSTER,
+    ) {
+        return;
+    }
     numa_aligned(NodeProfile::Systemd);
 }
 
 #[test]
 fn on_the_minimal_node_a_numa_aligned_pools_container_runs_on_its_vfs_numa_node() {
+    if !xtask::e2e::enabled(
+        "on_the_minimal_node_a_numa_aligned_pools_container_runs_on_its_vfs_numa_node",
+        xtask::e2e::CLUSTER,
+    ) {
+        return;
+    }
     numa_aligned(NodeProfile::Minimal);
 }
 

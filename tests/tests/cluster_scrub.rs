@@ -212,12 +212,24 @@ fn parse_mac(text: &str) -> [u8; 6] {
 #[test]
 fn on_the_systemd_node_a_released_vf_is_scrubbed_before_the_next_tenant_and_quarantined_when_its_reset_fails()
 {
+    if !xtask::e2e::enabled(
+        "on_the_systemd_node_a_released_vf_is_scrubbed_before_the_next_tenant_and_quarantined_when_its_reset_fails",
+        xtask::e2e::CLUSTER,
+    ) {
+        return;
+    }
     scrub_and_quarantine(NodeProfile::Systemd);
 }
 
 #[test]
 fn on_the_minimal_node_a_released_vf_is_scrubbed_before_the_next_tenant_and_quarantined_when_its_reset_fails()
 {
+    if !xtask::e2e::enabled(
+        "on_the_minimal_node_a_released_vf_is_scrubbed_before_the_next_tenant_and_quarantined_when_its_reset_fails",
+        xtask::e2e::CLUSTER,
+    ) {
+        return;
+    }
     scrub_and_quarantine(NodeProfile::Minimal);
 }
 

@@ -132,6 +132,12 @@ fn count_lines(cluster: &Cluster, needle: &str) -> usize {
 
 #[test]
 fn kubelet_runs_a_pod_on_a_vf_from_our_device_plugin() {
+    if !xtask::e2e::enabled(
+        "kubelet_runs_a_pod_on_a_vf_from_our_device_plugin",
+        xtask::e2e::CLUSTER,
+    ) {
+        return;
+    }
     let testbed = Testbed::prepare().expect("testbed");
     let mut cluster = Cluster::start(
         &testbed,

@@ -10,6 +10,12 @@ use xtask::testbed::Testbed;
 
 #[test]
 fn the_demo_walks_one_vf_to_a_pod_on_the_real_cluster() {
+    if !xtask::e2e::enabled(
+        "the_demo_walks_one_vf_to_a_pod_on_the_real_cluster",
+        xtask::e2e::CLUSTER,
+    ) {
+        return;
+    }
     let testbed = Testbed::prepare().expect("testbed");
     let report = xtask::demo::run(&testbed).expect("every step of the demo passes");
     eprintln!("{}", report.table());

@@ -101,6 +101,12 @@ fn health_of<'a>(devices_event: &'a Value, id: &str) -> Option<&'a str> {
 
 #[test]
 fn plugin_serves_real_vfs_and_follows_vfio_binding() {
+    if !xtask::e2e::enabled(
+        "plugin_serves_real_vfs_and_follows_vfio_binding",
+        xtask::e2e::TESTBED,
+    ) {
+        return;
+    }
     let testbed = Testbed::prepare().expect("testbed prepares");
     let outcome = testbed
         .run(

@@ -82,6 +82,12 @@ fn median(mut values: Vec<f64>) -> f64 {
 #[test]
 #[ignore = "slow: 120,000 frames through TCG; run with --ignored"]
 fn userspace_driver_versus_kernel_path_on_the_same_nic() {
+    if !xtask::e2e::enabled(
+        "userspace_driver_versus_kernel_path_on_the_same_nic",
+        xtask::e2e::TESTBED,
+    ) {
+        return;
+    }
     let testbed = Testbed::prepare().expect("testbed prepares");
     let options = GuestOptions {
         vfs: 2,

@@ -133,6 +133,12 @@ static ONE_GUEST: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 #[test]
 fn vf_on_vfio_sends_receives_echoes_and_is_isolated() {
+    if !xtask::e2e::enabled(
+        "vf_on_vfio_sends_receives_echoes_and_is_isolated",
+        xtask::e2e::TESTBED,
+    ) {
+        return;
+    }
     let _guest = ONE_GUEST
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -351,6 +357,12 @@ fn vf_on_vfio_sends_receives_echoes_and_is_isolated() {
 /// and sleeps; each frame's interrupt wakes it.
 #[test]
 fn hybrid_polling_sleeps_on_msix_and_wakes_per_frame() {
+    if !xtask::e2e::enabled(
+        "hybrid_polling_sleeps_on_msix_and_wakes_per_frame",
+        xtask::e2e::TESTBED,
+    ) {
+        return;
+    }
     const SLOW_FRAMES: u32 = 40;
     let _guest = ONE_GUEST
         .lock()
@@ -410,6 +422,9 @@ grep -i vfio /proc/interrupts || true
 /// `mac_from_words` in the driver).
 #[test]
 fn pf_assigned_mac_is_the_mac_on_the_wire() {
+    if !xtask::e2e::enabled("pf_assigned_mac_is_the_mac_on_the_wire", xtask::e2e::TESTBED) {
+        return;
+    }
     const ADMIN_MAC: &str = "02:00:00:00:00:51";
     const COUNT: u32 = 200;
     let _guest = ONE_GUEST

@@ -21,6 +21,12 @@ const BURST: u64 = 2_000;
 
 #[test]
 fn the_plugin_counts_every_guest_instruction_of_a_span_and_a_burst() {
+    if !xtask::e2e::enabled(
+        "the_plugin_counts_every_guest_instruction_of_a_span_and_a_burst",
+        xtask::e2e::TESTBED,
+    ) {
+        return;
+    }
     let testbed = Testbed::prepare().expect("testbed prepares");
     let options = GuestOptions {
         count_instructions: true,

@@ -27,6 +27,12 @@ fn pf(model: &Value) -> &Value {
 
 #[test]
 fn discovers_the_pf_makes_isolated_vfs_and_binds_vfio() {
+    if !xtask::e2e::enabled(
+        "discovers_the_pf_makes_isolated_vfs_and_binds_vfio",
+        xtask::e2e::TESTBED,
+    ) {
+        return;
+    }
     let testbed = Testbed::prepare().expect("testbed prepares");
     let outcome = testbed
         .run(SCRIPT, &GuestOptions::default(), false)

@@ -48,6 +48,12 @@ echo "raw_after_property_change=$(cat $raw/pids.max)"
 
 #[test]
 fn the_systemd_node_boots_as_production_runs_and_systemd_reverts_raw_cgroup_writes() {
+    if !xtask::e2e::enabled(
+        "the_systemd_node_boots_as_production_runs_and_systemd_reverts_raw_cgroup_writes",
+        xtask::e2e::TESTBED,
+    ) {
+        return;
+    }
     let testbed = Testbed::prepare().expect("testbed prepares");
     let options = GuestOptions {
         init: GuestInit::Systemd,

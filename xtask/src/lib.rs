@@ -7,6 +7,7 @@ pub mod campaign;
 pub mod cluster;
 pub mod crdgen;
 pub mod demo;
+pub mod e2e;
 pub mod helm;
 pub mod oci;
 pub mod process;

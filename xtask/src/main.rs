@@ -441,10 +441,11 @@ fn run_tests(slow: bool, begun: Instant) -> Result<ExitCode> {
     let step = |name: &str, args: &[&str]| -> Result<bool> {
         eprintln!("xtask test: {name} ({:.0} s)", begun.elapsed().as_secs_f64());
         // Incremental state doubles a debug build's size on disk and buys
-        // nothing in a run that builds once.
+        // nothing in a run that builds once. Every end-to-end test runs.
         let status = std::process::Command::new(&cargo)
             .current_dir(&workspace)
             .env("CARGO_INCREMENTAL", "0")
+            .env(xtask::e2e::ENV, "1")
             .args(args)
             .status()?;
         if !status.success() {
