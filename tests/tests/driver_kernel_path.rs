@@ -5,7 +5,7 @@
 //! speed: it prints both rates and their ratio and asserts only that every
 //! frame arrived. Slow (three rounds of 20,000 frames each way under TCG):
 //! `cargo xtask test --slow`, or
-//! `cargo test -p vfplane-tests --test driver_kernel_path -- --ignored --nocapture`.
+//! `VFPLANE_E2E=1 cargo test -p vfplane-tests --test driver_kernel_path -- --ignored --nocapture`.
 
 #![allow(clippy::expect_used)] // a panic is the failure report
 
