@@ -490,6 +490,49 @@ mod tests {
         }
     }
 
+    use proptest::strategy::Strategy as _;
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2_000))]
+
+        /// Any command line, and any one built from the hook's own words:
+        /// parsed or refused with the usage line, never a panic.
+        #[test]
+        fn any_command_line_is_parsed_or_refused_with_the_usage(
+            words in proptest::collection::vec(
+                proptest::prop_oneof![
+                    proptest::sample::select(&HOOK_WORDS[..]).prop_map(|w: &str| w.to_owned()),
+                    ".{0,12}",
+                ],
+                0..10,
+            ),
+        ) {
+            if let Err(error) = parse_args(&words) {
+                proptest::prop_assert!(
+                    error.to_string().starts_with("usage: vfplane-oci-hook attach --vf <address>"),
+                    "{}",
+                    error
+                );
+            }
+        }
+    }
+
+    /// The words the hook's command line is made of, for the property test.
+    const HOOK_WORDS: [&str; 12] = [
+        "attach",
+        "--vf",
+        "--device",
+        "--memlock",
+        "--pids-max",
+        "--records",
+        "0000:00:12.0",
+        "/dev/vfio/7",
+        "/dev/vfio/noiommu-1",
+        "64",
+        "0",
+        "-1",
+    ];
+
     #[test]
     fn what_the_cdi_spec_renders_parses_back_to_the_same_request() {
         for vf in ["0000:00:12.0", "0001:3b:10.7"] {
