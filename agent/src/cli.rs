@@ -27,7 +27,7 @@ pub struct Cli {
 pub enum Command {
     /// Print the node's SR-IOV PFs, VFs, drivers and IOMMU groups.
     Discover {
-        /// Print the stable JSON form (documented in the README), one line.
+        /// Print the stable JSON form (documented in docs/agent.md), one line.
         #[arg(long)]
         json: bool,
         /// With --json: indent it for people.

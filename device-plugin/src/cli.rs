@@ -14,7 +14,7 @@ pub const LOG_ENV: &str = "VFPLANE_LOG";
 #[derive(Debug, Parser)]
 #[command(version, about)]
 pub struct Args {
-    /// The pool config file (YAML; see the README). Watched: changes apply live.
+    /// The pool config file (YAML; see docs/device-plugin.md). Watched: changes apply live.
     #[arg(long, env = "VFPLANE_POOL_CONFIG")]
     pub pool_config: PathBuf,
     /// The kubelet's device-plugin directory.

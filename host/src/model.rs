@@ -1,6 +1,6 @@
 //! What the node holds, as plain serialisable data. This is the JSON that
 //! `vfplane-agent discover --json` prints; field names are camelCase and
-//! stable (see the README's "discover JSON" section).
+//! stable (see "discover JSON" in docs/agent.md).
 
 use serde::{Deserialize, Serialize};
 
