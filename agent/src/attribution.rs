@@ -14,7 +14,7 @@ use vfplane_proto::node_state::NodeStateStatus;
 use vfplane_proto::podresources::v1 as pr;
 use vfplane_proto::podresources::v1::pod_resources_lister_client::PodResourcesListerClient;
 
-use crate::run::Trigger;
+use crate::source::Trigger;
 
 /// Resource names vfplane's device plugin serves start with this.
 pub const RESOURCE_PREFIX: &str = "vfplane.io/";

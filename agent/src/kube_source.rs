@@ -33,7 +33,7 @@ use tokio::sync::watch;
 use vfplane_host::error_chain;
 use vfplane_proto::node_state::{NodeState, NodeStateSpec, NodeStateStatus};
 
-use crate::run::{Desired, DesiredStateSource, Trigger};
+use crate::source::{Desired, DesiredStateSource, Trigger};
 
 /// The field manager of the agent's status writes.
 pub const FIELD_MANAGER: &str = "vfplane-agent";

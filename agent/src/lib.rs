@@ -17,3 +17,4 @@ pub mod netlink;
 pub mod reconcile;
 pub mod run;
 pub mod scrub;
+pub mod source;

@@ -1,7 +1,7 @@
 //! `vfplane-agent run`: reconcile whenever the desired state or the node
 //! changes, and on a slow timer as a safety net.
 //!
-//! The desired state comes from a [`DesiredStateSource`]: the state file
+//! The desired state comes from a [`DesiredStateSource`] ([`crate::source`]): the state file
 //! ([`StateFileSource`]) or the node's `NodeState` object
 //! ([`crate::kube_source::KubeSource`]). The loop is the same for both:
 //! the source says what to apply (or to wait and leave the host alone), the
@@ -27,7 +27,7 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::time::{Duration, Instant, SystemTime};
 
 use vfplane_host::error_chain;
-use vfplane_proto::node_state::{NodeStateSpec, NodeStateStatus, StateFile};
+use vfplane_proto::node_state::{NodeStateSpec, StateFile};
 use vfplane_proto::vf_state;
 
 use crate::attribution::{self, PodResources};
@@ -35,63 +35,10 @@ use crate::container::ContainerView;
 use crate::netlink::VfLinkControl;
 use crate::reconcile::{ApplyReport, Reconciler};
 use crate::scrub::{ScrubOutcome, Scrubber};
+use crate::source::{Desired, DesiredStateSource, Trigger};
 
 /// The shortest wait before a pass for a released VF's scrub.
 const SCRUB_RECHECK_MIN: Duration = Duration::from_millis(200);
-
-/// Why a pass happens.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Trigger {
-    /// The first pass.
-    Start,
-    /// The desired state may have changed (the state file, or the
-    /// NodeState object).
-    Desired,
-    /// The kernel reported a device change.
-    Uevent,
-    /// The resync timer.
-    Resync,
-    /// The kubelet's answer of who holds which VF changed.
-    Owners,
-    /// A container given VFs was recorded by the OCI hook, or its record
-    /// went.
-    Containers,
-}
-
-/// What a source wants for the pass about to run.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Desired {
-    /// Bring the node to `spec`.
-    Apply {
-        /// The spec.
-        spec: NodeStateSpec,
-        /// `metadata.generation` of the spec, reported as the status's
-        /// `observedGeneration` (`None` for a state file).
-        generation: Option<i64>,
-        /// A problem of the source that did not stop the pass (a state file
-        /// that stopped parsing: the last good spec is applied); it leads the
-        /// status's errors.
-        warning: Option<String>,
-    },
-    /// No desired state (yet): leave the host exactly as it is.
-    Wait,
-}
-
-/// Where the desired state comes from, and where the status goes besides
-/// the files.
-pub trait DesiredStateSource {
-    /// Starts watching: sends [`Trigger::Desired`] on `tx` whenever the
-    /// desired state may have changed. Called once, before the first pass.
-    fn watch(&mut self, tx: Sender<Trigger>);
-
-    /// The desired state for the pass about to run. Must not block on
-    /// anything remote.
-    fn desired(&mut self) -> Desired;
-
-    /// The status of the pass that applied the last [`Desired::Apply`].
-    /// Must not block on anything remote.
-    fn report_status(&mut self, _status: &NodeStateStatus) {}
-}
 
 /// The state file as a source: read at every pass; a file that stops
 /// parsing keeps the last good spec in force, reported in the status.

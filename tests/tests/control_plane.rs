@@ -23,7 +23,8 @@ use serde_json::{Value, json};
 use vfplane_agent::kube_source::{Backoff, KubeSource};
 use vfplane_agent::netlink::fake::FakeNetlink;
 use vfplane_agent::reconcile::Reconciler;
-use vfplane_agent::run::{RunOptions, Trigger, pass};
+use vfplane_agent::run::{RunOptions, pass};
+use vfplane_agent::source::Trigger;
 use vfplane_controller::controller;
 use vfplane_controller::metrics::Metrics;
 use vfplane_host::fake::{FakeDevice, FakeSysfs};
@@ -76,7 +77,7 @@ fn spawn_agent(
     };
     std::thread::spawn(move || {
         let (tx, rx) = mpsc::channel();
-        use vfplane_agent::run::DesiredStateSource as _;
+        use vfplane_agent::source::DesiredStateSource as _;
         source.watch(tx);
         let mut trigger = Trigger::Start;
         while !stop.load(Ordering::Relaxed) {
