@@ -517,6 +517,34 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2_000))]
+
+        /// The container state the runtime writes on stdin, mutated: run
+        /// or refused by name, never a panic.
+        #[test]
+        fn any_container_state_is_run_or_refused_by_name(
+            edits in proptest::collection::vec((proptest::prelude::any::<proptest::sample::Index>(), proptest::prelude::any::<u8>()), 0..6),
+        ) {
+            let mut state = br#"{"ociVersion":"1.2.0","id":"c1","status":"creating","pid":0,"bundle":"/nonexistent/bundle"}"#.to_vec();
+            for (at, byte) in edits {
+                let i = at.index(state.len());
+                state[i] = byte;
+            }
+            let records = tempfile::tempdir().unwrap();
+            let attach = Attach {
+                vf: "0000:00:12.0".to_owned(),
+                memlock: Some(64 << 20),
+                pids_max: None,
+                device: None,
+                records: records.path().to_owned(),
+            };
+            if let Err(error) = run(&attach, state.as_slice(), Path::new("/nonexistent/proc")) {
+                proptest::prop_assert!(!error.to_string().is_empty());
+            }
+        }
+    }
+
     /// The words the hook's command line is made of, for the property test.
     const HOOK_WORDS: [&str; 12] = [
         "attach",

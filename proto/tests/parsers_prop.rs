@@ -11,6 +11,7 @@ use vfplane_proto::node_state::StateFile;
 use vfplane_proto::pci::PciAddress;
 use vfplane_proto::pool::PoolConfig;
 use vfplane_proto::quantity::{Quantity, parse_quantity};
+use vfplane_proto::vf_policy::VfPolicySpec;
 use vfplane_proto::vf_range::{PfNameSelector, format_vf_range, parse_vf_range};
 
 /// Inputs per property.
@@ -19,6 +20,8 @@ const CASES: u32 = 2_000;
 /// A valid pool config and state file, mutated byte-wise below.
 const POOL_CONFIG: &str = "pools:\n  - name: fast\n    devices: [\"0000:00:10.0\", \"0000:00:10.2\"]\n    selector:\n      vendor: \"8086\"\n      drivers: [\"vfio-pci\"]\n    containerLimits:\n      lockedMemoryBytes: 67108864\n      pidsMax: 64\n";
 const STATE_FILE: &str = "spec:\n  pfs:\n    - pciAddress: \"0000:00:02.0\"\n      numVfs: 2\n      vfGroups:\n        - resourceName: fast\n          vfRange: \"0-1\"\n          deviceType: vfio-pci\n";
+
+const POLICY_SPEC: &str = "nodeSelector: {vfplane.io/sriov: \"true\"}\nnicSelector: {pciAddresses: [\"0000:00:02.0\"]}\nnumVfs: 6\ndeviceType: vfio-pci\nresourceName: churn\ntrust: true\ncontainerProfile: {lockedMemory: 64Mi, pids: 64, cpu: \"2\", memory: 1Gi}\n";
 
 /// `text` with up to eight bytes replaced, inserted or removed.
 fn mutated(text: &'static str) -> impl Strategy<Value = String> {
@@ -98,8 +101,26 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(CASES))]
+
+    /// A policy spec as the API server could hold it (mutated YAML): read
+    /// or refused, its profile read or refused naming the field.
+    #[test]
+    fn a_mutated_policy_spec_parses_or_is_refused(text in mutated(POLICY_SPEC)) {
+        if let Ok(spec) = serde_yaml::from_str::<VfPolicySpec>(&text)
+            && let Some(profile) = &spec.container_profile
+            && let Err(error) = profile.limits()
+        {
+            prop_assert!(error.to_string().starts_with("spec.containerProfile."), "{}", error);
+        }
+    }
+}
+
 #[test]
 fn the_unmutated_inputs_parse() {
     PoolConfig::from_yaml(POOL_CONFIG).unwrap();
     StateFile::from_yaml(STATE_FILE).unwrap();
+    let spec: VfPolicySpec = serde_yaml::from_str(POLICY_SPEC).unwrap();
+    spec.container_profile.unwrap().limits().unwrap();
 }
