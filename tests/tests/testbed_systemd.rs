@@ -30,12 +30,15 @@ echo "memlock_default=$(systemctl show -p DefaultLimitMEMLOCK --value)"
 
 systemd-run --scope --unit=raw-limit sleep 600 > /dev/null 2>&1 &
 systemd-run --scope --unit=property-limit -p TasksMax=64 sleep 600 > /dev/null 2>&1 &
-for i in $(seq 50); do
-  [ -d /sys/fs/cgroup/system.slice/raw-limit.scope ] && [ -d /sys/fs/cgroup/system.slice/property-limit.scope ] && break
-  sleep 0.1
-done
 raw=/sys/fs/cgroup/system.slice/raw-limit.scope
 property=/sys/fs/cgroup/system.slice/property-limit.scope
+# Until systemd has started both scopes and written the unit's own TasksMax
+# into the raw one: a write before that is overwritten as the scope starts.
+for i in $(seq 100); do
+  [ "$(systemctl is-active raw-limit.scope property-limit.scope | tr '\n' ' ')" = "active active " ] &&
+    [ "$(cat $raw/pids.max 2>/dev/null)" = "$(systemctl show -p TasksMax --value raw-limit.scope)" ] && break
+  sleep 0.1
+done
 echo 64 > $raw/pids.max
 echo "raw_written=$(cat $raw/pids.max)"
 systemctl daemon-reload
