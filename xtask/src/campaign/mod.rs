@@ -538,9 +538,13 @@ impl<'a> Campaigns<'a> {
                 }))
             },
         )?;
+        // The CDI directory through chroot: on the systemd node /var/run is
+        // a link to /run, which /proc/1/root/var/run would resolve in the
+        // shell's own root.
         let listing = self.session.cluster_mut().node_exec(
             "cd /proc/1/root; echo marks: $(ls run/vfplane/vf-state | grep handed-out); \
-             echo records: $(ls run/vfplane/containers 2>/dev/null | wc -l); echo cdi: $(ls var/run/cdi)",
+             echo records: $(ls run/vfplane/containers 2>/dev/null | wc -l); \
+             echo cdi: $(chroot /proc/1/root ls /var/run/cdi)",
         )?;
         let field = |name: &str| {
             listing
