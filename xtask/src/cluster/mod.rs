@@ -50,6 +50,11 @@ const TAP: &str = "vfpk0";
 
 const NODE_SCRIPT: &str = include_str!("node.sh");
 
+/// The fewest vCPUs a systemd node gets: CPU 0 reserved for the system
+/// (`reservedSystemCPUs`), one for vfplane's pods and one exclusive CPU for a
+/// Guaranteed pod.
+pub const SYSTEMD_MIN_CPUS: u32 = 3;
+
 /// How the node is built and configured.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum NodeProfile {
@@ -57,13 +62,12 @@ pub enum NodeProfile {
     /// containerd and the kubelet as systemd units, the systemd cgroup
     /// driver, the static CPU manager (CPU 0 reserved), the Topology
     /// Manager (`single-numa-node`), the Static memory manager and 2 MiB
-    /// hugepages.
+    /// hugepages. The default: what kubeadm and nearly every distribution
+    /// run.
+    #[default]
     Systemd,
     /// busybox as init, containerd and the kubelet kept alive by shell
     /// loops, the cgroupfs driver, no CPU, memory or topology manager.
-    /// The default until vfplane's container limits work on the systemd
-    /// driver.
-    #[default]
     Minimal,
 }
 
@@ -410,6 +414,12 @@ impl Cluster {
         }
         let mut guest_options = options.guest.clone();
         guest_options.memory_mib = guest_options.memory_mib.max(MAX_GUEST_MEMORY_MIB);
+        if options.node_profile == NodeProfile::Systemd {
+            // The static CPU manager reserves CPU 0: with two vCPUs, one
+            // CPU is left for vfplane's own pods and a Guaranteed pod with
+            // an integer CPU, which do not fit together.
+            guest_options.cpus = guest_options.cpus.max(SYSTEMD_MIN_CPUS);
+        }
         guest_options.netns = Some(cluster.netns.name().to_owned());
         guest_options.tap = Some(TAP.to_owned());
         guest_options.init = options.node_profile.init();
