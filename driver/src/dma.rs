@@ -14,7 +14,9 @@
 //! descriptor points at them (see [`crate::mempool`]).
 
 use std::fmt;
+use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use thiserror::Error;
@@ -77,6 +79,24 @@ pub enum DmaError {
         /// The VFIO error.
         #[source]
         source: VfioError,
+    },
+    /// The directory given for hugepages is not a hugetlbfs mount.
+    #[error(
+        "{dir} is not a hugetlbfs mount (in a pod: an emptyDir volume with medium HugePages-2Mi, and a \
+         hugepages-2Mi limit on the container)"
+    )]
+    NotHugetlbfs {
+        /// The directory.
+        dir: PathBuf,
+    },
+    /// The hugetlbfs mount could not be read or a file made in it.
+    #[error("cannot use the hugetlbfs mount {dir}")]
+    Hugetlbfs {
+        /// The directory.
+        dir: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
     },
     /// The model's memory could not be allocated.
     #[error("cannot allocate {len} bytes of model memory")]
@@ -148,6 +168,18 @@ impl DmaRegion {
     #[inline]
     pub fn iova(&self) -> u64 {
         self.iova
+    }
+
+    /// The NUMA nodes the region's pages are on, read from
+    /// `/proc/self/numa_maps` (the line of the mapping that starts at the
+    /// region). Empty when no mapping starts there (the device model's
+    /// memory) or its pages are not present yet.
+    ///
+    /// # Errors
+    /// `/proc/self/numa_maps` cannot be read (a kernel without NUMA).
+    pub fn numa_nodes(&self) -> std::io::Result<std::collections::BTreeSet<u32>> {
+        let maps = std::fs::read_to_string("/proc/self/numa_maps")?;
+        Ok(numa_nodes_of_mapping(&maps, self.virt.as_ptr() as usize))
     }
 
     /// Page size backing the region (4 KiB or 2 MiB).
@@ -310,17 +342,80 @@ impl IovaAllocator {
     }
 }
 
+/// The nodes (`N<node>=<pages>` fields) of the `numa_maps` line of the
+/// mapping starting at `start`.
+fn numa_nodes_of_mapping(numa_maps: &str, start: usize) -> std::collections::BTreeSet<u32> {
+    numa_maps
+        .lines()
+        .find(|line| {
+            line.split_whitespace()
+                .next()
+                .and_then(|addr| usize::from_str_radix(addr, 16).ok())
+                == Some(start)
+        })
+        .into_iter()
+        .flat_map(str::split_whitespace)
+        .filter_map(|field| {
+            let (node, pages) = field.strip_prefix('N')?.split_once('=')?;
+            let node = node.parse::<u32>().ok()?;
+            (pages.parse::<u64>().ok()? > 0).then_some(node)
+        })
+        .collect()
+}
+
 /// Which pages back DMA memory.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum PagePolicy {
     /// 2 MiB hugepages when the system has them free, 4 KiB pages otherwise.
     #[default]
     Auto,
-    /// 2 MiB hugepages or fail.
+    /// 2 MiB hugepages (anonymous, `MAP_HUGETLB`) or fail.
     Hugepages,
     /// 4 KiB pages only.
     SmallPages,
+    /// Hugepages from files in this hugetlbfs mount (the mount's page
+    /// size), or fail. In a Kubernetes pod this is the container's
+    /// `emptyDir: {medium: HugePages-2Mi}` volume: the pages the kubelet
+    /// accounted to the pod, on the NUMA node its memory is bound to. Each
+    /// region's file is unlinked as soon as it is mapped, so its pages go
+    /// back when the region is dropped or the process dies.
+    HugetlbfsDir(PathBuf),
 }
+
+/// `statfs(2)`'s `f_type` of a hugetlbfs mount.
+const HUGETLBFS_MAGIC: i64 = 0x9584_58f6;
+
+/// The page size of the hugetlbfs mount at `dir`.
+fn hugetlbfs_page_size(dir: &Path) -> Result<usize, DmaError> {
+    let io = |source| DmaError::Hugetlbfs {
+        dir: dir.to_owned(),
+        source,
+    };
+    let c_dir = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())
+        .map_err(|e| io(std::io::Error::new(std::io::ErrorKind::InvalidInput, e)))?;
+    // SAFETY: statfs is a plain C struct; all-zero is a valid value.
+    let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a NUL-terminated path and a struct statfs statfs writes into.
+    if unsafe { libc::statfs(c_dir.as_ptr(), &mut fs) } != 0 {
+        return Err(io(std::io::Error::last_os_error()));
+    }
+    #[allow(clippy::unnecessary_cast)] // f_type's width differs between libcs
+    if fs.f_type as i64 != HUGETLBFS_MAGIC {
+        return Err(DmaError::NotHugetlbfs { dir: dir.to_owned() });
+    }
+    usize::try_from(fs.f_bsize)
+        .ok()
+        .filter(|size| size.is_power_of_two() && *size >= PAGE_2M)
+        .ok_or_else(|| {
+            io(std::io::Error::other(format!(
+                "page size {} of the mount",
+                fs.f_bsize
+            )))
+        })
+}
+
+/// Distinguishes the files one process makes in a hugetlbfs mount.
+static HUGETLBFS_FILES: AtomicU64 = AtomicU64::new(0);
 
 /// Anonymous host memory from mmap; munmapped on drop.
 #[derive(Debug)]
@@ -368,6 +463,59 @@ impl HostMemory {
             kind: "null mapping",
             source: std::io::Error::other("mmap returned null"),
         })?;
+        Ok(Self { ptr, len, page_size })
+    }
+
+    /// `len` bytes (rounded up to the mount's page size) of a new file in
+    /// the hugetlbfs mount `dir`, mapped shared and populated; the file is
+    /// unlinked before this returns, so only the mapping holds its pages.
+    fn map_hugetlbfs(dir: &Path, len: usize) -> Result<Self, DmaError> {
+        let page_size = hugetlbfs_page_size(dir)?;
+        let len = len.div_ceil(page_size) * page_size;
+        let io = |source| DmaError::Hugetlbfs {
+            dir: dir.to_owned(),
+            source,
+        };
+        let n = HUGETLBFS_FILES.fetch_add(1, Ordering::Relaxed);
+        let path = dir.join(format!("vfplane-dma-{}-{n}", std::process::id()));
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(io)?;
+        // Unlinked at once: the mapping below keeps the pages, and nothing
+        // is left behind in the mount when the process goes.
+        std::fs::remove_file(&path).map_err(io)?;
+        // hugetlbfs takes no write(2): its size is set by ftruncate only.
+        file.set_len(len as u64).map_err(io)?;
+        // SAFETY: a shared mapping of a file only this process can reach
+        // (unlinked above), at an address of the kernel's choice; it aliases
+        // no other memory of the process. The result is checked below.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_POPULATE,
+                std::os::fd::AsRawFd::as_raw_fd(&file),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(DmaError::HostMap {
+                len,
+                kind: "hugepages of a hugetlbfs mount",
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        let ptr = NonNull::new(ptr.cast::<u8>()).ok_or(DmaError::HostMap {
+            len,
+            kind: "null mapping",
+            source: std::io::Error::other("mmap returned null"),
+        })?;
+        // The file is closed here; the mapping keeps it (and its pages).
+        drop(file);
         Ok(Self { ptr, len, page_size })
     }
 }
@@ -483,7 +631,11 @@ impl VfioDma {
 
     /// Host memory of `page_size` pages, mapped into the IOMMU.
     fn map_pages(&self, len: usize, page_size: usize) -> Result<DmaRegion, DmaError> {
-        let host = HostMemory::map(len, page_size)?;
+        self.map_host(HostMemory::map(len, page_size)?)
+    }
+
+    /// `host` mapped into the IOMMU.
+    fn map_host(&self, host: HostMemory) -> Result<DmaRegion, DmaError> {
         let mut state = lock_state(&self.state);
         let iova = state
             .iova
@@ -492,7 +644,7 @@ impl VfioDma {
                 len: host.len,
                 align: host.page_size,
             })?;
-        // SAFETY: `host` is a fresh anonymous mapping owned by the VfioMapping
+        // SAFETY: `host` is a fresh mapping only this process holds, owned by the VfioMapping
         // built below, which unmaps the IOVA before the memory goes; no Rust
         // reference to it exists and the driver touches it only through
         // volatile accesses or while the device has no descriptor on it.
@@ -527,7 +679,8 @@ impl VfioDma {
         };
         tracing::debug!(iova, len = full_len, page_size, "DMA region mapped");
         // SAFETY: the mapping is page aligned (>= 64), valid for reads and
-        // writes, zeroed (fresh anonymous memory), owned by `backing`, and the
+        // writes, zeroed (fresh anonymous memory, or a new hugetlbfs file's
+        // pages, which the kernel zeroes at fault), owned by `backing`, and the
         // IOMMU maps `iova` to it for the device.
         Ok(unsafe { DmaRegion::from_raw_parts(ptr, full_len, iova, page_size, Box::new(backing)) })
     }
@@ -538,7 +691,8 @@ impl DmaAllocator for VfioDma {
         if len == 0 {
             return Err(DmaError::Empty);
         }
-        match self.policy {
+        match &self.policy {
+            PagePolicy::HugetlbfsDir(dir) => self.map_host(HostMemory::map_hugetlbfs(dir, len)?),
             PagePolicy::Hugepages => self.map_pages(len, PAGE_2M),
             PagePolicy::SmallPages => self.map_pages(len, PAGE_4K),
             // Hugepages can fail at either step: mmap, when none are free
@@ -579,6 +733,42 @@ mod tests {
         assert_eq!(
             lock_state(&state).iova.allocate(4096, 4096),
             Some(IovaAllocator::FLOOR)
+        );
+    }
+
+    #[test]
+    fn numa_nodes_are_read_from_the_mappings_own_line() {
+        let maps = "\
+55d0c0a00000 default file=/usr/bin/pktgen mapped=12 N0=12 kernelpagesize_kB=4
+7f4c00000000 default file=/hugepages/vfplane-dma-7-0\\040(deleted) huge dirty=2 N1=2 kernelpagesize_kB=2048
+7f4c00400000 default anon=3 dirty=3 N0=1 N1=2 kernelpagesize_kB=4
+7f4c00800000 default anon=0 N0=0 kernelpagesize_kB=4
+";
+        assert_eq!(numa_nodes_of_mapping(maps, 0x7f4c_0000_0000), [1].into());
+        assert_eq!(numa_nodes_of_mapping(maps, 0x7f4c_0040_0000), [0, 1].into());
+        assert!(
+            numa_nodes_of_mapping(maps, 0x7f4c_0080_0000).is_empty(),
+            "no page present"
+        );
+        assert!(
+            numa_nodes_of_mapping(maps, 0x7f4c_0000_1000).is_empty(),
+            "not a mapping's start"
+        );
+    }
+
+    #[test]
+    fn a_directory_that_is_not_hugetlbfs_is_named() {
+        let dir = std::env::temp_dir();
+        match hugetlbfs_page_size(&dir) {
+            Err(DmaError::NotHugetlbfs { dir: named }) => assert_eq!(named, dir),
+            other => panic!("{other:?}"),
+        }
+        let missing = dir.join("vfplane-no-such-dir");
+        let error = hugetlbfs_page_size(&missing).unwrap_err();
+        assert!(
+            matches!(&error, DmaError::Hugetlbfs { dir, source } if *dir == missing
+                && source.kind() == std::io::ErrorKind::NotFound),
+            "{error:?}"
         );
     }
 

@@ -568,6 +568,19 @@ impl<R: RegisterSpace> IgbVf<R> {
         }
     }
 
+    /// The NUMA nodes the device's DMA memory is on (packet buffers and
+    /// both rings), as the kernel reports them; see
+    /// [`crate::dma::DmaRegion::numa_nodes`].
+    ///
+    /// # Errors
+    /// The kernel's per-mapping NUMA report cannot be read.
+    pub fn dma_numa_nodes(&self) -> std::io::Result<std::collections::BTreeSet<u32>> {
+        let mut nodes = self.pool.numa_nodes()?;
+        nodes.extend(self.rx.ring.mem.numa_nodes()?);
+        nodes.extend(self.tx.ring.mem.numa_nodes()?);
+        Ok(nodes)
+    }
+
     /// The register space.
     pub fn registers(&self) -> &R {
         &self.regs

@@ -93,6 +93,15 @@ impl Mempool {
         self.region.page_size()
     }
 
+    /// The NUMA nodes of the buffers' memory
+    /// ([`crate::dma::DmaRegion::numa_nodes`]).
+    ///
+    /// # Errors
+    /// The kernel's per-mapping NUMA report cannot be read.
+    pub fn numa_nodes(&self) -> std::io::Result<std::collections::BTreeSet<u32>> {
+        self.region.numa_nodes()
+    }
+
     /// Buffers currently free.
     pub fn free_count(&self) -> usize {
         self.free_top.get()

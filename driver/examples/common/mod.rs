@@ -69,11 +69,13 @@ pub fn open(args: &Args) -> Result<IgbVf<VfioVf>, String> {
     }
     config.rx_ring_size = args.num("rx-ring", config.rx_ring_size)?;
     config.tx_ring_size = args.num("tx-ring", config.tx_ring_size)?;
-    let pages = match args.get("pages").unwrap_or("auto") {
-        "auto" => vfplane_driver::dma::PagePolicy::Auto,
-        "huge" => vfplane_driver::dma::PagePolicy::Hugepages,
-        "small" => vfplane_driver::dma::PagePolicy::SmallPages,
-        other => return Err(format!("--pages {other:?}: auto, huge or small")),
+    let pages = match (args.get("pages"), args.get("hugepages-dir")) {
+        (Some(_), Some(_)) => return Err("--pages and --hugepages-dir exclude each other".to_owned()),
+        (None, Some(dir)) => vfplane_driver::dma::PagePolicy::HugetlbfsDir(dir.into()),
+        (None | Some("auto"), None) => vfplane_driver::dma::PagePolicy::Auto,
+        (Some("huge"), None) => vfplane_driver::dma::PagePolicy::Hugepages,
+        (Some("small"), None) => vfplane_driver::dma::PagePolicy::SmallPages,
+        (Some(other), None) => return Err(format!("--pages {other:?}: auto, huge or small")),
     };
     let mut dev = vfplane_driver::open_igbvf_with(&pci, &config, pages).map_err(|e| chain(&e))?;
     let link_timeout = Duration::from_secs_f64(args.num("link-timeout", 20.0)?);
@@ -86,17 +88,26 @@ pub use vfplane_driver::error_chain as chain;
 
 /// The device's identity as JSON fields, with the pages behind its DMA
 /// memory (`dma_page_size`: 2097152 for 2 MiB hugepages, 4096 for 4 KiB
-/// pages, null when its regions differ).
+/// pages, null when its regions differ) and the NUMA nodes it is on
+/// (`dma_numa_nodes`, or `dma_numa_nodes_error`).
 pub fn identity(dev: &IgbVf<VfioVf>, pci: &str) -> serde_json::Value {
     let pages = dev.dma_page_sizes();
-    serde_json::json!({
+    let numa = match dev.dma_numa_nodes() {
+        Ok(nodes) => serde_json::json!({ "dma_numa_nodes": nodes }),
+        Err(error) => serde_json::json!({ "dma_numa_nodes_error": error.to_string() }),
+    };
+    let mut identity = serde_json::json!({
         "pci": pci,
         "mac": dev.mac().to_string(),
         "link_up": dev.link().up,
         "speed_mbps": dev.link().speed_mbps,
         "dma_page_size": pages.uniform(),
         "dma_pages": {"mempool": pages.mempool, "rx_ring": pages.rx_ring, "tx_ring": pages.tx_ring},
-    })
+    });
+    if let (Some(fields), serde_json::Value::Object(numa)) = (identity.as_object_mut(), numa) {
+        fields.extend(numa);
+    }
+    identity
 }
 
 /// User plus system CPU time of this process so far, in seconds, from
