@@ -20,7 +20,9 @@
 //! profile, nothing bounding the container's tasks (the tightest
 //! `pids.max` from its cgroup up to the root), or a bound above the
 //! profile's `pids`; for a `numaAligned` pool, effective CPUs or memory
-//! nodes outside the VF's NUMA node. Records of containers whose cgroup
+//! nodes outside the VF's NUMA node, or hugepages in use on another node
+//! (`hugetlb.<size>.numa_stat`, whose nodes are reported as
+//! `hugepagesNodes`). Records of containers whose cgroup
 //! and process are both gone are removed.
 
 use std::collections::BTreeMap;
@@ -226,6 +228,10 @@ impl ContainerView {
                         Err(e) => problems.push(format!("cannot read {file}: {e}")),
                     }
                 }
+                match hugepages_nodes(&dir) {
+                    Ok(nodes) => status.hugepages_nodes = node_list(&nodes),
+                    Err(e) => problems.push(e),
+                }
             }
             Some(dir) => problems.push(format!("its cgroup {} is not there", dir.display())),
             None => problems.push(format!(
@@ -264,10 +270,58 @@ impl ContainerView {
                     status.mems.as_deref().unwrap_or("")
                 ));
             }
+            // Hugepages in use are where they are; none in use is no problem.
+            if let Some(nodes) = &status.hugepages_nodes
+                && nodes != &node.to_string()
+            {
+                problems.push(format!(
+                    "hugepages are on NUMA nodes {nodes:?}, not the VF's NUMA node {node}"
+                ));
+            }
         }
         status.problems = problems;
         status
     }
+}
+
+/// The NUMA nodes on which the cgroup `dir` holds hugepages, of any size:
+/// the `N<node>=<bytes>` fields of each `hugetlb.<size>.numa_stat` (cgroup
+/// v2 writes one line, `total=<bytes> N0=<bytes> ...`). Empty when it
+/// holds none, or the hugetlb controller is not enabled for it.
+fn hugepages_nodes(dir: &std::path::Path) -> Result<std::collections::BTreeSet<u32>, String> {
+    let entries = std::fs::read_dir(dir).map_err(|e| format!("cannot list {}: {e}", dir.display()))?;
+    let mut nodes = std::collections::BTreeSet::new();
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(name) = name
+            .to_str()
+            .filter(|n| n.starts_with("hugetlb.") && n.ends_with(".numa_stat"))
+        else {
+            continue;
+        };
+        let text = std::fs::read_to_string(entry.path()).map_err(|e| format!("cannot read {name}: {e}"))?;
+        nodes.extend(numa_stat_nodes(&text));
+    }
+    Ok(nodes)
+}
+
+/// The nodes with a non-zero count in a `numa_stat` line's `N<node>=<n>`
+/// fields (the first line only: cgroup v1's second line is hierarchical).
+fn numa_stat_nodes(text: &str) -> impl Iterator<Item = u32> + '_ {
+    text.lines()
+        .next()
+        .into_iter()
+        .flat_map(str::split_whitespace)
+        .filter_map(|field| {
+            let (node, count) = field.strip_prefix('N')?.split_once('=')?;
+            let node = node.parse::<u32>().ok()?;
+            (count.parse::<u64>().ok()? > 0).then_some(node)
+        })
+}
+
+/// `nodes` as a list (`0,1`), `None` when empty.
+fn node_list(nodes: &std::collections::BTreeSet<u32>) -> Option<String> {
+    (!nodes.is_empty()).then(|| nodes.iter().map(u32::to_string).collect::<Vec<_>>().join(","))
 }
 
 impl ContainerView {

@@ -261,6 +261,11 @@ pub struct VfContainerStatus {
     /// `cpuset.mems.effective`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mems: Option<String>,
+    /// The NUMA nodes on which it holds hugepages (its cgroup's
+    /// `hugetlb.<size>.numa_stat`), as a list (`1`, `0,1`); unset when it
+    /// holds none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hugepages_nodes: Option<String>,
     /// `memory.max`: bytes, or `max`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory_max: Option<String>,

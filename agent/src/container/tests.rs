@@ -134,6 +134,7 @@ fn the_owners_pod_uid_and_limits_are_read_from_its_record_and_cgroup() {
             cgroup: Some(CGROUP.to_owned()),
             cpus: Some("0-1".to_owned()),
             mems: Some("0".to_owned()),
+            hugepages_nodes: None,
             memory_max: Some("134217728".to_owned()),
             cpu_max: Some("100000 100000".to_owned()),
             pids_max: Some("max".to_owned()),
@@ -286,6 +287,51 @@ fn a_numa_aligned_pools_container_off_its_vfs_node_is_a_problem() {
         status.pfs[0].vfs[0].container.clone().unwrap().problems,
         Vec::<String>::new()
     );
+}
+
+#[test]
+fn hugepages_off_the_vfs_node_are_reported_and_a_problem_for_a_numa_aligned_pool() {
+    let node = node("67108864");
+    let cgroup = node.view.cgroup_root.join(CGROUP.trim_start_matches('/'));
+    fs::write(cgroup.join("cpuset.cpus.effective"), "1\n").unwrap();
+    fs::write(cgroup.join("cpuset.mems.effective"), "1\n").unwrap();
+    // cgroup v2's numa_stat: one line; none held of 1 GiB pages.
+    fs::write(
+        cgroup.join("hugetlb.2MB.numa_stat"),
+        "total=4194304 N0=4194304 N1=0\n",
+    )
+    .unwrap();
+    fs::write(cgroup.join("hugetlb.1GB.numa_stat"), "total=0 N0=0 N1=0\n").unwrap();
+    let mut pools = pools();
+    let mut status = status();
+    status.pfs[0].numa_node = Some(1);
+    // Not numaAligned: reported, no problem.
+    node.view.annotate(&mut status, &owners(), &pools);
+    let container = status.pfs[0].vfs[0].container.clone().unwrap();
+    assert_eq!(container.hugepages_nodes.as_deref(), Some("0"));
+    assert_eq!(container.problems, Vec::<String>::new());
+    pools.pools[0].container_limits.numa_aligned = true;
+    node.view.annotate(&mut status, &owners(), &pools);
+    assert_eq!(
+        status.pfs[0].vfs[0].container.clone().unwrap().problems,
+        ["hugepages are on NUMA nodes \"0\", not the VF's NUMA node 1"]
+    );
+    // On the VF's node, or none held: no problem.
+    fs::write(
+        cgroup.join("hugetlb.2MB.numa_stat"),
+        "total=4194304 N0=0 N1=4194304\n",
+    )
+    .unwrap();
+    node.view.annotate(&mut status, &owners(), &pools);
+    let container = status.pfs[0].vfs[0].container.clone().unwrap();
+    assert_eq!(
+        (container.hugepages_nodes.as_deref(), container.problems),
+        (Some("1"), vec![])
+    );
+    fs::write(cgroup.join("hugetlb.2MB.numa_stat"), "total=0 N0=0 N1=0\n").unwrap();
+    node.view.annotate(&mut status, &owners(), &pools);
+    let container = status.pfs[0].vfs[0].container.clone().unwrap();
+    assert_eq!((container.hugepages_nodes, container.problems), (None, vec![]));
 }
 
 #[test]
