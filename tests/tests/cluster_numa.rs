@@ -1,15 +1,29 @@
 //! A `numaAligned` pool on the real cluster with two NUMA nodes: the
-//! testbed's `TwoNumaNodes` guest (one CPU each) as the node, the PF
-//! 0000:21:00.0 behind a PCIe expander bridge on node 1. A Guaranteed pod
-//! given a VF of that PF runs on node 1's CPU and memory, the pod sees it
-//! in `/proc/self/status`, and the agent reads it back into the VF's status
-//! with no problem. On the minimal node (no CPU manager) vfplane's NRI
-//! plugin put the VF's NUMA cpuset into the container's spec; on the
-//! systemd node the kubelet's static CPU manager, Topology Manager and
-//! memory manager placed it from the plugin's TopologyInfo (CPU 0 is
-//! reserved, CPU 1 on node 1 is the exclusive one), and vfplane left the
-//! kubelet's cpuset alone; its `memory.max`, `cpu.max` and `pids.max` are what the
-//! profile says. When the policy then asks for more memory than the
+//! testbed's `TwoNumaNodes` guest as the node, the PF 0000:21:00.0 behind a
+//! PCIe expander bridge on node 1. A Guaranteed pod given a VF of that PF
+//! runs on node 1's CPUs and memory, the pod sees it in `/proc/self/status`,
+//! and the agent reads it back into the VF's status with no problem.
+//!
+//! On the minimal node (no CPU manager; one CPU per NUMA node) vfplane's
+//! NRI plugin put the VF's NUMA cpuset into the container's spec.
+//!
+//! On the systemd node (five vCPUs: node 0 has CPUs 0-2, CPU 0 reserved;
+//! node 1 has CPUs 3-4) the kubelet's static CPU manager, Topology Manager
+//! and memory manager placed the pod from the plugin's TopologyInfo, and
+//! vfplane left the kubelet's cpuset alone. The pod is the one a poll-mode
+//! driver runs in: two exclusive CPUs (node 1's both), 2 MiB hugepages from
+//! an `emptyDir: {medium: HugePages-2Mi}` volume, which the driver takes
+//! its DMA memory from (the driver reports those pages on node 1, the
+//! agent reads them on node 1 from the container's hugetlb cgroup), and it
+//! sends frames the host counts. A second pod asking for a VF of that pool
+//! and one exclusive CPU cannot be aligned (node 1 has no CPU left): the
+//! kubelet refuses it with `TopologyAffinityError`, and vfplane reports
+//! nothing about it. Then containerd and the kubelet are restarted and
+//! systemd reloads its units: the pod keeps its VF and its limits, read
+//! back from its cgroup, and vfplane's parts converge again.
+//!
+//! On both: the container's `memory.max`, `cpu.max` and `pids.max` are what
+//! the profile says. When the policy then asks for more memory than the
 //! running container has, the agent says so in the VF's status, in a
 //! Kubernetes Event on the pod and in its metrics.
 
@@ -21,10 +35,16 @@ use serde_json::Value;
 use xtask::cluster::images::VFPLANE_IMAGE;
 use xtask::cluster::{ClusterOptions, NodeProfile};
 use xtask::session::{Session, events, node_vf_statuses};
+use xtask::testbed::wire::ETHERTYPE_TEST;
 use xtask::testbed::{GuestOptions, Testbed, Topology};
 
-/// The policy, its profile's memory `memory`.
-fn policy(memory: &str) -> String {
+/// The policy, its profile's memory `memory`; on the systemd node its
+/// profile asks for hugepages too.
+fn policy(node_profile: NodeProfile, memory: &str) -> String {
+    let hugepages = match node_profile {
+        NodeProfile::Systemd => "\n    hugepages: 16Mi",
+        NodeProfile::Minimal => "",
+    };
     format!(
         r#"apiVersion: vfplane.io/v1alpha1
 kind: VfPolicy
@@ -35,7 +55,7 @@ spec:
     vfplane.io/sriov: "true"
   nicSelector:
     pciAddresses: ["0000:21:00.0"]
-  numVfs: 1
+  numVfs: 2
   deviceType: vfio-pci
   resourceName: near
   containerProfile:
@@ -43,12 +63,27 @@ spec:
     memory: {memory}
     numaAligned: true
     lockedMemory: 64Mi
-    pids: 128
+    pids: 128{hugepages}
 "#
     )
 }
 
-fn pod() -> String {
+/// The pod: on the minimal node one CPU; on the systemd node two
+/// exclusive CPUs and 16 MiB of 2 MiB hugepages mounted at `/hugepages`,
+/// where the driver takes its DMA memory from; after its frames it keeps
+/// the VF (and its DMA memory) open in `rxcount`, waiting on the VF's
+/// interrupt, so that the agent sees the hugepages held.
+fn pod(node_profile: NodeProfile) -> String {
+    let (cpu, command, hugepages, volumes) = match node_profile {
+        NodeProfile::Minimal => ("1", "pktgen --count 100 --size 60 && exec sleep 86400", "", ""),
+        NodeProfile::Systemd => (
+            "2",
+            "pktgen --count 100 --size 60 --hugepages-dir /hugepages && \
+             exec rxcount --hugepages-dir /hugepages --mode hybrid --count 1000000000 --timeout 86400",
+            "\n          hugepages-2Mi: 16Mi",
+            "\n      volumeMounts:\n        - {name: hugepages, mountPath: /hugepages}\n  volumes:\n    - name: hugepages\n      emptyDir: {medium: HugePages-2Mi}",
+        ),
+    };
     format!(
         r#"apiVersion: v1
 kind: Pod
@@ -60,16 +95,46 @@ spec:
     - name: app
       image: {VFPLANE_IMAGE}
       imagePullPolicy: IfNotPresent
-      command: ["sh", "-c", "grep -E 'Cpus_allowed_list|Mems_allowed_list' /proc/self/status; pktgen --count 100 --size 60 && exec sleep 86400"]
+      command: ["sh", "-c", "grep -E 'Cpus_allowed_list|Mems_allowed_list' /proc/self/status; {command}"]
+      resources:
+        requests:
+          vfplane.io/near: 1
+          cpu: "{cpu}"
+          memory: 128Mi{hugepages}
+        limits:
+          vfplane.io/near: 1
+          cpu: "{cpu}"
+          memory: 128Mi{hugepages}{volumes}
+"#
+    )
+}
+
+/// A Guaranteed pod with a VF of the node-1 pool and one exclusive CPU,
+/// which node 1 no longer has.
+fn unalignable_pod() -> String {
+    format!(
+        r#"apiVersion: v1
+kind: Pod
+metadata:
+  name: far
+spec:
+  terminationGracePeriodSeconds: 1
+  containers:
+    - name: app
+      image: {VFPLANE_IMAGE}
+      imagePullPolicy: IfNotPresent
+      command: ["sleep", "86400"]
       resources:
         requests:
           vfplane.io/near: 1
           cpu: "1"
           memory: 128Mi
+          hugepages-2Mi: 16Mi
         limits:
           vfplane.io/near: 1
           cpu: "1"
           memory: 128Mi
+          hugepages-2Mi: 16Mi
 "#
     )
 }
@@ -110,10 +175,11 @@ fn numa_aligned(node_profile: NodeProfile) {
         guest: GuestOptions {
             topology: Topology::TwoNumaNodes,
             // The systemd node reserves CPU 0 for the system and vfplane's
-            // own pods take a share of the rest: node 1 needs CPUs of its
-            // own to hand out whole.
+            // own pods take a share of the rest: node 1 (CPUs 3-4) hands out
+            // both its CPUs whole, and node 0 keeps free CPUs for a pod
+            // that cannot be aligned.
             cpus: if node_profile == NodeProfile::Systemd {
-                4
+                5
             } else {
                 2
             },
@@ -128,23 +194,31 @@ fn numa_aligned(node_profile: NodeProfile) {
         .unwrap();
     let node1_cpus = cpus.trim().to_owned();
     let expected = if node_profile == NodeProfile::Systemd {
-        "2-3"
+        "3-4"
     } else {
         "1"
     };
     assert_eq!(node1_cpus, expected, "the node's NUMA node 1 CPUs");
     session.install_vfplane().expect("helm install");
-    session.apply(&policy("128Mi")).expect("policy");
+    session.apply(&policy(node_profile, "128Mi")).expect("policy");
     session
-        .wait_allocatable("near", 1, Duration::from_secs(300))
+        .wait_allocatable("near", 2, Duration::from_secs(300))
         .expect("the pool");
-    session.apply(&pod()).unwrap();
+    // The node-1 PF's wire (its link is the guest's second).
+    let wire = session
+        .cluster()
+        .guest()
+        .listen_wire(1)
+        .expect("listen on the node-1 PF's link");
+    let created = std::time::Instant::now();
+    session.apply(&pod(node_profile)).unwrap();
     session
         .wait("the pod's pktgen report", Duration::from_secs(300), |c| {
             Ok(c.kubectl_output(&["logs", "near"])
                 .is_ok_and(|l| l.contains("\"tool\":\"pktgen\"")))
         })
         .unwrap();
+    let to_report = created.elapsed();
     let logs = session.kubectl(&["logs", "near"]).unwrap();
     let field = |name: &str| {
         logs.lines()
@@ -156,9 +230,9 @@ fn numa_aligned(node_profile: NodeProfile) {
     let allowed = field("Cpus_allowed_list:");
     match node_profile {
         NodeProfile::Minimal => assert_eq!(allowed, node1_cpus, "vfplane's NUMA cpuset: node 1's CPUs"),
-        NodeProfile::Systemd => assert!(
-            ["2", "3"].contains(&allowed.as_str()),
-            "one exclusive CPU of node 1, the static CPU manager's, aligned by the Topology Manager: {allowed}"
+        NodeProfile::Systemd => assert_eq!(
+            allowed, node1_cpus,
+            "node 1's two CPUs, exclusive, the static CPU manager's, aligned by the Topology Manager"
         ),
     }
     assert_eq!(
@@ -176,6 +250,33 @@ fn numa_aligned(node_profile: NodeProfile) {
         report["pci"].as_str().is_some_and(|p| p.starts_with("0000:21:")),
         "a VF of the node-1 PF: {report}"
     );
+    let mac: Vec<u8> = report["mac"]
+        .as_str()
+        .unwrap_or_default()
+        .split(':')
+        .filter_map(|b| u8::from_str_radix(b, 16).ok())
+        .collect();
+    let mac: [u8; 6] = mac
+        .try_into()
+        .unwrap_or_else(|_| panic!("the VF's MAC: {report}"));
+    wire.settle(Duration::from_secs(2));
+    assert_eq!(
+        wire.take_from(mac, ETHERTYPE_TEST).len(),
+        100,
+        "frames the host counted on the node-1 PF's wire"
+    );
+    if node_profile == NodeProfile::Systemd {
+        // The driver's DMA memory: the pod's hugepages, on node 1.
+        assert_eq!(
+            [&report["dma_page_size"], &report["dma_numa_nodes"]],
+            [&Value::from(2_097_152), &serde_json::json!([1])],
+            "{report}"
+        );
+        println!(
+            "pod created -> first frames sent and reported: {:.1} s",
+            to_report.as_secs_f64()
+        );
+    }
     session
         .wait(
             "the container's cpuset in the VF's status",
@@ -184,6 +285,7 @@ fn numa_aligned(node_profile: NodeProfile) {
                 Ok(node_vf_statuses(c)?.iter().any(|vf| {
                     vf["container"]["cpus"] == allowed.as_str()
                         && vf["container"]["mems"] == "1"
+                        && (node_profile == NodeProfile::Minimal || vf["container"]["hugepagesNodes"] == "1")
                         && vf["container"]["problems"].as_array().is_none_or(Vec::is_empty)
                 }))
             },
@@ -232,8 +334,15 @@ fn numa_aligned(node_profile: NodeProfile) {
         "read in the node's cgroup fs"
     );
 
+    if node_profile == NodeProfile::Systemd {
+        unalignable_pod_is_refused_by_the_kubelet(&mut session);
+        restarts_keep_the_pods_vf_and_limits(&mut session, &cgroup, &allowed);
+    }
+
     // The policy now wants 256 MiB; the running container has 128 MiB.
-    session.apply(&policy("256Mi")).expect("policy with more memory");
+    session
+        .apply(&policy(node_profile, "256Mi"))
+        .expect("policy with more memory");
     let problem =
         "memory.max is 134217728, the pool's profile wants a memory limit of at least 268435456 bytes";
     session
@@ -268,4 +377,172 @@ fn numa_aligned(node_profile: NodeProfile) {
                 && l.ends_with(" 1")),
         "one problem in the metrics:\n{metrics}"
     );
+}
+
+/// Node 1 has no CPU left: the kubelet's Topology Manager refuses a pod
+/// that wants node 1's VF and an exclusive CPU, and vfplane says nothing
+/// about it (it never ran, and no VF was handed to it).
+fn unalignable_pod_is_refused_by_the_kubelet(session: &mut Session) {
+    session.apply(&unalignable_pod()).unwrap();
+    session
+        .wait(
+            "the kubelet's refusal of pod far",
+            Duration::from_secs(120),
+            |c| {
+                let pod = c.kubectl_json(&["get", "pod", "far", "-o", "json"])?;
+                Ok(pod["status"]["phase"] == "Failed")
+            },
+        )
+        .unwrap();
+    let pod = session
+        .cluster()
+        .kubectl_json(&["get", "pod", "far", "-o", "json"])
+        .unwrap();
+    assert_eq!(
+        pod["status"]["reason"], "TopologyAffinityError",
+        "{:#}",
+        pod["status"]
+    );
+    let held: Vec<Value> = node_vf_statuses(session.cluster())
+        .unwrap()
+        .into_iter()
+        .filter(|vf| vf["owner"].is_string() || vf["container"].is_object())
+        .collect();
+    assert!(
+        held.iter().all(|vf| vf["owner"] == "default/near/app"),
+        "only pod near holds a VF: {held:#?}"
+    );
+    for reason in ["VfContainerLimits", "VfQuarantined"] {
+        let about_far: Vec<Value> = events(session.cluster(), "default", reason)
+            .unwrap()
+            .into_iter()
+            .filter(|e| e["involvedObject"]["name"] == "far")
+            .collect();
+        assert!(
+            about_far.is_empty(),
+            "vfplane said nothing about far: {about_far:#?}"
+        );
+    }
+    session.kubectl(&["delete", "pod", "far", "--wait=true"]).unwrap();
+}
+
+/// The main PID of systemd unit `unit` on the node.
+fn main_pid(cluster: &xtask::cluster::Cluster, unit: &str) -> Result<String, anyhow::Error> {
+    Ok(cluster
+        .kubectl_output(&[
+            "exec",
+            "-n",
+            "kube-system",
+            "node-shell",
+            "--",
+            "chroot",
+            "/proc/1/root",
+            "systemctl",
+            "show",
+            "-p",
+            "MainPID",
+            "--value",
+            unit,
+        ])?
+        .trim()
+        .to_owned())
+}
+
+/// `systemctl restart unit` on the node's own root, a second after the
+/// exec that asks for it has returned (a restart of containerd or the
+/// kubelet ends the exec stream it came by); returns once the unit runs
+/// with a new main process and the node answers an exec again.
+fn restart_unit(session: &mut Session, unit: &str) {
+    let before = main_pid(session.cluster(), unit).unwrap();
+    session
+        .cluster_mut()
+        .node_exec(&format!(
+            "(sleep 1; chroot /proc/1/root systemctl restart {unit}) > /dev/null 2>&1 &"
+        ))
+        .unwrap();
+    session
+        .wait(&format!("{unit} restarted"), Duration::from_secs(180), |c| {
+            Ok(main_pid(c, unit).is_ok_and(|now| now != before && now != "0"))
+        })
+        .unwrap();
+}
+
+/// containerd restarted, the kubelet restarted, systemd's units reloaded:
+/// the pod runs on, with its VF, CPUs and limits (read back from its
+/// cgroup), and the agent reports it as before.
+fn restarts_keep_the_pods_vf_and_limits(session: &mut Session, cgroup: &str, cpus: &str) {
+    let read_back = |session: &mut Session| {
+        session
+            .cluster_mut()
+            .node_exec(&format!(
+                "cd /proc/1/root/sys/fs/cgroup{cgroup} && cat memory.max cpu.max pids.max cpuset.cpus.effective \
+                 cpuset.mems.effective && grep 'locked memory' /proc/$(head -n1 cgroup.procs)/limits"
+            ))
+            .unwrap()
+    };
+    let before = read_back(session);
+    let vf_before = held_vf(session);
+    restart_unit(session, "containerd");
+    restart_unit(session, "kubelet");
+    session
+        .cluster_mut()
+        .node_exec("chroot /proc/1/root systemctl daemon-reload")
+        .unwrap();
+    session
+        .wait(
+            "the node Ready and pod near Running",
+            Duration::from_secs(180),
+            |c| {
+                let ready = c.kubectl_output(&[
+                    "get",
+                    "node",
+                    "-o=jsonpath={.items[0].status.conditions[?(@.type==\"Ready\")].status}",
+                ])?;
+                let phase = c.kubectl_output(&["get", "pod", "near", "-o=jsonpath={.status.phase}"])?;
+                Ok(ready == "True" && phase == "Running")
+            },
+        )
+        .unwrap();
+    let pod = session
+        .cluster()
+        .kubectl_json(&["get", "pod", "near", "-o", "json"])
+        .unwrap();
+    assert_eq!(
+        pod["status"]["containerStatuses"][0]["restartCount"], 0,
+        "the container ran through the restarts: {:#}",
+        pod["status"]
+    );
+    assert_eq!(
+        read_back(session),
+        before,
+        "the container's cgroup limits after the restarts"
+    );
+    assert!(before.contains("134217728") && before.contains(cpus), "{before}");
+    session
+        .wait_allocatable("near", 2, Duration::from_secs(120))
+        .expect("the pool offered again by the re-registered plugin");
+    session
+        .wait(
+            "the VF's owner and container after the restarts",
+            Duration::from_secs(120),
+            |c| {
+                Ok(node_vf_statuses(c)?.iter().any(|vf| {
+                    vf["pciAddress"] == vf_before.as_str()
+                        && vf["owner"] == "default/near/app"
+                        && vf["container"]["hugepagesNodes"] == "1"
+                        && vf["container"]["problems"].as_array().is_none_or(Vec::is_empty)
+                }))
+            },
+        )
+        .unwrap();
+}
+
+/// The VF pod near holds.
+fn held_vf(session: &Session) -> String {
+    node_vf_statuses(session.cluster())
+        .unwrap()
+        .into_iter()
+        .find(|vf| vf["owner"] == "default/near/app")
+        .and_then(|vf| vf["pciAddress"].as_str().map(str::to_owned))
+        .expect("pod near's VF")
 }
