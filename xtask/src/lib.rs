@@ -2,6 +2,7 @@
 //! `tests/` boot the same testbed and cluster, and run the same demo, as the
 //! command line does.
 
+pub mod bench_limits;
 pub mod cache;
 pub mod campaign;
 pub mod cluster;

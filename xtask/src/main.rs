@@ -142,6 +142,18 @@ enum BenchCommand {
         #[arg(long, default_value_t = 200)]
         gap_ms: u64,
     },
+    /// What a pool's container profile adds to a container's creation on
+    /// the real node: pods applied -> Running, with no VF, with a VF of a
+    /// pool without a profile and with one whose profile the runtime
+    /// applies, medians side by side.
+    ContainerLimits {
+        /// The node (its cgroup driver).
+        #[arg(long, value_enum, default_value_t)]
+        node_profile: xtask::cluster::NodeProfile,
+        /// Pods of each kind per phase.
+        #[arg(long, default_value_t = 7)]
+        pods: u32,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -371,6 +383,19 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let report = bench_testbed::hybrid(&testbed, &options)?;
             print!("{}", report.table());
             eprintln!("bench hybrid: done in {:.0} s", begun.elapsed().as_secs_f64());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench {
+            command: BenchCommand::ContainerLimits { node_profile, pods },
+        } => {
+            let testbed = Testbed::prepare()?;
+            let options = xtask::bench_limits::LimitsBenchOptions { node_profile, pods };
+            let table = xtask::bench_limits::container_limits(&testbed, &options)?;
+            print!("{table}");
+            eprintln!(
+                "bench container-limits: done in {:.0} s",
+                begun.elapsed().as_secs_f64()
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Image { out } => {
