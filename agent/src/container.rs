@@ -14,7 +14,10 @@
 //! from `/proc/<pid>/limits`.
 //!
 //! A value that breaks the pool's profile (`vfplane_proto::container_limits`)
-//! or cannot be read is a problem on the VF's `container` status:
+//! or cannot be read is a problem on the VF's `container` status (of a
+//! container that runs: not one whose first process is still runc's init,
+//! whose rlimits runc sets after the hook that wrote the record, nor one
+//! whose cgroup is gone, which is ending):
 //! a locked-memory limit below the pool's; `memory.max` or `cpu.max`
 //! unset or below the profile's memory or CPU; for a pool with any
 //! profile, nothing bounding the container's tasks (the tightest
@@ -131,6 +134,13 @@ impl ContainerView {
         container_record::cgroup_dir(&self.cgroup_root, record.cgroups_path.as_deref()?)
     }
 
+    /// Whether the record's process is still runc's init (`runc:[2:INIT]`),
+    /// not yet the container's program.
+    fn starting(&self, record: &ContainerRecord) -> bool {
+        std::fs::read_to_string(self.proc_root.join(record.pid.to_string()).join("comm"))
+            .is_ok_and(|comm| comm.starts_with("runc:"))
+    }
+
     fn alive(&self, record: &ContainerRecord) -> bool {
         let process = self.proc_root.join(record.pid.to_string()).exists();
         let cgroup = self.cgroup_dir(record).is_some_and(|d| d.exists());
@@ -154,6 +164,14 @@ impl ContainerView {
             cgroup,
             ..VfContainerStatus::default()
         };
+        if self.starting(record) {
+            // The hook that wrote the record runs before runc sets the
+            // container's rlimits and starts its program: what its first
+            // process has now is not what the container runs under. Read
+            // at a later pass (the periodic one at the latest).
+            tracing::debug!(id = %record.id, "container not started yet; its limits are read later");
+            return status;
+        }
         let mut problems = Vec::new();
         match self.cgroup_dir(record) {
             Some(dir) if dir.exists() => {
@@ -233,7 +251,13 @@ impl ContainerView {
                     Err(e) => problems.push(e),
                 }
             }
-            Some(dir) => problems.push(format!("its cgroup {} is not there", dir.display())),
+            // The runtime removes a container's cgroup when it ends (under
+            // systemd, its scope goes with its last process): an ending
+            // container runs under no limit and breaks none.
+            Some(dir) => {
+                tracing::debug!(id = %record.id, cgroup = %dir.display(), "container ending: its cgroup is gone");
+                return status;
+            }
             None => problems.push(format!(
                 "cgroup path {:?} names no cgroup under the cgroup root",
                 record.cgroups_path.as_deref().unwrap_or("")

@@ -247,6 +247,30 @@ fn a_container_on_exclusive_cpus_without_a_quota_meets_the_profiles_cpu() {
 }
 
 #[test]
+fn a_container_not_started_or_ending_breaks_no_limit() {
+    // A locked-memory limit below the pool's, read while runc's init still
+    // runs (runc sets the rlimits after the hook wrote the record).
+    let node = node("8388608");
+    fs::write(node.view.proc_root.join("4242/comm"), "runc:[2:INIT]\n").unwrap();
+    let mut status = status();
+    node.view.annotate(&mut status, &owners(), &pools());
+    let container = status.pfs[0].vfs[0].container.clone().unwrap();
+    assert_eq!((container.locked_memory, container.problems), (None, vec![]));
+    // Started: the same limit is a problem.
+    fs::write(node.view.proc_root.join("4242/comm"), "pktgen\n").unwrap();
+    node.view.annotate(&mut status, &owners(), &pools());
+    assert_eq!(
+        status.pfs[0].vfs[0].container.clone().unwrap().problems,
+        ["RLIMIT_MEMLOCK is 8388608 bytes, below the pool's lockedMemory of 67108864 bytes"]
+    );
+    // Ending: its cgroup gone, its process not yet.
+    fs::remove_dir_all(node.view.cgroup_root.join(CGROUP.trim_start_matches('/'))).unwrap();
+    node.view.annotate(&mut status, &owners(), &pools());
+    let container = status.pfs[0].vfs[0].container.clone().unwrap();
+    assert_eq!((container.memory_max, container.problems), (None, vec![]));
+}
+
+#[test]
 fn a_cgroup_path_that_names_no_cgroup_is_a_problem() {
     let node = node("67108864");
     let mut record = read_records(&node.view.records_dir).unwrap().0.remove(0);

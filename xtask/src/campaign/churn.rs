@@ -43,24 +43,36 @@ impl Campaigns<'_> {
             settled.as_secs_f64()
         ));
         if let Some((agent0, plugin0)) = baseline {
+            let kinds = |f: &Footprint| {
+                f.fd_kinds
+                    .iter()
+                    .map(|(kind, n)| format!("{n} {kind}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
             self.report.add(format!(
-                "churn: after {baseline_at} pods -> at the end: agent RSS {} -> {} KiB, fds {} -> {}; \
-                 device plugin RSS {} -> {} KiB, fds {} -> {}",
+                "churn: after {baseline_at} pods -> at the end: agent RSS {} -> {} KiB, fds {} -> {} ({}); \
+                 device plugin RSS {} -> {} KiB, fds {} -> {} ({})",
                 agent0.rss_kib,
                 agent.rss_kib,
                 agent0.fds,
                 agent.fds,
+                kinds(&agent),
                 plugin0.rss_kib,
                 plugin.rss_kib,
                 plugin0.fds,
-                plugin.fds
+                plugin.fds,
+                kinds(&plugin)
             ));
-            for (what, before, after) in [("agent", agent0, agent), ("device plugin", plugin0, plugin)] {
+            for (what, before, after) in [("agent", &agent0, &agent), ("device plugin", &plugin0, &plugin)] {
+                let grown = after.grown_since(before);
                 ensure!(
                     after.fds <= before.fds,
-                    "the {what} holds {} descriptors after the churn, {} after the first {baseline_at} pods",
+                    "the {what} holds {} descriptors after the churn, {} after the first {baseline_at} pods; \
+                     more of: {}",
                     after.fds,
-                    before.fds
+                    before.fds,
+                    grown.join(", ")
                 );
                 // Allocators keep freed pages: allow a quarter and 4 MiB,
                 // far below what a leak per pod over this many pods gives.

@@ -158,12 +158,30 @@ impl Report {
 }
 
 /// RSS and open descriptors of one of vfplane's node processes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Footprint {
     /// Resident set, KiB.
     pub rss_kib: u64,
     /// Open file descriptors.
     pub fds: u64,
+    /// The descriptors by what they are: `tcp`, `unix`, `netlink` or
+    /// `socket` (another family), an `anon_inode:[...]` kind, a device
+    /// path, or `file`.
+    pub fd_kinds: BTreeMap<String, u64>,
+}
+
+impl Footprint {
+    /// The kinds of descriptor of which `self` has more than `before`, with
+    /// both counts.
+    pub fn grown_since(&self, before: &Footprint) -> Vec<String> {
+        self.fd_kinds
+            .iter()
+            .filter_map(|(kind, &now)| {
+                let then = before.fd_kinds.get(kind).copied().unwrap_or(0);
+                (now > then).then(|| format!("{kind} {then} -> {now}"))
+            })
+            .collect()
+    }
 }
 
 /// The campaigns over one session with vfplane installed.
@@ -487,18 +505,49 @@ impl<'a> Campaigns<'a> {
     pub fn footprints(&mut self) -> Result<(Footprint, Footprint)> {
         let mut out = Vec::new();
         for comm in [AGENT_COMM, PLUGIN_COMM] {
+            // One `rss <KiB>` line per process, one `fd <kind>` line per
+            // descriptor; a socket's family from its inode in the
+            // process's own /proc/<pid>/net tables.
             let script = format!(
-                "for p in $({}); do echo $(grep VmRSS /proc/$p/status | tr -dc 0-9) $(ls /proc/$p/fd | wc -l); done",
+                r#"for p in $({}); do
+  echo rss $(grep VmRSS /proc/$p/status | tr -dc 0-9)
+  for f in /proc/$p/fd/*; do
+    t=$(readlink $f) || continue
+    case "$t" in
+      socket:*) i=${{t#socket:[}}; i=${{i%]}}
+        if cat /proc/$p/net/tcp /proc/$p/net/tcp6 2>/dev/null | grep -qE " $i( |$)"; then echo fd tcp
+        elif grep -qE " $i( |$)" /proc/$p/net/unix 2>/dev/null; then echo fd unix
+        elif grep -qE " $i( |$)" /proc/$p/net/netlink 2>/dev/null; then echo fd netlink
+        else echo fd socket; fi ;;
+      anon_inode:*|/dev/*) echo "fd $t" ;;
+      *) echo fd file ;;
+    esac
+  done
+done"#,
                 pids_of(comm)
             );
             let text = self.session.cluster_mut().node_exec(&script)?;
-            let numbers: Vec<u64> = text.split_whitespace().filter_map(|w| w.parse().ok()).collect();
-            let [rss_kib, fds] = numbers[..] else {
+            let mut rss = Vec::new();
+            let mut fd_kinds = BTreeMap::new();
+            for line in text.lines() {
+                match line.split_once(' ') {
+                    Some(("rss", kib)) => rss.push(kib.trim().parse::<u64>()?),
+                    Some(("fd", kind)) => *fd_kinds.entry(kind.trim().to_owned()).or_insert(0) += 1,
+                    _ => bail!("unexpected line from the {comm} footprint: {line:?}"),
+                }
+            }
+            let [rss_kib] = rss[..] else {
                 bail!("expected one {comm} process on the node, found: {text:?}");
             };
-            out.push(Footprint { rss_kib, fds });
+            out.push(Footprint {
+                rss_kib,
+                fds: fd_kinds.values().sum(),
+                fd_kinds,
+            });
         }
-        Ok((out[0], out[1]))
+        let plugin = out.pop().context("the device plugin's footprint")?;
+        let agent = out.pop().context("the agent's footprint")?;
+        Ok((agent, plugin))
     }
 
     /// Waits until nothing of the campaign's pods is left (`keep` excepted)
@@ -574,6 +623,17 @@ impl<'a> Campaigns<'a> {
         ensure!(
             cdi == ["vfplane.io-vf.json"],
             "CDI specs on the node other than the plugin's one: {cdi:?}"
+        );
+        // Every campaign pod ran within its pool's profile: a limits Event
+        // about one is a false alarm (as the agent once raised reading a
+        // container runc had not started yet, or one that was ending).
+        let alarms: Vec<String> = crate::session::events(self.cluster(), "default", "VfContainerLimits")?
+            .iter()
+            .map(|e| format!("{}: {}", e["involvedObject"]["name"], e["message"]))
+            .collect();
+        ensure!(
+            alarms.is_empty(),
+            "container-limit Events about campaign pods, which ran within the profile: {alarms:?}"
         );
         Ok(began.elapsed())
     }
