@@ -65,6 +65,9 @@ enum Command {
         /// Seed of the random moments (default: the time).
         #[arg(long)]
         seed: Option<u64>,
+        /// The node the campaigns run on.
+        #[arg(long, value_enum, default_value_t)]
+        node_profile: xtask::cluster::NodeProfile,
     },
     /// Builds vfplane's image (the static node and controller binaries,
     /// the driver's examples, busybox) as an OCI archive.
@@ -282,6 +285,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             kills,
             restarts,
             seed,
+            node_profile,
         } => {
             let seed = seed.unwrap_or_else(|| {
                 std::time::SystemTime::now()
@@ -296,6 +300,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             options.pods = pods.unwrap_or(options.pods);
             options.kills = kills.unwrap_or(options.kills);
             options.kubelet_restarts = restarts.unwrap_or(options.kubelet_restarts);
+            options.node_profile = node_profile;
             let testbed = Testbed::prepare()?;
             let which: Vec<&str> = which.iter().map(String::as_str).collect();
             match xtask::campaign::run(&testbed, &options, &which) {

@@ -72,17 +72,22 @@ pub struct Options {
     pub kubelet_restarts: u32,
     /// Seed of the random moments and VF counts.
     pub seed: u64,
+    /// The node the campaigns run on.
+    pub node_profile: crate::cluster::NodeProfile,
 }
 
 impl Options {
     /// The versions CI runs.
     pub fn short(seed: u64) -> Self {
+        // Each campaign's logic once or twice over; `long` is the
+        // statistics.
         Self {
-            pods: 12,
+            pods: 6,
             parallel: 3,
-            kills: 3,
-            kubelet_restarts: 3,
+            kills: 2,
+            kubelet_restarts: 2,
             seed,
+            node_profile: crate::cluster::NodeProfile::default(),
         }
     }
 
@@ -94,6 +99,7 @@ impl Options {
             kills: 50,
             kubelet_restarts: 20,
             seed,
+            node_profile: crate::cluster::NodeProfile::default(),
         }
     }
 }
@@ -778,7 +784,13 @@ fn strip_ansi(text: &str) -> String {
 /// # Errors
 /// The cluster not coming up, or the first campaign that fails.
 pub fn run(testbed: &crate::testbed::Testbed, options: &Options, which: &[&str]) -> Result<Report> {
-    let mut session = Session::start(testbed, crate::cluster::ClusterOptions::default())?;
+    let mut session = Session::start(
+        testbed,
+        crate::cluster::ClusterOptions {
+            node_profile: options.node_profile,
+            ..crate::cluster::ClusterOptions::default()
+        },
+    )?;
     session.install_vfplane()?;
     let mut campaigns = Campaigns::prepare(&mut session, options.seed)?;
     for name in which {
