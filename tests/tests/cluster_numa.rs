@@ -377,6 +377,70 @@ fn numa_aligned(node_profile: NodeProfile) {
                 && l.ends_with(" 1")),
         "one problem in the metrics:\n{metrics}"
     );
+    if node_profile == NodeProfile::Systemd {
+        policy_deleted_while_the_kubelet_is_down_leaves_no_count(&mut session);
+    }
+}
+
+/// The policy deleted while the node's kubelet is down (vfplane's pods run
+/// on, so the VFs go): once the kubelet is back, the node offers none of
+/// the pool. The kubelet restores each resource of its checkpoint with no
+/// device until its plugin registers again, and vfplane's plugin no longer
+/// serves the pool, so the count the scheduler reads stays 0.
+fn policy_deleted_while_the_kubelet_is_down_leaves_no_count(session: &mut Session) {
+    session
+        .kubectl(&["delete", "pod", "near", "--wait=true"])
+        .unwrap();
+    session
+        .wait_allocatable("near", 2, Duration::from_secs(120))
+        .expect("the pool whole again");
+    let kubelet = main_pid(session.cluster(), "kubelet").unwrap();
+    // The exec that asks for it ends with the kubelet: the node's own
+    // shell stops it, waits and starts it again.
+    session
+        .cluster_mut()
+        .node_exec(
+            "(sleep 1; chroot /proc/1/root sh -c 'systemctl stop kubelet; sleep 60; systemctl start kubelet') \
+             > /dev/null 2>&1 &",
+        )
+        .unwrap();
+    session
+        .wait("the kubelet stopped", Duration::from_secs(30), |c| {
+            Ok(main_pid(c, "kubelet").is_err())
+        })
+        .unwrap();
+    session
+        .kubectl(&["delete", "vfpolicy", "near", "--wait=true", "--timeout=50s"])
+        .unwrap();
+    assert!(
+        main_pid(session.cluster(), "kubelet").is_err(),
+        "the policy went while the kubelet was down"
+    );
+    assert_eq!(
+        session.allocatable("near"),
+        "2",
+        "the API server still holds the count the kubelet posted before it stopped"
+    );
+    session
+        .wait("the kubelet back", Duration::from_secs(180), |c| {
+            Ok(main_pid(c, "kubelet").is_ok_and(|now| now != kubelet && now != "0"))
+        })
+        .unwrap();
+    session
+        .wait(
+            "no VF of the deleted pool offered",
+            Duration::from_secs(120),
+            |c| Ok(["", "0"].contains(&xtask::session::allocatable(c, "near").as_str())),
+        )
+        .unwrap();
+    for _ in 0..10 {
+        std::thread::sleep(Duration::from_secs(1));
+        let now = session.allocatable("near");
+        assert!(
+            ["", "0"].contains(&now.as_str()),
+            "the deleted pool offered again: {now}"
+        );
+    }
 }
 
 /// Node 1 has no CPU left: the kubelet's Topology Manager refuses a pod
@@ -453,7 +517,14 @@ fn main_pid(cluster: &xtask::cluster::Cluster, unit: &str) -> Result<String, any
 /// kubelet ends the exec stream it came by); returns once the unit runs
 /// with a new main process and the node answers an exec again.
 fn restart_unit(session: &mut Session, unit: &str) {
-    let before = main_pid(session.cluster(), unit).unwrap();
+    // After the previous restart the node may take a moment to answer an
+    // exec again (containerd's socket comes up after its main process).
+    let mut before = String::new();
+    session
+        .wait(&format!("{unit}'s main PID"), Duration::from_secs(60), |c| {
+            Ok(main_pid(c, unit).map(|pid| before = pid).is_ok())
+        })
+        .unwrap();
     session
         .cluster_mut()
         .node_exec(&format!(
