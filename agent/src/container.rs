@@ -17,7 +17,7 @@
 //! or cannot be read is a problem on the VF's `container` status (of a
 //! container that runs: not one whose first process is still runc's init,
 //! whose rlimits runc sets after the hook that wrote the record, nor one
-//! whose cgroup is gone, which is ending):
+//! whose first process or cgroup is gone, which is ending):
 //! a locked-memory limit below the pool's; `memory.max` or `cpu.max`
 //! unset or below the profile's memory or CPU; for a pool with any
 //! profile, nothing bounding the container's tasks (the tightest
@@ -164,6 +164,13 @@ impl ContainerView {
             cgroup,
             ..VfContainerStatus::default()
         };
+        if !self.proc_root.join(record.pid.to_string()).exists() {
+            // Its first process has exited: the container has ended, and
+            // its cgroup is on its way out (the cgroupfs driver's lingers
+            // until the kubelet removes it).
+            tracing::debug!(id = %record.id, pid = record.pid, "container ending: its process is gone");
+            return status;
+        }
         if self.starting(record) {
             // The hook that wrote the record runs before runc sets the
             // container's rlimits and starts its program: what its first
@@ -302,6 +309,12 @@ impl ContainerView {
                     "hugepages are on NUMA nodes {nodes:?}, not the VF's NUMA node {node}"
                 ));
             }
+        }
+        // A process gone since the look above ended mid-read (files of its
+        // cgroup vanishing, its limits unreadable): ending, as there.
+        if !problems.is_empty() && !self.proc_root.join(record.pid.to_string()).exists() {
+            tracing::debug!(id = %record.id, ?problems, "container ended while read; no problem reported");
+            problems.clear();
         }
         status.problems = problems;
         status

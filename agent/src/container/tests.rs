@@ -263,6 +263,12 @@ fn a_container_not_started_or_ending_breaks_no_limit() {
         status.pfs[0].vfs[0].container.clone().unwrap().problems,
         ["RLIMIT_MEMLOCK is 8388608 bytes, below the pool's lockedMemory of 67108864 bytes"]
     );
+    // Ending: its process gone, its cgroup not yet.
+    fs::rename(node.view.proc_root.join("4242"), node.view.proc_root.join("4243")).unwrap();
+    node.view.annotate(&mut status, &owners(), &pools());
+    let container = status.pfs[0].vfs[0].container.clone().unwrap();
+    assert_eq!((container.locked_memory, container.problems), (None, vec![]));
+    fs::rename(node.view.proc_root.join("4243"), node.view.proc_root.join("4242")).unwrap();
     // Ending: its cgroup gone, its process not yet.
     fs::remove_dir_all(node.view.cgroup_root.join(CGROUP.trim_start_matches('/'))).unwrap();
     node.view.annotate(&mut status, &owners(), &pools());
