@@ -451,18 +451,8 @@ impl HostMemory {
                 0,
             )
         };
-        if ptr == libc::MAP_FAILED {
-            return Err(DmaError::HostMap {
-                len,
-                kind: if huge { "2 MiB hugepages" } else { "4 KiB pages" },
-                source: std::io::Error::last_os_error(),
-            });
-        }
-        let ptr = NonNull::new(ptr.cast::<u8>()).ok_or(DmaError::HostMap {
-            len,
-            kind: "null mapping",
-            source: std::io::Error::other("mmap returned null"),
-        })?;
+        let kind = if huge { "2 MiB hugepages" } else { "4 KiB pages" };
+        let ptr = mapped(ptr, len, kind)?;
         Ok(Self { ptr, len, page_size })
     }
 
@@ -502,22 +492,28 @@ impl HostMemory {
                 0,
             )
         };
-        if ptr == libc::MAP_FAILED {
-            return Err(DmaError::HostMap {
-                len,
-                kind: "hugepages of a hugetlbfs mount",
-                source: std::io::Error::last_os_error(),
-            });
-        }
-        let ptr = NonNull::new(ptr.cast::<u8>()).ok_or(DmaError::HostMap {
-            len,
-            kind: "null mapping",
-            source: std::io::Error::other("mmap returned null"),
-        })?;
+        let ptr = mapped(ptr, len, "hugepages of a hugetlbfs mount")?;
         // The file is closed here; the mapping keeps it (and its pages).
         drop(file);
         Ok(Self { ptr, len, page_size })
     }
+}
+
+/// What `mmap` of `len` bytes of `kind` returned, as a pointer or the OS
+/// error (read right after the call, before anything else can change it).
+fn mapped(ptr: *mut libc::c_void, len: usize, kind: &'static str) -> Result<NonNull<u8>, DmaError> {
+    if ptr == libc::MAP_FAILED {
+        return Err(DmaError::HostMap {
+            len,
+            kind,
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    NonNull::new(ptr.cast::<u8>()).ok_or(DmaError::HostMap {
+        len,
+        kind: "null mapping",
+        source: std::io::Error::other("mmap returned null"),
+    })
 }
 
 impl Drop for HostMemory {
