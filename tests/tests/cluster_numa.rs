@@ -22,10 +22,13 @@
 //! systemd reloads its units: the pod keeps its VF and its limits, read
 //! back from its cgroup, and vfplane's parts converge again.
 //!
-//! On both: the container's `memory.max`, `cpu.max` and `pids.max` are what
-//! the profile says. When the policy then asks for more memory than the
-//! running container has, the agent says so in the VF's status, in a
-//! Kubernetes Event on the pod and in its metrics.
+//! On both: the container runs as user 1000 with no capability (so
+//! without CAP_IPC_LOCK) and pins its DMA memory within the profile's
+//! `lockedMemory` through the VF's group node, whose owner it is. Its
+//! `memory.max`, `cpu.max` and `pids.max` are what the profile says. When
+//! the policy then asks for more memory than the running container has,
+//! the agent says so in the VF's status, in a Kubernetes Event on the pod
+//! and in its metrics.
 
 #![allow(clippy::expect_used, clippy::unwrap_used)] // test: a panic is the failure report
 
@@ -91,11 +94,20 @@ metadata:
   name: near
 spec:
   terminationGracePeriodSeconds: 1
+  securityContext:
+    runAsUser: 1000
+    runAsGroup: 1000
+    runAsNonRoot: true
+    fsGroup: 1000
   containers:
     - name: app
       image: {VFPLANE_IMAGE}
       imagePullPolicy: IfNotPresent
-      command: ["sh", "-c", "grep -E 'Cpus_allowed_list|Mems_allowed_list' /proc/self/status; {command}"]
+      command: ["sh", "-c", "echo uid $(id -u); grep -E 'CapEff|Cpus_allowed_list|Mems_allowed_list' /proc/self/status; {command}"]
+      securityContext:
+        allowPrivilegeEscalation: false
+        capabilities:
+          drop: ["ALL"]
       resources:
         requests:
           vfplane.io/near: 1
@@ -227,6 +239,14 @@ fn numa_aligned(node_profile: NodeProfile) {
             .unwrap_or_default()
             .to_owned()
     };
+    // Not root and no capability (no CAP_IPC_LOCK): the VF's group node is
+    // the container user's, and its locked-memory limit the profile's.
+    assert_eq!(field("uid"), "1000", "the container's user");
+    assert_eq!(
+        field("CapEff:"),
+        "0000000000000000",
+        "the container's capabilities"
+    );
     let allowed = field("Cpus_allowed_list:");
     match node_profile {
         NodeProfile::Minimal => assert_eq!(allowed, node1_cpus, "vfplane's NUMA cpuset: node 1's CPUs"),

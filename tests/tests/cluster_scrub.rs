@@ -23,7 +23,7 @@
 //!   retried scrub releases the VF (Event) and tenant 3 runs on it.
 //!
 //! It runs on both nodes: the systemd one (systemd cgroup driver, static
-//! CPU manager) and the minimal one (cgroupfs).
+//! CPU manager) in CI, and the minimal one (cgroupfs) as a slow test.
 //!
 //! The times it prints: pod applied and running to attributed, what the
 //! OCI hook took per container, pod deleted to VF scrubbed, and quarantine
@@ -221,7 +221,13 @@ fn on_the_systemd_node_a_released_vf_is_scrubbed_before_the_next_tenant_and_quar
     scrub_and_quarantine(NodeProfile::Systemd);
 }
 
+/// Slow, because nothing in the scrub depends on the cgroup driver and CI
+/// proves the minimal node's container limits elsewhere: a non-root
+/// container pinning DMA memory within the profile's locked memory
+/// (`cluster_numa`), and every VF of many pods scrubbed (the short
+/// campaigns, which run on the minimal node).
 #[test]
+#[ignore = "slow: the scrub on the minimal node (5 min on 2026-12-03); the systemd node's variant runs in CI"]
 fn on_the_minimal_node_a_released_vf_is_scrubbed_before_the_next_tenant_and_quarantined_when_its_reset_fails()
 {
     if !xtask::e2e::enabled(
