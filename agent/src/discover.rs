@@ -63,7 +63,7 @@ fn render_pf(out: &mut String, pf: &PhysicalFunction) {
             vf.index,
             vf.pci.address,
             vf.pci.driver.as_deref().unwrap_or("-"),
-            vf.vfio_device.as_deref().unwrap_or("-"),
+            vf.vfio_node.map_or_else(|| "-".to_owned(), |node| node.path()),
         );
     }
 }

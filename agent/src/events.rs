@@ -18,8 +18,7 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::core::v1::ObjectReference;
 use kube::Resource as _;
 use vfplane_proto::node_state::{NodeState, NodeStateStatus, VfStatus};
-
-use crate::scrub::QUARANTINED;
+use vfplane_proto::vf_health::VfHealth;
 
 /// One Event to post.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -139,16 +138,16 @@ pub fn between(previous: Option<&NodeStateStatus>, current: &NodeStateStatus) ->
     let mut events = Vec::new();
     for (address, vf) in vfs(current) {
         let was = before.get(address);
-        let quarantined = |v: &VfStatus| v.health.starts_with(QUARANTINED);
-        if let Some(why) = vf.health.strip_prefix(QUARANTINED)
+        let quarantined = |v: &VfStatus| matches!(v.health, VfHealth::Quarantined(_));
+        if let VfHealth::Quarantined(why) = &vf.health
             && !was.is_some_and(|w| quarantined(w))
         {
             events.push(VfEvent::Quarantined {
                 vf: address.to_owned(),
-                why: why.to_owned(),
+                why: why.clone(),
             });
         }
-        if vf.health == "Healthy" && was.is_some_and(|w| quarantined(w)) {
+        if vf.health.is_healthy() && was.is_some_and(|w| quarantined(w)) {
             events.push(VfEvent::Released {
                 vf: address.to_owned(),
             });

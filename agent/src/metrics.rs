@@ -29,9 +29,9 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-use vfplane_proto::node_state::{NodeStateStatus, VfStatus};
+use vfplane_proto::node_state::NodeStateStatus;
 
-use crate::scrub::{QUARANTINED, SCRUBBING, ScrubOutcome};
+use crate::scrub::ScrubOutcome;
 
 /// Labels of `vf_info`.
 #[derive(Clone, Debug, Default, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -135,22 +135,6 @@ impl Default for AgentMetrics {
     }
 }
 
-/// The one-word health of a VF's status.
-fn health_word(vf: &VfStatus) -> &'static str {
-    let health = vf.health.as_str();
-    if health == "Healthy" {
-        "healthy"
-    } else if health.starts_with(QUARANTINED) {
-        "quarantined"
-    } else if health.starts_with("Unhealthy") {
-        "unhealthy"
-    } else if health == SCRUBBING {
-        "scrubbing"
-    } else {
-        "unmanaged"
-    }
-}
-
 impl AgentMetrics {
     /// Follows a pass's status: per-VF series, and whether it converged.
     pub fn observe_pass(&self, status: &NodeStateStatus, converged: bool) {
@@ -168,7 +152,7 @@ impl AgentMetrics {
                     pf: pf.pci_address.clone(),
                     vf: vf.pci_address.clone(),
                     pool: pool.clone(),
-                    health: health_word(vf),
+                    health: vf.health.label(),
                     namespace: namespace.clone(),
                     pod: pod.clone(),
                     container: container.clone(),

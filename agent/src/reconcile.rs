@@ -9,14 +9,17 @@
 //!   and nothing already configured is torn down because of it.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
 use std::path::{Path, PathBuf};
 
+use vfplane_host::readiness::{VFIO_PCI, VfioFacts, vfio_readiness};
 use vfplane_host::{Host, HostModel, PciAddress, PhysicalFunction, error_chain};
 use vfplane_proto::container_limits::ContainerLimits;
 use vfplane_proto::node_state::{
     Condition, DeviceType, NodeStateSpec, NodeStateStatus, PfSpec, PfStatus, VfStatus,
 };
 use vfplane_proto::pool::{Pool, PoolConfig, validate_pool_name};
+use vfplane_proto::vf_health::{Unready, VfHealth};
 use vfplane_proto::vf_range::parse_vf_range;
 
 use crate::netlink::{Mac, VfLinkControl, VfLinkInfo, VfLinkMode, VfLinkSettings, VfSetting, derived_mac};
@@ -233,9 +236,6 @@ pub enum HoldersError {
     #[error(transparent)]
     Scan(#[from] HolderScanError),
 }
-
-/// The kernel driver of VFs handed to userspace.
-const VFIO_PCI: &str = "vfio-pci";
 
 /// Where the agent finds the node.
 #[derive(Debug)]
@@ -741,21 +741,11 @@ impl<N: VfLinkControl> Reconciler<N> {
             for vf in &pf.vfs {
                 let wanted = plan.and_then(|p| p.vfs.iter().find(|v| v.index == vf.index));
                 let link = links.iter().find(|l| l.vf == u32::from(vf.index));
-                let mut health = "Unmanaged".to_owned();
+                let mut health = VfHealth::Unmanaged;
                 if let Some(wanted) = wanted {
                     let tenants_mac = self.mac_is_the_tenants(wanted, vf.pci.address);
-                    let problem = vf_problem(
-                        vf,
-                        wanted,
-                        link,
-                        model.iommu.enabled,
-                        spec.allow_no_iommu,
-                        tenants_mac,
-                    );
-                    health = match &problem {
-                        None => "Healthy".to_owned(),
-                        Some(reason) => format!("Unhealthy: {reason}"),
-                    };
+                    let problem = vf_mismatch(vf, wanted, link, spec.allow_no_iommu, tenants_mac);
+                    health = VfHealth::from_reasons(problem.as_slice());
                     if let Some(reason) = problem {
                         errors.push(format!(
                             "PF {} VF {} ({}): {reason}",
@@ -829,50 +819,60 @@ impl<N: VfLinkControl> Reconciler<N> {
     }
 }
 
+/// Why a VF does not match its plan.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Mismatch {
+    /// A VF of a vfio-pci pool that is not ready for VFIO: the check the
+    /// device plugin applies too.
+    Unready(Vec<Unready>),
+    /// A VF of a netdevice pool on no driver or on vfio-pci.
+    NotOnKernelDriver(Option<String>),
+    /// The PF reports no settings for it.
+    NoSettings,
+    /// Its settings differ from the spec's.
+    Settings(Vec<VfSetting>),
+}
+
+impl fmt::Display for Mismatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Unready(reasons) => f.write_str(&Unready::list(reasons)),
+            Self::NotOnKernelDriver(driver) => write!(
+                f,
+                "driver is {}, spec wants the kernel VF driver",
+                driver.as_deref().unwrap_or("none")
+            ),
+            Self::NoSettings => f.write_str("the PF reports no settings for it"),
+            Self::Settings(differences) => write!(f, "{} differ from the spec", VfSetting::list(differences)),
+        }
+    }
+}
+
 /// Why a VF does not match its plan, if it does not.
-fn vf_problem(
+fn vf_mismatch(
     vf: &vfplane_host::VirtualFunction,
     wanted: &VfPlan,
     link: Option<&VfLinkInfo>,
-    iommu: bool,
     allow_no_iommu: bool,
     tenants_mac: bool,
-) -> Option<String> {
+) -> Option<Mismatch> {
     let driver = vf.pci.driver.as_deref();
     if wanted.device_type == DeviceType::VfioPci {
-        if driver != Some(VFIO_PCI) {
-            return Some(format!(
-                "driver is {}, spec wants vfio-pci",
-                driver.unwrap_or("none")
-            ));
-        }
-        if !iommu && !allow_no_iommu {
-            return Some("the node has no IOMMU and allowNoIommu is not set: not advertised".to_owned());
-        }
-        if iommu && !vf.isolated {
-            let members = vf.iommu.as_ref().map(|g| g.members.len()).unwrap_or(0);
-            return Some(format!("not isolated: its IOMMU group holds {members} devices"));
-        }
-        if iommu && vf.vfio_device.is_none() {
-            return Some("its /dev/vfio group node is missing".to_owned());
+        let reasons = vfio_readiness(&VfioFacts::of(vf), allow_no_iommu);
+        if !reasons.is_empty() {
+            return Some(Mismatch::Unready(reasons));
         }
     } else if driver.is_none() || driver == Some(VFIO_PCI) {
-        return Some(format!(
-            "driver is {}, spec wants the kernel VF driver",
-            driver.unwrap_or("none")
-        ));
+        return Some(Mismatch::NotOnKernelDriver(driver.map(str::to_owned)));
     }
-    match link {
-        None => Some("the PF reports no settings for it".to_owned()),
-        Some(link) => {
-            let mut differences = link.differences(&wanted.settings);
-            if tenants_mac {
-                differences.retain(|d| *d != VfSetting::Mac);
-            }
-            (!differences.is_empty())
-                .then(|| format!("{} differ from the spec", VfSetting::list(&differences)))
-        }
+    let Some(link) = link else {
+        return Some(Mismatch::NoSettings);
+    };
+    let mut differences = link.differences(&wanted.settings);
+    if tenants_mac {
+        differences.retain(|d| *d != VfSetting::Mac);
     }
+    (!differences.is_empty()).then_some(Mismatch::Settings(differences))
 }
 
 fn link_state(pf: &PhysicalFunction) -> String {

@@ -38,6 +38,7 @@ use std::time::{Duration, Instant};
 
 use vfplane_host::{Host, HostError, PCI_COMMAND_BUS_MASTER, PciAddress, error_chain};
 use vfplane_proto::node_state::{NodeStateSpec, NodeStateStatus};
+use vfplane_proto::vf_health::VfHealth;
 use vfplane_proto::vf_state::{self, VfState};
 
 use crate::attribution::Owners;
@@ -56,12 +57,6 @@ pub const RETRY: Duration = Duration::from_secs(30);
 pub const RESET_TIMEOUT: Duration = Duration::from_secs(10);
 /// A released VF still open by a process is looked at again after this long.
 const HOLDER_RECHECK: Duration = Duration::from_secs(1);
-
-/// How a quarantined VF's status health begins; the reason follows.
-pub const QUARANTINED: &str = "Unhealthy: scrub failed: ";
-
-/// A VF's status health while its scrub runs (or was cut short by a crash).
-pub const SCRUBBING: &str = "Scrubbing";
 
 /// Why a VF's scrub failed. Each names the VF.
 #[derive(Debug, thiserror::Error)]
@@ -468,9 +463,9 @@ impl Scrubber {
                     let why = failures
                         .get(&address)
                         .map_or("reason lost with an agent restart; retried", |f| f.error.as_str());
-                    vf.health = format!("{QUARANTINED}{why}");
+                    vf.health = VfHealth::Quarantined(why.to_owned());
                 }
-                Ok(Some(Ok(VfState::ScrubPending))) => vf.health = SCRUBBING.to_owned(),
+                Ok(Some(Ok(VfState::ScrubPending))) => vf.health = VfHealth::Scrubbing,
                 _ => {}
             }
         }

@@ -391,7 +391,7 @@ fn ready_vfs(state: Option<&NodeState>, pf: &str, indexes: &BTreeSet<u16>, pool:
     pf.vfs
         .iter()
         .filter(|vf| {
-            indexes.contains(&vf.index) && vf.pool.as_deref() == Some(pool) && vf.health == "Healthy"
+            indexes.contains(&vf.index) && vf.pool.as_deref() == Some(pool) && vf.health.is_healthy()
         })
         .count() as u32
 }

@@ -72,7 +72,7 @@ fn state(node: &str, vfs_in_pool: Option<(&str, u16)>) -> NodeState {
                 index,
                 pci_address: format!("0000:00:10.{index}"),
                 isolated: true,
-                health: "Healthy".into(),
+                health: vfplane_proto::vf_health::VfHealth::Healthy,
                 pool: Some(pool.into()),
                 ..VfStatus::default()
             });

@@ -2,25 +2,21 @@
 //! directory, and the rules that turn it into Healthy or Unhealthy.
 //!
 //! A VF is Healthy only when every one of these holds; each one that does
-//! not is an [`UnhealthyReason`]:
+//! not is an [`Unready`] reason:
 //!
-//! 1. its PCI device directory exists ([`UnhealthyReason::Gone`]);
-//! 2. it is bound to `vfio-pci` ([`UnhealthyReason::NotOnVfio`]);
-//! 3. it has an IOMMU group ([`UnhealthyReason::NoIommuGroup`]) and is alone
-//!    in it ([`UnhealthyReason::NotIsolated`]): handing it to a container
-//!    must hand out nothing else;
-//! 4. its group's VFIO node exists under the dev root
-//!    ([`UnhealthyReason::VfioNodeMissing`]); a `noiommu-<group>` node (VFIO
-//!    no-IOMMU mode, no DMA isolation at all) counts only in a pool with
-//!    `allowNoIommu` ([`UnhealthyReason::NoIommuNotAllowed`]);
-//! 5. its PF's link is not down ([`UnhealthyReason::PfLinkDown`]): a PF
-//!    with network interfaces none of which is up; a PF without one (not
-//!    bound to a network driver) has no link state and does not count;
-//! 6. the agent's scrub has not failed on it ([`UnhealthyReason::ScrubFailed`],
-//!    the VF quarantined), has not stalled ([`UnhealthyReason::ScrubStalled`]:
-//!    `scrub-pending` older than [`SCRUB_STALLED`], so no agent is finishing
-//!    it) and its state file holds no word this plugin does not know
-//!    ([`UnhealthyReason::UnknownState`]; see [`vfplane_proto::vf_state`]).
+//! 1. its PCI device directory exists ([`Unready::Gone`]);
+//! 2. it is ready for VFIO, by the check the agent applies too
+//!    ([`vfplane_host::readiness`]: bound to `vfio-pci`, alone in an IOMMU
+//!    group, the group's node present, a no-IOMMU node only in a pool with
+//!    `allowNoIommu`);
+//! 3. its PF's link is not down ([`Unready::PfLinkDown`]): a PF with
+//!    network interfaces none of which is up; a PF without one (not bound
+//!    to a network driver) has no link state and does not count;
+//! 4. the agent's scrub has not failed on it ([`Unready::ScrubFailed`], the
+//!    VF quarantined), has not stalled ([`Unready::ScrubStalled`]:
+//!    `scrub-pending` older than [`SCRUB_STALLED`], so no agent is
+//!    finishing it) and its state file holds no word this plugin does not
+//!    know ([`Unready::UnknownState`]; see [`vfplane_proto::vf_state`]).
 //!
 //! A scrub that is running (`scrub-pending`) leaves the VF Healthy. The
 //! VF was freed when its pod left, and the scheduler counts it free from
@@ -36,12 +32,11 @@
 use std::fmt;
 use std::time::Duration;
 
+use vfplane_host::readiness::{VfioFacts, vfio_readiness};
 use vfplane_host::{DeviceDir, Host, Netdev, PciAddress, VfioNodes};
+pub use vfplane_proto::vf_health::Unready;
 pub use vfplane_proto::vf_state::SCRUB_STALLED;
 use vfplane_proto::vf_state::{ParseVfStateError, VfState};
-
-/// The driver a VF must be bound to.
-pub const VFIO_DRIVER: &str = "vfio-pci";
 
 pub use vfplane_host::VfioNode;
 
@@ -80,93 +75,11 @@ pub struct VfObservation {
     pub read_error: Option<String>,
 }
 
-/// Why a VF is not usable.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum UnhealthyReason {
-    /// The PCI device does not exist (VFs removed, or never made).
-    Gone,
-    /// Bound to another driver, or to none.
-    NotOnVfio(Option<String>),
-    /// No IOMMU group: no IOMMU and no VFIO no-IOMMU mode.
-    NoIommuGroup,
-    /// Other devices share the IOMMU group.
-    NotIsolated(Vec<PciAddress>),
-    /// The group has no node under the dev root.
-    VfioNodeMissing(u32),
-    /// Only a VFIO no-IOMMU node exists and the pool does not allow it.
-    NoIommuNotAllowed(u32),
-    /// The PF's link is down.
-    PfLinkDown {
-        /// The PF.
-        pf: PciAddress,
-        /// Its interface.
-        netdev: String,
-    },
-    /// The agent's scrub failed on the VF: it is quarantined.
-    ScrubFailed,
-    /// `scrub-pending` for longer than [`SCRUB_STALLED`]: nobody is
-    /// finishing the scrub. (No age here: a reason that changed every probe
-    /// would log the VF as newly unhealthy every probe.)
-    ScrubStalled,
-    /// The state file holds a word this plugin does not know.
-    UnknownState(String),
-    /// sysfs could not be read.
-    Unreadable(String),
-}
-
-impl UnhealthyReason {
-    /// A short stable label for logs and metrics.
-    pub fn label(&self) -> &'static str {
-        match self {
-            Self::Gone => "gone",
-            Self::NotOnVfio(_) => "not_on_vfio",
-            Self::NoIommuGroup => "no_iommu_group",
-            Self::NotIsolated(_) => "not_isolated",
-            Self::VfioNodeMissing(_) => "vfio_node_missing",
-            Self::NoIommuNotAllowed(_) => "no_iommu_not_allowed",
-            Self::PfLinkDown { .. } => "pf_link_down",
-            Self::ScrubFailed => "scrub_failed",
-            Self::ScrubStalled => "scrub_stalled",
-            Self::UnknownState(_) => "unknown_state",
-            Self::Unreadable(_) => "unreadable",
-        }
-    }
-}
-
-impl fmt::Display for UnhealthyReason {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Gone => f.write_str("the PCI device is gone"),
-            Self::NotOnVfio(None) => write!(f, "not bound to {VFIO_DRIVER} (no driver)"),
-            Self::NotOnVfio(Some(driver)) => write!(f, "bound to {driver}, not {VFIO_DRIVER}"),
-            Self::NoIommuGroup => f.write_str("no IOMMU group (no IOMMU on the node?)"),
-            Self::NotIsolated(others) => {
-                let others: Vec<String> = others.iter().map(ToString::to_string).collect();
-                write!(f, "IOMMU group shared with {}", others.join(", "))
-            }
-            Self::VfioNodeMissing(group) => write!(f, "/dev/vfio/{group} is missing"),
-            Self::NoIommuNotAllowed(group) => write!(
-                f,
-                "only /dev/vfio/noiommu-{group} exists (no DMA isolation) and the pool does not set allowNoIommu"
-            ),
-            Self::PfLinkDown { pf, netdev } => write!(f, "link of PF {pf} ({netdev}) is down"),
-            Self::ScrubFailed => f.write_str("scrub failed (quarantined)"),
-            Self::ScrubStalled => write!(
-                f,
-                "scrub pending for over {} s, longer than a scrub takes (is the agent running?)",
-                SCRUB_STALLED.as_secs()
-            ),
-            Self::UnknownState(word) => write!(f, "unknown VF state {word:?}"),
-            Self::Unreadable(what) => write!(f, "cannot read sysfs: {what}"),
-        }
-    }
-}
-
 /// Healthy, or the reasons it is not.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Health {
     /// Empty when healthy.
-    pub reasons: Vec<UnhealthyReason>,
+    pub reasons: Vec<Unready>,
 }
 
 impl Health {
@@ -207,49 +120,36 @@ pub fn evaluate(
     observation: &VfObservation,
     allow_no_iommu: bool,
 ) -> Health {
-    let mut reasons = Vec::new();
     if !observation.present {
-        reasons.push(UnhealthyReason::Gone);
-        return Health { reasons };
+        return Health {
+            reasons: vec![Unready::Gone],
+        };
     }
-    if observation.driver.as_deref() != Some(VFIO_DRIVER) {
-        reasons.push(UnhealthyReason::NotOnVfio(observation.driver.clone()));
-    }
-    match observation.group {
-        None => reasons.push(UnhealthyReason::NoIommuGroup),
-        Some(group) => {
-            if let Some(members) = &observation.group_members {
-                let others: Vec<PciAddress> = members.iter().copied().filter(|m| *m != address).collect();
-                if !others.is_empty() {
-                    reasons.push(UnhealthyReason::NotIsolated(others));
-                }
-            }
-            match observation.vfio_node {
-                None => reasons.push(UnhealthyReason::VfioNodeMissing(group)),
-                Some(VfioNode::NoIommu(group)) if !allow_no_iommu => {
-                    reasons.push(UnhealthyReason::NoIommuNotAllowed(group));
-                }
-                Some(_) => {}
-            }
-        }
-    }
+    let facts = VfioFacts {
+        address,
+        driver: observation.driver.as_deref(),
+        group: observation.group,
+        group_members: observation.group_members.as_deref(),
+        vfio_node: observation.vfio_node,
+    };
+    let mut reasons = vfio_readiness(&facts, allow_no_iommu);
     if let (LinkState::Down(netdev), Some(pf)) = (&observation.pf_link, pf) {
-        reasons.push(UnhealthyReason::PfLinkDown {
+        reasons.push(Unready::PfLinkDown {
             pf,
             netdev: netdev.clone(),
         });
     }
     match &observation.state {
         Some(Ok(VfState::ScrubPending)) if observation.state_age.is_some_and(|age| age > SCRUB_STALLED) => {
-            reasons.push(UnhealthyReason::ScrubStalled);
+            reasons.push(Unready::ScrubStalled);
         }
         // A running scrub is Allocate's to wait for (module docs).
         None | Some(Ok(VfState::ScrubPending)) => {}
-        Some(Ok(VfState::ScrubFailed)) => reasons.push(UnhealthyReason::ScrubFailed),
-        Some(Err(error)) => reasons.push(UnhealthyReason::UnknownState(error.0.clone())),
+        Some(Ok(VfState::ScrubFailed)) => reasons.push(Unready::ScrubFailed),
+        Some(Err(error)) => reasons.push(Unready::UnknownState(error.0.clone())),
     }
     if let Some(error) = &observation.read_error {
-        reasons.push(UnhealthyReason::Unreadable(error.clone()));
+        reasons.push(Unready::Unreadable(error.clone()));
     }
     Health { reasons }
 }
@@ -393,7 +293,7 @@ mod tests {
     fn good(address: PciAddress) -> VfObservation {
         VfObservation {
             present: true,
-            driver: Some(VFIO_DRIVER.to_owned()),
+            driver: Some(vfplane_host::readiness::VFIO_PCI.to_owned()),
             group: Some(4),
             group_members: Some(vec![address]),
             vfio_node: Some(VfioNode::Group(4)),
@@ -511,7 +411,7 @@ mod tests {
             ..scrubbing
         };
         let health = evaluate(vf, pf, &stalled, false);
-        assert_eq!(health.reasons, [UnhealthyReason::ScrubStalled]);
+        assert_eq!(health.reasons, [Unready::ScrubStalled]);
         assert_eq!(health.reasons[0].label(), "scrub_stalled");
         assert_eq!(
             health.to_string(),
@@ -543,10 +443,10 @@ mod tests {
 
     #[test]
     fn reasons_read_well() {
-        let reason = UnhealthyReason::NotOnVfio(Some("igbvf".into()));
+        let reason = Unready::NotOnVfio(Some("igbvf".into()));
         assert_eq!(reason.to_string(), "bound to igbvf, not vfio-pci");
         let health = Health {
-            reasons: vec![UnhealthyReason::Gone, UnhealthyReason::VfioNodeMissing(4)],
+            reasons: vec![Unready::Gone, Unready::VfioNodeMissing(4)],
         };
         assert_eq!(
             health.to_string(),

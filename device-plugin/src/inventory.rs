@@ -660,12 +660,12 @@ mod tests {
         };
         let b = PoolView {
             devices: vec![device(Health {
-                reasons: vec![health::UnhealthyReason::Gone],
+                reasons: vec![health::Unready::Gone],
             })],
         };
         let c = PoolView {
             devices: vec![device(Health {
-                reasons: vec![health::UnhealthyReason::VfioNodeMissing(4)],
+                reasons: vec![health::Unready::VfioNodeMissing(4)],
             })],
         };
         assert!(a.differs_for_kubelet(&b));

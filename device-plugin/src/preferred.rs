@@ -190,7 +190,7 @@ fn pick_within_node(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::health::{Health, UnhealthyReason};
+    use crate::health::{Health, Unready};
     use crate::inventory::{DeviceStatus, VfFacts};
 
     /// (address, pf, numa, healthy)
@@ -215,7 +215,7 @@ mod tests {
                     Health::default()
                 } else {
                     Health {
-                        reasons: vec![UnhealthyReason::Gone],
+                        reasons: vec![Unready::Gone],
                     }
                 },
                 vfio_node: None,

@@ -215,6 +215,14 @@ impl FakeSysfs {
         fs::write(self.dev_root().join("vfio").join(group.to_string()), "")
     }
 
+    /// Makes `/dev/vfio/noiommu-<group>` exist: VFIO's no-IOMMU mode.
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub fn add_noiommu_vfio_node(&self, group: u32) -> io::Result<()> {
+        fs::write(self.dev_root().join("vfio").join(format!("noiommu-{group}")), "")
+    }
+
     /// Creates an SR-IOV PF with `total_vfs`, no VFs yet, and one netdev.
     ///
     /// # Errors

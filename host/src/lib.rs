@@ -13,6 +13,7 @@ pub mod fake;
 pub mod kernel_events;
 mod model;
 mod probe;
+pub mod readiness;
 
 use std::fs;
 use std::io;
@@ -22,7 +23,7 @@ pub use error::{HostError, Result};
 pub use model::{
     HostModel, IommuGroup, IommuState, Netdev, PciDevice, PhysicalFunction, Problem, VirtualFunction,
 };
-pub use probe::{DeviceDir, VfioNode, VfioNodes};
+pub use probe::{DeviceDir, ParseVfioNodeError, VfioNode, VfioNodes};
 pub use vfplane_proto::error_chain;
 pub use vfplane_proto::pci::{ParsePciAddressError, PciAddress};
 
@@ -349,18 +350,14 @@ impl Host {
             None => None,
         };
         let isolated = iommu.as_ref().is_some_and(|g| g.members == [address]);
-        let vfio_device = pci
-            .iommu_group
-            .map(|id| self.vfio_group_node(id))
-            .filter(|node| node.exists())
-            .map(|node| node.display().to_string());
+        let vfio_node = pci.iommu_group.and_then(|id| self.vfio_node(id));
         Ok(VirtualFunction {
             index,
             pf,
             pci,
             iommu,
             isolated,
-            vfio_device,
+            vfio_node,
         })
     }
 

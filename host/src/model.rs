@@ -71,8 +71,11 @@ pub struct VirtualFunction {
     /// True when the VF is alone in its IOMMU group, so handing it to one
     /// container hands out nothing else.
     pub isolated: bool,
-    /// `/dev/vfio/<group>` when that node exists (the VF is bound to vfio-pci).
-    pub vfio_device: Option<String>,
+    /// Its group's VFIO node (`/dev/vfio/<group>`, or
+    /// `/dev/vfio/noiommu-<group>` in VFIO's no-IOMMU mode) when it exists:
+    /// the VF is bound to vfio-pci.
+    #[serde(rename = "vfioDevice")]
+    pub vfio_node: Option<crate::VfioNode>,
 }
 
 /// An SR-IOV Physical Function and its VFs.

@@ -8,6 +8,9 @@ use std::collections::HashSet;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
 
 use crate::{Host, HostError, Netdev, PciAddress, Result, link_name};
 
@@ -69,7 +72,9 @@ impl DeviceDir {
 }
 
 /// The VFIO group node of a device, as it exists under the dev root.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+/// Serialized as its path on the node ([`VfioNode::path`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(into = "String", try_from = "String")]
 pub enum VfioNode {
     /// `/dev/vfio/<group>`: a group behind a real IOMMU.
     Group(u32),
@@ -96,6 +101,47 @@ impl VfioNode {
         match self {
             Self::Group(group) | Self::NoIommu(group) => group,
         }
+    }
+}
+
+/// A path that is not `/dev/vfio/<group>` or `/dev/vfio/noiommu-<group>`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not a VFIO group node (/dev/vfio/<group> or /dev/vfio/noiommu-<group>)")]
+pub struct ParseVfioNodeError(String);
+
+impl FromStr for VfioNode {
+    type Err = ParseVfioNodeError;
+
+    fn from_str(path: &str) -> std::result::Result<Self, ParseVfioNodeError> {
+        let error = || ParseVfioNodeError(path.to_owned());
+        let name = path.strip_prefix("/dev/vfio/").ok_or_else(error)?;
+        let (noiommu, digits) = match name.strip_prefix("noiommu-") {
+            Some(digits) => (true, digits),
+            None => (false, name),
+        };
+        if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(error());
+        }
+        let group = digits.parse().map_err(|_| error())?;
+        Ok(if noiommu {
+            Self::NoIommu(group)
+        } else {
+            Self::Group(group)
+        })
+    }
+}
+
+impl TryFrom<String> for VfioNode {
+    type Error = ParseVfioNodeError;
+
+    fn try_from(path: String) -> std::result::Result<Self, ParseVfioNodeError> {
+        path.parse()
+    }
+}
+
+impl From<VfioNode> for String {
+    fn from(node: VfioNode) -> Self {
+        node.path()
     }
 }
 

@@ -71,9 +71,9 @@ fn discovers_pf_vfs_groups_and_vfio_nodes() {
         assert!(vf.isolated);
     }
     assert_eq!(pf.vfs[0].pci.driver.as_deref(), Some("vfio-pci"));
-    assert!(pf.vfs[0].vfio_device.as_deref().unwrap().ends_with("dev/vfio/4"));
+    assert_eq!(pf.vfs[0].vfio_node, Some(crate::VfioNode::Group(4)));
     assert_eq!(pf.vfs[1].pci.driver, None);
-    assert_eq!(pf.vfs[1].vfio_device, None);
+    assert_eq!(pf.vfs[1].vfio_node, None);
 }
 
 #[test]
@@ -88,7 +88,7 @@ fn node_without_iommu_has_no_groups_and_nothing_isolated() {
     assert_eq!(vfs.len(), 2);
     assert!(
         vfs.iter()
-            .all(|vf| vf.iommu.is_none() && !vf.isolated && vf.vfio_device.is_none())
+            .all(|vf| vf.iommu.is_none() && !vf.isolated && vf.vfio_node.is_none())
     );
     assert!(vfs.iter().all(|vf| vf.pci.numa_node == Some(0)));
 }

@@ -32,6 +32,7 @@ pub mod pci;
 pub mod pool;
 pub mod quantity;
 pub mod unix_grpc;
+pub mod vf_health;
 pub mod vf_policy;
 pub mod vf_range;
 pub mod vf_state;

@@ -219,8 +219,10 @@ pub struct VfStatus {
     pub iommu_group: Option<u32>,
     /// Alone in its IOMMU group.
     pub isolated: bool,
-    /// `Healthy` or `Unhealthy: <reason>`.
-    pub health: String,
+    /// `Healthy`, `Unhealthy: <reason>` (`Unhealthy: scrub failed: <why>`
+    /// while quarantined), `Scrubbing` or `Unmanaged`.
+    #[schemars(with = "String")]
+    pub health: crate::vf_health::VfHealth,
     /// The pool it is in, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pool: Option<String>,

@@ -17,7 +17,7 @@ fn status(vfs: Vec<VfStatus>) -> NodeStateStatus {
 fn vf(health: &str) -> VfStatus {
     VfStatus {
         pci_address: "0000:00:12.0".to_owned(),
-        health: health.to_owned(),
+        health: health.to_owned().into(),
         ..VfStatus::default()
     }
 }

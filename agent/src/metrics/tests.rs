@@ -14,7 +14,7 @@ fn status(owner: Option<(&str, &str)>, problems: &[&str]) -> NodeStateStatus {
                 VfStatus {
                     pci_address: "0000:00:12.0".to_owned(),
                     pool: Some("fast".to_owned()),
-                    health: "Healthy".to_owned(),
+                    health: vfplane_proto::vf_health::VfHealth::Healthy,
                     owner: owner.map(|(o, _)| o.to_owned()),
                     owner_pod_uid: owner.map(|(_, u)| u.to_owned()),
                     container: owner.map(|_| VfContainerStatus {
@@ -27,7 +27,7 @@ fn status(owner: Option<(&str, &str)>, problems: &[&str]) -> NodeStateStatus {
                 VfStatus {
                     pci_address: "0000:00:12.2".to_owned(),
                     pool: Some("fast".to_owned()),
-                    health: "Unhealthy: scrub failed: function reset failed".to_owned(),
+                    health: vfplane_proto::vf_health::VfHealth::Quarantined("function reset failed".into()),
                     ..VfStatus::default()
                 },
             ],

@@ -85,7 +85,7 @@ fn converges_sets_link_attributes_and_writes_pools_for_vfio_vfs() {
         Some(derived_mac("node-1", PF, 2).to_string())
     );
     assert!(
-        status.pfs[0].vfs.iter().all(|vf| vf.health == "Healthy"),
+        status.pfs[0].vfs.iter().all(|vf| vf.health.is_healthy()),
         "{status:?}"
     );
     assert_eq!(status.conditions[0].status, "True");
@@ -183,7 +183,7 @@ fn bad_pf_entries_are_reported_and_the_good_one_still_converges() {
         assert_eq!(report.errors.len(), 1, "{:?}", report.errors);
         assert!(report.errors[0].contains(words), "{}", report.errors[0]);
         assert!(report.status.pfs[0].error.is_none());
-        assert!(report.status.pfs[0].vfs.iter().all(|vf| vf.health == "Healthy"));
+        assert!(report.status.pfs[0].vfs.iter().all(|vf| vf.health.is_healthy()));
         assert_eq!(report.status.conditions[0].status, "False");
         assert_eq!(report.pools.pools.len(), 1, "the good PF's pool is still written");
     }
@@ -274,7 +274,9 @@ fn vfs_on_the_wrong_driver_are_unhealthy_and_kept_out_of_the_pool() {
     assert!(!report.converged);
     let vf0 = &report.status.pfs[0].vfs[0];
     assert!(
-        vf0.health.starts_with("Unhealthy: driver is igbvf"),
+        vf0.health
+            .to_string()
+            .starts_with("Unhealthy: bound to igbvf, not vfio-pci"),
         "{}",
         vf0.health
     );
@@ -289,15 +291,24 @@ fn no_iommu_keeps_vfio_vfs_out_unless_allowed() {
     let fake = FakeSysfs::new().unwrap();
     fake.add_pf(&FakeDevice::igb_pf(PF.parse().unwrap()), 7, "eth0")
         .unwrap();
-    let vfs = fake.add_vfs(PF.parse().unwrap(), 2, None, -1).unwrap();
-    for vf in &vfs {
+    // VFIO's no-IOMMU mode: each VF bound to vfio-pci gets a group whose
+    // node is `noiommu-<group>`.
+    let vfs = fake.add_vfs(PF.parse().unwrap(), 2, Some(10), -1).unwrap();
+    for (group, vf) in (10..).zip(&vfs) {
         fake.set_driver(*vf, Some("vfio-pci")).unwrap();
+        fake.add_noiommu_vfio_node(group).unwrap();
     }
     let text = "spec:\n  pfs:\n    - {pciAddress: \"0000:00:02.0\", numVfs: 2, vfGroups: [{resourceName: a, vfRange: \"0-1\"}]}\n";
     let agent = reconciler_with(&fake, |_| {});
     let report = agent.apply(&spec(text));
     assert!(!report.converged);
-    assert!(report.errors[0].contains("no IOMMU"), "{:?}", report.errors);
+    assert!(
+        report.errors[0].contains(
+            "only /dev/vfio/noiommu-10 exists (no DMA isolation) and the pool does not set allowNoIommu"
+        ),
+        "{:?}",
+        report.errors
+    );
     // Served with no VF (the kubelet reports it at 0), not left out.
     assert_eq!(report.pools.pools.len(), 1);
     assert_eq!(report.pools.pools[0].name, "a");
@@ -306,6 +317,30 @@ fn no_iommu_keeps_vfio_vfs_out_unless_allowed() {
     let report = agent.apply(&spec(&allowed));
     assert!(report.converged, "{:?}", report.errors);
     assert!(report.pools.pools[0].allow_no_iommu);
+    assert_eq!(report.pools.pools[0].listed_devices(), vfs);
+}
+
+#[test]
+fn a_vfio_vf_without_an_iommu_group_is_unhealthy_even_where_no_iommu_is_allowed() {
+    // No IOMMU and VFIO's no-IOMMU mode off: vfio-pci gives the VF no
+    // group, so no container could open it. The device plugin keeps such
+    // a VF out; the agent's status says the same (the one readiness check).
+    let fake = FakeSysfs::new().unwrap();
+    fake.add_pf(&FakeDevice::igb_pf(PF.parse().unwrap()), 7, "eth0")
+        .unwrap();
+    for vf in fake.add_vfs(PF.parse().unwrap(), 2, None, -1).unwrap() {
+        fake.set_driver(vf, Some("vfio-pci")).unwrap();
+    }
+    let text = "spec:\n  allowNoIommu: true\n  pfs:\n    - {pciAddress: \"0000:00:02.0\", numVfs: 2, vfGroups: [{resourceName: a, vfRange: \"0-1\"}]}\n";
+    let report = reconciler_with(&fake, |_| {}).apply(&spec(text));
+    assert!(!report.converged);
+    let vf0 = &report.status.pfs[0].vfs[0];
+    assert_eq!(
+        vf0.health,
+        VfHealth::Unhealthy("no IOMMU group (no IOMMU on the node?)".into()),
+        "{vf0:?}"
+    );
+    assert_eq!(report.pools.pools[0].devices, Some(Vec::new()));
 }
 
 #[test]
@@ -470,7 +505,7 @@ fn a_trusted_vf_handed_out_keeps_its_tenants_mac_and_an_untrusted_one_is_repaire
         "the untrusted VF's MAC is repaired: {writes:?}"
     );
     let vf0 = &report.status.pfs[0].vfs[0];
-    assert_eq!(vf0.health, "Healthy", "{vf0:?}");
+    assert!(vf0.health.is_healthy(), "{vf0:?}");
     assert_eq!(
         report
             .pools

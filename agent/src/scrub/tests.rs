@@ -212,10 +212,10 @@ fn a_failed_reset_quarantines_the_vf_says_why_and_is_retried() {
     let mut status = node.reconciler.apply(&node.spec).status;
     scrubber.annotate(&mut status);
     assert_eq!(
-        status.pfs[0].vfs[0].health,
+        status.pfs[0].vfs[0].health.to_string(),
         format!("Unhealthy: scrub failed: {expected}")
     );
-    assert_eq!(status.pfs[0].vfs[1].health, "Healthy");
+    assert_eq!(status.pfs[0].vfs[1].health, VfHealth::Healthy);
 
     // The reset works again: the next try releases the VF.
     fs::write(node.fake.device_dir(node.vf).join("reset"), "").unwrap();
@@ -359,7 +359,7 @@ fn an_agent_killed_mid_scrub_scrubs_again_at_its_next_start() {
     let mut status = node.reconciler.apply(&node.spec).status;
     let restarted = node.scrubber();
     restarted.annotate(&mut status);
-    assert_eq!(status.pfs[0].vfs[0].health, "Scrubbing");
+    assert_eq!(status.pfs[0].vfs[0].health, VfHealth::Scrubbing);
     let outcomes = restarted.scrub_released(&node.reconciler, &node.spec, Some(&Owners::new()), true);
     assert!(
         matches!(outcomes.as_slice(), [ScrubOutcome::Scrubbed { .. }]),

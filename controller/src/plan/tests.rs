@@ -55,7 +55,7 @@ fn healthy(pf: &mut PfStatus, pool: &str, indexes: impl IntoIterator<Item = u16>
             index,
             pci_address: format!("0000:00:10.{index}"),
             isolated: true,
-            health: "Healthy".to_owned(),
+            health: vfplane_proto::vf_health::VfHealth::Healthy,
             pool: Some(pool.to_owned()),
             ..VfStatus::default()
         });
@@ -362,7 +362,7 @@ fn status_counts_ready_vfs_from_what_agents_report() {
     healthy(&mut pa, "fast", 0..4);
     let mut pb = pf("0000:3b:00.0", "ens1f0", 7, 4);
     healthy(&mut pb, "fast", 0..3);
-    pb.vfs[2].health = "Unhealthy: driver is igbvf, not vfio-pci".to_owned();
+    pb.vfs[2].health = vfplane_proto::vf_health::VfHealth::Unhealthy("bound to igbvf, not vfio-pci".into());
     let states = [state("a", vec![pa]), state("b", vec![pb])];
     let plans: Vec<NodePlan> = nodes
         .iter()
