@@ -2,6 +2,7 @@
 
 use vfplane_host::fake::{FakeDevice, FakeSysfs};
 use vfplane_proto::node_state::StateFile;
+use vfplane_proto::vf_health::VfHealth;
 
 use super::*;
 use crate::netlink::fake::FakeNetlink;
