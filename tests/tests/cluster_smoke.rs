@@ -156,7 +156,8 @@ fn kubelet_runs_a_pod_on_a_vf_from_our_device_plugin() {
     // 2. A pod asking for one VF runs pktgen on it from the environment alone.
     let created = Instant::now();
     let script = format!(
-        "echo VFIO: $(ls /dev/vfio | tr '\\n' ' '); env | grep '^PCIDEVICE_'; \
+        "echo VFIO: $(ls /dev/vfio | tr '\\n' ' '); echo TOOLS: $(ls /usr/local/bin | tr '\\n' ' '); \
+         env | grep '^PCIDEVICE_'; \
          pktgen --count {FRAMES} --size 60 --dst 02:00:00:00:00:aa && sleep 3600"
     );
     cluster
@@ -199,6 +200,29 @@ fn kubelet_runs_a_pod_on_a_vf_from_our_device_plugin() {
         groups.len(),
         2,
         "exactly the container node and one group: {vfio_line}"
+    );
+    // vfplane's image holds what ships and none of the tests' own tools
+    // (the kubelet stand-in, benchmarks, probes).
+    let tools = logs
+        .lines()
+        .find(|l| l.starts_with("TOOLS:"))
+        .expect("TOOLS line");
+    assert_eq!(
+        tools
+            .trim_start_matches("TOOLS:")
+            .split_whitespace()
+            .collect::<Vec<_>>(),
+        [
+            "echo",
+            "hybrid",
+            "pktgen",
+            "rxcount",
+            "vfplane-agent",
+            "vfplane-controller",
+            "vfplane-device-plugin",
+            "vfplane-oci-hook"
+        ],
+        "the programs in vfplane's image"
     );
     let mac = if vf == "0000:00:12.0" { VF0_MAC } else { VF1_MAC };
     wire.settle(Duration::from_secs(2));

@@ -263,10 +263,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
         } => {
             let testbed = Testbed::prepare()?;
             eprintln!(
-                "testbed: ready in {:.1} s ({:?}, {} guest binaries)",
+                "testbed: ready in {:.1} s ({:?}, {} guest binaries, {} of them in vfplane's image)",
                 begun.elapsed().as_secs_f64(),
                 testbed.accel(),
-                testbed.binaries().len()
+                testbed.binaries().count(),
+                testbed.product_binaries().len()
             );
             Ok(ExitCode::SUCCESS)
         }

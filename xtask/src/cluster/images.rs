@@ -14,8 +14,9 @@ use crate::testbed::Testbed;
 /// it is told to stop. It holds the pod's namespaces, as the pause program
 /// of the Kubernetes project does.
 pub const PAUSE_IMAGE: &str = "vfplane.local/pause:testbed";
-/// vfplane's one image: every node binary and the driver's examples, linked
-/// statically, and busybox for a shell.
+/// vfplane's one image: every node binary and the driver's tools
+/// ([`crate::testbed::IMAGE_EXAMPLES`]), built without test features and
+/// linked statically, and busybox for a shell.
 pub const VFPLANE_IMAGE: &str = "vfplane.local/vfplane:dev";
 
 /// An archive on disk.
@@ -68,7 +69,8 @@ pub fn pause_image() -> Result<ImageSpec> {
     Ok(spec)
 }
 
-/// The vfplane image from the testbed's static binaries.
+/// The vfplane image from the testbed's product binaries (none of the
+/// tests' own).
 ///
 /// # Errors
 /// When a binary cannot be read.
@@ -79,7 +81,7 @@ pub fn vfplane_image(testbed: &Testbed) -> Result<ImageSpec> {
         ..ImageSpec::default()
     };
     add_busybox(&mut spec)?;
-    for binary in testbed.binaries() {
+    for binary in testbed.product_binaries() {
         let name = binary
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())

@@ -194,7 +194,7 @@ pub struct Testbed {
     dir: PathBuf,
     kernel: GuestKernel,
     base_initrd: PathBuf,
-    binaries: Vec<PathBuf>,
+    binaries: GuestBinaries,
     accel: Accel,
     /// The systemd node's root image, built on first use.
     node_rootfs: std::sync::OnceLock<NodeRootfs>,
@@ -323,9 +323,15 @@ impl Testbed {
         Ok(self.node_rootfs.get_or_init(|| built))
     }
 
-    /// The binaries that are on the guest's PATH.
-    pub fn binaries(&self) -> &[PathBuf] {
-        &self.binaries
+    /// The binaries that are on the guest's PATH: the product's and the
+    /// tests' own.
+    pub fn binaries(&self) -> impl Iterator<Item = &PathBuf> {
+        self.binaries.product.iter().chain(&self.binaries.tests_only)
+    }
+
+    /// What vfplane ships (its image): no test feature, no test tool.
+    pub fn product_binaries(&self) -> &[PathBuf] {
+        &self.binaries.product
     }
 
     /// The acceleration guests use.
@@ -390,7 +396,7 @@ impl Testbed {
             run.parents(&path);
             run.file(&path, mode, contents);
         };
-        for binary in &self.binaries {
+        for binary in self.binaries() {
             let name = binary
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
@@ -893,12 +899,70 @@ pub const GUEST_PACKAGES: [&str; 3] = ["vfplane-agent", "vfplane-device-plugin",
 /// runs in a pod of the cluster (the vfplane image holds it).
 pub const GUEST_BIN_ONLY_PACKAGES: [&str; 1] = ["vfplane-controller"];
 
-/// Builds the binaries and examples of [`GUEST_PACKAGES`] and the binaries
-/// of [`GUEST_BIN_ONLY_PACKAGES`] for the guest, linked statically, and
-/// returns their paths. One cargo invocation for all of them: two with
-/// different package sets would unify features differently and rebuild
-/// each other's shared dependencies every time.
-fn build_guest_binaries(workspace: &Path) -> Result<Vec<PathBuf>> {
+/// The driver's examples vfplane's image carries: the tools a user runs in
+/// a pod on a VF. The other examples (the kubelet stand-in, benchmarks, the
+/// isolation probe, the kernel-path comparison) are the tests' own and go
+/// to the testbed only.
+pub const IMAGE_EXAMPLES: [&str; 4] = ["pktgen", "rxcount", "echo", "hybrid"];
+
+/// The guest's binaries, statically linked.
+#[derive(Debug, Clone, Default)]
+pub struct GuestBinaries {
+    /// What vfplane ships: the binaries of [`GUEST_PACKAGES`] and
+    /// [`GUEST_BIN_ONLY_PACKAGES`], built without any test feature, and
+    /// [`IMAGE_EXAMPLES`].
+    pub product: Vec<PathBuf>,
+    /// The examples only the tests run (some built with the device
+    /// plugin's `kubelet-standin` feature).
+    pub tests_only: Vec<PathBuf>,
+}
+
+/// Builds [`GuestBinaries`] for the guest in two cargo invocations over the
+/// same packages (so that their dependencies unify the same way and are
+/// built once): the product without test features, then the tests' own
+/// examples with the `kubelet-standin` feature, which changes only the
+/// device plugin's library and leaves the product's binaries as they are.
+fn build_guest_binaries(workspace: &Path) -> Result<GuestBinaries> {
+    let mut product_args = vec!["--bins"];
+    for example in IMAGE_EXAMPLES {
+        product_args.extend(["--example", example]);
+    }
+    let product = cargo_build_guest(workspace, &product_args)?;
+    let tests = cargo_build_guest(
+        workspace,
+        &[
+            "--features",
+            "vfplane-device-plugin/kubelet-standin",
+            "--examples",
+        ],
+    )?;
+    let tests_only = tests
+        .into_iter()
+        .filter(|t| {
+            t.example
+                && !IMAGE_EXAMPLES
+                    .iter()
+                    .any(|e| t.path.file_name() == Some((*e).as_ref()))
+        })
+        .map(|t| t.path)
+        .collect();
+    Ok(GuestBinaries {
+        product: product.into_iter().map(|t| t.path).collect(),
+        tests_only,
+    })
+}
+
+/// One executable a cargo build made.
+struct BuiltExecutable {
+    path: PathBuf,
+    example: bool,
+}
+
+/// `cargo build --release` of [`GUEST_PACKAGES`] and
+/// [`GUEST_BIN_ONLY_PACKAGES`] for the guest with `args` (the targets and
+/// features); the executables it made, without examples of the bin-only
+/// packages, sorted.
+fn cargo_build_guest(workspace: &Path, args: &[&str]) -> Result<Vec<BuiltExecutable>> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
     let mut command = Command::new(&cargo);
     // Build scripts (ring's, for one) ask cargo to rerun when variables like
@@ -931,17 +995,15 @@ fn build_guest_binaries(workspace: &Path) -> Result<Vec<PathBuf>> {
                 .chain(&GUEST_BIN_ONLY_PACKAGES)
                 .flat_map(|p| ["-p", p]),
         )
-        // The testbed's kubelet stand-in example is a test double behind a
-        // feature.
-        .args(["--features", "vfplane-device-plugin/kubelet-standin"])
-        .args(["--bins", "--examples", "--message-format=json-render-diagnostics"])
+        .args(args)
+        .arg("--message-format=json-render-diagnostics")
         .stderr(Stdio::inherit())
         .output()
         .context("running cargo build")?;
     if !out.status.success() {
-        bail!("cargo build of the guest binaries failed");
+        bail!("cargo build of the guest binaries ({}) failed", args.join(" "));
     }
-    let mut binaries = Vec::new();
+    let mut built = Vec::new();
     for line in String::from_utf8_lossy(&out.stdout).lines() {
         let Ok(message) = serde_json::from_str::<serde_json::Value>(line) else {
             continue;
@@ -962,11 +1024,14 @@ fn build_guest_binaries(workspace: &Path) -> Result<Vec<PathBuf>> {
         if example && bin_only {
             continue;
         }
-        binaries.push(PathBuf::from(exe));
+        built.push(BuiltExecutable {
+            path: PathBuf::from(exe),
+            example,
+        });
     }
-    binaries.sort();
-    binaries.dedup();
-    Ok(binaries)
+    built.sort_by(|a, b| a.path.cmp(&b.path));
+    built.dedup_by(|a, b| a.path == b.path);
+    Ok(built)
 }
 
 /// Programs from the host's Debian packages that the guest runs, and where.
@@ -1116,7 +1181,7 @@ fn choose_accel(dir: &Path, kernel: &GuestKernel, base_initrd: &Path) -> Result<
         dir: dir.to_path_buf(),
         kernel: kernel.clone(),
         base_initrd: base_initrd.to_path_buf(),
-        binaries: Vec::new(),
+        binaries: GuestBinaries::default(),
         accel: Accel::Kvm,
         node_rootfs: std::sync::OnceLock::new(),
     };
