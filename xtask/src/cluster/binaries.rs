@@ -1,4 +1,5 @@
-//! The cluster's Go binaries, built from their Go modules by
+//! The cluster's Go binaries (and helm, which installs the chart on it),
+//! built from their Go modules by
 //! `cluster/build-go-binaries.sh` (pinned versions live there) into a cache
 //! outside the work tree, keyed by version, so a fresh clone on the same
 //! machine reuses them and a missing cache rebuilds by itself.
@@ -21,6 +22,8 @@ pub struct GoBinaries {
     pub containerd: PathBuf,
     /// Directory holding the CNI plugins bridge, host-local, loopback.
     pub cni: PathBuf,
+    /// Directory holding helm.
+    pub helm: PathBuf,
 }
 
 impl GoBinaries {
@@ -84,15 +87,43 @@ fn build_component(script_path: &Path, cache: &Path, component: &str) -> Result<
     Ok(())
 }
 
+/// The build script's path and text.
+fn script(workspace: &Path) -> Result<(PathBuf, String)> {
+    let script_path = workspace.join("cluster/build-go-binaries.sh");
+    let script = std::fs::read_to_string(&script_path)
+        .with_context(|| format!("reading {}", script_path.display()))?;
+    Ok((script_path, script))
+}
+
+/// The pinned helm release (`helm version --short` begins with it).
+///
+/// # Errors
+/// The build script unreadable or pinning none.
+pub fn helm_version(workspace: &Path) -> Result<String> {
+    pinned(&script(workspace)?.1, "HELM_VERSION")
+}
+
+/// Builds helm alone when it is missing (the chart's checks need no
+/// cluster) and returns its path.
+///
+/// # Errors
+/// As [`ensure`].
+pub fn ensure_helm(workspace: &Path) -> Result<PathBuf> {
+    let (script_path, script) = script(workspace)?;
+    let cache = cache_dir();
+    build_component(&script_path, &cache, "helm")?;
+    Ok(cache
+        .join(format!("helm-{}", pinned(&script, "HELM_VERSION")?))
+        .join("bin/helm"))
+}
+
 /// Builds what is missing (nothing when the cache is complete) and returns the paths.
 ///
 /// # Errors
 /// When `go` is missing, a module cannot be fetched, or a build fails; the
 /// build's output is on stderr and the error names the component.
 pub fn ensure(workspace: &Path) -> Result<GoBinaries> {
-    let script_path = workspace.join("cluster/build-go-binaries.sh");
-    let script = std::fs::read_to_string(&script_path)
-        .with_context(|| format!("reading {}", script_path.display()))?;
+    let (script_path, script) = script(workspace)?;
     let cache = cache_dir();
     let binaries = GoBinaries {
         kubernetes: cache
@@ -107,9 +138,12 @@ pub fn ensure(workspace: &Path) -> Result<GoBinaries> {
         cni: cache
             .join(format!("cni-plugins-{}", pinned(&script, "CNI_PLUGINS_VERSION")?))
             .join("bin"),
+        helm: cache
+            .join(format!("helm-{}", pinned(&script, "HELM_VERSION")?))
+            .join("bin"),
     };
     let begun = Instant::now();
-    for component in ["etcd", "cni", "containerd", "kubernetes"] {
+    for component in ["etcd", "cni", "containerd", "kubernetes", "helm"] {
         build_component(&script_path, &cache, component)?;
     }
     let took = begun.elapsed().as_secs_f64();
