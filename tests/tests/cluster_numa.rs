@@ -162,7 +162,13 @@ fn on_the_systemd_node_a_numa_aligned_pools_guaranteed_container_runs_on_its_vfs
     numa_aligned(NodeProfile::Systemd);
 }
 
+/// Slow, for CI's hour: on the minimal node CI runs the short campaigns,
+/// whose pods run the driver as user 1000 under a profile of locked memory
+/// and pids (owner, limits, their checks, the scrub on cgroupfs); what
+/// only this test proves there is vfplane's own NUMA cpuset (no static CPU
+/// manager).
 #[test]
+#[ignore = "slow: the minimal node's NUMA cpuset (4-5 min on 2026-12-03); the systemd node's variant runs in CI"]
 fn on_the_minimal_node_a_numa_aligned_pools_container_runs_on_its_vfs_numa_node() {
     if !xtask::e2e::enabled(
         "on_the_minimal_node_a_numa_aligned_pools_container_runs_on_its_vfs_numa_node",
