@@ -56,7 +56,9 @@ impl std::str::FromStr for Mac {
         }
         let mut mac = [0u8; 6];
         for (byte, part) in mac.iter_mut().zip(parts) {
-            if part.len() != 2 {
+            // Two hex digits: `from_str_radix` alone also takes a sign
+            // ("+a").
+            if part.len() != 2 || !part.bytes().all(|b| b.is_ascii_hexdigit()) {
                 return Err(bad());
             }
             *byte = u8::from_str_radix(part, 16).map_err(|_| bad())?;
@@ -445,6 +447,30 @@ pub mod fake;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2_000))]
+
+        /// Any text is a MAC or an error that quotes it; a MAC prints back
+        /// to the text it came from (lower-cased).
+        #[test]
+        fn any_text_is_a_mac_that_prints_back_or_an_error_naming_it(
+            text in proptest::prop_oneof![
+                "[0-9a-fA-F+ -]{2}(:[0-9a-fA-F+ -]{2}){5}",
+                ".{0,20}",
+            ],
+        ) {
+            match text.parse::<Mac>() {
+                Ok(mac) => proptest::prop_assert_eq!(mac.to_string(), text.to_ascii_lowercase()),
+                Err(error) => proptest::prop_assert!(
+                    error.to_string().contains(&format!("{text:?}"))
+                        || error.to_string().contains(&text),
+                    "{}",
+                    error
+                ),
+            }
+        }
+    }
 
     #[test]
     fn mac_parses_prints_and_refuses_bad_input() {

@@ -42,7 +42,12 @@ impl std::str::FromStr for MacAddress {
         let mut out = [0u8; 6];
         let mut parts = s.split(':');
         for byte in &mut out {
-            let part = parts.next().filter(|p| p.len() == 2).ok_or_else(bad)?;
+            // Two hex digits: `from_str_radix` alone also takes a sign
+            // ("+a").
+            let part = parts
+                .next()
+                .filter(|p| p.len() == 2 && p.bytes().all(|b| b.is_ascii_hexdigit()))
+                .ok_or_else(bad)?;
             *byte = u8::from_str_radix(part, 16).map_err(|_| bad())?;
         }
         if parts.next().is_some() {
@@ -117,6 +122,25 @@ pub trait NicDevice {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2_000))]
+
+        /// Any text is a MAC or an error that quotes it; a MAC prints back
+        /// to the text it came from (lower-cased).
+        #[test]
+        fn any_text_is_a_mac_that_prints_back_or_an_error_naming_it(
+            text in proptest::prop_oneof![
+                "[0-9a-fA-F+ -]{2}(:[0-9a-fA-F+ -]{2}){5}",
+                ".{0,20}",
+            ],
+        ) {
+            match text.parse::<MacAddress>() {
+                Ok(mac) => proptest::prop_assert_eq!(mac.to_string(), text.to_ascii_lowercase()),
+                Err(error) => proptest::prop_assert!(error.to_string().contains(&format!("{text:?}")), "{}", error),
+            }
+        }
+    }
 
     #[test]
     fn macs_parse_and_bad_ones_are_named() {
