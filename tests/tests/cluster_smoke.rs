@@ -1,5 +1,6 @@
 //! The real cluster: kube-apiserver, controller-manager and scheduler on the
-//! host, kubelet and containerd in the emulated SR-IOV guest, and vfplane's
+//! host, kubelet and containerd in the emulated SR-IOV guest (the minimal
+//! node), and vfplane's
 //! agent and device plugin started in the node as plain processes. Proves
 //! that the kubelet takes our device plugin: the pool shows in the node's
 //! allocatable; a pod asking for a VF runs the driver's `pktgen` on it and
@@ -13,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use xtask::cluster::images::VFPLANE_IMAGE;
-use xtask::cluster::{Cluster, ClusterOptions, NODE_NAME};
+use xtask::cluster::{Cluster, ClusterOptions, NODE_NAME, NodeProfile};
 use xtask::testbed::Testbed;
 
 const ETHERTYPE_TEST: [u8; 2] = [0x88, 0xb5];
@@ -131,7 +132,10 @@ fn kubelet_runs_a_pod_on_a_vf_from_our_device_plugin() {
     let testbed = Testbed::prepare().expect("testbed");
     let mut cluster = Cluster::start(
         &testbed,
+        // The minimal node: it boots in less of CI's hour, and the demo,
+        // `cluster_numa` and `cluster_scrub` run on the systemd node.
         ClusterOptions {
+            node_profile: NodeProfile::Minimal,
             node_extra: Some(NODE_EXTRA.to_owned()),
             ..ClusterOptions::default()
         },
