@@ -103,13 +103,7 @@ impl fmt::Display for Health {
         if self.is_healthy() {
             return f.write_str("healthy");
         }
-        for (i, reason) in self.reasons.iter().enumerate() {
-            if i > 0 {
-                f.write_str("; ")?;
-            }
-            write!(f, "{reason}")?;
-        }
-        Ok(())
+        f.write_str(&vfplane_proto::vf_health::join_reasons(&self.reasons))
     }
 }
 

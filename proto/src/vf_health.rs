@@ -76,15 +76,16 @@ impl Unready {
             Self::Unreadable(_) => "unreadable",
         }
     }
+}
 
-    /// The reasons joined for one line: `a; b`.
-    pub fn list(reasons: &[Self]) -> String {
-        reasons
-            .iter()
-            .map(ToString::to_string)
-            .collect::<Vec<_>>()
-            .join("; ")
-    }
+/// Reasons joined for one line, `a; b`: the status's, the plugin's logs'
+/// and its metrics' one way of listing why a VF is not ready.
+pub fn join_reasons<T: fmt::Display>(reasons: &[T]) -> String {
+    reasons
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 impl fmt::Display for Unready {
@@ -152,13 +153,7 @@ impl VfHealth {
         if reasons.is_empty() {
             return Self::Healthy;
         }
-        Self::Unhealthy(
-            reasons
-                .iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .join("; "),
-        )
+        Self::Unhealthy(join_reasons(reasons))
     }
 
     /// True for [`VfHealth::Healthy`] only.
@@ -271,7 +266,7 @@ mod tests {
             "Unhealthy: bound to igbvf, not vfio-pci; /dev/vfio/4 is missing"
         );
         assert_eq!(
-            Unready::list(&reasons),
+            join_reasons(&reasons),
             "bound to igbvf, not vfio-pci; /dev/vfio/4 is missing"
         );
     }

@@ -11,7 +11,7 @@ use vfplane_host::{HostModel, PciAddress, PhysicalFunction, error_chain};
 use vfplane_proto::container_limits::ContainerLimits;
 use vfplane_proto::node_state::{DeviceType, NodeStateSpec, NodeStateStatus, PfStatus, VfStatus};
 use vfplane_proto::pool::{Pool, PoolConfig, validate_pool_name};
-use vfplane_proto::vf_health::{Unready, VfHealth};
+use vfplane_proto::vf_health::{Unready, VfHealth, join_reasons};
 
 use super::{ApplyReport, PfPlan, Reconciler, VfPlan};
 use crate::netlink::{VfLinkControl, VfLinkInfo, VfSetting};
@@ -173,7 +173,7 @@ enum Mismatch {
 impl fmt::Display for Mismatch {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::Unready(reasons) => f.write_str(&Unready::list(reasons)),
+            Self::Unready(reasons) => f.write_str(&join_reasons(reasons)),
             Self::NotOnKernelDriver(driver) => write!(
                 f,
                 "driver is {}, spec wants the kernel VF driver",
