@@ -9,6 +9,9 @@ const PROTO_ROOT: &str = "proto";
 const PROTOS: &[&str] = &[
     "proto/deviceplugin/v1beta1/api.proto",
     "proto/podresources/v1/api.proto",
+    "proto/pluginregistration/v1/api.proto",
+    "proto/dra/v1/api.proto",
+    "proto/dra-health/v1alpha1/api.proto",
 ];
 
 fn main() -> Result<(), Box<dyn Error>> {

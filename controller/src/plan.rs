@@ -225,6 +225,7 @@ pub fn plan_node(node: &Node, ordered: &[&VfPolicy], state: Option<&NodeState>) 
                 link_state: None,
                 macs: Vec::new(),
                 container_limits: container_limits(profiles.get(&policy.spec.resource_name)),
+                resource_api: policy.spec.resource_api,
             });
             claims.push(Claim {
                 policy: name.to_owned(),
@@ -268,7 +269,9 @@ pub fn plan_node(node: &Node, ordered: &[&VfPolicy], state: Option<&NodeState>) 
     conflicts.sort();
     let pools: BTreeSet<String> = selecting
         .iter()
-        .filter(|p| p.spec.device_type == DeviceType::VfioPci)
+        // Only device-plugin pools: they are served at 0 so the kubelet
+        // knows the resource; a DRA pool without VFs is simply no devices.
+        .filter(|p| p.spec.device_type == DeviceType::VfioPci && p.spec.resource_api.is_device_plugin())
         .map(|p| p.spec.resource_name.clone())
         .collect();
     NodePlan {

@@ -78,6 +78,9 @@ pub struct ContainerEdits {
     /// OCI hooks the runtime runs for the container.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub hooks: Vec<Hook>,
+    /// `NAME=value` environment entries.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<String>,
 }
 
 /// An OCI hook.
@@ -218,6 +221,7 @@ pub fn spec_for(devices: &BTreeMap<PciAddress, CdiEntry>, hook: Option<&Path>) -
         container_edits: Some(ContainerEdits {
             device_nodes: vec![node("/dev/vfio/vfio")],
             hooks: Vec::new(),
+            env: Vec::new(),
         }),
         devices: devices
             .iter()
@@ -228,6 +232,7 @@ pub fn spec_for(devices: &BTreeMap<PciAddress, CdiEntry>, hook: Option<&Path>) -
                     hooks: hook
                         .map(|hook| vec![attach_hook(hook, *address, entry)])
                         .unwrap_or_default(),
+                    env: Vec::new(),
                 },
             })
             .collect(),
@@ -344,6 +349,108 @@ impl CdiWriter {
         write_spec(dir, &merged, self.hook.as_deref())?;
         *written = Some(merged);
         Ok(())
+    }
+}
+
+/// What a prepared DRA claim's container learns about one of its VFs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClaimEnv {
+    /// The VF's device name in the ResourceSlice.
+    pub device: String,
+    /// Its vfplane pool.
+    pub pool: String,
+    /// Its address.
+    pub address: PciAddress,
+    /// Its info.
+    pub info: vfplane_proto::container_env::VfInfo,
+}
+
+impl ClaimEnv {
+    /// `PCIDEVICE_VFPLANE_IO_<POOL>_<DEVICE>`: one variable per VF, so a
+    /// container given VFs of one pool by several claims sees each.
+    pub fn variable(&self) -> String {
+        format!(
+            "{}_{}",
+            vfplane_proto::pool::pci_env_var(&self.pool),
+            self.device.to_ascii_uppercase().replace('-', "_")
+        )
+    }
+}
+
+/// The spec file of a prepared claim: `vfplane.io-claim_<uid>.json`.
+pub fn claim_spec_file_name(uid: &str) -> String {
+    format!("vfplane.io-claim_{uid}.json")
+}
+
+/// The CDI name of a prepared claim's device:
+/// `vfplane.io/claim=<uid>-<device>`.
+pub fn claim_cdi_device_name(uid: &str, device: &str) -> String {
+    format!("{}={uid}-{device}", crate::dra::CLAIM_CDI_KIND)
+}
+
+/// The spec of a prepared claim: one device per VF, holding its
+/// environment (the VFIO node and the hook are the VF's own CDI device).
+pub fn claim_spec(uid: &str, devices: &[ClaimEnv]) -> Result<CdiSpec, serde_json::Error> {
+    let mut out = Vec::with_capacity(devices.len());
+    for device in devices {
+        let var = device.variable();
+        let info: BTreeMap<String, &vfplane_proto::container_env::VfInfo> =
+            [(device.address.to_string(), &device.info)].into_iter().collect();
+        out.push(CdiDevice {
+            name: format!("{uid}-{}", device.device),
+            container_edits: ContainerEdits {
+                device_nodes: Vec::new(),
+                hooks: Vec::new(),
+                env: vec![
+                    format!("{var}={}", device.address),
+                    format!(
+                        "{var}{}={}",
+                        vfplane_proto::container_env::INFO_SUFFIX,
+                        serde_json::to_string(&info)?
+                    ),
+                ],
+            },
+        });
+    }
+    Ok(CdiSpec {
+        cdi_version: CDI_VERSION.to_owned(),
+        kind: crate::dra::CLAIM_CDI_KIND.to_owned(),
+        container_edits: None,
+        devices: out,
+    })
+}
+
+impl CdiWriter {
+    /// Writes a prepared claim's spec.
+    ///
+    /// # Errors
+    /// CDI off, or the file cannot be written.
+    pub fn write_claim(&self, uid: &str, devices: &[ClaimEnv]) -> Result<(), CdiError> {
+        let dir = self.dir.clone().unwrap_or_default();
+        let path = dir.join(claim_spec_file_name(uid));
+        let err = |source| CdiError {
+            path: path.clone(),
+            source,
+        };
+        if self.dir.is_none() {
+            return Err(err(io::Error::other("CDI is off (--no-cdi)")));
+        }
+        let spec = claim_spec(uid, devices).map_err(|e| err(io::Error::other(e)))?;
+        let text = serde_json::to_string_pretty(&spec).map_err(|e| err(io::Error::other(e)))?;
+        vfplane_proto::files::write_atomically(&path, (text + "\n").as_bytes(), None).map_err(err)
+    }
+
+    /// Removes a claim's spec; an absent one is fine.
+    ///
+    /// # Errors
+    /// It exists and cannot be removed.
+    pub fn remove_claim(&self, uid: &str) -> Result<(), CdiError> {
+        let Some(dir) = &self.dir else { return Ok(()) };
+        let path = dir.join(claim_spec_file_name(uid));
+        match fs::remove_file(&path) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(CdiError { path, source: e }),
+            _ => Ok(()),
+        }
     }
 }
 

@@ -54,4 +54,31 @@ pub struct Args {
     /// state directory) start a probe at once.
     #[arg(long, default_value_t = 1000)]
     pub rescan_interval_ms: u64,
+    /// Also serve the pools whose resourceApi is `dra`, as DRA driver
+    /// `vfplane.io`: ResourceSlices for this node, prepare and unprepare
+    /// for the kubelet, device health (needs the API server and
+    /// --node-name). Without it those pools are not served.
+    #[arg(long, requires = "node_name")]
+    pub dra: bool,
+    /// This node's name (the chart passes the pod's spec.nodeName).
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: Option<String>,
+    /// The kubelet's plugin registry directory (the DRA registration socket).
+    #[arg(long, default_value = vfplane_proto::dra::PLUGIN_REGISTRY_PATH)]
+    pub kubelet_registry_dir: PathBuf,
+    /// The kubelet's plugins directory (the DRA socket and checkpoint go in
+    /// `<dir>/vfplane.io`).
+    #[arg(long, default_value = vfplane_proto::dra::PLUGINS_PATH)]
+    pub kubelet_plugins_dir: PathBuf,
+}
+
+impl Args {
+    /// The DRA driver's settings, when `--dra` is given.
+    pub fn dra_config(&self) -> Option<crate::dra::DraConfig> {
+        let node_name = self.node_name.as_ref().filter(|_| self.dra)?;
+        let mut config = crate::dra::DraConfig::new(node_name.clone());
+        config.registry_dir = self.kubelet_registry_dir.clone();
+        config.plugin_dir = self.kubelet_plugins_dir.join(crate::dra::DRIVER_NAME);
+        Some(config)
+    }
 }

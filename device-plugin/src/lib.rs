@@ -16,7 +16,10 @@
 //! - the config file is watched and applied live;
 //! - an NRI plugin ([`nri`]) gives containers holding VFs their pools'
 //!   profile (locked memory, pids, NUMA cpuset) through the runtime;
-//! - metrics in Prometheus text ([`metrics`]).
+//! - metrics in Prometheus text ([`metrics`]);
+//! - pools whose `resourceApi` is `dra` are served as DRA driver
+//!   `vfplane.io` instead ([`dra`]): ResourceSlices, prepare and unprepare
+//!   per claim, health to the kubelet.
 //!
 //! [`start`] runs it; the binary is a thin wrapper. `kubelet_standin`
 //! (feature `kubelet-standin`) is a minimal kubelet for this crate's tests
@@ -29,6 +32,7 @@ use std::path::PathBuf;
 
 pub mod cdi;
 pub mod cli;
+pub mod dra;
 pub mod health;
 pub mod inventory;
 #[cfg(feature = "kubelet-standin")]
@@ -102,6 +106,16 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    /// The API server's client cannot be made (the DRA driver needs it).
+    #[error("cannot make a Kubernetes client for the DRA driver (in-cluster config or KUBECONFIG)")]
+    Kube {
+        /// The cause.
+        #[source]
+        source: kube::Error,
+    },
+    /// The DRA driver cannot start.
+    #[error("cannot start the DRA driver")]
+    Dra(#[source] dra::DraError),
     /// A task or thread of the plugin died.
     #[error("plugin task failed: {0}")]
     Task(String),

@@ -25,7 +25,9 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
+    let dra = args.dra_config();
     let mut config = PluginConfig::new(args.pool_config);
+    config.dra = dra;
     config.kubelet_dir = args.kubelet_dir;
     config.sysfs_root = args.sysfs_root;
     config.dev_root = args.dev_root;

@@ -18,7 +18,7 @@ use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
 use vfplane_host::Host;
 use vfplane_proto::container_env::info_env_var;
 use vfplane_proto::deviceplugin::v1beta1::device_plugin_server::DevicePluginServer;
-use vfplane_proto::pool::{Pool, PoolConfig, PoolConfigError, pci_env_var};
+use vfplane_proto::pool::{Pool, PoolConfig, PoolConfigError, ResourceApi, pci_env_var};
 
 use crate::cdi::CdiWriter;
 use crate::inventory::Inventory;
@@ -79,6 +79,10 @@ pub struct PluginConfig {
     /// offers again before the scrub is done (the agent's 10 s grace after
     /// a release, then the scrub); refused after that.
     pub scrub_wait: Duration,
+    /// Serve the pools whose `resourceApi` is `dra` as DRA driver
+    /// `vfplane.io` (needs the API server: in-cluster config or
+    /// KUBECONFIG); `None`: those pools are not served.
+    pub dra: Option<crate::dra::DraConfig>,
 }
 
 impl PluginConfig {
@@ -101,6 +105,7 @@ impl PluginConfig {
             discovery_interval: Duration::from_secs(30),
             drain_timeout: Duration::from_secs(5),
             scrub_wait: Duration::from_secs(30),
+            dra: None,
         }
     }
 }
@@ -172,6 +177,14 @@ fn install_oci_hook(config: &PluginConfig) -> Option<PathBuf> {
 /// when it appears), a kubelet directory that cannot be made or watched, a
 /// socket that cannot be bound, a metrics address that cannot be bound.
 pub async fn start(config: PluginConfig) -> Result<RunningPlugin> {
+    let dra_client = match &config.dra {
+        Some(_) => Some(
+            kube::Client::try_default()
+                .await
+                .map_err(|source| Error::Kube { source })?,
+        ),
+        None => None,
+    };
     let initial = match read_config(&config.pool_config)? {
         Some((text, parsed)) => Some((text, parsed)),
         None => {
@@ -197,6 +210,7 @@ pub async fn start(config: PluginConfig) -> Result<RunningPlugin> {
         edits: RwLock::default(),
         nri: crate::nri::NriState::default(),
         metrics: NodeMetrics::default(),
+        scans: tokio::sync::watch::Sender::new(0),
     });
     let nri_task = config.nri_socket.clone().map(|socket| {
         let plugin = Arc::new(crate::nri::ContainerLimits::new(Arc::clone(&node)));
@@ -281,12 +295,29 @@ pub async fn start(config: PluginConfig) -> Result<RunningPlugin> {
         metrics_task,
         nri_task,
         kubelet_socket,
+        dra: None,
     };
     if let Some((text, parsed)) = initial {
         supervisor.last_config_text = Some(text);
         if let Err(error) = supervisor.apply(parsed).await {
             supervisor.shutdown().await;
             return Err(error);
+        }
+    }
+    if let (Some(dra), Some(client)) = (supervisor.config.dra.clone(), dra_client) {
+        match crate::dra::start(
+            dra,
+            client,
+            Arc::clone(&supervisor.registry),
+            Arc::clone(&supervisor.node),
+        )
+        .await
+        {
+            Ok(runtime) => supervisor.dra = Some(runtime),
+            Err(error) => {
+                supervisor.shutdown().await;
+                return Err(Error::Dra(error));
+            }
         }
     }
     let (stop_tx, stop_rx) = oneshot::channel();
@@ -570,6 +601,8 @@ struct Supervisor {
     /// The NRI plugin's connection loop.
     nri_task: Option<JoinHandle<()>>,
     kubelet_socket: PathBuf,
+    /// The DRA driver, when on.
+    dra: Option<crate::dra::DraRuntime>,
 }
 
 /// How often the config file is re-read even without an inotify event (a
@@ -733,7 +766,44 @@ impl Supervisor {
             config.pools.iter().map(|p| (p.name.clone(), p.clone())).collect();
         let mut shared_pools: BTreeMap<String, Arc<PoolShared>> = BTreeMap::new();
         let mut new_pools = Vec::new();
+        // A pool that moved to DRA stops being a device-plugin resource
+        // (its PoolShared is made anew below, so nothing of its server
+        // stays).
+        let moved: Vec<String> = self
+            .pools
+            .keys()
+            .filter(|n| wanted.get(*n).is_some_and(|p| p.resource_api == ResourceApi::Dra))
+            .cloned()
+            .collect();
+        for name in moved {
+            if let Some(runtime) = self.pools.remove(&name) {
+                tracing::info!(pool = %name, "pool moved to DRA: no longer a device-plugin resource");
+                runtime.stop(self.config.drain_timeout).await;
+            }
+        }
+        let dra_before = self
+            .registry
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
         for (name, pool) in &wanted {
+            if pool.resource_api == ResourceApi::Dra {
+                let shared = match dra_before.get(name) {
+                    Some(shared) if shared.config().resource_api == ResourceApi::Dra => {
+                        if *shared.config() != *pool {
+                            shared.set_config(pool.clone());
+                        }
+                        Arc::clone(shared)
+                    }
+                    _ => Arc::new(PoolShared::new(
+                        pool.clone(),
+                        PathBuf::new(),
+                        Arc::clone(&self.node),
+                    )),
+                };
+                shared_pools.insert(name.clone(), shared);
+                continue;
+            }
             match self.pools.get(name) {
                 Some(runtime) => {
                     if *runtime.shared.config() != *pool {
@@ -768,6 +838,7 @@ impl Supervisor {
             .filter(|n| !wanted.contains_key(*n))
             .cloned()
             .collect();
+        // (DRA pools have no runtime: leaving the registry is all.)
         for name in removed {
             if let Some(runtime) = self.pools.remove(&name) {
                 tracing::info!(pool = %name, "pool removed from the config");
@@ -806,6 +877,9 @@ impl Supervisor {
         }
         if let Some(task) = self.nri_task.take() {
             task.abort();
+        }
+        if let Some(dra) = self.dra.take() {
+            dra.stop();
         }
         if let Some(thread) = self.scanner_thread.take() {
             let _ = tokio::task::spawn_blocking(move || thread.join()).await;

@@ -182,6 +182,7 @@ pub(crate) fn run(
         for done in waiting {
             let _ = done.send(());
         }
+        node.scans.send_modify(|n| *n = n.wrapping_add(1));
         if periodic && !(discover || set_changed) {
             discover_now(&mut inventory, &node, &mut last_conflicts);
             last_discovery = Instant::now();

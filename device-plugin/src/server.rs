@@ -39,6 +39,9 @@ pub(crate) struct NodeContext {
     /// Whether the NRI plugin is registered with the runtime.
     pub nri: crate::nri::NriState,
     pub metrics: NodeMetrics,
+    /// Counts the scanner's passes: the DRA driver's slices and health
+    /// stream look again after each.
+    pub scans: watch::Sender<u64>,
 }
 
 impl NodeContext {
@@ -237,7 +240,13 @@ impl dp::device_plugin_server::DevicePlugin for DevicePluginService {
         request: Request<dp::AllocateRequest>,
     ) -> Result<Response<dp::AllocateResponse>, Status> {
         let request = request.into_inner();
-        self.wait_for_scrubs(&request).await;
+        let requested: BTreeSet<PciAddress> = request
+            .container_requests
+            .iter()
+            .flat_map(|c| &c.devices_ids)
+            .filter_map(|id| id.parse().ok())
+            .collect();
+        wait_for_scrubs(&self.shared.node, &self.shared.name, &requested).await;
         match self.allocate_all(&request) {
             Ok((response, devices)) => {
                 bump(&self.shared.metrics.allocations);
@@ -306,7 +315,7 @@ impl DevicePluginService {
                         now.health
                     )));
                 }
-                self.refuse_unscrubbed(now.address)?;
+                refuse_unscrubbed(&shared.node, &shared.resource(), now.address)?;
                 fresh.push(now);
             }
             count += fresh.len();
@@ -323,79 +332,6 @@ impl DevicePluginService {
             })?;
         }
         Ok((dp::AllocateResponse { container_responses }, count))
-    }
-
-    /// Waits, up to the node's `scrub_wait`, while a VF the request names carries a
-    /// handed-out mark and is not quarantined, or is being scrubbed. The kubelet offers a VF
-    /// again the moment its last pod is gone, seconds before the agent has
-    /// scrubbed it (it lets the release settle, then resets the VF), and a
-    /// refused Allocate fails the pod for good (the kubelet does not
-    /// retry). Waiting holds up that one pod's admission for a few seconds
-    /// instead; [`Self::allocate_all`] still refuses a VF marked after it.
-    async fn wait_for_scrubs(&self, request: &dp::AllocateRequest) {
-        let dir = &self.shared.node.state_dir;
-        let requested: BTreeSet<PciAddress> = request
-            .container_requests
-            .iter()
-            .flat_map(|c| &c.devices_ids)
-            .filter_map(|id| id.parse().ok())
-            .collect();
-        // Marked and not quarantined, or its scrub running: the agent
-        // writes `scrub-pending` before the reset and clears the mark and
-        // the state one after the other, so either may be seen alone.
-        let pending = |address: &PciAddress| match vf_state::read_vf_state(dir, *address) {
-            Ok(Some(Ok(vf_state::VfState::ScrubFailed))) => false,
-            Ok(Some(Ok(vf_state::VfState::ScrubPending))) => true,
-            _ => matches!(vf_state::handed_out_at(dir, *address), Ok(Some(_))),
-        };
-        let began = tokio::time::Instant::now();
-        let mut waited_for: Vec<PciAddress> = Vec::new();
-        loop {
-            let waiting: Vec<PciAddress> = requested.iter().copied().filter(pending).collect();
-            if waiting.is_empty() {
-                if !waited_for.is_empty() {
-                    tracing::info!(pool = %self.shared.name, vfs = ?waited_for, waited = ?began.elapsed(), "scrubbed meanwhile; handing out");
-                }
-                return;
-            }
-            if began.elapsed() >= self.shared.node.scrub_wait {
-                return;
-            }
-            if waited_for.is_empty() {
-                tracing::info!(pool = %self.shared.name, vfs = ?waiting, "the kubelet asks for VFs the agent has not scrubbed yet; waiting for the scrub");
-                waited_for = waiting;
-            }
-            tokio::time::sleep(SCRUB_POLL).await;
-        }
-    }
-
-    /// Refuses a VF handed out before and not scrubbed since, or under a
-    /// scrub that is still running: its last container may be gone a
-    /// moment before the agent notices, and the kubelet offers it again in
-    /// that moment (a running scrub leaves the VF Healthy, `health.rs`).
-    fn refuse_unscrubbed(&self, address: PciAddress) -> Result<(), Status> {
-        let dir = &self.shared.node.state_dir;
-        if let Ok(Some(Ok(vf_state::VfState::ScrubPending))) = vf_state::read_vf_state(dir, address) {
-            return Err(Status::failed_precondition(format!(
-                "device {address} of {} is being scrubbed by the agent (waited {:?}); it is \
-                 offered again once scrubbed",
-                self.shared.resource(),
-                self.shared.node.scrub_wait
-            )));
-        }
-        match vf_state::handed_out_at(dir, address) {
-            Ok(None) => Ok(()),
-            Ok(Some(_)) => Err(Status::failed_precondition(format!(
-                "device {address} of {} was given to a container before and the agent has not \
-                 scrubbed it yet (waited {:?}); it is offered again once scrubbed",
-                self.shared.resource(),
-                self.shared.node.scrub_wait
-            ))),
-            Err(error) => Err(Status::internal(format!(
-                "cannot read the handed-out mark of device {address} under {}: {error}",
-                dir.display()
-            ))),
-        }
     }
 
     /// Checks one container's IDs: present, well-formed, not repeated, of
@@ -453,30 +389,7 @@ impl DevicePluginService {
         devices: &[DeviceStatus],
     ) -> Result<dp::ContainerAllocateResponse, Status> {
         let cdi = &self.shared.node.cdi;
-        if let Some(wants) = crate::cdi::needs_hook(pool) {
-            if !self.shared.node.nri.connected() {
-                // Not a refusal: the runtime may be restarting (the plugin
-                // reconnects within seconds), and a pod refused here is
-                // failed for good by the kubelet. A container created
-                // before the plugin is back fails at the hook's check,
-                // which the kubelet retries.
-                tracing::warn!(
-                    pool = %pool.name,
-                    wants = %wants,
-                    "allocating while vfplane's NRI plugin is not registered with the container runtime: \
-                     the container starts only once it is (is NRI enabled in the runtime, and its socket \
-                     mounted at --nri-socket?)"
-                );
-            }
-            if !cdi.has_hook() {
-                return Err(Status::failed_precondition(format!(
-                    "pool {} gives its containers {wants}, which vfplane-oci-hook checks, \
-                     but this plugin writes no CDI spec or has no vfplane-oci-hook installed (--no-cdi, \
-                     or --oci-hook-dir unset or not writable)",
-                    pool.name
-                )));
-            }
-        }
+        check_profile_can_be_applied(&self.shared.node, pool)?;
         let mut specs = vec![device_spec("/dev/vfio/vfio")];
         let mut nodes: Vec<(PciAddress, CdiEntry)> = Vec::with_capacity(devices.len());
         let mut infos = BTreeMap::new();
@@ -492,18 +405,7 @@ impl DevicePluginService {
                 specs.push(device_spec(&path));
             }
             nodes.push((device.address, CdiEntry::new(node, pool, device.facts.as_ref())));
-            let facts = device.facts.as_ref();
-            infos.insert(
-                device.address,
-                VfInfo {
-                    group: node.group(),
-                    vfio_device: path,
-                    numa_node: facts.and_then(|f| f.numa_node),
-                    pf: facts.and_then(|f| f.pf),
-                    vf_index: facts.and_then(|f| f.vf_index),
-                    mac: device.mac.clone(),
-                },
-            );
+            infos.insert(device.address, vf_info(device, node));
             addresses.push(device.address.to_string());
         }
         let info = serde_json::to_string(&infos)
@@ -534,6 +436,118 @@ impl DevicePluginService {
             annotations: Default::default(),
             cdi_devices,
         })
+    }
+}
+
+/// Waits, up to the node's `scrub_wait`, while a VF of `requested` carries a
+/// handed-out mark and is not quarantined, or is being scrubbed. The kubelet
+/// offers a VF again the moment its last pod is gone, seconds before the
+/// agent has scrubbed it (it lets the release settle, then resets the VF),
+/// and a refused Allocate fails the pod for good (the kubelet does not
+/// retry). Waiting holds up that one pod's admission for a few seconds
+/// instead; [`refuse_unscrubbed`] still refuses a VF marked after it. `who`
+/// names the pool or driver in the log.
+pub(crate) async fn wait_for_scrubs(node: &NodeContext, who: &str, requested: &BTreeSet<PciAddress>) {
+    let dir = &node.state_dir;
+    // Marked and not quarantined, or its scrub running: the agent
+    // writes `scrub-pending` before the reset and clears the mark and
+    // the state one after the other, so either may be seen alone.
+    let pending = |address: &PciAddress| match vf_state::read_vf_state(dir, *address) {
+        Ok(Some(Ok(vf_state::VfState::ScrubFailed))) => false,
+        Ok(Some(Ok(vf_state::VfState::ScrubPending))) => true,
+        _ => matches!(vf_state::handed_out_at(dir, *address), Ok(Some(_))),
+    };
+    let began = tokio::time::Instant::now();
+    let mut waited_for: Vec<PciAddress> = Vec::new();
+    loop {
+        let waiting: Vec<PciAddress> = requested.iter().copied().filter(pending).collect();
+        if waiting.is_empty() {
+            if !waited_for.is_empty() {
+                tracing::info!(pool = %who, vfs = ?waited_for, waited = ?began.elapsed(), "scrubbed meanwhile; handing out");
+            }
+            return;
+        }
+        if began.elapsed() >= node.scrub_wait {
+            return;
+        }
+        if waited_for.is_empty() {
+            tracing::info!(pool = %who, vfs = ?waiting, "the kubelet asks for VFs the agent has not scrubbed yet; waiting for the scrub");
+            waited_for = waiting;
+        }
+        tokio::time::sleep(SCRUB_POLL).await;
+    }
+}
+
+/// Refuses a VF handed out before and not scrubbed since, or under a scrub
+/// that is still running: its last container may be gone a moment before
+/// the agent notices, and the kubelet offers it again in that moment (a
+/// running scrub leaves the VF Healthy, `health.rs`). `what` names where
+/// the VF comes from (`vfplane.io/fast`, `pool fast`).
+pub(crate) fn refuse_unscrubbed(node: &NodeContext, what: &str, address: PciAddress) -> Result<(), Status> {
+    let dir = &node.state_dir;
+    if let Ok(Some(Ok(vf_state::VfState::ScrubPending))) = vf_state::read_vf_state(dir, address) {
+        return Err(Status::failed_precondition(format!(
+            "device {address} of {what} is being scrubbed by the agent (waited {:?}); it is \
+             offered again once scrubbed",
+            node.scrub_wait
+        )));
+    }
+    match vf_state::handed_out_at(dir, address) {
+        Ok(None) => Ok(()),
+        Ok(Some(_)) => Err(Status::failed_precondition(format!(
+            "device {address} of {what} was given to a container before and the agent has not \
+             scrubbed it yet (waited {:?}); it is offered again once scrubbed",
+            node.scrub_wait
+        ))),
+        Err(error) => Err(Status::internal(format!(
+            "cannot read the handed-out mark of device {address} under {}: {error}",
+            dir.display()
+        ))),
+    }
+}
+
+/// Refuses a VF of a pool whose profile the OCI hook must check when this
+/// plugin cannot name the hook (no CDI or no hook installed); warns, without
+/// refusing, while vfplane's NRI plugin is not registered with the runtime.
+pub(crate) fn check_profile_can_be_applied(node: &NodeContext, pool: &Pool) -> Result<(), Status> {
+    let Some(wants) = crate::cdi::needs_hook(pool) else {
+        return Ok(());
+    };
+    if !node.nri.connected() {
+        // Not a refusal: the runtime may be restarting (the plugin
+        // reconnects within seconds), and a pod refused here is
+        // failed for good by the kubelet. A container created
+        // before the plugin is back fails at the hook's check,
+        // which the kubelet retries.
+        tracing::warn!(
+            pool = %pool.name,
+            wants = %wants,
+            "handing out a VF while vfplane's NRI plugin is not registered with the container runtime: \
+             the container starts only once it is (is NRI enabled in the runtime, and its socket \
+             mounted at --nri-socket?)"
+        );
+    }
+    if !node.cdi.has_hook() {
+        return Err(Status::failed_precondition(format!(
+            "pool {} gives its containers {wants}, which vfplane-oci-hook checks, \
+             but this plugin writes no CDI spec or has no vfplane-oci-hook installed (--no-cdi, \
+             or --oci-hook-dir unset or not writable)",
+            pool.name
+        )));
+    }
+    Ok(())
+}
+
+/// What a container is told about a VF with VFIO node `node`.
+pub(crate) fn vf_info(device: &DeviceStatus, node: crate::health::VfioNode) -> VfInfo {
+    let facts = device.facts.as_ref();
+    VfInfo {
+        group: node.group(),
+        vfio_device: node.path(),
+        numa_node: facts.and_then(|f| f.numa_node),
+        pf: facts.and_then(|f| f.pf),
+        vf_index: facts.and_then(|f| f.vf_index),
+        mac: device.mac.clone(),
     }
 }
 

@@ -1,6 +1,6 @@
 //! Wire contracts vfplane speaks with the kubelet.
 //!
-//! Rust types, tonic clients and tonic servers for two kubelet gRPC APIs,
+//! Rust types, tonic clients and tonic servers for the kubelet gRPC APIs,
 //! generated at build time from `.proto` files in this crate that match the
 //! upstream definitions field for field:
 //!
@@ -12,6 +12,9 @@
 //! - [`podresources::v1`]: the pod-resources API the kubelet serves on
 //!   [`POD_RESOURCES_SOCKET`], which says which devices went to which
 //!   container.
+//! - [`pluginregistration::v1`], [`dra::v1`] and [`dra::health_v1alpha1`]:
+//!   the kubelet plugin registry and the DRA driver services (a DRA driver
+//!   registers through the first and serves the other two).
 //!
 //! `protoc` is vendored, so building this crate needs no system protobuf
 //! compiler.
@@ -53,6 +56,52 @@ pub mod podresources {
     pub mod v1 {
         tonic::include_proto!("v1");
     }
+}
+
+/// Kubelet plugin registration API, through which a DRA driver registers.
+pub mod pluginregistration {
+    /// Registration API `v1` (protobuf package `pluginregistration`).
+    #[allow(missing_docs)] // generated: not every proto field carries a comment
+    pub mod v1 {
+        tonic::include_proto!("pluginregistration");
+    }
+}
+
+/// Kubelet Dynamic Resource Allocation APIs.
+pub mod dra {
+    /// The DRA plugin service `v1` (protobuf package
+    /// `k8s.io.kubelet.pkg.apis.dra.v1`).
+    #[allow(missing_docs)] // generated: not every proto field carries a comment
+    pub mod v1 {
+        tonic::include_proto!("k8s.io.kubelet.pkg.apis.dra.v1");
+    }
+
+    /// The DRA resource health service `v1alpha1` (protobuf package
+    /// `v1alpha1`).
+    #[allow(missing_docs)] // generated: not every proto field carries a comment
+    pub mod health_v1alpha1 {
+        tonic::include_proto!("v1alpha1");
+    }
+
+    /// [`PluginInfo::type`](crate::pluginregistration::v1::PluginInfo::type)
+    /// of a DRA driver.
+    pub const PLUGIN_TYPE: &str = "DRAPlugin";
+
+    /// How the kubelet names [`v1`]'s service in
+    /// [`PluginInfo::supported_versions`](crate::pluginregistration::v1::PluginInfo::supported_versions)
+    /// (not its gRPC name).
+    pub const DRA_PLUGIN_SERVICE: &str = "v1.DRAPlugin";
+
+    /// How the kubelet names [`health_v1alpha1`]'s service in
+    /// `supported_versions`.
+    pub const HEALTH_SERVICE: &str = "v1alpha1.DRAResourceHealth";
+
+    /// The kubelet's plugin registry directory, where a driver's
+    /// registration socket goes.
+    pub const PLUGIN_REGISTRY_PATH: &str = "/var/lib/kubelet/plugins_registry";
+
+    /// The parent of every driver's own directory (its DRA socket).
+    pub const PLUGINS_PATH: &str = "/var/lib/kubelet/plugins";
 }
 
 /// Device plugin API version sent in

@@ -11,6 +11,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::container_limits::ContainerLimits;
+use crate::pool::ResourceApi;
 
 /// Desired SR-IOV state of one node.
 #[derive(CustomResource, Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -102,6 +103,10 @@ pub struct VfGroupSpec {
     /// policy's `containerProfile`, in numbers).
     #[serde(default, skip_serializing_if = "ContainerLimits::is_empty")]
     pub container_limits: ContainerLimits,
+    /// Which Kubernetes API hands the pool's VFs to pods (the policy's
+    /// `resourceApi`).
+    #[serde(default, skip_serializing_if = "ResourceApi::is_device_plugin")]
+    pub resource_api: ResourceApi,
 }
 
 fn default_true() -> bool {

@@ -19,6 +19,7 @@
 //!       memoryBytes: 268435456
 //!       cpuMillis: 1000
 //!       pidsMax: 512
+//!     resourceApi: devicePlugin      # or dra: VFs through ResourceClaims
 //! ```
 
 use std::collections::BTreeSet;
@@ -69,6 +70,40 @@ pub struct Pool {
     /// pids; the agent checks them all.
     #[serde(default, skip_serializing_if = "ContainerLimits::is_empty")]
     pub container_limits: ContainerLimits,
+    /// Which Kubernetes API hands the pool's VFs to pods: the device
+    /// plugin (the default) or DRA. A pool is served by one of them only,
+    /// so no VF is ever offered twice.
+    #[serde(default, skip_serializing_if = "ResourceApi::is_device_plugin")]
+    pub resource_api: ResourceApi,
+}
+
+/// Which Kubernetes API hands a pool's VFs to pods.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum ResourceApi {
+    /// The kubelet device plugin API: pods ask for the extended resource
+    /// `vfplane.io/<pool>`.
+    #[default]
+    DevicePlugin,
+    /// Dynamic Resource Allocation: the VFs are devices of driver
+    /// `vfplane.io` in the node's ResourceSlices, and pods get them through
+    /// ResourceClaims.
+    Dra,
+}
+
+impl ResourceApi {
+    /// True for [`ResourceApi::DevicePlugin`].
+    pub fn is_device_plugin(&self) -> bool {
+        *self == Self::DevicePlugin
+    }
+
+    /// Its name in the pool config, NodeState and VfPolicy.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::DevicePlugin => "devicePlugin",
+            Self::Dra => "dra",
+        }
+    }
 }
 
 /// Selects every VF that matches all the fields given.

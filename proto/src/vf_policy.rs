@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::container_limits::ContainerLimits;
 use crate::node_state::Condition;
+use crate::pool::ResourceApi;
 use crate::quantity::{Quantity, QuantityError, parse_quantity};
 
 /// Highest `priority` value (the lowest priority).
@@ -100,6 +101,13 @@ pub struct VfPolicySpec {
     /// Limits for the containers that get these VFs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub container_profile: Option<ContainerProfile>,
+    /// How pods get the pool's VFs: `devicePlugin` (the default; pods ask
+    /// for the extended resource `vfplane.io/<resourceName>`) or `dra`
+    /// (the VFs are devices of driver `vfplane.io` in the node's
+    /// ResourceSlices, attribute `vfplane.io/pool` = `resourceName`; pods
+    /// get them through ResourceClaims of DeviceClass `vf.vfplane.io`).
+    #[serde(default, skip_serializing_if = "ResourceApi::is_device_plugin")]
+    pub resource_api: ResourceApi,
 }
 
 /// Which PFs a policy applies to. Every field given must match; at least

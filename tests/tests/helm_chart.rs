@@ -367,11 +367,11 @@ impl Rendered {
 }
 
 fn pod_spec_of_deployment(d: &Deployment) -> &PodSpec {
-    d.spec.as_ref().unwrap().template.spec.as_ref().unwrap()
+    d.spec.template.spec.as_ref().unwrap()
 }
 
 fn pod_spec_of_daemonset(d: &DaemonSet) -> &PodSpec {
-    d.spec.as_ref().unwrap().template.spec.as_ref().unwrap()
+    d.spec.template.spec.as_ref().unwrap()
 }
 
 fn container<'a>(pod: &'a PodSpec, name: &str) -> &'a Container {
@@ -699,7 +699,7 @@ fn the_node_pod_mounts_the_host_and_no_container_is_privileged() {
         return;
     }
     let ds = case("defaults").daemonset();
-    let spec = ds.spec.as_ref().unwrap();
+    let spec = &ds.spec;
     assert_eq!(
         spec.update_strategy.as_ref().unwrap().type_.as_deref(),
         Some("RollingUpdate")
@@ -856,7 +856,7 @@ fn the_controller_runs_two_replicas_with_leader_election_and_a_locked_down_conta
     }
     let r = case("defaults");
     let d = r.deployment();
-    assert_eq!(d.spec.as_ref().unwrap().replicas, Some(2));
+    assert_eq!(d.spec.replicas, Some(2));
     let pod = pod_spec_of_deployment(d);
     let c = container(pod, "controller");
     assert_eq!(c.image.as_deref(), Some("ghcr.io/vfplane/vfplane:0.1.0"));
@@ -940,8 +940,6 @@ fn the_controller_runs_two_replicas_with_leader_election_and_a_locked_down_conta
     );
     let pod_labels = d
         .spec
-        .as_ref()
-        .unwrap()
         .template
         .metadata
         .as_ref()
@@ -1389,7 +1387,7 @@ fn custom_values_reach_every_pod() {
     let r = case("custom");
     // cert-manager.io/v1 exists in this case, but the values turned it off.
     assert!(r.cert_manager("Certificate").is_empty());
-    assert_eq!(r.deployment().spec.as_ref().unwrap().replicas, Some(3));
+    assert_eq!(r.deployment().spec.replicas, Some(3));
 
     let ds = pod_spec_of_daemonset(r.daemonset());
     assert_eq!(
@@ -1466,8 +1464,6 @@ fn monitoring_objects_select_what_exposes_metrics() {
     let ds = r.daemonset();
     let ds_labels = ds
         .spec
-        .as_ref()
-        .unwrap()
         .template
         .metadata
         .as_ref()

@@ -148,8 +148,17 @@ impl Session {
     /// # Errors
     /// kubectl or helm failing.
     pub fn install_vfplane(&self) -> Result<()> {
+        self.install_vfplane_with(&[])
+    }
+
+    /// [`Session::install_vfplane`] with more `--set` values
+    /// (`dra.enabled=true`).
+    ///
+    /// # Errors
+    /// kubectl or helm failing.
+    pub fn install_vfplane_with(&self, sets: &[&str]) -> Result<()> {
         self.kubectl(&["label", "node", NODE_NAME, "vfplane.io/sriov=true", "--overwrite"])?;
-        self.helm(&[
+        let mut args = vec![
             "install",
             "vfplane",
             "charts/vfplane",
@@ -162,7 +171,11 @@ impl Session {
             "image.tag=dev",
             "--wait",
             "--timeout=10m",
-        ])?;
+        ];
+        for set in sets {
+            args.extend(["--set", set]);
+        }
+        self.helm(&args)?;
         Ok(())
     }
 

@@ -10,6 +10,7 @@ use vfplane_host::readiness::{VFIO_PCI, VfioFacts, vfio_readiness};
 use vfplane_host::{HostModel, PciAddress, PhysicalFunction, error_chain};
 use vfplane_proto::container_limits::ContainerLimits;
 use vfplane_proto::node_state::{DeviceType, NodeStateSpec, NodeStateStatus, PfStatus, VfStatus};
+use vfplane_proto::pool::ResourceApi;
 use vfplane_proto::pool::{Pool, PoolConfig, validate_pool_name};
 use vfplane_proto::vf_health::{Unready, VfHealth, join_reasons};
 
@@ -30,6 +31,9 @@ impl<N: VfLinkControl> Reconciler<N> {
         // A pool whose groups (on several PFs) name different limits gets
         // the strictest: a container of the pool may get a VF of any of them.
         let mut limits: BTreeMap<String, ContainerLimits> = BTreeMap::new();
+        // Which API serves each pool: the first group's; a group of another
+        // policy that says otherwise is an error in the status.
+        let mut apis: BTreeMap<String, ResourceApi> = BTreeMap::new();
         // Every vfio-pci pool the spec names is served, ready VFs or not: a
         // pool left out of the plugin's config is unknown to the kubelet,
         // and a kubelet that never knew a resource (a node rebooted before
@@ -42,6 +46,18 @@ impl<N: VfLinkControl> Reconciler<N> {
                 pools.entry(group.resource_name.clone()).or_default();
                 let entry = limits.entry(group.resource_name.clone()).or_default();
                 *entry = entry.merge(group.container_limits);
+                let api = *apis
+                    .entry(group.resource_name.clone())
+                    .or_insert(group.resource_api);
+                if api != group.resource_api {
+                    errors.push(format!(
+                        "pool {}: its groups disagree on resourceApi ({} and {}); served by {}",
+                        group.resource_name,
+                        api.as_str(),
+                        group.resource_api.as_str(),
+                        api.as_str()
+                    ));
+                }
             }
         }
         // Pools of policies that select the node but none of its PFs.
@@ -134,6 +150,7 @@ impl<N: VfLinkControl> Reconciler<N> {
                 .into_iter()
                 .map(|(name, devices)| Pool {
                     container_limits: limits.get(&name).copied().unwrap_or_default(),
+                    resource_api: apis.get(&name).copied().unwrap_or_default(),
                     name,
                     selector: None,
                     devices: Some(devices),
