@@ -20,6 +20,7 @@ use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::core::v1::{Container, PodSpec, Secret, Service, ServiceAccount};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding};
+use k8s_openapi::api::resource::v1::DeviceClass;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -45,6 +46,7 @@ enum Object {
     Validating(Box<ValidatingWebhookConfiguration>),
     Mutating(Box<MutatingWebhookConfiguration>),
     Crd(Box<CustomResourceDefinition>),
+    DeviceClass(Box<DeviceClass>),
     /// cert-manager.io/v1 Issuer or Certificate (no k8s-openapi type).
     CertManager(Value),
     /// monitoring.coreos.com/v1 ServiceMonitor or PodMonitor (no k8s-openapi type).
@@ -155,6 +157,7 @@ fn parse_object(json: Value, what: &str) -> Object {
             Object::Mutating(strict(json, what))
         }
         ("apiextensions.k8s.io/v1", "CustomResourceDefinition") => Object::Crd(strict(json, what)),
+        ("resource.k8s.io/v1", "DeviceClass") => Object::DeviceClass(strict(json, what)),
         ("cert-manager.io/v1", "Issuer" | "Certificate") => {
             check_cert_manager(&json, what);
             Object::CertManager(json)
@@ -300,6 +303,7 @@ impl Rendered {
                 Object::Validating(_) => "ValidatingWebhookConfiguration",
                 Object::Mutating(_) => "MutatingWebhookConfiguration",
                 Object::Crd(_) => "CustomResourceDefinition",
+                Object::DeviceClass(_) => "DeviceClass",
                 Object::CertManager(v) | Object::Monitoring(v) => match v["kind"].as_str() {
                     Some("Issuer") => "Issuer",
                     Some("Certificate") => "Certificate",
@@ -586,6 +590,15 @@ fn every_case_renders_only_known_kinds_in_the_release_namespace() {
     );
     assert_eq!(case("custom").kinds(), expected_kinds(&fallback));
     assert_eq!(
+        case("dra").kinds(),
+        expected_kinds(&[
+            ("Secret", 1),
+            ("ValidatingWebhookConfiguration", 1),
+            ("MutatingWebhookConfiguration", 1),
+            ("DeviceClass", 1)
+        ])
+    );
+    assert_eq!(
         case("monitoring").kinds(),
         expected_kinds(&[
             ("Secret", 1),
@@ -617,6 +630,7 @@ fn every_case_renders_only_known_kinds_in_the_release_namespace() {
                 Object::ClusterRoleBinding(x) => (&x.metadata, false),
                 Object::Validating(x) => (&x.metadata, false),
                 Object::Mutating(x) => (&x.metadata, false),
+                Object::DeviceClass(x) => (&x.metadata, false),
                 Object::Crd(_) | Object::CertManager(_) | Object::Monitoring(_) => continue,
             };
             let name = meta.name.as_deref().unwrap_or_default();
@@ -1014,13 +1028,27 @@ fn rbac_is_least_privilege_and_exactly_what_the_code_calls() {
             r.name
         );
         let agent = r.cluster_role("vfplane-agent");
+        let mut node_pod: Vec<(&str, &str, &[&str])> = vec![
+            ("vfplane.io", "nodestates", &["get", "list", "watch"]),
+            ("vfplane.io", "nodestates/status", &["patch"]),
+            ("events.k8s.io", "events", &["create", "patch"]),
+        ];
+        if r.name == "dra" {
+            // The device plugin as DRA driver (dra/node.rs reads claims;
+            // dra/slices.rs reads the Node and keeps the slices).
+            node_pod.extend([
+                ("resource.k8s.io", "resourceclaims", &["get"][..]),
+                (
+                    "resource.k8s.io",
+                    "resourceslices",
+                    &["get", "list", "watch", "create", "update", "delete"][..],
+                ),
+                ("", "nodes", &["get"][..]),
+            ]);
+        }
         assert_eq!(
             rules_as_set(agent.rules.as_deref().unwrap()),
-            expected(&[
-                ("vfplane.io", "nodestates", &["get", "list", "watch"]),
-                ("vfplane.io", "nodestates/status", &["patch"]),
-                ("events.k8s.io", "events", &["create", "patch"]),
-            ]),
+            expected(&node_pod),
             "case {}: agent ClusterRole",
             r.name
         );
@@ -1650,4 +1678,110 @@ fn every_container_command_line_and_environment_is_what_its_binary_reads() {
         BTreeSet::from(["vfplane-agent", "vfplane-controller", "vfplane-device-plugin"].map(String::from)),
         "every binary was checked"
     );
+}
+
+/// With `dra.enabled` the device plugin container serves the DRA pools: it
+/// is told its node, gets the kubelet's plugin directories at the node's
+/// own paths and the API token, the node pod's role reads claims and keeps
+/// ResourceSlices, and the DeviceClass selects the driver's devices. By
+/// default none of it is there.
+#[test]
+fn dra_enabled_gives_the_plugin_its_sockets_token_rights_and_the_device_class() {
+    if !helm_runs("dra_enabled_gives_the_plugin_its_sockets_token_rights_and_the_device_class") {
+        return;
+    }
+    let off = case("defaults");
+    let plugin = container(pod_spec_of_daemonset(off.daemonset()), "device-plugin");
+    assert!(!command_line(plugin).iter().any(|a| a == "--dra"));
+    assert!(off.objects.iter().all(|o| !matches!(o, Object::DeviceClass(_))));
+
+    let on = case("dra");
+    let pod = pod_spec_of_daemonset(on.daemonset());
+    let plugin = container(pod, "device-plugin");
+    let args = command_line(plugin);
+    for wanted in [
+        "--dra",
+        "--node-name=$(NODE_NAME)",
+        "--kubelet-registry-dir=/var/lib/kubelet/plugins_registry",
+        "--kubelet-plugins-dir=/var/lib/kubelet/plugins",
+    ] {
+        assert!(args.iter().any(|a| a == wanted), "{wanted} not in {args:?}");
+    }
+    let node_name = plugin
+        .env
+        .iter()
+        .flatten()
+        .find(|e| e.name == "NODE_NAME")
+        .and_then(|e| e.value_from.as_ref())
+        .and_then(|v| v.field_ref.as_ref())
+        .map(|f| f.field_path.clone());
+    assert_eq!(node_name.as_deref(), Some("spec.nodeName"));
+    let mounts: BTreeMap<&str, &str> = plugin
+        .volume_mounts
+        .iter()
+        .flatten()
+        .map(|m| (m.name.as_str(), m.mount_path.as_str()))
+        .collect();
+    assert_eq!(
+        mounts.get("plugins-registry"),
+        Some(&"/var/lib/kubelet/plugins_registry")
+    );
+    assert_eq!(mounts.get("plugins"), Some(&"/var/lib/kubelet/plugins"));
+    assert!(mounts.contains_key("api-token"), "{mounts:?}");
+    for (volume, path) in [
+        ("plugins-registry", "/var/lib/kubelet/plugins_registry"),
+        ("plugins", "/var/lib/kubelet/plugins"),
+    ] {
+        let host = pod
+            .volumes
+            .iter()
+            .flatten()
+            .find(|v| v.name == volume)
+            .and_then(|v| v.host_path.as_ref())
+            .map(|h| h.path.as_str());
+        assert_eq!(
+            host,
+            Some(path),
+            "volume {volume}: the same path on the node as in the container"
+        );
+    }
+    let rules: Vec<&PolicyRule> = on
+        .objects
+        .iter()
+        .filter_map(pick!(Object::ClusterRole))
+        .filter(|r| r.metadata.name.as_deref() == Some("vfplane-agent"))
+        .flat_map(|r| r.rules.iter().flatten())
+        .collect();
+    let allows = |group: &str, resource: &str, verb: &str| {
+        rules.iter().any(|r| {
+            r.api_groups.iter().flatten().any(|g| g == group)
+                && r.resources.iter().flatten().any(|x| x == resource)
+                && r.verbs.iter().any(|v| v == verb)
+        })
+    };
+    for verb in ["get", "list", "watch", "create", "update", "delete"] {
+        assert!(
+            allows("resource.k8s.io", "resourceslices", verb),
+            "resourceslices {verb}"
+        );
+    }
+    assert!(allows("resource.k8s.io", "resourceclaims", "get"));
+    assert!(
+        !allows("resource.k8s.io", "resourceclaims", "update"),
+        "claims are only read"
+    );
+    assert!(allows("", "nodes", "get"));
+    let class = on.one(pick!(Object::DeviceClass), "DeviceClass");
+    assert_eq!(class.metadata.name.as_deref(), Some("vf.vfplane.io"));
+    let expression = class
+        .spec
+        .as_ref()
+        .unwrap()
+        .selectors
+        .iter()
+        .flatten()
+        .filter_map(|s| s.cel.as_ref())
+        .map(|c| c.expression.as_str())
+        .collect::<Vec<_>>();
+    assert_eq!(expression, [r#"device.driver == "vfplane.io""#]);
 }

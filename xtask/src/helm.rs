@@ -140,6 +140,11 @@ pub fn cases() -> Vec<Case> {
             api_versions: vec!["cert-manager.io/v1"],
         },
         Case {
+            name: "dra",
+            values: vec![("--set", "dra.enabled=true")],
+            api_versions: vec![],
+        },
+        Case {
             name: "monitoring",
             values: vec![("--set", "metrics.serviceMonitor.enabled=true")],
             api_versions: vec!["monitoring.coreos.com/v1"],
