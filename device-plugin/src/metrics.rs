@@ -57,6 +57,18 @@ pub struct NodeMetrics {
     pub discoveries: AtomicU64,
     /// Microseconds spent in full discoveries.
     pub discovery_micros: AtomicU64,
+    /// DRA claims prepared.
+    pub dra_prepares_ok: AtomicU64,
+    /// DRA claims whose prepare was refused.
+    pub dra_prepares_error: AtomicU64,
+    /// DRA claims unprepared.
+    pub dra_unprepares_ok: AtomicU64,
+    /// DRA claims whose unprepare failed.
+    pub dra_unprepares_error: AtomicU64,
+    /// ResourceSlice writes (each a new pool generation).
+    pub dra_slice_writes_ok: AtomicU64,
+    /// ResourceSlice writes that failed.
+    pub dra_slice_writes_error: AtomicU64,
 }
 
 /// Per-pool counters.
@@ -117,6 +129,8 @@ pub struct Snapshot {
     scan_seconds: f64,
     discoveries: u64,
     discovery_seconds: f64,
+    /// (prepares, unprepares, slice writes), each (ok, error).
+    dra: [(u64, u64); 3],
 }
 
 /// A per-pool counter: name (without `_total`), help, and where it is.
@@ -178,6 +192,14 @@ impl Snapshot {
             scan_seconds: load(&node.scan_micros) as f64 / 1e6,
             discoveries: load(&node.discoveries),
             discovery_seconds: load(&node.discovery_micros) as f64 / 1e6,
+            dra: [
+                (load(&node.dra_prepares_ok), load(&node.dra_prepares_error)),
+                (load(&node.dra_unprepares_ok), load(&node.dra_unprepares_error)),
+                (
+                    load(&node.dra_slice_writes_ok),
+                    load(&node.dra_slice_writes_error),
+                ),
+            ],
         }
     }
 }
@@ -233,6 +255,22 @@ impl Collector for Snapshot {
         )?;
         for (result, count) in [("ok", self.reloads_ok), ("error", self.reloads_error)] {
             ConstCounter::new(count).encode(family.encode_family(&[("result", result)])?)?;
+        }
+        for ((name, help), (ok, error)) in [
+            ("dra_prepares", "DRA claims prepared, by result."),
+            ("dra_unprepares", "DRA claims unprepared, by result."),
+            (
+                "dra_slice_writes",
+                "Writes of the node's ResourceSlices, by result.",
+            ),
+        ]
+        .into_iter()
+        .zip(self.dra)
+        {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for (result, count) in [("ok", ok), ("error", error)] {
+                ConstCounter::new(count).encode(family.encode_family(&[("result", result)])?)?;
+            }
         }
         ConstCounter::new(self.scans).encode(encoder.encode_descriptor(
             "scans",

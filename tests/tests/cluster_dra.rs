@@ -5,7 +5,7 @@
 //!
 //! - The node's ResourceSlice lists the pool's two VFs as devices of driver
 //!   `vfplane.io` with their attributes (PCI address, PCIe root, pool, PF,
-//!   NUMA node, IOMMU group), and the node's allocatable has no
+//!   VF index, IOMMU group), and the node's allocatable has no
 //!   `vfplane.io/fast` (a DRA pool is not also a device-plugin resource).
 //! - A pod running as user 1000 with no capabilities claims one VF of pool
 //!   `fast`: the kubelet prepares the claim through vfplane's DRA socket,
@@ -175,7 +175,7 @@ fn a_pod_gets_a_vf_through_a_resource_claim_and_the_vf_is_scrubbed_after_it() {
         assert_eq!(attributes["pool"]["string"], "fast", "{device}");
         assert_eq!(attributes["pf"]["string"], "0000:00:02.0", "{device}");
         assert!(attributes["iommuGroup"]["int"].is_i64(), "{device}");
-        assert!(attributes["numaNode"]["int"].is_i64(), "{device}");
+        assert!(attributes["vfIndex"]["int"].is_i64(), "{device}");
     }
     assert_eq!(
         session.allocatable("fast"),

@@ -22,6 +22,9 @@ use crate::server::NodeContext;
 pub const RESEND: Duration = Duration::from_secs(10);
 /// How long the kubelet may trust one message (three missed resends).
 pub const TIMEOUT_SECONDS: i64 = 30;
+// A missed resend does not make the kubelet forget a device.
+const _: () = assert!(RESEND.as_secs() * 2 < TIMEOUT_SECONDS.unsigned_abs());
+
 /// The kubelet truncates longer messages.
 const MAX_MESSAGE: usize = 1024;
 
@@ -140,5 +143,63 @@ impl hp::dra_resource_health_server::DraResourceHealth for DraHealth {
             }
         });
         Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::health::Health;
+    use crate::inventory::DeviceStatus;
+    use vfplane_proto::vf_health::Unready;
+
+    fn device(address: &str, reasons: Vec<Unready>) -> DraDevice {
+        let address: vfplane_host::PciAddress = address.parse().unwrap();
+        let pool: vfplane_proto::pool::Pool = serde_yaml::from_str("name: fast\nselector: {}\n").unwrap();
+        DraDevice {
+            name: super::super::device_name(address),
+            pool: Arc::new(pool),
+            status: DeviceStatus {
+                address,
+                facts: None,
+                health: Health { reasons },
+                vfio_node: None,
+                mac: None,
+            },
+        }
+    }
+
+    #[test]
+    fn every_vf_is_listed_with_its_health_and_why_and_a_timeout_past_the_resend() {
+        let devices: BTreeMap<String, DraDevice> = [
+            device("0000:00:12.0", vec![]),
+            device("0000:00:12.2", vec![Unready::NotOnVfio(Some("igbvf".into()))]),
+        ]
+        .into_iter()
+        .map(|d| (d.name.clone(), d))
+        .collect();
+        let list = health_list("node-a", &devices, 1_700_000_000);
+        assert_eq!(list.len(), 2);
+        let ids: Vec<_> = list
+            .iter()
+            .map(|d| {
+                d.device
+                    .as_ref()
+                    .map(|i| (i.pool_name.as_str(), i.device_name.as_str()))
+            })
+            .collect();
+        assert_eq!(
+            ids,
+            [Some(("node-a", "0000-00-12-0")), Some(("node-a", "0000-00-12-2"))]
+        );
+        assert_eq!(list[0].health, hp::HealthStatus::Healthy as i32);
+        assert!(list[0].message.is_empty());
+        assert_eq!(list[1].health, hp::HealthStatus::Unhealthy as i32);
+        assert!(list[1].message.contains("igbvf"), "{}", list[1].message);
+        assert!(list.iter().all(|d| d.last_updated_time == 1_700_000_000));
+        assert!(
+            list.iter()
+                .all(|d| d.health_check_timeout_seconds == TIMEOUT_SECONDS)
+        );
     }
 }

@@ -35,6 +35,7 @@ use super::checkpoint::{Checkpoint, PreparedClaim, PreparedDevice};
 use super::{DRIVER_NAME, DraConfig, DraDevice, PoolRegistry, dra_devices};
 use crate::cdi::{CdiEntry, ClaimEnv};
 use crate::inventory;
+use crate::metrics::bump;
 use crate::server::NodeContext;
 
 /// The DRA service.
@@ -331,11 +332,15 @@ impl drapb::dra_plugin_server::DraPlugin for DraNode {
         let mut claims = std::collections::HashMap::with_capacity(request.claims.len());
         for claim in &request.claims {
             let answer = match self.prepare_one(&mut checkpoint, claim).await {
-                Ok(devices) => drapb::NodePrepareResourceResponse {
-                    devices,
-                    error: String::new(),
-                },
+                Ok(devices) => {
+                    bump(&self.node.metrics.dra_prepares_ok);
+                    drapb::NodePrepareResourceResponse {
+                        devices,
+                        error: String::new(),
+                    }
+                }
                 Err(error) => {
+                    bump(&self.node.metrics.dra_prepares_error);
                     tracing::warn!(claim = %format!("{}/{}", claim.namespace, claim.name), uid = %claim.uid, %error, "prepare refused");
                     drapb::NodePrepareResourceResponse {
                         devices: Vec::new(),
@@ -357,8 +362,12 @@ impl drapb::dra_plugin_server::DraPlugin for DraNode {
         let mut claims = std::collections::HashMap::with_capacity(request.claims.len());
         for claim in &request.claims {
             let error = match self.unprepare_one(&mut checkpoint, claim) {
-                Ok(()) => String::new(),
+                Ok(()) => {
+                    bump(&self.node.metrics.dra_unprepares_ok);
+                    String::new()
+                }
                 Err(error) => {
+                    bump(&self.node.metrics.dra_unprepares_error);
                     tracing::warn!(uid = %claim.uid, %error, "unprepare failed");
                     error
                 }

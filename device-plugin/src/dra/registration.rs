@@ -58,3 +58,24 @@ impl reg::registration_server::Registration for DraRegistration {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn get_info_names_a_dra_plugin_its_socket_and_the_services_kubelet_1_37_speaks() {
+        let info = DraRegistration {
+            endpoint: PathBuf::from("/var/lib/kubelet/plugins/vfplane.io/dra.sock"),
+        }
+        .info();
+        assert_eq!(info.r#type, "DRAPlugin");
+        assert_eq!(info.name, "vfplane.io");
+        assert_eq!(info.endpoint, "/var/lib/kubelet/plugins/vfplane.io/dra.sock");
+        assert_eq!(
+            info.supported_versions,
+            ["v1.DRAPlugin", "v1alpha1.DRAResourceHealth"],
+            "the kubelet takes the first DRA service it knows; health only when listed"
+        );
+    }
+}

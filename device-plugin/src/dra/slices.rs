@@ -37,6 +37,7 @@ use kube::runtime::watcher;
 use vfplane_proto::vf_state;
 
 use super::{DRIVER_NAME, DraDevice, PoolRegistry, dra_devices};
+use crate::metrics::bump;
 use crate::server::NodeContext;
 
 /// Devices per slice: the API's limit when any device carries taints.
@@ -300,6 +301,7 @@ pub(crate) async fn publish(
         }
         match write(&api, &desired, &server, owner.as_ref()).await {
             Ok(written) => {
+                bump(&node.metrics.dra_slice_writes_ok);
                 tracing::info!(
                     slices = desired.len(),
                     devices = slice_devices.len(),
@@ -325,6 +327,7 @@ pub(crate) async fn publish(
                 server.retain(|name, _| desired.iter().any(|(n, _)| n == name));
             }
             Err(error) => {
+                bump(&node.metrics.dra_slice_writes_error);
                 tracing::warn!(error = %vfplane_host::error_chain(&error), "cannot publish the ResourceSlices; trying again");
             }
         }
