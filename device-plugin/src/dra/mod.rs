@@ -20,6 +20,7 @@
 //! socket is gone for 30 s, and on its own start), and the plugin is what
 //! re-registers; its scanner is also what sees health change first.
 
+pub mod authority;
 pub mod checkpoint;
 pub mod health;
 pub mod node;
@@ -228,7 +229,10 @@ pub(crate) async fn start(
     let registration = registration::DraRegistration {
         endpoint: config.dra_socket(),
     };
+    // The kubelet's registration client sends an :authority h2 refuses;
+    // each connection goes through the relay ([`authority`]) to the server.
     let reg_listener = bind(&config.registration_socket())?;
+    let (to_server, incoming) = tokio::sync::mpsc::channel::<std::io::Result<tokio::io::DuplexStream>>(4);
     let reg_server = tokio::spawn(async move {
         let result = tonic::transport::Server::builder()
             .add_service(
@@ -236,10 +240,36 @@ pub(crate) async fn start(
                     registration,
                 ),
             )
-            .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(reg_listener))
+            .serve_with_incoming(tokio_stream::wrappers::ReceiverStream::new(incoming))
             .await;
         if let Err(error) = result {
             tracing::error!(error = %vfplane_host::error_chain(&error), "the DRA registration server failed");
+        }
+    });
+    let reg_relay = tokio::spawn(async move {
+        loop {
+            let kubelet = match reg_listener.accept().await {
+                Ok((stream, _)) => stream,
+                Err(error) => {
+                    tracing::warn!(%error, "accept on the registration socket failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let (server_end, relay_end) = tokio::io::duplex(64 * 1024);
+            if to_server.send(Ok(server_end)).await.is_err() {
+                return;
+            }
+            let (kubelet_read, mut kubelet_write) = kubelet.into_split();
+            let (mut relay_read, relay_write) = tokio::io::split(relay_end);
+            tokio::spawn(async move {
+                if let Err(error) = authority::client_to_server(kubelet_read, relay_write).await {
+                    tracing::debug!(%error, "registration connection from the kubelet ended");
+                }
+            });
+            tokio::spawn(async move {
+                let _ = tokio::io::copy(&mut relay_read, &mut kubelet_write).await;
+            });
         }
     });
     tracing::info!(
@@ -251,7 +281,7 @@ pub(crate) async fn start(
     let publisher = tokio::spawn(slices::publish(client, config.node_name.clone(), registry, node));
     Ok(DraRuntime {
         config,
-        tasks: vec![dra_server, reg_server, publisher],
+        tasks: vec![dra_server, reg_server, reg_relay, publisher],
     })
 }
 
