@@ -632,6 +632,46 @@ async fn plugin_restarted_while_the_kubelet_stays_registers_again() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_moved_to_dra_stops_being_a_device_plugin_resource_and_comes_back_when_moved_back() {
+    let node = Node::new(&[(0, 2)]);
+    let pf0 = node.pfs[0].address;
+    let plugin_pool = format!("pools:\n  - name: fast\n    selector: {{pfAddresses: [\"{pf0}\"]}}\n");
+    node.write_config(&plugin_pool);
+    let mut kubelet = node.standin().await;
+    let plugin = node.start_plugin().await;
+    kubelet
+        .next_registration_of("vfplane.io/fast", WAIT)
+        .await
+        .expect("fast registers");
+    let mut fast = client(node.socket("fast")).await;
+    let mut stream = list_and_watch(&mut fast).await;
+    assert_eq!(stream.message().await.unwrap().unwrap().devices.len(), 2);
+
+    // resourceApi: dra: the socket goes and the stream ends (this plugin
+    // runs without --dra, so nothing else serves the pool).
+    node.write_config(&format!("{plugin_pool}    resourceApi: dra\n"));
+    let end = tokio::time::timeout(WAIT, stream.message())
+        .await
+        .expect("the stream ends");
+    assert!(matches!(end, Ok(None) | Err(_)), "{end:?}");
+    assert!(
+        !node.socket("fast").exists(),
+        "no device-plugin socket for a DRA pool"
+    );
+
+    // Back to the device plugin: served and registered again.
+    node.write_config(&plugin_pool);
+    kubelet
+        .next_registration_of("vfplane.io/fast", WAIT)
+        .await
+        .expect("fast registers again");
+    let mut fast = client(node.socket("fast")).await;
+    let mut stream = list_and_watch(&mut fast).await;
+    assert_eq!(stream.message().await.unwrap().unwrap().devices.len(), 2);
+    plugin.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn config_changes_apply_live_and_a_bad_file_keeps_the_last_good_one() {
     let node = Node::new(&[(0, 2), (0, 2)]);
     let pf0 = node.pfs[0].address;

@@ -116,6 +116,7 @@ fn pools() -> PoolConfig {
                 locked_memory_bytes: Some(64 << 20),
                 ..ContainerLimits::default()
             },
+            resource_api: Default::default(),
         }],
     }
 }

@@ -279,6 +279,7 @@ mod tests {
             max_tx_rate_mbps: 0,
             allow_no_iommu: false,
             container_profile: None,
+            resource_api: Default::default(),
         }
     }
 
