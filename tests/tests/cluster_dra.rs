@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use xtask::cluster::images::VFPLANE_IMAGE;
 use xtask::cluster::{ClusterOptions, NODE_NAME};
-use xtask::session::{NAMESPACE, Session};
+use xtask::session::Session;
 use xtask::testbed::Testbed;
 
 const FRAMES: u64 = 200;
@@ -292,11 +292,8 @@ fn a_pod_gets_a_vf_through_a_resource_claim_and_the_vf_is_scrubbed_after_it() {
         !session.vf_handed_out(&vf).unwrap(),
         "VF {vf} scrubbed before its taint went"
     );
-    let agent_log = session.jsonpath(&["logs", "-n", NAMESPACE, "daemonset/vfplane-node", "-c", "agent"]);
     assert!(
-        agent_log
-            .lines()
-            .any(|l| l.contains("VF scrubbed") && l.contains(&vf)),
+        session.agent_logged_scrub(&vf),
         "the agent did not log the scrub of {vf}"
     );
     let checkpoint = session

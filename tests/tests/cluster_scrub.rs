@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use xtask::cluster::images::VFPLANE_IMAGE;
 use xtask::cluster::{ClusterOptions, NODE_NAME, NodeProfile};
-use xtask::session::{NAMESPACE, Session, events, node_vf_statuses};
+use xtask::session::{Session, events, node_vf_statuses};
 use xtask::testbed::Testbed;
 use xtask::testbed::wire::test_frame;
 
@@ -453,10 +453,7 @@ fn scrub_and_quarantine(node_profile: NodeProfile) {
         "pod deleted -> VF {vf} scrubbed: {:.1} s",
         scrubbed_after.as_secs_f64()
     );
-    let log = session
-        .cluster()
-        .kubectl_output(&["logs", "-n", NAMESPACE, "daemonset/vfplane-node", "-c", "agent"])
-        .unwrap();
+    let log = session.agent_log();
     assert!(
         log.lines().any(|l| l.contains("VF scrubbed") && l.contains(&vf)),
         "the agent logged the scrub of {vf}:\n{log}"

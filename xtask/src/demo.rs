@@ -425,12 +425,7 @@ pub fn run(testbed: &Testbed) -> Result<DemoReport> {
         "deployment deleted -> VF scrubbed".to_owned(),
         deleted.elapsed().as_secs_f64(),
     ));
-    let agent_log =
-        demo.session
-            .jsonpath(&["logs", "-n", NAMESPACE, "daemonset/vfplane-node", "-c", "agent"]);
-    demo.report.scrubbed = agent_log
-        .lines()
-        .any(|l| l.contains("VF scrubbed") && l.contains(&vf));
+    demo.report.scrubbed = demo.session.agent_logged_scrub(&vf);
     ensure!(demo.report.scrubbed, "the agent did not log the scrub of VF {vf}");
     eprintln!(
         "agent: VF {vf} scrubbed (function reset, spec settings checked); handed out again from now on"

@@ -285,6 +285,18 @@ impl Session {
         Ok(began.elapsed())
     }
 
+    /// The agent container's log (empty when kubectl fails).
+    pub fn agent_log(&self) -> String {
+        self.jsonpath(&["logs", "-n", NAMESPACE, "daemonset/vfplane-node", "-c", "agent"])
+    }
+
+    /// Whether the agent's log says it scrubbed `vf`.
+    pub fn agent_logged_scrub(&self, vf: &str) -> bool {
+        self.agent_log()
+            .lines()
+            .any(|l| l.contains("VF scrubbed") && l.contains(vf))
+    }
+
     /// The agent's metrics, fetched from inside the node pod's agent
     /// container (busybox `wget`), as Prometheus scrapes them.
     ///
