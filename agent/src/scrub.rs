@@ -10,7 +10,9 @@
 //! - no process holds its `/dev/vfio/<group>` open (the container's
 //!   processes are gone), and
 //! - the mark is older than [`GRACE`] (the kubelet records an allocation
-//!   a moment after `Allocate` answers).
+//!   a moment after `Allocate` answers), unless the DRA driver wrote it as
+//!   released (`vf_state::mark_released`: the kubelet unprepared the claim,
+//!   which it does only after the claim's containers stopped).
 //!
 //! A scrub: state `scrub-pending` (the plugin keeps the VF Healthy to the
 //! kubelet and holds an `Allocate` for it until the scrub ends), a
@@ -278,11 +280,11 @@ impl Scrubber {
             tracing::trace!(%address, %owner, "held: not scrubbed");
             return Considered::Held;
         }
-        let Ok(Some(since)) = vf_state::handed_out_at(&self.state_dir, address) else {
+        let Ok(Some(mark)) = vf_state::handed_out(&self.state_dir, address) else {
             return Considered::Held;
         };
-        let age = since.elapsed().unwrap_or_default();
-        if age < GRACE {
+        let age = mark.at.elapsed().unwrap_or_default();
+        if !mark.released && age < GRACE {
             return Considered::Waiting(GRACE - age);
         }
         if let Some(failure) = self.lock().get(&address)

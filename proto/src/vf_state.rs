@@ -185,32 +185,76 @@ pub fn handed_out_path(dir: &Path, address: PciAddress) -> PathBuf {
 /// # Errors
 /// I/O errors.
 pub fn mark_handed_out(dir: &Path, address: PciAddress) -> io::Result<()> {
+    write_mark(dir, address, "")
+}
+
+/// Marks a VF handed out and already released by its holder, atomically:
+/// the DRA driver writes it when the kubelet unprepares a claim, which it
+/// does only once every container of the claim's pods has stopped. The
+/// agent scrubs such a VF without waiting out its release grace (that grace
+/// is for a device-plugin allocation the kubelet has not listed yet).
+///
+/// # Errors
+/// I/O errors.
+pub fn mark_released(dir: &Path, address: PciAddress) -> io::Result<()> {
+    write_mark(dir, address, RELEASED)
+}
+
+/// The word after the time in a mark written by [`mark_released`].
+const RELEASED: &str = " released";
+
+fn write_mark(dir: &Path, address: PciAddress, suffix: &str) -> io::Result<()> {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
     crate::files::write_atomically(
         &handed_out_path(dir, address),
-        format!("{now}\n").as_bytes(),
+        format!("{now}{suffix}\n").as_bytes(),
         None,
     )
 }
 
-/// When a VF was handed out, if it has not been scrubbed since: the time in
-/// the mark, or the file's modification time when the text is not a number
-/// (a mark must never read as "clean").
+/// A VF's handed-out mark, read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HandedOut {
+    /// When it was written: the time in the mark, or the file's
+    /// modification time when the text holds no number.
+    pub at: std::time::SystemTime,
+    /// Written by [`mark_released`]: the holder is known to be gone.
+    pub released: bool,
+}
+
+/// A VF's handed-out mark, if it has not been scrubbed since. A mark whose
+/// text is not understood is still a mark (it must never read as "clean"),
+/// dated by the file's modification time and not released.
+///
+/// # Errors
+/// I/O errors other than the file not existing.
+pub fn handed_out(dir: &Path, address: PciAddress) -> io::Result<Option<HandedOut>> {
+    let path = handed_out_path(dir, address);
+    let text = match fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let words: Vec<&str> = text.split_whitespace().collect();
+    let secs = words.first().and_then(|w| w.parse::<u64>().ok());
+    let at = match secs {
+        Some(secs) => std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs),
+        None => fs::metadata(&path).and_then(|m| m.modified())?,
+    };
+    // Only the exact form mark_released writes is a release.
+    let released = secs.is_some() && words.len() == 2 && words[1] == RELEASED.trim_start();
+    Ok(Some(HandedOut { at, released }))
+}
+
+/// When a VF was handed out, if it has not been scrubbed since (see
+/// [`handed_out`]).
 ///
 /// # Errors
 /// I/O errors other than the file not existing.
 pub fn handed_out_at(dir: &Path, address: PciAddress) -> io::Result<Option<std::time::SystemTime>> {
-    let path = handed_out_path(dir, address);
-    match fs::read_to_string(&path) {
-        Ok(text) => match text.trim().parse::<u64>() {
-            Ok(secs) => Ok(Some(std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs))),
-            Err(_) => fs::metadata(&path).and_then(|m| m.modified()).map(Some),
-        },
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(e),
-    }
+    Ok(handed_out(dir, address)?.map(|mark| mark.at))
 }
 
 /// Removes a VF's handed-out mark: the agent scrubbed it, or it is gone.
@@ -349,6 +393,35 @@ mod tests {
         clear_handed_out(&dir, addr()).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(handed_out_at(&dir, addr()).ok(), Some(None));
         assert_eq!(handed_out_vfs(&dir).ok(), Some(Vec::new()));
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_released_mark_says_so_and_nothing_else_reads_as_released() {
+        let dir = std::env::temp_dir().join(format!("vf-released-test-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        mark_handed_out(&dir, addr()).unwrap_or_else(|e| panic!("{e}"));
+        let mark = handed_out(&dir, addr()).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(mark.map(|m| m.released), Some(false), "an Allocate's mark");
+        mark_released(&dir, addr()).unwrap_or_else(|e| panic!("{e}"));
+        let mark = handed_out(&dir, addr()).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(mark.map(|m| m.released), Some(true), "an unprepare's mark");
+        assert_eq!(
+            handed_out_vfs(&dir).ok(),
+            Some(vec![addr()]),
+            "a released mark is a mark"
+        );
+        for text in [
+            "released",
+            "12 released extra",
+            "x released",
+            "12 Released",
+            "12 releasedx",
+        ] {
+            fs::write(handed_out_path(&dir, addr()), text).unwrap_or_else(|e| panic!("{e}"));
+            let mark = handed_out(&dir, addr()).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(mark.map(|m| m.released), Some(false), "{text:?}");
+        }
         let _ = fs::remove_dir_all(&dir);
     }
 }

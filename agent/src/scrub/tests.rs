@@ -179,6 +179,27 @@ fn a_vf_still_held_or_just_handed_out_or_of_unknown_owner_is_left_alone() {
 }
 
 #[test]
+fn a_vf_the_dra_driver_released_is_scrubbed_without_the_grace_but_not_while_open() {
+    let node = node();
+    let scrubber = node.scrubber();
+    vfplane_proto::vf_state::mark_released(node.state.path(), node.vf).unwrap();
+    node.hold_group(4242, 4);
+    assert_eq!(
+        scrubber.scrub_released(&node.reconciler, &node.spec, Some(&Owners::new()), true),
+        [],
+        "a process still has the group open"
+    );
+    assert_eq!(node.reset_writes(), "");
+    fs::remove_dir_all(node.proc_root.path().join("4242")).unwrap();
+    let outcomes = scrubber.scrub_released(&node.reconciler, &node.spec, Some(&Owners::new()), true);
+    assert!(
+        matches!(outcomes.as_slice(), [ScrubOutcome::Scrubbed { address, .. }] if *address == node.vf),
+        "scrubbed in its first second: {outcomes:?}"
+    );
+    assert_eq!(handed_out_at(node.state.path(), node.vf).unwrap(), None);
+}
+
+#[test]
 fn without_pod_resources_the_open_group_alone_decides() {
     let node = node();
     let outcomes = node

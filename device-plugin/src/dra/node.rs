@@ -185,6 +185,7 @@ impl DraNode {
         if let Some(prepared) = checkpoint.claims.get(&claim.uid) {
             return Ok(response_devices(&self.config.node_name, &claim.uid, prepared));
         }
+        let began = std::time::Instant::now();
         let found = self.read_claim(claim).await?;
         let allocated = allocated_devices(&found, &self.config.node_name)?;
         let id = format!("{}/{}", claim.namespace, claim.name);
@@ -280,6 +281,7 @@ impl DraNode {
             claim = %id,
             uid = %claim.uid,
             devices = ?prepared.devices.iter().map(|d| d.address.to_string()).collect::<Vec<_>>(),
+            took_ms = began.elapsed().as_millis(),
             "claim prepared"
         );
         Ok(response_devices(&self.config.node_name, &claim.uid, prepared))
@@ -292,9 +294,10 @@ impl DraNode {
             return Ok(());
         };
         // Dirty first: once the claim leaves the checkpoint nothing else
-        // says its VFs were used.
+        // says its VFs were used. Released: the kubelet unprepares only
+        // after the claim's containers stopped, so the agent need not wait.
         for device in &prepared.devices {
-            vf_state::mark_handed_out(&self.node.state_dir, device.address).map_err(|error| {
+            vf_state::mark_released(&self.node.state_dir, device.address).map_err(|error| {
                 format!(
                     "cannot mark device {} ({}) for its scrub under {}: {error}",
                     device.device,
