@@ -70,6 +70,10 @@ pub struct Args {
     /// `<dir>/vfplane.io`).
     #[arg(long, default_value = vfplane_proto::dra::PLUGINS_PATH)]
     pub kubelet_plugins_dir: PathBuf,
+    /// How a VF released by a claim is kept from the next claim until it is
+    /// scrubbed: a device taint, or binding conditions (docs/dra.md).
+    #[arg(long, value_enum, default_value_t = crate::dra::ScrubGate::Taint)]
+    pub dra_scrub_gate: crate::dra::ScrubGate,
 }
 
 impl Args {
@@ -79,6 +83,7 @@ impl Args {
         let mut config = crate::dra::DraConfig::new(node_name.clone());
         config.registry_dir = self.kubelet_registry_dir.clone();
         config.plugin_dir = self.kubelet_plugins_dir.join(crate::dra::DRIVER_NAME);
+        config.scrub_gate = self.dra_scrub_gate;
         Some(config)
     }
 }

@@ -17,21 +17,37 @@
 //!   tainted `vfplane.io/scrubbing` while the agent scrubs the VF, and the
 //!   taint goes once the VF is scrubbed; the driver's checkpoint holds no
 //!   claim.
+//! - A claim for two VFs whose constraint cannot be met (`matchAttribute`
+//!   on the VF index, which no two VFs share) leaves its pod Pending, and
+//!   the pod's condition says the scheduler cannot allocate the claim.
+//! - A claim for two VFs under one PCIe root (`matchAttribute`): the pod
+//!   gets both VFs (both variables, both group nodes). Then, with the agent
+//!   paused so nothing repairs it, one VF unbound from vfio-pci is
+//!   Unhealthy in the pod's status and its device is tainted
+//!   `vfplane.io/unhealthy`; the agent resumed binds it again, and it is
+//!   Healthy with the taint gone.
+//! - The DRA plugin killed (SIGKILL) with that claim prepared: the kubelet
+//!   restarts it, the new process reads the claim from its checkpoint and
+//!   the pod's VFs are reported Healthy again; the pod deleted, the new
+//!   process unprepares the claim and the agent scrubs both VFs at once
+//!   (an unprepared VF is released: no grace time).
 //!
 //! The times it prints: claim to pod running, pod deleted to VF tainted, to
-//! VF scrubbed, and to the taint gone (the VF allocatable again).
+//! VF scrubbed and untainted (the VF allocatable again), unbind to the
+//! taint and to Unhealthy in the pod's status, rebind to both cleared, and
+//! the two-VF pod deleted to both scrubbed.
 
 #![allow(clippy::expect_used, clippy::unwrap_used)] // test: a panic is the failure report
 
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use xtask::cluster::ClusterOptions;
 use xtask::cluster::images::VFPLANE_IMAGE;
-use xtask::cluster::{ClusterOptions, NODE_NAME};
-use xtask::session::Session;
+use xtask::session::{NAMESPACE, Session, dra_devices, taint_keys};
 use xtask::testbed::Testbed;
 
-const FRAMES: u64 = 200;
+const FRAMES: u32 = 200;
 
 fn policy() -> &'static str {
     r#"apiVersion: vfplane.io/v1alpha1
@@ -53,27 +69,15 @@ spec:
 "#
 }
 
-fn claim_and_pod() -> String {
+/// A pod of `claims` (a ResourceClaimTemplate's name) that shows its
+/// environment and `/dev/vfio`, then sleeps (it opens no VF, so a VF can be
+/// unbound under it).
+fn sleeping_pod(name: &str, template: &str) -> String {
     format!(
-        r#"apiVersion: resource.k8s.io/v1
-kind: ResourceClaimTemplate
-metadata:
-  name: one-vf
-spec:
-  spec:
-    devices:
-      requests:
-        - name: vf
-          exactly:
-            deviceClassName: vf.vfplane.io
-            selectors:
-              - cel:
-                  expression: device.attributes["vfplane.io"].pool == "fast"
----
-apiVersion: v1
+        r#"apiVersion: v1
 kind: Pod
 metadata:
-  name: dra-pktgen
+  name: {name}
 spec:
   terminationGracePeriodSeconds: 1
   securityContext:
@@ -81,19 +85,19 @@ spec:
     runAsGroup: 1000
     runAsNonRoot: true
   resourceClaims:
-    - name: vf
-      resourceClaimTemplateName: one-vf
+    - name: vfs
+      resourceClaimTemplateName: {template}
   containers:
-    - name: pktgen
+    - name: holder
       image: {VFPLANE_IMAGE}
       imagePullPolicy: IfNotPresent
       securityContext:
         allowPrivilegeEscalation: false
         capabilities: {{drop: [ALL]}}
-      command: ["sh", "-c", "env | grep ^PCIDEVICE_ | sort; echo vfio-nodes: $(ls /dev/vfio); grep 'locked memory' /proc/self/limits; pktgen --count {FRAMES} --size 60 --dst 02:00:00:00:00:aa && exec sleep 86400"]
+      command: ["sh", "-c", "env | grep ^PCIDEVICE_ | sort; echo vfio-nodes: $(ls /dev/vfio); exec sleep 86400"]
       resources:
         claims:
-          - name: vf
+          - name: vfs
         limits:
           cpu: "1"
           memory: 128Mi
@@ -101,30 +105,78 @@ spec:
     )
 }
 
-/// Our driver's devices in the node's ResourceSlices.
-fn slice_devices(session: &Session) -> Vec<Value> {
-    let Ok(slices) = session
-        .cluster()
-        .kubectl_json(&["get", "resourceslices", "-o", "json"])
-    else {
-        return Vec::new();
-    };
-    slices["items"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|s| s["spec"]["driver"] == "vfplane.io" && s["spec"]["nodeName"] == NODE_NAME)
-        .flat_map(|s| s["spec"]["devices"].as_array().cloned().unwrap_or_default())
-        .collect()
+/// A template for two VFs of pool `fast` that share `attribute`.
+fn two_vfs_sharing(name: &str, attribute: &str) -> String {
+    format!(
+        r#"apiVersion: resource.k8s.io/v1
+kind: ResourceClaimTemplate
+metadata:
+  name: {name}
+spec:
+  spec:
+    devices:
+      requests:
+        - name: vfs
+          exactly:
+            deviceClassName: vf.vfplane.io
+            allocationMode: ExactCount
+            count: 2
+            selectors:
+              - cel:
+                  expression: device.attributes["vfplane.io"].pool == "fast"
+      constraints:
+        - requests: ["vfs"]
+          matchAttribute: {attribute}
+"#
+    )
 }
 
-fn taint_keys(device: &Value) -> Vec<String> {
-    device["taints"]
+/// The health the kubelet shows for each of a pod's DRA devices
+/// (`vfplane.io/vf=<address>` -> Healthy, Unhealthy or Unknown).
+fn pod_health(session: &Session, pod: &str) -> Vec<(String, String)> {
+    let Ok(pod) = session.cluster().kubectl_json(&["get", "pod", pod, "-o", "json"]) else {
+        return Vec::new();
+    };
+    let mut health: Vec<(String, String)> = pod["status"]["containerStatuses"]
         .as_array()
         .into_iter()
         .flatten()
-        .filter_map(|t| t["key"].as_str().map(str::to_owned))
-        .collect()
+        .flat_map(|c| {
+            c["allocatedResourcesStatus"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
+        .flat_map(|s| s["resources"].as_array().cloned().unwrap_or_default())
+        .map(|r| {
+            (
+                r["resourceID"].as_str().unwrap_or_default().to_owned(),
+                r["health"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect();
+    health.sort();
+    health
+}
+
+/// The taint keys of one of our devices (None when the slice lacks it).
+fn device_taints(session: &Session, device: &str) -> Option<Vec<String>> {
+    dra_devices(session.cluster())
+        .iter()
+        .find(|d| d["name"] == device)
+        .map(taint_keys)
+}
+
+/// Sends `signal` to every node process whose `comm` is `comm` (the node
+/// shell has the node's PID namespace); returns how many it signalled.
+fn signal_node_processes(session: &mut Session, comm: &str, signal: &str) -> usize {
+    let out = session
+        .cluster_mut()
+        .node_exec(&format!(
+            "n=0; for p in /proc/[0-9]*; do [ \"$(cat $p/comm 2>/dev/null)\" = {comm} ] && kill -{signal} ${{p#/proc/}} && n=$((n+1)); done; echo $n"
+        ))
+        .unwrap();
+    out.trim().parse().unwrap_or(0)
 }
 
 #[test]
@@ -145,7 +197,7 @@ fn a_pod_gets_a_vf_through_a_resource_claim_and_the_vf_is_scrubbed_after_it() {
     // The slice: two VFs with their attributes, untainted.
     let began = Instant::now();
     let devices = loop {
-        let devices = slice_devices(&session);
+        let devices = dra_devices(session.cluster());
         if devices.len() == 2 && devices.iter().all(|d| taint_keys(d).is_empty()) {
             break devices;
         }
@@ -185,7 +237,9 @@ fn a_pod_gets_a_vf_through_a_resource_claim_and_the_vf_is_scrubbed_after_it() {
 
     // A non-root pod claims one VF and runs the driver on it.
     let created = Instant::now();
-    session.apply(&claim_and_pod()).expect("claim template and pod");
+    session
+        .apply(&xtask::demo::claim_pod_yaml("dra-pktgen", FRAMES))
+        .expect("claim template and pod");
     session
         .wait("the DRA pod's pktgen report", Duration::from_secs(300), |c| {
             Ok(c.kubectl_output(&["logs", "dra-pktgen"])
@@ -200,7 +254,11 @@ fn a_pod_gets_a_vf_through_a_resource_claim_and_the_vf_is_scrubbed_after_it() {
         .find_map(|l| serde_json::from_str(l).ok())
         .expect("pktgen's JSON line");
     assert!(report.get("error").is_none(), "pktgen failed: {report}");
-    assert_eq!(report["hw_tx_packets"].as_u64(), Some(FRAMES), "{report}");
+    assert_eq!(
+        report["hw_tx_packets"].as_u64(),
+        Some(u64::from(FRAMES)),
+        "{report}"
+    );
     let vf = report["pci"].as_str().unwrap().to_owned();
     let device = vf.replace([':', '.'], "-");
     let variable = format!(
@@ -263,6 +321,9 @@ fn a_pod_gets_a_vf_through_a_resource_claim_and_the_vf_is_scrubbed_after_it() {
         ])
         .unwrap();
 
+    let prepared_in = prepare_times(&session);
+    assert_eq!(prepared_in.len(), 1, "one claim prepared: {prepared_in:?}");
+
     // Released: tainted while the agent scrubs it, untainted after.
     session
         .kubectl(&["delete", "pod", "dra-pktgen", "--wait=true"])
@@ -270,7 +331,7 @@ fn a_pod_gets_a_vf_through_a_resource_claim_and_the_vf_is_scrubbed_after_it() {
     let deleted = Instant::now();
     let mut tainted_after = None;
     loop {
-        let devices = slice_devices(&session);
+        let devices = dra_devices(session.cluster());
         let ours = devices.iter().find(|d| d["name"] == device.as_str());
         let keys = ours.map(taint_keys).unwrap_or_default();
         if keys.iter().any(|k| k == "vfplane.io/scrubbing") && tainted_after.is_none() {
@@ -308,10 +369,453 @@ fn a_pod_gets_a_vf_through_a_resource_claim_and_the_vf_is_scrubbed_after_it() {
     );
 
     eprintln!(
-        "cluster_dra: claim template and pod applied -> pktgen done {:.1} s; pod deleted -> VF tainted {:.1} s -> \
-         scrubbed and untainted {:.1} s",
+        "cluster_dra: claim template and pod applied -> pktgen done {:.1} s (prepare {} ms); pod deleted -> VF \
+         tainted {:.1} s -> scrubbed and untainted {:.1} s",
         to_running.as_secs_f64(),
+        prepared_in[0],
         tainted_after.unwrap_or_default().as_secs_f64(),
         untainted_after.as_secs_f64()
     );
+
+    unsatisfiable_claim_stays_pending_and_says_why(&mut session);
+    two_vfs_through_an_unbind_and_a_plugin_kill(&mut session);
+
+    // The two scrub gates, side by side: the next tenant of a just-released
+    // VF, under the taint and then under binding conditions.
+    let taint = next_tenant_of_a_released_vf(&mut session, "taint");
+    session
+        .helm(&[
+            "upgrade",
+            "vfplane",
+            "charts/vfplane",
+            "--namespace",
+            NAMESPACE,
+            "--reuse-values",
+            "--set",
+            "dra.scrubGate=bindingConditions",
+            "--wait",
+            "--timeout=10m",
+        ])
+        .unwrap();
+    wait_for(
+        &session,
+        "every device carrying the binding condition",
+        Duration::from_secs(120),
+        |s| {
+            let devices = dra_devices(s.cluster());
+            devices.len() == 2
+                && devices.iter().all(|d| {
+                    d["bindingConditions"] == serde_json::json!(["vfplane.io/scrubbed"])
+                        && d["bindingFailureConditions"] == serde_json::json!(["vfplane.io/scrub-failed"])
+                        && taint_keys(d).is_empty()
+                })
+        },
+    );
+    let binding = next_tenant_of_a_released_vf(&mut session, "binding");
+    eprintln!(
+        "cluster_dra: released VF -> next tenant running: taint {:.1} s (scrubbed after {:.1} s); binding conditions \
+         {:.1} s (scrubbed after {:.1} s)",
+        taint.next_running.as_secs_f64(),
+        taint.scrubbed.as_secs_f64(),
+        binding.next_running.as_secs_f64(),
+        binding.scrubbed.as_secs_f64()
+    );
+}
+
+/// What one round of [`next_tenant_of_a_released_vf`] measured.
+struct NextTenant {
+    /// The first pod deleted -> the VF's mark gone (the agent's scrub).
+    scrubbed: Duration,
+    /// The first pod deleted -> the second pod running on the same VF.
+    next_running: Duration,
+}
+
+/// A template for exactly the VF at `address`.
+fn the_vf_at(name: &str, address: &str) -> String {
+    format!(
+        r#"apiVersion: resource.k8s.io/v1
+kind: ResourceClaimTemplate
+metadata:
+  name: {name}
+spec:
+  spec:
+    devices:
+      requests:
+        - name: vfs
+          exactly:
+            deviceClassName: vf.vfplane.io
+            selectors:
+              - cel:
+                  expression: device.attributes["resource.kubernetes.io"].pciBusID == "{address}"
+"#
+    )
+}
+
+/// A pod holds the first VF; it is deleted and at once a second pod asks
+/// for that same VF. The second must not run before the agent scrubbed the
+/// VF (the mark is gone and the agent logged one more scrub of it), and it
+/// must run.
+fn next_tenant_of_a_released_vf(session: &mut Session, round: &str) -> NextTenant {
+    const VF: &str = "0000:00:12.0";
+    let template = format!("the-vf-{round}");
+    session.apply(&the_vf_at(&template, VF)).unwrap();
+    let first = format!("first-{round}");
+    let second = format!("second-{round}");
+    session.apply(&sleeping_pod(&first, &template)).unwrap();
+    session
+        .wait("the first tenant running", Duration::from_secs(300), |c| {
+            Ok(c.kubectl_output(&["logs", &first])
+                .is_ok_and(|l| l.contains("vfio-nodes:")))
+        })
+        .unwrap();
+    let scrubs_before = scrub_lines(session, VF);
+    session
+        .kubectl(&["delete", "pod", &first, "--wait=true"])
+        .unwrap();
+    let deleted = Instant::now();
+    session.apply(&sleeping_pod(&second, &template)).unwrap();
+    let mut scrubbed = None;
+    loop {
+        let running = session
+            .cluster()
+            .kubectl_output(&["logs", &second])
+            .is_ok_and(|l| l.contains("vfio-nodes:"));
+        if scrubbed.is_none() && !session.vf_handed_out(VF).unwrap() {
+            scrubbed = Some(deleted.elapsed());
+        }
+        if running {
+            break;
+        }
+        assert!(
+            deleted.elapsed() < Duration::from_secs(180),
+            "{round}: the second tenant of {VF} not running\n{}",
+            session.pod_diagnostics()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let next_running = deleted.elapsed();
+    assert!(
+        scrubbed.is_some(),
+        "{round}: the second tenant runs on {VF}, whose handed-out mark is still there"
+    );
+    assert_eq!(
+        scrub_lines(session, VF),
+        scrubs_before + 1,
+        "{round}: the agent scrubbed {VF} once between the tenants"
+    );
+    session.kubectl(&["get", "resourceclaims", "-o", "wide"]).unwrap();
+    if round == "binding" {
+        let claims = session
+            .cluster()
+            .kubectl_json(&["get", "resourceclaims", "-o", "json"])
+            .unwrap();
+        let ours = claims["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|c| c["metadata"]["ownerReferences"][0]["name"] == second.as_str())
+            .cloned()
+            .unwrap_or_default();
+        let condition = &ours["status"]["devices"][0]["conditions"][0];
+        assert_eq!(
+            (condition["type"].as_str(), condition["status"].as_str()),
+            (Some("vfplane.io/scrubbed"), Some("True")),
+            "the second tenant's claim: {ours}"
+        );
+    }
+    session
+        .kubectl(&["delete", "pod", &second, "--wait=true"])
+        .unwrap();
+    session.wait_scrubbed(VF, Duration::from_secs(120)).unwrap();
+    NextTenant {
+        scrubbed: scrubbed.unwrap_or_default(),
+        next_running,
+    }
+}
+
+/// How many scrubs of `vf` the agent's log shows.
+fn scrub_lines(session: &Session, vf: &str) -> usize {
+    session
+        .agent_log()
+        .lines()
+        .filter(|l| l.contains("VF scrubbed") && l.contains(vf))
+        .count()
+}
+
+/// Two VFs that must share their VF index: no two do, so the scheduler
+/// cannot allocate the claim and says so; nothing is allocated.
+fn unsatisfiable_claim_stays_pending_and_says_why(session: &mut Session) {
+    session
+        .apply(&two_vfs_sharing("two-vfs-one-index", "vfplane.io/vfIndex"))
+        .unwrap();
+    session
+        .apply(&sleeping_pod("dra-unsatisfiable", "two-vfs-one-index"))
+        .unwrap();
+    let condition = "-o=jsonpath={.status.conditions[?(@.type==\"PodScheduled\")].message}";
+    session
+        .wait("the unsatisfiable pod's reason", Duration::from_secs(120), |c| {
+            Ok(c.kubectl_output(&["get", "pod", "dra-unsatisfiable", condition])
+                .is_ok_and(|m| m.contains("cannot allocate all claims")))
+        })
+        .expect("the scheduler's reason in the pod's condition");
+    session
+        .kubectl(&["get", "pod", "dra-unsatisfiable", condition])
+        .unwrap();
+    session.kubectl(&["get", "resourceclaims"]).unwrap();
+    assert_eq!(
+        session.jsonpath(&["get", "pod", "dra-unsatisfiable", "-o=jsonpath={.status.phase}"]),
+        "Pending"
+    );
+    let claims = session
+        .cluster()
+        .kubectl_json(&["get", "resourceclaims", "-o", "json"])
+        .unwrap();
+    let of_the_pod: Vec<&Value> = claims["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|c| c["metadata"]["ownerReferences"][0]["name"] == "dra-unsatisfiable")
+        .collect();
+    assert_eq!(of_the_pod.len(), 1, "the pod's claim: {claims}");
+    for claim in of_the_pod {
+        assert!(
+            claim["status"]["allocation"].is_null(),
+            "a claim was allocated: {claim}"
+        );
+    }
+    session
+        .kubectl(&["delete", "pod", "dra-unsatisfiable", "--wait=true"])
+        .unwrap();
+}
+
+/// Two VFs under one PCIe root: the pod gets both; one unbound is
+/// Unhealthy and tainted until the agent binds it again; the plugin killed
+/// and restarted keeps the claim and unprepares it; both VFs scrubbed.
+fn two_vfs_through_an_unbind_and_a_plugin_kill(session: &mut Session) {
+    session
+        .apply(&two_vfs_sharing(
+            "two-vfs-one-root",
+            "resource.kubernetes.io/pcieRoot",
+        ))
+        .unwrap();
+    let created = Instant::now();
+    session
+        .apply(&sleeping_pod("dra-pair", "two-vfs-one-root"))
+        .unwrap();
+    session
+        .wait("the pair pod's VFs", Duration::from_secs(300), |c| {
+            Ok(c.kubectl_output(&["logs", "dra-pair"])
+                .is_ok_and(|l| l.contains("vfio-nodes:")))
+        })
+        .expect("the pair pod runs");
+    let to_running = created.elapsed();
+    let logs = session.kubectl(&["logs", "dra-pair"]).unwrap();
+    let mut vfs: Vec<String> = logs
+        .lines()
+        .filter_map(|l| l.strip_prefix("PCIDEVICE_VFPLANE_IO_FAST_"))
+        .filter_map(|l| l.split_once('='))
+        .filter(|(name, _)| !name.ends_with("_INFO"))
+        .map(|(_, vf)| vf.to_owned())
+        .collect();
+    vfs.sort();
+    assert_eq!(
+        vfs,
+        ["0000:00:12.0", "0000:00:12.2"],
+        "both VFs in the pod's environment:\n{logs}"
+    );
+    let nodes = logs
+        .lines()
+        .find_map(|l| l.strip_prefix("vfio-nodes:"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .count();
+    assert_eq!(nodes, 3, "vfio and both groups in the pod's /dev/vfio:\n{logs}");
+    let all_healthy: Vec<(String, String)> = vfs
+        .iter()
+        .map(|vf| (format!("vfplane.io/vf={vf}"), "Healthy".to_owned()))
+        .collect();
+    wait_for(
+        session,
+        "both VFs Healthy in the pod's status",
+        Duration::from_secs(60),
+        |s| pod_health(s, "dra-pair") == all_healthy,
+    );
+
+    // Unbound with the agent paused (it would bind the VF again at once):
+    // Unhealthy and tainted; the agent resumed binds it, both clear.
+    let vf = vfs[0].clone();
+    let device = vf.replace([':', '.'], "-");
+    assert_eq!(
+        signal_node_processes(session, "vfplane-agent", "STOP"),
+        1,
+        "the agent paused"
+    );
+    let unbound = Instant::now();
+    session
+        .cluster_mut()
+        .node_exec(&format!("echo {vf} > /sys/bus/pci/drivers/vfio-pci/unbind"))
+        .unwrap();
+    let mut tainted_after = None;
+    let mut unhealthy_after = None;
+    while tainted_after.is_none() || unhealthy_after.is_none() {
+        if tainted_after.is_none()
+            && device_taints(session, &device).is_some_and(|t| t.iter().any(|k| k == "vfplane.io/unhealthy"))
+        {
+            tainted_after = Some(unbound.elapsed());
+        }
+        if unhealthy_after.is_none()
+            && pod_health(session, "dra-pair")
+                .iter()
+                .any(|(id, health)| id.ends_with(&vf) && health == "Unhealthy")
+        {
+            unhealthy_after = Some(unbound.elapsed());
+        }
+        if unbound.elapsed() > Duration::from_secs(60) {
+            signal_node_processes(session, "vfplane-agent", "CONT");
+            panic!(
+                "after unbinding {vf}: taint after {tainted_after:?}, Unhealthy after {unhealthy_after:?}\n{:?}\n{}",
+                pod_health(session, "dra-pair"),
+                session.pod_diagnostics()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    session.kubectl(&["get", "resourceslices", "-o", "yaml"]).unwrap();
+    session
+        .kubectl(&[
+            "get",
+            "pod",
+            "dra-pair",
+            "-o=jsonpath={.status.containerStatuses[0].allocatedResourcesStatus}",
+        ])
+        .unwrap();
+    let resumed = Instant::now();
+    assert_eq!(
+        signal_node_processes(session, "vfplane-agent", "CONT"),
+        1,
+        "the agent resumed"
+    );
+    wait_for(
+        session,
+        "the VF bound, Healthy and untainted again",
+        Duration::from_secs(60),
+        |s| {
+            pod_health(s, "dra-pair") == all_healthy
+                && device_taints(s, &device).is_some_and(|t| t.is_empty())
+        },
+    );
+    let recovered_after = resumed.elapsed();
+    let driver = session
+        .cluster_mut()
+        .node_exec(&format!("basename $(readlink /sys/bus/pci/devices/{vf}/driver)"))
+        .unwrap();
+    assert_eq!(driver.trim(), "vfio-pci", "the agent bound {vf} again");
+
+    let prepared_in = prepare_times(session);
+    assert_eq!(prepared_in.len(), 2, "two claims prepared: {prepared_in:?}");
+
+    // The plugin killed with the claim prepared: the kubelet restarts it
+    // and the new process knows the claim from its checkpoint.
+    // (`comm` is the program name cut to 15 bytes.)
+    assert_eq!(
+        signal_node_processes(session, "vfplane-device-", "KILL"),
+        1,
+        "the plugin killed"
+    );
+    let killed = Instant::now();
+    wait_for(
+        session,
+        "the plugin restarted with the claim from its checkpoint",
+        Duration::from_secs(120),
+        |s| {
+            s.jsonpath(&[
+                "logs",
+                "-n",
+                NAMESPACE,
+                "daemonset/vfplane-node",
+                "-c",
+                "device-plugin",
+            ])
+            .lines()
+            .any(|l| l.contains("DRA checkpoint read") && l.contains("prepared=1"))
+        },
+    );
+    let restarted_after = killed.elapsed();
+    session
+        .kubectl(&["get", "pods", "-n", NAMESPACE, "-o", "wide"])
+        .unwrap();
+    wait_for(
+        session,
+        "both VFs Healthy from the new plugin",
+        Duration::from_secs(90),
+        |s| pod_health(s, "dra-pair") == all_healthy,
+    );
+    let logs_after = session.kubectl(&["logs", "dra-pair"]).unwrap();
+    assert_eq!(logs_after, logs, "the pod ran on untouched");
+
+    session
+        .kubectl(&["delete", "pod", "dra-pair", "--wait=true"])
+        .unwrap();
+    let deleted = Instant::now();
+    for vf in &vfs {
+        session.wait_scrubbed(vf, Duration::from_secs(120)).unwrap();
+        assert!(
+            session.agent_logged_scrub(vf),
+            "the agent did not log the scrub of {vf}"
+        );
+    }
+    let scrubbed_after = deleted.elapsed();
+    let checkpoint = session
+        .cluster_mut()
+        .node_exec("cat /proc/1/root/var/lib/kubelet/plugins/vfplane.io/checkpoint.json")
+        .unwrap();
+    let checkpoint: Value = serde_json::from_str(checkpoint.trim()).expect("the checkpoint parses");
+    assert_eq!(
+        checkpoint["claims"],
+        serde_json::json!({}),
+        "no claim left prepared"
+    );
+    eprintln!(
+        "cluster_dra: two-VF pod applied -> running {:.1} s (prepare {} ms); unbind -> tainted {:.1} s, -> Unhealthy in the pod's status {:.1} s; \
+         agent resumed -> Healthy and untainted {:.1} s; plugin killed -> restarted with the claim {:.1} s; \
+         pod deleted -> both VFs scrubbed {:.1} s",
+        to_running.as_secs_f64(),
+        prepared_in[1],
+        tainted_after.unwrap_or_default().as_secs_f64(),
+        unhealthy_after.unwrap_or_default().as_secs_f64(),
+        recovered_after.as_secs_f64(),
+        restarted_after.as_secs_f64(),
+        scrubbed_after.as_secs_f64()
+    );
+}
+
+/// The prepare times (ms) the plugin's current container logged.
+fn prepare_times(session: &Session) -> Vec<u64> {
+    session
+        .jsonpath(&[
+            "logs",
+            "-n",
+            NAMESPACE,
+            "daemonset/vfplane-node",
+            "-c",
+            "device-plugin",
+        ])
+        .lines()
+        .filter(|l| l.contains("claim prepared"))
+        .filter_map(|l| l.split_whitespace().find_map(|w| w.strip_prefix("took_ms=")))
+        .filter_map(|ms| ms.parse().ok())
+        .collect()
+}
+
+/// Polls `done` every 250 ms until it holds, or panics with the diagnostics.
+fn wait_for(session: &Session, what: &str, timeout: Duration, mut done: impl FnMut(&Session) -> bool) {
+    let began = Instant::now();
+    while !done(session) {
+        assert!(
+            began.elapsed() < timeout,
+            "{what}: not after {timeout:?}\n{}",
+            session.pod_diagnostics()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
 }

@@ -1784,4 +1784,47 @@ fn dra_enabled_gives_the_plugin_its_sockets_token_rights_and_the_device_class() 
         .map(|c| c.expression.as_str())
         .collect::<Vec<_>>();
     assert_eq!(expression, [r#"device.driver == "vfplane.io""#]);
+    assert!(args.iter().any(|a| a == "--dra-scrub-gate=taint"), "{args:?}");
+    assert!(!allows("resource.k8s.io", "resourceclaims/status", "patch"));
+}
+
+#[test]
+fn the_binding_conditions_gate_gets_its_flag_and_the_right_to_set_its_devices_conditions() {
+    if !helm_runs("the_binding_conditions_gate_gets_its_flag_and_the_right_to_set_its_devices_conditions") {
+        return;
+    }
+    let rendered = case("dra-binding");
+    let plugin = container(pod_spec_of_daemonset(rendered.daemonset()), "device-plugin");
+    let args = command_line(plugin);
+    assert!(
+        args.iter().any(|a| a == "--dra-scrub-gate=binding-conditions"),
+        "{args:?}"
+    );
+    let rules: Vec<&PolicyRule> = rendered
+        .objects
+        .iter()
+        .filter_map(pick!(Object::ClusterRole))
+        .filter(|r| r.metadata.name.as_deref() == Some("vfplane-agent"))
+        .flat_map(|r| r.rules.iter().flatten())
+        .collect();
+    let allows = |resource: &str, verb: &str, name: Option<&str>| {
+        rules.iter().any(|r| {
+            r.api_groups.iter().flatten().any(|g| g == "resource.k8s.io")
+                && r.resources.iter().flatten().any(|x| x == resource)
+                && r.verbs.iter().any(|v| v == verb)
+                && name.is_none_or(|n| r.resource_names.iter().flatten().any(|x| x == n))
+        })
+    };
+    assert!(allows("resourceclaims", "list", None));
+    assert!(allows("resourceclaims", "watch", None));
+    assert!(allows("resourceclaims/status", "patch", None));
+    assert!(allows(
+        "resourceclaims/driver",
+        "associated-node:patch",
+        Some("vfplane.io")
+    ));
+    assert!(
+        !allows("resourceclaims/driver", "arbitrary-node:patch", None),
+        "only for claims allocated on its own node"
+    );
 }

@@ -51,6 +51,14 @@ pub struct DemoReport {
     pub milestones: Vec<(String, f64)>,
     /// The webhook's answers to the two bad objects.
     pub refusals: Vec<String>,
+    /// The VF the DRA claim got.
+    pub dra_vf: String,
+    /// Its health in the claim pod's status, as the kubelet showed it.
+    pub dra_health: String,
+    /// Frames the claim pod's driver sent (its VF's own TX counter).
+    pub dra_frames_sent: u64,
+    /// Whether the agent scrubbed the claim's VF after its pod.
+    pub dra_scrubbed: bool,
 }
 
 impl DemoReport {
@@ -72,6 +80,13 @@ impl DemoReport {
             ),
             ("frames sent (VF counter)", self.frames_sent.to_string()),
             ("frames counted on the wire", self.frames_counted.to_string()),
+            ("DRA: VF claimed", self.dra_vf.clone()),
+            ("DRA: its health (pod status)", self.dra_health.clone()),
+            ("DRA: frames sent", self.dra_frames_sent.to_string()),
+            (
+                "DRA: scrubbed after the pod",
+                if self.dra_scrubbed { "yes" } else { "no" }.to_owned(),
+            ),
         ];
         for (name, value) in rows {
             out.push_str(&format!("  {name:<30} {value}\n"));
@@ -89,7 +104,7 @@ struct Demo {
     report: DemoReport,
 }
 
-const STEPS: usize = 7;
+const STEPS: usize = 8;
 
 impl Demo {
     fn begin(&mut self, title: &str) -> Instant {
@@ -153,6 +168,58 @@ spec:
               vfplane.io/{POOL}: 1
               cpu: "1"
               memory: 128Mi
+"#
+    )
+}
+
+/// A ResourceClaimTemplate for one VF of the pool and a pod that claims it
+/// through the template: non-root, no capabilities. It shows its
+/// environment, `/dev/vfio` and locked-memory limit, then runs pktgen on
+/// the VF (found from its `PCIDEVICE_VFPLANE_IO_FAST_<device>` variable).
+pub fn claim_pod_yaml(pod: &str, frames: u32) -> String {
+    format!(
+        r#"apiVersion: resource.k8s.io/v1
+kind: ResourceClaimTemplate
+metadata:
+  name: one-vf
+spec:
+  spec:
+    devices:
+      requests:
+        - name: vf
+          exactly:
+            deviceClassName: vf.vfplane.io
+            selectors:
+              - cel:
+                  expression: device.attributes["vfplane.io"].pool == "{POOL}"
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: {pod}
+spec:
+  terminationGracePeriodSeconds: 1
+  securityContext:
+    runAsUser: 1000
+    runAsGroup: 1000
+    runAsNonRoot: true
+  resourceClaims:
+    - name: vf
+      resourceClaimTemplateName: one-vf
+  containers:
+    - name: pktgen
+      image: {VFPLANE_IMAGE}
+      imagePullPolicy: IfNotPresent
+      securityContext:
+        allowPrivilegeEscalation: false
+        capabilities: {{drop: [ALL]}}
+      command: ["sh", "-c", "env | grep ^PCIDEVICE_ | sort; echo vfio-nodes: $(ls /dev/vfio); grep 'locked memory' /proc/self/limits; pktgen --count {frames} --size 60 --dst 02:00:00:00:00:aa && exec sleep 86400"]
+      resources:
+        claims:
+          - name: vf
+        limits:
+          cpu: "1"
+          memory: 128Mi
 "#
     )
 }
@@ -370,8 +437,8 @@ pub fn run(testbed: &Testbed) -> Result<DemoReport> {
     demo.report.refusals = vec![policy_refusal, pod_refusal];
     demo.end("webhook refusals", began);
 
-    // 6. helm upgrade with a changed value.
-    let began = demo.begin("helm upgrade with a changed value (logLevel=debug)");
+    // 6. helm upgrade with changed values.
+    let began = demo.begin("helm upgrade with changed values (logLevel=debug, dra.enabled=true)");
     demo.session.helm(&[
         "upgrade",
         "vfplane",
@@ -381,6 +448,8 @@ pub fn run(testbed: &Testbed) -> Result<DemoReport> {
         "--reuse-values",
         "--set",
         "logLevel=debug",
+        "--set",
+        "dra.enabled=true",
         "--wait",
         "--timeout=10m",
     ])?;
@@ -397,11 +466,14 @@ pub fn run(testbed: &Testbed) -> Result<DemoReport> {
         "after the upgrade the node pod's VFPLANE_LOG is {level:?}"
     );
     demo.session.kubectl(&["get", "pods", "-n", NAMESPACE])?;
+    demo.session.kubectl(&["get", "deviceclasses"])?;
     demo.end("helm upgrade", began);
 
-    // 7. Clean up: the node goes back to 0 VFs.
-    let began = demo
-        .begin("Clean up: delete the Deployment and the policy, helm uninstall; the node is back to 0 VFs");
+    // 7. The Deployment goes, its VF is scrubbed; the pool moves to DRA and
+    // a pod claims a VF through a ResourceClaimTemplate.
+    let began = demo.begin(
+        "The Deployment deleted (its VF scrubbed); the pool moved to DRA; a pod claims a VF with a ResourceClaimTemplate",
+    );
     demo.session
         .kubectl(&["delete", "deployment", "pktgen", "--wait=true"])?;
     let deleted = Instant::now();
@@ -430,6 +502,11 @@ pub fn run(testbed: &Testbed) -> Result<DemoReport> {
     eprintln!(
         "agent: VF {vf} scrubbed (function reset, spec settings checked); handed out again from now on"
     );
+    dra_step(&mut demo)?;
+    demo.end("the pool through DRA", began);
+
+    // 8. Clean up: the node goes back to 0 VFs.
+    let began = demo.begin("Clean up: delete the policy, helm uninstall; the node is back to 0 VFs");
     demo.session
         .kubectl(&["delete", "vfpolicy", POLICY, "--wait=true", "--timeout=300s"])?;
     demo.session
@@ -471,4 +548,107 @@ pub fn run(testbed: &Testbed) -> Result<DemoReport> {
         demo.report.frames_sent
     );
     Ok(demo.report)
+}
+
+/// The pool moved to DRA, a pod claims one VF, runs pktgen on it and is
+/// deleted; the VF is scrubbed and offered again.
+fn dra_step(demo: &mut Demo) -> Result<()> {
+    const POD: &str = "dra-pktgen";
+    demo.session.kubectl(&[
+        "patch",
+        "vfpolicy",
+        POLICY,
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"resourceApi":"dra"}}"#,
+    ])?;
+    let moved = Instant::now();
+    demo.session.wait(
+        "the pool's two VFs as untainted devices in the node's ResourceSlice",
+        Duration::from_secs(180),
+        |c| {
+            let devices = crate::session::dra_devices(c);
+            Ok(devices.len() == 2 && devices.iter().all(|d| crate::session::taint_keys(d).is_empty()))
+        },
+    )?;
+    demo.report.milestones.push((
+        "pool moved to DRA -> ResourceSlice".to_owned(),
+        moved.elapsed().as_secs_f64(),
+    ));
+    demo.session.kubectl(&["get", "resourceslices"])?;
+    ensure!(
+        demo.session.allocatable(POOL).is_empty() || demo.session.allocatable(POOL) == "0",
+        "the pool is still a device-plugin resource: allocatable {}",
+        demo.session.allocatable(POOL)
+    );
+    demo.session.apply(&claim_pod_yaml(POD, FRAMES))?;
+    let created = Instant::now();
+    demo.session
+        .wait("the claim pod's pktgen report", Duration::from_secs(300), |c| {
+            Ok(c.kubectl_output(&["logs", POD])
+                .is_ok_and(|l| l.contains("\"tool\":\"pktgen\"")))
+        })?;
+    demo.report.milestones.push((
+        "claim pod created -> pktgen done".to_owned(),
+        created.elapsed().as_secs_f64(),
+    ));
+    demo.session.kubectl(&["get", "resourceclaims"])?;
+    let logs = demo.session.kubectl(&["logs", POD])?;
+    let line: serde_json::Value = logs
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .find_map(|l| serde_json::from_str(l).ok())
+        .context("no JSON line from the claim pod's pktgen")?;
+    if let Some(error) = line.get("error") {
+        bail!("pktgen failed in the claim pod: {error}");
+    }
+    demo.report.dra_vf = line["pci"].as_str().unwrap_or_default().to_owned();
+    demo.report.dra_frames_sent = line["hw_tx_packets"].as_u64().unwrap_or(0);
+    ensure!(
+        demo.report.dra_frames_sent == u64::from(FRAMES),
+        "the claim pod's VF sent {} frames, not {FRAMES}",
+        demo.report.dra_frames_sent
+    );
+    let vf = demo.report.dra_vf.clone();
+    let resource = format!("vfplane.io/vf={vf}");
+    let health_path = "-o=jsonpath={.status.containerStatuses[0].allocatedResourcesStatus[0].resources[0]}";
+    demo.session.wait(
+        "the claimed VF Healthy in the pod's status",
+        Duration::from_secs(60),
+        |c| {
+            Ok(c.kubectl_json(&["get", "pod", POD, "-o", "json"])
+                .is_ok_and(|pod| {
+                    let status =
+                        &pod["status"]["containerStatuses"][0]["allocatedResourcesStatus"][0]["resources"][0];
+                    status["resourceID"] == resource.as_str() && status["health"] == "Healthy"
+                }))
+        },
+    )?;
+    demo.session.kubectl(&["get", "pod", POD, health_path])?;
+    demo.report.dra_health = "Healthy".to_owned();
+
+    demo.session.kubectl(&["delete", "pod", POD, "--wait=true"])?;
+    let deleted = Instant::now();
+    demo.session.wait_scrubbed(&vf, Duration::from_secs(120))?;
+    demo.report.dra_scrubbed = demo.session.agent_logged_scrub(&vf);
+    ensure!(
+        demo.report.dra_scrubbed,
+        "the agent did not log the scrub of VF {vf}"
+    );
+    let device = vf.replace([':', '.'], "-");
+    demo.session.wait(
+        "the claim's VF offered again, untainted",
+        Duration::from_secs(60),
+        |c| {
+            Ok(crate::session::dra_devices(c)
+                .iter()
+                .any(|d| d["name"] == device.as_str() && crate::session::taint_keys(d).is_empty()))
+        },
+    )?;
+    demo.report.milestones.push((
+        "claim pod deleted -> VF scrubbed, offered".to_owned(),
+        deleted.elapsed().as_secs_f64(),
+    ));
+    eprintln!("agent: VF {vf} scrubbed after the claim; the driver offers it again");
+    Ok(())
 }

@@ -145,6 +145,11 @@ pub fn cases() -> Vec<Case> {
             api_versions: vec![],
         },
         Case {
+            name: "dra-binding",
+            values: vec![("--set", "dra.enabled=true,dra.scrubGate=bindingConditions")],
+            api_versions: vec![],
+        },
+        Case {
             name: "monitoring",
             values: vec![("--set", "metrics.serviceMonitor.enabled=true")],
             api_versions: vec!["monitoring.coreos.com/v1"],

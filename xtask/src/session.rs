@@ -318,6 +318,31 @@ impl Session {
     }
 }
 
+/// vfplane's DRA devices on the node, from its ResourceSlices (none when
+/// kubectl fails).
+pub fn dra_devices(cluster: &Cluster) -> Vec<serde_json::Value> {
+    let Ok(slices) = cluster.kubectl_json(&["get", "resourceslices", "-o", "json"]) else {
+        return Vec::new();
+    };
+    slices["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|s| s["spec"]["driver"] == "vfplane.io" && s["spec"]["nodeName"] == NODE_NAME)
+        .flat_map(|s| s["spec"]["devices"].as_array().cloned().unwrap_or_default())
+        .collect()
+}
+
+/// The keys of a ResourceSlice device's taints.
+pub fn taint_keys(device: &serde_json::Value) -> Vec<String> {
+    device["taints"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|t| t["key"].as_str().map(str::to_owned))
+        .collect()
+}
+
 /// The Events of `namespace` with this `reason`, as JSON, in the core/v1
 /// view kubectl shows (`message`, `involvedObject`; the agent posts them
 /// through events.k8s.io/v1).

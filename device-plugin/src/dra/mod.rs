@@ -21,6 +21,7 @@
 //! re-registers; its scanner is also what sees health change first.
 
 pub mod authority;
+pub mod binding;
 pub mod checkpoint;
 pub mod health;
 pub mod node;
@@ -57,6 +58,22 @@ pub struct DraConfig {
     /// The driver's own directory (the DRA socket and the checkpoint),
     /// `<plugins>/vfplane.io`.
     pub plugin_dir: PathBuf,
+    /// How a released VF is kept from the next claim until scrubbed.
+    pub scrub_gate: ScrubGate,
+}
+
+/// How a VF released by a claim is kept from the next claim until the
+/// agent has scrubbed it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum ScrubGate {
+    /// A `NoSchedule` taint (`vfplane.io/scrubbing`) on the device from the
+    /// release until the scrub ends: the scheduler does not allocate it.
+    #[default]
+    Taint,
+    /// Binding conditions (KEP-5007) on every device: the scheduler may
+    /// allocate a VF still to be scrubbed, and holds the pod until the
+    /// driver says the VF is clean ([`binding`]).
+    BindingConditions,
 }
 
 impl DraConfig {
@@ -66,6 +83,7 @@ impl DraConfig {
             node_name: node_name.into(),
             registry_dir: PathBuf::from(vfplane_proto::dra::PLUGIN_REGISTRY_PATH),
             plugin_dir: PathBuf::from(vfplane_proto::dra::PLUGINS_PATH).join(DRIVER_NAME),
+            scrub_gate: ScrubGate::default(),
         }
     }
 
@@ -196,12 +214,13 @@ pub(crate) async fn start(
     }
     let checkpoint = checkpoint::Checkpoint::read(&config.checkpoint_path())?;
     tracing::info!(prepared = checkpoint.claims.len(), path = %config.checkpoint_path().display(), "DRA checkpoint read");
+    let checkpoint = Arc::new(tokio::sync::Mutex::new(checkpoint));
     let service = node::DraNode {
         config: config.clone(),
         registry: Arc::clone(&registry),
         node: Arc::clone(&node),
         client: client.clone(),
-        checkpoint: Arc::new(tokio::sync::Mutex::new(checkpoint)),
+        checkpoint: Arc::clone(&checkpoint),
     };
     let health = health::DraHealth {
         node_name: config.node_name.clone(),
@@ -278,11 +297,24 @@ pub(crate) async fn start(
         registration = %config.registration_socket().display(),
         "DRA driver serving"
     );
-    let publisher = tokio::spawn(slices::publish(client, config.node_name.clone(), registry, node));
-    Ok(DraRuntime {
-        config,
-        tasks: vec![dra_server, reg_server, reg_relay, publisher],
-    })
+    let mut tasks = vec![dra_server, reg_server, reg_relay];
+    if config.scrub_gate == ScrubGate::BindingConditions {
+        tasks.push(tokio::spawn(binding::run(
+            client.clone(),
+            config.node_name.clone(),
+            Arc::clone(&registry),
+            Arc::clone(&node),
+            checkpoint,
+        )));
+    }
+    tasks.push(tokio::spawn(slices::publish(
+        client,
+        config.node_name.clone(),
+        config.scrub_gate,
+        registry,
+        node,
+    )));
+    Ok(DraRuntime { config, tasks })
 }
 
 impl DraRuntime {

@@ -36,7 +36,7 @@ use kube::api::{DeleteParams, PostParams};
 use kube::runtime::watcher;
 use vfplane_proto::vf_state;
 
-use super::{DRIVER_NAME, DraDevice, PoolRegistry, dra_devices};
+use super::{DRIVER_NAME, DraDevice, PoolRegistry, ScrubGate, dra_devices};
 use crate::metrics::bump;
 use crate::server::NodeContext;
 
@@ -82,8 +82,10 @@ fn awaiting_scrub(state_dir: &Path, device: &DraDevice) -> bool {
     }
 }
 
-/// The slice device of one VF.
-pub fn slice_device(device: &DraDevice, awaiting_scrub: bool) -> Device {
+/// The slice device of one VF. Under the taint gate a VF awaiting its
+/// scrub is tainted; under the binding-conditions gate every device
+/// carries the conditions instead ([`super::binding`]).
+pub fn slice_device(device: &DraDevice, awaiting_scrub: bool, gate: ScrubGate) -> Device {
     let mut attributes = BTreeMap::new();
     let status = &device.status;
     attributes.insert(
@@ -119,7 +121,7 @@ pub fn slice_device(device: &DraDevice, awaiting_scrub: bool) -> Device {
             time_added: None,
         });
     }
-    if awaiting_scrub {
+    if awaiting_scrub && gate == ScrubGate::Taint {
         taints.push(DeviceTaint {
             key: SCRUBBING_TAINT.to_owned(),
             value: None,
@@ -127,10 +129,13 @@ pub fn slice_device(device: &DraDevice, awaiting_scrub: bool) -> Device {
             time_added: None,
         });
     }
+    let binding = gate == ScrubGate::BindingConditions;
     Device {
         name: device.name.clone(),
         attributes: Some(attributes),
         taints: (!taints.is_empty()).then_some(taints),
+        binding_conditions: binding.then(|| vec![super::binding::SCRUBBED.to_owned()]),
+        binding_failure_conditions: binding.then(|| vec![super::binding::SCRUB_FAILED.to_owned()]),
         ..Device::default()
     }
 }
@@ -230,6 +235,7 @@ fn keep_taint_times(spec: &mut ResourceSliceSpec, server: &BTreeMap<String, Reso
 pub(crate) async fn publish(
     client: kube::Client,
     node_name: String,
+    gate: ScrubGate,
     registry: PoolRegistry,
     node: Arc<NodeContext>,
 ) {
@@ -293,7 +299,7 @@ pub(crate) async fn publish(
         let devices = dra_devices(&registry);
         let slice_devices: Vec<Device> = devices
             .values()
-            .map(|d| slice_device(d, awaiting_scrub(&node.state_dir, d)))
+            .map(|d| slice_device(d, awaiting_scrub(&node.state_dir, d), gate))
             .collect();
         let desired = desired_specs(&node_name, &slice_devices);
         if in_sync(&desired, &server) {
