@@ -258,6 +258,9 @@ pub fn run<N: VfLinkControl, S: DesiredStateSource>(
     if let Some(view) = &options.containers {
         spawn_records_watcher(view.records_dir.clone(), tx.clone());
     }
+    if let Some(scrubber) = &options.scrubber {
+        spawn_marks_watcher(scrubber.state_dir().to_path_buf(), tx.clone());
+    }
     source.watch(tx);
     let mut trigger = Trigger::Start;
     loop {
@@ -414,6 +417,39 @@ fn spawn_records_watcher(dir: PathBuf, tx: Sender<Trigger>) {
     );
 }
 
+/// Watches the VFs' handed-out marks: a VF the DRA driver marks released
+/// (the kubelet unprepared its claim) is scrubbed at once, with no other
+/// event to start the pass (no uevent, and the kubelet's pod-resources
+/// never listed it).
+fn spawn_marks_watcher(dir: PathBuf, tx: Sender<Trigger>) {
+    spawn_change_watcher(
+        move || {
+            let mut marks: Vec<(String, Option<SystemTime>)> = std::fs::read_dir(&dir)
+                .map(|entries| {
+                    entries
+                        .flatten()
+                        .filter(|e| {
+                            e.file_name()
+                                .to_string_lossy()
+                                .ends_with(vf_state::HANDED_OUT_SUFFIX)
+                        })
+                        .map(|e| {
+                            (
+                                e.file_name().to_string_lossy().into_owned(),
+                                e.metadata().ok().and_then(|m| m.modified().ok()),
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            marks.sort();
+            marks
+        },
+        Trigger::Marks,
+        tx,
+    );
+}
+
 /// Sends `trigger` whenever `stamp()` changes, looked at every 200 ms,
 /// until the loop is gone.
 fn spawn_change_watcher<T: PartialEq + Send + 'static>(
@@ -458,6 +494,24 @@ mod tests {
             rx.recv_timeout(Duration::from_secs(2)).ok(),
             Some(Trigger::Containers)
         );
+    }
+
+    #[test]
+    fn a_mark_written_or_removed_triggers_a_pass_and_other_files_do_not() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let (tx, rx) = mpsc::channel();
+        spawn_marks_watcher(dir.path().to_owned(), tx);
+        std::thread::sleep(Duration::from_millis(300));
+        let vf: vfplane_host::PciAddress = "0000:00:12.0".parse().unwrap_or_else(|e| panic!("{e}"));
+        vf_state::write_vf_mac(dir.path(), vf, Some("02:00:00:00:00:01")).unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            rx.recv_timeout(Duration::from_millis(600)).is_err(),
+            "a MAC file is no mark"
+        );
+        vf_state::mark_released(dir.path(), vf).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(rx.recv_timeout(Duration::from_secs(2)).ok(), Some(Trigger::Marks));
+        vf_state::clear_handed_out(dir.path(), vf).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(rx.recv_timeout(Duration::from_secs(2)).ok(), Some(Trigger::Marks));
     }
 
     #[test]

@@ -24,6 +24,9 @@ pub enum Trigger {
     /// A container given VFs was recorded by the OCI hook, or its record
     /// went.
     Containers,
+    /// A VF's handed-out mark appeared, changed or went (the DRA driver
+    /// marks a VF released when the kubelet unprepares its claim).
+    Marks,
 }
 
 /// What a source wants for the pass about to run.
