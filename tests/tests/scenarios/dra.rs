@@ -1,6 +1,7 @@
-//! vfplane as a DRA driver on the real cluster (Kubernetes 1.37, the
-//! systemd node): the chart installed with `dra.enabled=true`, a VfPolicy
-//! whose pool says `resourceApi: dra`, and a pod that gets a VF through a
+//! vfplane as a DRA driver on the real cluster (Kubernetes 1.37), as a
+//! scenario `cluster_systemd` runs on the systemd node after the scrub
+//! scenario: the chart installed with `dra.enabled=true`, a VfPolicy whose
+//! pool says `resourceApi: dra`, and a pod that gets a VF through a
 //! ResourceClaimTemplate.
 //!
 //! - The node's ResourceSlice lists the pool's two VFs as devices of driver
@@ -32,20 +33,24 @@
 //!   process unprepares the claim and the agent scrubs both VFs at once
 //!   (an unprepared VF is released: no grace time).
 //!
-//! The times it prints: claim to pod running, pod deleted to VF tainted, to
-//! VF scrubbed and untainted (the VF allocatable again), unbind to the
-//! taint and to Unhealthy in the pod's status, rebind to both cleared, and
-//! the two-VF pod deleted to both scrubbed.
-
-#![allow(clippy::expect_used, clippy::unwrap_used)] // test: a panic is the failure report
+//! - The two scrub gates side by side: a pod holding a VF is deleted and a
+//!   second pod asks for that same VF at once, first under the taint gate,
+//!   then (`helm upgrade --set dra.scrubGate=bindingConditions`) under
+//!   binding conditions, where every device carries them and the second
+//!   claim's device status says `vfplane.io/scrubbed`. Under both the second
+//!   pod runs only after the agent scrubbed the VF.
+//!
+//! The times it prints: claim to pod running and prepare, pod deleted to VF
+//! tainted, to VF scrubbed and untainted (the VF allocatable again), unbind
+//! to the taint and to Unhealthy in the pod's status, rebind to both
+//! cleared, the plugin's restart, the two-VF pod deleted to both scrubbed,
+//! and under each gate a released VF to its next tenant running.
 
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use xtask::cluster::ClusterOptions;
 use xtask::cluster::images::VFPLANE_IMAGE;
 use xtask::session::{NAMESPACE, Session, dra_devices, taint_keys};
-use xtask::testbed::Testbed;
 
 const FRAMES: u32 = 200;
 
@@ -179,19 +184,9 @@ fn signal_node_processes(session: &mut Session, comm: &str, signal: &str) -> usi
     out.trim().parse().unwrap_or(0)
 }
 
-#[test]
-fn a_pod_gets_a_vf_through_a_resource_claim_and_the_vf_is_scrubbed_after_it() {
-    if !xtask::e2e::enabled(
-        "a_pod_gets_a_vf_through_a_resource_claim_and_the_vf_is_scrubbed_after_it",
-        xtask::e2e::CLUSTER,
-    ) {
-        return;
-    }
-    let testbed = Testbed::prepare().expect("testbed");
-    let mut session = Session::start(&testbed, ClusterOptions::default()).expect("cluster");
-    session
-        .install_vfplane_with(&["dra.enabled=true"])
-        .expect("helm install with DRA");
+/// The scenarios, on a session with vfplane installed with
+/// `dra.enabled=true` and no VfPolicy on the node's PF.
+pub fn claims(session: &mut Session) {
     session.apply(policy()).expect("policy");
 
     // The slice: two VFs with their attributes, untainted.
@@ -321,10 +316,11 @@ fn a_pod_gets_a_vf_through_a_resource_claim_and_the_vf_is_scrubbed_after_it() {
         ])
         .unwrap();
 
-    let prepared_in = prepare_times(&session);
+    let prepared_in = prepare_times(session);
     assert_eq!(prepared_in.len(), 1, "one claim prepared: {prepared_in:?}");
 
     // Released: tainted while the agent scrubs it, untainted after.
+    let scrubs_before = scrub_lines(session, &vf);
     session
         .kubectl(&["delete", "pod", "dra-pktgen", "--wait=true"])
         .unwrap();
@@ -353,9 +349,10 @@ fn a_pod_gets_a_vf_through_a_resource_claim_and_the_vf_is_scrubbed_after_it() {
         !session.vf_handed_out(&vf).unwrap(),
         "VF {vf} scrubbed before its taint went"
     );
-    assert!(
-        session.agent_logged_scrub(&vf),
-        "the agent did not log the scrub of {vf}"
+    assert_eq!(
+        scrub_lines(session, &vf),
+        scrubs_before + 1,
+        "the agent logged one more scrub of {vf}"
     );
     let checkpoint = session
         .cluster_mut()
@@ -377,12 +374,12 @@ fn a_pod_gets_a_vf_through_a_resource_claim_and_the_vf_is_scrubbed_after_it() {
         untainted_after.as_secs_f64()
     );
 
-    unsatisfiable_claim_stays_pending_and_says_why(&mut session);
-    two_vfs_through_an_unbind_and_a_plugin_kill(&mut session);
+    unsatisfiable_claim_stays_pending_and_says_why(session);
+    two_vfs_through_an_unbind_and_a_plugin_kill(session);
 
     // The two scrub gates, side by side: the next tenant of a just-released
     // VF, under the taint and then under binding conditions.
-    let taint = next_tenant_of_a_released_vf(&mut session, "taint");
+    let taint = next_tenant_of_a_released_vf(session, "taint");
     session
         .helm(&[
             "upgrade",
@@ -398,7 +395,7 @@ fn a_pod_gets_a_vf_through_a_resource_claim_and_the_vf_is_scrubbed_after_it() {
         ])
         .unwrap();
     wait_for(
-        &session,
+        session,
         "every device carrying the binding condition",
         Duration::from_secs(120),
         |s| {
@@ -411,7 +408,7 @@ fn a_pod_gets_a_vf_through_a_resource_claim_and_the_vf_is_scrubbed_after_it() {
                 })
         },
     );
-    let binding = next_tenant_of_a_released_vf(&mut session, "binding");
+    let binding = next_tenant_of_a_released_vf(session, "binding");
     eprintln!(
         "cluster_dra: released VF -> next tenant running: taint {:.1} s (scrubbed after {:.1} s); binding conditions \
          {:.1} s (scrubbed after {:.1} s)",
@@ -753,15 +750,17 @@ fn two_vfs_through_an_unbind_and_a_plugin_kill(session: &mut Session) {
     let logs_after = session.kubectl(&["logs", "dra-pair"]).unwrap();
     assert_eq!(logs_after, logs, "the pod ran on untouched");
 
+    let scrubs_before: Vec<usize> = vfs.iter().map(|vf| scrub_lines(session, vf)).collect();
     session
         .kubectl(&["delete", "pod", "dra-pair", "--wait=true"])
         .unwrap();
     let deleted = Instant::now();
-    for vf in &vfs {
+    for (vf, before) in vfs.iter().zip(scrubs_before) {
         session.wait_scrubbed(vf, Duration::from_secs(120)).unwrap();
-        assert!(
-            session.agent_logged_scrub(vf),
-            "the agent did not log the scrub of {vf}"
+        assert_eq!(
+            scrub_lines(session, vf),
+            before + 1,
+            "the agent logged one more scrub of {vf}"
         );
     }
     let scrubbed_after = deleted.elapsed();
