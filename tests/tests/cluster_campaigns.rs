@@ -17,7 +17,7 @@
 //! on the systemd node: containerd and kubelet restarts and a
 //! `daemon-reload` under a running VF pod (`cluster_numa`), a kubelet
 //! restart with re-registration (`cluster_smoke`), the scrub and every
-//! container limit (`cluster_scrub`), the demo.
+//! container limit (`cluster_systemd`'s scrub scenario), the demo.
 //! `VFPLANE_CAMPAIGN_SEED` repeats a run's random moments.
 
 #![allow(clippy::expect_used)] // test: a panic is the failure report
