@@ -14,10 +14,11 @@
 //!   (`PCIDEVICE_VFPLANE_IO_FAST_<device>`) and the profile's locked memory,
 //!   and runs the driver's pktgen on it (the VF's own TX counter). The pod's
 //!   status shows the device Healthy (the kubelet's health stream).
-//! - The pod deleted, the kubelet unprepares the claim: the device is
-//!   tainted `vfplane.io/scrubbing` while the agent scrubs the VF, and the
-//!   taint goes once the VF is scrubbed; the driver's checkpoint holds no
-//!   claim.
+//! - The pod deleted with the agent paused (it scrubs a released VF within
+//!   a second, too soon to watch), the kubelet unprepares the claim: the
+//!   device is tainted `vfplane.io/scrubbing` and stays so while the VF is
+//!   unscrubbed; the agent resumed scrubs it and the taint goes; the
+//!   driver's checkpoint holds no claim.
 //! - A claim for two VFs whose constraint cannot be met (`matchAttribute`
 //!   on the VF index, which no two VFs share) leaves its pod Pending, and
 //!   the pod's condition says the scheduler cannot allocate the claim.
@@ -319,32 +320,48 @@ pub fn claims(session: &mut Session) {
     let prepared_in = prepare_times(session);
     assert_eq!(prepared_in.len(), 1, "one claim prepared: {prepared_in:?}");
 
-    // Released: tainted while the agent scrubs it, untainted after.
+    // Released: tainted until the agent scrubs it. The agent scrubs a
+    // released VF within a second, often before `kubectl delete` returns,
+    // so it is paused here to hold the VF released and unscrubbed: the
+    // taint must stay; the agent resumed scrubs it and the taint goes.
     let scrubs_before = scrub_lines(session, &vf);
+    assert_eq!(
+        signal_node_processes(session, "vfplane-agent", "STOP"),
+        1,
+        "the agent paused"
+    );
+    let released = Instant::now();
     session
         .kubectl(&["delete", "pod", "dra-pktgen", "--wait=true"])
         .unwrap();
-    let deleted = Instant::now();
-    let mut tainted_after = None;
-    loop {
-        let devices = dra_devices(session.cluster());
-        let ours = devices.iter().find(|d| d["name"] == device.as_str());
-        let keys = ours.map(taint_keys).unwrap_or_default();
-        if keys.iter().any(|k| k == "vfplane.io/scrubbing") && tainted_after.is_none() {
-            tainted_after = Some(deleted.elapsed());
-            session.kubectl(&["get", "resourceslices", "-o", "yaml"]).unwrap();
-        }
-        if tainted_after.is_some() && ours.is_some() && keys.is_empty() {
-            break;
-        }
-        assert!(
-            deleted.elapsed() < Duration::from_secs(180),
-            "device {device} after the pod's deletion: {ours:?} (tainted after {tainted_after:?})\n{}",
-            session.pod_diagnostics()
-        );
-        std::thread::sleep(Duration::from_millis(250));
-    }
-    let untainted_after = deleted.elapsed();
+    let tainted = |s: &Session| {
+        device_taints(s, &device).is_some_and(|t| t.iter().any(|k| k == "vfplane.io/scrubbing"))
+    };
+    wait_for(session, "the released VF tainted", Duration::from_secs(60), |s| {
+        tainted(s)
+    });
+    let tainted_after = released.elapsed();
+    session.kubectl(&["get", "resourceslices", "-o", "yaml"]).unwrap();
+    std::thread::sleep(Duration::from_secs(5));
+    let still_tainted = tainted(session);
+    let still_marked = session.vf_handed_out(&vf).unwrap();
+    let resumed = Instant::now();
+    assert_eq!(
+        signal_node_processes(session, "vfplane-agent", "CONT"),
+        1,
+        "the agent resumed"
+    );
+    assert!(
+        still_tainted && still_marked,
+        "unscrubbed, the VF must stay marked ({still_marked}) and tainted ({still_tainted})"
+    );
+    wait_for(
+        session,
+        "the VF scrubbed and untainted",
+        Duration::from_secs(120),
+        |s| device_taints(s, &device).is_some_and(|t| t.is_empty()),
+    );
+    let untainted_after = resumed.elapsed();
     assert!(
         !session.vf_handed_out(&vf).unwrap(),
         "VF {vf} scrubbed before its taint went"
@@ -366,11 +383,11 @@ pub fn claims(session: &mut Session) {
     );
 
     eprintln!(
-        "cluster_dra: claim template and pod applied -> pktgen done {:.1} s (prepare {} ms); pod deleted -> VF \
-         tainted {:.1} s -> scrubbed and untainted {:.1} s",
+        "cluster_dra: claim template and pod applied -> pktgen done {:.1} s (prepare {} ms); pod delete issued \
+         (agent paused) -> VF tainted {:.1} s; agent resumed -> scrubbed and untainted {:.1} s",
         to_running.as_secs_f64(),
         prepared_in[0],
-        tainted_after.unwrap_or_default().as_secs_f64(),
+        tainted_after.as_secs_f64(),
         untainted_after.as_secs_f64()
     );
 
@@ -421,9 +438,10 @@ pub fn claims(session: &mut Session) {
 
 /// What one round of [`next_tenant_of_a_released_vf`] measured.
 struct NextTenant {
-    /// The first pod deleted -> the VF's mark gone (the agent's scrub).
+    /// The first pod's delete issued -> the VF's mark gone (the scrub).
     scrubbed: Duration,
-    /// The first pod deleted -> the second pod running on the same VF.
+    /// The first pod's delete issued -> the second pod running on the
+    /// same VF.
     next_running: Duration,
 }
 
@@ -466,10 +484,10 @@ fn next_tenant_of_a_released_vf(session: &mut Session, round: &str) -> NextTenan
         })
         .unwrap();
     let scrubs_before = scrub_lines(session, VF);
+    let deleted = Instant::now();
     session
         .kubectl(&["delete", "pod", &first, "--wait=true"])
         .unwrap();
-    let deleted = Instant::now();
     session.apply(&sleeping_pod(&second, &template)).unwrap();
     let mut scrubbed = None;
     loop {
@@ -751,10 +769,10 @@ fn two_vfs_through_an_unbind_and_a_plugin_kill(session: &mut Session) {
     assert_eq!(logs_after, logs, "the pod ran on untouched");
 
     let scrubs_before: Vec<usize> = vfs.iter().map(|vf| scrub_lines(session, vf)).collect();
+    let deleted = Instant::now();
     session
         .kubectl(&["delete", "pod", "dra-pair", "--wait=true"])
         .unwrap();
-    let deleted = Instant::now();
     for (vf, before) in vfs.iter().zip(scrubs_before) {
         session.wait_scrubbed(vf, Duration::from_secs(120)).unwrap();
         assert_eq!(
