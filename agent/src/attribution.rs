@@ -18,6 +18,10 @@ use crate::source::Trigger;
 
 /// Resource names vfplane's device plugin serves start with this.
 pub const RESOURCE_PREFIX: &str = "vfplane.io/";
+/// The DRA driver whose claim devices are VFs.
+pub const DRA_DRIVER: &str = "vfplane.io";
+/// The CDI kind of a VF the DRA driver prepared: `vfplane.io/vf=<address>`.
+const VF_CDI_PREFIX: &str = "vfplane.io/vf=";
 /// How often the watcher asks the kubelet.
 pub const POLL_INTERVAL: Duration = Duration::from_secs(2);
 /// How long one connect or `List` may take.
@@ -32,7 +36,8 @@ pub struct Owner {
     pub pod: String,
     /// Container name.
     pub container: String,
-    /// The `vfplane.io/` resource it asked for.
+    /// What it asked for: the `vfplane.io/` resource, or for a DRA claim
+    /// `claim <namespace>/<name>`.
     pub resource: String,
     /// The CPUs the kubelet's static CPU manager gave the container for
     /// itself (pod-resources `cpu_ids`); empty without exclusive CPUs.
@@ -97,51 +102,84 @@ pub enum AttributionError {
     },
 }
 
-/// The owners in one `List` answer: every device of a `vfplane.io/`
-/// resource, by PCI address.
+/// The owners in one `List` answer, by PCI address: every device of a
+/// `vfplane.io/` resource, and every device of a DRA claim prepared by
+/// driver `vfplane.io` (its VF named by the CDI device
+/// `vfplane.io/vf=<address>` the driver returned, or else by the device
+/// name, the address with `-` for `:` and `.`).
 ///
 /// # Errors
-/// A device ID that is not a PCI address, or a VF listed twice.
+/// A device that is not a PCI address, or a VF listed twice.
 pub fn owners_from(response: &pr::ListPodResourcesResponse) -> Result<Owners, AttributionError> {
     let mut owners = Owners::new();
     for pod in &response.pod_resources {
         for container in &pod.containers {
+            let owner = |resource: &str| Owner {
+                namespace: pod.namespace.clone(),
+                pod: pod.name.clone(),
+                container: container.name.clone(),
+                resource: resource.to_owned(),
+                exclusive_cpus: container
+                    .cpu_ids
+                    .iter()
+                    .filter_map(|c| u32::try_from(*c).ok())
+                    .collect(),
+            };
+            let mut held: Vec<(String, Owner)> = Vec::new();
             for devices in &container.devices {
                 if !devices.resource_name.starts_with(RESOURCE_PREFIX) {
                     continue;
                 }
                 for device in &devices.device_ids {
-                    let owner = Owner {
-                        namespace: pod.namespace.clone(),
-                        pod: pod.name.clone(),
-                        container: container.name.clone(),
-                        resource: devices.resource_name.clone(),
-                        exclusive_cpus: container
-                            .cpu_ids
-                            .iter()
-                            .filter_map(|c| u32::try_from(*c).ok())
-                            .collect(),
-                    };
-                    let address: PciAddress = device.parse().map_err(|_| AttributionError::BadDevice {
-                        device: device.clone(),
-                        resource: devices.resource_name.clone(),
-                        owner: owner.to_string(),
-                    })?;
-                    if let Some(first) = owners.get(&address)
-                        && first != &owner
-                    {
-                        return Err(AttributionError::Twice {
-                            address,
-                            first: first.to_string(),
-                            second: owner.to_string(),
-                        });
-                    }
-                    owners.insert(address, owner);
+                    held.push((device.clone(), owner(&devices.resource_name)));
                 }
+            }
+            for claim in &container.dynamic_resources {
+                let resource = format!("claim {}/{}", claim.claim_namespace, claim.claim_name);
+                for device in claim
+                    .claim_resources
+                    .iter()
+                    .filter(|d| d.driver_name == DRA_DRIVER)
+                {
+                    let address = device
+                        .cdi_devices
+                        .iter()
+                        .find_map(|c| c.name.strip_prefix(VF_CDI_PREFIX))
+                        .map_or_else(|| address_of_device_name(&device.device_name), str::to_owned);
+                    held.push((address, owner(&resource)));
+                }
+            }
+            for (device, owner) in held {
+                let address: PciAddress = device.parse().map_err(|_| AttributionError::BadDevice {
+                    device: device.clone(),
+                    resource: owner.resource.clone(),
+                    owner: owner.to_string(),
+                })?;
+                if let Some(first) = owners.get(&address)
+                    && first != &owner
+                {
+                    return Err(AttributionError::Twice {
+                        address,
+                        first: first.to_string(),
+                        second: owner.to_string(),
+                    });
+                }
+                owners.insert(address, owner);
             }
         }
     }
     Ok(owners)
+}
+
+/// The PCI address a DRA device name stands for: `0000-00-12-0` ->
+/// `0000:00:12.0` (returned as given when it has not that shape, so the
+/// parse that follows names it).
+fn address_of_device_name(name: &str) -> String {
+    let parts: Vec<&str> = name.split('-').collect();
+    match parts.as_slice() {
+        [domain, bus, slot, function] => format!("{domain}:{bus}:{slot}.{function}"),
+        _ => name.to_owned(),
+    }
 }
 
 /// Writes each VF's owner into `status` (and clears it for VFs nobody holds).

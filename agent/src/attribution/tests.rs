@@ -67,6 +67,82 @@ fn owners_are_the_containers_given_vfplane_devices() {
     assert_eq!(owners[&address("0000:21:10.0")].resource, "vfplane.io/slow");
 }
 
+fn claim(namespace: &str, name: &str, devices: Vec<(&str, &str, &[&str])>) -> pr::DynamicResource {
+    pr::DynamicResource {
+        claim_name: name.to_owned(),
+        claim_namespace: namespace.to_owned(),
+        claim_resources: devices
+            .into_iter()
+            .map(|(driver, device, cdi)| pr::ClaimResource {
+                cdi_devices: cdi
+                    .iter()
+                    .map(|n| pr::CdiDevice {
+                        name: (*n).to_owned(),
+                    })
+                    .collect(),
+                driver_name: driver.to_owned(),
+                pool_name: "node-a".to_owned(),
+                device_name: device.to_owned(),
+            })
+            .collect(),
+    }
+}
+
+#[test]
+fn a_dra_claims_vfs_are_owned_by_the_containers_that_use_the_claim() {
+    let mut sample = sample();
+    sample.pod_resources.push(pr::PodResources {
+        name: "dra-pod".to_owned(),
+        namespace: "ran".to_owned(),
+        containers: vec![pr::ContainerResources {
+            name: "du".to_owned(),
+            cpu_ids: vec![3, 4],
+            dynamic_resources: vec![claim(
+                "ran",
+                "du-vfs",
+                vec![
+                    (
+                        DRA_DRIVER,
+                        "0000-00-12-4",
+                        &["vfplane.io/claim=uid-0000-00-12-4", "vfplane.io/vf=0000:00:12.4"],
+                    ),
+                    (DRA_DRIVER, "0000-00-12-6", &[]),
+                    ("gpu.example.com", "gpu-0", &["example.com/gpu=0"]),
+                ],
+            )],
+            ..Default::default()
+        }],
+    });
+    let owners = owners_from(&sample).unwrap();
+    assert_eq!(owners.len(), 5, "{owners:?}");
+    for vf in ["0000:00:12.4", "0000:00:12.6"] {
+        let owner = &owners[&address(vf)];
+        assert_eq!(owner.to_string(), "ran/dra-pod/du");
+        assert_eq!(owner.resource, "claim ran/du-vfs");
+        assert_eq!(owner.exclusive_cpus, [3, 4]);
+    }
+}
+
+#[test]
+fn a_dra_device_of_ours_that_names_no_vf_is_named() {
+    let response = pr::ListPodResourcesResponse {
+        pod_resources: vec![pr::PodResources {
+            name: "p".to_owned(),
+            namespace: "ns".to_owned(),
+            containers: vec![pr::ContainerResources {
+                name: "c".to_owned(),
+                dynamic_resources: vec![claim("ns", "cl", vec![(DRA_DRIVER, "nic-7", &[])])],
+                ..Default::default()
+            }],
+        }],
+    };
+    let error = owners_from(&response).unwrap_err().to_string();
+    assert!(
+        error.contains("\"nic-7\"") && error.contains("claim ns/cl") && error.contains("ns/p/c"),
+        "{error}"
+    );
+}
+
 #[test]
 fn a_device_of_ours_that_is_not_a_pci_address_is_named() {
     let response = pr::ListPodResourcesResponse {

@@ -13,7 +13,8 @@
 //!   the container gets the VF's group node, its environment
 //!   (`PCIDEVICE_VFPLANE_IO_FAST_<device>`) and the profile's locked memory,
 //!   and runs the driver's pktgen on it (the VF's own TX counter). The pod's
-//!   status shows the device Healthy (the kubelet's health stream).
+//!   status shows the device Healthy (the kubelet's health stream), and the
+//!   NodeState names the pod's container as the VF's owner.
 //! - The pod deleted with the agent paused (it scrubs a released VF within
 //!   a second, too soon to watch), the kubelet unprepares the claim: the
 //!   device is tainted `vfplane.io/scrubbing` and stays so while the VF is
@@ -51,7 +52,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use xtask::cluster::images::VFPLANE_IMAGE;
-use xtask::session::{NAMESPACE, Session, dra_devices, taint_keys};
+use xtask::session::{NAMESPACE, Session, dra_devices, node_vf_statuses, taint_keys};
 
 const FRAMES: u32 = 200;
 
@@ -317,6 +318,22 @@ pub fn claims(session: &mut Session) {
         ])
         .unwrap();
 
+    // The agent names the claim's container as the VF's owner (the
+    // kubelet's pod-resources lists DRA claims' devices too).
+    let owned_by = |c: &xtask::cluster::Cluster, owner: &str| {
+        node_vf_statuses(c).is_ok_and(|vfs| {
+            vfs.iter()
+                .any(|v| v["pciAddress"] == vf.as_str() && v["owner"] == owner)
+        })
+    };
+    session
+        .wait(
+            "the claim's VF owned in the NodeState",
+            Duration::from_secs(60),
+            |c| Ok(owned_by(c, "default/dra-pktgen/pktgen")),
+        )
+        .expect("the owner of a DRA VF");
+
     let prepared_in = prepare_times(session);
     assert_eq!(prepared_in.len(), 1, "one claim prepared: {prepared_in:?}");
 
@@ -393,6 +410,7 @@ pub fn claims(session: &mut Session) {
 
     unsatisfiable_claim_stays_pending_and_says_why(session);
     two_vfs_through_an_unbind_and_a_plugin_kill(session);
+    the_plugins_footprint_serving_the_pool_by_each_api(session);
 
     // The two scrub gates, side by side: the next tenant of a just-released
     // VF, under the taint and then under binding conditions.
@@ -433,6 +451,69 @@ pub fn claims(session: &mut Session) {
         taint.scrubbed.as_secs_f64(),
         binding.next_running.as_secs_f64(),
         binding.scrubbed.as_secs_f64()
+    );
+}
+
+/// The plugin process's resident memory (KiB) and CPU time (clock ticks,
+/// user + system), read from its `/proc` entry on the node.
+fn plugin_footprint(session: &mut Session) -> (u64, u64) {
+    let out = session
+        .cluster_mut()
+        .node_exec(
+            "for p in /proc/[0-9]*; do [ \"$(cat $p/comm 2>/dev/null)\" = vfplane-device- ] && \
+             { awk '/^VmRSS/ {print $2}' $p/status; cut -d' ' -f14,15 $p/stat; }; done",
+        )
+        .unwrap();
+    let numbers: Vec<u64> = out.split_whitespace().filter_map(|w| w.parse().ok()).collect();
+    assert_eq!(numbers.len(), 3, "one plugin process: {out:?}");
+    (numbers[0], numbers[1] + numbers[2])
+}
+
+/// The plugin idle for 20 s: its RSS (KiB) and CPU (ms per minute; the
+/// node's clock tick is 10 ms).
+fn idle_plugin(session: &mut Session) -> (u64, u64) {
+    let (_, before) = plugin_footprint(session);
+    std::thread::sleep(Duration::from_secs(20));
+    let (rss, after) = plugin_footprint(session);
+    (rss, (after - before) * 10 * 3)
+}
+
+/// The plugin's footprint, idle, with the pool's two VFs served through
+/// DRA and then, the policy moved to `resourceApi: devicePlugin`, through
+/// the device plugin; then the pool goes back to DRA.
+fn the_plugins_footprint_serving_the_pool_by_each_api(session: &mut Session) {
+    let dra = idle_plugin(session);
+    let move_to = |session: &Session, api: &str| {
+        session
+            .kubectl(&[
+                "patch",
+                "vfpolicy",
+                "dra-fast",
+                "--type=merge",
+                "-p",
+                &format!(r#"{{"spec":{{"resourceApi":"{api}"}}}}"#),
+            ])
+            .unwrap();
+    };
+    move_to(session, "devicePlugin");
+    session
+        .wait_allocatable("fast", 2, Duration::from_secs(120))
+        .unwrap();
+    let device_plugin = idle_plugin(session);
+    move_to(session, "dra");
+    wait_for(
+        session,
+        "the pool's VFs back in the ResourceSlice",
+        Duration::from_secs(120),
+        |s| {
+            let devices = dra_devices(s.cluster());
+            devices.len() == 2 && devices.iter().all(|d| taint_keys(d).is_empty())
+        },
+    );
+    eprintln!(
+        "cluster_dra: the plugin idle, 20 s each, serving the pool's 2 VFs: through DRA {} KiB RSS, {} ms CPU per \
+         minute; through the device plugin {} KiB RSS, {} ms CPU per minute",
+        dra.0, dra.1, device_plugin.0, device_plugin.1
     );
 }
 
