@@ -1033,7 +1033,7 @@ fn rbac_is_least_privilege_and_exactly_what_the_code_calls() {
             ("vfplane.io", "nodestates/status", &["patch"]),
             ("events.k8s.io", "events", &["create", "patch"]),
         ];
-        if r.name == "dra" {
+        if r.name == "dra" || r.name == "dra-binding" {
             // The device plugin as DRA driver (dra/node.rs reads claims;
             // dra/slices.rs reads the Node and keeps the slices).
             node_pod.extend([
@@ -1044,6 +1044,19 @@ fn rbac_is_least_privilege_and_exactly_what_the_code_calls() {
                     &["get", "list", "watch", "create", "update", "delete"][..],
                 ),
                 ("", "nodes", &["get"][..]),
+            ]);
+        }
+        if r.name == "dra-binding" {
+            // dra/binding.rs watches the claims and applies its devices'
+            // conditions to their status, for its own driver.
+            node_pod.extend([
+                ("resource.k8s.io", "resourceclaims", &["list", "watch"][..]),
+                ("resource.k8s.io", "resourceclaims/status", &["patch"][..]),
+                (
+                    "resource.k8s.io",
+                    "resourceclaims/driver",
+                    &["associated-node:patch"][..],
+                ),
             ]);
         }
         assert_eq!(
