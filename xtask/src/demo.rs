@@ -576,10 +576,10 @@ fn dra_step(demo: &mut Demo) -> Result<()> {
         moved.elapsed().as_secs_f64(),
     ));
     demo.session.kubectl(&["get", "resourceslices"])?;
+    let allocatable = demo.session.allocatable(POOL);
     ensure!(
-        demo.session.allocatable(POOL).is_empty() || demo.session.allocatable(POOL) == "0",
-        "the pool is still a device-plugin resource: allocatable {}",
-        demo.session.allocatable(POOL)
+        allocatable.is_empty() || allocatable == "0",
+        "the pool is still a device-plugin resource: allocatable {allocatable}"
     );
     demo.session.apply(&claim_pod_yaml(POD, FRAMES))?;
     let created = Instant::now();
