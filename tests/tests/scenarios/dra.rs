@@ -461,7 +461,7 @@ fn plugin_footprint(session: &mut Session) -> (u64, u64) {
         .cluster_mut()
         .node_exec(
             "for p in /proc/[0-9]*; do [ \"$(cat $p/comm 2>/dev/null)\" = vfplane-device- ] && \
-             { awk '/^VmRSS/ {print $2}' $p/status; cut -d' ' -f14,15 $p/stat; }; done",
+             { awk '/^VmRSS/ {print $2}' $p/status; cut -d' ' -f14,15 $p/stat; }; done; true",
         )
         .unwrap();
     let numbers: Vec<u64> = out.split_whitespace().filter_map(|w| w.parse().ok()).collect();
