@@ -1758,13 +1758,7 @@ fn dra_enabled_gives_the_plugin_its_sockets_token_rights_and_the_device_class() 
             "volume {volume}: the same path on the node as in the container"
         );
     }
-    let rules: Vec<&PolicyRule> = on
-        .objects
-        .iter()
-        .filter_map(pick!(Object::ClusterRole))
-        .filter(|r| r.metadata.name.as_deref() == Some("vfplane-agent"))
-        .flat_map(|r| r.rules.iter().flatten())
-        .collect();
+    let rules: Vec<&PolicyRule> = on.cluster_role("vfplane-agent").rules.iter().flatten().collect();
     let allows = |group: &str, resource: &str, verb: &str| {
         rules.iter().any(|r| {
             r.api_groups.iter().flatten().any(|g| g == group)
@@ -1814,11 +1808,10 @@ fn the_binding_conditions_gate_gets_its_flag_and_the_right_to_set_its_devices_co
         "{args:?}"
     );
     let rules: Vec<&PolicyRule> = rendered
-        .objects
+        .cluster_role("vfplane-agent")
+        .rules
         .iter()
-        .filter_map(pick!(Object::ClusterRole))
-        .filter(|r| r.metadata.name.as_deref() == Some("vfplane-agent"))
-        .flat_map(|r| r.rules.iter().flatten())
+        .flatten()
         .collect();
     let allows = |resource: &str, verb: &str, name: Option<&str>| {
         rules.iter().any(|r| {
