@@ -15,6 +15,7 @@ use vfplane_host::readiness::VFIO_PCI;
 use vfplane_host::{Host, HostModel, PciAddress, PhysicalFunction, error_chain};
 use vfplane_proto::node_state::{Condition, DeviceType, NodeStateSpec, NodeStateStatus, PfSpec};
 use vfplane_proto::pool::{PoolConfig, validate_pool_name};
+use vfplane_proto::vf_config::{self, VfOverrides};
 use vfplane_proto::vf_range::parse_vf_range;
 
 use crate::netlink::{Mac, VfLinkControl, VfLinkInfo, VfLinkMode, VfLinkSettings, VfSetting, derived_mac};
@@ -289,14 +290,50 @@ impl<N: VfLinkControl> Reconciler<N> {
     }
 
     /// Whether the spec leaves the VF's MAC to its tenant now: trusted, and
-    /// handed out (a mark that cannot be read counts as one: leaving a
-    /// MAC alone is the safe side).
+    /// handed out or prepared for a DRA claim (a mark that cannot be read
+    /// counts as one: leaving a MAC alone is the safe side).
     fn mac_is_the_tenants(&self, vf: &VfPlan, address: PciAddress) -> bool {
         vf.settings.trust
-            && self
-                .handed_out_marks
-                .as_deref()
-                .is_some_and(|dir| !matches!(vfplane_proto::vf_state::handed_out_at(dir, address), Ok(None)))
+            && self.handed_out_marks.as_deref().is_some_and(|dir| {
+                !matches!(vfplane_proto::vf_state::handed_out_at(dir, address), Ok(None))
+                    || !matches!(vf_config::read_claim_config(dir, address), Ok(None))
+            })
+    }
+
+    /// The settings a DRA claim gives the VF at `address`, as their text
+    /// and read (`None`: not prepared for a claim, or no state directory).
+    /// A file that cannot be read or parsed is an `Err` for the claim's
+    /// result; the VF then keeps the spec's settings.
+    fn claim_settings(&self, address: PciAddress) -> Option<(String, Result<VfOverrides, String>)> {
+        let dir = self.handed_out_marks.as_deref()?;
+        match vf_config::read_claim_config(dir, address) {
+            Ok(None) => None,
+            Ok(Some(text)) => {
+                let read = text.parse::<VfOverrides>().map_err(|e| e.to_string());
+                Some((text, read))
+            }
+            Err(error) => Some((
+                String::new(),
+                Err(format!(
+                    "cannot read {}: {error}",
+                    vf_config::claim_config_path(dir, address).display()
+                )),
+            )),
+        }
+    }
+
+    /// The VF as it should be now: the spec's plan with a DRA claim's
+    /// settings over it.
+    fn effective(&self, vf: &VfPlan, address: PciAddress) -> VfPlan {
+        let mut effective = vf.clone();
+        if let Some((_, Ok(claim))) = self.claim_settings(address) {
+            let settings = &mut effective.settings;
+            settings.mac = claim.mac.unwrap_or(settings.mac);
+            settings.vlan = claim.vlan.unwrap_or(settings.vlan);
+            settings.trust = claim.trust.unwrap_or(settings.trust);
+            settings.spoof_chk = claim.spoof_chk.unwrap_or(settings.spoof_chk);
+        }
+        effective
     }
 
     /// The host this reconciles.
@@ -595,6 +632,8 @@ impl<N: VfLinkControl> Reconciler<N> {
         }
     }
 
+    /// Configures one VF, and answers a DRA claim's settings for it (the
+    /// driver waits for that answer before the claim's pod starts).
     fn configure_vf(
         &self,
         plan: &PfPlan,
@@ -603,6 +642,42 @@ impl<N: VfLinkControl> Reconciler<N> {
         address: PciAddress,
         links: &[VfLinkInfo],
     ) -> Result<(), VfWriteError> {
+        let claim = self.claim_settings(address);
+        let dir = self.handed_out_marks.as_deref();
+        // Settings not answered yet are written whole, the MAC too; after
+        // that a trusted VF's MAC is its tenant's, as for any VF handed out.
+        let unanswered = claim.as_ref().zip(dir).is_some_and(|((config, _), dir)| {
+            !matches!(vf_config::read_claim_config_result(dir, address),
+                Ok(Some(ref answer)) if answer.config == *config && answer.outcome.is_ok())
+        });
+        let result =
+            self.configure_effective_vf(plan, pf, &self.effective(vf, address), address, links, unanswered);
+        if let (Some((config, read)), Some(dir)) = (claim, dir) {
+            let outcome = match (read, &result) {
+                (Err(why), _) => Err(format!("the claim's settings are not understood: {why}")),
+                (Ok(_), Err(error)) => Err(error_chain(error)),
+                (Ok(_), Ok(())) => Ok(()),
+            };
+            let answer = vf_config::ClaimConfigResult { config, outcome };
+            // Written when it changes only: every pass reaches here.
+            if !matches!(vf_config::read_claim_config_result(dir, address), Ok(Some(ref old)) if *old == answer)
+                && let Err(error) = vf_config::write_claim_config_result(dir, address, &answer)
+            {
+                tracing::warn!(%address, %error, "cannot write the answer to a claim's VF settings");
+            }
+        }
+        result
+    }
+
+    fn configure_effective_vf(
+        &self,
+        plan: &PfPlan,
+        pf: &PhysicalFunction,
+        vf: &VfPlan,
+        address: PciAddress,
+        links: &[VfLinkInfo],
+        claims_mac_unwritten: bool,
+    ) -> Result<(), VfWriteError> {
         let mut mac_changed = false;
         if let Some(ifname) = &plan.ifname {
             // A VF the PF does not report at all gets every setting.
@@ -610,7 +685,7 @@ impl<N: VfLinkControl> Reconciler<N> {
                 Some(have) => have.differences(&vf.settings),
                 None => VfSetting::ALL.to_vec(),
             };
-            if self.mac_is_the_tenants(vf, address) {
+            if self.mac_is_the_tenants(vf, address) && !claims_mac_unwritten {
                 differences.retain(|d| *d != VfSetting::Mac);
             }
             mac_changed = differences.contains(&VfSetting::Mac);

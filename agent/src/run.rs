@@ -420,7 +420,8 @@ fn spawn_records_watcher(dir: PathBuf, tx: Sender<Trigger>) {
 /// Watches the VFs' handed-out marks: a VF the DRA driver marks released
 /// (the kubelet unprepared its claim) is scrubbed at once, with no other
 /// event to start the pass (no uevent, and the kubelet's pod-resources
-/// never listed it).
+/// never listed it). And a DRA claim's VF settings: the driver waits for
+/// the agent to write them before the claim's pod starts.
 fn spawn_marks_watcher(dir: PathBuf, tx: Sender<Trigger>) {
     spawn_change_watcher(
         move || {
@@ -429,9 +430,10 @@ fn spawn_marks_watcher(dir: PathBuf, tx: Sender<Trigger>) {
                     entries
                         .flatten()
                         .filter(|e| {
-                            e.file_name()
-                                .to_string_lossy()
-                                .ends_with(vf_state::HANDED_OUT_SUFFIX)
+                            let name = e.file_name();
+                            let name = name.to_string_lossy();
+                            name.ends_with(vf_state::HANDED_OUT_SUFFIX)
+                                || name.ends_with(vfplane_proto::vf_config::CLAIM_CONFIG_SUFFIX)
                         })
                         .map(|e| {
                             (

@@ -343,6 +343,10 @@ impl Scrubber {
             source,
         };
         vf_state::write_vf_state(dir, address, Some(VfState::ScrubPending)).map_err(state_error)?;
+        // A DRA claim's settings go with the claim (the driver removes
+        // them at unprepare; one left by a driver that died between is
+        // dropped here): what follows restores the spec's.
+        vfplane_proto::vf_config::clear_claim_config(dir, address).map_err(state_error)?;
         self.reset(reconciler.host(), address)?;
         if let Some((ifname, index, want)) = reconciler.spec_of_vf(spec, address) {
             let restore = |message: String| ScrubError::Restore {

@@ -9,6 +9,7 @@
 //! | `<address>` | one word: `scrub-pending` or `scrub-failed` | the VF is being scrubbed after its container left (the plugin holds an `Allocate` for it until the file goes, and reports the VF Unhealthy only once the word is older than [`SCRUB_STALLED`]: no agent is finishing it), or the scrub failed (Unhealthy: quarantined). No file: no scrub in progress. |
 //! | `<address>.mac` | a MAC address, `aa:bb:cc:dd:ee:ff` | the MAC the agent gave the VF; the plugin puts it in `PCIDEVICE_VFPLANE_IO_<POOL>_INFO` |
 //! | `<address>.handed-out` | the Unix time (seconds) of the `Allocate` | written by the device plugin when it hands the VF to a container: the VF is dirty until the agent scrubs it and removes the file. The plugin refuses to hand out a VF that has one. |
+//! | `<address>.claim-config`, `<address>.claim-config-result` | a DRA claim's settings for the VF, and the agent's answer | see [`crate::vf_config`] |
 //!
 //! Writers replace a file atomically (write a temporary file in the same
 //! directory, then rename it over the name: [`write_vf_state`] does this),
@@ -274,6 +275,15 @@ pub fn clear_handed_out(dir: &Path, address: PciAddress) -> io::Result<()> {
 /// # Errors
 /// I/O errors reading the directory.
 pub fn handed_out_vfs(dir: &Path) -> io::Result<Vec<PciAddress>> {
+    vfs_with_suffix(dir, HANDED_OUT_SUFFIX)
+}
+
+/// The VFs with a file `<address><suffix>` in `dir`, sorted (none when
+/// `dir` does not exist).
+///
+/// # Errors
+/// I/O errors reading the directory.
+pub fn vfs_with_suffix(dir: &Path, suffix: &str) -> io::Result<Vec<PciAddress>> {
     let entries = match fs::read_dir(dir) {
         Ok(entries) => entries,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -284,7 +294,7 @@ pub fn handed_out_vfs(dir: &Path) -> io::Result<Vec<PciAddress>> {
         let name = entry?.file_name();
         if let Some(address) = name
             .to_str()
-            .and_then(|n| n.strip_suffix(HANDED_OUT_SUFFIX))
+            .and_then(|n| n.strip_suffix(suffix))
             .and_then(|a| a.parse().ok())
         {
             vfs.push(address);

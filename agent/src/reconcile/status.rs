@@ -96,6 +96,7 @@ impl<N: VfLinkControl> Reconciler<N> {
                 let link = links.iter().find(|l| l.vf == u32::from(vf.index));
                 let mut health = VfHealth::Unmanaged;
                 if let Some(wanted) = wanted {
+                    let wanted = &self.effective(wanted, vf.pci.address);
                     let tenants_mac = self.mac_is_the_tenants(wanted, vf.pci.address);
                     let problem = vf_mismatch(vf, wanted, link, spec.allow_no_iommu, tenants_mac);
                     health = VfHealth::from_reasons(problem.as_slice());

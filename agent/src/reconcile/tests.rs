@@ -525,6 +525,80 @@ fn a_trusted_vf_handed_out_keeps_its_tenants_mac_and_an_untrusted_one_is_repaire
     );
 }
 
+#[test]
+fn a_dra_claims_settings_are_written_answered_and_dropped_with_the_claim() {
+    let fake = node();
+    let state = tempfile::tempdir().unwrap();
+    let text = "spec:\n  pfs:\n    - pciAddress: \"0000:00:02.0\"\n      numVfs: 4\n      vfGroups:\n        - {resourceName: dra, vfRange: \"0-1\", vlan: 10, macs: [\"02:00:00:00:00:01\", \"02:00:00:00:00:02\"]}\n";
+    let agent = reconciler_with(&fake, |_| {}).with_handed_out_marks(state.path());
+    assert!(agent.apply(&spec(text)).converged);
+    let vf0: PciAddress = "0000:00:12.0".parse().unwrap();
+    let vf1: PciAddress = "0000:00:12.2".parse().unwrap();
+    let claim: vfplane_proto::vf_config::VfOverrides =
+        "mac=02:aa:00:00:00:07 vlan=120 trust=on".parse().unwrap();
+    vfplane_proto::vf_config::write_claim_config(state.path(), vf0, &claim).unwrap();
+    // Prepared with no settings of its own: the pool's, answered all the same.
+    vfplane_proto::vf_config::write_claim_config(state.path(), vf1, &Default::default()).unwrap();
+    agent.netlink().clear_writes();
+    let report = agent.apply(&spec(text));
+    assert!(report.converged, "{:?}", report.errors);
+    assert_eq!(
+        agent.netlink().writes(),
+        ["eth0 vf 0 mac", "eth0 vf 0 vlan", "eth0 vf 0 trust"]
+    );
+    let link = agent.netlink().get("eth0", 0).unwrap();
+    assert_eq!(
+        (link.mac.to_string().as_str(), link.vlan, link.trust),
+        ("02:aa:00:00:00:07", 120, Some(true))
+    );
+    let vf_status = &report.status.pfs[0].vfs[0];
+    assert!(
+        vf_status.health.is_healthy(),
+        "the claim's settings are not a mismatch: {vf_status:?}"
+    );
+    let answer = |vf| {
+        vfplane_proto::vf_config::read_claim_config_result(state.path(), vf)
+            .unwrap()
+            .unwrap()
+    };
+    assert_eq!(answer(vf0).config, "mac=02:aa:00:00:00:07 vlan=120 trust=on");
+    assert_eq!(answer(vf0).outcome, Ok(()));
+    assert_eq!((answer(vf1).config.as_str(), answer(vf1).outcome), ("", Ok(())));
+    // The next pass keeps them and writes nothing; and the VF is trusted
+    // now, so a MAC its tenant sets is the tenant's.
+    let mut link = agent.netlink().get("eth0", 0).unwrap();
+    link.mac = "02:00:00:00:01:01".parse().unwrap();
+    agent.netlink().insert("eth0", link);
+    agent.netlink().clear_writes();
+    assert!(agent.apply(&spec(text)).converged);
+    assert!(
+        agent.netlink().writes().is_empty(),
+        "{:?}",
+        agent.netlink().writes()
+    );
+
+    // Settings the agent does not understand are answered as a failure,
+    // and the VF keeps the pool's.
+    std::fs::write(
+        vfplane_proto::vf_config::claim_config_path(state.path(), vf1),
+        "vlan=9999\n",
+    )
+    .unwrap();
+    assert!(agent.apply(&spec(text)).converged);
+    let failed = answer(vf1).outcome.unwrap_err();
+    assert!(failed.contains("vlan 9999 is out of range"), "{failed}");
+    assert_eq!(agent.netlink().get("eth0", 1).unwrap().vlan, 10);
+
+    // The claim gone: the spec's settings again.
+    vfplane_proto::vf_config::clear_claim_config(state.path(), vf0).unwrap();
+    assert!(agent.apply(&spec(text)).converged);
+    let link = agent.netlink().get("eth0", 0).unwrap();
+    assert_eq!(
+        (link.mac.to_string().as_str(), link.vlan, link.trust),
+        ("02:00:00:00:00:01", 10, Some(false))
+    );
+}
+
 /// Each written pool's name and how many devices it lists (`None`: by
 /// selector only).
 fn pool_sizes(report: &ApplyReport) -> Vec<(&str, Option<usize>)> {

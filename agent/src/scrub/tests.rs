@@ -183,6 +183,11 @@ fn a_vf_the_dra_driver_released_is_scrubbed_without_the_grace_but_not_while_open
     let node = node();
     let scrubber = node.scrubber();
     vfplane_proto::vf_state::mark_released(node.state.path(), node.vf).unwrap();
+    // Settings of the claim, left by a driver that died before it removed
+    // them, and in force on the PF.
+    let claim = "vlan=99".parse().unwrap();
+    vfplane_proto::vf_config::write_claim_config(node.state.path(), node.vf, &claim).unwrap();
+    node.tenant_changes_settings();
     node.hold_group(4242, 4);
     assert_eq!(
         scrubber.scrub_released(&node.reconciler, &node.spec, Some(&Owners::new()), true),
@@ -197,6 +202,12 @@ fn a_vf_the_dra_driver_released_is_scrubbed_without_the_grace_but_not_while_open
         "scrubbed in its first second: {outcomes:?}"
     );
     assert_eq!(handed_out_at(node.state.path(), node.vf).unwrap(), None);
+    assert_eq!(
+        vfplane_proto::vf_config::read_claim_config(node.state.path(), node.vf).unwrap(),
+        None
+    );
+    let restored = node.reconciler.netlink().get("eth0", 0).unwrap();
+    assert_eq!(restored.vlan, 10, "the spec's VLAN again: {restored:?}");
 }
 
 #[test]

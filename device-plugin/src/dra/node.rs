@@ -11,24 +11,32 @@
 //! as for the device plugin); its environment
 //! (`PCIDEVICE_VFPLANE_IO_<POOL>_<DEVICE>` and `..._INFO`, which the in-pod
 //! driver and vfplane's NRI plugin read) is the claim's own CDI spec
-//! (`vfplane.io/claim=<uid>-<device>`). The checkpoint is written before
-//! the kubelet hears the answer; a claim already in it gets the same
-//! answer again.
+//! (`vfplane.io/claim=<uid>-<device>`). The claim's `VfConfig` settings
+//! (MAC, VLAN, trust, spoof checking; see `vfplane_proto::vf_config`) go to
+//! the agent, which alone writes VF settings, through the state directory;
+//! prepare answers once the agent says the VF has them (or its pool's, for
+//! a claim that sets none), and passes a refusal on. The checkpoint is
+//! written before the kubelet hears the answer; a claim already in it gets
+//! the same answer again.
 //!
-//! Unprepare (the claim's last pod on the node is gone): the claim's CDI
-//! spec goes, each VF is marked handed out, so the agent scrubs it and
+//! Unprepare (the claim's last pod on the node is gone): the claim's
+//! settings and CDI spec go, each VF is marked handed out, so the agent
+//! scrubs it (which writes the pool's settings again and checks them) and
 //! nobody gets it before (the slice taints it meanwhile, and prepare
 //! refuses it), and the claim leaves the checkpoint. An unknown UID is
 //! already unprepared.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use k8s_openapi::api::resource::v1::ResourceClaim;
+use k8s_openapi::api::resource::v1::{DeviceAllocationConfiguration, ResourceClaim};
 use tokio::sync::Mutex;
 use tonic::{Request, Response, Status};
 use vfplane_host::PciAddress;
 use vfplane_proto::dra::v1 as drapb;
+use vfplane_proto::vf_config::{self, VfConfig, VfOverrides};
 use vfplane_proto::vf_state;
 
 use super::checkpoint::{Checkpoint, PreparedClaim, PreparedDevice};
@@ -67,15 +75,19 @@ pub struct Allocated {
     pub pool: String,
     /// The device name.
     pub device: String,
+    /// The claim's (and its class's) `VfConfig` settings for it.
+    pub settings: VfOverrides,
 }
 
 /// The devices `claim` was allocated from this driver, checked against
-/// `node_name` (the one pool this driver publishes per node).
+/// `node_name` (the one pool this driver publishes per node), each with the
+/// `VfConfig` settings that apply to it: the class's configuration first,
+/// then the claim's, a later field over an earlier one.
 ///
 /// # Errors
 /// The claim is not allocated, names a device of another node's pool, or
-/// carries configuration for this driver (not taken yet: it would be
-/// silently ignored).
+/// carries configuration for this driver that is not a `VfConfig`, or
+/// gives one MAC to several devices.
 pub fn allocated_devices(claim: &ResourceClaim, node_name: &str) -> Result<Vec<Allocated>, String> {
     let id = claim_id(claim);
     let allocation = claim
@@ -84,19 +96,8 @@ pub fn allocated_devices(claim: &ResourceClaim, node_name: &str) -> Result<Vec<A
         .and_then(|s| s.allocation.as_ref())
         .and_then(|a| a.devices.as_ref())
         .ok_or_else(|| format!("ResourceClaim {id} is not allocated"))?;
-    if let Some(index) = allocation
-        .config
-        .iter()
-        .flatten()
-        .position(|c| c.opaque.as_ref().is_some_and(|o| o.driver == DRIVER_NAME))
-    {
-        return Err(format!(
-            "ResourceClaim {id}: config[{index}] is opaque configuration for driver {DRIVER_NAME}, \
-             which this version of vfplane does not take; remove it (the pool's settings and \
-             profile apply)"
-        ));
-    }
-    let mut by_device: BTreeMap<String, Allocated> = BTreeMap::new();
+    // (device, the request it serves, as the result names it).
+    let mut by_device: BTreeMap<String, (Allocated, Vec<String>)> = BTreeMap::new();
     for result in allocation
         .results
         .iter()
@@ -110,18 +111,78 @@ pub fn allocated_devices(claim: &ResourceClaim, node_name: &str) -> Result<Vec<A
             ));
         }
         let base = result.request.split('/').next().unwrap_or_default().to_owned();
-        let entry = by_device
-            .entry(result.device.clone())
-            .or_insert_with(|| Allocated {
-                requests: Vec::new(),
-                pool: result.pool.clone(),
-                device: result.device.clone(),
-            });
+        let (entry, full) = by_device.entry(result.device.clone()).or_insert_with(|| {
+            (
+                Allocated {
+                    requests: Vec::new(),
+                    pool: result.pool.clone(),
+                    device: result.device.clone(),
+                    settings: VfOverrides::default(),
+                },
+                Vec::new(),
+            )
+        });
         if !entry.requests.contains(&base) {
             entry.requests.push(base);
         }
+        full.push(result.request.clone());
     }
-    Ok(by_device.into_values().collect())
+    let mut configs: Vec<(usize, &DeviceAllocationConfiguration)> = allocation
+        .config
+        .iter()
+        .flatten()
+        .enumerate()
+        .filter(|(_, c)| c.opaque.as_ref().is_some_and(|o| o.driver == DRIVER_NAME))
+        .collect();
+    // The class's first: the claim's own settings win.
+    configs.sort_by_key(|(_, c)| c.source != "FromClass");
+    for (index, config) in configs {
+        let Some(opaque) = &config.opaque else { continue };
+        let from = if config.source == "FromClass" {
+            "its DeviceClass"
+        } else {
+            "the claim"
+        };
+        let settings = VfConfig::overrides_from(&opaque.parameters.0).map_err(|error| {
+            format!(
+                "ResourceClaim {id}: config[{index}] (from {from}) is not a {kind} of {api}: {error}",
+                kind = vf_config::KIND,
+                api = vf_config::API_VERSION
+            )
+        })?;
+        let applies = |full: &[String]| {
+            let named = config.requests.as_deref().unwrap_or_default();
+            named.is_empty()
+                || full.iter().any(|request| {
+                    named
+                        .iter()
+                        .any(|n| n == request || request.split('/').next() == Some(n.as_str()))
+                })
+        };
+        let targets: Vec<&mut Allocated> = by_device
+            .values_mut()
+            .filter(|(_, full)| applies(full))
+            .map(|(entry, _)| entry)
+            .collect();
+        if let Some(mac) = settings.mac
+            && targets.len() > 1
+        {
+            return Err(format!(
+                "ResourceClaim {id}: config[{index}] gives MAC {mac} to {} devices ({}); a MAC \
+                 is for one VF: name one request in the config's requests",
+                targets.len(),
+                targets
+                    .iter()
+                    .map(|t| t.device.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+        for target in targets {
+            target.settings = target.settings.then(settings);
+        }
+    }
+    Ok(by_device.into_values().map(|(entry, _)| entry).collect())
 }
 
 fn claim_id(claim: &ResourceClaim) -> String {
@@ -218,6 +279,7 @@ impl DraNode {
 
         let mut entries: Vec<(PciAddress, CdiEntry)> = Vec::with_capacity(chosen.len());
         let mut env = Vec::with_capacity(chosen.len());
+        let mut settings = Vec::with_capacity(chosen.len());
         let mut prepared = PreparedClaim {
             namespace: claim.namespace.clone(),
             name: claim.name.clone(),
@@ -245,12 +307,17 @@ impl DraNode {
                 .vfio_node
                 .ok_or_else(|| format!("ResourceClaim {id}: device {} has no VFIO node", device.name))?;
             entries.push((now.address, CdiEntry::new(node, pool, now.facts.as_ref())));
+            let mut info = crate::server::vf_info(&now, node);
+            if let Some(mac) = wanted.settings.mac {
+                info.mac = Some(mac.to_string());
+            }
             env.push(ClaimEnv {
                 device: device.name.clone(),
                 pool: pool.name.clone(),
                 address: now.address,
-                info: crate::server::vf_info(&now, node),
+                info,
             });
+            settings.push((device.name.clone(), now.address, wanted.settings));
             prepared.devices.push(PreparedDevice {
                 requests: wanted.requests.clone(),
                 device: device.name.clone(),
@@ -267,10 +334,20 @@ impl DraNode {
             .cdi
             .write_claim(&claim.uid, &env)
             .map_err(|e| vfplane_host::error_chain(&e))?;
-        checkpoint.claims.insert(claim.uid.clone(), prepared);
-        if let Err(error) = checkpoint.write(&self.config.checkpoint_path()) {
+        let undo = |checkpoint: &mut Checkpoint| {
             checkpoint.claims.remove(&claim.uid);
             let _ = self.node.cdi.remove_claim(&claim.uid);
+            for (_, address, _) in &settings {
+                let _ = vf_config::clear_claim_config(&self.node.state_dir, *address);
+            }
+        };
+        if let Err(error) = give_settings(&self.node.state_dir, &id, &settings, SETTINGS_TIMEOUT).await {
+            undo(checkpoint);
+            return Err(error);
+        }
+        checkpoint.claims.insert(claim.uid.clone(), prepared);
+        if let Err(error) = checkpoint.write(&self.config.checkpoint_path()) {
+            undo(checkpoint);
             return Err(vfplane_host::error_chain(&error));
         }
         let prepared = checkpoint
@@ -293,10 +370,20 @@ impl DraNode {
             tracing::debug!(uid = %claim.uid, "unprepare of a claim not prepared here: nothing to do");
             return Ok(());
         };
-        // Dirty first: once the claim leaves the checkpoint nothing else
-        // says its VFs were used. Released: the kubelet unprepares only
-        // after the claim's containers stopped, so the agent need not wait.
+        // The claim's settings go (the agent gives the VF its pool's again,
+        // and the scrub checks them). Then dirty: once the claim leaves
+        // the checkpoint nothing else says its VFs were used. Released: the
+        // kubelet unprepares only after the claim's containers stopped, so
+        // the agent need not wait.
         for device in &prepared.devices {
+            vf_config::clear_claim_config(&self.node.state_dir, device.address).map_err(|error| {
+                format!(
+                    "cannot remove device {} ({})'s claim settings under {}: {error}",
+                    device.device,
+                    device.address,
+                    self.node.state_dir.display()
+                )
+            })?;
             vf_state::mark_released(&self.node.state_dir, device.address).map_err(|error| {
                 format!(
                     "cannot mark device {} ({}) for its scrub under {}: {error}",
@@ -322,6 +409,74 @@ impl DraNode {
         );
         Ok(())
     }
+}
+
+/// How long prepare waits for the agent to give a claim's VFs their
+/// settings (one agent pass; the agent looks at the state directory every
+/// 200 ms).
+pub const SETTINGS_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Hands each device's settings to the agent (`vf_config`) and waits for
+/// its answer, so that a claim's container starts on a VF that has them:
+/// its claim's, or its pool's when the claim sets none (a VF the last
+/// claim was refused on may still carry part of that claim's settings
+/// until the agent has been by).
+///
+/// # Errors
+/// A file that cannot be written or read, the agent's refusal (the
+/// message the kubelet shows in the pod's events), or no answer within
+/// `timeout`.
+async fn give_settings(
+    dir: &Path,
+    id: &str,
+    devices: &[(String, PciAddress, VfOverrides)],
+    timeout: Duration,
+) -> Result<(), String> {
+    for (device, address, settings) in devices {
+        vf_config::write_claim_config(dir, *address, settings).map_err(|error| {
+            format!(
+                "ResourceClaim {id}: cannot write device {device} ({address})'s settings under {}: {error}",
+                dir.display()
+            )
+        })?;
+    }
+    let deadline = Instant::now() + timeout;
+    for (device, address, settings) in devices {
+        let words = settings.to_string();
+        let shown = if words.is_empty() {
+            "its pool's".to_owned()
+        } else {
+            words.clone()
+        };
+        loop {
+            match vf_config::read_claim_config_result(dir, *address) {
+                Ok(Some(answer)) if answer.config == words => match answer.outcome {
+                    Ok(()) => break,
+                    Err(why) => {
+                        return Err(format!(
+                            "ResourceClaim {id}: device {device} ({address}) cannot take the settings \
+                             {shown}: {why}"
+                        ));
+                    }
+                },
+                Err(error) => {
+                    return Err(format!(
+                        "ResourceClaim {id}: cannot read the agent's answer for device {device} ({address}): {error}"
+                    ));
+                }
+                Ok(_) => {}
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "ResourceClaim {id}: vfplane's agent did not give device {device} ({address}) the \
+                     settings {shown} within {} s; is it running on this node?",
+                    timeout.as_secs()
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    Ok(())
 }
 
 #[tonic::async_trait]
@@ -413,19 +568,21 @@ mod tests {
                 Allocated {
                     requests: vec!["vf".into()],
                     pool: "node-a".into(),
-                    device: "0000-00-12-0".into()
+                    device: "0000-00-12-0".into(),
+                    settings: VfOverrides::default(),
                 },
                 Allocated {
                     requests: vec!["pair".into()],
                     pool: "node-a".into(),
-                    device: "0000-00-12-2".into()
+                    device: "0000-00-12-2".into(),
+                    settings: VfOverrides::default(),
                 },
             ]
         );
     }
 
     #[test]
-    fn another_nodes_pool_an_unallocated_claim_and_our_config_are_refused_by_name() {
+    fn another_nodes_pool_an_unallocated_claim_and_config_that_is_no_vfconfig_are_refused_by_name() {
         let other = claim(
             serde_json::json!([{"request": "vf", "driver": "vfplane.io", "pool": "node-b", "device": "0000-00-12-0"}]),
             serde_json::json!([]),
@@ -451,8 +608,112 @@ mod tests {
             ]),
         );
         let error = allocated_devices(&configured, "node-a").unwrap_err();
+        assert_eq!(
+            error,
+            "ResourceClaim ns/c: config[1] (from the claim) is not a VfConfig of vfplane.io/v1alpha1: \
+             missing field `apiVersion`"
+        );
+        let out_of_range = claim(
+            serde_json::json!([{"request": "vf", "driver": "vfplane.io", "pool": "node-a", "device": "0000-00-12-0"}]),
+            serde_json::json!([{"source": "FromClaim", "opaque": {"driver": "vfplane.io",
+                "parameters": {"apiVersion": "vfplane.io/v1alpha1", "kind": "VfConfig", "vlan": 5000}}}]),
+        );
         assert!(
-            error.starts_with("ResourceClaim ns/c: config[1] is opaque configuration for driver vfplane.io"),
+            allocated_devices(&out_of_range, "node-a")
+                .unwrap_err()
+                .ends_with("vlan 5000 is out of range (0 to 4094; 0 for none)")
+        );
+    }
+
+    fn vf_config(fields: serde_json::Value) -> serde_json::Value {
+        let mut parameters = serde_json::json!({"apiVersion": "vfplane.io/v1alpha1", "kind": "VfConfig"});
+        parameters
+            .as_object_mut()
+            .unwrap()
+            .extend(fields.as_object().unwrap().clone());
+        parameters
+    }
+
+    #[test]
+    fn settings_go_to_the_devices_of_their_requests_the_claims_over_the_classs() {
+        let results = serde_json::json!([
+            {"request": "data", "driver": "vfplane.io", "pool": "node-a", "device": "0000-00-12-0"},
+            {"request": "pair/first", "driver": "vfplane.io", "pool": "node-a", "device": "0000-00-12-2"}
+        ]);
+        let configured = claim(
+            results.clone(),
+            serde_json::json!([
+                {"source": "FromClaim", "requests": ["data"], "opaque": {"driver": "vfplane.io",
+                    "parameters": vf_config(serde_json::json!({"mac": "02:aa:00:00:00:01", "vlan": 20}))}},
+                {"source": "FromClass", "opaque": {"driver": "vfplane.io",
+                    "parameters": vf_config(serde_json::json!({"vlan": 10, "spoofChk": false}))}},
+                {"source": "FromClaim", "requests": ["pair/first"], "opaque": {"driver": "vfplane.io",
+                    "parameters": vf_config(serde_json::json!({"trust": true}))}}
+            ]),
+        );
+        let devices = allocated_devices(&configured, "node-a").unwrap();
+        assert_eq!(
+            devices[0].settings.to_string(),
+            "mac=02:aa:00:00:00:01 vlan=20 spoofchk=off"
+        );
+        assert_eq!(devices[1].settings.to_string(), "vlan=10 trust=on spoofchk=off");
+
+        let one_mac_two_vfs = claim(
+            results,
+            serde_json::json!([{"source": "FromClaim", "opaque": {"driver": "vfplane.io",
+                "parameters": vf_config(serde_json::json!({"mac": "02:aa:00:00:00:01"}))}}]),
+        );
+        assert_eq!(
+            allocated_devices(&one_mac_two_vfs, "node-a").unwrap_err(),
+            "ResourceClaim ns/c: config[0] gives MAC 02:aa:00:00:00:01 to 2 devices (0000-00-12-0, \
+             0000-00-12-2); a MAC is for one VF: name one request in the config's requests"
+        );
+    }
+
+    #[tokio::test]
+    async fn prepare_waits_for_the_agents_answer_and_passes_its_refusal_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let address: PciAddress = "0000:00:12.0".parse().unwrap();
+        let settings: VfOverrides = "vlan=20".parse().unwrap();
+        let devices = vec![("0000-00-12-0".to_owned(), address, settings)];
+        // An agent that answers once it sees the settings.
+        let agent = |outcome: Result<(), String>| {
+            let dir = dir.path().to_owned();
+            tokio::spawn(async move {
+                loop {
+                    if let Ok(Some(config)) = vf_config::read_claim_config(&dir, address) {
+                        let answer = vf_config::ClaimConfigResult { config, outcome };
+                        vf_config::write_claim_config_result(&dir, address, &answer).unwrap();
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            })
+        };
+        let answered = agent(Ok(()));
+        give_settings(dir.path(), "ns/c", &devices, Duration::from_secs(5))
+            .await
+            .unwrap();
+        answered.await.unwrap();
+
+        vf_config::clear_claim_config(dir.path(), address).unwrap();
+        let refused = agent(Err("setting vlan of VF 0 on eth0: Operation not supported".into()));
+        let error = give_settings(dir.path(), "ns/c", &devices, Duration::from_secs(5))
+            .await
+            .unwrap_err();
+        refused.await.unwrap();
+        assert_eq!(
+            error,
+            "ResourceClaim ns/c: device 0000-00-12-0 (0000:00:12.0) cannot take the settings vlan=20: \
+             setting vlan of VF 0 on eth0: Operation not supported"
+        );
+
+        // No agent: the settings file alone, and a timeout that says so.
+        let error = give_settings(dir.path(), "ns/c", &devices, Duration::from_millis(200))
+            .await
+            .unwrap_err();
+        assert!(
+            error.contains("vfplane's agent did not give device 0000-00-12-0"),
             "{error}"
         );
     }

@@ -23,6 +23,12 @@
 //! - A claim for two VFs whose constraint cannot be met (`matchAttribute`
 //!   on the VF index, which no two VFs share) leaves its pod Pending, and
 //!   the pod's condition says the scheduler cannot allocate the claim.
+//! - A claim with a `VfConfig` (MAC, VLAN 120, trust on, spoof checking
+//!   off): while its pod runs the PF reports those settings for the pod's
+//!   VF (the NodeState) and the pod's `_INFO` carries the MAC; the pod
+//!   deleted, the scrub gives the VF its pool's settings again. A claim
+//!   with VLAN 5000 is refused at prepare, and `kubectl describe pod`
+//!   shows the reason.
 //! - A claim for two VFs under one PCIe root (`matchAttribute`): the pod
 //!   gets both VFs (both variables, both group nodes). Then, with the agent
 //!   paused so nothing repairs it, one VF unbound from vfio-pci is
@@ -409,6 +415,7 @@ pub fn claims(session: &mut Session) {
     );
 
     unsatisfiable_claim_stays_pending_and_says_why(session);
+    a_claims_settings_reach_its_vf_and_leave_with_it(session);
     two_vfs_through_an_unbind_and_a_plugin_kill(session);
     the_plugins_footprint_serving_the_pool_by_each_api(session);
 
@@ -682,6 +689,163 @@ fn unsatisfiable_claim_stays_pending_and_says_why(session: &mut Session) {
     session
         .kubectl(&["delete", "pod", "dra-unsatisfiable", "--wait=true"])
         .unwrap();
+}
+
+/// A template for one VF of pool `fast` with the opaque configuration
+/// `parameters` (YAML, indented for its place).
+fn one_vf_configured(name: &str, parameters: &str) -> String {
+    format!(
+        r#"apiVersion: resource.k8s.io/v1
+kind: ResourceClaimTemplate
+metadata:
+  name: {name}
+spec:
+  spec:
+    devices:
+      requests:
+        - name: vf
+          exactly:
+            deviceClassName: vf.vfplane.io
+            selectors:
+              - cel:
+                  expression: device.attributes["vfplane.io"].pool == "fast"
+      config:
+        - requests: ["vf"]
+          opaque:
+            driver: vfplane.io
+            parameters:
+              apiVersion: vfplane.io/v1alpha1
+              kind: VfConfig
+{parameters}
+"#
+    )
+}
+
+/// The NodeState's report of the VF at `address` (what the PF says of it).
+fn vf_status(session: &Session, address: &str) -> Option<Value> {
+    node_vf_statuses(session.cluster())
+        .ok()?
+        .into_iter()
+        .find(|v| v["pciAddress"] == address)
+}
+
+/// A claim's `VfConfig`: the PF reports its MAC, VLAN, trust and spoof
+/// checking for the pod's VF while the pod runs, the pod's environment
+/// carries its MAC, and the scrub after the pod gives the VF its pool's
+/// settings again. A claim whose settings are out of range is refused at
+/// prepare, and `kubectl describe pod` shows why.
+fn a_claims_settings_reach_its_vf_and_leave_with_it(session: &mut Session) {
+    const MAC: &str = "02:aa:bb:cc:dd:01";
+    session
+        .apply(&one_vf_configured(
+            "one-vf-configured",
+            &format!("              mac: \"{MAC}\"\n              vlan: 120\n              trust: true\n              spoofChk: false"),
+        ))
+        .unwrap();
+    let created = Instant::now();
+    session
+        .apply(&sleeping_pod("dra-configured", "one-vf-configured"))
+        .unwrap();
+    session
+        .wait("the configured pod running", Duration::from_secs(300), |c| {
+            Ok(
+                c.kubectl_output(&["get", "pod", "dra-configured", "-o=jsonpath={.status.phase}"])
+                    .is_ok_and(|p| p == "Running"),
+            )
+        })
+        .expect("the configured pod runs");
+    let to_running = created.elapsed();
+    let logs = session.kubectl(&["logs", "dra-configured"]).unwrap();
+    let info = logs
+        .lines()
+        .find(|l| l.starts_with("PCIDEVICE_VFPLANE_IO_FAST_") && l.contains("_INFO="))
+        .and_then(|l| l.split_once('=').map(|(_, v)| v.to_owned()))
+        .expect("the VF's _INFO variable");
+    let info: Value = serde_json::from_str(&info).expect("_INFO is JSON");
+    let (vf, vf_info) = info
+        .as_object()
+        .and_then(|o| o.iter().next())
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .expect("one VF in _INFO");
+    assert_eq!(vf_info["mac"], MAC, "the claim's MAC in the pod's _INFO: {info}");
+    // The agent's report, read back from the PF through netlink.
+    let status = vf_status(session, &vf).expect("the VF in the NodeState");
+    eprintln!("the configured VF in the NodeState: {status}");
+    assert_eq!(
+        (
+            &status["mac"],
+            &status["vlan"],
+            &status["trust"],
+            &status["spoofChk"]
+        ),
+        (
+            &serde_json::json!(MAC),
+            &serde_json::json!(120),
+            &serde_json::json!(true),
+            &serde_json::json!(false)
+        ),
+        "the PF reports the claim's settings for {vf}: {status}"
+    );
+    assert_eq!(
+        status["health"], "Healthy",
+        "the claim's settings are no mismatch: {status}"
+    );
+    let prepared = prepare_times(session);
+
+    let released = Instant::now();
+    session
+        .kubectl(&["delete", "pod", "dra-configured", "--wait=true"])
+        .unwrap();
+    wait_for(
+        session,
+        "the configured VF scrubbed back to its pool's settings",
+        Duration::from_secs(120),
+        |s| {
+            vf_status(s, &vf).is_some_and(|v| {
+                v["vlan"] == 0 && v["trust"] == false && v["spoofChk"] == true && v["mac"] != MAC
+            }) && device_taints(s, &vf.replace([':', '.'], "-")).is_some_and(|t| t.is_empty())
+        },
+    );
+    let restored_after = released.elapsed();
+    assert!(!session.vf_handed_out(&vf).unwrap(), "VF {vf} scrubbed");
+    eprintln!(
+        "the VF after its scrub: {}",
+        vf_status(session, &vf).unwrap_or_default()
+    );
+
+    // Out of range: refused at prepare, the reason in the pod's events.
+    session
+        .apply(&one_vf_configured("one-vf-bad-vlan", "              vlan: 5000"))
+        .unwrap();
+    session
+        .apply(&sleeping_pod("dra-bad-settings", "one-vf-bad-vlan"))
+        .unwrap();
+    session
+        .wait("the refusal in the pod's events", Duration::from_secs(120), |c| {
+            Ok(c.kubectl_output(&["describe", "pod", "dra-bad-settings"])
+                .is_ok_and(|d| d.contains("vlan 5000 is out of range")))
+        })
+        .expect("the prepare refusal shown by kubectl describe pod");
+    let described = session.kubectl(&["describe", "pod", "dra-bad-settings"]).unwrap();
+    assert!(
+        described.contains("config[0] (from the claim) is not a VfConfig of vfplane.io/v1alpha1"),
+        "{described}"
+    );
+    assert_eq!(
+        session.jsonpath(&["get", "pod", "dra-bad-settings", "-o=jsonpath={.status.phase}"]),
+        "Pending"
+    );
+    session
+        .kubectl(&["delete", "pod", "dra-bad-settings", "--wait=true"])
+        .unwrap();
+
+    eprintln!(
+        "cluster_dra: claim with VfConfig applied -> pod running {:.1} s (prepare {} ms, the agent's answer \
+         included); pod delete issued -> VF back to its pool's settings and untainted {:.1} s",
+        to_running.as_secs_f64(),
+        prepared.last().copied().unwrap_or_default(),
+        restored_after.as_secs_f64()
+    );
 }
 
 /// Two VFs under one PCIe root: the pod gets both; one unbound is
