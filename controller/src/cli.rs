@@ -43,6 +43,11 @@ pub struct RunArgs {
     /// The pod webhook: refuse pods missing limits, or add them.
     #[arg(long, value_enum, default_value_t = PodWebhookMode::Validate)]
     pub pod_webhook_mode: PodWebhookMode,
+    /// The pod webhook reads the ResourceClaims and ResourceClaimTemplates
+    /// a pod names, and checks containers that get vfplane's VFs through
+    /// them (DRA) against their pool's profile. Needs `get` on both.
+    #[arg(long)]
+    pub pod_webhook_reads_claims: bool,
     /// The Lease for leader election, in POD_NAMESPACE.
     #[arg(long, default_value = "vfplane-controller")]
     pub lease_name: String,

@@ -514,4 +514,17 @@ impl crate::webhook::ClusterView for StoreView {
         let policies = self.policies.state();
         plan::pool_profiles(policies.iter().map(|p| p.as_ref())).remove(pool)
     }
+
+    fn dra_pools(&self) -> Vec<String> {
+        let mut pools: Vec<String> = self
+            .policies
+            .state()
+            .iter()
+            .filter(|p| p.spec.resource_api == vfplane_proto::pool::ResourceApi::Dra)
+            .map(|p| p.spec.resource_name.clone())
+            .collect();
+        pools.sort();
+        pools.dedup();
+        pools
+    }
 }

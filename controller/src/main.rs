@@ -91,6 +91,7 @@ async fn run(args: RunArgs) -> Result<()> {
                 TlsFiles { cert, key },
                 Arc::new(view),
                 mode,
+                args.pod_webhook_reads_claims.then(|| client.clone()),
                 stopped(),
             )))
         }

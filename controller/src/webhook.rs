@@ -20,6 +20,7 @@
 //! its certificate and key every [`CERT_RELOAD_PERIOD`], so cert-manager can
 //! rotate them under a running webhook.
 
+pub mod claims;
 mod pod;
 mod policy;
 mod tls;
@@ -47,6 +48,7 @@ use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 use vfplane_proto::vf_policy::{ContainerProfile, VfPolicy, VfPolicySpec};
 
+pub use claims::{ClaimVfs, PodClaims};
 pub use pod::{DEFAULT_HUGEPAGES_RESOURCE, PodChanges, PodVerdict, admit_pod};
 pub use policy::{policy_problems, validate_qualified_name};
 
@@ -68,6 +70,8 @@ pub trait ClusterView: Send + Sync {
     fn selected_pfs(&self, spec: &VfPolicySpec) -> Vec<SelectedPf>;
     /// The container profile of the pool `vfplane.io/<pool>` (from the policy naming that resourceName; None when none or no profile).
     fn container_profile(&self, pool: &str) -> Option<ContainerProfile>;
+    /// The pools some policy serves through DRA (`resourceApi: dra`).
+    fn dra_pools(&self) -> Vec<String>;
 }
 
 /// A PF a policy selects, as its node reports it.
@@ -186,6 +190,7 @@ pub fn review(
     body: &[u8],
     view: &dyn ClusterView,
     pod_mode: PodMode,
+    claims: &PodClaims,
 ) -> Result<AdmissionReview<DynamicObject>, WebhookError> {
     let bad = |m: String| WebhookError::BadRequest(m);
     let review: AdmissionReview<DynamicObject> = serde_json::from_slice(body)
@@ -199,7 +204,7 @@ pub fn review(
     let request: AdmissionRequest<DynamicObject> = review
         .try_into()
         .map_err(|_| bad("the AdmissionReview has no request".to_owned()))?;
-    let response = decide(endpoint, &request, view, pod_mode);
+    let response = decide(endpoint, &request, view, pod_mode, claims);
     let name = request
         .object
         .as_ref()
@@ -231,17 +236,18 @@ fn decide(
     request: &AdmissionRequest<DynamicObject>,
     view: &dyn ClusterView,
     pod_mode: PodMode,
+    claims: &PodClaims,
 ) -> AdmissionResponse {
     let response = AdmissionResponse::from(request);
     match endpoint {
         Endpoint::ValidatePolicies => decide_policy(request, view, response),
-        Endpoint::ValidatePods => decide_pod(request, view, PodChanges::default(), response),
+        Endpoint::ValidatePods => decide_pod(request, view, PodChanges::default(), claims, response),
         Endpoint::MutatePods => {
             let changes = PodChanges {
                 limits: pod_mode == PodMode::Mutate,
                 nri_annotation: true,
             };
-            decide_pod(request, view, changes, response)
+            decide_pod(request, view, changes, claims, response)
         }
     }
 }
@@ -301,6 +307,7 @@ fn decide_pod(
     request: &AdmissionRequest<DynamicObject>,
     view: &dyn ClusterView,
     changes: PodChanges,
+    claims: &PodClaims,
     mut response: AdmissionResponse,
 ) -> AdmissionResponse {
     // An in-place resize (`pods/resize`, UPDATE) may lower a limit below the
@@ -316,7 +323,7 @@ fn decide_pod(
     };
     // A resize is never mended, and cannot change annotations.
     let changes = if resize { PodChanges::default() } else { changes };
-    let verdict = admit_pod(&pod, view, changes);
+    let verdict = admit_pod(&pod, view, changes, claims);
     if !verdict.warnings.is_empty() {
         response.warnings = Some(verdict.warnings);
     }
@@ -347,20 +354,24 @@ fn decide_pod(
 struct AppState {
     view: Arc<dyn ClusterView>,
     pod_mode: PodMode,
+    claim_reader: Option<kube::Client>,
 }
 
 /// The webhook's routes (without TLS): the three endpoints, POST only;
-/// 404 elsewhere.
-pub fn router(view: Arc<dyn ClusterView>, pod_mode: PodMode) -> Router {
+/// 404 elsewhere. With `claim_reader`, the pod endpoints read the
+/// ResourceClaims (or templates) a pod names, to check containers that get
+/// vfplane's VFs through DRA; without, only `vfplane.io/<pool>` resources
+/// are seen.
+pub fn router(view: Arc<dyn ClusterView>, pod_mode: PodMode, claim_reader: Option<kube::Client>) -> Router {
     let mut router = Router::new();
     for endpoint in Endpoint::ALL {
-        router =
-            router.route(
-                endpoint.path(),
-                post(move |State(state): State<AppState>, body: Bytes| async move {
-                    handle(&state, endpoint, &body)
-                }),
-            );
+        router = router.route(
+            endpoint.path(),
+            post(move |State(state): State<AppState>, body: Bytes| async move {
+                let claims = pod_claims(&state, endpoint, &body).await;
+                handle(&state, endpoint, &body, &claims)
+            }),
+        );
     }
     router
         .fallback(|| async {
@@ -370,11 +381,34 @@ pub fn router(view: Arc<dyn ClusterView>, pod_mode: PodMode) -> Router {
             )
         })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .with_state(AppState { view, pod_mode })
+        .with_state(AppState {
+            view,
+            pod_mode,
+            claim_reader,
+        })
 }
 
-fn handle(state: &AppState, endpoint: Endpoint, body: &[u8]) -> Response {
-    match review(endpoint, body, state.view.as_ref(), state.pod_mode) {
+/// The claims of the pod in a pod endpoint's request (none for a body
+/// that is not one, which [`review`] then refuses).
+async fn pod_claims(state: &AppState, endpoint: Endpoint, body: &[u8]) -> PodClaims {
+    let (Some(client), Endpoint::ValidatePods | Endpoint::MutatePods) = (&state.claim_reader, endpoint)
+    else {
+        return PodClaims::default();
+    };
+    let Ok(review) = serde_json::from_slice::<serde_json::Value>(body) else {
+        return PodClaims::default();
+    };
+    let request = &review["request"];
+    match (request["namespace"].as_str(), request.get("object")) {
+        (Some(namespace), Some(pod)) if pod["spec"]["resourceClaims"].is_array() => {
+            claims::resolve(client, namespace, pod).await
+        }
+        _ => PodClaims::default(),
+    }
+}
+
+fn handle(state: &AppState, endpoint: Endpoint, body: &[u8], claims: &PodClaims) -> Response {
+    match review(endpoint, body, state.view.as_ref(), state.pod_mode, claims) {
         Ok(review) => axum::Json(review).into_response(),
         Err(error) => {
             tracing::warn!(endpoint = endpoint.path(), %error, "bad admission request");
@@ -393,12 +427,22 @@ pub async fn serve(
     tls: TlsFiles,
     view: Arc<dyn ClusterView>,
     pod_mode: PodMode,
+    claim_reader: Option<kube::Client>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), WebhookError> {
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|source| WebhookError::Bind { addr, source })?;
-    serve_on(listener, tls, view, pod_mode, CERT_RELOAD_PERIOD, shutdown).await
+    serve_on(
+        listener,
+        tls,
+        view,
+        pod_mode,
+        claim_reader,
+        CERT_RELOAD_PERIOD,
+        shutdown,
+    )
+    .await
 }
 
 /// [`serve`] on a listener already bound (tests bind `127.0.0.1:0`), with
@@ -411,6 +455,7 @@ pub async fn serve_on(
     tls: TlsFiles,
     view: Arc<dyn ClusterView>,
     pod_mode: PodMode,
+    claim_reader: Option<kube::Client>,
     reload_period: Duration,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), WebhookError> {
@@ -423,7 +468,7 @@ pub async fn serve_on(
         .with_cert_resolver(resolver.clone());
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     let acceptor = TlsAcceptor::from(Arc::new(config));
-    let app = router(view, pod_mode);
+    let app = router(view, pod_mode, claim_reader);
     let (stop_tx, stop_rx) = watch::channel(false);
 
     let mut reload_stop = stop_rx.clone();

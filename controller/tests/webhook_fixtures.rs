@@ -25,7 +25,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use serde_json::{Value, json};
 use vfplane_controller::webhook::{
-    ClusterView, Endpoint, PodMode, SelectedPf, TlsFiles, WebhookError, review, serve_on,
+    ClaimVfs, ClusterView, Endpoint, PodClaims, PodMode, SelectedPf, TlsFiles, WebhookError, review, serve_on,
 };
 use vfplane_proto::pci::PciAddress;
 use vfplane_proto::vf_policy::{ContainerProfile, VfPolicySpec};
@@ -79,6 +79,10 @@ impl ClusterView for FakeCluster {
             .filter(|pf| addresses.is_empty() || addresses.contains(&pf.pci_address.parse().unwrap()))
             .cloned()
             .collect()
+    }
+
+    fn dra_pools(&self) -> Vec<String> {
+        vec!["huge".to_owned(), "numa".to_owned()]
     }
 
     fn container_profile(&self, pool: &str) -> Option<ContainerProfile> {
@@ -628,7 +632,7 @@ fn every_fixture_gives_its_expected_outcome() {
     for case in cases() {
         let body = std::fs::read(fixtures().join(case.file)).unwrap();
         let label = format!("{} at {} ({:?})", case.file, case.endpoint.path(), case.mode);
-        let result = review(case.endpoint, &body, &view, case.mode);
+        let result = review(case.endpoint, &body, &view, case.mode, &PodClaims::default());
         let review = match (&case.expect, result) {
             (Expect::BadRequest(words), Err(WebhookError::BadRequest(message))) => {
                 if !message.contains(words) {
@@ -685,6 +689,7 @@ fn every_fixture_gives_its_expected_outcome() {
                     &body,
                     &view,
                     PodMode::Validate,
+                    &PodClaims::default(),
                 )
                 .unwrap()
                 .response
@@ -744,10 +749,16 @@ fn numa_aligned_pool_with_lower_request_warns_about_qos() {
             .unwrap();
     request["request"]["object"]["spec"]["containers"][0]["resources"]["requests"]["cpu"] = json!("1");
     let body = serde_json::to_vec(&request).unwrap();
-    let response = review(Endpoint::MutatePods, &body, &view, PodMode::Mutate)
-        .unwrap()
-        .response
-        .unwrap();
+    let response = review(
+        Endpoint::MutatePods,
+        &body,
+        &view,
+        PodMode::Mutate,
+        &PodClaims::default(),
+    )
+    .unwrap()
+    .response
+    .unwrap();
     assert!(response.allowed, "{}", response.result.message);
     let warnings = response.warnings.unwrap_or_default();
     assert!(
@@ -852,6 +863,7 @@ impl Server {
             files,
             Arc::new(FakeCluster::new()),
             PodMode::Mutate,
+            None,
             period,
             async {
                 let _ = stopped.await;
@@ -1027,6 +1039,7 @@ async fn serve_refuses_a_key_that_does_not_fit_the_certificate() {
         files,
         Arc::new(FakeCluster::new()),
         PodMode::Validate,
+        None,
         Duration::from_secs(10),
         std::future::pending(),
     )
@@ -1043,6 +1056,7 @@ async fn serve_refuses_a_key_that_does_not_fit_the_certificate() {
         missing,
         Arc::new(FakeCluster::new()),
         PodMode::Validate,
+        None,
         Duration::from_secs(10),
         std::future::pending(),
     )
@@ -1062,7 +1076,13 @@ fn truncated_and_mangled_bodies_never_panic() {
         let end = body.trim_ascii_end().len();
         for cut in (0..end).step_by(37).chain([end - 1]) {
             for endpoint in Endpoint::ALL {
-                match review(endpoint, &body[..cut], &view, PodMode::Mutate) {
+                match review(
+                    endpoint,
+                    &body[..cut],
+                    &view,
+                    PodMode::Mutate,
+                    &PodClaims::default(),
+                ) {
                     Err(WebhookError::BadRequest(message)) => assert!(
                         message.starts_with("the request body is not an AdmissionReview"),
                         "{}: cut at {cut}: {message}",
@@ -1087,7 +1107,13 @@ fn truncated_and_mangled_bodies_never_panic() {
         ] {
             let mangled = text.replacen(from, to, 1);
             for endpoint in Endpoint::ALL {
-                match review(endpoint, mangled.as_bytes(), &view, PodMode::Mutate) {
+                match review(
+                    endpoint,
+                    mangled.as_bytes(),
+                    &view,
+                    PodMode::Mutate,
+                    &PodClaims::default(),
+                ) {
                     Ok(answer) => {
                         let answer = serde_json::to_value(&answer).unwrap();
                         assert_eq!(answer["response"]["uid"], uid, "{}: {from} -> {to}", case.file);
@@ -1100,4 +1126,85 @@ fn truncated_and_mangled_bodies_never_panic() {
             }
         }
     }
+}
+
+/// A pod whose container `dpdk` uses its claim `vfs` (and asks for no
+/// `vfplane.io/` resource), with no limits.
+fn claim_pod_review() -> Vec<u8> {
+    let mut request: Value =
+        serde_json::from_slice(&std::fs::read(fixtures().join("pod-reject-missing-limits.json")).unwrap())
+            .unwrap();
+    let pod = &mut request["request"]["object"]["spec"];
+    pod["resourceClaims"] = json!([{"name": "vfs", "resourceClaimTemplateName": "one-vf"}]);
+    pod["containers"][1]["resources"] = json!({"claims": [{"name": "vfs"}]});
+    serde_json::to_vec(&request).unwrap()
+}
+
+#[test]
+fn a_container_using_a_claim_for_a_pools_vfs_is_checked_against_that_pools_profile() {
+    let view = FakeCluster::new();
+    let body = claim_pod_review();
+    let decide = |claims: PodClaims, mode: PodMode, endpoint: Endpoint| {
+        review(endpoint, &body, &view, mode, &claims)
+            .unwrap()
+            .response
+            .unwrap()
+    };
+    let of = |vfs: ClaimVfs| PodClaims([("vfs".to_owned(), vfs)].into());
+
+    let refused = decide(
+        of(ClaimVfs::Pools(["fast".to_owned()].into())),
+        PodMode::Validate,
+        Endpoint::ValidatePods,
+    );
+    assert!(!refused.allowed);
+    assert!(
+        refused.result.message.contains(
+            "container \"dpdk\" asks for VFs of pool fast through claim \"vfs\", whose policy requires limits: add \
+             resources.limits.cpu (at least \"2\") and resources.limits.memory (at least \"1Gi\")"
+        ),
+        "{}",
+        refused.result.message
+    );
+
+    // Mutate mode fills them in, as for `vfplane.io/fast`.
+    let mended = decide(
+        of(ClaimVfs::Pools(["fast".to_owned()].into())),
+        PodMode::Mutate,
+        Endpoint::MutatePods,
+    );
+    assert!(mended.allowed, "{}", mended.result.message);
+    let patch = serde_json::to_string(&mended.patch.map(|p| String::from_utf8(p).unwrap())).unwrap();
+    assert!(patch.contains("/spec/containers/1/resources/limits"), "{patch}");
+
+    // A claim for any DRA pool is checked against each (the fake's: huge and numa).
+    let any = decide(of(ClaimVfs::AnyPool), PodMode::Validate, Endpoint::ValidatePods);
+    assert!(!any.allowed);
+    assert!(
+        any.result
+            .message
+            .contains("VFs of any DRA pool (so of huge) through claim \"vfs\""),
+        "{}",
+        any.result.message
+    );
+
+    // Not ours, or not readable: admitted; the latter with a warning.
+    let other = decide(PodClaims::default(), PodMode::Validate, Endpoint::ValidatePods);
+    assert!(other.allowed, "{}", other.result.message);
+    assert!(other.warnings.unwrap_or_default().is_empty());
+    let unread = decide(
+        of(ClaimVfs::Unread(
+            "cannot read ResourceClaimTemplate telco/one-vf: NotFound".to_owned(),
+        )),
+        PodMode::Validate,
+        Endpoint::ValidatePods,
+    );
+    assert!(unread.allowed, "{}", unread.result.message);
+    let warnings = unread.warnings.unwrap_or_default();
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.contains("uses claim \"vfs\": cannot read ResourceClaimTemplate telco/one-vf")),
+        "{warnings:?}"
+    );
 }

@@ -85,6 +85,13 @@ pub mod dra {
         tonic::include_proto!("v1alpha1");
     }
 
+    /// vfplane's DRA driver name: ResourceSlices, claims' results and CDI
+    /// use it.
+    pub const DRIVER_NAME: &str = "vfplane.io";
+
+    /// The DeviceClass the chart installs, selecting every vfplane VF.
+    pub const DEVICE_CLASS: &str = "vf.vfplane.io";
+
     /// [`PluginInfo::type`](crate::pluginregistration::v1::PluginInfo::type)
     /// of a DRA driver.
     pub const PLUGIN_TYPE: &str = "DRAPlugin";

@@ -44,8 +44,9 @@ fn seed() -> u64 {
 static ONE_CLUSTER: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// Every campaign.
-const ALL: [&str; 8] = [
+const ALL: [&str; 9] = [
     "churn",
+    "churn-dra",
     "crashes",
     "restarts",
     "faults",

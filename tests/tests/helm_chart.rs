@@ -1012,18 +1012,27 @@ fn rbac_is_least_privilege_and_exactly_what_the_code_calls() {
         }
 
         let controller = r.cluster_role("vfplane-controller");
+        let mut controller_rules: Vec<(&str, &str, &[&str])> = vec![
+            ("vfplane.io", "vfpolicies", &["get", "list", "watch", "patch"]),
+            ("vfplane.io", "vfpolicies/status", &["patch"]),
+            (
+                "vfplane.io",
+                "nodestates",
+                &["get", "list", "watch", "create", "patch"],
+            ),
+            ("", "nodes", &["get", "list", "watch"]),
+        ];
+        if r.name == "dra" || r.name == "dra-binding" {
+            // The pod webhook reads the claims a pod names
+            // (controller/src/webhook/claims.rs).
+            controller_rules.extend([
+                ("resource.k8s.io", "resourceclaimtemplates", &["get"][..]),
+                ("resource.k8s.io", "resourceclaims", &["get"][..]),
+            ]);
+        }
         assert_eq!(
             rules_as_set(controller.rules.as_deref().unwrap()),
-            expected(&[
-                ("vfplane.io", "vfpolicies", &["get", "list", "watch", "patch"]),
-                ("vfplane.io", "vfpolicies/status", &["patch"]),
-                (
-                    "vfplane.io",
-                    "nodestates",
-                    &["get", "list", "watch", "create", "patch"]
-                ),
-                ("", "nodes", &["get", "list", "watch"]),
-            ]),
+            expected(&controller_rules),
             "case {}: controller ClusterRole",
             r.name
         );
@@ -1307,6 +1316,64 @@ fn check_vf_pod_condition(expression: &str) {
             Some(serde_json::json!([vf_request]))
         )),
         "a VF in an init container"
+    );
+}
+
+#[test]
+fn with_dra_the_pod_webhooks_also_see_pods_that_name_claims_and_may_read_them() {
+    if !helm_runs("with_dra_the_pod_webhooks_also_see_pods_that_name_claims_and_may_read_them") {
+        return;
+    }
+    let r = case("dra");
+    let c = container(pod_spec_of_deployment(r.deployment()), "controller");
+    assert!(command_line(c).contains(&"--pod-webhook-reads-claims".to_owned()));
+    let defaults = case("defaults");
+    let c = container(pod_spec_of_deployment(defaults.deployment()), "controller");
+    assert!(!command_line(c).contains(&"--pod-webhook-reads-claims".to_owned()));
+
+    let claims_pod = serde_json::json!({"apiVersion": "v1", "kind": "Pod", "spec": {
+        "resourceClaims": [{"name": "vf", "resourceClaimTemplateName": "one-vf"}],
+        "containers": [{"name": "app", "resources": {"claims": [{"name": "vf"}]}}]}});
+    let no_claims = serde_json::json!({"apiVersion": "v1", "kind": "Pod", "spec": {
+        "resourceClaims": [], "containers": [{"name": "app", "image": "x"}]}});
+    let sent = |expression: &str, pod: &Value| -> bool {
+        let program = cel::Program::compile(expression).unwrap_or_else(|e| panic!("CEL {expression}: {e}"));
+        let mut context = cel::Context::default();
+        context.add_variable("object", pod.clone()).unwrap();
+        match program.execute(&context) {
+            Ok(cel::Value::Bool(b)) => b,
+            other => panic!("CEL on {pod}: {other:?}"),
+        }
+    };
+    let conditions: Vec<String> = r
+        .mutating()
+        .iter()
+        .flat_map(|m| m.webhooks.clone().unwrap_or_default())
+        .filter(|w| w.name == "pods.vfplane.io")
+        .map(|w| w.match_conditions.unwrap_or_default()[0].expression.clone())
+        .chain(
+            r.validating()
+                .iter()
+                .flat_map(|v| v.webhooks.clone().unwrap_or_default())
+                .filter(|w| w.name == "pods.vfplane.io")
+                .map(|w| w.match_conditions.unwrap_or_default()[0].expression.clone()),
+        )
+        .collect();
+    assert_eq!(conditions.len(), 2, "the mutating and the validating pod webhook");
+    for expression in &conditions {
+        check_vf_pod_condition(expression);
+        assert!(sent(expression, &claims_pod), "a pod naming a claim");
+        assert!(!sent(expression, &no_claims), "an empty list of claims");
+    }
+    let without = defaults.mutating()[0].webhooks.as_deref().unwrap()[0]
+        .match_conditions
+        .as_deref()
+        .unwrap()[0]
+        .expression
+        .clone();
+    assert!(
+        !sent(&without, &claims_pod),
+        "without DRA, claims alone do not send a pod"
     );
 }
 

@@ -509,16 +509,7 @@ pub fn run(testbed: &Testbed) -> Result<DemoReport> {
     let began = demo.begin("Clean up: delete the policy, helm uninstall; the node is back to 0 VFs");
     demo.session
         .kubectl(&["delete", "vfpolicy", POLICY, "--wait=true", "--timeout=300s"])?;
-    demo.session
-        .wait("the node's PF back to 0 VFs", Duration::from_secs(300), |c| {
-            Ok(c.kubectl_output(&[
-                "get",
-                "nodestate",
-                NODE_NAME,
-                "-o=jsonpath={.status.pfs[0].numVfs}",
-            ])
-            .is_ok_and(|v| v.trim() == "0"))
-        })?;
+    demo.session.wait_pf_without_vfs(Duration::from_secs(300))?;
     demo.session
         .helm(&["uninstall", "vfplane", "--namespace", NAMESPACE, "--wait"])?;
     let numvfs = demo

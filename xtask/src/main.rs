@@ -42,11 +42,11 @@ enum Command {
     /// fails on a dirty VF, a lost VF, a group opened, a shared VF
     /// advertised or anything left behind.
     Campaign {
-        /// Which, in order: churn, crashes, restarts, faults, vf-removal,
-        /// reboot, isolation, shared-group (the order CI runs them in).
+        /// Which, in order: churn, churn-dra, crashes, restarts, faults,
+        /// vf-removal, reboot, isolation, shared-group.
         #[arg(
             value_delimiter = ',',
-            default_value = "churn,crashes,restarts,faults,vf-removal,reboot,isolation,shared-group"
+            default_value = "churn,churn-dra,crashes,restarts,faults,vf-removal,reboot,isolation,shared-group"
         )]
         which: Vec<String>,
         /// The lengths the reliability issue asks for (200 pods, 50 + 50
@@ -56,6 +56,9 @@ enum Command {
         /// Pods of the churn campaign (overrides --long's).
         #[arg(long)]
         pods: Option<u32>,
+        /// Pods of the DRA churn campaign (overrides --long's).
+        #[arg(long)]
+        dra_pods: Option<u32>,
         /// SIGKILLs of the agent, and as many of the plugin.
         #[arg(long)]
         kills: Option<u32>,
@@ -283,6 +286,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             which,
             long,
             pods,
+            dra_pods,
             kills,
             restarts,
             seed,
@@ -299,6 +303,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 xtask::campaign::Options::short(seed)
             };
             options.pods = pods.unwrap_or(options.pods);
+            options.dra_pods = dra_pods.unwrap_or(options.dra_pods);
             options.kills = kills.unwrap_or(options.kills);
             options.kubelet_restarts = restarts.unwrap_or(options.kubelet_restarts);
             options.node_profile = node_profile;

@@ -266,6 +266,23 @@ impl Session {
         Ok(out.trim() == "marked")
     }
 
+    /// Waits until the node's NodeState says its (first) PF has no VFs:
+    /// what deleting the last policy on it leads to.
+    ///
+    /// # Errors
+    /// Not within `timeout`.
+    pub fn wait_pf_without_vfs(&mut self, timeout: Duration) -> Result<()> {
+        self.wait("the node's PF back to 0 VFs", timeout, |c| {
+            Ok(c.kubectl_output(&[
+                "get",
+                "nodestate",
+                NODE_NAME,
+                "-o=jsonpath={.status.pfs[0].numVfs}",
+            ])
+            .is_ok_and(|v| v.trim() == "0"))
+        })
+    }
+
     /// Waits until the VF's handed-out mark is gone (the agent scrubbed
     /// it) and returns how long that took.
     ///

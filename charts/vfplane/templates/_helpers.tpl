@@ -98,12 +98,14 @@ Whether cert-manager issues the webhook certificate: "true" or "false".
 
 {{/*
 CEL for the pod webhooks' matchConditions: true when a container or init
-container asks for a vfplane.io/ resource in its limits or requests. Every
+container asks for a vfplane.io/ resource in its limits or requests, or,
+with dra.enabled, when the pod names any ResourceClaim (which claims ask for
+vfplane's VFs only the claims themselves say: the webhook reads them). Every
 other pod never reaches the webhook, whatever its failurePolicy.
 */}}
 {{- define "vfplane.podMatchCondition" -}}
 {{- $asks := "has(c.resources) && ((has(c.resources.limits) && c.resources.limits.exists(k, k.startsWith('vfplane.io/'))) || (has(c.resources.requests) && c.resources.requests.exists(k, k.startsWith('vfplane.io/'))))" -}}
-object.spec.containers.exists(c, {{ $asks }}) || (has(object.spec.initContainers) && object.spec.initContainers.exists(c, {{ $asks }}))
+object.spec.containers.exists(c, {{ $asks }}) || (has(object.spec.initContainers) && object.spec.initContainers.exists(c, {{ $asks }})){{ if .Values.dra.enabled }} || (has(object.spec.resourceClaims) && size(object.spec.resourceClaims) > 0){{ end }}
 {{- end }}
 
 {{/* The restricted container security context (controller, device plugin). */}}

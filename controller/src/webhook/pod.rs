@@ -1,5 +1,7 @@
-//! Pod admission: containers asking for a `vfplane.io/<pool>` whose policy
-//! has a container profile wanting limits must set CPU, memory (and, when
+//! Pod admission: containers asking for a `vfplane.io/<pool>`, or using a
+//! ResourceClaim that asks for the pool's VFs (see [`super::claims`]),
+//! whose policy has a container profile wanting limits must set CPU,
+//! memory (and, when
 //! named, hugepages) limits of at least the profile's values. In mutate mode
 //! the missing ones are filled in with a JSONPatch instead of refused.
 //!
@@ -11,7 +13,7 @@
 //! is not registered (a runtime or plugin restart), and the kubelet tries
 //! again, instead of the container being created without its limits.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{Container, Pod};
 use serde_json::{Value, json};
@@ -19,6 +21,7 @@ use vfplane_proto::pool::RESOURCE_DOMAIN;
 use vfplane_proto::vf_policy::{ContainerProfile, NRI_PLUGIN_NAME, NRI_REQUIRED_PLUGINS_ANNOTATION};
 
 use super::ClusterView;
+use super::claims::{ClaimVfs, PodClaims};
 use vfplane_proto::quantity::{Quantity, parse_quantity};
 
 /// The hugepages resource added in mutate mode when the container names no
@@ -89,8 +92,9 @@ pub struct PodChanges {
     pub nri_annotation: bool,
 }
 
-/// Checks (and with `changes`, completes) a pod being created.
-pub fn admit_pod(pod: &Pod, view: &dyn ClusterView, changes: PodChanges) -> PodVerdict {
+/// Checks (and with `changes`, completes) a pod being created; `claims`
+/// says which of its ResourceClaims ask for vfplane's VFs.
+pub fn admit_pod(pod: &Pod, view: &dyn ClusterView, changes: PodChanges, claims: &PodClaims) -> PodVerdict {
     let mut verdict = PodVerdict::default();
     let Some(spec) = &pod.spec else {
         return verdict;
@@ -108,7 +112,8 @@ pub fn admit_pod(pod: &Pod, view: &dyn ClusterView, changes: PodChanges) -> PodV
     for (list_path, containers) in lists {
         for (index, container) in containers.iter().enumerate() {
             let path = format!("{list_path}/{index}");
-            if check_container(container, &path, view, &mut profiles, mutate, &mut verdict) {
+            let asks = pools_of(container, claims, view, &mut verdict);
+            if check_container(container, &asks, &path, view, &mut profiles, mutate, &mut verdict) {
                 needs_nri.push(&container.name);
             }
         }
@@ -167,26 +172,63 @@ fn annotate_nri(pod: &Pod, containers: &[&str], verdict: &mut PodVerdict) {
     }
 }
 
-/// The pools a container asks for (by request or limit).
-fn pools_of(container: &Container) -> BTreeSet<String> {
+/// The pools a container asks for, each with how it asks (for messages):
+/// `vfplane.io/<pool>` by request or limit, or through one of the pod's
+/// claims that asks for vfplane's VFs (`claims`). A claim the webhook
+/// could not read is a warning.
+fn pools_of(
+    container: &Container,
+    claims: &PodClaims,
+    view: &dyn ClusterView,
+    verdict: &mut PodVerdict,
+) -> BTreeMap<String, String> {
     let prefix = format!("{RESOURCE_DOMAIN}/");
     let Some(resources) = &container.resources else {
-        return BTreeSet::new();
+        return BTreeMap::new();
     };
-    resources
+    let mut pools: BTreeMap<String, String> = resources
         .limits
         .iter()
         .chain(resources.requests.iter())
         .flat_map(|map| map.keys())
-        .filter_map(|key| key.strip_prefix(&prefix))
-        .map(str::to_owned)
-        .collect()
+        .filter_map(|key| {
+            key.strip_prefix(&prefix)
+                .map(|pool| (pool.to_owned(), key.clone()))
+        })
+        .collect();
+    for used in resources.claims.iter().flatten() {
+        let claim = &used.name;
+        match claims.0.get(claim) {
+            None => {}
+            Some(ClaimVfs::Pools(named)) => {
+                for pool in named {
+                    pools
+                        .entry(pool.clone())
+                        .or_insert_with(|| format!("VFs of pool {pool} through claim {claim:?}"));
+                }
+            }
+            Some(ClaimVfs::AnyPool) => {
+                for pool in view.dra_pools() {
+                    pools.entry(pool.clone()).or_insert_with(|| {
+                        format!("VFs of any DRA pool (so of {pool}) through claim {claim:?}")
+                    });
+                }
+            }
+            Some(ClaimVfs::Unread(why)) => verdict.warnings.push(format!(
+                "container {:?} uses claim {claim:?}: {why}; vfplane did not check it against a pool's \
+                 container profile",
+                container.name
+            )),
+        }
+    }
+    pools
 }
 
 /// Checks one container; true when a pool it asks for has a profile the
 /// runtime applies through vfplane's NRI plugin.
 fn check_container(
     container: &Container,
+    asks: &BTreeMap<String, String>,
     path: &str,
     view: &dyn ClusterView,
     profiles: &mut BTreeMap<String, Option<ContainerProfile>>,
@@ -202,10 +244,10 @@ fn check_container(
     let mut to_add: BTreeMap<Res, Minimum> = BTreeMap::new();
     let mut numa_aligned = false;
     let mut needs_nri = false;
-    for pool in pools_of(container) {
+    for (pool, resource) in asks {
         let profile = profiles
             .entry(pool.clone())
-            .or_insert_with(|| view.container_profile(&pool))
+            .or_insert_with(|| view.container_profile(pool))
             .clone();
         needs_nri |= profile
             .as_ref()
@@ -214,7 +256,6 @@ fn check_container(
             continue;
         };
         numa_aligned |= profile.numa_aligned;
-        let resource = format!("{RESOURCE_DOMAIN}/{pool}");
         let mut needs = vec![
             (Res::Cpu, profile.cpu.as_deref()),
             (Res::Memory, profile.memory.as_deref()),

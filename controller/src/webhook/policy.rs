@@ -259,6 +259,9 @@ mod tests {
         fn container_profile(&self, _: &str) -> Option<ContainerProfile> {
             None
         }
+        fn dra_pools(&self) -> Vec<String> {
+            Vec::new()
+        }
     }
 
     fn spec(pf_names: &[&str], num_vfs: u16) -> VfPolicySpec {

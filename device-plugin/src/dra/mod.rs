@@ -38,11 +38,7 @@ use vfplane_proto::pool::{Pool, ResourceApi};
 use crate::inventory::DeviceStatus;
 use crate::server::PoolShared;
 
-/// The driver name: ResourceSlices, claims' results and CDI use it.
-pub const DRIVER_NAME: &str = "vfplane.io";
-
-/// The DeviceClass the chart installs, selecting every vfplane VF.
-pub const DEVICE_CLASS: &str = "vf.vfplane.io";
+pub use vfplane_proto::dra::{DEVICE_CLASS, DRIVER_NAME};
 
 /// The CDI kind of a prepared claim's devices (their environment):
 /// `vfplane.io/claim=<claim UID>-<device>`.

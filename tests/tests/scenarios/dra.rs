@@ -15,6 +15,10 @@
 //!   and runs the driver's pktgen on it (the VF's own TX counter). The pod's
 //!   status shows the device Healthy (the kubelet's health stream), and the
 //!   NodeState names the pod's container as the VF's owner.
+//! - The pod webhook reads the pod's claims: the container is marked as
+//!   needing vfplane's NRI plugin (the pool's profile has locked memory and
+//!   pids), and a pod claiming the pool's VFs without the memory limit the
+//!   profile asks for is refused, naming the claim (a server-side dry run).
 //! - The pod deleted with the agent paused (it scrubs a released VF within
 //!   a second, too soon to watch), the kubelet unprepares the claim: the
 //!   device is tainted `vfplane.io/scrubbing` and stays so while the VF is
@@ -77,6 +81,7 @@ spec:
   resourceName: fast
   resourceApi: dra
   containerProfile:
+    memory: 64Mi
     lockedMemory: 64Mi
     pids: 256
 "#
@@ -342,6 +347,8 @@ pub fn claims(session: &mut Session) {
 
     let prepared_in = prepare_times(session);
     assert_eq!(prepared_in.len(), 1, "one claim prepared: {prepared_in:?}");
+
+    the_pod_webhook_checks_containers_that_claim_vfs(session);
 
     // Released: tainted until the agent scrubs it. The agent scrubs a
     // released VF within a second, often before `kubectl delete` returns,
@@ -691,6 +698,53 @@ fn unsatisfiable_claim_stays_pending_and_says_why(session: &mut Session) {
         .unwrap();
 }
 
+/// The pod webhook reads a pod's claims: the claim pod's container, whose
+/// pool's profile the runtime applies (locked memory, pids), was marked as
+/// needing vfplane's NRI plugin; and a pod claiming the pool's VFs without
+/// the memory limit the profile asks for is refused (a server-side dry run),
+/// with the reason naming the claim.
+fn the_pod_webhook_checks_containers_that_claim_vfs(session: &mut Session) {
+    let annotation = session.jsonpath(&[
+        "get",
+        "pod",
+        "dra-pktgen",
+        "-o=jsonpath={.metadata.annotations.required-plugins\\.noderesource\\.dev/container\\.pktgen}",
+    ]);
+    assert!(
+        annotation.contains("vfplane"),
+        "the webhook marks the claim pod's container as needing vfplane's NRI plugin: {annotation:?}"
+    );
+    let unlimited = r#"apiVersion: v1
+kind: Pod
+metadata:
+  name: dra-no-memory-limit
+spec:
+  resourceClaims:
+    - name: vf
+      resourceClaimTemplateName: one-vf
+  containers:
+    - name: app
+      image: busybox
+      command: ["sleep", "60"]
+      resources:
+        claims:
+          - name: vf
+"#;
+    let refused = session
+        .cluster()
+        .kubectl_stdin(&["apply", "--dry-run=server", "-f", "-"], unlimited)
+        .expect_err("a claim pod without the profile's memory limit is refused");
+    let message = format!("{refused:#}");
+    eprintln!("the webhook on a claim pod without limits: {message}");
+    assert!(
+        message.contains(
+            "container \"app\" asks for VFs of pool fast through claim \"vf\", whose policy requires limits: add \
+             resources.limits.memory (at least \"64Mi\")"
+        ),
+        "{message}"
+    );
+}
+
 /// A template for one VF of pool `fast` with the opaque configuration
 /// `parameters` (YAML, indented for its place).
 fn one_vf_configured(name: &str, parameters: &str) -> String {
@@ -852,6 +906,7 @@ fn a_claims_settings_reach_its_vf_and_leave_with_it(session: &mut Session) {
 /// Unhealthy and tainted until the agent binds it again; the plugin killed
 /// and restarted keeps the claim and unprepares it; both VFs scrubbed.
 fn two_vfs_through_an_unbind_and_a_plugin_kill(session: &mut Session) {
+    let prepared_before = prepare_times(session).len();
     session
         .apply(&two_vfs_sharing(
             "two-vfs-one-root",
@@ -972,7 +1027,11 @@ fn two_vfs_through_an_unbind_and_a_plugin_kill(session: &mut Session) {
     assert_eq!(driver.trim(), "vfio-pci", "the agent bound {vf} again");
 
     let prepared_in = prepare_times(session);
-    assert_eq!(prepared_in.len(), 2, "two claims prepared: {prepared_in:?}");
+    assert_eq!(
+        prepared_in.len(),
+        prepared_before + 1,
+        "one more claim prepared: {prepared_in:?}"
+    );
 
     // The plugin killed with the claim prepared: the kubelet restarts it
     // and the new process knows the claim from its checkpoint.
@@ -1042,7 +1101,7 @@ fn two_vfs_through_an_unbind_and_a_plugin_kill(session: &mut Session) {
          agent resumed -> Healthy and untainted {:.1} s; plugin killed -> restarted with the claim {:.1} s; \
          pod deleted -> both VFs scrubbed {:.1} s",
         to_running.as_secs_f64(),
-        prepared_in[1],
+        prepared_in[prepared_before],
         tainted_after.unwrap_or_default().as_secs_f64(),
         unhealthy_after.unwrap_or_default().as_secs_f64(),
         recovered_after.as_secs_f64(),

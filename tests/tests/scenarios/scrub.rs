@@ -565,15 +565,5 @@ pub fn clean_up(session: &mut Session) {
     session
         .kubectl(&["delete", "vfpolicy", POOL, "--wait=true", "--timeout=300s"])
         .unwrap();
-    session
-        .wait("the node's PF back to 0 VFs", Duration::from_secs(300), |c| {
-            Ok(c.kubectl_output(&[
-                "get",
-                "nodestate",
-                NODE_NAME,
-                "-o=jsonpath={.status.pfs[0].numVfs}",
-            ])
-            .is_ok_and(|v| v.trim() == "0"))
-        })
-        .unwrap();
+    session.wait_pf_without_vfs(Duration::from_secs(300)).unwrap();
 }

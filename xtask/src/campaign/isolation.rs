@@ -47,7 +47,12 @@ impl Campaigns<'_> {
         );
         let minors: Vec<u32> = groups.values().map(|(_, minor)| *minor).collect();
         let name = "isolation";
-        let pod = pod_as(name, 1, &isolation_script(&minors), Tenant::RootWithMknod);
+        let pod = pod_as(
+            name,
+            Ask::Limit(1),
+            &isolation_script(&minors),
+            Tenant::RootWithMknod,
+        );
         self.cluster()
             .kubectl_stdin(&["apply", "-f", "-"], &pod)
             .context("creating the isolation pod")?;

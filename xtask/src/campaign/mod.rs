@@ -64,6 +64,8 @@ const REBOOT_EXTRA_DEVICE: &str = "virtio-rng-pci,bus=pcie.0,addr=0x9";
 pub struct Options {
     /// Pods created and deleted by the churn campaign.
     pub pods: u32,
+    /// Pods created and deleted by the DRA churn campaign.
+    pub dra_pods: u32,
     /// Churn pods alive at once.
     pub parallel: u32,
     /// SIGKILLs of the agent (the device plugin gets as many).
@@ -84,6 +86,7 @@ impl Options {
         // statistics.
         Self {
             pods: 6,
+            dra_pods: 50,
             parallel: 3,
             kills: 1,
             kubelet_restarts: 1,
@@ -96,6 +99,7 @@ impl Options {
     pub fn long(seed: u64) -> Self {
         Self {
             pods: 200,
+            dra_pods: 200,
             parallel: 3,
             kills: 50,
             kubelet_restarts: 20,
@@ -237,14 +241,29 @@ enum Tenant {
     RootWithMknod,
 }
 
-/// A pod of user 1000 without capabilities, asking for `vfs` VFs, running
+/// How a campaign pod asks for its VFs.
+#[derive(Debug, Clone, Copy)]
+enum Ask<'a> {
+    /// `vfplane.io/churn: N` in its limits (the device plugin).
+    Limit(u32),
+    /// A claim made from this ResourceClaimTemplate (DRA).
+    Claim(&'a str),
+}
+
+impl From<u32> for Ask<'_> {
+    fn from(vfs: u32) -> Self {
+        Self::Limit(vfs)
+    }
+}
+
+/// A pod of user 1000 without capabilities, asking for VFs, running
 /// `script`.
-fn pod(name: &str, vfs: u32, script: &str) -> String {
-    pod_as(name, vfs, script, Tenant::Unprivileged)
+fn pod<'a>(name: &str, ask: impl Into<Ask<'a>>, script: &str) -> String {
+    pod_as(name, ask.into(), script, Tenant::Unprivileged)
 }
 
 /// A campaign pod running as `tenant`.
-fn pod_as(name: &str, vfs: u32, script: &str, tenant: Tenant) -> String {
+fn pod_as(name: &str, ask: Ask<'_>, script: &str, tenant: Tenant) -> String {
     let (pod_security, container_security) = match tenant {
         Tenant::Unprivileged => (
             "\n  securityContext:\n    runAsUser: 1000\n    runAsGroup: 1000\n    runAsNonRoot: true",
@@ -253,6 +272,16 @@ fn pod_as(name: &str, vfs: u32, script: &str, tenant: Tenant) -> String {
         Tenant::RootWithMknod => (
             "",
             "runAsUser: 0\n        capabilities:\n          add: [\"MKNOD\"]",
+        ),
+    };
+    let (pod_claims, resources) = match ask {
+        Ask::Limit(vfs) => (
+            String::new(),
+            format!("\n        limits:\n          vfplane.io/{POOL}: {vfs}"),
+        ),
+        Ask::Claim(template) => (
+            format!("\n  resourceClaims:\n    - name: vfs\n      resourceClaimTemplateName: {template}"),
+            "\n        claims:\n          - name: vfs".to_owned(),
         ),
     };
     format!(
@@ -264,7 +293,7 @@ metadata:
     campaign: "true"
 spec:
   restartPolicy: Never
-  terminationGracePeriodSeconds: 1{pod_security}
+  terminationGracePeriodSeconds: 1{pod_security}{pod_claims}
   containers:
     - name: app
       image: {VFPLANE_IMAGE}
@@ -272,9 +301,7 @@ spec:
       command: ["sh", "-c", {script:?}]
       securityContext:
         {container_security}
-      resources:
-        limits:
-          vfplane.io/{POOL}: {vfs}
+      resources:{resources}
 "#
     )
 }
@@ -294,9 +321,24 @@ fn tenant_mac(n: u32, i: usize) -> String {
 /// the crash campaign's long-lived receiver among them.
 fn churn_script(n: u32) -> String {
     let env = format!("PCIDEVICE_VFPLANE_IO_{}", POOL.to_uppercase());
+    churn_script_over(n, &format!("$(echo \"${env}\" | tr ',' ' ')"))
+}
+
+/// [`churn_script`] for a pod whose VFs come from a claim: one variable
+/// per device, `PCIDEVICE_VFPLANE_IO_CHURN_<device>=<address>`.
+fn churn_script_dra(n: u32) -> String {
+    let prefix = format!("PCIDEVICE_VFPLANE_IO_{}_", POOL.to_uppercase());
+    churn_script_over(
+        n,
+        &format!("$(env | grep ^{prefix} | grep -v _INFO= | cut -d= -f2)"),
+    )
+}
+
+/// The churn script over the VFs `list` (shell words) names.
+fn churn_script_over(n: u32, list: &str) -> String {
     let host = HOST_MAC.map(|b| format!("{b:02x}")).join(":");
     format!(
-        "set -e; i=0; for vf in $(echo \"${env}\" | tr ',' ' '); do \
+        "set -e; i=0; for vf in {list}; do \
          pktgen --pci $vf --dst {host} --count 1 --size 60; \
          pktgen --pci $vf --dst {host} --mac 02:00:00:cc:{:02x}:$(printf %02x $(({} + i))) --count 20 --size 60; \
          i=$((i + 1)); done; echo churn-ready; exec sleep 86400",
@@ -375,6 +417,21 @@ impl<'a> Campaigns<'a> {
         let name = format!("churn-{n}");
         self.cluster()
             .kubectl_stdin(&["apply", "-f", "-"], &pod(&name, vfs, &churn_script(n)))
+            .with_context(|| format!("creating pod {name}"))?;
+        Ok(name)
+    }
+
+    /// Creates the next churn pod, claiming its VFs through `template`;
+    /// returns its name.
+    fn create_claim_churn_pod(&mut self, template: &str) -> Result<String> {
+        let n = self.next_pod;
+        self.next_pod += 1;
+        let name = format!("churn-{n}");
+        self.cluster()
+            .kubectl_stdin(
+                &["apply", "-f", "-"],
+                &pod(&name, Ask::Claim(template), &churn_script_dra(n)),
+            )
             .with_context(|| format!("creating pod {name}"))?;
         Ok(name)
     }
@@ -792,12 +849,17 @@ pub fn run(testbed: &crate::testbed::Testbed, options: &Options, which: &[&str])
             ..crate::cluster::ClusterOptions::default()
         },
     )?;
-    session.install_vfplane()?;
+    if which.contains(&"churn-dra") {
+        session.install_vfplane_with(&["dra.enabled=true"])?;
+    } else {
+        session.install_vfplane()?;
+    }
     let mut campaigns = Campaigns::prepare(&mut session, options.seed)?;
     for name in which {
         let began = Instant::now();
         let result = match *name {
             "churn" => campaigns.churn(options),
+            "churn-dra" => campaigns.churn_dra(options),
             "crashes" => campaigns.crashes(options),
             "restarts" => campaigns.restarts(options),
             "faults" => campaigns.faults(),
@@ -806,7 +868,7 @@ pub fn run(testbed: &crate::testbed::Testbed, options: &Options, which: &[&str])
             "vf-removal" => campaigns.vf_removal(),
             "shared-group" => campaigns.shared_group(testbed),
             other => bail!(
-                "no campaign {other:?}: churn, crashes, restarts, faults, vf-removal, reboot, isolation or shared-group"
+                "no campaign {other:?}: churn, churn-dra, crashes, restarts, faults, vf-removal, reboot, isolation or shared-group"
             ),
         };
         if let Err(error) = result {
@@ -879,7 +941,7 @@ mod tests {
         assert_eq!(container["securityContext"]["allowPrivilegeEscalation"], false);
         assert_eq!(container["resources"]["limits"]["vfplane.io/churn"], 2);
         let root: serde_yaml::Value =
-            serde_yaml::from_str(&pod_as("q", 1, "true", Tenant::RootWithMknod)).unwrap();
+            serde_yaml::from_str(&pod_as("q", Ask::Limit(1), "true", Tenant::RootWithMknod)).unwrap();
         assert!(root["spec"].get("securityContext").is_none());
         let container = &root["spec"]["containers"][0];
         assert_eq!(container["securityContext"]["runAsUser"], 0);
@@ -892,5 +954,31 @@ mod tests {
         assert_eq!(tenant_mac(5, 1), "02:00:00:cc:05:01");
         assert_eq!(tenant_mac(300, 0), "02:00:00:cc:2c:04");
         assert!(churn_script(300).contains("02:00:00:cc:2c:$(printf %02x $((4 + i)))"));
+    }
+
+    #[test]
+    fn a_claim_churn_pod_claims_through_its_template_and_reads_one_variable_per_vf() {
+        let claimed: serde_yaml::Value =
+            serde_yaml::from_str(&pod("c", Ask::Claim("churn-two"), &churn_script_dra(3))).unwrap();
+        assert_eq!(
+            claimed["spec"]["resourceClaims"][0]["resourceClaimTemplateName"],
+            "churn-two"
+        );
+        let container = &claimed["spec"]["containers"][0];
+        assert_eq!(container["resources"]["claims"][0]["name"], "vfs");
+        assert!(container["resources"].get("limits").is_none(), "{container:?}");
+        let script = container["command"][2].as_str().unwrap();
+        assert!(
+            script.contains(
+                "for vf in $(env | grep ^PCIDEVICE_VFPLANE_IO_CHURN_ | grep -v _INFO= | cut -d= -f2); do"
+            ),
+            "{script}"
+        );
+        let limited: serde_yaml::Value = serde_yaml::from_str(&pod("p", 2, "true")).unwrap();
+        assert_eq!(
+            limited["spec"]["containers"][0]["resources"]["limits"]["vfplane.io/churn"],
+            2
+        );
+        assert!(limited["spec"].get("resourceClaims").is_none());
     }
 }
