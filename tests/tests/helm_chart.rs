@@ -1268,16 +1268,19 @@ fn check_pod_rules(rules: &[k8s_openapi::api::admissionregistration::v1::RuleWit
 
 /// Runs the matchCondition with a CEL interpreter on pods, as the API server
 /// would with `object` bound to the pod.
-fn check_vf_pod_condition(expression: &str) {
+/// Whether the webhook match condition `expression` sends `pod`.
+fn sends(expression: &str, pod: &Value) -> bool {
     let program = cel::Program::compile(expression).unwrap_or_else(|e| panic!("CEL {expression}: {e}"));
-    let sent = |pod: Value| -> bool {
-        let mut context = cel::Context::default();
-        context.add_variable("object", pod.clone()).unwrap();
-        match program.execute(&context) {
-            Ok(cel::Value::Bool(b)) => b,
-            other => panic!("CEL on {pod}: {other:?}"),
-        }
-    };
+    let mut context = cel::Context::default();
+    context.add_variable("object", pod.clone()).unwrap();
+    match program.execute(&context) {
+        Ok(cel::Value::Bool(b)) => b,
+        other => panic!("CEL on {pod}: {other:?}"),
+    }
+}
+
+fn check_vf_pod_condition(expression: &str) {
+    let sent = |pod: Value| sends(expression, &pod);
     let pod = |containers: Value, init: Option<Value>| {
         let mut spec = serde_json::json!({ "containers": containers });
         if let Some(init) = init {
@@ -1336,15 +1339,6 @@ fn with_dra_the_pod_webhooks_also_see_pods_that_name_claims_and_may_read_them() 
         "containers": [{"name": "app", "resources": {"claims": [{"name": "vf"}]}}]}});
     let no_claims = serde_json::json!({"apiVersion": "v1", "kind": "Pod", "spec": {
         "resourceClaims": [], "containers": [{"name": "app", "image": "x"}]}});
-    let sent = |expression: &str, pod: &Value| -> bool {
-        let program = cel::Program::compile(expression).unwrap_or_else(|e| panic!("CEL {expression}: {e}"));
-        let mut context = cel::Context::default();
-        context.add_variable("object", pod.clone()).unwrap();
-        match program.execute(&context) {
-            Ok(cel::Value::Bool(b)) => b,
-            other => panic!("CEL on {pod}: {other:?}"),
-        }
-    };
     let conditions: Vec<String> = r
         .mutating()
         .iter()
@@ -1362,8 +1356,8 @@ fn with_dra_the_pod_webhooks_also_see_pods_that_name_claims_and_may_read_them() 
     assert_eq!(conditions.len(), 2, "the mutating and the validating pod webhook");
     for expression in &conditions {
         check_vf_pod_condition(expression);
-        assert!(sent(expression, &claims_pod), "a pod naming a claim");
-        assert!(!sent(expression, &no_claims), "an empty list of claims");
+        assert!(sends(expression, &claims_pod), "a pod naming a claim");
+        assert!(!sends(expression, &no_claims), "an empty list of claims");
     }
     let without = defaults.mutating()[0].webhooks.as_deref().unwrap()[0]
         .match_conditions
@@ -1372,7 +1366,7 @@ fn with_dra_the_pod_webhooks_also_see_pods_that_name_claims_and_may_read_them() 
         .expression
         .clone();
     assert!(
-        !sent(&without, &claims_pod),
+        !sends(&without, &claims_pod),
         "without DRA, claims alone do not send a pod"
     );
 }

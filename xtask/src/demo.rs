@@ -177,22 +177,10 @@ spec:
 /// environment, `/dev/vfio` and locked-memory limit, then runs pktgen on
 /// the VF (found from its `PCIDEVICE_VFPLANE_IO_FAST_<device>` variable).
 pub fn claim_pod_yaml(pod: &str, frames: u32) -> String {
+    let template =
+        crate::claims::vf_claim_template("one-vf", "vf", 1, &crate::claims::pool_selector(POOL), "");
     format!(
-        r#"apiVersion: resource.k8s.io/v1
-kind: ResourceClaimTemplate
-metadata:
-  name: one-vf
-spec:
-  spec:
-    devices:
-      requests:
-        - name: vf
-          exactly:
-            deviceClassName: vf.vfplane.io
-            selectors:
-              - cel:
-                  expression: device.attributes["vfplane.io"].pool == "{POOL}"
----
+        r#"{template}---
 apiVersion: v1
 kind: Pod
 metadata:

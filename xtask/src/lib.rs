@@ -5,6 +5,7 @@
 pub mod bench_limits;
 pub mod cache;
 pub mod campaign;
+pub mod claims;
 pub mod cluster;
 pub mod crdgen;
 pub mod demo;

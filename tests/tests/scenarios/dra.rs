@@ -61,6 +61,7 @@
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use xtask::claims::{pool_selector, vf_claim_template};
 use xtask::cluster::images::VFPLANE_IMAGE;
 use xtask::session::{NAMESPACE, Session, dra_devices, node_vf_statuses, taint_keys};
 
@@ -125,27 +126,12 @@ spec:
 
 /// A template for two VFs of pool `fast` that share `attribute`.
 fn two_vfs_sharing(name: &str, attribute: &str) -> String {
-    format!(
-        r#"apiVersion: resource.k8s.io/v1
-kind: ResourceClaimTemplate
-metadata:
-  name: {name}
-spec:
-  spec:
-    devices:
-      requests:
-        - name: vfs
-          exactly:
-            deviceClassName: vf.vfplane.io
-            allocationMode: ExactCount
-            count: 2
-            selectors:
-              - cel:
-                  expression: device.attributes["vfplane.io"].pool == "fast"
-      constraints:
-        - requests: ["vfs"]
-          matchAttribute: {attribute}
-"#
+    vf_claim_template(
+        name,
+        "vfs",
+        2,
+        &pool_selector("fast"),
+        &format!("      constraints:\n        - requests: [\"vfs\"]\n          matchAttribute: {attribute}"),
     )
 }
 
@@ -542,22 +528,12 @@ struct NextTenant {
 
 /// A template for exactly the VF at `address`.
 fn the_vf_at(name: &str, address: &str) -> String {
-    format!(
-        r#"apiVersion: resource.k8s.io/v1
-kind: ResourceClaimTemplate
-metadata:
-  name: {name}
-spec:
-  spec:
-    devices:
-      requests:
-        - name: vfs
-          exactly:
-            deviceClassName: vf.vfplane.io
-            selectors:
-              - cel:
-                  expression: device.attributes["resource.kubernetes.io"].pciBusID == "{address}"
-"#
+    vf_claim_template(
+        name,
+        "vfs",
+        1,
+        &format!(r#"device.attributes["resource.kubernetes.io"].pciBusID == "{address}""#),
+        "",
     )
 }
 
@@ -748,30 +724,15 @@ spec:
 /// A template for one VF of pool `fast` with the opaque configuration
 /// `parameters` (YAML, indented for its place).
 fn one_vf_configured(name: &str, parameters: &str) -> String {
-    format!(
-        r#"apiVersion: resource.k8s.io/v1
-kind: ResourceClaimTemplate
-metadata:
-  name: {name}
-spec:
-  spec:
-    devices:
-      requests:
-        - name: vf
-          exactly:
-            deviceClassName: vf.vfplane.io
-            selectors:
-              - cel:
-                  expression: device.attributes["vfplane.io"].pool == "fast"
-      config:
-        - requests: ["vf"]
-          opaque:
-            driver: vfplane.io
-            parameters:
-              apiVersion: vfplane.io/v1alpha1
-              kind: VfConfig
-{parameters}
-"#
+    vf_claim_template(
+        name,
+        "vf",
+        1,
+        &pool_selector("fast"),
+        &format!(
+            "      config:\n        - requests: [\"vf\"]\n          opaque:\n            driver: vfplane.io\n            \
+             parameters:\n              apiVersion: vfplane.io/v1alpha1\n              kind: VfConfig\n{parameters}"
+        ),
     )
 }
 

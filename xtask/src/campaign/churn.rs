@@ -223,28 +223,11 @@ fn offered_devices(cluster: &Cluster) -> usize {
 /// The campaign's ResourceClaimTemplates: `churn-one` (one VF of the pool)
 /// and `churn-two` (two).
 fn claim_templates() -> String {
+    let selector = crate::claims::pool_selector(POOL);
     [("one", 1), ("two", 2)]
         .iter()
         .map(|(name, count)| {
-            format!(
-                r#"apiVersion: resource.k8s.io/v1
-kind: ResourceClaimTemplate
-metadata:
-  name: churn-{name}
-spec:
-  spec:
-    devices:
-      requests:
-        - name: vfs
-          exactly:
-            deviceClassName: vf.vfplane.io
-            allocationMode: ExactCount
-            count: {count}
-            selectors:
-              - cel:
-                  expression: device.attributes["vfplane.io"].pool == "{POOL}"
-"#
-            )
+            crate::claims::vf_claim_template(&format!("churn-{name}"), "vfs", *count, &selector, "")
         })
         .collect::<Vec<_>>()
         .join("---\n")
