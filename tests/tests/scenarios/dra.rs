@@ -677,8 +677,9 @@ fn unsatisfiable_claim_stays_pending_and_says_why(session: &mut Session) {
 /// The pod webhook reads a pod's claims: the claim pod's container, whose
 /// pool's profile the runtime applies (locked memory, pids), was marked as
 /// needing vfplane's NRI plugin; and a pod claiming the pool's VFs without
-/// the memory limit the profile asks for is refused (a server-side dry run),
-/// with the reason naming the claim.
+/// the CPU and memory limits the profile asks for (its `memory` asks for
+/// both) is refused (a server-side dry run), with the reason naming the
+/// claim.
 fn the_pod_webhook_checks_containers_that_claim_vfs(session: &mut Session) {
     let annotation = session.jsonpath(&[
         "get",
@@ -715,7 +716,7 @@ spec:
     assert!(
         message.contains(
             "container \"app\" asks for VFs of pool fast through claim \"vf\", whose policy requires limits: add \
-             resources.limits.memory (at least \"64Mi\")"
+             resources.limits.cpu and resources.limits.memory (at least \"64Mi\")"
         ),
         "{message}"
     );
