@@ -17,7 +17,7 @@
 //!   NodeState names the pod's container as the VF's owner.
 //! - The pod webhook reads the pod's claims: the container is marked as
 //!   needing vfplane's NRI plugin (the pool's profile has locked memory and
-//!   pids), and a pod claiming the pool's VFs without the memory limit the
+//!   pids), and a pod claiming the pool's VFs without the CPU and memory limits the
 //!   profile asks for is refused, naming the claim (a server-side dry run).
 //! - The pod deleted with the agent paused (it scrubs a released VF within
 //!   a second, too soon to watch), the kubelet unprepares the claim: the
