@@ -65,19 +65,26 @@ fn run(options: &Options, which: &[&str]) {
     eprintln!("\n== campaigns (seed {})\n{}", options.seed, report.text());
 }
 
-#[test]
-fn short_campaigns_leave_the_node_clean_and_every_vf_scrubbed() {
-    if !xtask::e2e::enabled(
-        "short_campaigns_leave_the_node_clean_and_every_vf_scrubbed",
-        xtask::e2e::CLUSTER,
-    ) {
+/// `which` at the short lengths on `node`, if the cluster tests are on
+/// for `test`.
+fn short_on(test: &str, node: NodeProfile, which: &[&str]) {
+    if !xtask::e2e::enabled(test, xtask::e2e::CLUSTER) {
         return;
     }
     run(
         &Options {
-            node_profile: NodeProfile::Minimal,
+            node_profile: node,
             ..Options::short(seed())
         },
+        which,
+    );
+}
+
+#[test]
+fn short_campaigns_leave_the_node_clean_and_every_vf_scrubbed() {
+    short_on(
+        "short_campaigns_leave_the_node_clean_and_every_vf_scrubbed",
+        NodeProfile::Minimal,
         &IN_CI,
     );
 }
@@ -96,18 +103,10 @@ const IN_CI: [&str; 4] = ["crashes", "faults", "vf-removal", "isolation"];
 #[test]
 #[ignore = "slow: churn, restarts, reboot and shared-group on the minimal node (three node reboots; CI's hour does not hold them)"]
 fn on_the_minimal_node_the_other_short_campaigns_leave_the_node_clean() {
-    if !xtask::e2e::enabled(
-        "on_the_minimal_node_the_other_short_campaigns_leave_the_node_clean",
-        xtask::e2e::CLUSTER,
-    ) {
-        return;
-    }
     let others: Vec<&str> = ALL.into_iter().filter(|c| !IN_CI.contains(c)).collect();
-    run(
-        &Options {
-            node_profile: NodeProfile::Minimal,
-            ..Options::short(seed())
-        },
+    short_on(
+        "on_the_minimal_node_the_other_short_campaigns_leave_the_node_clean",
+        NodeProfile::Minimal,
         &others,
     );
 }
@@ -115,17 +114,9 @@ fn on_the_minimal_node_the_other_short_campaigns_leave_the_node_clean() {
 #[test]
 #[ignore = "slow: the short campaigns on the systemd node (28 min on 2026-12-03 at 12 pods, 3 + 3 SIGKILLs and 3 kubelet restarts; three node reboots at its slower boot)"]
 fn on_the_systemd_node_short_campaigns_leave_the_node_clean_and_every_vf_scrubbed() {
-    if !xtask::e2e::enabled(
+    short_on(
         "on_the_systemd_node_short_campaigns_leave_the_node_clean_and_every_vf_scrubbed",
-        xtask::e2e::CLUSTER,
-    ) {
-        return;
-    }
-    run(
-        &Options {
-            node_profile: NodeProfile::Systemd,
-            ..Options::short(seed())
-        },
+        NodeProfile::Systemd,
         &ALL,
     );
 }
@@ -136,17 +127,9 @@ fn on_the_systemd_node_short_campaigns_leave_the_node_clean_and_every_vf_scrubbe
 #[test]
 #[ignore = "slow: 50 pods churned through ResourceClaims on the minimal node (1,324 s on 2026-12-04, 26 s a pod under TCG; CI's hour does not hold them beside the rest)"]
 fn on_the_minimal_node_pods_churned_through_claims_get_clean_vfs_and_leave_nothing() {
-    if !xtask::e2e::enabled(
+    short_on(
         "on_the_minimal_node_pods_churned_through_claims_get_clean_vfs_and_leave_nothing",
-        xtask::e2e::CLUSTER,
-    ) {
-        return;
-    }
-    run(
-        &Options {
-            node_profile: NodeProfile::Minimal,
-            ..Options::short(seed())
-        },
+        NodeProfile::Minimal,
         &["churn-dra"],
     );
 }
