@@ -644,11 +644,16 @@ impl<N: VfLinkControl> Reconciler<N> {
     ) -> Result<(), VfWriteError> {
         let claim = self.claim_settings(address);
         let dir = self.handed_out_marks.as_deref();
+        let answered = match (&claim, dir) {
+            (Some(_), Some(dir)) => vf_config::read_claim_config_result(dir, address).ok().flatten(),
+            _ => None,
+        };
         // Settings not answered yet are written whole, the MAC too; after
         // that a trusted VF's MAC is its tenant's, as for any VF handed out.
-        let unanswered = claim.as_ref().zip(dir).is_some_and(|((config, _), dir)| {
-            !matches!(vf_config::read_claim_config_result(dir, address),
-                Ok(Some(ref answer)) if answer.config == *config && answer.outcome.is_ok())
+        let unanswered = claim.as_ref().is_some_and(|(config, _)| {
+            !answered
+                .as_ref()
+                .is_some_and(|answer| answer.config == *config && answer.outcome.is_ok())
         });
         let result =
             self.configure_effective_vf(plan, pf, &self.effective(vf, address), address, links, unanswered);
@@ -660,7 +665,7 @@ impl<N: VfLinkControl> Reconciler<N> {
             };
             let answer = vf_config::ClaimConfigResult { config, outcome };
             // Written when it changes only: every pass reaches here.
-            if !matches!(vf_config::read_claim_config_result(dir, address), Ok(Some(ref old)) if *old == answer)
+            if answered.as_ref() != Some(&answer)
                 && let Err(error) = vf_config::write_claim_config_result(dir, address, &answer)
             {
                 tracing::warn!(%address, %error, "cannot write the answer to a claim's VF settings");
