@@ -35,10 +35,12 @@ use cgroups_rs::MaxValue;
 use cgroups_rs::cpu::CpuController;
 use cgroups_rs::memory::MemController;
 use cgroups_rs::pid::PidController;
+use vfplane_host::PciAddress;
 use vfplane_proto::container_limits::ContainerLimits;
 use vfplane_proto::container_record::{self, ContainerRecord};
 use vfplane_proto::node_state::{NodeStateStatus, VfContainerStatus};
 use vfplane_proto::pool::PoolConfig;
+use vfplane_proto::vf_config::{self, VfOverrides};
 
 use crate::attribution::Owners;
 
@@ -53,12 +55,19 @@ pub struct ContainerView {
     pub proc_root: PathBuf,
     /// The node's sysfs (NUMA nodes' CPUs).
     pub host: vfplane_host::Host,
+    /// The VF state directory, where the DRA driver leaves the settings and
+    /// profile of the claim a VF is prepared for (`vf_config`); `None`: no
+    /// claim's profile is looked for.
+    pub state_dir: Option<PathBuf>,
 }
 
 /// What the pool's profile asks of a container, as far as the node checks.
 #[derive(Debug, Clone, Default)]
 struct Wanted {
     limits: ContainerLimits,
+    /// Whose profile that is, for the problems: `pool`, or `claim` (the
+    /// pool's made stricter by the DRA claim the VF is prepared for).
+    whose: &'static str,
     /// For a `numaAligned` pool whose VF's NUMA node is known: the node and
     /// its CPUs.
     numa: Option<(u32, String)>,
@@ -96,11 +105,11 @@ impl ContainerView {
                 let pool = vf.pool.as_deref().and_then(|p| pools.get(p));
                 vf.owner_pod_uid = None;
                 vf.container = None;
-                let Some(owner) = vf
+                let Some((address, owner)) = vf
                     .pci_address
-                    .parse()
+                    .parse::<PciAddress>()
                     .ok()
-                    .and_then(|address| owners.get(&address))
+                    .and_then(|address| owners.get(&address).map(|owner| (address, owner)))
                 else {
                     continue;
                 };
@@ -114,9 +123,11 @@ impl ContainerView {
                     continue;
                 };
                 vf.owner_pod_uid = record.pod_uid.clone();
-                let limits = pool.map(|p| p.container_limits).unwrap_or_default();
+                let pool_limits = pool.map(|p| p.container_limits).unwrap_or_default();
+                let limits = self.with_claims_profile(address, pool_limits);
                 let wanted = Wanted {
                     limits,
+                    whose: if limits == pool_limits { "pool" } else { "claim" },
                     numa: Some(limits)
                         .filter(|l| l.numa_aligned)
                         .and(numa_node)
@@ -125,6 +136,21 @@ impl ContainerView {
                 };
                 vf.container = Some(self.read(record, &wanted));
             }
+        }
+    }
+
+    /// `pool`'s limits made stricter by the profile of the DRA claim the VF
+    /// at `address` is prepared for, if it is (a file that cannot be read
+    /// fails the claim's prepare, which the reconciler answers).
+    fn with_claims_profile(&self, address: PciAddress, pool: ContainerLimits) -> ContainerLimits {
+        let Some(dir) = &self.state_dir else {
+            return pool;
+        };
+        match vf_config::read_claim_config(dir, address) {
+            Ok(Some(words)) => words
+                .parse::<VfOverrides>()
+                .map_or(pool, |claim| claim.limits_over(pool)),
+            _ => pool,
         }
     }
 
@@ -186,12 +212,14 @@ impl ContainerView {
                 match memory.get_mem() {
                     Ok(set) => {
                         status.memory_max = set.max.map(max_text);
+                        let wanted_by = wanted;
                         if let Some(wanted) = wanted.limits.memory_bytes {
                             match set.max {
                                 Some(MaxValue::Value(have)) if u64::try_from(have).is_ok_and(|h| h >= wanted) => {}
                                 have => problems.push(format!(
-                                    "memory.max is {}, the pool's profile wants a memory limit of at least {wanted} bytes",
-                                    have.map_or_else(|| "not set".to_owned(), max_text)
+                                    "memory.max is {}, the {}'s profile wants a memory limit of at least {wanted} bytes",
+                                    have.map_or_else(|| "not set".to_owned(), max_text),
+                                    wanted_by.whose
                                 )),
                             }
                         }
@@ -210,6 +238,7 @@ impl ContainerView {
                         // quota (the kubelet drops it for them): its CPUs
                         // are its limit.
                         let exclusive_millis = u128::try_from(wanted.exclusive_cpus).unwrap_or(0) * 1000;
+                        let whose = wanted.whose;
                         if let Some(wanted) = wanted.limits.cpu_millis {
                             let have = if quota < 0 && exclusive_millis > 0 {
                                 Some(exclusive_millis)
@@ -221,7 +250,7 @@ impl ContainerView {
                             };
                             if have.is_none_or(|h| h < u128::from(wanted)) {
                                 problems.push(format!(
-                                    "cpu.max is \"{text} {period}\", the pool's profile wants a CPU limit of at least {wanted} millicores"
+                                    "cpu.max is \"{text} {period}\", the {whose}'s profile wants a CPU limit of at least {wanted} millicores"
                                 ));
                             }
                         }
@@ -236,7 +265,7 @@ impl ContainerView {
                 if wanted.limits.any() {
                     match self.pids_bound(&dir) {
                         Ok(bound) => {
-                            if let Some(problem) = pids_problem(bound, wanted.limits.pids_max) {
+                            if let Some(problem) = pids_problem(bound, wanted.limits.pids_max, wanted.whose) {
                                 problems.push(problem);
                             }
                         }
@@ -273,11 +302,13 @@ impl ContainerView {
         match vfplane_host::memlock_limits(&self.proc_root, record.pid).map(|(soft, _)| soft) {
             Some(soft) => {
                 status.locked_memory = Some(soft.map_or_else(|| "unlimited".to_owned(), |b| b.to_string()));
+                let whose_memlock = wanted.whose;
                 if let (Some(wanted), Some(have)) = (wanted.limits.locked_memory_bytes, soft)
                     && have < wanted
                 {
                     problems.push(format!(
-                        "RLIMIT_MEMLOCK is {have} bytes, below the pool's lockedMemory of {wanted} bytes"
+                        "RLIMIT_MEMLOCK is {have} bytes, below the {}'s lockedMemory of {wanted} bytes",
+                        whose_memlock
                     ));
                 }
             }
@@ -401,7 +432,7 @@ struct PidsMaxReadError {
 
 /// What breaks the profile in the container's bound on tasks: none at all
 /// (a pool with a profile wants one), or one above the profile's `pids`.
-fn pids_problem(bound: Option<i64>, wanted: Option<u64>) -> Option<String> {
+fn pids_problem(bound: Option<i64>, wanted: Option<u64>, whose: &str) -> Option<String> {
     match (bound, wanted) {
         (None, None) => Some(
             "pids.max is max up to the cgroup root: nothing bounds the container's processes \
@@ -409,10 +440,10 @@ fn pids_problem(bound: Option<i64>, wanted: Option<u64>) -> Option<String> {
                 .to_owned(),
         ),
         (None, Some(wanted)) => Some(format!(
-            "pids.max is max up to the cgroup root, the pool's profile wants at most {wanted}"
+            "pids.max is max up to the cgroup root, the {whose}'s profile wants at most {wanted}"
         )),
         (Some(have), Some(wanted)) if u64::try_from(have).map_or(true, |h| h > wanted) => Some(format!(
-            "the container may run {have} processes (the tightest pids.max above it), the pool's profile wants at most {wanted}"
+            "the container may run {have} processes (the tightest pids.max above it), the {whose}'s profile wants at most {wanted}"
         )),
         _ => None,
     }

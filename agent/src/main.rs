@@ -122,6 +122,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     cgroup_root,
                     proc_root: target.proc_root.clone(),
                     host: host.clone(),
+                    state_dir: Some(target.state_dir.clone()),
                 }),
                 metrics,
             };

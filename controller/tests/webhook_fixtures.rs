@@ -1151,12 +1151,12 @@ fn a_container_using_a_claim_for_a_pools_vfs_is_checked_against_that_pools_profi
             .unwrap()
     };
     let of = |vfs: ClaimVfs| PodClaims([("vfs".to_owned(), vfs)].into());
+    let fast = |profile: Option<ContainerProfile>| ClaimVfs::Pools {
+        pools: ["fast".to_owned()].into(),
+        profile,
+    };
 
-    let refused = decide(
-        of(ClaimVfs::Pools(["fast".to_owned()].into())),
-        PodMode::Validate,
-        Endpoint::ValidatePods,
-    );
+    let refused = decide(of(fast(None)), PodMode::Validate, Endpoint::ValidatePods);
     assert!(!refused.allowed);
     assert!(
         refused.result.message.contains(
@@ -1168,17 +1168,17 @@ fn a_container_using_a_claim_for_a_pools_vfs_is_checked_against_that_pools_profi
     );
 
     // Mutate mode fills them in, as for `vfplane.io/fast`.
-    let mended = decide(
-        of(ClaimVfs::Pools(["fast".to_owned()].into())),
-        PodMode::Mutate,
-        Endpoint::MutatePods,
-    );
+    let mended = decide(of(fast(None)), PodMode::Mutate, Endpoint::MutatePods);
     assert!(mended.allowed, "{}", mended.result.message);
     let patch = serde_json::to_string(&mended.patch.map(|p| String::from_utf8(p).unwrap())).unwrap();
     assert!(patch.contains("/spec/containers/1/resources/limits"), "{patch}");
 
     // A claim for any DRA pool is checked against each (the fake's: huge and numa).
-    let any = decide(of(ClaimVfs::AnyPool), PodMode::Validate, Endpoint::ValidatePods);
+    let any = decide(
+        of(ClaimVfs::AnyPool { profile: None }),
+        PodMode::Validate,
+        Endpoint::ValidatePods,
+    );
     assert!(!any.allowed);
     assert!(
         any.result
@@ -1186,6 +1186,41 @@ fn a_container_using_a_claim_for_a_pools_vfs_is_checked_against_that_pools_profi
             .contains("VFs of any DRA pool (so of huge) through claim \"vfs\""),
         "{}",
         any.result.message
+    );
+
+    // A claim whose VfConfig asks more memory than the pool's profile: the
+    // strictest of both; its bad VfConfig refuses the pod.
+    let stricter = decide(
+        of(fast(Some(ContainerProfile {
+            memory: Some("4Gi".to_owned()),
+            ..ContainerProfile::default()
+        }))),
+        PodMode::Validate,
+        Endpoint::ValidatePods,
+    );
+    assert!(!stricter.allowed);
+    assert!(
+        stricter.result.message.contains(
+            "container \"dpdk\" asks for VFs of pool fast through claim \"vfs\", whose policy and claim require \
+             limits: add resources.limits.cpu (at least \"2\") and resources.limits.memory (at least \"4Gi\")"
+        ),
+        "{}",
+        stricter.result.message
+    );
+    let bad = decide(
+        of(ClaimVfs::BadConfig(
+            "config[0] is not a VfConfig vfplane takes: containerProfile.memory: lots".to_owned(),
+        )),
+        PodMode::Mutate,
+        Endpoint::MutatePods,
+    );
+    assert!(!bad.allowed);
+    assert!(
+        bad.result
+            .message
+            .contains("container \"dpdk\" uses claim \"vfs\": config[0] is not a VfConfig vfplane takes"),
+        "{}",
+        bad.result.message
     );
 
     // Not ours, or not readable: admitted; the latter with a warning.

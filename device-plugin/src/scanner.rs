@@ -38,7 +38,7 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
 use vfplane_host::PciAddress;
-use vfplane_proto::pool::PoolConfig;
+use vfplane_proto::pool::{PoolConfig, ResourceApi};
 
 use crate::cdi::CdiEntry;
 use crate::inventory::{Inventory, PoolView};
@@ -154,9 +154,17 @@ pub(crate) fn run(
         for (name, shared) in &pools {
             let view = result.views.remove(name).unwrap_or_default();
             let pool = shared.config();
+            let dra = pool.resource_api == ResourceApi::Dra;
             cdi_devices.extend(view.devices.iter().filter_map(|d| {
-                d.vfio_node
-                    .map(|vfio| (d.address, CdiEntry::new(vfio, &pool, d.facts.as_ref())))
+                d.vfio_node.map(|vfio| {
+                    // A VF prepared for a claim: its claim's profile.
+                    let pool = if dra {
+                        crate::dra::pool_for_prepared_vf(&pool, &node.state_dir, d.address)
+                    } else {
+                        std::borrow::Cow::Borrowed(&*pool)
+                    };
+                    (d.address, CdiEntry::new(vfio, &pool, d.facts.as_ref()))
+                })
             }));
             publish(shared, view);
         }

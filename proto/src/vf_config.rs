@@ -13,15 +13,25 @@
 //!       vlan: 120                # 0: untagged
 //!       trust: true
 //!       spoofChk: false
+//!       containerProfile:        # merged with the pool's: the strictest of each
+//!         lockedMemory: 256Mi
+//!         memory: 512Mi
 //! ```
 //!
-//! Each field left out keeps the pool's setting (its VfPolicy).
+//! Each setting left out keeps the pool's (its VfPolicy). The container
+//! profile is the pool's made stricter, never weaker: it is merged with the
+//! pool's as the profiles of two policies of one pool are
+//! ([`ContainerProfile::strictest`]): each minimum (cpu, memory, hugepages,
+//! lockedMemory) the larger, the pids bound the smaller, `numaAligned` when
+//! either asks. It is the profile of the containers that use the claim: the
+//! pod webhook checks them against it, the runtime applies its locked
+//! memory, pids bound and NUMA cpuset, and the agent checks their cgroups.
 //!
 //! The hand-over, in the VF state directory ([`crate::vf_state`]):
 //!
 //! | file | written by | holds |
 //! |---|---|---|
-//! | `<address>.claim-config` | the DRA driver, at prepare, for every VF it prepares | the claim's settings as words (`mac=02:aa:bb:cc:dd:01 vlan=120 trust=on spoofchk=off`); empty: the pool's. The agent gives the VF these while the file is there (and counts the VF as held), and the scrub removes it. |
+//! | `<address>.claim-config` | the DRA driver, at prepare, for every VF it prepares | the claim's settings as words (`mac=02:aa:bb:cc:dd:01 vlan=120 trust=on spoofchk=off`), and its profile's limits in numbers when it has one (`lockedmemory=268435456 memory=536870912 cpu=2000 pids=64 numa=on`, each when set); empty: the pool's. The agent gives the VF these while the file is there (and counts the VF as held), and the scrub removes it. |
 //! | `<address>.claim-config-result` | the agent, after writing them | `config: <the words>` and then `applied` or `failed: <why>`. The driver answers prepare once it reads the result for the words it wrote. |
 
 use std::fmt;
@@ -32,8 +42,10 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+use crate::container_limits::ContainerLimits;
 use crate::mac::{Mac, MacError};
 use crate::pci::PciAddress;
+use crate::vf_policy::{ContainerProfile, ProfileError};
 
 /// `apiVersion` of [`VfConfig`].
 pub const API_VERSION: &str = "vfplane.io/v1alpha1";
@@ -68,6 +80,10 @@ pub struct VfConfig {
     /// MAC anti-spoof checking on transmit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub spoof_chk: Option<bool>,
+    /// The profile of the containers that use the claim, merged with the
+    /// pool's (the strictest of each field).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container_profile: Option<ContainerProfile>,
 }
 
 /// Why a claim's parameters are not a `VfConfig` vfplane takes.
@@ -88,8 +104,14 @@ pub enum VfConfigError {
     /// A VLAN ID out of range.
     #[error("vlan {0} is out of range (0 to {MAX_VLAN}; 0 for none)")]
     Vlan(u16),
+    /// A profile quantity that does not parse.
+    #[error("containerProfile.{}: {}", .0.field, .0.source)]
+    Profile(ProfileError),
     /// A word of the state file that is not a setting.
-    #[error("{0:?} is not a VF setting (mac=, vlan=, trust=on|off, spoofchk=on|off)")]
+    #[error(
+        "{0:?} is not a VF setting (mac=, vlan=, trust=on|off, spoofchk=on|off) or limit (lockedmemory=, \
+         memory=, cpu=, pids=, numa=on)"
+    )]
     Word(String),
 }
 
@@ -104,6 +126,9 @@ pub struct VfOverrides {
     pub trust: Option<bool>,
     /// Anti-spoof checking.
     pub spoof_chk: Option<bool>,
+    /// The claim's container profile in numbers (not yet merged with the
+    /// pool's: [`VfOverrides::limits_over`]).
+    pub limits: Option<ContainerLimits>,
 }
 
 impl VfConfig {
@@ -136,6 +161,12 @@ impl VfConfig {
             vlan: self.vlan,
             trust: self.trust,
             spoof_chk: self.spoof_chk,
+            limits: self
+                .container_profile
+                .as_ref()
+                .map(ContainerProfile::limits)
+                .transpose()
+                .map_err(VfConfigError::Profile)?,
         })
     }
 }
@@ -147,7 +178,8 @@ impl VfOverrides {
     }
 
     /// `self` with what `later` sets over it (a class's config first, then
-    /// the claim's, as the API orders them).
+    /// the claim's, as the API orders them). Settings: the later one's;
+    /// profiles: the strictest of both.
     #[must_use]
     pub fn then(self, later: Self) -> Self {
         Self {
@@ -155,7 +187,25 @@ impl VfOverrides {
             vlan: later.vlan.or(self.vlan),
             trust: later.trust.or(self.trust),
             spoof_chk: later.spoof_chk.or(self.spoof_chk),
+            limits: match (self.limits, later.limits) {
+                (Some(a), Some(b)) => Some(a.merge(b)),
+                (a, b) => a.or(b),
+            },
         }
+    }
+
+    /// Whether it changes any of the VF's own settings (its profile aside).
+    pub fn sets_the_vf(&self) -> bool {
+        Self {
+            limits: None,
+            ..*self
+        } != Self::default()
+    }
+
+    /// The limits of a container using the VF: `pool`'s, made stricter by
+    /// the claim's profile.
+    pub fn limits_over(&self, pool: ContainerLimits) -> ContainerLimits {
+        self.limits.map_or(pool, |claim| pool.merge(claim))
     }
 }
 
@@ -179,6 +229,26 @@ impl fmt::Display for VfOverrides {
         }
         if let Some(spoof_chk) = self.spoof_chk {
             words.push(format!("spoofchk={}", on_off(spoof_chk)));
+        }
+        if let Some(limits) = self.limits {
+            let numbers = [
+                ("lockedmemory", limits.locked_memory_bytes),
+                ("memory", limits.memory_bytes),
+                ("cpu", limits.cpu_millis),
+                ("pids", limits.pids_max),
+            ];
+            for (key, value) in numbers {
+                if let Some(value) = value {
+                    words.push(format!("{key}={value}"));
+                }
+            }
+            if limits.numa_aligned {
+                words.push("numa=on".to_owned());
+            }
+            if limits.is_empty() {
+                // A profile that asks nothing still says there was one.
+                words.push("profile=none".to_owned());
+            }
         }
         f.write_str(&words.join(" "))
     }
@@ -208,6 +278,23 @@ impl FromStr for VfOverrides {
                 }
                 "trust" => overrides.trust = Some(flag(value)?),
                 "spoofchk" => overrides.spoof_chk = Some(flag(value)?),
+                "lockedmemory" | "memory" | "cpu" | "pids" => {
+                    let number: u64 = value.parse().map_err(|_| bad())?;
+                    let limits = overrides.limits.get_or_insert_default();
+                    let field = match key {
+                        "lockedmemory" => &mut limits.locked_memory_bytes,
+                        "memory" => &mut limits.memory_bytes,
+                        "cpu" => &mut limits.cpu_millis,
+                        _ => &mut limits.pids_max,
+                    };
+                    *field = Some(number);
+                }
+                "numa" => {
+                    overrides.limits.get_or_insert_default().numa_aligned = flag(value)?;
+                }
+                "profile" if value == "none" => {
+                    overrides.limits.get_or_insert_default();
+                }
                 _ => return Err(bad()),
             }
         }
@@ -392,6 +479,73 @@ mod tests {
             "trust=yes".parse::<VfOverrides>(),
             Err(VfConfigError::Word(_))
         ));
+    }
+
+    #[test]
+    fn a_claims_profile_only_makes_the_pools_stricter_and_rides_in_the_words() {
+        let overrides = VfConfig::overrides_from(&serde_json::json!({
+            "apiVersion": API_VERSION, "kind": KIND,
+            "containerProfile": {"lockedMemory": "256Mi", "memory": "64Mi", "pids": 500, "numaAligned": true}
+        }))
+        .unwrap();
+        assert!(!overrides.sets_the_vf(), "a profile alone changes no VF setting");
+        let words = overrides.to_string();
+        assert_eq!(words, "lockedmemory=268435456 memory=67108864 pids=500 numa=on");
+        assert_eq!(words.parse::<VfOverrides>().unwrap(), overrides);
+        let pool = ContainerLimits {
+            locked_memory_bytes: Some(64 << 20),
+            memory_bytes: Some(128 << 20),
+            cpu_millis: Some(1000),
+            pids_max: Some(128),
+            numa_aligned: false,
+        };
+        // More locked memory, and a tighter NUMA placement, than the pool's;
+        // less memory and a looser pids bound lose to the pool's.
+        assert_eq!(
+            overrides.limits_over(pool),
+            ContainerLimits {
+                locked_memory_bytes: Some(256 << 20),
+                memory_bytes: Some(128 << 20),
+                cpu_millis: Some(1000),
+                pids_max: Some(128),
+                numa_aligned: true,
+            }
+        );
+        assert_eq!(VfOverrides::default().limits_over(pool), pool);
+        // An empty profile still round-trips as a profile.
+        let empty = VfOverrides {
+            limits: Some(ContainerLimits::default()),
+            ..VfOverrides::default()
+        };
+        assert_eq!(empty.to_string().parse::<VfOverrides>().unwrap(), empty);
+        // A class's profile and a claim's: the strictest of both.
+        let class = VfOverrides {
+            limits: Some(ContainerLimits {
+                pids_max: Some(64),
+                ..ContainerLimits::default()
+            }),
+            ..VfOverrides::default()
+        };
+        let both = class.then(overrides).limits.unwrap();
+        assert_eq!(
+            (both.pids_max, both.locked_memory_bytes),
+            (Some(64), Some(256 << 20))
+        );
+        let refused = VfConfig::overrides_from(&serde_json::json!({
+            "apiVersion": API_VERSION, "kind": KIND, "containerProfile": {"lockedMemory": "lots"}
+        }))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            refused.starts_with("containerProfile.lockedMemory: "),
+            "{refused}"
+        );
+        let unknown = VfConfig::overrides_from(&serde_json::json!({
+            "apiVersion": API_VERSION, "kind": KIND, "containerProfile": {"lockedMem": "1Mi"}
+        }))
+        .unwrap_err()
+        .to_string();
+        assert!(unknown.contains("unknown field `lockedMem`"), "{unknown}");
     }
 
     #[test]

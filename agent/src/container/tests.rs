@@ -30,6 +30,7 @@ fn node(memlock_soft: &str) -> Node {
         cgroup_root: dir.path().join("cgroup"),
         proc_root: dir.path().join("proc"),
         host: sysfs.host(),
+        state_dir: Some(dir.path().join("state")),
     };
     let cgroup = view.cgroup_root.join(CGROUP.trim_start_matches('/'));
     fs::create_dir_all(&cgroup).unwrap();
@@ -142,6 +143,41 @@ fn the_owners_pod_uid_and_limits_are_read_from_its_record_and_cgroup() {
             locked_memory: Some("67108864".to_owned()),
             problems: Vec::new(),
         })
+    );
+}
+
+#[test]
+fn a_vf_prepared_for_a_claim_is_checked_against_the_claims_profile() {
+    // The container has 64 MiB of locked memory and 128 MiB of memory: what
+    // the pool asks. Its claim asks 256 MiB of locked memory and 512 MiB of
+    // memory, and a looser pids bound than none (which changes nothing).
+    let node = node("67108864");
+    let state = node.view.state_dir.clone().unwrap();
+    fs::create_dir_all(&state).unwrap();
+    vfplane_proto::vf_config::write_claim_config(
+        &state,
+        VF.parse().unwrap(),
+        &"vlan=7 lockedmemory=268435456 memory=536870912".parse().unwrap(),
+    )
+    .unwrap();
+    let mut first = status();
+    node.view.annotate(&mut first, &owners(), &pools());
+    let container = first.pfs[0].vfs[0].container.clone().unwrap();
+    assert_eq!(
+        container.problems,
+        [
+            "memory.max is 134217728, the claim's profile wants a memory limit of at least 536870912 bytes",
+            "RLIMIT_MEMLOCK is 67108864 bytes, below the claim's lockedMemory of 268435456 bytes",
+        ]
+    );
+    // Settings alone leave the pool's profile, which the container meets.
+    vfplane_proto::vf_config::write_claim_config(&state, VF.parse().unwrap(), &"vlan=7".parse().unwrap())
+        .unwrap();
+    let mut again = status();
+    node.view.annotate(&mut again, &owners(), &pools());
+    assert_eq!(
+        again.pfs[0].vfs[0].container.clone().unwrap().problems,
+        Vec::<String>::new()
     );
 }
 

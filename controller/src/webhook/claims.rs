@@ -8,6 +8,14 @@
 //! a string literal); a vfplane request without such a selector may get a
 //! VF of any DRA pool, so the pod is checked against each of them.
 //!
+//! A claim's `VfConfig` (opaque parameters of driver `vfplane.io` for
+//! its vfplane requests, or for all of them) may carry a
+//! `containerProfile`, which makes the pool's stricter for the containers
+//! using the claim: the webhook checks them against the strictest of both.
+//! A `VfConfig` vfplane cannot take refuses the pod (prepare would refuse
+//! the claim). A DeviceClass's config is not read here: vfplane's chart
+//! installs its DeviceClass without one.
+//!
 //! The pod names its claims by template (`resourceClaimTemplateName`) or
 //! by claim (`resourceClaimName`); the webhook reads them from the API
 //! server when the pod is admitted ([`resolve`]). One that cannot be read
@@ -22,6 +30,8 @@ use k8s_openapi::api::resource::v1::{
 };
 use serde_json::Value;
 use vfplane_proto::dra::{DEVICE_CLASS, DRIVER_NAME};
+use vfplane_proto::vf_config::VfConfig;
+use vfplane_proto::vf_policy::ContainerProfile;
 
 /// How long the webhook waits for one claim or template (its own timeout,
 /// set by the chart, is longer).
@@ -31,9 +41,19 @@ pub const READ_TIMEOUT: Duration = Duration::from_secs(3);
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ClaimVfs {
     /// VFs of these pools.
-    Pools(BTreeSet<String>),
+    Pools {
+        /// The pools its selectors name.
+        pools: BTreeSet<String>,
+        /// Its `VfConfig`'s container profile (the strictest of several).
+        profile: Option<ContainerProfile>,
+    },
     /// VFs of any DRA pool (a vfplane request without a pool selector).
-    AnyPool,
+    AnyPool {
+        /// Its `VfConfig`'s container profile (the strictest of several).
+        profile: Option<ContainerProfile>,
+    },
+    /// A `VfConfig` of it that vfplane cannot take: why.
+    BadConfig(String),
     /// The claim or its template could not be read: why.
     Unread(String),
 }
@@ -49,8 +69,23 @@ pub fn vfs_of_claim(spec: &ResourceClaimSpec) -> Option<ClaimVfs> {
     let mut pools = BTreeSet::new();
     let mut any_pool = false;
     let mut ours = false;
+    // Our requests' names, and `request/subrequest` for alternatives.
+    let mut our_requests: BTreeSet<String> = BTreeSet::new();
     let requests = spec.devices.as_ref().and_then(|d| d.requests.as_ref());
     for request in requests.into_iter().flatten() {
+        let exact_is_ours = request
+            .exactly
+            .as_ref()
+            .is_some_and(|e| e.device_class_name == DEVICE_CLASS);
+        if exact_is_ours {
+            our_requests.insert(request.name.clone());
+        }
+        for sub in request.first_available.iter().flatten() {
+            if sub.device_class_name == DEVICE_CLASS {
+                our_requests.insert(request.name.clone());
+                our_requests.insert(format!("{}/{}", request.name, sub.name));
+            }
+        }
         let exact = request
             .exactly
             .as_ref()
@@ -77,11 +112,47 @@ pub fn vfs_of_claim(spec: &ResourceClaimSpec) -> Option<ClaimVfs> {
             pools.extend(named);
         }
     }
-    match (ours, any_pool) {
-        (false, _) => None,
-        (true, true) => Some(ClaimVfs::AnyPool),
-        (true, false) => Some(ClaimVfs::Pools(pools)),
+    if !ours {
+        return None;
     }
+    let profile = match profile_of(spec, &our_requests) {
+        Ok(profile) => profile,
+        Err(why) => return Some(ClaimVfs::BadConfig(why)),
+    };
+    Some(if any_pool {
+        ClaimVfs::AnyPool { profile }
+    } else {
+        ClaimVfs::Pools { pools, profile }
+    })
+}
+
+/// The container profile of the claim's `VfConfig`s that apply to its
+/// vfplane requests (`our_requests`; a config naming no request applies to
+/// all), the strictest of them.
+fn profile_of(
+    spec: &ResourceClaimSpec,
+    our_requests: &BTreeSet<String>,
+) -> Result<Option<ContainerProfile>, String> {
+    let configs = spec.devices.as_ref().and_then(|d| d.config.as_ref());
+    let mut profiles = Vec::new();
+    for (index, config) in configs.into_iter().flatten().enumerate() {
+        let Some(opaque) = config.opaque.as_ref().filter(|o| o.driver == DRIVER_NAME) else {
+            continue;
+        };
+        let applies = config
+            .requests
+            .as_ref()
+            .is_none_or(|named| named.is_empty() || named.iter().any(|r| our_requests.contains(r)));
+        if !applies {
+            continue;
+        }
+        let bad = |why: String| format!("config[{index}] is not a VfConfig vfplane takes: {why}");
+        let parameters: VfConfig =
+            serde_json::from_value(opaque.parameters.0.clone()).map_err(|e| bad(e.to_string()))?;
+        parameters.overrides().map_err(|e| bad(e.to_string()))?;
+        profiles.extend(parameters.container_profile);
+    }
+    Ok(ContainerProfile::strictest(&profiles))
 }
 
 /// The pool a CEL expression compares vfplane's `pool` attribute with:
@@ -201,12 +272,78 @@ mod tests {
             {"name": "b", "deviceClassName": "gpu.example.com"}]});
         assert_eq!(
             vfs_of_claim(&spec(serde_json::json!([gpu, fast.clone(), slow_or_fast]))),
-            Some(ClaimVfs::Pools(["fast".to_owned(), "slow".to_owned()].into()))
+            Some(ClaimVfs::Pools {
+                pools: ["fast".to_owned(), "slow".to_owned()].into(),
+                profile: None
+            })
         );
         let any = serde_json::json!({"name": "any", "exactly": {"deviceClassName": "vf.vfplane.io"}});
         assert_eq!(
             vfs_of_claim(&spec(serde_json::json!([fast, any]))),
-            Some(ClaimVfs::AnyPool)
+            Some(ClaimVfs::AnyPool { profile: None })
+        );
+    }
+
+    fn with_config(requests: Value, config: Value) -> ResourceClaimSpec {
+        serde_json::from_value(serde_json::json!({"devices": {"requests": requests, "config": config}}))
+            .unwrap()
+    }
+
+    fn vf_config(requests: Value, fields: Value) -> Value {
+        let mut parameters = serde_json::json!({"apiVersion": "vfplane.io/v1alpha1", "kind": "VfConfig"});
+        parameters
+            .as_object_mut()
+            .unwrap()
+            .extend(fields.as_object().unwrap().clone());
+        serde_json::json!({"requests": requests, "opaque": {"driver": "vfplane.io", "parameters": parameters}})
+    }
+
+    #[test]
+    fn a_claims_vfconfig_profile_for_its_vfplane_requests_is_read_and_a_bad_one_named() {
+        let vf = serde_json::json!({"name": "vf", "exactly": {"deviceClassName": "vf.vfplane.io"}});
+        let gpu = serde_json::json!({"name": "gpu", "exactly": {"deviceClassName": "gpu.example.com"}});
+        let requests = serde_json::json!([vf, gpu]);
+        // For every request, and for ours by name: the strictest of both.
+        let spec = with_config(
+            requests.clone(),
+            serde_json::json!([
+                vf_config(serde_json::json!([]), serde_json::json!({"containerProfile": {"memory": "1Gi", "pids": 100}})),
+                vf_config(serde_json::json!(["vf"]), serde_json::json!({"containerProfile": {"memory": "2Gi", "pids": 200}})),
+                // Another driver's, and one for the other request: not ours.
+                {"opaque": {"driver": "gpu.example.com", "parameters": {"memory": "9Gi"}}},
+                vf_config(serde_json::json!(["gpu"]), serde_json::json!({"containerProfile": {"memory": "8Gi"}})),
+            ]),
+        );
+        let Some(ClaimVfs::AnyPool {
+            profile: Some(profile),
+        }) = vfs_of_claim(&spec)
+        else {
+            panic!("{:?}", vfs_of_claim(&spec));
+        };
+        assert_eq!(
+            (profile.memory.as_deref(), profile.pids),
+            (Some("2Gi"), Some(100))
+        );
+        // Settings only: no profile.
+        let spec = with_config(
+            requests.clone(),
+            serde_json::json!([vf_config(serde_json::json!([]), serde_json::json!({"vlan": 7}))]),
+        );
+        assert_eq!(vfs_of_claim(&spec), Some(ClaimVfs::AnyPool { profile: None }));
+        // One vfplane cannot take.
+        let spec = with_config(
+            requests,
+            serde_json::json!([vf_config(
+                serde_json::json!(["vf"]),
+                serde_json::json!({"containerProfile": {"memory": "lots"}})
+            )]),
+        );
+        let Some(ClaimVfs::BadConfig(why)) = vfs_of_claim(&spec) else {
+            panic!("{:?}", vfs_of_claim(&spec));
+        };
+        assert!(
+            why.starts_with("config[0] is not a VfConfig vfplane takes: containerProfile.memory: "),
+            "{why}"
         );
     }
 }

@@ -172,48 +172,92 @@ fn annotate_nri(pod: &Pod, containers: &[&str], verdict: &mut PodVerdict) {
     }
 }
 
-/// The pools a container asks for, each with how it asks (for messages):
-/// `vfplane.io/<pool>` by request or limit, or through one of the pod's
-/// claims that asks for vfplane's VFs (`claims`). A claim the webhook
-/// could not read is a warning.
+/// How a container asks for a pool's VFs.
+#[derive(Debug, Clone)]
+struct Ask {
+    /// For messages: `vfplane.io/<pool>`, or the claim it asks through.
+    how: String,
+    /// The container profile of the claims it asks through, which make
+    /// the pool's stricter.
+    claim_profile: Option<ContainerProfile>,
+}
+
+impl Ask {
+    fn by_resource(key: &str) -> Self {
+        Self {
+            how: key.to_owned(),
+            claim_profile: None,
+        }
+    }
+
+    /// Adds a claim's profile (the strictest of the claims').
+    fn with_claims(mut self, profile: Option<&ContainerProfile>) -> Self {
+        self.claim_profile = ContainerProfile::strictest(self.claim_profile.iter().chain(profile));
+        self
+    }
+}
+
+/// The pools a container asks for, each with how it asks: `vfplane.io/<pool>`
+/// by request or limit, or through one of the pod's claims that asks for
+/// vfplane's VFs (`claims`), with that claim's profile. A claim the webhook
+/// could not read is a warning; one whose `VfConfig` vfplane cannot take,
+/// a problem.
 fn pools_of(
     container: &Container,
     claims: &PodClaims,
     view: &dyn ClusterView,
     verdict: &mut PodVerdict,
-) -> BTreeMap<String, String> {
+) -> BTreeMap<String, Ask> {
     let prefix = format!("{RESOURCE_DOMAIN}/");
     let Some(resources) = &container.resources else {
         return BTreeMap::new();
     };
-    let mut pools: BTreeMap<String, String> = resources
+    let mut pools: BTreeMap<String, Ask> = resources
         .limits
         .iter()
         .chain(resources.requests.iter())
         .flat_map(|map| map.keys())
         .filter_map(|key| {
             key.strip_prefix(&prefix)
-                .map(|pool| (pool.to_owned(), key.clone()))
+                .map(|pool| (pool.to_owned(), Ask::by_resource(key)))
         })
         .collect();
+    let mut through = |pool: &str, how: String, profile: &Option<ContainerProfile>| {
+        let ask = pools.remove(pool).unwrap_or(Ask {
+            how,
+            claim_profile: None,
+        });
+        pools.insert(pool.to_owned(), ask.with_claims(profile.as_ref()));
+    };
     for used in resources.claims.iter().flatten() {
         let claim = &used.name;
         match claims.0.get(claim) {
             None => {}
-            Some(ClaimVfs::Pools(named)) => {
+            Some(ClaimVfs::Pools {
+                pools: named,
+                profile,
+            }) => {
                 for pool in named {
-                    pools
-                        .entry(pool.clone())
-                        .or_insert_with(|| format!("VFs of pool {pool} through claim {claim:?}"));
+                    through(
+                        pool,
+                        format!("VFs of pool {pool} through claim {claim:?}"),
+                        profile,
+                    );
                 }
             }
-            Some(ClaimVfs::AnyPool) => {
+            Some(ClaimVfs::AnyPool { profile }) => {
                 for pool in view.dra_pools() {
-                    pools.entry(pool.clone()).or_insert_with(|| {
-                        format!("VFs of any DRA pool (so of {pool}) through claim {claim:?}")
-                    });
+                    through(
+                        &pool,
+                        format!("VFs of any DRA pool (so of {pool}) through claim {claim:?}"),
+                        profile,
+                    );
                 }
             }
+            Some(ClaimVfs::BadConfig(why)) => verdict.problems.push(format!(
+                "container {:?} uses claim {claim:?}: {why}",
+                container.name
+            )),
             Some(ClaimVfs::Unread(why)) => verdict.warnings.push(format!(
                 "container {:?} uses claim {claim:?}: {why}; vfplane did not check it against a pool's \
                  container profile",
@@ -228,7 +272,7 @@ fn pools_of(
 /// runtime applies through vfplane's NRI plugin.
 fn check_container(
     container: &Container,
-    asks: &BTreeMap<String, String>,
+    asks: &BTreeMap<String, Ask>,
     path: &str,
     view: &dyn ClusterView,
     profiles: &mut BTreeMap<String, Option<ContainerProfile>>,
@@ -244,11 +288,20 @@ fn check_container(
     let mut to_add: BTreeMap<Res, Minimum> = BTreeMap::new();
     let mut numa_aligned = false;
     let mut needs_nri = false;
-    for (pool, resource) in asks {
-        let profile = profiles
+    for (pool, ask) in asks {
+        let resource = &ask.how;
+        let pools_profile = profiles
             .entry(pool.clone())
             .or_insert_with(|| view.container_profile(pool))
             .clone();
+        // A claim's profile makes the pool's stricter.
+        let (profile, whose) = match &ask.claim_profile {
+            None => (pools_profile, "whose policy requires"),
+            Some(claims) => (
+                ContainerProfile::strictest(pools_profile.iter().chain(Some(claims))),
+                "whose policy and claim require",
+            ),
+        };
         needs_nri |= profile
             .as_ref()
             .is_some_and(ContainerProfile::adjusted_by_runtime);
@@ -287,7 +340,7 @@ fn check_container(
                         && present.value < minimum.value
                     {
                         verdict.problems.push(format!(
-                            "container {name:?} asks for {resource}, whose policy requires {} of at least {:?}; it has {}, which is less",
+                            "container {name:?} asks for {resource}, {whose} {} of at least {:?}; it has {}, which is less",
                             res.limit_field_single(&present.key),
                             minimum.text,
                             present.text,
@@ -310,7 +363,7 @@ fn check_container(
                 })
                 .collect();
             verdict.problems.push(format!(
-                "container {name:?} asks for {resource}, whose policy requires limits: add {}",
+                "container {name:?} asks for {resource}, {whose} limits: add {}",
                 and_list(&items)
             ));
         }

@@ -28,12 +28,14 @@ pub mod node;
 pub mod registration;
 pub mod slices;
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
 use vfplane_host::PciAddress;
 use vfplane_proto::pool::{Pool, ResourceApi};
+use vfplane_proto::vf_config::{self, VfOverrides};
 
 use crate::inventory::DeviceStatus;
 use crate::server::PoolShared;
@@ -114,6 +116,33 @@ pub struct DraDevice {
     pub pool: Arc<Pool>,
     /// Its scan.
     pub status: DeviceStatus,
+}
+
+/// `pool` as the containers of a claim that gave its VF `settings` see it:
+/// its container limits made stricter by the claim's profile
+/// ([`VfOverrides::limits_over`]).
+pub fn pool_for_claim<'a>(pool: &'a Pool, settings: &VfOverrides) -> Cow<'a, Pool> {
+    let limits = settings.limits_over(pool.container_limits);
+    if limits == pool.container_limits {
+        return Cow::Borrowed(pool);
+    }
+    Cow::Owned(Pool {
+        container_limits: limits,
+        ..pool.clone()
+    })
+}
+
+/// [`pool_for_claim`] for the VF at `address` of DRA pool `pool`, from the
+/// settings its claim left in the state directory `state_dir`; the pool as
+/// it is when the VF is not prepared for a claim (or its file cannot be
+/// read, which the agent reports).
+pub fn pool_for_prepared_vf<'a>(pool: &'a Pool, state_dir: &Path, address: PciAddress) -> Cow<'a, Pool> {
+    let settings = vf_config::read_claim_config(state_dir, address)
+        .ok()
+        .flatten()
+        .and_then(|words| words.parse::<VfOverrides>().ok())
+        .unwrap_or_default();
+    pool_for_claim(pool, &settings)
 }
 
 /// The pools of the running config, shared with the supervisor, which
@@ -342,5 +371,49 @@ mod tests {
         assert_eq!(device_name(address), "0000-00-12-0");
         let address: PciAddress = "0000:af:1f.7".parse().unwrap();
         assert_eq!(device_name(address), "0000-af-1f-7");
+    }
+
+    #[test]
+    fn a_prepared_vfs_containers_get_the_pools_profile_made_stricter_by_its_claims() {
+        let pool: Pool = serde_yaml::from_str(
+            "name: fast\nselector: {}\ncontainerLimits: {lockedMemoryBytes: 1000, pidsMax: 64}\n",
+        )
+        .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let address: PciAddress = "0000:00:12.0".parse().unwrap();
+        // Not prepared: the pool as it is.
+        assert!(matches!(
+            pool_for_prepared_vf(&pool, dir.path(), address),
+            Cow::Borrowed(_)
+        ));
+        // Prepared with settings only: still the pool's profile.
+        vf_config::write_claim_config(dir.path(), address, &"vlan=7".parse().unwrap()).unwrap();
+        assert_eq!(
+            pool_for_prepared_vf(&pool, dir.path(), address).container_limits,
+            pool.container_limits
+        );
+        // A claim asking more locked memory and a looser pids bound: it gets
+        // the memory, the pool's bound stays.
+        vf_config::write_claim_config(
+            dir.path(),
+            address,
+            &"lockedmemory=4096 pids=500".parse().unwrap(),
+        )
+        .unwrap();
+        let limits = pool_for_prepared_vf(&pool, dir.path(), address).container_limits;
+        assert_eq!(
+            (limits.locked_memory_bytes, limits.pids_max),
+            (Some(4096), Some(64))
+        );
+        // Garbage in the file: the pool's (the agent reports the file).
+        std::fs::write(
+            vf_config::claim_config_path(dir.path(), address),
+            "lockedmemory=lots\n",
+        )
+        .unwrap();
+        assert_eq!(
+            pool_for_prepared_vf(&pool, dir.path(), address).container_limits,
+            pool.container_limits
+        );
     }
 }

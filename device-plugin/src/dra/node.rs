@@ -286,7 +286,11 @@ impl DraNode {
             devices: Vec::with_capacity(chosen.len()),
         };
         for (wanted, device) in &chosen {
-            let pool = &device.pool;
+            // The claim's profile makes the pool's stricter for its
+            // containers: the CDI entry, the runtime's edits and the
+            // profile check are of that.
+            let pool = super::pool_for_claim(&device.pool, &wanted.settings);
+            let pool = pool.as_ref();
             let now = inventory::probe_now(
                 &self.node.host,
                 &self.node.state_dir,
@@ -325,15 +329,6 @@ impl DraNode {
                 pool: pool.name.clone(),
             });
         }
-        self.node.add_vf_edits(&entries);
-        self.node
-            .cdi
-            .ensure(&entries)
-            .map_err(|e| vfplane_host::error_chain(&e))?;
-        self.node
-            .cdi
-            .write_claim(&claim.uid, &env)
-            .map_err(|e| vfplane_host::error_chain(&e))?;
         let undo = |checkpoint: &mut Checkpoint| {
             checkpoint.claims.remove(&claim.uid);
             let _ = self.node.cdi.remove_claim(&claim.uid);
@@ -341,9 +336,22 @@ impl DraNode {
                 let _ = vf_config::clear_claim_config(&self.node.state_dir, *address);
             }
         };
+        // The settings first: their file is also what the scanner reads a
+        // prepared VF's profile from when it rewrites the CDI entries and
+        // the runtime's edits, so it must be there before they are written.
         if let Err(error) = give_settings(&self.node.state_dir, &id, &settings, SETTINGS_TIMEOUT).await {
             undo(checkpoint);
             return Err(error);
+        }
+        self.node.add_vf_edits(&entries);
+        let written = self
+            .node
+            .cdi
+            .ensure(&entries)
+            .and_then(|()| self.node.cdi.write_claim(&claim.uid, &env));
+        if let Err(error) = written {
+            undo(checkpoint);
+            return Err(vfplane_host::error_chain(&error));
         }
         checkpoint.claims.insert(claim.uid.clone(), prepared);
         if let Err(error) = checkpoint.write(&self.config.checkpoint_path()) {
