@@ -14,10 +14,11 @@
 //! there on 2026-12-03 at the old short lengths, against 15 on the minimal
 //! one: CI's hour cannot hold both) and the lengths the reliability issue
 //! asks for, which `cargo xtask campaign [--long]` runs too. What CI keeps
-//! on the systemd node: containerd and kubelet restarts and a
-//! `daemon-reload` under a running VF pod (`cluster_numa`), a kubelet
-//! restart with re-registration (`cluster_smoke`), the scrub and every
-//! container limit (`cluster_systemd`'s scrub scenario), the demo.
+//! on the systemd node (all in `cluster_systemd`): containerd and kubelet
+//! restarts and a `daemon-reload` under a running VF pod (the NUMA
+//! scenario), the scrub and every container limit (the scrub scenario),
+//! the demo; and on the minimal node a kubelet restart with
+//! re-registration (`cluster_smoke`).
 //! `VFPLANE_CAMPAIGN_SEED` repeats a run's random moments.
 
 #![allow(clippy::expect_used)] // test: a panic is the failure report
@@ -98,7 +99,7 @@ const IN_CI: [&str; 4] = ["crashes", "faults", "vf-removal", "isolation"];
 
 /// The others on the minimal node: pod churn, kubelet and containerd
 /// restarts (CI proves re-registration after a kubelet restart in
-/// `cluster_smoke` and restarts under a running VF pod in `cluster_numa`),
+/// `cluster_smoke` and restarts under a running VF pod in `cluster_systemd`),
 /// a reboot renumbering IOMMU groups, VFs in a shared IOMMU group.
 #[test]
 #[ignore = "slow: churn, restarts, reboot and shared-group on the minimal node (three node reboots; CI's hour does not hold them)"]

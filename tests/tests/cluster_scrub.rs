@@ -12,10 +12,10 @@ use xtask::session::Session;
 use xtask::testbed::Testbed;
 
 /// Slow, because nothing in the scrub depends on the cgroup driver and CI
-/// proves the minimal node's container limits elsewhere: a non-root
-/// container pinning DMA memory within the profile's locked memory
-/// (`cluster_numa`), and every VF of many pods scrubbed (the short
-/// campaigns, which run on the minimal node).
+/// proves the minimal node's container limits elsewhere: the short
+/// campaigns, which run on the minimal node, run their pods' driver as user
+/// 1000 within a profile's locked memory and pids, and check every VF of
+/// theirs scrubbed.
 #[test]
 #[ignore = "slow: the scrub on the minimal node (5 min on 2026-12-03); the systemd node's variant runs in CI"]
 fn on_the_minimal_node_a_released_vf_is_scrubbed_before_the_next_tenant_and_quarantined_when_its_reset_fails()

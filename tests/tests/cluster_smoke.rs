@@ -132,8 +132,8 @@ fn kubelet_runs_a_pod_on_a_vf_from_our_device_plugin() {
     let testbed = Testbed::prepare().expect("testbed");
     let mut cluster = Cluster::start(
         &testbed,
-        // The minimal node: it boots in less of CI's hour, and the demo,
-        // `cluster_numa` and `cluster_systemd` run on the systemd node.
+        // The minimal node: it boots in less of CI's hour, and the demo
+        // and the scenarios of `cluster_systemd` run on the systemd node.
         ClusterOptions {
             node_profile: NodeProfile::Minimal,
             node_extra: Some(NODE_EXTRA.to_owned()),

@@ -172,13 +172,13 @@ spec:
     )
 }
 
-/// A ResourceClaimTemplate for one VF of the pool and a pod that claims it
+/// A ResourceClaimTemplate for one VF of `pool` and a pod that claims it
 /// through the template: non-root, no capabilities. It shows its
 /// environment, `/dev/vfio` and locked-memory limit, then runs pktgen on
-/// the VF (found from its `PCIDEVICE_VFPLANE_IO_FAST_<device>` variable).
-pub fn claim_pod_yaml(pod: &str, frames: u32) -> String {
+/// the VF (found from its `PCIDEVICE_VFPLANE_IO_<POOL>_<device>` variable).
+pub fn claim_pod_yaml(pod: &str, pool: &str, frames: u32) -> String {
     let template =
-        crate::claims::vf_claim_template("one-vf", "vf", 1, &crate::claims::pool_selector(POOL), "");
+        crate::claims::vf_claim_template("one-vf", "vf", 1, &crate::claims::pool_selector(pool), "");
     format!(
         r#"{template}---
 apiVersion: v1
@@ -236,11 +236,20 @@ spec:
 /// The first step that fails, with the diagnostics of the parts involved;
 /// also when the host counted fewer frames than the pod's VF sent.
 pub fn run(testbed: &Testbed) -> Result<DemoReport> {
+    run_keeping_cluster(testbed).map(|(report, _cluster)| report)
+}
+
+/// [`run`], then the cluster it ran on (vfplane uninstalled, the PF at 0
+/// VFs), for tests that go on on the same node instead of booting another.
+///
+/// # Errors
+/// As [`run`].
+pub fn run_keeping_cluster(testbed: &Testbed) -> Result<(DemoReport, Session)> {
     eprintln!(
-        "\n== [1/{STEPS}] A real cluster: Kubernetes control plane on the host, the emulated SR-IOV guest as its node"
+        "\n== [1/{STEPS}] A real cluster: Kubernetes control plane on the host, the emulated SR-IOV guest as its node (systemd, two NUMA nodes, a PF on each)"
     );
     let began = Instant::now();
-    let session = Session::start(testbed, ClusterOptions::default())?;
+    let session = Session::start(testbed, ClusterOptions::two_numa_systemd())?;
     let mut demo = Demo {
         session,
         step: 1,
@@ -526,7 +535,7 @@ pub fn run(testbed: &Testbed) -> Result<DemoReport> {
         demo.report.frames_counted,
         demo.report.frames_sent
     );
-    Ok(demo.report)
+    Ok((demo.report, demo.session))
 }
 
 /// The pool moved to DRA, a pod claims one VF, runs pktgen on it and is
@@ -560,7 +569,7 @@ fn dra_step(demo: &mut Demo) -> Result<()> {
         allocatable.is_empty() || allocatable == "0",
         "the pool is still a device-plugin resource: allocatable {allocatable}"
     );
-    demo.session.apply(&claim_pod_yaml(POD, FRAMES))?;
+    demo.session.apply(&claim_pod_yaml(POD, POOL, FRAMES))?;
     let created = Instant::now();
     demo.session
         .wait("the claim pod's pktgen report", Duration::from_secs(300), |c| {
@@ -629,5 +638,7 @@ fn dra_step(demo: &mut Demo) -> Result<()> {
         deleted.elapsed().as_secs_f64(),
     ));
     eprintln!("agent: VF {vf} scrubbed after the claim; the driver offers it again");
+    demo.session
+        .kubectl(&["delete", "resourceclaimtemplate", "one-vf", "--wait=true"])?;
     Ok(())
 }

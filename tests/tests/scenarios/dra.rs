@@ -1,17 +1,17 @@
 //! vfplane as a DRA driver on the real cluster (Kubernetes 1.37), as a
-//! scenario `cluster_systemd` runs on the systemd node after the scrub
-//! scenario: the chart installed with `dra.enabled=true`, a VfPolicy whose
+//! scenario `cluster_systemd` runs on the systemd node after the demo and
+//! the scrub scenario: the chart installed with `dra.enabled=true`, a VfPolicy whose
 //! pool says `resourceApi: dra`, and a pod that gets a VF through a
 //! ResourceClaimTemplate.
 //!
 //! - The node's ResourceSlice lists the pool's two VFs as devices of driver
 //!   `vfplane.io` with their attributes (PCI address, PCIe root, pool, PF,
 //!   VF index, IOMMU group), and the node's allocatable has no
-//!   `vfplane.io/fast` (a DRA pool is not also a device-plugin resource).
+//!   `vfplane.io/edge` (a DRA pool is not also a device-plugin resource).
 //! - A pod running as user 1000 with no capabilities claims one VF of pool
-//!   `fast`: the kubelet prepares the claim through vfplane's DRA socket,
+//!   `edge`: the kubelet prepares the claim through vfplane's DRA socket,
 //!   the container gets the VF's group node, its environment
-//!   (`PCIDEVICE_VFPLANE_IO_FAST_<device>`) and the profile's locked memory,
+//!   (`PCIDEVICE_VFPLANE_IO_EDGE_<device>`) and the profile's locked memory,
 //!   and runs the driver's pktgen on it (the VF's own TX counter). The pod's
 //!   status shows the device Healthy (the kubelet's health stream), and the
 //!   NodeState names the pod's container as the VF's owner.
@@ -72,7 +72,7 @@ fn policy() -> &'static str {
     r#"apiVersion: vfplane.io/v1alpha1
 kind: VfPolicy
 metadata:
-  name: dra-fast
+  name: dra-edge
 spec:
   nodeSelector:
     vfplane.io/sriov: "true"
@@ -80,7 +80,7 @@ spec:
     pciAddresses: ["0000:00:02.0"]
   numVfs: 2
   deviceType: vfio-pci
-  resourceName: fast
+  resourceName: edge
   resourceApi: dra
   containerProfile:
     memory: 64Mi
@@ -125,13 +125,13 @@ spec:
     )
 }
 
-/// A template for two VFs of pool `fast` that share `attribute`.
+/// A template for two VFs of pool `edge` that share `attribute`.
 fn two_vfs_sharing(name: &str, attribute: &str) -> String {
     vf_claim_template(
         name,
         "vfs",
         2,
-        &pool_selector("fast"),
+        &pool_selector("edge"),
         &format!("      constraints:\n        - requests: [\"vfs\"]\n          matchAttribute: {attribute}"),
     )
 }
@@ -219,13 +219,13 @@ pub fn claims(session: &mut Session) {
             attributes["resource.kubernetes.io/pcieRoot"]["string"], "pci0000:00",
             "{device}"
         );
-        assert_eq!(attributes["pool"]["string"], "fast", "{device}");
+        assert_eq!(attributes["pool"]["string"], "edge", "{device}");
         assert_eq!(attributes["pf"]["string"], "0000:00:02.0", "{device}");
         assert!(attributes["iommuGroup"]["int"].is_i64(), "{device}");
         assert!(attributes["vfIndex"]["int"].is_i64(), "{device}");
     }
     assert_eq!(
-        session.allocatable("fast"),
+        session.allocatable("edge"),
         "",
         "a DRA pool is not also an extended resource"
     );
@@ -233,7 +233,7 @@ pub fn claims(session: &mut Session) {
     // A non-root pod claims one VF and runs the driver on it.
     let created = Instant::now();
     session
-        .apply(&xtask::demo::claim_pod_yaml("dra-pktgen", FRAMES))
+        .apply(&xtask::demo::claim_pod_yaml("dra-pktgen", "edge", FRAMES))
         .expect("claim template and pod");
     session
         .wait("the DRA pod's pktgen report", Duration::from_secs(300), |c| {
@@ -257,7 +257,7 @@ pub fn claims(session: &mut Session) {
     let vf = report["pci"].as_str().unwrap().to_owned();
     let device = vf.replace([':', '.'], "-");
     let variable = format!(
-        "PCIDEVICE_VFPLANE_IO_FAST_{}={vf}",
+        "PCIDEVICE_VFPLANE_IO_EDGE_{}={vf}",
         device.to_uppercase().replace('-', "_")
     );
     assert!(logs.lines().any(|l| l == variable), "no {variable} in\n{logs}");
@@ -469,6 +469,11 @@ pub fn claims(session: &mut Session) {
         figures(&taint),
         figures(&binding)
     );
+    // The pool goes and its PF back to 0 VFs, for what runs next on the node.
+    session
+        .kubectl(&["delete", "vfpolicy", "dra-edge", "--wait=true", "--timeout=300s"])
+        .unwrap();
+    session.wait_pf_without_vfs(Duration::from_secs(300)).unwrap();
 }
 
 /// The plugin process's resident memory (KiB) and CPU time (clock ticks,
@@ -505,7 +510,7 @@ fn the_plugins_footprint_serving_the_pool_by_each_api(session: &mut Session) {
             .kubectl(&[
                 "patch",
                 "vfpolicy",
-                "dra-fast",
+                "dra-edge",
                 "--type=merge",
                 "-p",
                 &format!(r#"{{"spec":{{"resourceApi":"{api}"}}}}"#),
@@ -514,7 +519,7 @@ fn the_plugins_footprint_serving_the_pool_by_each_api(session: &mut Session) {
     };
     move_to(session, "devicePlugin");
     session
-        .wait_allocatable("fast", 2, Duration::from_secs(120))
+        .wait_allocatable("edge", 2, Duration::from_secs(120))
         .unwrap();
     let device_plugin = idle_plugin(session);
     move_to(session, "dra");
@@ -735,29 +740,35 @@ spec:
         claims:
           - name: vf
 "#;
-    let refused = session
-        .cluster()
-        .kubectl_stdin(&["apply", "--dry-run=server", "-f", "-"], unlimited)
-        .expect_err("a claim pod without the profile's memory limit is refused");
-    let message = format!("{refused:#}");
-    eprintln!("the webhook on a claim pod without limits: {message}");
-    assert!(
-        message.contains(
-            "container \"app\" asks for VFs of pool fast through claim \"vf\", whose policy requires limits: add \
-             resources.limits.cpu and resources.limits.memory (at least \"64Mi\")"
-        ),
-        "{message}"
+    refused_by_the_webhook(
+        session,
+        "a claim pod without limits",
+        unlimited,
+        "container \"app\" asks for VFs of pool edge through claim \"vf\", whose policy requires limits: add \
+         resources.limits.cpu and resources.limits.memory (at least \"64Mi\")",
     );
 }
 
-/// A template for one VF of pool `fast` with the opaque configuration
+/// Applies `yaml` as a server-side dry run, which the pod webhook must
+/// refuse with a message containing `expected`.
+fn refused_by_the_webhook(session: &Session, what: &str, yaml: &str, expected: &str) {
+    let refused = session
+        .cluster()
+        .kubectl_stdin(&["apply", "--dry-run=server", "-f", "-"], yaml)
+        .expect_err(what);
+    let message = format!("{refused:#}");
+    eprintln!("the webhook on {what}: {message}");
+    assert!(message.contains(expected), "{message}");
+}
+
+/// A template for one VF of pool `edge` with the opaque configuration
 /// `parameters` (YAML, indented for its place).
 fn one_vf_configured(name: &str, parameters: &str) -> String {
     vf_claim_template(
         name,
         "vf",
         1,
-        &pool_selector("fast"),
+        &pool_selector("edge"),
         &format!(
             "      config:\n        - requests: [\"vf\"]\n          opaque:\n            driver: vfplane.io\n            \
              parameters:\n              apiVersion: vfplane.io/v1alpha1\n              kind: VfConfig\n{parameters}"
@@ -775,15 +786,23 @@ fn vf_status(session: &Session, address: &str) -> Option<Value> {
 
 /// A claim's `VfConfig`: the PF reports its MAC, VLAN, trust and spoof
 /// checking for the pod's VF while the pod runs, the pod's environment
-/// carries its MAC, and the scrub after the pod gives the VF its pool's
-/// settings again. A claim whose settings are out of range is refused at
-/// prepare, and `kubectl describe pod` shows why.
+/// carries its MAC, its container runs under the claim's profile (more
+/// locked memory and a tighter pids bound than the pool's), and the scrub
+/// after the pod gives the VF its pool's settings again. A pod whose
+/// claim's settings are out of range is refused by the webhook, and one
+/// admitted before its template existed is refused at prepare, `kubectl
+/// describe pod` showing why; a pod with less memory than its claim's
+/// profile asks is refused by the webhook.
 fn a_claims_settings_reach_its_vf_and_leave_with_it(session: &mut Session) {
     const MAC: &str = "02:aa:bb:cc:dd:01";
     session
         .apply(&one_vf_configured(
             "one-vf-configured",
-            &format!("              mac: \"{MAC}\"\n              vlan: 120\n              trust: true\n              spoofChk: false"),
+            &format!(
+                "              mac: \"{MAC}\"\n              vlan: 120\n              trust: true\n              \
+                 spoofChk: false\n              containerProfile:\n                lockedMemory: 96Mi\n                \
+                 pids: 128"
+            ),
         ))
         .unwrap();
     let created = Instant::now();
@@ -802,7 +821,7 @@ fn a_claims_settings_reach_its_vf_and_leave_with_it(session: &mut Session) {
     let logs = session.kubectl(&["logs", "dra-configured"]).unwrap();
     let info = logs
         .lines()
-        .find(|l| l.starts_with("PCIDEVICE_VFPLANE_IO_FAST_") && l.contains("_INFO="))
+        .find(|l| l.starts_with("PCIDEVICE_VFPLANE_IO_EDGE_") && l.contains("_INFO="))
         .and_then(|l| l.split_once('=').map(|(_, v)| v.to_owned()))
         .expect("the VF's _INFO variable");
     let info: Value = serde_json::from_str(&info).expect("_INFO is JSON");
@@ -835,6 +854,40 @@ fn a_claims_settings_reach_its_vf_and_leave_with_it(session: &mut Session) {
         "the claim's settings are no mismatch: {status}"
     );
     let prepared = prepare_times(session);
+    // The claim's profile over the pool's (lockedMemory 64Mi, pids 256):
+    // what the runtime gave the container, as the agent read it from the
+    // container's /proc and cgroup.
+    wait_for(
+        session,
+        "the container under its claim's profile in the VF's status",
+        Duration::from_secs(90),
+        |s| {
+            vf_status(s, &vf).is_some_and(|v| {
+                v["container"]["lockedMemory"] == "100663296" && v["container"]["pidsMax"] == "128"
+            })
+        },
+    );
+    let container = vf_status(session, &vf).unwrap()["container"].clone();
+    eprintln!("the configured VF's container: {container}");
+    assert!(
+        container["problems"].as_array().is_none_or(Vec::is_empty),
+        "the container meets its claim's profile: {container}"
+    );
+    // More memory in the claim's profile than the pod's limit: refused by
+    // the webhook, naming the claim's minimum.
+    session
+        .apply(&one_vf_configured(
+            "one-vf-big",
+            "              containerProfile:\n                memory: 256Mi",
+        ))
+        .unwrap();
+    refused_by_the_webhook(
+        session,
+        "a pod below its claim's profile",
+        &sleeping_pod("dra-too-small", "one-vf-big"),
+        "container \"holder\" asks for VFs of pool edge through claim \"vfs\", whose policy and claim require \
+         resources.limits.memory of at least \"256Mi\"; it has \"128Mi\", which is less",
+    );
 
     let released = Instant::now();
     session
@@ -857,12 +910,29 @@ fn a_claims_settings_reach_its_vf_and_leave_with_it(session: &mut Session) {
         vf_status(session, &vf).unwrap_or_default()
     );
 
-    // Out of range: refused at prepare, the reason in the pod's events.
+    // Out of range: the webhook, which reads the pod's claim templates,
+    // refuses the pod naming the field.
     session
         .apply(&one_vf_configured("one-vf-bad-vlan", "              vlan: 5000"))
         .unwrap();
+    refused_by_the_webhook(
+        session,
+        "a pod whose claim's VfConfig vfplane cannot take",
+        &sleeping_pod("dra-bad-settings", "one-vf-bad-vlan"),
+        "container \"holder\" uses claim \"vfs\": config[0] is not a VfConfig vfplane takes: vlan 5000 is out of \
+         range (0 to 4094; 0 for none)",
+    );
+    // A pod admitted before its template exists (the webhook cannot read
+    // it, and warns): prepare refuses the claim, the reason in the pod's
+    // events.
     session
-        .apply(&sleeping_pod("dra-bad-settings", "one-vf-bad-vlan"))
+        .apply(&sleeping_pod("dra-bad-settings", "one-vf-bad-vlan-late"))
+        .unwrap();
+    session
+        .apply(&one_vf_configured(
+            "one-vf-bad-vlan-late",
+            "              vlan: 5000",
+        ))
         .unwrap();
     session
         .wait("the refusal in the pod's events", Duration::from_secs(120), |c| {
@@ -917,7 +987,7 @@ fn two_vfs_through_an_unbind_and_a_plugin_kill(session: &mut Session) {
     let logs = session.kubectl(&["logs", "dra-pair"]).unwrap();
     let mut vfs: Vec<String> = logs
         .lines()
-        .filter_map(|l| l.strip_prefix("PCIDEVICE_VFPLANE_IO_FAST_"))
+        .filter_map(|l| l.strip_prefix("PCIDEVICE_VFPLANE_IO_EDGE_"))
         .filter_map(|l| l.split_once('='))
         .filter(|(name, _)| !name.ends_with("_INFO"))
         .map(|(_, vf)| vf.to_owned())

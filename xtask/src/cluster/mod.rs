@@ -27,7 +27,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result, bail};
 
 use crate::process::log_tail;
-use crate::testbed::{GuestInit, GuestOptions, MAX_GUEST_MEMORY_MIB, MGMT_MAC, RunningGuest, Testbed};
+use crate::testbed::{
+    GuestInit, GuestOptions, MAX_GUEST_MEMORY_MIB, MGMT_MAC, RunningGuest, Testbed, Topology,
+};
 pub use binaries::GoBinaries;
 pub use netns::Netns;
 use pki::{ClusterPki, PkiNames};
@@ -101,6 +103,27 @@ pub struct ClusterOptions {
     /// Shell run in the node after kubelet starts (e.g. starting vfplane's
     /// node binaries as plain processes).
     pub node_extra: Option<String>,
+}
+
+impl ClusterOptions {
+    /// The node a poll-mode-driver user runs, as the demo and the systemd
+    /// cluster test boot it: the systemd profile on two NUMA nodes with a
+    /// PF on each ([`Topology::TwoNumaNodes`]: 0000:00:02.0 of no NUMA node,
+    /// 0000:21:00.0 on node 1) and five CPUs. The static CPU manager
+    /// reserves CPU 0; node 1 (CPUs 3-4) can hand both its CPUs whole to one
+    /// Guaranteed pod while node 0 keeps CPUs for vfplane's own pods and for
+    /// a pod that cannot be aligned.
+    pub fn two_numa_systemd() -> Self {
+        Self {
+            node_profile: NodeProfile::Systemd,
+            guest: GuestOptions {
+                topology: Topology::TwoNumaNodes,
+                cpus: 5,
+                ..GuestOptions::default()
+            },
+            node_extra: None,
+        }
+    }
 }
 
 /// One host process of the control plane, killed on drop.
