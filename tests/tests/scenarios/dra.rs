@@ -125,13 +125,44 @@ spec:
     )
 }
 
-/// A template for two VFs of pool `edge` that share `attribute`.
-fn two_vfs_sharing(name: &str, attribute: &str) -> String {
+/// Applies a sleeping pod on `template`, waits until it has printed its
+/// environment, and returns how long that took, its log and the PCI
+/// addresses of the VFs the pool `pool` gave it (sorted).
+fn run_sleeping_pod(
+    session: &mut Session,
+    pod: &str,
+    template: &str,
+    pool: &str,
+) -> (Duration, String, Vec<String>) {
+    let created = Instant::now();
+    session.apply(&sleeping_pod(pod, template)).unwrap();
+    session
+        .wait(&format!("pod {pod}'s VFs"), Duration::from_secs(300), |c| {
+            Ok(c.kubectl_output(&["logs", pod])
+                .is_ok_and(|l| l.contains("vfio-nodes:")))
+        })
+        .unwrap_or_else(|e| panic!("pod {pod} runs: {e}"));
+    let to_running = created.elapsed();
+    let logs = session.kubectl(&["logs", pod]).unwrap();
+    let prefix = format!("PCIDEVICE_VFPLANE_IO_{}_", pool.to_uppercase());
+    let mut vfs: Vec<String> = logs
+        .lines()
+        .filter_map(|l| l.strip_prefix(prefix.as_str()))
+        .filter_map(|l| l.split_once('='))
+        .filter(|(name, _)| !name.ends_with("_INFO"))
+        .map(|(_, vf)| vf.to_owned())
+        .collect();
+    vfs.sort();
+    (to_running, logs, vfs)
+}
+
+/// A template for two VFs of `pool` that share `attribute`.
+fn two_vfs_sharing(name: &str, pool: &str, attribute: &str) -> String {
     vf_claim_template(
         name,
         "vfs",
         2,
-        &pool_selector("edge"),
+        &pool_selector(pool),
         &format!("      constraints:\n        - requests: [\"vfs\"]\n          matchAttribute: {attribute}"),
     )
 }
@@ -474,6 +505,91 @@ pub fn claims(session: &mut Session) {
         .kubectl(&["delete", "vfpolicy", "dra-edge", "--wait=true", "--timeout=300s"])
         .unwrap();
     session.wait_pf_without_vfs(Duration::from_secs(300)).unwrap();
+    two_vfs_on_one_numa_node(session);
+}
+
+/// The node-1 PF (0000:21:00.0, behind the PCIe expander bridge on NUMA
+/// node 1) as a DRA pool: its devices carry `numaNode: 1`, and a pod
+/// claiming two VFs that must share `vfplane.io/numaNode` gets both. Then
+/// the pool goes and the PF is back at 0 VFs.
+fn two_vfs_on_one_numa_node(session: &mut Session) {
+    const NUMA_PF: &str = "0000:21:00.0";
+    session
+        .apply(&format!(
+            r#"apiVersion: vfplane.io/v1alpha1
+kind: VfPolicy
+metadata:
+  name: dra-node1
+spec:
+  nodeSelector:
+    vfplane.io/sriov: "true"
+  nicSelector:
+    pciAddresses: ["{NUMA_PF}"]
+  numVfs: 2
+  deviceType: vfio-pci
+  resourceName: node1
+  resourceApi: dra
+"#
+        ))
+        .unwrap();
+    let of_the_pool = |s: &Session| -> Vec<Value> {
+        dra_devices(s.cluster())
+            .into_iter()
+            .filter(|d| d["attributes"]["pool"]["string"] == "node1")
+            .collect()
+    };
+    wait_for(
+        session,
+        "the node-1 pool's two VFs offered, on NUMA node 1",
+        Duration::from_secs(300),
+        |s| {
+            let devices = of_the_pool(s);
+            devices.len() == 2
+                && devices
+                    .iter()
+                    .all(|d| d["attributes"]["numaNode"]["int"] == 1 && taint_keys(d).is_empty())
+        },
+    );
+    eprintln!("the node-1 pool's devices: {}", Value::from(of_the_pool(session)));
+    session
+        .apply(&two_vfs_sharing(
+            "two-vfs-one-numa-node",
+            "node1",
+            "vfplane.io/numaNode",
+        ))
+        .unwrap();
+    let (to_running, logs, vfs) =
+        run_sleeping_pod(session, "dra-numa", "two-vfs-one-numa-node", "node1");
+    assert_eq!(vfs.len(), 2, "two VFs in the pod's environment:\n{logs}");
+    for vf in &vfs {
+        let numa = session
+            .cluster_mut()
+            .node_exec(&format!("cat /sys/bus/pci/devices/{vf}/numa_node"))
+            .unwrap();
+        assert_eq!(numa.trim(), "1", "VF {vf} is on NUMA node 1 by the node's sysfs");
+    }
+    eprintln!(
+        "cluster_dra: two VFs sharing vfplane.io/numaNode -> pod running {:.1} s, with {}",
+        to_running.as_secs_f64(),
+        vfs.join(" and ")
+    );
+    session
+        .kubectl(&["delete", "pod", "dra-numa", "--wait=true"])
+        .unwrap();
+    session
+        .kubectl(&["delete", "vfpolicy", "dra-node1", "--wait=true", "--timeout=300s"])
+        .unwrap();
+    session
+        .wait("the node-1 PF back to 0 VFs", Duration::from_secs(300), |c| {
+            Ok(c.kubectl_output(&[
+                "get",
+                "nodestate",
+                xtask::cluster::NODE_NAME,
+                &format!("-o=jsonpath={{.status.pfs[?(@.pciAddress==\"{NUMA_PF}\")].numVfs}}"),
+            ])
+            .is_ok_and(|v| v.trim() == "0"))
+        })
+        .unwrap();
 }
 
 /// The plugin process's resident memory (KiB) and CPU time (clock ticks,
@@ -665,7 +781,11 @@ fn scrub_lines(session: &Session, vf: &str) -> usize {
 /// cannot allocate the claim and says so; nothing is allocated.
 fn unsatisfiable_claim_stays_pending_and_says_why(session: &mut Session) {
     session
-        .apply(&two_vfs_sharing("two-vfs-one-index", "vfplane.io/vfIndex"))
+        .apply(&two_vfs_sharing(
+            "two-vfs-one-index",
+            "edge",
+            "vfplane.io/vfIndex",
+        ))
         .unwrap();
     session
         .apply(&sleeping_pod("dra-unsatisfiable", "two-vfs-one-index"))
@@ -970,29 +1090,12 @@ fn two_vfs_through_an_unbind_and_a_plugin_kill(session: &mut Session) {
     session
         .apply(&two_vfs_sharing(
             "two-vfs-one-root",
+            "edge",
             "resource.kubernetes.io/pcieRoot",
         ))
         .unwrap();
-    let created = Instant::now();
-    session
-        .apply(&sleeping_pod("dra-pair", "two-vfs-one-root"))
-        .unwrap();
-    session
-        .wait("the pair pod's VFs", Duration::from_secs(300), |c| {
-            Ok(c.kubectl_output(&["logs", "dra-pair"])
-                .is_ok_and(|l| l.contains("vfio-nodes:")))
-        })
-        .expect("the pair pod runs");
-    let to_running = created.elapsed();
-    let logs = session.kubectl(&["logs", "dra-pair"]).unwrap();
-    let mut vfs: Vec<String> = logs
-        .lines()
-        .filter_map(|l| l.strip_prefix("PCIDEVICE_VFPLANE_IO_EDGE_"))
-        .filter_map(|l| l.split_once('='))
-        .filter(|(name, _)| !name.ends_with("_INFO"))
-        .map(|(_, vf)| vf.to_owned())
-        .collect();
-    vfs.sort();
+    let (to_running, logs, vfs) =
+        run_sleeping_pod(session, "dra-pair", "two-vfs-one-root", "edge");
     assert_eq!(
         vfs,
         ["0000:00:12.0", "0000:00:12.2"],
