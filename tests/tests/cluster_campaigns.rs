@@ -8,7 +8,8 @@
 //! prints its figures; a dirty VF, a pod that lost its VF, a group opened,
 //! a shared VF advertised or anything left behind fails it.
 //!
-//! CI runs four of the short versions on the minimal node ([`IN_CI`]);
+//! CI runs four of the short versions and the churn through DRA claims on
+//! the minimal node ([`IN_CI`]);
 //! `cargo xtask test --slow` runs the other four there; `cargo xtask test
 //! --slow` also runs them on the systemd node (the default node; 28 min
 //! there on 2026-12-03 at the old short lengths, against 15 on the minimal
@@ -90,12 +91,13 @@ fn short_campaigns_leave_the_node_clean_and_every_vf_scrubbed() {
     );
 }
 
-/// The campaigns CI runs (on the minimal node): the agent and the plugin
-/// SIGKILLed under a running pod, link faults, VFs removed under a pod, a
-/// pod trying other VFIO groups. CI's hour holds no more beside the
-/// systemd node's tests (on 2026-12-03 seven of them, all but
+/// The campaigns CI runs (on the minimal node, vfplane installed with DRA
+/// on for the last): the agent and the plugin SIGKILLed under a running
+/// pod, link faults, VFs removed under a pod, a pod trying other VFIO
+/// groups, and 50 pods churned through DRA claims. CI's hour holds no more
+/// beside the systemd node's tests (on 2026-12-03 seven of them, all but
 /// shared-group, took 1,071 s of a fresh run's 62.6 min).
-const IN_CI: [&str; 4] = ["crashes", "faults", "vf-removal", "isolation"];
+const IN_CI: [&str; 5] = ["crashes", "faults", "vf-removal", "isolation", "churn-dra"];
 
 /// The others on the minimal node: pod churn, kubelet and containerd
 /// restarts (CI proves re-registration after a kubelet restart in
@@ -119,19 +121,6 @@ fn on_the_systemd_node_short_campaigns_leave_the_node_clean_and_every_vf_scrubbe
         "on_the_systemd_node_short_campaigns_leave_the_node_clean_and_every_vf_scrubbed",
         NodeProfile::Systemd,
         &ALL,
-    );
-}
-
-/// Churn through DRA claims (vfplane installed with `dra.enabled=true`),
-/// the short version's 50 pods, on its own boot so that the other
-/// campaigns keep their install.
-#[test]
-#[ignore = "slow: 50 pods churned through ResourceClaims on the minimal node (1,324 s on 2026-12-04, 26 s a pod under TCG; CI's hour does not hold them beside the rest)"]
-fn on_the_minimal_node_pods_churned_through_claims_get_clean_vfs_and_leave_nothing() {
-    short_on(
-        "on_the_minimal_node_pods_churned_through_claims_get_clean_vfs_and_leave_nothing",
-        NodeProfile::Minimal,
-        &["churn-dra"],
     );
 }
 

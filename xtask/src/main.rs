@@ -44,8 +44,9 @@ enum Command {
     Campaign {
         /// Which, in order: churn, churn-dra, crashes, restarts, faults,
         /// vf-removal, reboot, isolation, shared-group. The default is all
-        /// but churn-dra, which installs vfplane with DRA on (run it on its
-        /// own: `cargo xtask campaign churn-dra`).
+        /// but churn-dra: a run that names churn-dra installs vfplane with
+        /// DRA on for all its campaigns (CI runs it after crashes, faults,
+        /// vf-removal and isolation).
         #[arg(
             value_delimiter = ',',
             default_value = "churn,crashes,restarts,faults,vf-removal,reboot,isolation,shared-group"

@@ -558,8 +558,7 @@ spec:
             "vfplane.io/numaNode",
         ))
         .unwrap();
-    let (to_running, logs, vfs) =
-        run_sleeping_pod(session, "dra-numa", "two-vfs-one-numa-node", "node1");
+    let (to_running, logs, vfs) = run_sleeping_pod(session, "dra-numa", "two-vfs-one-numa-node", "node1");
     assert_eq!(vfs.len(), 2, "two VFs in the pod's environment:\n{logs}");
     for vf in &vfs {
         let numa = session
@@ -1094,8 +1093,7 @@ fn two_vfs_through_an_unbind_and_a_plugin_kill(session: &mut Session) {
             "resource.kubernetes.io/pcieRoot",
         ))
         .unwrap();
-    let (to_running, logs, vfs) =
-        run_sleeping_pod(session, "dra-pair", "two-vfs-one-root", "edge");
+    let (to_running, logs, vfs) = run_sleeping_pod(session, "dra-pair", "two-vfs-one-root", "edge");
     assert_eq!(
         vfs,
         ["0000:00:12.0", "0000:00:12.2"],

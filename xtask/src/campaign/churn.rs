@@ -5,8 +5,8 @@
 use super::*;
 
 impl Campaigns<'_> {
-    /// Churn: `options.pods` pods of 1 or 2 VFs, `options.parallel` alive
-    /// at once, created and deleted through the kubelet; then the node must
+    /// Churn: `options.pods` pods of 1 or 2 VFs, `options.parallel` at
+    /// once, created and deleted through the kubelet; then the node must
     /// be clean and the agent's and plugin's footprints back to what they
     /// were after the first tenth of the pods.
     ///
@@ -14,45 +14,73 @@ impl Campaigns<'_> {
     /// A pod failing, a dirty VF, a leak.
     pub fn churn(&mut self, options: &Options) -> Result<()> {
         let began = Instant::now();
-        let baseline_at = (options.pods / 10).clamp(1, 10);
-        let mut baseline = None;
-        let mut alive: VecDeque<String> = VecDeque::new();
-        let mut vfs_handed = 0usize;
-        for i in 0..options.pods {
-            while alive.len() >= usize::try_from(options.parallel)? {
-                if let Some(oldest) = alive.pop_front() {
-                    self.delete_pods(&[oldest])?;
-                }
-            }
-            let vfs = self.moments.vfs();
-            let name = self.create_churn_pod(vfs)?;
-            vfs_handed += self.check_churn_pod(&name)?.len();
-            alive.push_back(name);
-            if i + 1 == baseline_at {
-                baseline = Some(self.footprints()?);
-            }
-        }
-        self.delete_pods(&alive.drain(..).collect::<Vec<_>>())?;
+        let churned = self.churn_pods(options.pods, options.parallel, |campaigns| {
+            let vfs = campaigns.moments.vfs();
+            campaigns.create_churn_pod(vfs)
+        })?;
         let settled = self.check_clean(&[])?;
-        let (agent, plugin) = self.footprints()?;
-        let churned = began.elapsed();
+        let footprints = self.footprints()?;
+        let (median, worst) = median_and_worst(&churned.to_checked);
         self.report.add(format!(
-            "churn: {} pods ({vfs_handed} VFs handed out, {} alive at once) in {:.0} s; none got a dirty VF; \
-             settled and clean {:.1} s after the last delete",
+            "churn: {} pods ({} VFs handed out, {} at once) in {:.0} s; pod created -> its VFs checked: median \
+             {median:.1} s, worst {worst:.1} s; none got a dirty VF; settled and clean {:.1} s after the last delete",
             options.pods,
+            churned.vfs_handed,
             options.parallel,
-            churned.as_secs_f64(),
+            began.elapsed().as_secs_f64(),
             settled.as_secs_f64()
         ));
-        if let Some(baseline) = baseline {
-            self.check_footprints("churn", baseline_at, &baseline, &(agent, plugin))?;
+        if let Some((at, baseline)) = churned.baseline {
+            self.check_footprints("churn", at, &baseline, &footprints)?;
         }
         Ok(())
     }
 
+    /// Makes `pods` pods with `create`, `parallel` of them at once between
+    /// creation and deletion, and checks each (oldest first) as
+    /// [`Self::check_churn_pod`] does. A checked pod is deleted, without
+    /// waiting, as soon as the next one needs its place; the last are
+    /// deleted at the end. The pods in flight overlap what a pod waits on
+    /// (the scheduler, the kubelet, the scrub of a released VF) with the
+    /// others' work: with one pod created at a time and waited for, that
+    /// waiting was most of each pod's time.
+    fn churn_pods(
+        &mut self,
+        pods: u32,
+        parallel: u32,
+        mut create: impl FnMut(&mut Self) -> Result<String>,
+    ) -> Result<Churned> {
+        let baseline_at = usize::try_from((pods / 10).clamp(1, 10))?;
+        let mut churned = Churned::default();
+        let mut order = ChurnOrder::new(pods, usize::try_from(parallel)?);
+        loop {
+            match order.next() {
+                Step::Create => {
+                    let created = Instant::now();
+                    let name = create(self)?;
+                    order.created((name, created));
+                }
+                Step::Delete((name, _)) => self.delete_pods(&[name])?,
+                Step::Check((name, created)) => {
+                    churned.vfs_handed += self.check_churn_pod(&name)?.len();
+                    churned.to_checked.push(created.elapsed());
+                    order.checked((name, created));
+                    if churned.to_checked.len() == baseline_at {
+                        churned.baseline = Some((baseline_at, self.footprints()?));
+                    }
+                }
+                Step::DeleteAll(last) => {
+                    let names: Vec<String> = last.into_iter().map(|(name, _)| name).collect();
+                    self.delete_pods(&names)?;
+                    return Ok(churned);
+                }
+            }
+        }
+    }
+
     /// Churn through DRA: the pool moved to `resourceApi: dra`, then
     /// `options.dra_pods` pods, each claiming 1 or 2 VFs through a
-    /// ResourceClaimTemplate, `options.parallel` alive at once. Each pod
+    /// ResourceClaimTemplate, `options.parallel` at once. Each pod
     /// checks its VFs as the churn's do (found with the spec's MAC, then
     /// given its own). Then no claim may be left, every device untainted
     /// and in no prepared claim, the footprints back; the pool moved back
@@ -72,33 +100,15 @@ impl Campaigns<'_> {
             .kubectl_stdin(&["apply", "-f", "-"], &claim_templates())
             .context("the campaign's ResourceClaimTemplates")?;
         let moved = began.elapsed();
-        let baseline_at = (options.dra_pods / 10).clamp(1, 10);
-        let mut baseline = None;
-        let mut alive: VecDeque<String> = VecDeque::new();
-        let mut vfs_handed = 0usize;
-        let mut to_checked = Vec::new();
-        for i in 0..options.dra_pods {
-            while alive.len() >= usize::try_from(options.parallel)? {
-                if let Some(oldest) = alive.pop_front() {
-                    self.delete_pods(&[oldest])?;
-                }
-            }
-            let template = if self.moments.vfs() == 1 {
+        let churned = self.churn_pods(options.dra_pods, options.parallel, |campaigns| {
+            let template = if campaigns.moments.vfs() == 1 {
                 "churn-one"
             } else {
                 "churn-two"
             };
-            let created = Instant::now();
-            let name = self.create_claim_churn_pod(template)?;
-            vfs_handed += self.check_churn_pod(&name)?.len();
-            to_checked.push(created.elapsed());
-            alive.push_back(name);
-            if i + 1 == baseline_at {
-                baseline = Some(self.footprints()?);
-            }
-        }
+            campaigns.create_claim_churn_pod(template)
+        })?;
         let last_delete = Instant::now();
-        self.delete_pods(&alive.drain(..).collect::<Vec<_>>())?;
         self.session.wait(
             "every claim gone and every VF offered again",
             SETTLE_TIMEOUT,
@@ -123,21 +133,22 @@ impl Campaigns<'_> {
         let footprints = self.footprints()?;
         self.move_pool("devicePlugin")?;
         let settled = self.check_clean(&[])?;
-        let (median, worst) = median_and_worst(&to_checked);
+        let (median, worst) = median_and_worst(&churned.to_checked);
         self.report.add(format!(
-            "churn-dra: {} pods ({vfs_handed} VFs claimed, {} alive at once) in {:.0} s after moving the pool to \
+            "churn-dra: {} pods ({} VFs claimed, {} at once) in {:.0} s after moving the pool to \
              DRA ({:.1} s); pod created -> its VFs checked: median {median:.1} s, worst {worst:.1} s; none got a \
              dirty VF; last delete -> no claim left and every VF offered again {:.1} s; back on the device \
              plugin and clean {:.1} s",
             options.dra_pods,
+            churned.vfs_handed,
             options.parallel,
             (began.elapsed() - settled - moved).as_secs_f64(),
             moved.as_secs_f64(),
             released.as_secs_f64(),
             settled.as_secs_f64()
         ));
-        if let Some(baseline) = baseline {
-            self.check_footprints("churn-dra", baseline_at, &baseline, &footprints)?;
+        if let Some((at, baseline)) = churned.baseline {
+            self.check_footprints("churn-dra", at, &baseline, &footprints)?;
         }
         Ok(())
     }
@@ -163,7 +174,7 @@ impl Campaigns<'_> {
     fn check_footprints(
         &mut self,
         what_campaign: &str,
-        baseline_at: u32,
+        baseline_at: usize,
         (agent0, plugin0): &(Footprint, Footprint),
         (agent, plugin): &(Footprint, Footprint),
     ) -> Result<()> {
@@ -231,4 +242,157 @@ fn claim_templates() -> String {
         })
         .collect::<Vec<_>>()
         .join("---\n")
+}
+
+/// What [`Campaigns::churn_pods`] saw.
+#[derive(Default)]
+struct Churned {
+    /// VFs the pods were given, over all pods.
+    vfs_handed: usize,
+    /// Pod created -> its driver checks seen passing, for each pod.
+    to_checked: Vec<Duration>,
+    /// The agent's and the plugin's footprints once the first pods (how
+    /// many) were checked.
+    baseline: Option<(usize, (Footprint, Footprint))>,
+}
+
+/// The order of a churn's steps: pods are created while fewer than
+/// `parallel` are between creation and deletion; otherwise the oldest
+/// checked pod is deleted to make room, or else the oldest unchecked pod is
+/// checked. Once all are made and checked, the rest are deleted at once.
+#[derive(Debug)]
+struct ChurnOrder<P> {
+    /// Pods still to create.
+    to_make: u32,
+    parallel: usize,
+    /// Created, not yet checked, oldest first.
+    in_flight: VecDeque<P>,
+    /// Checked, not yet deleted, oldest first.
+    checked: VecDeque<P>,
+}
+
+/// What a churn does next.
+#[derive(Debug, PartialEq, Eq)]
+enum Step<P> {
+    /// Create a pod and hand it to [`ChurnOrder::created`].
+    Create,
+    /// Check this pod and hand it to [`ChurnOrder::checked`].
+    Check(P),
+    /// Delete this checked pod.
+    Delete(P),
+    /// Delete these, the last pods; the churn is done.
+    DeleteAll(Vec<P>),
+}
+
+impl<P> ChurnOrder<P> {
+    fn new(pods: u32, parallel: usize) -> Self {
+        Self {
+            to_make: pods,
+            parallel: parallel.max(1),
+            in_flight: VecDeque::new(),
+            checked: VecDeque::new(),
+        }
+    }
+
+    fn next(&mut self) -> Step<P> {
+        let more = self.to_make > 0;
+        if more && self.in_flight.len() + self.checked.len() < self.parallel {
+            Step::Create
+        } else if more && let Some(oldest) = self.checked.pop_front() {
+            Step::Delete(oldest)
+        } else if let Some(oldest) = self.in_flight.pop_front() {
+            Step::Check(oldest)
+        } else {
+            Step::DeleteAll(self.checked.drain(..).collect())
+        }
+    }
+
+    fn created(&mut self, pod: P) {
+        self.to_make = self.to_make.saturating_sub(1);
+        self.in_flight.push_back(pod);
+    }
+
+    fn checked(&mut self, pod: P) {
+        self.checked.push_back(pod);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+
+    /// Runs an order to its end; returns its steps (pods numbered in the
+    /// order they were made) and the most pods alive at once.
+    fn run(pods: u32, parallel: usize) -> (Vec<Step<u32>>, usize) {
+        let mut order = ChurnOrder::new(pods, parallel);
+        let mut steps = Vec::new();
+        let mut alive = BTreeSet::new();
+        let mut most = 0;
+        let mut next_pod = 0;
+        loop {
+            let step = order.next();
+            match &step {
+                Step::Create => {
+                    order.created(next_pod);
+                    alive.insert(next_pod);
+                    next_pod += 1;
+                }
+                Step::Check(pod) => order.checked(*pod),
+                Step::Delete(pod) => assert!(alive.remove(pod), "pod {pod} deleted twice"),
+                Step::DeleteAll(last) => {
+                    for pod in last {
+                        assert!(alive.remove(pod), "pod {pod} deleted twice");
+                    }
+                }
+            }
+            most = most.max(alive.len());
+            let done = matches!(step, Step::DeleteAll(_));
+            steps.push(step);
+            if done {
+                assert!(alive.is_empty(), "pods never deleted: {alive:?}");
+                return (steps, most);
+            }
+        }
+    }
+
+    #[test]
+    fn every_pod_is_made_checked_and_deleted_once_with_at_most_parallel_alive() {
+        for (pods, parallel) in [(0, 3), (1, 3), (2, 3), (6, 3), (50, 3), (5, 1), (7, 0)] {
+            let (steps, most) = run(pods, parallel);
+            let made = steps.iter().filter(|s| **s == Step::Create).count();
+            let checked: Vec<u32> = steps
+                .iter()
+                .filter_map(|s| match s {
+                    Step::Check(pod) => Some(*pod),
+                    _ => None,
+                })
+                .collect();
+            assert_eq!(made, pods as usize, "{pods} pods, {parallel} at once");
+            assert_eq!(checked, (0..pods).collect::<Vec<_>>(), "checked in order");
+            assert!(
+                most <= parallel.max(1),
+                "{most} alive at once, {parallel} allowed"
+            );
+        }
+    }
+
+    #[test]
+    fn pods_are_checked_while_others_are_in_flight() {
+        let (steps, most) = run(6, 3);
+        assert_eq!(most, 3);
+        assert_eq!(
+            steps[..6],
+            [
+                Step::Create,
+                Step::Create,
+                Step::Create,
+                Step::Check(0),
+                Step::Delete(0),
+                Step::Create,
+            ]
+        );
+        assert_eq!(steps.last(), Some(&Step::DeleteAll(vec![3, 4, 5])));
+    }
 }

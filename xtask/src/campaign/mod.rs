@@ -66,7 +66,7 @@ pub struct Options {
     pub pods: u32,
     /// Pods created and deleted by the DRA churn campaign.
     pub dra_pods: u32,
-    /// Churn pods alive at once.
+    /// Churn pods at once, from their creation to their deletion.
     pub parallel: u32,
     /// SIGKILLs of the agent (the device plugin gets as many).
     pub kills: u32,
