@@ -15,6 +15,9 @@
 //! | `vfplane_device_plugin_list_and_watch_streams` | gauge | `pool` (open streams) |
 //! | `vfplane_device_plugin_list_and_watch_updates_total` | counter | `pool` (messages sent) |
 //! | `vfplane_device_plugin_config_reloads_total` | counter | `result` (`ok`/`error`) |
+//! | `vfplane_device_plugin_dra_prepares_total` | counter | `result` (`ok`/`error`: DRA claims prepared or refused) |
+//! | `vfplane_device_plugin_dra_unprepares_total` | counter | `result` |
+//! | `vfplane_device_plugin_dra_slice_writes_total` | counter | `result` (writes of the node's ResourceSlices) |
 //! | `vfplane_device_plugin_scans_total` | counter | |
 //! | `vfplane_device_plugin_scan_seconds_total` | counter | (time spent probing health) |
 //! | `vfplane_device_plugin_discoveries_total` | counter | |
@@ -356,6 +359,8 @@ mod tests {
     fn renders_every_family_with_pool_labels() {
         let node = NodeMetrics::default();
         bump(&node.config_reloads_error);
+        bump(&node.dra_prepares_ok);
+        bump(&node.dra_slice_writes_error);
         let pool = PoolMetrics::default();
         bump(&pool.allocations);
         pool.streams.fetch_add(2, Ordering::Relaxed);
@@ -374,6 +379,9 @@ mod tests {
             "vfplane_device_plugin_registrations_total{pool=\"fast\"} 0",
             "vfplane_device_plugin_config_reloads_total{result=\"error\"} 1",
             "vfplane_device_plugin_scan_seconds_total 0.0",
+            "vfplane_device_plugin_dra_prepares_total{result=\"ok\"} 1",
+            "vfplane_device_plugin_dra_unprepares_total{result=\"error\"} 0",
+            "vfplane_device_plugin_dra_slice_writes_total{result=\"error\"} 1",
             "# TYPE vfplane_device_plugin_allocations counter",
             "# EOF",
         ] {
