@@ -2,15 +2,19 @@
 //! testbed guest shows (relative symlinks included), for unit tests of this
 //! crate and of the crates above it.
 //!
-//! It is a tree of plain files: it does not react to writes the way the
-//! kernel does. Tests that need a reaction (VFs appearing after a
-//! `sriov_numvfs` write) call [`FakeSysfs::add_vfs`] themselves.
+//! It is a tree of plain files: written on its own, it does not react to
+//! writes the way the kernel does, and tests that need a reaction call
+//! [`FakeSysfs::add_vfs`] themselves. A [`Host`] made by
+//! [`FakeKernel::host`] hands its writes to a [`FakeKernel`] instead, which
+//! changes the tree as the kernel would: VFs appear and go with
+//! `sriov_numvfs`, a probe binds the driver named in `driver_override`.
 #![allow(clippy::missing_panics_doc)]
 
 use std::fs;
 use std::io;
 use std::os::unix::fs::symlink;
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
 
 use crate::{Host, PciAddress};
 
@@ -60,7 +64,19 @@ impl FakeSysfs {
     /// # Errors
     /// When the temporary directory cannot be made.
     pub fn new() -> io::Result<Self> {
-        let dir = tempfile::tempdir()?;
+        Self::with_dir(tempfile::tempdir()?)
+    }
+
+    /// An empty tree in a new directory under `parent` (a tmpfs, say, for
+    /// many trees at once).
+    ///
+    /// # Errors
+    /// When the directory cannot be made.
+    pub fn new_in(parent: &Path) -> io::Result<Self> {
+        Self::with_dir(tempfile::Builder::new().prefix("sysfs-").tempdir_in(parent)?)
+    }
+
+    fn with_dir(dir: tempfile::TempDir) -> io::Result<Self> {
         for sub in [
             "sys/bus/pci/devices",
             "sys/bus/pci/drivers",
@@ -305,6 +321,177 @@ impl FakeSysfs {
     pub fn remove_device_dir(&self, address: PciAddress) -> io::Result<()> {
         fs::remove_dir_all(self.device_dir(address))
     }
+}
+
+/// The kernel's side of the writes a [`Host`] makes, played on a
+/// [`FakeSysfs`]: what the real kernel does synchronously within the write
+/// happens here before the write returns.
+///
+/// - `sriov_numvfs`: `n` above `sriov_totalvfs` is refused (`ERANGE`), a
+///   change between two non-zero counts too (`EBUSY`); otherwise the VFs
+///   are created (unbound, each in a new IOMMU group, on the PF's NUMA node)
+///   or all removed.
+/// - `drivers_probe`: the device is bound to the driver in its
+///   `driver_override`, and a vfio-pci device gets its `/dev/vfio/<group>`;
+///   without an override it stays unbound (no driver matches a fake device).
+/// - `driver/unbind`: the device loses its driver (and its VFIO node).
+/// - Any other attribute is written as a file.
+#[derive(Debug)]
+pub struct FakeKernel {
+    tree: Arc<FakeSysfs>,
+}
+
+impl FakeKernel {
+    /// The kernel of `tree`.
+    pub fn new(tree: Arc<FakeSysfs>) -> Arc<Self> {
+        Arc::new(Self { tree })
+    }
+
+    /// A [`Host`] on the tree whose writes go through this kernel.
+    pub fn host(self: &Arc<Self>) -> Host {
+        self.tree.host().with_fake_kernel(Arc::clone(self))
+    }
+
+    /// The tree.
+    pub fn tree(&self) -> &FakeSysfs {
+        &self.tree
+    }
+
+    /// Carries out a write of `value` to `path` (a path under the tree's
+    /// sysfs root).
+    ///
+    /// # Errors
+    /// What the kernel would refuse, as the `io::Error` it returns, and
+    /// I/O errors of the tree.
+    pub fn write(&self, path: &Path, value: &str) -> io::Result<()> {
+        let root = self.tree.sysfs_root();
+        let relative: Vec<String> = path
+            .strip_prefix(&root)
+            .map_err(|_| io::Error::new(io::ErrorKind::NotFound, "outside the fake sysfs tree"))?
+            .components()
+            .filter_map(|c| match c {
+                Component::Normal(name) => Some(name.to_string_lossy().into_owned()),
+                _ => None,
+            })
+            .collect();
+        let parts: Vec<&str> = relative.iter().map(String::as_str).collect();
+        match parts.as_slice() {
+            ["bus", "pci", "drivers_probe"] => self.probe(parse_address(value)?),
+            ["bus", "pci", "devices", device, "sriov_numvfs"] => {
+                let count = value
+                    .trim()
+                    .parse::<u16>()
+                    .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+                self.set_num_vfs(parse_address(device)?, count)
+            }
+            ["bus", "pci", "devices", device, "driver", "unbind"] => {
+                let address = parse_address(device)?;
+                self.drop_vfio_node(address)?;
+                self.tree.set_driver(address, None)
+            }
+            _ => fs::write(path, value),
+        }
+    }
+
+    fn set_num_vfs(&self, pf: PciAddress, count: u16) -> io::Result<()> {
+        let dir = self.tree.device_dir(pf);
+        let read_number = |name: &str| -> io::Result<u16> {
+            fs::read_to_string(dir.join(name))?
+                .trim()
+                .parse()
+                .map_err(|_| io::Error::from(io::ErrorKind::InvalidData))
+        };
+        let (current, total) = (read_number("sriov_numvfs")?, read_number("sriov_totalvfs")?);
+        if count > total {
+            return Err(io::Error::from_raw_os_error(libc::ERANGE));
+        }
+        if count == current {
+            return Ok(());
+        }
+        if current != 0 && count != 0 {
+            return Err(io::Error::from_raw_os_error(libc::EBUSY));
+        }
+        if count == 0 {
+            return self.remove_vfs(pf);
+        }
+        let numa_node = fs::read_to_string(dir.join("numa_node"))?
+            .trim()
+            .parse()
+            .unwrap_or(-1);
+        self.tree.add_vfs(pf, count, Some(self.next_free_group()?), numa_node)?;
+        Ok(())
+    }
+
+    fn remove_vfs(&self, pf: PciAddress) -> io::Result<()> {
+        let dir = self.tree.device_dir(pf);
+        for entry in fs::read_dir(&dir)? {
+            let entry = entry?;
+            if !entry.file_name().to_string_lossy().starts_with("virtfn") {
+                continue;
+            }
+            let target = fs::read_link(entry.path())?;
+            let vf = parse_address(&target.file_name().unwrap_or_default().to_string_lossy())?;
+            self.drop_vfio_node(vf)?;
+            let group_link = self.tree.device_dir(vf).join("iommu_group");
+            if let Ok(group) = fs::read_link(&group_link) {
+                let group_dir = group_link.parent().unwrap_or(dir.as_path()).join(group);
+                fs::remove_dir_all(group_dir)?;
+            }
+            self.tree.remove_device_dir(vf)?;
+            fs::remove_file(self.tree.sysfs_root().join("bus/pci/devices").join(vf.to_string()))?;
+            fs::remove_file(entry.path())?;
+        }
+        fs::write(dir.join("sriov_numvfs"), "0\n")
+    }
+
+    fn probe(&self, address: PciAddress) -> io::Result<()> {
+        let dir = self.tree.device_dir(address);
+        let wanted = fs::read_to_string(dir.join("driver_override"))?;
+        let wanted = wanted.trim();
+        if wanted.is_empty() || wanted == "(null)" {
+            return Ok(());
+        }
+        self.tree.set_driver(address, Some(wanted))?;
+        if wanted == "vfio-pci"
+            && let Some(group) = self.group_of(address)
+        {
+            self.tree.add_vfio_node(group)?;
+        }
+        Ok(())
+    }
+
+    fn drop_vfio_node(&self, address: PciAddress) -> io::Result<()> {
+        match self.group_of(address) {
+            Some(group) => remove_if_present(&self.tree.dev_root().join("vfio").join(group.to_string())),
+            None => Ok(()),
+        }
+    }
+
+    fn group_of(&self, address: PciAddress) -> Option<u32> {
+        fs::read_link(self.tree.device_dir(address).join("iommu_group"))
+            .ok()?
+            .file_name()?
+            .to_str()?
+            .parse()
+            .ok()
+    }
+
+    /// One past the highest IOMMU group in the tree.
+    fn next_free_group(&self) -> io::Result<u32> {
+        let mut next = 0;
+        for entry in fs::read_dir(self.tree.sysfs_root().join("kernel/iommu_groups"))? {
+            if let Ok(group) = entry?.file_name().to_string_lossy().parse::<u32>() {
+                next = next.max(group + 1);
+            }
+        }
+        Ok(next)
+    }
+}
+
+fn parse_address(text: &str) -> io::Result<PciAddress> {
+    text.trim()
+        .parse()
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
 }
 
 fn remove_if_present(path: &Path) -> io::Result<()> {

@@ -34,6 +34,10 @@ use vfplane_proto::pci::parse_sysfs_hex;
 pub struct Host {
     sysfs: PathBuf,
     dev: PathBuf,
+    /// Where writes go instead of the files, for a fake tree that has to
+    /// react to them as the kernel does ([`fake::FakeKernel`]).
+    #[cfg(any(test, feature = "fake"))]
+    kernel: Option<std::sync::Arc<fake::FakeKernel>>,
 }
 
 impl Default for Host {
@@ -49,7 +53,35 @@ impl Host {
         Self {
             sysfs: sysfs_root.into(),
             dev: dev_root.into(),
+            #[cfg(any(test, feature = "fake"))]
+            kernel: None,
         }
+    }
+
+    /// This host with its writes carried out by `kernel`, which changes the
+    /// fake tree as the kernel would (VFs appear after a `sriov_numvfs`
+    /// write, a probe binds the device).
+    #[cfg(any(test, feature = "fake"))]
+    #[must_use]
+    pub fn with_fake_kernel(mut self, kernel: std::sync::Arc<fake::FakeKernel>) -> Self {
+        self.kernel = Some(kernel);
+        self
+    }
+
+    /// Writes `value` to the sysfs attribute `path`.
+    fn write_attr(&self, path: &Path, value: &str) -> Result<()> {
+        #[cfg(any(test, feature = "fake"))]
+        let written = match &self.kernel {
+            Some(kernel) => kernel.write(path, value),
+            None => fs::write(path, value),
+        };
+        #[cfg(not(any(test, feature = "fake")))]
+        let written = fs::write(path, value);
+        written.map_err(|source| HostError::Write {
+            path: path.to_owned(),
+            value: value.to_owned(),
+            source,
+        })
     }
 
     /// The sysfs root.
@@ -471,12 +503,12 @@ impl Host {
         // configured it. Kernels before 4.12 lack the file and always probe.
         let autoprobe = dir.join("sriov_drivers_autoprobe");
         if requested > current && autoprobe.exists() {
-            write_attr(&autoprobe, "0")?;
+            self.write_attr(&autoprobe, "0")?;
         }
         let path = dir.join("sriov_numvfs");
         for step in num_vfs_steps(current, requested) {
             tracing::info!(pf = %pf, from = current, to = step, "writing sriov_numvfs");
-            write_attr(&path, &step.to_string())?;
+            self.write_attr(&path, &step.to_string())?;
         }
         Ok(())
     }
@@ -497,11 +529,11 @@ impl Host {
         if current.as_deref() == Some(driver) {
             return Ok(());
         }
-        write_attr(&dir.join("driver_override"), driver)?;
+        self.write_attr(&dir.join("driver_override"), driver)?;
         if current.is_some() {
-            write_attr(&dir.join("driver/unbind"), &address.to_string())?;
+            self.write_attr(&dir.join("driver/unbind"), &address.to_string())?;
         }
-        write_attr(&self.sysfs.join("bus/pci/drivers_probe"), &address.to_string())?;
+        self.write_attr(&self.sysfs.join("bus/pci/drivers_probe"), &address.to_string())?;
         let bound = link_name(&dir.join("driver"))?;
         if bound.as_deref() == Some(driver) {
             tracing::info!(device = %address, driver, "bound");
@@ -540,7 +572,7 @@ impl Host {
         if !path.exists() {
             return Err(HostError::NoFunctionReset { address });
         }
-        write_attr(&path, "1")?;
+        self.write_attr(&path, "1")?;
         tracing::info!(device = %address, "function reset");
         Ok(())
     }
@@ -575,7 +607,7 @@ impl Host {
     pub fn unbind_driver(&self, address: PciAddress) -> Result<()> {
         let dir = self.existing_device_dir(address)?;
         if link_name(&dir.join("driver"))?.is_some() {
-            write_attr(&dir.join("driver/unbind"), &address.to_string())?;
+            self.write_attr(&dir.join("driver/unbind"), &address.to_string())?;
         }
         Ok(())
     }
@@ -673,14 +705,6 @@ fn read_optional_attr(path: &Path) -> Result<Option<String>> {
             source,
         }),
     }
-}
-
-fn write_attr(path: &Path, value: &str) -> Result<()> {
-    fs::write(path, value).map_err(|source| HostError::Write {
-        path: path.to_owned(),
-        value: value.to_owned(),
-        source,
-    })
 }
 
 /// The last component of a symlink's target (`driver -> ../../bus/pci/drivers/igb`

@@ -458,3 +458,48 @@ fn vfio_nodes_are_listed_once_and_a_missing_directory_is_empty() {
     let empty = Host::new(fake.sysfs_root(), fake.dev_root().join("absent"));
     assert_eq!(empty.vfio_nodes().unwrap().node(4), None);
 }
+
+/// The fake kernel plays the writes a Host makes: VFs come and go with
+/// `sriov_numvfs`, a probe binds the override's driver and vfio-pci brings
+/// the group's node, and what the kernel refuses is refused.
+#[test]
+fn fake_kernel_creates_binds_and_removes_vfs_as_the_kernel_does() {
+    let tree = std::sync::Arc::new(testbed_like(0));
+    let kernel = crate::fake::FakeKernel::new(std::sync::Arc::clone(&tree));
+    let host = kernel.host();
+    host.set_num_vfs(addr(PF), 4).unwrap();
+    let vfs = host.vf_addresses(addr(PF)).unwrap();
+    assert_eq!(vfs.len(), 4);
+    let groups: Vec<_> = vfs.iter().map(|(_, vf)| host.iommu_group_id(*vf).unwrap()).collect();
+    assert_eq!(groups, [Some(4), Some(5), Some(6), Some(7)], "each VF in a new group");
+
+    let (_, first) = vfs[0];
+    host.bind_driver(first, "vfio-pci").unwrap();
+    assert_eq!(host.pci_device(first).unwrap().driver.as_deref(), Some("vfio-pci"));
+    assert!(host.vfio_group_node(4).exists());
+    host.unbind_driver(first).unwrap();
+    assert_eq!(host.pci_device(first).unwrap().driver, None);
+    assert!(!host.vfio_group_node(4).exists(), "the node goes with the binding");
+    host.bind_driver(first, "vfio-pci").unwrap();
+
+    // 4 -> 2 goes through 0: the old VFs, their groups and nodes are gone.
+    host.set_num_vfs(addr(PF), 2).unwrap();
+    assert_eq!(host.num_vfs(addr(PF)).unwrap(), 2);
+    assert_eq!(host.vf_addresses(addr(PF)).unwrap().len(), 2);
+    assert!(!host.vfio_group_node(4).exists());
+    let model = host.discover().unwrap();
+    assert!(model.problems.is_empty(), "{:?}", model.problems);
+    assert_eq!(model.iommu.groups, 3, "the PF's group and two VFs'");
+
+    // What the kernel refuses: beyond sriov_totalvfs, and between two
+    // non-zero counts. Nothing changes.
+    let numvfs = tree.sysfs_root().join("bus/pci/devices").join(PF).join("sriov_numvfs");
+    let beyond = kernel.write(&numvfs, "8").unwrap_err();
+    assert_eq!(beyond.raw_os_error(), Some(libc::ERANGE));
+    let busy = kernel.write(&numvfs, "3").unwrap_err();
+    assert_eq!(busy.raw_os_error(), Some(libc::EBUSY));
+    assert_eq!(host.num_vfs(addr(PF)).unwrap(), 2);
+    host.set_num_vfs(addr(PF), 0).unwrap();
+    assert!(host.vf_addresses(addr(PF)).unwrap().is_empty());
+    assert_eq!(host.discover().unwrap().iommu.groups, 1);
+}
