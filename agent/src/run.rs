@@ -261,6 +261,20 @@ pub fn run<N: VfLinkControl, S: DesiredStateSource>(
     if let Some(scrubber) = &options.scrubber {
         spawn_marks_watcher(scrubber.state_dir().to_path_buf(), tx.clone());
     }
+    serve(reconciler, source, options, tx, &rx)
+}
+
+/// The agent's loop without the host's own watchers (uevents, the kubelet,
+/// records, marks): the source's watch sending to `tx`, a pass at start,
+/// after every trigger on `rx` and at each resync. [`run`] is this with the
+/// watchers; a simulated node (the scale bench's fleet) is this alone.
+pub fn serve<N: VfLinkControl, S: DesiredStateSource>(
+    reconciler: &Reconciler<N>,
+    source: &mut S,
+    options: &RunOptions,
+    tx: mpsc::Sender<Trigger>,
+    rx: &mpsc::Receiver<Trigger>,
+) -> ! {
     source.watch(tx);
     let mut trigger = Trigger::Start;
     loop {
@@ -274,7 +288,7 @@ pub fn run<N: VfLinkControl, S: DesiredStateSource>(
             .map_or(options.resync, |due| {
                 options.resync.min(due.max(SCRUB_RECHECK_MIN))
             });
-        trigger = next_trigger(&rx, wait);
+        trigger = next_trigger(rx, wait);
     }
 }
 

@@ -28,8 +28,15 @@ impl FakeNetlink {
     /// spoof checking on, not trusted, no rate limit, link state auto.
     pub fn with_fresh_vfs(ifname: &str, count: u32) -> Self {
         let netlink = Self::default();
+        netlink.add_fresh_vfs(ifname, count);
+        netlink
+    }
+
+    /// Adds `count` fresh VFs (as [`FakeNetlink::with_fresh_vfs`] makes
+    /// them) on `ifname`: a second PF of the same node.
+    pub fn add_fresh_vfs(&self, ifname: &str, count: u32) {
         for vf in 0..count {
-            netlink.insert(
+            self.insert(
                 ifname,
                 VfLinkInfo {
                     vf,
@@ -41,7 +48,6 @@ impl FakeNetlink {
                 },
             );
         }
-        netlink
     }
 
     /// Sets what the PF reports for one VF.
