@@ -11,6 +11,9 @@
 //! Node shapes vary with the node's index ([`NodeShape::of`]), so that a
 //! fleet holds nodes with one PF and nodes with two on two NUMA nodes.
 
+pub mod bench;
+pub mod readings;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, mpsc};
@@ -200,12 +203,20 @@ pub fn spawn_agent(
         source,
     })?;
     let node_dir = tree.sysfs_root().parent().unwrap_or(parent).to_path_buf();
+    // The node's processes: none, so no VF is held (the agent scans /proc
+    // before it removes VFs, and refuses when it cannot).
+    let proc_root = node_dir.join("proc");
+    std::fs::create_dir_all(&proc_root).map_err(|source| FleetError::Tree {
+        node: shape.name.clone(),
+        dir: proc_root.clone(),
+        source,
+    })?;
     let kernel = FakeKernel::new(Arc::new(tree));
     let reconciler = Reconciler::new(
         kernel.host(),
         shape.netlink(),
         shape.name.clone(),
-        node_dir.join("no-proc"),
+        proc_root,
     )
     .with_handed_out_marks(node_dir.join("vf-state"));
     let options = RunOptions {

@@ -1,6 +1,7 @@
 //! `vfplane-fleet`: simulated SR-IOV nodes (the real agent's API path and
-//! reconciler on fake sysfs trees), many in one process, for the scale
-//! bench. Thin: arguments in, [`vfplane_fleet`] out.
+//! reconciler on fake sysfs trees), many in one process, and the scale
+//! bench's measurements over them. Thin: arguments in, [`vfplane_fleet`]
+//! out. `cargo xtask bench scale` starts it; it is not run by hand.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -11,16 +12,18 @@ use clap::Parser;
 use futures::{StreamExt as _, TryStreamExt as _};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config};
+use vfplane_fleet::bench::{BenchSetup, Replica};
 use vfplane_fleet::{NodeShape, register, spawn_agent};
 
-/// Simulated SR-IOV nodes for the scale bench.
+/// Simulated SR-IOV nodes and the scale bench's phases.
 #[derive(Debug, Parser)]
 #[command(name = "vfplane-fleet")]
 struct Cli {
     /// How many nodes.
     #[arg(long)]
     nodes: usize,
-    /// Registers the Node objects (needs create/patch on nodes).
+    /// The bench's own credentials: registers the Node objects, applies
+    /// the VfPolicy, watches, reads the API server's metrics.
     #[arg(long)]
     admin_kubeconfig: PathBuf,
     /// The agents' credentials (the chart's agent RBAC).
@@ -29,12 +32,39 @@ struct Cli {
     /// Where the nodes' sysfs trees go (a tmpfs).
     #[arg(long)]
     dir: PathBuf,
-    /// Seconds between an agent's passes when nothing changes.
+    /// Seconds between an agent's passes when nothing changes (the
+    /// agent's default).
     #[arg(long, default_value_t = 30)]
     resync_seconds: u64,
     /// Threads of the runtime all agents' API tasks share.
     #[arg(long, default_value_t = 2)]
     io_threads: usize,
+    /// A controller replica to measure: `<identity>=<pid>`.
+    #[arg(long = "controller", value_parser = parse_replica)]
+    controllers: Vec<Replica>,
+    /// The controllers' Lease: `<namespace>/<name>`.
+    #[arg(long, default_value = "vfplane-system/vfplane-controller")]
+    lease: String,
+    /// etcd's client address, for its metrics.
+    #[arg(long, default_value = "127.0.0.1:2379")]
+    etcd: String,
+    /// Seconds of the idle phase.
+    #[arg(long, default_value_t = 120)]
+    idle_seconds: u64,
+    /// Seconds a phase may take.
+    #[arg(long, default_value_t = 900)]
+    phase_timeout_seconds: u64,
+}
+
+fn parse_replica(text: &str) -> Result<Replica, String> {
+    let (name, pid) = text
+        .split_once('=')
+        .ok_or_else(|| format!("{text:?}: expected <identity>=<pid>"))?;
+    let pid = pid.parse().map_err(|_| format!("{text:?}: {pid:?} is not a process ID"))?;
+    Ok(Replica {
+        name: name.to_owned(),
+        pid,
+    })
 }
 
 fn main() -> ExitCode {
@@ -59,12 +89,24 @@ async fn client(kubeconfig: &Kubeconfig) -> anyhow::Result<Client> {
 }
 
 fn run(cli: &Cli) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    let (namespace, lease) = cli
+        .lease
+        .split_once('/')
+        .with_context(|| format!("--lease {:?}: expected <namespace>/<name>", cli.lease))?;
+    // The agents' API tasks share one runtime; the bench has its own, so
+    // that its clock is not behind thousands of agents' tasks.
+    let agents_runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(cli.io_threads.max(1))
-        .thread_name("vfplane-fleet-io")
+        .thread_name("fleet-agents-io")
         .enable_all()
         .build()
-        .context("cannot start the runtime")?;
+        .context("cannot start the agents' runtime")?;
+    let bench_runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("fleet-bench")
+        .enable_all()
+        .build()
+        .context("cannot start the bench's runtime")?;
     let read = |path: &PathBuf| {
         Kubeconfig::read_from(path).with_context(|| format!("reading the kubeconfig {}", path.display()))
     };
@@ -73,16 +115,16 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
     let shapes: Vec<NodeShape> = (0..cli.nodes).map(NodeShape::of).collect();
 
     let begun = Instant::now();
-    runtime.block_on(async {
-        let admin = client(&admin).await.context("the admin client")?;
+    let admin = bench_runtime.block_on(async {
+        let admin = client(&admin).await.context("the bench's client")?;
         futures::stream::iter(&shapes)
             .map(|shape| register(admin.clone(), shape))
             .buffer_unordered(16)
             .try_collect::<Vec<()>>()
             .await?;
-        anyhow::Ok(())
+        anyhow::Ok(admin)
     })?;
-    println!(
+    eprintln!(
         "fleet: {} Node objects registered ({:.1} s)",
         shapes.len(),
         begun.elapsed().as_secs_f64()
@@ -90,24 +132,30 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
 
     let begun = Instant::now();
     let resync = Duration::from_secs(cli.resync_seconds.max(1));
-    let mut threads = Vec::with_capacity(shapes.len());
     for shape in &shapes {
         // Each agent its own client: its own connections, as on a fleet.
-        let client = runtime
+        let client = agents_runtime
             .block_on(client(&agents))
             .with_context(|| format!("the client of {}", shape.name))?;
-        threads.push(spawn_agent(shape, &cli.dir, client, runtime.handle(), resync)?);
+        // The thread runs until the process ends.
+        drop(spawn_agent(shape, &cli.dir, client, agents_runtime.handle(), resync)?);
     }
-    println!(
+    eprintln!(
         "fleet: {} agents running ({:.1} s)",
-        threads.len(),
+        shapes.len(),
         begun.elapsed().as_secs_f64()
     );
-    for thread in threads {
-        // An agent's loop does not return; a panic ends the fleet.
-        if thread.join().is_err() {
-            anyhow::bail!("an agent thread panicked");
-        }
-    }
+
+    let setup = BenchSetup {
+        nodes: cli.nodes,
+        replicas: cli.controllers.clone(),
+        lease: (namespace.to_owned(), lease.to_owned()),
+        etcd: cli.etcd.clone(),
+        idle: Duration::from_secs(cli.idle_seconds),
+        phase_timeout: Duration::from_secs(cli.phase_timeout_seconds),
+        fleet_pid: std::process::id(),
+    };
+    let report = bench_runtime.block_on(vfplane_fleet::bench::run(admin, &setup))?;
+    print!("{report}");
     Ok(())
 }

@@ -3,6 +3,7 @@
 //! command line does.
 
 pub mod bench_limits;
+pub mod bench_scale;
 pub mod cache;
 pub mod campaign;
 pub mod claims;

@@ -151,6 +151,22 @@ enum BenchCommand {
         #[arg(long, default_value_t = 200)]
         gap_ms: u64,
     },
+    /// vfplane's controller and API traffic on fleets of simulated nodes
+    /// (the real agent's API code over fake sysfs) against the cluster's
+    /// real control plane, without the guest: policy rollout and change
+    /// times, requests per client and verb, idle traffic, controller CPU and
+    /// memory, etcd and NodeState sizes.
+    Scale {
+        /// Fleet sizes, each on a fresh control plane.
+        #[arg(long, value_delimiter = ',', default_value = "100")]
+        nodes: Vec<usize>,
+        /// Seconds of the idle phase (nothing changes).
+        #[arg(long, default_value_t = 120)]
+        idle_seconds: u64,
+        /// Seconds a phase may take before the bench fails.
+        #[arg(long, default_value_t = 1200)]
+        phase_timeout_seconds: u64,
+    },
     /// What a pool's container profile adds to a container's creation on
     /// the real node: pods applied -> Running, with no VF, with a VF of a
     /// pool without a profile and with one whose profile the runtime
@@ -397,6 +413,34 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let report = bench_testbed::hybrid(&testbed, &options)?;
             print!("{}", report.table());
             eprintln!("bench hybrid: done in {:.0} s", begun.elapsed().as_secs_f64());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench {
+            command:
+                BenchCommand::Scale {
+                    nodes,
+                    idle_seconds,
+                    phase_timeout_seconds,
+                },
+        } => {
+            let options = xtask::bench_scale::ScaleOptions {
+                nodes,
+                idle_seconds,
+                phase_timeout_seconds,
+            };
+            let workspace = xtask::testbed::workspace_root();
+            let report = xtask::bench_scale::scale(&workspace, &options)?;
+            print!("{report}");
+            let saved = workspace.join("target/bench/scale/report.txt");
+            if let Some(parent) = saved.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            std::fs::write(&saved, &report)?;
+            eprintln!(
+                "bench scale: done in {:.0} s; report in {}",
+                begun.elapsed().as_secs_f64(),
+                saved.display()
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench {

@@ -137,11 +137,24 @@ struct Service {
 impl Service {
     /// Starts `program` inside `netns`, its output in `<dir>/<name>.log`.
     fn spawn(netns: &Netns, dir: &Path, name: &'static str, program: &Path, args: &[String]) -> Result<Self> {
+        Self::spawn_with(netns, dir, name, program, args, &[])
+    }
+
+    /// [`Service::spawn`] with environment variables.
+    fn spawn_with(
+        netns: &Netns,
+        dir: &Path,
+        name: &'static str,
+        program: &Path,
+        args: &[String],
+        env: &[(&str, String)],
+    ) -> Result<Self> {
         let log = dir.join(format!("{name}.log"));
         let file = File::create(&log)?;
         let child = netns
             .command(program)
             .args(args)
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .stdin(Stdio::null())
             .stdout(file.try_clone()?)
             .stderr(file)
@@ -224,84 +237,24 @@ impl Cluster {
         mark("Go binaries", &mut step);
 
         let dir = run_dir(testbed.workspace())?;
-        let pki = ClusterPki::generate(
-            &dir.join("pki"),
-            &PkiNames {
-                node_name: NODE_NAME,
-                node_ip: IpAddr::V4(NODE_IP),
-                apiserver_ips: &[
-                    IpAddr::V4(Ipv4Addr::LOCALHOST),
-                    IpAddr::V4(HOST_IP),
-                    IpAddr::V4(KUBERNETES_SERVICE_IP),
-                ],
-            },
-        )
-        .context("generating the cluster's certificates")?;
-        let local_api = format!("https://127.0.0.1:{APISERVER_PORT}");
-        let kubeconfig = dir.join("admin.kubeconfig");
-        fs::write(
-            &kubeconfig,
-            pki::kubeconfig(&local_api, &pki.ca.cert, "admin", &pki.admin)?,
-        )?;
-
-        let netns = Netns::create()?;
-        netns.ip(&["tuntap", "add", "dev", TAP, "mode", "tap"])?;
-        netns.ip(&["addr", "add", &format!("{HOST_IP}/24"), "dev", TAP])?;
-        netns.ip(&["link", "set", TAP, "up"])?;
-
-        let mut cluster_services = Vec::new();
-        let mut start = |name: &'static str, program: PathBuf, args: Vec<String>| -> Result<()> {
-            cluster_services.push(Service::spawn(&netns, &dir, name, &program, &args)?);
-            Ok(())
+        let names = PkiNames {
+            node_name: NODE_NAME,
+            node_ip: IpAddr::V4(NODE_IP),
+            apiserver_ips: &[
+                IpAddr::V4(Ipv4Addr::LOCALHOST),
+                IpAddr::V4(HOST_IP),
+                IpAddr::V4(KUBERNETES_SERVICE_IP),
+            ],
         };
+        let mut cluster = ControlPlane::start(&binaries, &dir, &names, |netns| {
+            netns.ip(&["tuntap", "add", "dev", TAP, "mode", "tap"])?;
+            netns.ip(&["addr", "add", &format!("{HOST_IP}/24"), "dev", TAP])?;
+            netns.ip(&["link", "set", TAP, "up"])
+        })?;
+        let pki = cluster.pki.clone();
+        let kubeconfig = cluster.kubeconfig.clone();
+        let local_api = format!("https://127.0.0.1:{APISERVER_PORT}");
         let path = |p: &Path| p.display().to_string();
-        let etcd_dir = dir.join("etcd");
-        start(
-            "etcd",
-            binaries.etcd.join("etcd"),
-            vec![
-                "--name=default".into(),
-                format!("--data-dir={}", path(&etcd_dir)),
-                "--listen-client-urls=http://127.0.0.1:2379".into(),
-                "--advertise-client-urls=http://127.0.0.1:2379".into(),
-                "--listen-peer-urls=http://127.0.0.1:2380".into(),
-                "--initial-advertise-peer-urls=http://127.0.0.1:2380".into(),
-                "--initial-cluster=default=http://127.0.0.1:2380".into(),
-                "--unsafe-no-fsync".into(),
-                "--log-level=warn".into(),
-            ],
-        )?;
-        start(
-            "kube-apiserver",
-            binaries.kube("kube-apiserver"),
-            vec![
-                "--etcd-servers=http://127.0.0.1:2379".into(),
-                "--bind-address=0.0.0.0".into(),
-                format!("--secure-port={APISERVER_PORT}"),
-                format!("--advertise-address={HOST_IP}"),
-                format!("--service-cluster-ip-range={SERVICE_CIDR}"),
-                format!("--client-ca-file={}", path(&pki.ca.cert)),
-                format!("--tls-cert-file={}", path(&pki.apiserver.cert)),
-                format!("--tls-private-key-file={}", path(&pki.apiserver.key)),
-                format!(
-                    "--kubelet-client-certificate={}",
-                    path(&pki.apiserver_kubelet_client.cert)
-                ),
-                format!("--kubelet-client-key={}", path(&pki.apiserver_kubelet_client.key)),
-                format!("--kubelet-certificate-authority={}", path(&pki.ca.cert)),
-                "--kubelet-preferred-address-types=InternalIP".into(),
-                "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),
-                format!("--service-account-key-file={}", path(&pki.service_account_pub)),
-                format!(
-                    "--service-account-signing-key-file={}",
-                    path(&pki.service_account_key)
-                ),
-                "--authorization-mode=Node,RBAC".into(),
-                "--enable-admission-plugins=NodeRestriction".into(),
-                "--allow-privileged=true".into(),
-                "--v=1".into(),
-            ],
-        )?;
         let cluster_api = format!("https://{HOST_IP}:{APISERVER_PORT}");
         let component_config = |name: &str, user: &str, cert: &pki::CertFiles| -> Result<PathBuf> {
             let file = dir.join(format!("{name}.kubeconfig"));
@@ -314,20 +267,6 @@ impl Cluster {
             &pki.controller_manager,
         )?;
         let scheduler_config = component_config("scheduler", "system:kube-scheduler", &pki.scheduler)?;
-
-        let mut cluster = PartialCluster {
-            services: cluster_services,
-            netns,
-            dir: dir.clone(),
-            kubeconfig: kubeconfig.clone(),
-            kubectl: binaries.kube("kubectl"),
-        };
-        cluster.wait_for(
-            "kube-apiserver ready",
-            "kube-apiserver",
-            Duration::from_secs(120),
-            |c| Ok(c.kubectl_ok(&["get", "--raw=/readyz"])),
-        )?;
         mark("control plane API ready", &mut step);
 
         let mut start = |name: &'static str, program: PathBuf, args: Vec<String>| -> Result<()> {
@@ -722,16 +661,164 @@ impl Cluster {
     }
 }
 
-/// The control plane before the guest exists.
-struct PartialCluster {
+/// etcd and kube-apiserver in a network namespace of their own: the
+/// first half of [`Cluster::start`], and the whole control plane of the
+/// scale bench, which has no node. Dropping it stops both and deletes the
+/// namespace.
+#[derive(Debug)]
+pub struct ControlPlane {
     services: Vec<Service>,
     netns: Netns,
     dir: PathBuf,
     kubeconfig: PathBuf,
     kubectl: PathBuf,
+    pki: ClusterPki,
 }
 
-impl PartialCluster {
+impl ControlPlane {
+    /// Generates the certificates for `names` into `<dir>/pki`, creates the
+    /// namespace, runs `prepare` on it, starts etcd and kube-apiserver in
+    /// it and waits until the API server is ready.
+    ///
+    /// # Errors
+    /// A step that fails or times out, naming it; what was started is stopped.
+    pub fn start(
+        binaries: &GoBinaries,
+        dir: &Path,
+        names: &PkiNames<'_>,
+        prepare: impl FnOnce(&Netns) -> Result<()>,
+    ) -> Result<Self> {
+        let pki = ClusterPki::generate(&dir.join("pki"), names)
+            .context("generating the cluster's certificates")?;
+        let local_api = format!("https://127.0.0.1:{APISERVER_PORT}");
+        let kubeconfig = dir.join("admin.kubeconfig");
+        fs::write(
+            &kubeconfig,
+            pki::kubeconfig(&local_api, &pki.ca.cert, "admin", &pki.admin)?,
+        )?;
+        let netns = Netns::create()?;
+        prepare(&netns)?;
+
+        let mut services = Vec::new();
+        let mut start = |name: &'static str, program: PathBuf, args: Vec<String>| -> Result<()> {
+            services.push(Service::spawn(&netns, dir, name, &program, &args)?);
+            Ok(())
+        };
+        let path = |p: &Path| p.display().to_string();
+        let etcd_dir = dir.join("etcd");
+        start(
+            "etcd",
+            binaries.etcd.join("etcd"),
+            vec![
+                "--name=default".into(),
+                format!("--data-dir={}", path(&etcd_dir)),
+                "--listen-client-urls=http://127.0.0.1:2379".into(),
+                "--advertise-client-urls=http://127.0.0.1:2379".into(),
+                "--listen-peer-urls=http://127.0.0.1:2380".into(),
+                "--initial-advertise-peer-urls=http://127.0.0.1:2380".into(),
+                "--initial-cluster=default=http://127.0.0.1:2380".into(),
+                "--unsafe-no-fsync".into(),
+                "--log-level=warn".into(),
+            ],
+        )?;
+        start(
+            "kube-apiserver",
+            binaries.kube("kube-apiserver"),
+            vec![
+                "--etcd-servers=http://127.0.0.1:2379".into(),
+                "--bind-address=0.0.0.0".into(),
+                format!("--secure-port={APISERVER_PORT}"),
+                format!("--advertise-address={HOST_IP}"),
+                format!("--service-cluster-ip-range={SERVICE_CIDR}"),
+                format!("--client-ca-file={}", path(&pki.ca.cert)),
+                format!("--tls-cert-file={}", path(&pki.apiserver.cert)),
+                format!("--tls-private-key-file={}", path(&pki.apiserver.key)),
+                format!(
+                    "--kubelet-client-certificate={}",
+                    path(&pki.apiserver_kubelet_client.cert)
+                ),
+                format!("--kubelet-client-key={}", path(&pki.apiserver_kubelet_client.key)),
+                format!("--kubelet-certificate-authority={}", path(&pki.ca.cert)),
+                "--kubelet-preferred-address-types=InternalIP".into(),
+                "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),
+                format!("--service-account-key-file={}", path(&pki.service_account_pub)),
+                format!(
+                    "--service-account-signing-key-file={}",
+                    path(&pki.service_account_key)
+                ),
+                "--authorization-mode=Node,RBAC".into(),
+                "--enable-admission-plugins=NodeRestriction".into(),
+                "--allow-privileged=true".into(),
+                "--v=1".into(),
+            ],
+        )?;
+        let mut plane = Self {
+            services,
+            netns,
+            dir: dir.to_path_buf(),
+            kubeconfig,
+            kubectl: binaries.kube("kubectl"),
+            pki,
+        };
+        plane.wait_for(
+            "kube-apiserver ready",
+            "kube-apiserver",
+            Duration::from_secs(120),
+            |c| Ok(c.kubectl_ok(&["get", "--raw=/readyz"])),
+        )?;
+        Ok(plane)
+    }
+
+    /// Starts `program` with `args` and `env` inside the namespace as one
+    /// more service, its output in `<dir>/<name>.log`; stopped on drop.
+    ///
+    /// # Errors
+    /// When it cannot be started.
+    pub fn spawn(&mut self, name: &'static str, program: &Path, args: &[String], env: &[(&str, String)]) -> Result<u32> {
+        let mut service = Service::spawn_with(&self.netns, &self.dir, name, program, args, env)?;
+        let pid = service.child.id();
+        if let Some(status) = service.child.try_wait()? {
+            bail!("{name} exited at once ({status})");
+        }
+        self.services.push(service);
+        Ok(pid)
+    }
+
+    /// Fails naming the first service that has exited, with its log's end.
+    ///
+    /// # Errors
+    /// That service's exit.
+    pub fn check(&mut self, step: &str) -> Result<()> {
+        check_services(&mut self.services, step)
+    }
+
+    /// kubectl as the admin, inside the namespace.
+    pub fn kubectl(&self) -> Command {
+        let mut command = self.netns.command(&self.kubectl);
+        command.arg(format!("--kubeconfig={}", self.kubeconfig.display()));
+        command
+    }
+
+    /// The namespace.
+    pub fn netns(&self) -> &Netns {
+        &self.netns
+    }
+
+    /// The certificates.
+    pub fn pki(&self) -> &ClusterPki {
+        &self.pki
+    }
+
+    /// The admin's kubeconfig.
+    pub fn kubeconfig(&self) -> &Path {
+        &self.kubeconfig
+    }
+
+    /// The run directory (logs, certificates, etcd's data).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     fn kubectl_ok(&self, args: &[&str]) -> bool {
         self.netns
             .command(&self.kubectl)
@@ -811,7 +898,7 @@ spec:
 }
 
 /// `target/cluster/run-<pid>`, emptied first; runs of dead processes are removed.
-fn run_dir(workspace: &Path) -> Result<PathBuf> {
+pub(crate) fn run_dir(workspace: &Path) -> Result<PathBuf> {
     let parent = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| workspace.join("target"))

@@ -70,14 +70,7 @@ impl ClusterPki {
     pub fn generate(dir: &Path, names: &PkiNames<'_>) -> Result<Self> {
         fs::create_dir_all(dir)?;
         let ca_key = KeyPair::generate()?;
-        let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
-        ca_params.distinguished_name = name("vfplane-cluster-ca", None);
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca_params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
+        let ca_params = ca_params()?;
         let ca_cert = ca_params.self_signed(&ca_key)?;
         let ca = write_pair(dir, "ca", &ca_cert.pem(), &ca_key)?;
         let issuer = Issuer::new(ca_params, ca_key);
@@ -171,6 +164,46 @@ impl ClusterPki {
             service_account_pub,
         })
     }
+}
+
+impl ClusterPki {
+    /// One more certificate signed by the cluster CA, into the CA's
+    /// directory as `<file>.crt` and `<file>.key`: for `cn` (in group
+    /// `org`), a client certificate, or a serving one for `sans` when
+    /// `server`.
+    ///
+    /// # Errors
+    /// When the CA key cannot be read or a file cannot be written.
+    pub fn issue(&self, file: &str, cn: &str, org: Option<&str>, sans: &[&str], server: bool) -> Result<CertFiles> {
+        let ca_key = KeyPair::from_pem(&fs::read_to_string(&self.ca.key)?)?;
+        let issuer = Issuer::new(ca_params()?, ca_key);
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(sans.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>())?;
+        params.distinguished_name = name(cn, org);
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![if server {
+            ExtendedKeyUsagePurpose::ServerAuth
+        } else {
+            ExtendedKeyUsagePurpose::ClientAuth
+        }];
+        let cert = params.signed_by(&key, &issuer)?;
+        let dir = self.ca.cert.parent().unwrap_or(Path::new("."));
+        write_pair(dir, file, &cert.pem(), &key)
+    }
+}
+
+/// The cluster CA's parameters: the same every time, so that
+/// [`ClusterPki::issue`] signs as the CA that [`ClusterPki::generate`] made.
+fn ca_params() -> Result<CertificateParams> {
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params.distinguished_name = name("vfplane-cluster-ca", None);
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    Ok(params)
 }
 
 fn name(cn: &str, org: Option<&str>) -> DistinguishedName {

@@ -963,6 +963,25 @@ struct BuiltExecutable {
 /// features); the executables it made, without examples of the bin-only
 /// packages, sorted.
 fn cargo_build_guest(workspace: &Path, args: &[&str]) -> Result<Vec<BuiltExecutable>> {
+    let packages: Vec<&str> = GUEST_PACKAGES.iter().chain(&GUEST_BIN_ONLY_PACKAGES).copied().collect();
+    cargo_build_release(workspace, &packages, args)
+}
+
+/// The binaries of `packages` (`--bins`), built as the guest's are (static,
+/// release): they run on the host as well. Used for host-side tools such
+/// as the scale bench's controller and fleet.
+///
+/// # Errors
+/// cargo failing.
+pub fn build_release_bins(workspace: &Path, packages: &[&str]) -> Result<Vec<PathBuf>> {
+    Ok(cargo_build_release(workspace, packages, &["--bins"])?
+        .into_iter()
+        .filter(|b| !b.example)
+        .map(|b| b.path)
+        .collect())
+}
+
+fn cargo_build_release(workspace: &Path, packages: &[&str], args: &[&str]) -> Result<Vec<BuiltExecutable>> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
     let mut command = Command::new(&cargo);
     // Build scripts (ring's, for one) ask cargo to rerun when variables like
@@ -989,19 +1008,14 @@ fn cargo_build_guest(workspace: &Path, args: &[&str]) -> Result<Vec<BuiltExecuta
         .current_dir(workspace)
         .env("RUSTFLAGS", GUEST_RUSTFLAGS)
         .args(["build", "--release", "--target", GUEST_TARGET])
-        .args(
-            GUEST_PACKAGES
-                .iter()
-                .chain(&GUEST_BIN_ONLY_PACKAGES)
-                .flat_map(|p| ["-p", p]),
-        )
+        .args(packages.iter().flat_map(|p| ["-p", p]))
         .args(args)
         .arg("--message-format=json-render-diagnostics")
         .stderr(Stdio::inherit())
         .output()
         .context("running cargo build")?;
     if !out.status.success() {
-        bail!("cargo build of the guest binaries ({}) failed", args.join(" "));
+        bail!("cargo build of {} ({}) failed", packages.join(", "), args.join(" "));
     }
     let mut built = Vec::new();
     for line in String::from_utf8_lossy(&out.stdout).lines() {
