@@ -176,22 +176,35 @@ pub async fn acquire(api: &Api<Lease>, config: &LeaseConfig) {
 
 /// Renews the Lease for as long as this replica holds it; returns the
 /// reason it stopped holding it.
+///
+/// Another replica may take the Lease `lease_duration` after the
+/// `renewTime` of the last renewal, which is when that renewal started.
+/// So every attempt is bounded by the time left until
+/// `lease_duration - renew_every` after the last successful one started: a
+/// renewal the API server holds back (a queue of API priority and
+/// fairness, a stalled connection) ends the lead in time instead of
+/// leaving two replicas writing.
 pub async fn keep(api: &Api<Lease>, config: &LeaseConfig) -> LeaderError {
+    let deadline_after = config.lease_duration.saturating_sub(config.renew_every);
     let mut last_renewed = tokio::time::Instant::now();
     loop {
         tokio::time::sleep(config.renew_every).await;
-        match try_acquire_or_renew(api, config, Timestamp::now()).await {
-            Ok(true) => last_renewed = tokio::time::Instant::now(),
-            Ok(false) => {
+        let started = tokio::time::Instant::now();
+        let deadline = last_renewed + deadline_after;
+        let attempt = tokio::time::timeout_at(deadline, try_acquire_or_renew(api, config, Timestamp::now()));
+        match attempt.await {
+            Ok(Ok(true)) => last_renewed = started,
+            Ok(Ok(false)) => {
                 return LeaderError::Lost {
                     name: config.name.clone(),
                     elapsed: last_renewed.elapsed(),
                 };
             }
-            Err(error) => warn!(lease = %config.name, %error, "renewal failed"),
+            Ok(Err(error)) => warn!(lease = %config.name, %error, "renewal failed"),
+            Err(_) => warn!(lease = %config.name, "renewal not answered before the renew deadline"),
         }
         // Stop before the lease can expire under another replica's eyes.
-        if last_renewed.elapsed() + config.renew_every >= config.lease_duration {
+        if tokio::time::Instant::now() + config.renew_every >= last_renewed + config.lease_duration {
             return LeaderError::Lost {
                 name: config.name.clone(),
                 elapsed: last_renewed.elapsed(),

@@ -62,6 +62,8 @@ pub struct BenchSetup {
     pub phase_timeout: Duration,
     /// The fleet process, measured too.
     pub fleet_pid: u32,
+    /// Other processes to measure (the API server, etcd), by name.
+    pub others: Vec<Replica>,
 }
 
 /// Counters and gauges read at one instant.
@@ -70,6 +72,7 @@ struct Snapshot {
     at: Option<Instant>,
     by_verb: BTreeMap<String, f64>,
     by_client: BTreeMap<String, f64>,
+    rejected: BTreeMap<String, f64>,
     processes: BTreeMap<String, ProcessReading>,
     etcd_bytes: f64,
     etcd_in_use_bytes: f64,
@@ -419,14 +422,26 @@ async fn snapshot(client: &Client, setup: &BenchSetup, ticks: u64) -> anyhow::Re
             readings::read_process(proc_root, replica.pid, ticks)?,
         );
     }
+    for other in &setup.others {
+        processes.insert(other.name.clone(), readings::read_process(proc_root, other.pid, ticks)?);
+    }
     processes.insert(
         "fleet (all agents)".to_owned(),
         readings::read_process(proc_root, setup.fleet_pid, ticks)?,
     );
     Ok(Snapshot {
         at: Some(Instant::now()),
-        by_verb: readings::sum_by(&samples, "apiserver_request_total", &["verb", "resource", "subresource"]),
+        by_verb: readings::sum_by(
+            &samples,
+            "apiserver_request_total",
+            &["verb", "resource", "subresource", "code"],
+        ),
         by_client: readings::sum_by(&samples, "apiserver_flowcontrol_dispatched_requests_total", &["flow_schema"]),
+        rejected: readings::sum_by(
+            &samples,
+            "apiserver_flowcontrol_rejected_requests_total",
+            &["flow_schema", "reason"],
+        ),
         processes,
         etcd_bytes: gauge(&etcd, "etcd_mvcc_db_total_size_in_bytes"),
         etcd_in_use_bytes: gauge(&etcd, "etcd_mvcc_db_total_size_in_use_in_bytes"),
@@ -491,9 +506,12 @@ fn render(setup: &BenchSetup, reports: &[PhaseReport], state_bytes: &[(String, u
         for (client, count) in readings::growth(&report.before.by_client, &report.after.by_client) {
             let _ = writeln!(out, "  {client:<38} {count:>8.0}   {:>8.3}", count / per);
         }
-        let _ = writeln!(out, "requests by verb, resource, subresource    count   {unit}");
+        for (key, count) in readings::growth(&report.before.rejected, &report.after.rejected) {
+            let _ = writeln!(out, "  rejected: {key:<28} {count:>8.0}   {:>8.3}", count / per);
+        }
+        let _ = writeln!(out, "requests by verb, resource, subresource, code  count   {unit}");
         for (key, count) in readings::growth(&report.before.by_verb, &report.after.by_verb) {
-            let _ = writeln!(out, "  {key:<38} {count:>8.0}   {:>8.3}", count / per);
+            let _ = writeln!(out, "  {key:<42} {count:>8.0}   {:>8.3}", count / per);
         }
         let _ = writeln!(out, "process                                 CPU s   CPU %   RSS MiB  peak RSS MiB");
         for (name, after) in &report.after.processes {

@@ -42,6 +42,9 @@ struct Cli {
     /// A controller replica to measure: `<identity>=<pid>`.
     #[arg(long = "controller", value_parser = parse_replica)]
     controllers: Vec<Replica>,
+    /// Another process to measure: `<name>=<pid>`.
+    #[arg(long = "measure", value_parser = parse_replica)]
+    others: Vec<Replica>,
     /// The controllers' Lease: `<namespace>/<name>`.
     #[arg(long, default_value = "vfplane-system/vfplane-controller")]
     lease: String,
@@ -154,6 +157,7 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         idle: Duration::from_secs(cli.idle_seconds),
         phase_timeout: Duration::from_secs(cli.phase_timeout_seconds),
         fleet_pid: std::process::id(),
+        others: cli.others.clone(),
     };
     let report = bench_runtime.block_on(vfplane_fleet::bench::run(admin, &setup))?;
     print!("{report}");

@@ -157,6 +157,11 @@ fn one_size(
     for replica in &replicas {
         command.arg(format!("--controller={replica}"));
     }
+    for service in ["kube-apiserver", "etcd"] {
+        if let Some(pid) = plane.pid(service) {
+            command.arg(format!("--measure={service}={pid}"));
+        }
+    }
     let out = command
         .stdin(Stdio::null())
         .stderr(Stdio::inherit())

@@ -8,7 +8,7 @@ use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::Api;
 use serde_json::{Value, json};
 
-use super::{LeaseConfig, try_acquire_or_renew};
+use super::{LeaderError, LeaseConfig, keep, try_acquire_or_renew};
 
 type Handle = vfplane_kube_mock::ApiServer;
 
@@ -143,4 +143,37 @@ async fn our_lease_is_renewed_without_a_transition() {
     });
     assert!(try_acquire_or_renew(&api, &config, now()).await.unwrap());
     server.await.unwrap();
+}
+
+/// A renewal the API server never answers (held in a queue, say) ends the
+/// lead before the lease could expire: another replica may take it
+/// `leaseDurationSeconds` after the last renewal started, and by then this
+/// one has stopped.
+#[tokio::test(start_paused = true)]
+async fn a_renewal_left_unanswered_ends_the_lead_before_the_lease_expires() {
+    let (api, mut handle, config) = setup();
+    let lease_duration = config.lease_duration;
+    let began = tokio::time::Instant::now();
+    let keeper = tokio::spawn(async move { keep(&api, &config).await });
+    // The first renewal goes through; it started 2 s (renew_every) in.
+    let (_, send) = next(&mut handle, Method::GET, PATH).await;
+    send.json(StatusCode::OK.as_u16(), &lease("controller-a", 2, 0));
+    let (body, send) = next(&mut handle, Method::PUT, PATH).await;
+    send.json(StatusCode::OK.as_u16(), &body);
+    let renewed_at = tokio::time::Instant::now();
+    // The next one is read and never answered.
+    let (_, unanswered) = next(&mut handle, Method::GET, PATH).await;
+    let lost = tokio::time::timeout(Duration::from_secs(120), keeper)
+        .await
+        .expect("the lead still held two minutes after a renewal went unanswered")
+        .unwrap();
+    let LeaderError::Lost { .. } = lost;
+    let stopped = tokio::time::Instant::now();
+    assert!(
+        stopped < renewed_at + lease_duration,
+        "stopped {:?} after the last renewal, the lease lasts {lease_duration:?}",
+        stopped - renewed_at
+    );
+    assert!(stopped - began >= Duration::from_secs(4), "not before the second attempt");
+    drop(unanswered);
 }

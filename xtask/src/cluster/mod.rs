@@ -784,6 +784,11 @@ impl ControlPlane {
         Ok(pid)
     }
 
+    /// The process ID of the service named `name`.
+    pub fn pid(&self, name: &str) -> Option<u32> {
+        self.services.iter().find(|s| s.name == name).map(|s| s.child.id())
+    }
+
     /// Fails naming the first service that has exited, with its log's end.
     ///
     /// # Errors
