@@ -18,6 +18,7 @@ use k8s_openapi::api::admissionregistration::v1::{
 };
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::core::v1::{Container, PodSpec, Secret, Service, ServiceAccount};
+use k8s_openapi::api::flowcontrol::v1::FlowSchema;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding};
 use k8s_openapi::api::resource::v1::DeviceClass;
@@ -47,6 +48,7 @@ enum Object {
     Mutating(Box<MutatingWebhookConfiguration>),
     Crd(Box<CustomResourceDefinition>),
     DeviceClass(Box<DeviceClass>),
+    FlowSchema(Box<FlowSchema>),
     /// cert-manager.io/v1 Issuer or Certificate (no k8s-openapi type).
     CertManager(Value),
     /// monitoring.coreos.com/v1 ServiceMonitor or PodMonitor (no k8s-openapi type).
@@ -158,6 +160,7 @@ fn parse_object(json: Value, what: &str) -> Object {
         }
         ("apiextensions.k8s.io/v1", "CustomResourceDefinition") => Object::Crd(strict(json, what)),
         ("resource.k8s.io/v1", "DeviceClass") => Object::DeviceClass(strict(json, what)),
+        ("flowcontrol.apiserver.k8s.io/v1", "FlowSchema") => Object::FlowSchema(strict(json, what)),
         ("cert-manager.io/v1", "Issuer" | "Certificate") => {
             check_cert_manager(&json, what);
             Object::CertManager(json)
@@ -304,6 +307,7 @@ impl Rendered {
                 Object::Mutating(_) => "MutatingWebhookConfiguration",
                 Object::Crd(_) => "CustomResourceDefinition",
                 Object::DeviceClass(_) => "DeviceClass",
+                Object::FlowSchema(_) => "FlowSchema",
                 Object::CertManager(v) | Object::Monitoring(v) => match v["kind"].as_str() {
                     Some("Issuer") => "Issuer",
                     Some("Certificate") => "Certificate",
@@ -555,6 +559,7 @@ fn every_case_renders_only_known_kinds_in_the_release_namespace() {
             ("RoleBinding", 1),
             ("Service", 1),
             ("PodDisruptionBudget", 1),
+            ("FlowSchema", 1),
         ]);
         for (k, n) in extra {
             if *n == 0 {
@@ -588,7 +593,15 @@ fn every_case_renders_only_known_kinds_in_the_release_namespace() {
             ("MutatingWebhookConfiguration", 1)
         ])
     );
-    assert_eq!(case("custom").kinds(), expected_kinds(&fallback));
+    assert_eq!(
+        case("custom").kinds(),
+        expected_kinds(&[
+            ("Secret", 1),
+            ("ValidatingWebhookConfiguration", 1),
+            ("MutatingWebhookConfiguration", 1),
+            ("FlowSchema", 0)
+        ])
+    );
     assert_eq!(
         case("dra").kinds(),
         expected_kinds(&[
@@ -631,6 +644,7 @@ fn every_case_renders_only_known_kinds_in_the_release_namespace() {
                 Object::Validating(x) => (&x.metadata, false),
                 Object::Mutating(x) => (&x.metadata, false),
                 Object::DeviceClass(x) => (&x.metadata, false),
+                Object::FlowSchema(x) => (&x.metadata, false),
                 Object::Crd(_) | Object::CertManager(_) | Object::Monitoring(_) => continue,
             };
             let name = meta.name.as_deref().unwrap_or_default();
@@ -1894,4 +1908,39 @@ fn the_binding_conditions_gate_gets_its_flag_and_the_right_to_set_its_devices_co
         !allows("resourceclaims/driver", "arbitrary-node:patch", None),
         "only for claims allocated on its own node"
     );
+}
+
+/// The controller's Lease requests go to the `leader-election` priority
+/// level: only those (leases in the release namespace), and only the
+/// controller's service account.
+#[test]
+fn the_controllers_leader_election_has_its_own_flow_schema() {
+    if !helm_runs("the_controllers_leader_election_has_its_own_flow_schema") {
+        return;
+    }
+    let rendered = case("defaults");
+    let schema = rendered.one(pick!(Object::FlowSchema), "FlowSchema");
+    let spec = &schema.spec;
+    assert_eq!(spec.priority_level_configuration.name, "leader-election");
+    let precedence = spec.matching_precedence.expect("matchingPrecedence");
+    assert!(
+        (101..9000).contains(&precedence),
+        "after the system's leader election (100), before service-accounts (9000): {precedence}"
+    );
+    let rules = spec.rules.as_ref().expect("rules");
+    assert_eq!(rules.len(), 1);
+    let subjects = &rules[0].subjects;
+    assert_eq!(subjects.len(), 1);
+    let account = subjects[0].service_account.as_ref().expect("a service account");
+    assert_eq!((account.name.as_str(), account.namespace.as_str()), (SVC, NS));
+    let resources = rules[0].resource_rules.as_ref().expect("resource rules");
+    assert_eq!(resources.len(), 1);
+    assert_eq!(resources[0].api_groups, ["coordination.k8s.io"]);
+    assert_eq!(resources[0].resources, ["leases"]);
+    assert_eq!(resources[0].namespaces.as_deref(), Some(&[NS.to_owned()][..]));
+    assert!(rules[0].non_resource_rules.is_none());
+    // The controller's ServiceAccount is the one the Deployment runs as.
+    let deployment = rendered.deployment();
+    let pod = deployment.spec.template.spec.as_ref().expect("pod spec");
+    assert_eq!(pod.service_account_name.as_deref(), Some(SVC));
 }

@@ -122,6 +122,7 @@ pub fn cases() -> Vec<Case> {
                 ("--set", "image.tag=0.1.0-rc1"),
                 ("--set", "image.pullPolicy=Always"),
                 ("--set", "controller.replicas=3"),
+                ("--set", "controller.leaderElectionFlowSchema=false"),
                 ("--set", "logLevel=debug"),
                 ("--set", "webhook.certManager.enabled=false"),
                 (
