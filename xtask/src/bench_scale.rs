@@ -169,16 +169,28 @@ fn one_size(
         .context("running vfplane-fleet");
     let _ = fs::remove_dir_all(&trees);
     let out = out?;
+    // A replica that lost its lease exits, as the pod would (and be
+    // restarted by the kubelet): the report says so, and the run counts.
+    let mut report = String::from_utf8_lossy(&out.stdout).into_owned();
+    for (index, name) in ["controller-0", "controller-1"].iter().enumerate() {
+        if let Some(status) = plane.exited(name)? {
+            let _ = writeln!(
+                report,
+                "NOTE: {name} (vfplane-controller-{index}) exited during the run ({status}); its log: {}",
+                dir.join(format!("{name}.log")).display()
+            );
+        }
+    }
     plane.check("the scale bench")?;
     if !out.status.success() {
         bail!(
-            "vfplane-fleet failed ({}); the controllers' logs are in {}",
+            "vfplane-fleet failed ({}); the controllers' logs are in {}\n{report}",
             out.status,
             dir.display()
         );
     }
     eprintln!("scale: {nodes} nodes done ({:.1} s)", begun.elapsed().as_secs_f64());
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    Ok(report)
 }
 
 fn install_chart(workspace: &Path, go: &GoBinaries, plane: &ControlPlane) -> Result<()> {
