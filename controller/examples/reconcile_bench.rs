@@ -17,7 +17,7 @@ use kube::client::Body;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::watcher;
 use serde_json::json;
-use vfplane_controller::controller::{Context, reconcile_node, reconcile_policy};
+use vfplane_controller::controller::{Context, StatusThrottle, reconcile_node, reconcile_policy};
 use vfplane_controller::metrics::Metrics;
 use vfplane_proto::node_state::{NodeState, NodeStateSpec, NodeStateStatus, PfStatus};
 use vfplane_proto::vf_policy::VfPolicy;
@@ -125,6 +125,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             policies: filled(policies.clone()),
             states: filled(states),
             metrics: Arc::new(Metrics::default()),
+            status_throttle: StatusThrottle::default(),
         });
 
         let begun = Instant::now();

@@ -54,6 +54,48 @@ pub const FIELD_MANAGER: &str = "vfplane-controller";
 pub const POLICY_FINALIZER: &str = "vfplane.io/release-vfs";
 /// How often a deleted policy's release is checked again.
 pub const RELEASE_RECHECK: Duration = Duration::from_secs(5);
+/// The least time between two computations of one policy's status while
+/// its spec stays the same. Every NodeState change asks for one, and each
+/// plans every node the policy selects: during a rollout over thousands of
+/// nodes, back to back, they took the controller's CPU (`cargo xtask bench
+/// scale`). A spec change is computed at once.
+pub const POLICY_STATUS_EVERY: Duration = Duration::from_secs(1);
+/// Node reconciles in flight at once: a policy change asks for every
+/// node's, and each is a request to the API server.
+pub const NODE_RECONCILES_AT_ONCE: u16 = 32;
+
+/// When each policy's status was last computed, and for which generation
+/// (see [`POLICY_STATUS_EVERY`]).
+/// Clones share the record.
+#[derive(Debug, Default, Clone)]
+pub struct StatusThrottle {
+    computed: Arc<std::sync::Mutex<HashMap<String, (Option<i64>, tokio::time::Instant)>>>,
+}
+
+impl StatusThrottle {
+    /// How long to wait before computing the status of `policy` at
+    /// `generation` at `now`; `None` when it may be computed now, which is
+    /// then recorded.
+    pub fn wait(&self, policy: &str, generation: Option<i64>, now: tokio::time::Instant) -> Option<Duration> {
+        let mut computed = self.computed.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((seen, at)) = computed.get(policy)
+            && *seen == generation
+            && now < *at + POLICY_STATUS_EVERY
+        {
+            return Some(*at + POLICY_STATUS_EVERY - now);
+        }
+        computed.insert(policy.to_owned(), (generation, now));
+        None
+    }
+
+    /// Forgets `policy` (deleted).
+    pub fn forget(&self, policy: &str) {
+        self.computed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(policy);
+    }
+}
 
 /// What a reconcile reads and writes through.
 #[derive(Clone)]
@@ -68,6 +110,8 @@ pub struct Context {
     pub states: Store<NodeState>,
     /// Metrics.
     pub metrics: Arc<Metrics>,
+    /// When each policy's status was last computed.
+    pub status_throttle: StatusThrottle,
 }
 
 impl std::fmt::Debug for Context {
@@ -179,7 +223,10 @@ pub async fn reconcile_policy(policy: Arc<VfPolicy>, ctx: Arc<Context>) -> Resul
     finalizer(&api, POLICY_FINALIZER, policy, |event| async {
         match event {
             FinalizerEvent::Apply(policy) => apply_policy_status(&api, &policy, &ctx).await,
-            FinalizerEvent::Cleanup(policy) => release_policy(&policy, &ctx),
+            FinalizerEvent::Cleanup(policy) => {
+                ctx.status_throttle.forget(&policy.name_any());
+                release_policy(&policy, &ctx)
+            }
         }
     })
     .await
@@ -194,12 +241,18 @@ pub async fn reconcile_policy(policy: Arc<VfPolicy>, ctx: Arc<Context>) -> Resul
 }
 
 async fn apply_policy_status(api: &Api<VfPolicy>, policy: &VfPolicy, ctx: &Context) -> Result<Action> {
+    let name = policy.name_any();
+    if let Some(wait) = ctx
+        .status_throttle
+        .wait(&name, policy.metadata.generation, tokio::time::Instant::now())
+    {
+        return Ok(Action::requeue(wait));
+    }
     let plans = plans(ctx, Some(policy));
     let status = plan::policy_status(policy, plans.iter().map(|(p, s)| (p, s.as_deref())));
     if policy.status.as_ref() == Some(&status) {
         return Ok(Action::requeue(Duration::from_secs(300)));
     }
-    let name = policy.name_any();
     let body = json!({
         "apiVersion": "vfplane.io/v1alpha1",
         "kind": "VfPolicy",
@@ -378,6 +431,7 @@ pub async fn run_with(
         policies: watches.policies.store(),
         states: watches.states.store(),
         metrics,
+        status_throttle: StatusThrottle::default(),
     });
 
     // The node controller. Nodes depend on a policy's spec and on its
@@ -401,6 +455,7 @@ pub async fn run_with(
             watches.states.subscribe().touched_objects(),
             |state: NodeState| Some(ObjectRef::<Node>::new(&state.name_any())),
         )
+        .with_config(kube::runtime::controller::Config::default().concurrency(NODE_RECONCILES_AT_ONCE))
         .graceful_shutdown_on(shutdown.clone())
         .run(reconcile_node, error_policy("nodes"), Arc::clone(&ctx))
         .for_each(|_| std::future::ready(()));

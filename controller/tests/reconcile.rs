@@ -11,7 +11,7 @@ use kube::runtime::reflector::{self, Store};
 use kube::runtime::watcher;
 use serde_json::{Value, json};
 use vfplane_controller::Error;
-use vfplane_controller::controller::{Context, reconcile_node, reconcile_policy};
+use vfplane_controller::controller::{Context, StatusThrottle, reconcile_node, reconcile_policy};
 use vfplane_controller::metrics::Metrics;
 use vfplane_proto::node_state::{NodeState, NodeStateSpec, NodeStateStatus, PfStatus, VfStatus};
 use vfplane_proto::vf_policy::VfPolicy;
@@ -95,6 +95,7 @@ fn context(nodes: Vec<Node>, policies: Vec<VfPolicy>, states: Vec<NodeState>) ->
         policies: filled(policies),
         states: filled(states),
         metrics: Arc::new(Metrics::default()),
+        status_throttle: StatusThrottle::default(),
     };
     (Arc::new(ctx), handle)
 }
@@ -284,4 +285,23 @@ async fn a_deleted_policy_keeps_its_finalizer_until_agents_report_its_vfs_gone()
     });
     reconcile_policy(Arc::new(deleting), ctx).await.unwrap();
     server.await.unwrap();
+}
+
+/// A policy's status is computed at most once a second while its spec
+/// stays the same, and at once when its spec changes.
+#[test]
+fn a_policys_status_is_computed_at_most_once_a_second_unless_its_spec_changed() {
+    use std::time::Duration;
+    use vfplane_controller::controller::POLICY_STATUS_EVERY;
+    let throttle = StatusThrottle::default();
+    let t0 = tokio::time::Instant::now();
+    assert_eq!(throttle.wait("fast", Some(1), t0), None, "the first is computed");
+    let soon = t0 + Duration::from_millis(300);
+    assert_eq!(throttle.wait("fast", Some(1), soon), Some(POLICY_STATUS_EVERY - Duration::from_millis(300)));
+    assert_eq!(throttle.wait("voice", Some(1), soon), None, "another policy is its own");
+    assert_eq!(throttle.wait("fast", Some(2), soon), None, "a spec change is computed at once");
+    let later = soon + POLICY_STATUS_EVERY;
+    assert_eq!(throttle.wait("fast", Some(2), later), None, "a second later it is computed again");
+    throttle.forget("fast");
+    assert_eq!(throttle.wait("fast", Some(2), later), None);
 }

@@ -196,6 +196,18 @@ pub fn read_process(proc_root: &Path, pid: u32, ticks_per_second: u64) -> Result
     })
 }
 
+/// The process that does the work under `pid`: `pid` itself, or its one
+/// child when `pid` is a supervisor (the bench's restart loop around a
+/// controller, standing for the kubelet restarting a pod's container).
+pub fn working_process(proc_root: &Path, pid: u32) -> u32 {
+    let children = std::fs::read_to_string(proc_root.join(format!("{pid}/task/{pid}/children"))).unwrap_or_default();
+    let mut children = children.split_whitespace().filter_map(|c| c.parse::<u32>().ok());
+    match (children.next(), children.next()) {
+        (Some(child), None) => child,
+        _ => pid,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -429,8 +429,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 phase_timeout_seconds,
             };
             let workspace = xtask::testbed::workspace_root();
+            // Each size's report is printed as it is done.
             let report = xtask::bench_scale::scale(&workspace, &options)?;
-            print!("{report}");
             let saved = workspace.join("target/bench/scale/report.txt");
             if let Some(parent) = saved.parent() {
                 std::fs::create_dir_all(parent)?;

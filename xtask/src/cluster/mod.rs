@@ -789,22 +789,6 @@ impl ControlPlane {
         self.services.iter().find(|s| s.name == name).map(|s| s.child.id())
     }
 
-    /// How the service named `name` exited, if it has; it is then no
-    /// longer one of the services [`ControlPlane::check`] looks at.
-    ///
-    /// # Errors
-    /// When its state cannot be read.
-    pub fn exited(&mut self, name: &str) -> Result<Option<std::process::ExitStatus>> {
-        let Some(index) = self.services.iter().position(|s| s.name == name) else {
-            return Ok(None);
-        };
-        let status = self.services[index].child.try_wait()?;
-        if status.is_some() {
-            self.services.remove(index);
-        }
-        Ok(status)
-    }
-
     /// Fails naming the first service that has exited, with its log's end.
     ///
     /// # Errors
