@@ -24,7 +24,8 @@ const STATUS_PATH: &str =
     "/apis/vfplane.io/v1alpha1/nodestates/node-1/status?&force=true&fieldManager=vfplane-agent";
 const LIST_PATH: &str =
     "/apis/vfplane.io/v1alpha1/nodestates?&fieldSelector=metadata.name%3Dnode-1&limit=500";
-const WATCH_PREFIX: &str = "/apis/vfplane.io/v1alpha1/nodestates?&watch=true&timeoutSeconds=290&fieldSelector=metadata.name%3Dnode-1&allowWatchBookmarks=true&resourceVersion=";
+const WATCH_PREFIX: &str = "/apis/vfplane.io/v1alpha1/nodestates?&watch=true&timeoutSeconds=";
+const WATCH_REST: &str = "&fieldSelector=metadata.name%3Dnode-1&allowWatchBookmarks=true&resourceVersion=";
 
 fn object(generation: i64, uid: &str, num_vfs: u16) -> Value {
     json!({
@@ -340,6 +341,31 @@ fn assert_list_and_watch(seen: &[Seen]) {
         "{}",
         seen[1].path_and_query
     );
+    // The node's own watch timeout, not kube-runtime's 290 s for everyone.
+    let rest = format!("{}{WATCH_REST}", watch_timeout_secs(NODE));
+    assert!(
+        seen[1].path_and_query[WATCH_PREFIX.len()..].starts_with(&rest),
+        "{}",
+        seen[1].path_and_query
+    );
+}
+
+/// Watch timeouts spread a fleet's reconnections over 150-290 s, the same
+/// for a node every time.
+#[test]
+fn watch_timeouts_are_spread_across_nodes_and_fixed_per_node() {
+    let timeouts: Vec<u32> = (0..5000).map(|i| watch_timeout_secs(&format!("node-{i:05}"))).collect();
+    assert!(timeouts.iter().all(|t| (150..=290).contains(t)));
+    assert_eq!(watch_timeout_secs("node-00042"), timeouts[42]);
+    // No second of the window holds more than 2 % of the fleet (an even
+    // spread is 0.7 %).
+    let mut per_second = std::collections::BTreeMap::new();
+    for t in &timeouts {
+        *per_second.entry(*t).or_insert(0_usize) += 1;
+    }
+    let busiest = per_second.values().max().copied().unwrap_or_default();
+    assert!(busiest <= 100, "{busiest} of 5,000 watches end in the same second");
+    assert!(per_second.len() > 130, "{} distinct timeouts", per_second.len());
 }
 
 fn options(dir: &std::path::Path) -> RunOptions {
