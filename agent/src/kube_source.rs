@@ -279,7 +279,9 @@ pub async fn watch_node_state(
 /// the same way, with a random timeout.
 pub fn watch_timeout_secs(node: &str) -> u32 {
     // FNV-1a: stable across builds and processes, unlike std's hasher.
-    let hash = node.bytes().fold(0x811c_9dc5_u32, |h, b| (h ^ u32::from(b)).wrapping_mul(0x0100_0193));
+    let hash = node.bytes().fold(0x811c_9dc5_u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    });
     150 + hash % 141
 }
 

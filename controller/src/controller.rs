@@ -69,15 +69,21 @@ pub const NODE_RECONCILES_AT_ONCE: u16 = 32;
 /// Clones share the record.
 #[derive(Debug, Default, Clone)]
 pub struct StatusThrottle {
-    computed: Arc<std::sync::Mutex<HashMap<String, (Option<i64>, tokio::time::Instant)>>>,
+    computed: Arc<std::sync::Mutex<HashMap<String, Computed>>>,
 }
+
+/// The generation a status was computed for, and when.
+type Computed = (Option<i64>, tokio::time::Instant);
 
 impl StatusThrottle {
     /// How long to wait before computing the status of `policy` at
     /// `generation` at `now`; `None` when it may be computed now, which is
     /// then recorded.
     pub fn wait(&self, policy: &str, generation: Option<i64>, now: tokio::time::Instant) -> Option<Duration> {
-        let mut computed = self.computed.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut computed = self
+            .computed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some((seen, at)) = computed.get(policy)
             && *seen == generation
             && now < *at + POLICY_STATUS_EVERY
@@ -242,9 +248,9 @@ pub async fn reconcile_policy(policy: Arc<VfPolicy>, ctx: Arc<Context>) -> Resul
 
 async fn apply_policy_status(api: &Api<VfPolicy>, policy: &VfPolicy, ctx: &Context) -> Result<Action> {
     let name = policy.name_any();
-    if let Some(wait) = ctx
-        .status_throttle
-        .wait(&name, policy.metadata.generation, tokio::time::Instant::now())
+    if let Some(wait) =
+        ctx.status_throttle
+            .wait(&name, policy.metadata.generation, tokio::time::Instant::now())
     {
         return Ok(Action::requeue(wait));
     }

@@ -297,11 +297,26 @@ fn a_policys_status_is_computed_at_most_once_a_second_unless_its_spec_changed() 
     let t0 = tokio::time::Instant::now();
     assert_eq!(throttle.wait("fast", Some(1), t0), None, "the first is computed");
     let soon = t0 + Duration::from_millis(300);
-    assert_eq!(throttle.wait("fast", Some(1), soon), Some(POLICY_STATUS_EVERY - Duration::from_millis(300)));
-    assert_eq!(throttle.wait("voice", Some(1), soon), None, "another policy is its own");
-    assert_eq!(throttle.wait("fast", Some(2), soon), None, "a spec change is computed at once");
+    assert_eq!(
+        throttle.wait("fast", Some(1), soon),
+        Some(POLICY_STATUS_EVERY - Duration::from_millis(300))
+    );
+    assert_eq!(
+        throttle.wait("voice", Some(1), soon),
+        None,
+        "another policy is its own"
+    );
+    assert_eq!(
+        throttle.wait("fast", Some(2), soon),
+        None,
+        "a spec change is computed at once"
+    );
     let later = soon + POLICY_STATUS_EVERY;
-    assert_eq!(throttle.wait("fast", Some(2), later), None, "a second later it is computed again");
+    assert_eq!(
+        throttle.wait("fast", Some(2), later),
+        None,
+        "a second later it is computed again"
+    );
     throttle.forget("fast");
     assert_eq!(throttle.wait("fast", Some(2), later), None);
 }

@@ -114,7 +114,9 @@ impl Target {
             && state.spec.pfs.iter().any(|pf| {
                 pf.num_vfs == self.num_vfs
                     && pf.vf_groups.iter().all(|g| {
-                        !self.limits || g.container_limits != vfplane_proto::container_limits::ContainerLimits::default()
+                        !self.limits
+                            || g.container_limits
+                                != vfplane_proto::container_limits::ContainerLimits::default()
                     })
             });
         let converged = spec_ok
@@ -127,14 +129,15 @@ impl Target {
                     && status.pfs.iter().any(|pf| {
                         pf.pci_address == FIRST_PF
                             && pf.num_vfs == self.num_vfs
-                            && pf.vfs.iter().filter(|vf| vf.driver.as_deref() == Some("vfio-pci")).count()
+                            && pf
+                                .vfs
+                                .iter()
+                                .filter(|vf| vf.driver.as_deref() == Some("vfio-pci"))
+                                .count()
                                 == usize::from(self.num_vfs)
                     })
             });
-        NodeProgress {
-            spec_ok,
-            converged,
-        }
+        NodeProgress { spec_ok, converged }
     }
 }
 
@@ -155,9 +158,11 @@ pub async fn run(client: Client, setup: &BenchSetup) -> anyhow::Result<String> {
     let states_api = Api::<NodeState>::all(client.clone());
     let policies_api = Api::<VfPolicy>::all(client.clone());
     let mut states = watcher::watcher(states_api.clone(), watcher::Config::default()).boxed();
-    let mut policies =
-        watcher::watcher(policies_api.clone(), watcher::Config::default().fields(&format!("metadata.name={POLICY}")))
-            .boxed();
+    let mut policies = watcher::watcher(
+        policies_api.clone(),
+        watcher::Config::default().fields(&format!("metadata.name={POLICY}")),
+    )
+    .boxed();
     let mut view = View {
         states: HashMap::new(),
         policy: None,
@@ -275,17 +280,30 @@ async fn phase(
 ) -> anyhow::Result<PhaseReport> {
     let (states, policies) = streams;
     // Catch up with what the watches have queued, then start the clock.
-    drain_until(view, (&mut *states, &mut *policies), tokio::time::Instant::now() + Duration::from_millis(200)).await;
+    drain_until(
+        view,
+        (&mut *states, &mut *policies),
+        tokio::time::Instant::now() + Duration::from_millis(200),
+    )
+    .await;
     let since: HashMap<String, i64> = view
         .states
         .iter()
         .map(|(node, state)| (node.clone(), state.metadata.generation.unwrap_or(0)))
         .collect();
-    let policy_generation = view.policy.as_ref().and_then(|p| p.metadata.generation).unwrap_or(0);
+    let policy_generation = view
+        .policy
+        .as_ref()
+        .and_then(|p| p.metadata.generation)
+        .unwrap_or(0);
     let before = snapshot(client, setup, ticks).await?;
     let started = Instant::now();
     Api::<VfPolicy>::all(client.clone())
-        .patch(POLICY, &PatchParams::apply("vfplane-scale-bench").force(), &Patch::Apply(object))
+        .patch(
+            POLICY,
+            &PatchParams::apply("vfplane-scale-bench").force(),
+            &Patch::Apply(object),
+        )
         .await
         .with_context(|| format!("{name}: applying the VfPolicy"))?;
 
@@ -413,7 +431,8 @@ async fn snapshot(client: &Client, setup: &BenchSetup, ticks: u64) -> anyhow::Re
     let etcd_address = setup.etcd.clone();
     let etcd = tokio::task::spawn_blocking(move || readings::http_get(&etcd_address, "/metrics")).await??;
     let etcd = readings::parse_prometheus(&etcd);
-    let gauge = |samples: &[Sample], name: &str| samples.iter().find(|s| s.name == name).map_or(0.0, |s| s.value);
+    let gauge =
+        |samples: &[Sample], name: &str| samples.iter().find(|s| s.name == name).map_or(0.0, |s| s.value);
     let mut processes = BTreeMap::new();
     let proc_root = Path::new("/proc");
     for replica in &setup.replicas {
@@ -423,7 +442,10 @@ async fn snapshot(client: &Client, setup: &BenchSetup, ticks: u64) -> anyhow::Re
         processes.insert(format!("controller {}", replica.name), reading);
     }
     for other in &setup.others {
-        processes.insert(other.name.clone(), readings::read_process(proc_root, other.pid, ticks)?);
+        processes.insert(
+            other.name.clone(),
+            readings::read_process(proc_root, other.pid, ticks)?,
+        );
     }
     processes.insert(
         "fleet (all agents)".to_owned(),
@@ -436,7 +458,11 @@ async fn snapshot(client: &Client, setup: &BenchSetup, ticks: u64) -> anyhow::Re
             "apiserver_request_total",
             &["verb", "resource", "subresource", "code"],
         ),
-        by_client: readings::sum_by(&samples, "apiserver_flowcontrol_dispatched_requests_total", &["flow_schema"]),
+        by_client: readings::sum_by(
+            &samples,
+            "apiserver_flowcontrol_dispatched_requests_total",
+            &["flow_schema"],
+        ),
         rejected: readings::sum_by(
             &samples,
             "apiserver_flowcontrol_rejected_requests_total",
@@ -454,8 +480,12 @@ async fn sizes(client: &Client) -> anyhow::Result<Vec<(String, usize)>> {
     let mut sizes = Vec::new();
     for index in [0, 1] {
         let name = crate::NodeShape::of(index).name;
-        let request = http::Request::get(format!("/apis/vfplane.io/v1alpha1/nodestates/{name}")).body(Vec::new())?;
-        let text = client.request_text(request).await.with_context(|| format!("reading NodeState {name}"))?;
+        let request =
+            http::Request::get(format!("/apis/vfplane.io/v1alpha1/nodestates/{name}")).body(Vec::new())?;
+        let text = client
+            .request_text(request)
+            .await
+            .with_context(|| format!("reading NodeState {name}"))?;
         // Checked to be there as an object, not an error body.
         let _ = api.get(&name).await?;
         sizes.push((name, text.len()));
@@ -467,7 +497,12 @@ fn seconds(value: Option<f64>) -> String {
     value.map_or_else(|| "-".to_owned(), |s| format!("{s:.1} s"))
 }
 
-fn render(setup: &BenchSetup, reports: &[PhaseReport], state_bytes: &[(String, usize)], leader: &str) -> String {
+fn render(
+    setup: &BenchSetup,
+    reports: &[PhaseReport],
+    state_bytes: &[(String, usize)],
+    leader: &str,
+) -> String {
     let mut out = String::new();
     let nodes = setup.nodes as f64;
     let _ = writeln!(
@@ -477,7 +512,11 @@ fn render(setup: &BenchSetup, reports: &[PhaseReport], state_bytes: &[(String, u
         setup.replicas.len()
     );
     let _ = writeln!(out);
-    let _ = writeln!(out, "{:<44} {:>12} {:>12} {:>14}", "phase", "specs", "converged", "policy status");
+    let _ = writeln!(
+        out,
+        "{:<44} {:>12} {:>12} {:>14}",
+        "phase", "specs", "converged", "policy status"
+    );
     for report in reports.iter().filter(|r| r.converged.is_some()) {
         let _ = writeln!(
             out,
@@ -509,11 +548,17 @@ fn render(setup: &BenchSetup, reports: &[PhaseReport], state_bytes: &[(String, u
         for (key, count) in readings::growth(&report.before.rejected, &report.after.rejected) {
             let _ = writeln!(out, "  rejected: {key:<28} {count:>8.0}   {:>8.3}", count / per);
         }
-        let _ = writeln!(out, "requests by verb, resource, subresource, code  count   {unit}");
+        let _ = writeln!(
+            out,
+            "requests by verb, resource, subresource, code  count   {unit}"
+        );
         for (key, count) in readings::growth(&report.before.by_verb, &report.after.by_verb) {
             let _ = writeln!(out, "  {key:<42} {count:>8.0}   {:>8.3}", count / per);
         }
-        let _ = writeln!(out, "process                                 CPU s   CPU %   RSS MiB  peak RSS MiB");
+        let _ = writeln!(
+            out,
+            "process                                 CPU s   CPU %   RSS MiB  peak RSS MiB"
+        );
         for (name, after) in &report.after.processes {
             let before = report.before.processes.get(name).copied().unwrap_or_default();
             let cpu = after.cpu.saturating_sub(before.cpu).as_secs_f64();

@@ -175,7 +175,11 @@ pub async fn register(client: Client, shape: &NodeShape) -> Result<(), FleetErro
         "metadata": {"name": shape.name, "labels": shape.labels},
     });
     Api::<Node>::all(client)
-        .patch(&shape.name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(node))
+        .patch(
+            &shape.name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(node),
+        )
         .await
         .map_err(|source| FleetError::Register {
             node: shape.name.clone(),
@@ -212,13 +216,8 @@ pub fn spawn_agent(
         source,
     })?;
     let kernel = FakeKernel::new(Arc::new(tree));
-    let reconciler = Reconciler::new(
-        kernel.host(),
-        shape.netlink(),
-        shape.name.clone(),
-        proc_root,
-    )
-    .with_handed_out_marks(node_dir.join("vf-state"));
+    let reconciler = Reconciler::new(kernel.host(), shape.netlink(), shape.name.clone(), proc_root)
+        .with_handed_out_marks(node_dir.join("vf-state"));
     let options = RunOptions {
         status_file: None,
         pool_config: Some(node_dir.join("pools.yaml")),
@@ -269,7 +268,11 @@ mod tests {
         let tree = shape.tree(&dir).unwrap();
         let model = tree.host().discover().unwrap();
         assert!(model.problems.is_empty(), "{:?}", model.problems);
-        let pfs: Vec<_> = model.pfs.iter().map(|pf| (pf.pci.address, pf.total_vfs, pf.num_vfs)).collect();
+        let pfs: Vec<_> = model
+            .pfs
+            .iter()
+            .map(|pf| (pf.pci.address, pf.total_vfs, pf.num_vfs))
+            .collect();
         assert_eq!(pfs, [(shape.pfs[0].address, 7, 0), (shape.pfs[1].address, 7, 0)]);
         drop(tree);
         let _ = std::fs::remove_dir_all(dir);
@@ -298,7 +301,9 @@ mod tests {
         let status = loop {
             let state = api.get(STATES, &shape.name).unwrap();
             if state["status"]["observedGeneration"] == state["metadata"]["generation"]
-                && state["status"]["pfs"].as_array().is_some_and(|pfs| pfs.len() == 2)
+                && state["status"]["pfs"]
+                    .as_array()
+                    .is_some_and(|pfs| pfs.len() == 2)
             {
                 break state["status"].clone();
             }

@@ -63,7 +63,9 @@ fn parse_replica(text: &str) -> Result<Replica, String> {
     let (name, pid) = text
         .split_once('=')
         .ok_or_else(|| format!("{text:?}: expected <identity>=<pid>"))?;
-    let pid = pid.parse().map_err(|_| format!("{text:?}: {pid:?} is not a process ID"))?;
+    let pid = pid
+        .parse()
+        .map_err(|_| format!("{text:?}: {pid:?} is not a process ID"))?;
     Ok(Replica {
         name: name.to_owned(),
         pid,
@@ -141,7 +143,13 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
             .block_on(client(&agents))
             .with_context(|| format!("the client of {}", shape.name))?;
         // The thread runs until the process ends.
-        drop(spawn_agent(shape, &cli.dir, client, agents_runtime.handle(), resync)?);
+        drop(spawn_agent(
+            shape,
+            &cli.dir,
+            client,
+            agents_runtime.handle(),
+            resync,
+        )?);
     }
     eprintln!(
         "fleet: {} agents running ({:.1} s)",

@@ -100,7 +100,12 @@ pub fn sum_by(samples: &[Sample], name: &str, keys: &[&str]) -> BTreeMap<String,
     for sample in samples.iter().filter(|s| s.name == name) {
         let key = keys
             .iter()
-            .map(|k| sample.labels.get(*k).map_or("-", |v| if v.is_empty() { "-" } else { v }))
+            .map(|k| {
+                sample
+                    .labels
+                    .get(*k)
+                    .map_or("-", |v| if v.is_empty() { "-" } else { v })
+            })
             .collect::<Vec<_>>()
             .join(" ");
         *sums.entry(key).or_insert(0.0) += sample.value;
@@ -130,7 +135,9 @@ pub fn http_get(address: &str, path: &str) -> Result<String, ReadingError> {
         source,
     };
     let mut stream = std::net::TcpStream::connect(address).map_err(io)?;
-    stream.set_read_timeout(Some(Duration::from_secs(10))).map_err(io)?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(io)?;
     write!(stream, "GET {path} HTTP/1.0\r\nHost: {address}\r\n\r\n").map_err(io)?;
     let mut response = String::new();
     stream.read_to_string(&mut response).map_err(io)?;
@@ -156,7 +163,11 @@ pub struct ProcessReading {
 ///
 /// # Errors
 /// Missing or malformed files (the process is gone).
-pub fn read_process(proc_root: &Path, pid: u32, ticks_per_second: u64) -> Result<ProcessReading, ReadingError> {
+pub fn read_process(
+    proc_root: &Path,
+    pid: u32,
+    ticks_per_second: u64,
+) -> Result<ProcessReading, ReadingError> {
     let dir = proc_root.join(pid.to_string());
     let read = |name: &str| {
         std::fs::read_to_string(dir.join(name)).map_err(|source| ReadingError::Io {
@@ -171,7 +182,10 @@ pub fn read_process(proc_root: &Path, pid: u32, ticks_per_second: u64) -> Result
     let stat = read("stat")?;
     // Fields after the command (which may hold spaces) in parentheses;
     // utime and stime are the 14th and 15th fields of the line.
-    let after = stat.rsplit_once(')').ok_or_else(|| malformed("no ')' in stat"))?.1;
+    let after = stat
+        .rsplit_once(')')
+        .ok_or_else(|| malformed("no ')' in stat"))?
+        .1;
     let fields: Vec<&str> = after.split_whitespace().collect();
     let ticks = |i: usize| -> Result<u64, ReadingError> {
         fields
@@ -200,7 +214,8 @@ pub fn read_process(proc_root: &Path, pid: u32, ticks_per_second: u64) -> Result
 /// child when `pid` is a supervisor (the bench's restart loop around a
 /// controller, standing for the kubelet restarting a pod's container).
 pub fn working_process(proc_root: &Path, pid: u32) -> u32 {
-    let children = std::fs::read_to_string(proc_root.join(format!("{pid}/task/{pid}/children"))).unwrap_or_default();
+    let children =
+        std::fs::read_to_string(proc_root.join(format!("{pid}/task/{pid}/children"))).unwrap_or_default();
     let mut children = children.split_whitespace().filter_map(|c| c.parse::<u32>().ok());
     match (children.next(), children.next()) {
         (Some(child), None) => child,
@@ -228,7 +243,11 @@ mod tests {
         assert_eq!(samples[2].value, 1500.0);
         assert_eq!(samples[3].name, "etcd_mvcc_db_total_size_in_bytes");
         assert_eq!(samples[3].value, 1_228_800.0);
-        let by = sum_by(&samples, "apiserver_request_total", &["verb", "resource", "subresource"]);
+        let by = sum_by(
+            &samples,
+            "apiserver_request_total",
+            &["verb", "resource", "subresource"],
+        );
         assert_eq!(by["APPLY nodestates status"], 42.0);
         assert_eq!(by["POST events -"], 3.0);
     }
@@ -241,7 +260,10 @@ mod tests {
             ("b".to_owned(), 4.0),
             ("c".to_owned(), 9.0),
         ]);
-        assert_eq!(growth(&before, &after), [("c".to_owned(), 9.0), ("b".to_owned(), 3.0)]);
+        assert_eq!(
+            growth(&before, &after),
+            [("c".to_owned(), 9.0), ("b".to_owned(), 3.0)]
+        );
     }
 
     #[test]
@@ -254,7 +276,11 @@ mod tests {
             "77 (vfplane-contr oller) S 1 77 77 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 9 0 1 2 3\n",
         )
         .unwrap();
-        std::fs::write(proc_dir.join("status"), "Name:\tx\nVmHWM:\t  20480 kB\nVmRSS:\t  10240 kB\n").unwrap();
+        std::fs::write(
+            proc_dir.join("status"),
+            "Name:\tx\nVmHWM:\t  20480 kB\nVmRSS:\t  10240 kB\n",
+        )
+        .unwrap();
         let reading = read_process(&dir, 77, 100).unwrap();
         assert_eq!(
             reading,

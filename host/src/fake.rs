@@ -418,7 +418,8 @@ impl FakeKernel {
             .trim()
             .parse()
             .unwrap_or(-1);
-        self.tree.add_vfs(pf, count, Some(self.next_free_group()?), numa_node)?;
+        self.tree
+            .add_vfs(pf, count, Some(self.next_free_group()?), numa_node)?;
         Ok(())
     }
 
@@ -438,7 +439,12 @@ impl FakeKernel {
                 fs::remove_dir_all(group_dir)?;
             }
             self.tree.remove_device_dir(vf)?;
-            fs::remove_file(self.tree.sysfs_root().join("bus/pci/devices").join(vf.to_string()))?;
+            fs::remove_file(
+                self.tree
+                    .sysfs_root()
+                    .join("bus/pci/devices")
+                    .join(vf.to_string()),
+            )?;
             fs::remove_file(entry.path())?;
         }
         fs::write(dir.join("sriov_numvfs"), "0\n")

@@ -470,16 +470,29 @@ fn fake_kernel_creates_binds_and_removes_vfs_as_the_kernel_does() {
     host.set_num_vfs(addr(PF), 4).unwrap();
     let vfs = host.vf_addresses(addr(PF)).unwrap();
     assert_eq!(vfs.len(), 4);
-    let groups: Vec<_> = vfs.iter().map(|(_, vf)| host.iommu_group_id(*vf).unwrap()).collect();
-    assert_eq!(groups, [Some(4), Some(5), Some(6), Some(7)], "each VF in a new group");
+    let groups: Vec<_> = vfs
+        .iter()
+        .map(|(_, vf)| host.iommu_group_id(*vf).unwrap())
+        .collect();
+    assert_eq!(
+        groups,
+        [Some(4), Some(5), Some(6), Some(7)],
+        "each VF in a new group"
+    );
 
     let (_, first) = vfs[0];
     host.bind_driver(first, "vfio-pci").unwrap();
-    assert_eq!(host.pci_device(first).unwrap().driver.as_deref(), Some("vfio-pci"));
+    assert_eq!(
+        host.pci_device(first).unwrap().driver.as_deref(),
+        Some("vfio-pci")
+    );
     assert!(host.vfio_group_node(4).exists());
     host.unbind_driver(first).unwrap();
     assert_eq!(host.pci_device(first).unwrap().driver, None);
-    assert!(!host.vfio_group_node(4).exists(), "the node goes with the binding");
+    assert!(
+        !host.vfio_group_node(4).exists(),
+        "the node goes with the binding"
+    );
     host.bind_driver(first, "vfio-pci").unwrap();
 
     // 4 -> 2 goes through 0: the old VFs, their groups and nodes are gone.
@@ -493,7 +506,11 @@ fn fake_kernel_creates_binds_and_removes_vfs_as_the_kernel_does() {
 
     // What the kernel refuses: beyond sriov_totalvfs, and between two
     // non-zero counts. Nothing changes.
-    let numvfs = tree.sysfs_root().join("bus/pci/devices").join(PF).join("sriov_numvfs");
+    let numvfs = tree
+        .sysfs_root()
+        .join("bus/pci/devices")
+        .join(PF)
+        .join("sriov_numvfs");
     let beyond = kernel.write(&numvfs, "8").unwrap_err();
     assert_eq!(beyond.raw_os_error(), Some(libc::ERANGE));
     let busy = kernel.write(&numvfs, "3").unwrap_err();

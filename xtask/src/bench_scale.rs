@@ -100,25 +100,40 @@ fn one_size(
         apiserver_ips: &[IpAddr::V4(Ipv4Addr::LOCALHOST)],
     };
     let mut plane = ControlPlane::start(go, &dir, &names, |_| Ok(()))?;
-    eprintln!("scale: control plane ready ({:.1} s)", begun.elapsed().as_secs_f64());
+    eprintln!(
+        "scale: control plane ready ({:.1} s)",
+        begun.elapsed().as_secs_f64()
+    );
 
     let service_account = |sa: &str| format!("system:serviceaccount:{RELEASE_NAMESPACE}:{sa}");
     let api = format!("https://127.0.0.1:{APISERVER_PORT}");
     let kubeconfig_for = |sa: &str| -> Result<PathBuf> {
-        let cert = plane
-            .pki()
-            .issue(sa, &service_account(sa), Some("system:serviceaccounts"), &[], false)?;
+        let cert = plane.pki().issue(
+            sa,
+            &service_account(sa),
+            Some("system:serviceaccounts"),
+            &[],
+            false,
+        )?;
         let file = dir.join(format!("{sa}.kubeconfig"));
-        fs::write(&file, pki::kubeconfig(&api, &plane.pki().ca.cert, &service_account(sa), &cert)?)?;
+        fs::write(
+            &file,
+            pki::kubeconfig(&api, &plane.pki().ca.cert, &service_account(sa), &cert)?,
+        )?;
         Ok(file)
     };
     let controller_kubeconfig = kubeconfig_for(CONTROLLER_SA)?;
     let agent_kubeconfig = kubeconfig_for(AGENT_SA)?;
-    let webhook_cert = plane.pki().issue("webhook", "vfplane-webhook", None, &["127.0.0.1"], true)?;
+    let webhook_cert = plane
+        .pki()
+        .issue("webhook", "vfplane-webhook", None, &["127.0.0.1"], true)?;
 
     install_chart(workspace, go, &plane)?;
     let webhook_port = 19443;
-    point_policy_webhook_at(&plane, &format!("https://127.0.0.1:{webhook_port}/validate/vfpolicies"))?;
+    point_policy_webhook_at(
+        &plane,
+        &format!("https://127.0.0.1:{webhook_port}/validate/vfpolicies"),
+    )?;
     kubectl_stdin(&plane, &["apply", "-f", "-"], &flow_schemas())?;
 
     let (args, env) = chart_controller_command(&plane)?;
@@ -141,7 +156,11 @@ fn one_size(
             ("POD_NAMESPACE", RELEASE_NAMESPACE.to_owned()),
             ("KUBECONFIG", controller_kubeconfig.display().to_string()),
         ]);
-        let name: &'static str = if index == 0 { "controller-0" } else { "controller-1" };
+        let name: &'static str = if index == 0 {
+            "controller-0"
+        } else {
+            "controller-1"
+        };
         // Restarted when it exits (a lost lease ends the process), as the
         // kubelet restarts the pod's container.
         let mut looped = vec![
@@ -154,7 +173,10 @@ fn one_size(
         replicas.push(format!("{identity}={pid}"));
     }
     wait_for_leader(&mut plane)?;
-    eprintln!("scale: controllers running, one leads ({:.1} s)", begun.elapsed().as_secs_f64());
+    eprintln!(
+        "scale: controllers running, one leads ({:.1} s)",
+        begun.elapsed().as_secs_f64()
+    );
 
     let trees = PathBuf::from(format!("/dev/shm/vfplane-fleet-{}", std::process::id()));
     let mut command = plane.netns().command(fleet);
@@ -164,7 +186,10 @@ fn one_size(
         .arg(format!("--agent-kubeconfig={}", agent_kubeconfig.display()))
         .arg(format!("--dir={}", trees.display()))
         .arg(format!("--idle-seconds={}", options.idle_seconds))
-        .arg(format!("--phase-timeout-seconds={}", options.phase_timeout_seconds))
+        .arg(format!(
+            "--phase-timeout-seconds={}",
+            options.phase_timeout_seconds
+        ))
         .arg(format!("--lease={RELEASE_NAMESPACE}/{RELEASE_NAME}-controller"));
     for replica in &replicas {
         command.arg(format!("--controller={replica}"));
@@ -206,7 +231,10 @@ fn one_size(
             dir.display()
         );
     }
-    eprintln!("scale: {nodes} nodes done ({:.1} s)", begun.elapsed().as_secs_f64());
+    eprintln!(
+        "scale: {nodes} nodes done ({:.1} s)",
+        begun.elapsed().as_secs_f64()
+    );
     Ok(report)
 }
 
@@ -276,8 +304,10 @@ fn kubectl_stdin(plane: &ControlPlane, args: &[&str], stdin: &str) -> Result<Str
 fn point_policy_webhook_at(plane: &ControlPlane, url: &str) -> Result<()> {
     use base64::Engine as _;
     let name = format!("{RELEASE_NAME}-validating");
-    let config: serde_json::Value =
-        serde_json::from_str(&kubectl_output(plane, &["get", "validatingwebhookconfiguration", &name, "-o", "json"])?)?;
+    let config: serde_json::Value = serde_json::from_str(&kubectl_output(
+        plane,
+        &["get", "validatingwebhookconfiguration", &name, "-o", "json"],
+    )?)?;
     let index = config["webhooks"]
         .as_array()
         .and_then(|hooks| hooks.iter().position(|h| h["name"] == "vfpolicies.vfplane.io"))
@@ -333,10 +363,13 @@ spec:
         .join("---\n")
 }
 
+/// Arguments, and environment variables by name.
+type ChartCommand = (Vec<String>, Vec<(String, String)>);
+
 /// The controller container's arguments (its command after the program,
 /// then its args) and plain environment values, as the chart's Deployment
 /// has them.
-fn chart_controller_command(plane: &ControlPlane) -> Result<(Vec<String>, Vec<(String, String)>)> {
+fn chart_controller_command(plane: &ControlPlane) -> Result<ChartCommand> {
     let name = format!("{RELEASE_NAME}-controller");
     let deployment: serde_json::Value = serde_json::from_str(&kubectl_output(
         plane,
@@ -346,11 +379,20 @@ fn chart_controller_command(plane: &ControlPlane) -> Result<(Vec<String>, Vec<(S
     let strings = |field: &str| -> Vec<String> {
         container[field]
             .as_array()
-            .map(|items| items.iter().filter_map(|a| a.as_str().map(str::to_owned)).collect())
+            .map(|items| {
+                items
+                    .iter()
+                    .filter_map(|a| a.as_str().map(str::to_owned))
+                    .collect()
+            })
             .unwrap_or_default()
     };
     // The command's words after the program (`run`), then the args.
-    let args: Vec<String> = strings("command").into_iter().skip(1).chain(strings("args")).collect();
+    let args: Vec<String> = strings("command")
+        .into_iter()
+        .skip(1)
+        .chain(strings("args"))
+        .collect();
     if args.is_empty() {
         bail!("the chart's controller container has no command or args");
     }
@@ -386,7 +428,10 @@ fn wait_for_leader(plane: &mut ControlPlane) -> Result<()> {
         }
         plane.check("waiting for a controller to lead")?;
         if Instant::now() > deadline {
-            bail!("no controller took the Lease {lease} in 60 s; their logs are in {}", plane.dir().display());
+            bail!(
+                "no controller took the Lease {lease} in 60 s; their logs are in {}",
+                plane.dir().display()
+            );
         }
         std::thread::sleep(Duration::from_millis(500));
     }
@@ -424,7 +469,10 @@ mod tests {
         assert_eq!(docs.len(), 2);
         for (doc, sa) in docs.iter().zip([AGENT_SA, CONTROLLER_SA]) {
             assert_eq!(doc["metadata"]["name"].as_str(), Some(sa));
-            assert_eq!(doc["spec"]["priorityLevelConfiguration"]["name"].as_str(), Some("workload-low"));
+            assert_eq!(
+                doc["spec"]["priorityLevelConfiguration"]["name"].as_str(),
+                Some("workload-low")
+            );
             let subject = &doc["spec"]["rules"][0]["subjects"][0]["serviceAccount"];
             assert_eq!(subject["name"].as_str(), Some(sa));
             assert_eq!(subject["namespace"].as_str(), Some(RELEASE_NAMESPACE));

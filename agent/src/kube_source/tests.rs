@@ -354,7 +354,9 @@ fn assert_list_and_watch(seen: &[Seen]) {
 /// for a node every time.
 #[test]
 fn watch_timeouts_are_spread_across_nodes_and_fixed_per_node() {
-    let timeouts: Vec<u32> = (0..5000).map(|i| watch_timeout_secs(&format!("node-{i:05}"))).collect();
+    let timeouts: Vec<u32> = (0..5000)
+        .map(|i| watch_timeout_secs(&format!("node-{i:05}")))
+        .collect();
     assert!(timeouts.iter().all(|t| (150..=290).contains(t)));
     assert_eq!(watch_timeout_secs("node-00042"), timeouts[42]);
     // No second of the window holds more than 2 % of the fleet (an even
@@ -364,7 +366,10 @@ fn watch_timeouts_are_spread_across_nodes_and_fixed_per_node() {
         *per_second.entry(*t).or_insert(0_usize) += 1;
     }
     let busiest = per_second.values().max().copied().unwrap_or_default();
-    assert!(busiest <= 100, "{busiest} of 5,000 watches end in the same second");
+    assert!(
+        busiest <= 100,
+        "{busiest} of 5,000 watches end in the same second"
+    );
     assert!(per_second.len() > 130, "{} distinct timeouts", per_second.len());
 }
 

@@ -174,6 +174,9 @@ async fn a_renewal_left_unanswered_ends_the_lead_before_the_lease_expires() {
         "stopped {:?} after the last renewal, the lease lasts {lease_duration:?}",
         stopped - renewed_at
     );
-    assert!(stopped - began >= Duration::from_secs(4), "not before the second attempt");
+    assert!(
+        stopped - began >= Duration::from_secs(4),
+        "not before the second attempt"
+    );
     drop(unanswered);
 }

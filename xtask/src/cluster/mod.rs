@@ -688,8 +688,8 @@ impl ControlPlane {
         names: &PkiNames<'_>,
         prepare: impl FnOnce(&Netns) -> Result<()>,
     ) -> Result<Self> {
-        let pki = ClusterPki::generate(&dir.join("pki"), names)
-            .context("generating the cluster's certificates")?;
+        let pki =
+            ClusterPki::generate(&dir.join("pki"), names).context("generating the cluster's certificates")?;
         let local_api = format!("https://127.0.0.1:{APISERVER_PORT}");
         let kubeconfig = dir.join("admin.kubeconfig");
         fs::write(
@@ -774,7 +774,13 @@ impl ControlPlane {
     ///
     /// # Errors
     /// When it cannot be started.
-    pub fn spawn(&mut self, name: &'static str, program: &Path, args: &[String], env: &[(&str, String)]) -> Result<u32> {
+    pub fn spawn(
+        &mut self,
+        name: &'static str,
+        program: &Path,
+        args: &[String],
+        env: &[(&str, String)],
+    ) -> Result<u32> {
         let mut service = Service::spawn_with(&self.netns, &self.dir, name, program, args, env)?;
         let pid = service.child.id();
         if let Some(status) = service.child.try_wait()? {
@@ -786,7 +792,10 @@ impl ControlPlane {
 
     /// The process ID of the service named `name`.
     pub fn pid(&self, name: &str) -> Option<u32> {
-        self.services.iter().find(|s| s.name == name).map(|s| s.child.id())
+        self.services
+            .iter()
+            .find(|s| s.name == name)
+            .map(|s| s.child.id())
     }
 
     /// Fails naming the first service that has exited, with its log's end.

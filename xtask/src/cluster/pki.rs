@@ -174,7 +174,14 @@ impl ClusterPki {
     ///
     /// # Errors
     /// When the CA key cannot be read or a file cannot be written.
-    pub fn issue(&self, file: &str, cn: &str, org: Option<&str>, sans: &[&str], server: bool) -> Result<CertFiles> {
+    pub fn issue(
+        &self,
+        file: &str,
+        cn: &str,
+        org: Option<&str>,
+        sans: &[&str],
+        server: bool,
+    ) -> Result<CertFiles> {
         let ca_key = KeyPair::from_pem(&fs::read_to_string(&self.ca.key)?)?;
         let issuer = Issuer::new(ca_params()?, ca_key);
         let key = KeyPair::generate()?;

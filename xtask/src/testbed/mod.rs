@@ -963,7 +963,11 @@ struct BuiltExecutable {
 /// features); the executables it made, without examples of the bin-only
 /// packages, sorted.
 fn cargo_build_guest(workspace: &Path, args: &[&str]) -> Result<Vec<BuiltExecutable>> {
-    let packages: Vec<&str> = GUEST_PACKAGES.iter().chain(&GUEST_BIN_ONLY_PACKAGES).copied().collect();
+    let packages: Vec<&str> = GUEST_PACKAGES
+        .iter()
+        .chain(&GUEST_BIN_ONLY_PACKAGES)
+        .copied()
+        .collect();
     cargo_build_release(workspace, &packages, args)
 }
 
@@ -1015,7 +1019,11 @@ fn cargo_build_release(workspace: &Path, packages: &[&str], args: &[&str]) -> Re
         .output()
         .context("running cargo build")?;
     if !out.status.success() {
-        bail!("cargo build of {} ({}) failed", packages.join(", "), args.join(" "));
+        bail!(
+            "cargo build of {} ({}) failed",
+            packages.join(", "),
+            args.join(" ")
+        );
     }
     let mut built = Vec::new();
     for line in String::from_utf8_lossy(&out.stdout).lines() {
