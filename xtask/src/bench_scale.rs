@@ -134,7 +134,7 @@ fn one_size(
         &plane,
         &format!("https://127.0.0.1:{webhook_port}/validate/vfpolicies"),
     )?;
-    kubectl_stdin(&plane, &["apply", "-f", "-"], &flow_schemas())?;
+    plane.kubectl_stdin(&["apply", "-f", "-"], &flow_schemas())?;
 
     let (args, env) = chart_controller_command(&plane)?;
     let mut replicas = Vec::new();
@@ -264,50 +264,18 @@ fn install_chart(workspace: &Path, go: &GoBinaries, plane: &ControlPlane) -> Res
     Ok(())
 }
 
-fn kubectl_output(plane: &ControlPlane, args: &[&str]) -> Result<String> {
-    let out = plane.kubectl().args(args).stdin(Stdio::null()).output()?;
-    if !out.status.success() {
-        bail!(
-            "kubectl {} failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-fn kubectl_stdin(plane: &ControlPlane, args: &[&str], stdin: &str) -> Result<String> {
-    use std::io::Write as _;
-    let mut child = plane
-        .kubectl()
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    if let Some(mut input) = child.stdin.take() {
-        input.write_all(stdin.as_bytes())?;
-    }
-    let out = child.wait_with_output()?;
-    if !out.status.success() {
-        bail!(
-            "kubectl {} failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
 /// The chart's VfPolicy webhook, called at `url` (the first replica on
 /// loopback) with the cluster CA as its trust anchor.
 fn point_policy_webhook_at(plane: &ControlPlane, url: &str) -> Result<()> {
     use base64::Engine as _;
     let name = format!("{RELEASE_NAME}-validating");
-    let config: serde_json::Value = serde_json::from_str(&kubectl_output(
-        plane,
-        &["get", "validatingwebhookconfiguration", &name, "-o", "json"],
-    )?)?;
+    let config: serde_json::Value = serde_json::from_str(&plane.kubectl_output(&[
+        "get",
+        "validatingwebhookconfiguration",
+        &name,
+        "-o",
+        "json",
+    ])?)?;
     let index = config["webhooks"]
         .as_array()
         .and_then(|hooks| hooks.iter().position(|h| h["name"] == "vfpolicies.vfplane.io"))
@@ -318,16 +286,13 @@ fn point_policy_webhook_at(plane: &ControlPlane, url: &str) -> Result<()> {
         "path": format!("/webhooks/{index}/clientConfig"),
         "value": {"url": url, "caBundle": ca},
     }]);
-    kubectl_output(
-        plane,
-        &[
-            "patch",
-            "validatingwebhookconfiguration",
-            &name,
-            "--type=json",
-            &format!("--patch={patch}"),
-        ],
-    )?;
+    plane.kubectl_output(&[
+        "patch",
+        "validatingwebhookconfiguration",
+        &name,
+        "--type=json",
+        &format!("--patch={patch}"),
+    ])?;
     Ok(())
 }
 
@@ -371,10 +336,15 @@ type ChartCommand = (Vec<String>, Vec<(String, String)>);
 /// has them.
 fn chart_controller_command(plane: &ControlPlane) -> Result<ChartCommand> {
     let name = format!("{RELEASE_NAME}-controller");
-    let deployment: serde_json::Value = serde_json::from_str(&kubectl_output(
-        plane,
-        &["get", "deployment", "-n", RELEASE_NAMESPACE, &name, "-o", "json"],
-    )?)?;
+    let deployment: serde_json::Value = serde_json::from_str(&plane.kubectl_output(&[
+        "get",
+        "deployment",
+        "-n",
+        RELEASE_NAMESPACE,
+        &name,
+        "-o",
+        "json",
+    ])?)?;
     let container = &deployment["spec"]["template"]["spec"]["containers"][0];
     let strings = |field: &str| -> Vec<String> {
         container[field]
@@ -411,18 +381,16 @@ fn wait_for_leader(plane: &mut ControlPlane) -> Result<()> {
     let lease = format!("{RELEASE_NAME}-controller");
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let holder = kubectl_output(
-            plane,
-            &[
+        let holder = plane
+            .kubectl_output(&[
                 "get",
                 "lease",
                 "-n",
                 RELEASE_NAMESPACE,
                 &lease,
                 "-o=jsonpath={.spec.holderIdentity}",
-            ],
-        )
-        .unwrap_or_default();
+            ])
+            .unwrap_or_default();
         if !holder.trim().is_empty() {
             return Ok(());
         }

@@ -549,18 +549,7 @@ impl Cluster {
     /// # Errors
     /// kubectl's failure, with its message.
     pub fn kubectl_stdin(&self, args: &[&str], stdin: &str) -> Result<String> {
-        use std::io::Write as _;
-        let mut child = self
-            .kubectl()
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()?;
-        if let Some(mut input) = child.stdin.take() {
-            input.write_all(stdin.as_bytes())?;
-        }
-        kubectl_result(args, &child.wait_with_output()?)
+        kubectl_with_stdin(self.kubectl(), args, stdin)
     }
 
     /// The network namespace everything runs in.
@@ -813,6 +802,22 @@ impl ControlPlane {
         command
     }
 
+    /// kubectl's stdout, or an error with its stderr.
+    ///
+    /// # Errors
+    /// kubectl failing, with its message.
+    pub fn kubectl_output(&self, args: &[&str]) -> Result<String> {
+        kubectl_result(args, &self.kubectl().args(args).stdin(Stdio::null()).output()?)
+    }
+
+    /// Runs kubectl with `stdin` as its input (e.g. `apply -f -`).
+    ///
+    /// # Errors
+    /// kubectl failing, with its message.
+    pub fn kubectl_stdin(&self, args: &[&str], stdin: &str) -> Result<String> {
+        kubectl_with_stdin(self.kubectl(), args, stdin)
+    }
+
     /// The namespace.
     pub fn netns(&self) -> &Netns {
         &self.netns
@@ -871,6 +876,22 @@ impl ControlPlane {
     fn into_netns(self) -> Netns {
         self.netns
     }
+}
+
+/// Runs `kubectl` (a command with its kubeconfig) with `args` and `stdin`
+/// as its input; its stdout, or an error with its stderr.
+fn kubectl_with_stdin(mut kubectl: Command, args: &[&str], stdin: &str) -> Result<String> {
+    use std::io::Write as _;
+    let mut child = kubectl
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    if let Some(mut input) = child.stdin.take() {
+        input.write_all(stdin.as_bytes())?;
+    }
+    kubectl_result(args, &child.wait_with_output()?)
 }
 
 /// kubectl's stdout, or an error with its stderr.
