@@ -36,10 +36,10 @@ pub const POLICY: &str = "scale";
 /// The PF every simulated node has, which the policy configures.
 pub const FIRST_PF: &str = "0000:01:00.0";
 
-/// One controller replica to measure.
+/// A process to measure: a controller replica, the API server, etcd.
 #[derive(Debug, Clone)]
-pub struct Replica {
-    /// Its identity in the Lease (`POD_NAME`).
+pub struct Measured {
+    /// Its name in the report (for a replica, its identity in the Lease).
     pub name: String,
     /// Its process.
     pub pid: u32,
@@ -51,7 +51,7 @@ pub struct BenchSetup {
     /// How many nodes the fleet has.
     pub nodes: usize,
     /// The controller's replicas.
-    pub replicas: Vec<Replica>,
+    pub replicas: Vec<Measured>,
     /// The Lease naming the leader: namespace and name.
     pub lease: (String, String),
     /// etcd's client address (`host:port`), for its metrics.
@@ -63,7 +63,7 @@ pub struct BenchSetup {
     /// The fleet process, measured too.
     pub fleet_pid: u32,
     /// Other processes to measure (the API server, etcd), by name.
-    pub others: Vec<Replica>,
+    pub others: Vec<Measured>,
 }
 
 /// Counters and gauges read at one instant.

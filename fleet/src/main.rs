@@ -12,7 +12,7 @@ use clap::Parser;
 use futures::{StreamExt as _, TryStreamExt as _};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config};
-use vfplane_fleet::bench::{BenchSetup, Replica};
+use vfplane_fleet::bench::{BenchSetup, Measured};
 use vfplane_fleet::{NodeShape, register, spawn_agent};
 
 /// Simulated SR-IOV nodes and the scale bench's phases.
@@ -41,10 +41,10 @@ struct Cli {
     io_threads: usize,
     /// A controller replica to measure: `<identity>=<pid>`.
     #[arg(long = "controller", value_parser = parse_replica)]
-    controllers: Vec<Replica>,
+    controllers: Vec<Measured>,
     /// Another process to measure: `<name>=<pid>`.
     #[arg(long = "measure", value_parser = parse_replica)]
-    others: Vec<Replica>,
+    others: Vec<Measured>,
     /// The controllers' Lease: `<namespace>/<name>`.
     #[arg(long, default_value = "vfplane-system/vfplane-controller")]
     lease: String,
@@ -59,14 +59,14 @@ struct Cli {
     phase_timeout_seconds: u64,
 }
 
-fn parse_replica(text: &str) -> Result<Replica, String> {
+fn parse_replica(text: &str) -> Result<Measured, String> {
     let (name, pid) = text
         .split_once('=')
         .ok_or_else(|| format!("{text:?}: expected <identity>=<pid>"))?;
     let pid = pid
         .parse()
         .map_err(|_| format!("{text:?}: {pid:?} is not a process ID"))?;
-    Ok(Replica {
+    Ok(Measured {
         name: name.to_owned(),
         pid,
     })
