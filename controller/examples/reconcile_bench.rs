@@ -17,8 +17,9 @@ use kube::client::Body;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::watcher;
 use serde_json::json;
-use vfplane_controller::controller::{Context, StatusThrottle, reconcile_node, reconcile_policy};
+use vfplane_controller::controller::{Context, StatusThrottle, reconcile_node, reconcile_policy, recorder};
 use vfplane_controller::metrics::Metrics;
+use vfplane_controller::rollout::Rollouts;
 use vfplane_proto::node_state::{NodeState, NodeStateSpec, NodeStateStatus, PfStatus};
 use vfplane_proto::vf_policy::VfPolicy;
 
@@ -119,8 +120,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 Ok::<_, tower::BoxError>(Response::new(Body::from(answer)))
             }
         });
+        let client = Client::new(service, "default");
         let ctx = Arc::new(Context {
-            client: Client::new(service, "default"),
+            recorder: recorder(&client),
+            rollouts: Rollouts::default(),
+            client,
             nodes: filled(nodes.clone()),
             policies: filled(policies.clone()),
             states: filled(states),

@@ -32,8 +32,13 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::{ObjectReference, Pod};
+use k8s_openapi::api::policy::v1::Eviction;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{DeleteOptions, Preconditions as K8sPreconditions};
+use kube::api::PostParams;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{Event as FinalizerEvent, finalizer};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::{PredicateConfig, WatchStreamExt, predicates, watcher};
@@ -45,6 +50,7 @@ use vfplane_proto::vf_policy::VfPolicy;
 
 use crate::metrics::Metrics;
 use crate::plan::{self, NodePlan};
+use crate::rollout::{self, Admission, HoldingPod, Rollouts};
 use crate::shared_watch::SharedWatch;
 use crate::{Error, Result};
 
@@ -118,6 +124,10 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     /// When each policy's status was last computed.
     pub status_throttle: StatusThrottle,
+    /// Disruptive changes under way ([`crate::rollout`]).
+    pub rollouts: Rollouts,
+    /// Posts the rollouts' Events (evictions, blocks, completions).
+    pub recorder: Recorder,
 }
 
 impl std::fmt::Debug for Context {
@@ -140,7 +150,16 @@ impl Context {
     }
 }
 
-/// Reconciles one node: applies its NodeState spec when it differs.
+/// How often a node waiting for a place in a rollout asks again when no
+/// place freed (a freed place wakes the longest-waiting nodes at once).
+pub const ROLLOUT_WAIT_RECHECK: Duration = Duration::from_secs(60);
+/// How often the eviction of a pod a budget protects is asked again.
+pub const EVICTION_RETRY: Duration = Duration::from_secs(10);
+
+/// Reconciles one node: applies its NodeState spec when it differs, holding
+/// back a disruptive change while the policies' rollouts have no place for
+/// the node, and evicting the pods that hold VFs of a PF in a change the
+/// policies allow it for ([`crate::rollout`]).
 ///
 /// # Errors
 /// The API refused the apply.
@@ -151,16 +170,220 @@ pub async fn reconcile_node(node: Arc<Node>, ctx: Arc<Context>) -> Result<Action
     let policies = ctx.policies();
     let ordered = plan::merge_order(policies.iter().map(|p| p.as_ref()));
     let state = ctx.state_of(&name);
+    let now = tokio::time::Instant::now();
     if !plan::wants_node_state(&node, &ordered, state.as_deref()) {
         return Ok(Action::await_change());
     }
-    let planned = plan::plan_node(&node, &ordered, state.as_deref());
-    if state.as_ref().is_some_and(|s| s.spec == planned.spec) {
-        return Ok(Action::await_change());
+    let mut planned = plan::plan_node(&node, &ordered, state.as_deref());
+    let current = state.as_deref().map(|s| &s.spec);
+    let status = state.as_deref().and_then(|s| s.status.as_ref());
+    let pending = rollout::disruptive_pfs(current, &planned.spec, status);
+    let busy = state.as_deref().map(rollout::pfs_in_progress).unwrap_or_default();
+    ctx.rollouts
+        .observe(&name, !busy.is_empty(), pending.is_empty(), now);
+    let mut next = Action::await_change();
+    let mut admitted = false;
+    if pending.is_empty() {
+        ctx.rollouts.withdraw(&name);
+    } else {
+        let rule = rollout::governance(&planned.claims, &pending, &ordered);
+        if !rule.limits.is_empty() {
+            match ctx
+                .rollouts
+                .admit(&name, &rule.limits, &ctx.policies, &ctx.nodes, &ctx.states, now)
+            {
+                Admission::Admitted => {
+                    admitted = true;
+                    info!(pfs = ?pending, "admitted to a disruptive change");
+                }
+                Admission::Full { policy, busy, limit } => {
+                    tracing::debug!(%policy, busy, limit, "waiting for a place in the rollout");
+                    rollout::keep_current(&mut planned.spec, current, &pending);
+                    next = Action::requeue(ROLLOUT_WAIT_RECHECK);
+                }
+            }
+        }
     }
-    apply_node_state(&ctx.client, &node, &planned).await?;
-    info!(pfs = planned.spec.pfs.len(), "NodeState spec applied");
-    Ok(Action::await_change())
+    if state.as_ref().is_none_or(|s| s.spec != planned.spec) {
+        if let Err(error) = apply_node_state(&ctx.client, &node, &planned).await {
+            if admitted {
+                ctx.rollouts.withdraw(&name);
+            }
+            return Err(error);
+        }
+        info!(pfs = planned.spec.pfs.len(), "NodeState spec applied");
+        // What the agent makes of it comes back as a NodeState event.
+        return Ok(next);
+    }
+    if let Some(state) = state.as_deref()
+        && !busy.is_empty()
+        && let Some(wait) = evict_holders(&ctx, state, &planned, &busy, &ordered).await
+    {
+        next = Action::requeue(wait);
+    }
+    Ok(next)
+}
+
+/// Evicts the pods holding VFs of the node's PFs in a change (`busy`)
+/// when every policy keeping VFs there allows it, once the agent has seen
+/// the spec (it then names the holders and hands none of those VFs out).
+/// When to look again, if a pod could not be evicted.
+async fn evict_holders(
+    ctx: &Context,
+    state: &NodeState,
+    planned: &NodePlan,
+    busy: &std::collections::BTreeSet<String>,
+    ordered: &[&VfPolicy],
+) -> Option<Duration> {
+    let node = &planned.node;
+    let seen = state.status.as_ref().and_then(|s| s.observed_generation);
+    if seen != state.metadata.generation {
+        return None;
+    }
+    let rule = rollout::governance(&planned.claims, busy, ordered);
+    if !rule.evict {
+        return None;
+    }
+    let mut retry = None;
+    let mut trouble = None;
+    for pod in rollout::holding_pods(state, busy) {
+        if !ctx.rollouts.first_eviction(node, &pod) {
+            continue;
+        }
+        let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &pod.namespace);
+        // The body by hand: kube's `Api::evict` names the field
+        // `delete_options`, which the API server ignores, and with it the
+        // UID precondition.
+        let eviction = Eviction {
+            metadata: kube::api::ObjectMeta {
+                name: Some(pod.name.clone()),
+                namespace: Some(pod.namespace.clone()),
+                ..Default::default()
+            },
+            delete_options: Some(DeleteOptions {
+                preconditions: pod.uid.clone().map(|uid| K8sPreconditions {
+                    uid: Some(uid),
+                    resource_version: None,
+                }),
+                ..DeleteOptions::default()
+            }),
+        };
+        let holds = pod.vfs.join(", ");
+        let asked: Result<kube::core::Status, _> = api
+            .create_subresource("eviction", &pod.name, &PostParams::default(), &eviction)
+            .await;
+        match asked {
+            Ok(_) => {
+                info!(pod = %format!("{}/{}", pod.namespace, pod.name), vfs = %holds, "evicted");
+                let note = format!("node {node} re-creates the VFs of its PF; this pod holds {holds}");
+                post_event(
+                    ctx,
+                    &pod_reference(&pod),
+                    EventType::Normal,
+                    "EvictedForVfChange",
+                    note,
+                )
+                .await;
+            }
+            Err(kube::Error::Api(status)) if status.code == 404 => {}
+            Err(kube::Error::Api(status)) if status.code == 429 => {
+                ctx.rollouts.eviction_failed(node, &pod);
+                retry = Some(EVICTION_RETRY);
+                trouble.get_or_insert(vfplane_proto::vf_policy::RolloutBlock {
+                    node: node.clone(),
+                    reason: rollout::reasons::WAITING_ON_PDB.to_owned(),
+                    message: format!(
+                        "evicting pod {}/{} (holds {holds}): {}",
+                        pod.namespace, pod.name, status.message
+                    ),
+                });
+            }
+            Err(error) => {
+                ctx.rollouts.eviction_failed(node, &pod);
+                retry = Some(EVICTION_RETRY);
+                warn!(error = %error, pod = %format!("{}/{}", pod.namespace, pod.name), "eviction failed");
+                trouble.get_or_insert(vfplane_proto::vf_policy::RolloutBlock {
+                    node: node.clone(),
+                    reason: rollout::reasons::EVICTION_FAILED.to_owned(),
+                    message: format!(
+                        "evicting pod {}/{} (holds {holds}): {error}",
+                        pod.namespace, pod.name
+                    ),
+                });
+            }
+        }
+    }
+    if retry.is_none() {
+        // Every holder is on its way out: an earlier block is over.
+        ctx.rollouts.note(node, None);
+        return None;
+    }
+    if let Some(block) = trouble
+        && ctx.rollouts.note(node, Some(block.clone()))
+    {
+        for name in planned
+            .claims
+            .iter()
+            .filter(|c| busy.contains(&c.pf))
+            .map(|c| &c.policy)
+        {
+            if let Some(policy) = ctx.policies.get(&ObjectRef::new(name)) {
+                let note = format!("node {}: {}", block.node, block.message);
+                post_event(
+                    ctx,
+                    &policy.object_ref(&()),
+                    EventType::Warning,
+                    &block.reason,
+                    note,
+                )
+                .await;
+            }
+        }
+    }
+    retry
+}
+
+fn pod_reference(pod: &HoldingPod) -> ObjectReference {
+    ObjectReference {
+        api_version: Some("v1".to_owned()),
+        kind: Some("Pod".to_owned()),
+        namespace: Some(pod.namespace.clone()),
+        name: Some(pod.name.clone()),
+        uid: pod.uid.clone(),
+        ..ObjectReference::default()
+    }
+}
+
+/// Posts one Event; a refusal is logged, not retried (the status says
+/// the same).
+async fn post_event(
+    ctx: &Context,
+    regarding: &ObjectReference,
+    type_: EventType,
+    reason: &str,
+    note: String,
+) {
+    let event = KubeEvent {
+        type_,
+        reason: reason.to_owned(),
+        note: Some(note),
+        action: "Rollout".to_owned(),
+        secondary: None,
+    };
+    if let Err(error) = ctx.recorder.publish(&event, regarding).await {
+        warn!(%error, reason, "cannot post an event");
+    }
+}
+
+/// The recorder of the controller's Events.
+pub fn recorder(client: &Client) -> Recorder {
+    Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: FIELD_MANAGER.to_owned(),
+            instance: std::env::var("POD_NAME").ok(),
+        },
+    )
 }
 
 /// The server-side apply of one node's spec.
@@ -255,9 +478,18 @@ async fn apply_policy_status(api: &Api<VfPolicy>, policy: &VfPolicy, ctx: &Conte
         return Ok(Action::requeue(wait));
     }
     let plans = plans(ctx, Some(policy));
-    let status = plan::policy_status(policy, plans.iter().map(|(p, s)| (p, s.as_deref())));
+    let mut status = plan::policy_status(policy, plans.iter().map(|(p, s)| (p, s.as_deref())));
+    let notes = ctx.rollouts.notes();
+    status.rollout = rollout::rollout_status(
+        policy,
+        plans.iter().map(|(p, s)| (p, s.as_deref(), notes.get(&p.node))),
+    );
     if policy.status.as_ref() == Some(&status) {
         return Ok(Action::requeue(Duration::from_secs(300)));
+    }
+    let before = policy.status.as_ref().and_then(|s| s.rollout.as_ref());
+    if let Some((type_, reason, note)) = rollout_event(before, status.rollout.as_ref()) {
+        post_event(ctx, &policy.object_ref(&()), type_, reason, note).await;
     }
     let body = json!({
         "apiVersion": "vfplane.io/v1alpha1",
@@ -276,6 +508,40 @@ async fn apply_policy_status(api: &Api<VfPolicy>, policy: &VfPolicy, ctx: &Conte
         source,
     })?;
     Ok(Action::requeue(Duration::from_secs(300)))
+}
+
+/// The Event a policy's rollout calls for, from its status before and now:
+/// the change done on every node, or nodes that newly cannot go on.
+fn rollout_event(
+    before: Option<&vfplane_proto::vf_policy::RolloutStatus>,
+    now: Option<&vfplane_proto::vf_policy::RolloutStatus>,
+) -> Option<(EventType, &'static str, String)> {
+    let underway = |s: &vfplane_proto::vf_policy::RolloutStatus| s.nodes_pending + s.nodes_in_progress;
+    let now = now?;
+    if before.is_some_and(|b| underway(b) > 0) && underway(now) == 0 {
+        return Some((
+            EventType::Normal,
+            "RolloutComplete",
+            format!("the change is done on all {} nodes", now.nodes_done),
+        ));
+    }
+    let failed_before = before.map_or(0, |b| b.nodes_failed);
+    if now.nodes_failed > failed_before
+        && let Some(block) = now
+            .blocked
+            .iter()
+            .find(|b| b.reason != rollout::reasons::WAITING_ON_PDB)
+    {
+        return Some((
+            EventType::Warning,
+            "RolloutStalled",
+            format!(
+                "{} nodes cannot go on by themselves; node {} ({}): {}",
+                now.nodes_failed, block.node, block.reason, block.message
+            ),
+        ));
+    }
+    None
 }
 
 /// The finalizer's cleanup: done when no agent reports a VF of the pool
@@ -431,13 +697,16 @@ pub async fn run_with(
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
     let shutdown = futures::FutureExt::shared(shutdown);
+    let (wake_tx, mut wake_rx) = tokio::sync::mpsc::unbounded_channel();
     let ctx = Arc::new(Context {
-        client,
+        client: client.clone(),
         nodes: watches.nodes.store(),
         policies: watches.policies.store(),
         states: watches.states.store(),
         metrics,
         status_throttle: StatusThrottle::default(),
+        rollouts: Rollouts::new(wake_tx),
+        recorder: recorder(&client),
     });
 
     // The node controller. Nodes depend on a policy's spec and on its
@@ -461,6 +730,7 @@ pub async fn run_with(
             watches.states.subscribe().touched_objects(),
             |state: NodeState| Some(ObjectRef::<Node>::new(&state.name_any())),
         )
+        .reconcile_on(futures::stream::poll_fn(move |cx| wake_rx.poll_recv(cx)))
         .with_config(kube::runtime::controller::Config::default().concurrency(NODE_RECONCILES_AT_ONCE))
         .graceful_shutdown_on(shutdown.clone())
         .run(reconcile_node, error_policy("nodes"), Arc::clone(&ctx))

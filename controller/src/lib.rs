@@ -19,6 +19,7 @@ pub mod controller;
 pub mod leader;
 pub mod metrics;
 pub mod plan;
+pub mod rollout;
 pub mod shared_watch;
 pub mod webhook;
 

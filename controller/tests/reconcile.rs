@@ -11,8 +11,9 @@ use kube::runtime::reflector::{self, Store};
 use kube::runtime::watcher;
 use serde_json::{Value, json};
 use vfplane_controller::Error;
-use vfplane_controller::controller::{Context, StatusThrottle, reconcile_node, reconcile_policy};
+use vfplane_controller::controller::{Context, StatusThrottle, reconcile_node, reconcile_policy, recorder};
 use vfplane_controller::metrics::Metrics;
+use vfplane_controller::rollout::Rollouts;
 use vfplane_proto::node_state::{NodeState, NodeStateSpec, NodeStateStatus, PfStatus, VfStatus};
 use vfplane_proto::vf_policy::VfPolicy;
 
@@ -90,6 +91,8 @@ fn state(node: &str, vfs_in_pool: Option<(&str, u16)>) -> NodeState {
 fn context(nodes: Vec<Node>, policies: Vec<VfPolicy>, states: Vec<NodeState>) -> (Arc<Context>, Handle) {
     let (client, handle) = vfplane_kube_mock::pair("default");
     let ctx = Context {
+        recorder: recorder(&client),
+        rollouts: Rollouts::default(),
         client,
         nodes: filled(nodes),
         policies: filled(policies),
@@ -319,4 +322,153 @@ fn a_policys_status_is_computed_at_most_once_a_second_unless_its_spec_changed() 
     );
     throttle.forget("fast");
     assert_eq!(throttle.wait("fast", Some(2), later), None);
+}
+
+/// A node reporting `reported` VFs of `eth0`, with the spec `fast` at
+/// `written` VFs plans (the agent has seen it); VF 0 held by `owner`.
+fn written_state(node_name: &str, written: u16, reported: u16, owner: Option<&str>) -> NodeState {
+    let mut current = state(node_name, Some(("fast", reported)));
+    let mut older = policy("fast", 10, "eth0", true, false);
+    older.spec.num_vfs = written;
+    let plan = vfplane_controller::plan::plan_node(&node(node_name), &[&older], Some(&current));
+    current.spec = plan.spec;
+    current.metadata.generation = Some(3);
+    let status = current.status.as_mut().unwrap();
+    status.observed_generation = Some(3);
+    if let Some(owner) = owner {
+        status.pfs[0].vfs[0].owner = Some(owner.to_owned());
+        status.pfs[0].vfs[0].owner_pod_uid = Some("uid-pmd".to_owned());
+    }
+    current
+}
+
+fn rolled_out(max: u32, evict: bool) -> VfPolicy {
+    let mut changed = policy("fast", 10, "eth0", true, false);
+    changed.spec.num_vfs = 6;
+    changed.spec.rollout = Some(vfplane_proto::vf_policy::RolloutSpec {
+        max_unavailable_nodes: max,
+        evict_pods: evict,
+    });
+    changed
+}
+
+#[tokio::test]
+async fn a_numvfs_change_starts_on_as_many_nodes_as_the_rollout_allows_and_the_rest_keep_their_spec() {
+    let (ctx, mut handle) = context(
+        vec![node("w1"), node("w2")],
+        vec![rolled_out(1, false)],
+        vec![written_state("w1", 4, 4, None), written_state("w2", 4, 4, None)],
+    );
+    let first = tokio::spawn({
+        let ctx = Arc::clone(&ctx);
+        async move { reconcile_node(Arc::new(node("w1")), ctx).await }
+    });
+    let (method, uri, _, body, send) = next(&mut handle).await;
+    assert_eq!(method, Method::PATCH);
+    assert!(
+        uri.starts_with("/apis/vfplane.io/v1alpha1/nodestates/w1?"),
+        "{uri}"
+    );
+    assert_eq!(body["spec"]["pfs"][0]["numVfs"], 6, "{body}");
+    ok(send, &body);
+    first.await.unwrap().unwrap();
+    // w1's write is not in the store yet; w2 waits all the same, with the
+    // spec it has: nothing to write.
+    let action = reconcile_node(Arc::new(node("w2")), Arc::clone(&ctx))
+        .await
+        .unwrap();
+    assert_eq!(
+        action,
+        kube::runtime::controller::Action::requeue(vfplane_controller::controller::ROLLOUT_WAIT_RECHECK)
+    );
+    assert!(no_request(&mut handle).await);
+}
+
+#[tokio::test]
+async fn pods_holding_vfs_of_a_pf_in_a_change_are_evicted_once_and_a_budget_is_waited_on() {
+    let (ctx, mut handle) = context(
+        vec![node("w1")],
+        vec![rolled_out(5, true)],
+        vec![written_state("w1", 6, 4, Some("team/pmd-0/app"))],
+    );
+    // A PodDisruptionBudget refuses: a Warning on the policy, a retry.
+    let run = tokio::spawn({
+        let ctx = Arc::clone(&ctx);
+        async move { reconcile_node(Arc::new(node("w1")), ctx).await }
+    });
+    let (method, uri, _, body, send) = next(&mut handle).await;
+    assert_eq!(
+        (method, uri.as_str()),
+        (Method::POST, "/api/v1/namespaces/team/pods/pmd-0/eviction?")
+    );
+    assert_eq!(body["kind"], "Eviction");
+    assert_eq!(body["metadata"]["name"], "pmd-0");
+    assert_eq!(body["deleteOptions"]["preconditions"]["uid"], "uid-pmd", "{body}");
+    send.json(
+        429,
+        &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 429, "reason": "TooManyRequests",
+                "message": "Cannot evict pod as it would violate the pod's disruption budget."}),
+    );
+    let (method, uri, _, body, send) = next(&mut handle).await;
+    assert_eq!(method, Method::POST);
+    assert!(
+        uri.starts_with("/apis/events.k8s.io/v1/namespaces/default/events"),
+        "{uri}"
+    );
+    assert_eq!(body["reason"], "WaitingOnPdb");
+    assert_eq!(body["regarding"]["kind"], "VfPolicy");
+    assert!(
+        body["note"].as_str().unwrap().contains("disruption budget"),
+        "{body}"
+    );
+    ok(send, &body);
+    let action = run.await.unwrap().unwrap();
+    assert_eq!(
+        action,
+        kube::runtime::controller::Action::requeue(vfplane_controller::controller::EVICTION_RETRY)
+    );
+    let notes = ctx.rollouts.notes();
+    assert_eq!(notes["w1"].reason, "WaitingOnPdb");
+
+    // The budget allows it now: evicted, with a Normal event on the pod.
+    let run = tokio::spawn({
+        let ctx = Arc::clone(&ctx);
+        async move { reconcile_node(Arc::new(node("w1")), ctx).await }
+    });
+    let (method, uri, _, body, send) = next(&mut handle).await;
+    assert_eq!(
+        (method, uri.as_str()),
+        (Method::POST, "/api/v1/namespaces/team/pods/pmd-0/eviction?")
+    );
+    assert_eq!(body["deleteOptions"]["preconditions"]["uid"], "uid-pmd", "{body}");
+    send.json(
+        201,
+        &json!({"kind": "Status", "apiVersion": "v1", "status": "Success", "code": 201}),
+    );
+    let (_, uri, _, body, send) = next(&mut handle).await;
+    assert!(
+        uri.starts_with("/apis/events.k8s.io/v1/namespaces/team/events"),
+        "{uri}"
+    );
+    assert_eq!(body["reason"], "EvictedForVfChange");
+    assert_eq!(body["regarding"]["name"], "pmd-0");
+    ok(send, &body);
+    run.await.unwrap().unwrap();
+    assert!(ctx.rollouts.notes().is_empty(), "the block is over");
+    // Asked once: the pod is on its way out.
+    reconcile_node(Arc::new(node("w1")), Arc::clone(&ctx))
+        .await
+        .unwrap();
+    assert!(no_request(&mut handle).await);
+}
+
+#[tokio::test]
+async fn a_policy_without_evict_pods_never_evicts() {
+    let (ctx, mut handle) = context(
+        vec![node("w1")],
+        vec![rolled_out(5, false)],
+        vec![written_state("w1", 6, 4, Some("team/pmd-0/app"))],
+    );
+    reconcile_node(Arc::new(node("w1")), ctx).await.unwrap();
+    assert!(no_request(&mut handle).await);
 }

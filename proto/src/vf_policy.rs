@@ -108,6 +108,47 @@ pub struct VfPolicySpec {
     /// get them through ResourceClaims of DeviceClass `vf.vfplane.io`).
     #[serde(default, skip_serializing_if = "ResourceApi::is_device_plugin")]
     pub resource_api: ResourceApi,
+    /// How a change that re-creates a PF's VFs (its `numVfs`) moves across
+    /// the nodes. Absent: every node at once, and a node where a container
+    /// holds one of the VFs keeps refusing the change until the container
+    /// is gone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<RolloutSpec>,
+}
+
+/// How disruptive a change of the policy may be. A change is disruptive on
+/// a node when it changes the `numVfs` of a PF that has VFs: the kernel
+/// re-creates them all, and a container holding one must go first. Other
+/// changes (a profile, a VLAN) reach every node at once.
+#[derive(KubeSchema, Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RolloutSpec {
+    /// The most nodes selected by this policy that may be in a disruptive
+    /// change at once (a node counts from the controller writing its new
+    /// spec until its agent reports the new VFs); the others keep their
+    /// current spec for the PFs concerned until a place frees.
+    #[serde(default = "default_max_unavailable_nodes")]
+    #[schemars(range(min = 1))]
+    pub max_unavailable_nodes: u32,
+    /// Evict, through the Eviction API (so PodDisruptionBudgets hold), the
+    /// pods that hold VFs of a PF whose VFs are re-created, on the nodes
+    /// in the change; only those pods, never the rest of the node. Off: a
+    /// node waits for those pods to end by themselves.
+    #[serde(default)]
+    pub evict_pods: bool,
+}
+
+impl Default for RolloutSpec {
+    fn default() -> Self {
+        Self {
+            max_unavailable_nodes: default_max_unavailable_nodes(),
+            evict_pods: false,
+        }
+    }
+}
+
+fn default_max_unavailable_nodes() -> u32 {
+    1
 }
 
 /// Which PFs a policy applies to. Every field given must match; at least
@@ -293,6 +334,55 @@ pub struct VfPolicyStatus {
     /// The spec generation this status was computed for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+    /// Where a disruptive change stands across the selected nodes; absent
+    /// when no selected node has one pending or under way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<RolloutStatus>,
+}
+
+/// Most nodes [`RolloutStatus::blocked`] lists.
+pub const ROLLOUT_NODES_LISTED: usize = 10;
+
+/// Nodes of a policy by where their disruptive change stands.
+#[derive(KubeSchema, Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutStatus {
+    /// Selected nodes with nothing disruptive left to do.
+    #[serde(default)]
+    pub nodes_done: u32,
+    /// Nodes whose new spec is written and whose agent has not yet
+    /// re-created the VFs.
+    #[serde(default)]
+    pub nodes_in_progress: u32,
+    /// Nodes waiting for a place (`maxUnavailableNodes`); their spec is
+    /// unchanged for the PFs concerned.
+    #[serde(default)]
+    pub nodes_pending: u32,
+    /// Of the nodes in progress, those whose pods a PodDisruptionBudget
+    /// keeps from being evicted.
+    #[serde(default)]
+    pub nodes_waiting_on_pdb: u32,
+    /// Of the nodes in progress, those that cannot go on without someone
+    /// acting (a pod holds a VF and `evictPods` is off, a process outside
+    /// any pod holds one, the agent reports an error, an eviction failed).
+    #[serde(default)]
+    pub nodes_failed: u32,
+    /// The first nodes (by name) waiting on a PDB or failed, and why.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub blocked: Vec<RolloutBlock>,
+}
+
+/// One node a change cannot move on without help, and why.
+#[derive(KubeSchema, Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutBlock {
+    /// The node.
+    pub node: String,
+    /// `WaitingOnPdb`, `PodsHoldVfs`, `UnknownHolder`, `AgentError` or
+    /// `EvictionFailed`.
+    pub reason: String,
+    /// For people.
+    pub message: String,
 }
 
 /// Two policies claiming the same VFs of one PF.
@@ -395,6 +485,9 @@ spec:
     hugepages: 1Gi
     numaAligned: true
     lockedMemory: 1Gi
+  rollout:
+    maxUnavailableNodes: 50
+    evictPods: true
 status:
   matchedNodes: 3
   requestedVfs: 12
@@ -411,6 +504,19 @@ status:
       reason: VfsPending
       message: 10 of 12 VFs ready
   observedGeneration: 4
+  rollout:
+    nodesDone: 1
+    nodesInProgress: 2
+    nodesPending: 0
+    nodesWaitingOnPdb: 1
+    nodesFailed: 1
+    blocked:
+      - node: worker-2
+        reason: WaitingOnPdb
+        message: the pod's disruption budget
+      - node: worker-3
+        reason: PodsHoldVfs
+        message: pod team/pmd-0 holds a VF
 "#;
 
     #[test]

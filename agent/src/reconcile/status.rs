@@ -90,12 +90,24 @@ impl<N: VfLinkControl> Reconciler<N> {
             {
                 pf_error = Some(format!("numVfs is {}, spec wants {}", pf.num_vfs, plan.num_vfs));
             }
+            // A count the spec changes but the PF still has (a process
+            // holds a VF that would go): the VFs that go are handed out no
+            // more, so that no new container takes one while the old ones
+            // leave (a rollout evicts them).
+            let doomed = plan
+                .filter(|p| pf.num_vfs != p.num_vfs && pf.num_vfs != 0)
+                .map(|p| Mismatch::Recreated {
+                    from: pf.num_vfs,
+                    to: p.num_vfs,
+                });
             let mut vfs = Vec::new();
             for vf in &pf.vfs {
                 let wanted = plan.and_then(|p| p.vfs.iter().find(|v| v.index == vf.index));
                 let link = links.iter().find(|l| l.vf == u32::from(vf.index));
                 let mut health = VfHealth::Unmanaged;
-                if let Some(wanted) = wanted {
+                if let (Some(doomed), Some(_)) = (&doomed, wanted) {
+                    health = VfHealth::from_reasons(std::slice::from_ref(doomed));
+                } else if let Some(wanted) = wanted {
                     let wanted = &self.effective(wanted, vf.pci.address);
                     let tenants_mac = self.mac_is_the_tenants(wanted, vf.pci.address);
                     let problem = vf_mismatch(vf, wanted, link, spec.allow_no_iommu, tenants_mac);
@@ -186,6 +198,13 @@ enum Mismatch {
     NoSettings,
     /// Its settings differ from the spec's.
     Settings(Vec<VfSetting>),
+    /// The spec changes its PF's VF count: it goes once nothing holds a VF.
+    Recreated {
+        /// The PF's count.
+        from: u16,
+        /// The spec's.
+        to: u16,
+    },
 }
 
 impl fmt::Display for Mismatch {
@@ -198,6 +217,10 @@ impl fmt::Display for Mismatch {
                 driver.as_deref().unwrap_or("none")
             ),
             Self::NoSettings => f.write_str("the PF reports no settings for it"),
+            Self::Recreated { from, to } => write!(
+                f,
+                "to be re-created: the spec changes numVfs from {from} to {to}, which waits until no process holds a VF of the PF"
+            ),
             Self::Settings(differences) => write!(f, "{} differ from the spec", VfSetting::list(differences)),
         }
     }

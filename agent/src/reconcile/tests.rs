@@ -609,3 +609,32 @@ fn pool_sizes(report: &ApplyReport) -> Vec<(&str, Option<usize>)> {
         .map(|p| (p.name.as_str(), p.devices.as_ref().map(Vec::len)))
         .collect()
 }
+
+#[test]
+fn vfs_waiting_to_be_recreated_are_handed_out_no_more() {
+    let fake = node();
+    let proc_root = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(proc_root.path().join("4242/fd")).unwrap();
+    std::os::unix::fs::symlink("/dev/vfio/4", proc_root.path().join("4242/fd/7")).unwrap();
+    let agent = Reconciler::new(fake.host(), FakeNetlink::default(), "node-1", proc_root.path());
+    let text = "spec:\n  pfs:\n    - pciAddress: \"0000:00:02.0\"\n      numVfs: 2\n      vfGroups:\n        \
+                - {resourceName: fast, vfRange: \"0-1\", deviceType: vfio-pci}\n";
+    let report = agent.apply(&spec(text));
+    assert!(!report.converged);
+    let pf = &report.status.pfs[0];
+    assert_eq!(pf.num_vfs, 4, "nothing written while VF 0 is held");
+    for vf in pf.vfs.iter().filter(|vf| vf.index < 2) {
+        let health = vf.health.to_string();
+        assert!(
+            health.contains("to be re-created") && health.contains("from 4 to 2"),
+            "VF {}: {health}",
+            vf.index
+        );
+    }
+    let pool = report.pools.pools.iter().find(|p| p.name == "fast").unwrap();
+    assert_eq!(
+        pool.devices.as_deref(),
+        Some(&[][..]),
+        "served empty: no VF that goes is handed out"
+    );
+}

@@ -283,6 +283,7 @@ mod tests {
             allow_no_iommu: false,
             container_profile: None,
             resource_api: Default::default(),
+            rollout: None,
         }
     }
 
