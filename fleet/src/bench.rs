@@ -9,6 +9,14 @@
 //! 2. idle: nothing changes for a while;
 //! 3. numVfs 4 → 6;
 //! 4. a pool's container profile set (the NodeState specs change, no VF);
+//! 5. numVfs 6 → 5 rolled out with `rollout: {maxUnavailableNodes,
+//!    evictPods: true}` while a pod holds a VF on every node
+//!    ([`crate::kubelet`]): the controller evicts each node's pod in
+//!    batches, the fleet's kubelets let the pods go.
+//!
+//! In every phase the bench counts, from its own watch of the NodeStates,
+//! the nodes whose spec's VF count on [`FIRST_PF`] differs from the one
+//! their agent reports (nodes in progress), and the most at once.
 //!
 //! and for each, the API server's requests (its own metrics:
 //! `apiserver_request_total` by verb and resource, and
@@ -19,17 +27,23 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use futures::StreamExt as _;
+use futures::{StreamExt as _, TryStreamExt as _};
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::watcher::{self, Event};
 use kube::{Client, ResourceExt as _};
 use vfplane_proto::node_state::NodeState;
 use vfplane_proto::vf_policy::VfPolicy;
 
+use crate::SimulatedKubelet;
+use crate::kubelet::{self, NAMESPACE};
 use crate::readings::{self, ProcessReading, Sample};
+use vfplane_host::Host;
+use vfplane_proto::vf_policy::RolloutStatus;
 
 /// The bench's VfPolicy.
 pub const POLICY: &str = "scale";
@@ -64,6 +78,10 @@ pub struct BenchSetup {
     pub fleet_pid: u32,
     /// Other processes to measure (the API server, etcd), by name.
     pub others: Vec<Measured>,
+    /// Every node's kubelet and host, to hold VFs in the last phase.
+    pub kubelets: Vec<(SimulatedKubelet, Host)>,
+    /// The last phase's `maxUnavailableNodes`.
+    pub max_unavailable: u32,
 }
 
 /// Counters and gauges read at one instant.
@@ -87,6 +105,12 @@ struct PhaseReport {
     spec_written: Option<f64>,
     converged: Option<f64>,
     policy_status: Option<f64>,
+    /// The most nodes in progress at once.
+    most_in_progress: usize,
+    /// The policy's rollout status at the end.
+    rollout: Option<RolloutStatus>,
+    /// Pods the fleet's kubelets let go during the phase.
+    pods_let_go: usize,
     before: Snapshot,
     after: Snapshot,
 }
@@ -176,7 +200,7 @@ pub async fn run(client: Client, setup: &BenchSetup) -> anyhow::Result<String> {
                 num_vfs: 4,
                 limits: false,
             },
-            policy(4, None),
+            policy(4, None, None),
         ),
         (
             "numVfs 4 -> 6",
@@ -184,7 +208,7 @@ pub async fn run(client: Client, setup: &BenchSetup) -> anyhow::Result<String> {
                 num_vfs: 6,
                 limits: false,
             },
-            policy(6, None),
+            policy(6, None, None),
         ),
         (
             "pool profile set (lockedMemory 64Mi)",
@@ -192,9 +216,10 @@ pub async fn run(client: Client, setup: &BenchSetup) -> anyhow::Result<String> {
                 num_vfs: 6,
                 limits: true,
             },
-            policy(6, Some(serde_json::json!({"lockedMemory": "64Mi"}))),
+            policy(6, Some(serde_json::json!({"lockedMemory": "64Mi"})), None),
         ),
     ];
+    let let_go = Arc::new(AtomicUsize::new(0));
     for (index, (name, target, object)) in phases.into_iter().enumerate() {
         let report = phase(
             &client,
@@ -205,6 +230,7 @@ pub async fn run(client: Client, setup: &BenchSetup) -> anyhow::Result<String> {
             name,
             target,
             object,
+            &let_go,
         )
         .await?;
         eprintln!(
@@ -226,10 +252,58 @@ pub async fn run(client: Client, setup: &BenchSetup) -> anyhow::Result<String> {
                 spec_written: None,
                 converged: None,
                 policy_status: None,
+                most_in_progress: 0,
+                rollout: None,
+                pods_let_go: 0,
                 before,
                 after,
             });
         }
+    }
+    if !setup.kubelets.is_empty() {
+        hold_a_vf_everywhere(&client, setup, &mut view, (&mut states, &mut policies)).await?;
+        let follower = tokio::spawn(kubelet::follow_pods(
+            client.clone(),
+            setup
+                .kubelets
+                .iter()
+                .map(|(k, _)| (k.node().to_owned(), k.clone()))
+                .collect(),
+            Arc::clone(&let_go),
+        ));
+        let name = format!(
+            "numVfs 6 -> 5 over held VFs (maxUnavailableNodes {}, evictPods)",
+            setup.max_unavailable
+        );
+        let rollout = serde_json::json!({"maxUnavailableNodes": setup.max_unavailable, "evictPods": true});
+        let report = phase(
+            &client,
+            setup,
+            ticks,
+            &mut view,
+            (&mut states, &mut policies),
+            &name,
+            Target {
+                num_vfs: 5,
+                limits: true,
+            },
+            policy(
+                5,
+                Some(serde_json::json!({"lockedMemory": "64Mi"})),
+                Some(rollout),
+            ),
+            &let_go,
+        )
+        .await;
+        follower.abort();
+        let report = report?;
+        eprintln!(
+            "scale: {name}: converged {}, at most {} nodes in progress, {} pods let go",
+            seconds(report.converged),
+            report.most_in_progress,
+            report.pods_let_go
+        );
+        reports.push(report);
     }
     let state_bytes = sizes(&client).await?;
     let (namespace, name) = &setup.lease;
@@ -248,7 +322,11 @@ type Streams<'a> = (
     &'a mut futures::stream::BoxStream<'static, Result<Event<VfPolicy>, watcher::Error>>,
 );
 
-fn policy(num_vfs: u16, profile: Option<serde_json::Value>) -> serde_json::Value {
+fn policy(
+    num_vfs: u16,
+    profile: Option<serde_json::Value>,
+    rollout: Option<serde_json::Value>,
+) -> serde_json::Value {
     let mut spec = serde_json::json!({
         "nodeSelector": {crate::SRIOV_LABEL: "true"},
         "nicSelector": {"pfNames": ["ens1f0"]},
@@ -258,6 +336,9 @@ fn policy(num_vfs: u16, profile: Option<serde_json::Value>) -> serde_json::Value
     });
     if let Some(profile) = profile {
         spec["containerProfile"] = profile;
+    }
+    if let Some(rollout) = rollout {
+        spec["rollout"] = rollout;
     }
     serde_json::json!({
         "apiVersion": "vfplane.io/v1alpha1",
@@ -277,6 +358,7 @@ async fn phase(
     name: &str,
     target: Target,
     object: serde_json::Value,
+    let_go: &AtomicUsize,
 ) -> anyhow::Result<PhaseReport> {
     let (states, policies) = streams;
     // Catch up with what the watches have queued, then start the clock.
@@ -297,6 +379,14 @@ async fn phase(
         .and_then(|p| p.metadata.generation)
         .unwrap_or(0);
     let before = snapshot(client, setup, ticks).await?;
+    let let_go_before = let_go.load(Ordering::Relaxed);
+    let mut in_progress: std::collections::HashSet<String> = view
+        .states
+        .iter()
+        .filter(|(_, state)| in_progress_on_first_pf(state))
+        .map(|(node, _)| node.clone())
+        .collect();
+    let mut most_in_progress = in_progress.len();
     let started = Instant::now();
     Api::<VfPolicy>::all(client.clone())
         .patch(
@@ -359,9 +449,15 @@ async fn phase(
         for node in changed {
             if let Some(state) = view.states.get(&node) {
                 let from = since.get(&node).copied().unwrap_or(0);
+                if in_progress_on_first_pf(state) {
+                    in_progress.insert(node.clone());
+                } else {
+                    in_progress.remove(&node);
+                }
                 progress.insert(node, target.progress(state, from));
             }
         }
+        most_in_progress = most_in_progress.max(in_progress.len());
         let elapsed = started.elapsed().as_secs_f64();
         if spec_written.is_none() && progress.values().filter(|p| p.spec_ok).count() == setup.nodes {
             spec_written = Some(elapsed);
@@ -379,9 +475,125 @@ async fn phase(
         spec_written,
         converged,
         policy_status,
+        most_in_progress,
+        rollout: view
+            .policy
+            .as_ref()
+            .and_then(|p| p.status.as_ref())
+            .and_then(|s| s.rollout.clone()),
+        pods_let_go: let_go.load(Ordering::Relaxed) - let_go_before,
         before,
         after,
     })
+}
+
+/// Whether the node's spec asks a VF count on [`FIRST_PF`] other than the
+/// one its agent reports: the node is in a change (or has not reported).
+fn in_progress_on_first_pf(state: &NodeState) -> bool {
+    let written = state
+        .spec
+        .pfs
+        .iter()
+        .find(|pf| pf.pci_address.as_deref() == Some(FIRST_PF))
+        .map(|pf| pf.num_vfs);
+    let reported = state
+        .status
+        .as_ref()
+        .and_then(|s| s.pfs.iter().find(|pf| pf.pci_address == FIRST_PF))
+        .map(|pf| pf.num_vfs);
+    written.is_some() && written != reported
+}
+
+/// Puts a pod holding VF 0 of [`FIRST_PF`] on every node (its namespace
+/// first, with the `default` ServiceAccount the API server's admission
+/// wants and no controller-manager here makes), and waits until every
+/// node's agent names the pod as the VF's owner.
+async fn hold_a_vf_everywhere(
+    client: &Client,
+    setup: &BenchSetup,
+    view: &mut View,
+    streams: Streams<'_>,
+) -> anyhow::Result<()> {
+    let (states, policies) = streams;
+    let apply = PatchParams::apply("vfplane-scale-bench").force();
+    Api::<k8s_openapi::api::core::v1::Namespace>::all(client.clone())
+        .patch(
+            NAMESPACE,
+            &apply,
+            &Patch::Apply(
+                serde_json::json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}}),
+            ),
+        )
+        .await
+        .context("creating the fleet's namespace")?;
+    Api::<k8s_openapi::api::core::v1::ServiceAccount>::namespaced(client.clone(), NAMESPACE)
+        .patch(
+            "default",
+            &apply,
+            &Patch::Apply(serde_json::json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "default"}})),
+        )
+        .await
+        .context("creating the fleet namespace's default ServiceAccount")?;
+    let begun = Instant::now();
+    let first: vfplane_host::PciAddress = FIRST_PF.parse().context("the first PF's address")?;
+    futures::stream::iter(&setup.kubelets)
+        .map(|(kubelet, host)| async move {
+            let model = host
+                .discover()
+                .with_context(|| format!("discovering node {}", kubelet.node()))?;
+            let vf = model
+                .pfs
+                .iter()
+                .find(|pf| pf.pci.address == first)
+                .and_then(|pf| pf.vfs.iter().find(|vf| vf.index == 0))
+                .with_context(|| format!("node {}: no VF 0 on {FIRST_PF}", kubelet.node()))?;
+            let group = vf.pci.iommu_group.with_context(|| {
+                format!(
+                    "node {}: VF {} has no IOMMU group",
+                    kubelet.node(),
+                    vf.pci.address
+                )
+            })?;
+            kubelet
+                .hold(client, vf.pci.address, group, "vfplane.io/fast")
+                .await
+                .map_err(|error| anyhow::anyhow!(vfplane_host::error_chain(&error)))
+        })
+        .buffer_unordered(16)
+        .try_collect::<Vec<()>>()
+        .await?;
+    let owned = |view: &View| {
+        view.states
+            .values()
+            .filter(|state| {
+                state.status.iter().flat_map(|s| &s.pfs).any(|pf| {
+                    pf.pci_address == FIRST_PF && pf.vfs.iter().any(|vf| vf.index == 0 && vf.owner.is_some())
+                })
+            })
+            .count()
+    };
+    let deadline = tokio::time::Instant::now() + setup.phase_timeout;
+    while owned(view) < setup.nodes {
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "{} of {} nodes report their VF's owner after {:?}",
+            owned(view),
+            setup.nodes,
+            setup.phase_timeout
+        );
+        drain_until(
+            view,
+            (&mut *states, &mut *policies),
+            tokio::time::Instant::now() + Duration::from_millis(500),
+        )
+        .await;
+    }
+    eprintln!(
+        "scale: a pod holds a VF on each of {} nodes, named as its owner ({:.1} s)",
+        setup.nodes,
+        begun.elapsed().as_secs_f64()
+    );
+    Ok(())
 }
 
 /// Applies the watches' events until `until`.
@@ -513,17 +725,37 @@ fn render(
     let _ = writeln!(out);
     let _ = writeln!(
         out,
-        "{:<44} {:>12} {:>12} {:>14}",
-        "phase", "specs", "converged", "policy status"
+        "{:<66} {:>10} {:>10} {:>14} {:>12}",
+        "phase", "specs", "converged", "policy status", "most busy"
     );
     for report in reports.iter().filter(|r| r.converged.is_some()) {
         let _ = writeln!(
             out,
-            "{:<44} {:>12} {:>12} {:>14}",
+            "{:<66} {:>10} {:>10} {:>14} {:>12}",
             report.name,
             seconds(report.spec_written),
             seconds(report.converged),
-            seconds(report.policy_status)
+            seconds(report.policy_status),
+            report.most_in_progress
+        );
+    }
+    let _ = writeln!(
+        out,
+        "(most busy: the most nodes at once whose spec's VF count on {FIRST_PF} differs from the agent's report)"
+    );
+    for report in reports
+        .iter()
+        .filter(|r| r.rollout.is_some() || r.pods_let_go > 0)
+    {
+        let _ = writeln!(
+            out,
+            "{}: {} pods let go by the fleet's kubelets; the policy's rollout status at the end: {}",
+            report.name,
+            report.pods_let_go,
+            report.rollout.as_ref().map_or_else(
+                || "none".to_owned(),
+                |r| serde_json::to_string(r).unwrap_or_default()
+            )
         );
     }
     for report in reports {

@@ -12,6 +12,7 @@
 //! fleet holds nodes with one PF and nodes with two on two NUMA nodes.
 
 pub mod bench;
+pub mod kubelet;
 pub mod readings;
 
 use std::collections::BTreeMap;
@@ -22,12 +23,15 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::Node;
 use kube::Client;
 use kube::api::{Api, Patch, PatchParams};
+use vfplane_agent::attribution::PodResources;
 use vfplane_agent::kube_source::{Backoff, KubeSource};
 use vfplane_agent::netlink::fake::FakeNetlink;
 use vfplane_agent::reconcile::Reconciler;
 use vfplane_agent::run::{RunOptions, serve};
-use vfplane_host::PciAddress;
 use vfplane_host::fake::{FakeDevice, FakeKernel, FakeSysfs};
+use vfplane_host::{Host, PciAddress};
+
+pub use crate::kubelet::SimulatedKubelet;
 
 /// The label every simulated node carries, for a policy's nodeSelector.
 pub const SRIOV_LABEL: &str = "vfplane.io/sriov";
@@ -50,6 +54,9 @@ pub enum FleetError {
         #[source]
         source: std::io::Error,
     },
+    /// Its simulated kubelet could not start.
+    #[error(transparent)]
+    Kubelet(#[from] kubelet::KubeletError),
     /// Its agent thread could not start.
     #[error("starting the agent thread of node {node}")]
     Thread {
@@ -188,60 +195,82 @@ pub async fn register(client: Client, shape: &NodeShape) -> Result<(), FleetErro
     Ok(())
 }
 
+/// A simulated node: its agent's thread, its kubelet, its host.
+#[derive(Debug)]
+pub struct SimulatedNode {
+    /// The agent's thread (it runs until the process ends).
+    pub agent: std::thread::JoinHandle<()>,
+    /// The node's kubelet (pods holding VFs).
+    pub kubelet: SimulatedKubelet,
+    /// The node's host, as the agent sees it.
+    pub host: Host,
+}
+
 /// Starts the agent of node `shape` on its own thread: its tree under
 /// `parent`, its API tasks on `handle` through `client`, a pass every
-/// `resync` when nothing changes (the agent's `--resync-seconds`).
+/// `resync` when nothing changes (the agent's `--resync-seconds`), its
+/// owners from the node's [`SimulatedKubelet`].
 ///
 /// # Errors
-/// The tree or the thread could not be made.
+/// The tree, the kubelet's socket or the thread could not be made.
 pub fn spawn_agent(
     shape: &NodeShape,
     parent: &Path,
     client: Client,
     handle: &tokio::runtime::Handle,
     resync: Duration,
-) -> Result<std::thread::JoinHandle<()>, FleetError> {
+) -> Result<SimulatedNode, FleetError> {
     let tree = shape.tree(parent).map_err(|source| FleetError::Tree {
         node: shape.name.clone(),
         dir: parent.to_path_buf(),
         source,
     })?;
     let node_dir = tree.sysfs_root().parent().unwrap_or(parent).to_path_buf();
-    // The node's processes: none, so no VF is held (the agent scans /proc
-    // before it removes VFs, and refuses when it cannot).
+    // The node's processes: none until a pod holds a VF (the agent scans
+    // /proc before it removes VFs, and refuses when it cannot).
     let proc_root = node_dir.join("proc");
     std::fs::create_dir_all(&proc_root).map_err(|source| FleetError::Tree {
         node: shape.name.clone(),
         dir: proc_root.clone(),
         source,
     })?;
+    let (tx, rx) = mpsc::channel();
+    let kubelet = SimulatedKubelet::start(
+        &shape.name,
+        &proc_root,
+        &tree.dev_root(),
+        &node_dir.join("pod-resources.sock"),
+        tx.clone(),
+        handle,
+    )?;
     let kernel = FakeKernel::new(Arc::new(tree));
-    let reconciler = Reconciler::new(kernel.host(), shape.netlink(), shape.name.clone(), proc_root)
+    let host = kernel.host();
+    let reconciler = Reconciler::new(host.clone(), shape.netlink(), shape.name.clone(), proc_root)
         .with_handed_out_marks(node_dir.join("vf-state"));
     let options = RunOptions {
         status_file: None,
         pool_config: Some(node_dir.join("pools.yaml")),
         state_dir: Some(node_dir.join("vf-state")),
         resync,
-        pod_resources: None,
+        pod_resources: Some(Arc::new(PodResources::new(kubelet.socket(), handle.clone()))),
         scrubber: None,
         containers: None,
         metrics: None,
     };
     let mut source = KubeSource::new(handle.clone(), client, shape.name.clone(), Backoff::default());
-    std::thread::Builder::new()
+    let agent = std::thread::Builder::new()
         .name(shape.name.clone())
         .stack_size(512 * 1024)
         .spawn(move || {
             // The kernel (and its tree) lives as long as the agent.
             let _kernel = kernel;
-            let (tx, rx) = mpsc::channel();
             serve(&reconciler, &mut source, &options, tx, &rx)
         })
         .map_err(|source| FleetError::Thread {
             node: shape.name.clone(),
             source,
-        })
+        })?;
+    Ok(SimulatedNode { agent, kubelet, host })
 }
 
 #[cfg(test)]

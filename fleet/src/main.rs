@@ -57,6 +57,9 @@ struct Cli {
     /// Seconds a phase may take.
     #[arg(long, default_value_t = 900)]
     phase_timeout_seconds: u64,
+    /// `maxUnavailableNodes` of the last phase's rollout over held VFs.
+    #[arg(long, default_value_t = 50)]
+    max_unavailable: u32,
 }
 
 fn parse_replica(text: &str) -> Result<Measured, String> {
@@ -137,19 +140,15 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
 
     let begun = Instant::now();
     let resync = Duration::from_secs(cli.resync_seconds.max(1));
+    let mut kubelets = Vec::with_capacity(shapes.len());
     for shape in &shapes {
         // Each agent its own client: its own connections, as on a fleet.
         let client = agents_runtime
             .block_on(client(&agents))
             .with_context(|| format!("the client of {}", shape.name))?;
         // The thread runs until the process ends.
-        drop(spawn_agent(
-            shape,
-            &cli.dir,
-            client,
-            agents_runtime.handle(),
-            resync,
-        )?);
+        let node = spawn_agent(shape, &cli.dir, client, agents_runtime.handle(), resync)?;
+        kubelets.push((node.kubelet, node.host));
     }
     eprintln!(
         "fleet: {} agents running ({:.1} s)",
@@ -166,6 +165,8 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         phase_timeout: Duration::from_secs(cli.phase_timeout_seconds),
         fleet_pid: std::process::id(),
         others: cli.others.clone(),
+        kubelets,
+        max_unavailable: cli.max_unavailable,
     };
     let report = bench_runtime.block_on(vfplane_fleet::bench::run(admin, &setup))?;
     print!("{report}");

@@ -9,7 +9,10 @@
 //! - vfplane installed again with `dra.enabled=true`: the scrub,
 //!   attribution and locked-memory scenario of the device-plugin path
 //!   (`scenarios/scrub.rs`);
-//! - with its policy gone and the PF back to 0 VFs, the DRA scenarios
+//! - with its policy gone and the PF back to 0 VFs, a `numVfs` change
+//!   rolled out over a pod holding a VF, through its PodDisruptionBudget
+//!   (`scenarios/rollout.rs`);
+//! - the PF back to 0 VFs again, the DRA scenarios
 //!   (`scenarios/dra.rs`);
 //! - the NUMA scenario on the node-1 PF (`scenarios/numa.rs`), last, since
 //!   it restarts containerd and the kubelet.
@@ -23,6 +26,8 @@
 mod dra;
 #[path = "scenarios/numa.rs"]
 mod numa;
+#[path = "scenarios/rollout.rs"]
+mod rollout;
 #[path = "scenarios/scrub.rs"]
 mod scrub;
 
@@ -48,6 +53,7 @@ fn on_the_systemd_node_the_demo_passes_and_vfs_are_scrubbed_claimed_and_numa_ali
         .expect("helm install with DRA");
     scrub::scrub_and_quarantine(&mut session);
     scrub::clean_up(&mut session);
+    rollout::evict_through_a_budget(&mut session);
     dra::claims(&mut session);
     numa::numa_aligned(&mut session, NodeProfile::Systemd);
 }
