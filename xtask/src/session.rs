@@ -302,6 +302,31 @@ impl Session {
         Ok(began.elapsed())
     }
 
+    /// Waits (5 min at most) for the first JSON line of the driver tool
+    /// `tool` in `pod`'s log that `wanted` accepts, and returns it. A line
+    /// with an `error` is returned too, so the caller's check names it.
+    ///
+    /// # Errors
+    /// No such line in time, with the diagnostics.
+    pub fn driver_report(
+        &mut self,
+        pod: &str,
+        tool: &str,
+        wanted: impl Fn(&serde_json::Value) -> bool,
+    ) -> Result<serde_json::Value> {
+        let find = |logs: &str| {
+            logs.lines()
+                .filter(|l| l.starts_with('{'))
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .find(|v| v["tool"] == tool && (v.get("error").is_some() || wanted(v)))
+        };
+        self.wait(&format!("{pod}'s {tool} line"), Duration::from_secs(300), |c| {
+            Ok(c.kubectl_output(&["logs", pod]).is_ok_and(|l| find(&l).is_some()))
+        })?;
+        let logs = self.cluster.kubectl_output(&["logs", pod])?;
+        find(&logs).with_context(|| format!("{pod}'s {tool} line went from its log:\n{logs}"))
+    }
+
     /// The agent container's log (empty when kubectl fails).
     pub fn agent_log(&self) -> String {
         self.jsonpath(&["logs", "-n", NAMESPACE, "daemonset/vfplane-node", "-c", "agent"])
@@ -381,10 +406,6 @@ pub fn events(cluster: &Cluster, namespace: &str, reason: &str) -> Result<Vec<se
     Ok(list["items"].as_array().cloned().unwrap_or_default())
 }
 
-/// Every VF of every PF in the node's NodeState status, as JSON.
-///
-/// # Errors
-/// kubectl failing, or an answer that is not JSON.
 /// The node's allocatable count of `vfplane.io/<pool>`, trimmed (empty
 /// when the node has none or kubectl fails).
 pub fn allocatable(cluster: &Cluster, pool: &str) -> String {
@@ -399,6 +420,10 @@ pub fn allocatable(cluster: &Cluster, pool: &str) -> String {
         .unwrap_or_default()
 }
 
+/// Every VF of every PF in the node's NodeState status, as JSON.
+///
+/// # Errors
+/// kubectl failing, or an answer that is not JSON.
 pub fn node_vf_statuses(cluster: &Cluster) -> Result<Vec<serde_json::Value>> {
     let text = cluster.kubectl_output(&["get", "nodestate", NODE_NAME, "-o", "json"])?;
     let state: serde_json::Value = serde_json::from_str(&text).context("the NodeState is not JSON")?;

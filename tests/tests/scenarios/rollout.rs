@@ -127,20 +127,10 @@ fn pmd_pods(session: &Session) -> Vec<(String, String)> {
 
 /// The first `rxcount` line of `pod`'s log saying it is ready.
 fn driver_ready(session: &mut Session, pod: &str) -> Value {
-    let find = |logs: &str| {
-        logs.lines()
-            .filter(|l| l.starts_with('{'))
-            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .find(|v| v["tool"] == "rxcount" && (v.get("error").is_some() || v["event"] == "ready"))
-    };
-    session
-        .wait(&format!("{pod}'s driver ready"), Duration::from_secs(300), |c| {
-            Ok(c.kubectl_output(&["logs", pod]).is_ok_and(|l| find(&l).is_some()))
-        })
+    let line = session
+        .driver_report(pod, "rxcount", |v| v["event"] == "ready")
         .expect("the driver reports");
-    let logs = session.cluster().kubectl_output(&["logs", pod]).unwrap();
-    let line = find(&logs).unwrap();
-    assert!(line.get("error").is_none(), "{pod}: {line}\n{logs}");
+    assert!(line.get("error").is_none(), "{pod}: {line}");
     line
 }
 

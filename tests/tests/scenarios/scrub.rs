@@ -161,23 +161,13 @@ spec:
         .unwrap();
 }
 
-/// Waits for the first JSON line of `tool` in the pod's log that `wanted`
-/// accepts, and returns it; a line with an `error` fails the test.
+/// The first JSON line of `tool` in the pod's log that `wanted` accepts;
+/// a line with an `error` fails the test.
 fn report(session: &mut Session, pod: &str, tool: &str, wanted: impl Fn(&Value) -> bool) -> Value {
-    let find = |logs: &str| {
-        logs.lines()
-            .filter(|l| l.starts_with('{'))
-            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .find(|v| v["tool"] == tool && (v.get("error").is_some() || wanted(v)))
-    };
-    session
-        .wait(&format!("{pod}'s {tool} line"), Duration::from_secs(300), |c| {
-            Ok(c.kubectl_output(&["logs", pod]).is_ok_and(|l| find(&l).is_some()))
-        })
+    let line = session
+        .driver_report(pod, tool, wanted)
         .expect("the driver reports");
-    let logs = session.cluster().kubectl_output(&["logs", pod]).unwrap();
-    let line = find(&logs).unwrap();
-    assert!(line.get("error").is_none(), "{pod}: {line}\n{logs}");
+    assert!(line.get("error").is_none(), "{pod}: {line}");
     line
 }
 
