@@ -46,6 +46,8 @@ pub struct ScaleOptions {
     pub idle_seconds: u64,
     /// Seconds a phase may take before the bench gives up.
     pub phase_timeout_seconds: u64,
+    /// `maxUnavailableNodes` of the rollout over held VFs.
+    pub max_unavailable: u32,
 }
 
 /// The controller's service account, as the chart names it.
@@ -186,6 +188,7 @@ fn one_size(
         .arg(format!("--agent-kubeconfig={}", agent_kubeconfig.display()))
         .arg(format!("--dir={}", trees.display()))
         .arg(format!("--idle-seconds={}", options.idle_seconds))
+        .arg(format!("--max-unavailable={}", options.max_unavailable))
         .arg(format!(
             "--phase-timeout-seconds={}",
             options.phase_timeout_seconds

@@ -166,6 +166,10 @@ enum BenchCommand {
         /// Seconds a phase may take before the bench fails.
         #[arg(long, default_value_t = 1200)]
         phase_timeout_seconds: u64,
+        /// `maxUnavailableNodes` of the last phase, which rolls numVfs
+        /// over a VF held on every node.
+        #[arg(long, default_value_t = 50)]
+        max_unavailable: u32,
     },
     /// What a pool's container profile adds to a container's creation on
     /// the real node: pods applied -> Running, with no VF, with a VF of a
@@ -421,12 +425,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     nodes,
                     idle_seconds,
                     phase_timeout_seconds,
+                    max_unavailable,
                 },
         } => {
             let options = xtask::bench_scale::ScaleOptions {
                 nodes,
                 idle_seconds,
                 phase_timeout_seconds,
+                max_unavailable,
             };
             let workspace = xtask::testbed::workspace_root();
             // Each size's report is printed as it is done.
