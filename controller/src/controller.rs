@@ -287,6 +287,7 @@ async fn evict_holders(
             }
             Err(kube::Error::Api(status)) if status.code == 404 => {}
             Err(kube::Error::Api(status)) if status.code == 429 => {
+                info!(pod = %format!("{}/{}", pod.namespace, pod.name), message = %status.message, "eviction refused; asked again later");
                 ctx.rollouts.eviction_failed(node, &pod);
                 retry = Some(EVICTION_RETRY);
                 trouble.get_or_insert(vfplane_proto::vf_policy::RolloutBlock {
@@ -313,20 +314,26 @@ async fn evict_holders(
             }
         }
     }
+    let concerned: std::collections::BTreeSet<&str> = planned
+        .claims
+        .iter()
+        .filter(|c| busy.contains(&c.pf))
+        .map(|c| c.policy.as_str())
+        .collect();
     if retry.is_none() {
         // Every holder is on its way out: an earlier block is over.
-        ctx.rollouts.note(node, None);
+        if ctx.rollouts.note(node, None) {
+            ctx.rollouts.touch_policies(concerned.iter().copied());
+        }
         return None;
     }
     if let Some(block) = trouble
         && ctx.rollouts.note(node, Some(block.clone()))
     {
-        for name in planned
-            .claims
-            .iter()
-            .filter(|c| busy.contains(&c.pf))
-            .map(|c| &c.policy)
-        {
+        // The policies' status says so: nothing else would ask for it, as
+        // no NodeState changes.
+        ctx.rollouts.touch_policies(concerned.iter().copied());
+        for name in &concerned {
             if let Some(policy) = ctx.policies.get(&ObjectRef::new(name)) {
                 let note = format!("node {}: {}", block.node, block.message);
                 post_event(
@@ -698,6 +705,7 @@ pub async fn run_with(
 ) {
     let shutdown = futures::FutureExt::shared(shutdown);
     let (wake_tx, mut wake_rx) = tokio::sync::mpsc::unbounded_channel();
+    let (wake_policies_tx, mut wake_policies_rx) = tokio::sync::mpsc::unbounded_channel();
     let ctx = Arc::new(Context {
         client: client.clone(),
         nodes: watches.nodes.store(),
@@ -705,7 +713,7 @@ pub async fn run_with(
         states: watches.states.store(),
         metrics,
         status_throttle: StatusThrottle::default(),
-        rollouts: Rollouts::new(wake_tx),
+        rollouts: Rollouts::new(wake_tx, wake_policies_tx),
         recorder: recorder(&client),
     });
 
@@ -757,6 +765,7 @@ pub async fn run_with(
         watches.states.subscribe().touched_objects(),
         move |_state: NodeState| every_policy(&for_states),
     )
+    .reconcile_on(futures::stream::poll_fn(move |cx| wake_policies_rx.poll_recv(cx)))
     .graceful_shutdown_on(shutdown)
     .run(reconcile_policy, error_policy("policies"), ctx)
     .for_each(|_| std::future::ready(()));

@@ -353,6 +353,7 @@ pub enum Admission {
 pub struct Rollouts {
     ledger: Arc<Mutex<Ledger>>,
     wake: Option<tokio::sync::mpsc::UnboundedSender<ObjectRef<Node>>>,
+    wake_policies: Option<tokio::sync::mpsc::UnboundedSender<ObjectRef<VfPolicy>>>,
 }
 
 #[derive(Debug, Default)]
@@ -386,11 +387,25 @@ impl Ledger {
 
 impl Rollouts {
     /// A ledger that sends the nodes to reconcile again, when a place
-    /// frees, on `wake`.
-    pub fn new(wake: tokio::sync::mpsc::UnboundedSender<ObjectRef<Node>>) -> Self {
+    /// frees, on `wake`, and the policies whose status a node's note
+    /// changes on `wake_policies` (no NodeState changes with it).
+    pub fn new(
+        wake: tokio::sync::mpsc::UnboundedSender<ObjectRef<Node>>,
+        wake_policies: tokio::sync::mpsc::UnboundedSender<ObjectRef<VfPolicy>>,
+    ) -> Self {
         Self {
             ledger: Arc::default(),
             wake: Some(wake),
+            wake_policies: Some(wake_policies),
+        }
+    }
+
+    /// Asks for the status of `policies` again.
+    pub fn touch_policies<'a>(&self, policies: impl IntoIterator<Item = &'a str>) {
+        if let Some(wake) = &self.wake_policies {
+            for policy in policies {
+                let _ = wake.send(ObjectRef::new(policy));
+            }
         }
     }
 

@@ -198,12 +198,25 @@ impl Session {
                 "daemonset/vfplane-node",
                 "device-plugin",
             ),
-            ("controller", "deployment/vfplane-controller", "controller"),
         ] {
             logs.push_str(&format!("--- {title} ---\n"));
             let args = ["logs", "-n", NAMESPACE, workload, "-c", container, "--tail=15"];
             logs.push_str(&self.cluster.kubectl_output(&args).unwrap_or_default());
         }
+        // Every replica: `deployment/...` picks one, maybe the standby.
+        logs.push_str("--- controller replicas ---\n");
+        let args = [
+            "logs",
+            "-n",
+            NAMESPACE,
+            "-l",
+            "app.kubernetes.io/component=controller",
+            "-c",
+            "controller",
+            "--prefix",
+            "--tail=15",
+        ];
+        logs.push_str(&self.cluster.kubectl_output(&args).unwrap_or_default());
         format!(
             "--- pods ---\n{pods}\n--- events in {NAMESPACE} (newest first) ---\n{}\n{logs}",
             tail.join("\n")

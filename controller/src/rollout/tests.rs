@@ -239,7 +239,8 @@ async fn admissions_count_busy_nodes_before_their_writes_are_seen_and_wake_the_w
         store(states),
     );
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let ledger = Rollouts::new(tx);
+    let (policy_tx, _policy_rx) = tokio::sync::mpsc::unbounded_channel();
+    let ledger = Rollouts::new(tx, policy_tx);
     let limits = [("fast".to_owned(), 2)];
     let now = Instant::now();
     let ask = |node: &str| ledger.admit(node, &limits, &policies, &nodes, &states, now);
