@@ -124,6 +124,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let ctx = Arc::new(Context {
             recorder: recorder(&client),
             rollouts: Rollouts::default(),
+            evictions: client.clone(),
             client,
             nodes: filled(nodes.clone()),
             policies: filled(policies.clone()),

@@ -128,6 +128,9 @@ pub struct Context {
     pub rollouts: Rollouts,
     /// Posts the rollouts' Events (evictions, blocks, completions).
     pub recorder: Recorder,
+    /// The client of evictions: without kube's default retry of 429, which
+    /// would hold a reconcile for minutes on a budget's refusal.
+    pub evictions: Client,
 }
 
 impl std::fmt::Debug for Context {
@@ -238,10 +241,12 @@ async fn evict_holders(
     let node = &planned.node;
     let seen = state.status.as_ref().and_then(|s| s.observed_generation);
     if seen != state.metadata.generation {
+        tracing::debug!(?seen, generation = ?state.metadata.generation, "no eviction before the agent has seen the spec");
         return None;
     }
     let rule = rollout::governance(&planned.claims, busy, ordered);
     if !rule.evict {
+        tracing::debug!(pfs = ?busy, "no eviction: not every policy with VFs there says evictPods");
         return None;
     }
     let mut retry = None;
@@ -250,7 +255,8 @@ async fn evict_holders(
         if !ctx.rollouts.first_eviction(node, &pod) {
             continue;
         }
-        let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &pod.namespace);
+        info!(pod = %format!("{}/{}", pod.namespace, pod.name), vfs = %pod.vfs.join(", "), "evicting the pod holding VFs of a PF in a change");
+        let api: Api<Pod> = Api::namespaced(ctx.evictions.clone(), &pod.namespace);
         // The body by hand: kube's `Api::evict` names the field
         // `delete_options`, which the API server ignores, and with it the
         // UID precondition.
@@ -680,26 +686,30 @@ impl ClusterWatches {
 }
 
 /// Runs both controllers, over watches of their own, until `shutdown`
-/// resolves; the watches stop with them. A process that also serves the
-/// webhook shares one set of watches through [`run_with`] instead.
+/// resolves; the watches stop with them; evictions go through `client` too
+/// (see [`run_with`]). A process that also serves the webhook shares one
+/// set of watches through [`run_with`] instead.
 pub async fn run(
     client: Client,
     metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
     let (watches, watching) = ClusterWatches::new(&client);
-    let controllers = run_with(watches, client, metrics, shutdown);
+    let controllers = run_with(watches, client.clone(), client, metrics, shutdown);
     // The watches never end on their own (their watchers retry), so this
     // ends when the controllers do.
     futures::future::select(pin!(controllers), pin!(watching)).await;
 }
 
-/// Runs both controllers over `watches` until `shutdown` resolves. They
+/// Runs both controllers over `watches` until `shutdown` resolves;
+/// `evictions` is the client of the rollouts' evictions (one that does not
+/// retry a 429 itself: a PodDisruptionBudget's refusal is one). They
 /// subscribe here: each starts from a listing of the stores, waiting for
 /// the first one if need be (see [`crate::shared_watch`]).
 pub async fn run_with(
     watches: ClusterWatches,
     client: Client,
+    evictions: Client,
     metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
@@ -714,6 +724,7 @@ pub async fn run_with(
         metrics,
         status_throttle: StatusThrottle::default(),
         rollouts: Rollouts::new(wake_tx, wake_policies_tx),
+        evictions,
         recorder: recorder(&client),
     });
 

@@ -43,9 +43,16 @@ fn main() -> ExitCode {
 }
 
 async fn run(args: RunArgs) -> Result<()> {
-    let client = Client::try_default().await.context(
+    let config = kube::Config::infer().await.context(
         "no Kubernetes credentials: neither the in-cluster service account nor a kubeconfig (KUBECONFIG or ~/.kube/config) was found",
     )?;
+    let client = Client::try_from(config.clone()).context("building the API client")?;
+    // Evictions without kube's default retry of 429: a budget's refusal is
+    // a verdict the rollout waits on, not a transient failure to retry for
+    // minutes inside one request.
+    let mut no_retry = config;
+    no_retry.default_retry = false;
+    let evictions = Client::try_from(no_retry).context("building the eviction client")?;
     let metrics = Arc::new(Metrics::default());
     let (stop_tx, stop_rx) = watch::channel(false);
     let stop_tx = Arc::new(stop_tx);
@@ -105,14 +112,14 @@ async fn run(args: RunArgs) -> Result<()> {
     let lease = LeaseConfig::new(args.lease_name, identity);
     let outcome: Result<()> = if args.no_leader_election {
         metrics.set_leader(true);
-        controller::run_with(watches, client, Arc::clone(&metrics), stopped()).await;
+        controller::run_with(watches, client, evictions, Arc::clone(&metrics), stopped()).await;
         Ok(())
     } else {
         tokio::select! {
             () = leader::acquire(&lease_api, &lease) => {
                 metrics.set_leader(true);
                 tokio::select! {
-                    () = controller::run_with(watches, client, Arc::clone(&metrics), stopped()) => Ok(()),
+                    () = controller::run_with(watches, client, evictions, Arc::clone(&metrics), stopped()) => Ok(()),
                     lost = leader::keep(&lease_api, &lease) => Err(anyhow::Error::new(lost)),
                 }
             }

@@ -400,6 +400,7 @@ async fn the_controllers_and_the_webhook_view_share_one_watch_per_kind() {
     tokio::spawn(controller::run_with(
         watches,
         api.client(),
+        api.client(),
         Arc::new(Metrics::default()),
         std::future::pending(),
     ));

@@ -93,6 +93,7 @@ fn context(nodes: Vec<Node>, policies: Vec<VfPolicy>, states: Vec<NodeState>) ->
     let ctx = Context {
         recorder: recorder(&client),
         rollouts: Rollouts::default(),
+        evictions: client.clone(),
         client,
         nodes: filled(nodes),
         policies: filled(policies),

@@ -178,7 +178,10 @@ pub fn evict_through_a_budget(session: &mut Session) {
                 Ok(rollout["nodesWaitingOnPdb"] == 1)
             },
         )
-        .unwrap();
+        .unwrap_or_else(|error| {
+            let objects = session.jsonpath(&["get", "vfpolicy,nodestate", "-o", "yaml"]);
+            panic!("{error:#}\n--- the policy and the NodeState ---\n{objects}")
+        });
     let rollout = rollout_status(session);
     let blocked = &rollout["blocked"][0];
     assert_eq!(blocked["node"], NODE_NAME, "{rollout}");
