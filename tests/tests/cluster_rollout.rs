@@ -29,8 +29,6 @@ fn on_the_minimal_node_a_numvfs_change_evicts_the_holding_pod_through_its_budget
         ..ClusterOptions::default()
     };
     let mut session = Session::start(&testbed, options).expect("cluster");
-    session
-        .install_vfplane_with(&["logLevel=info\\,vfplane_controller=debug"])
-        .expect("helm install");
+    session.install_vfplane().expect("helm install");
     rollout::evict_through_a_budget(&mut session);
 }
