@@ -405,11 +405,20 @@ async fn phase(
         view.policy.as_ref().is_some_and(|p| {
             let generation = p.metadata.generation.unwrap_or(0);
             p.status.as_ref().is_some_and(|s| {
+                // A rollout's status counts the old VFs ready on nodes it
+                // has not reached yet: with one, it must say done too.
+                let rolled = p.spec.rollout.is_none()
+                    || s.rollout.as_ref().is_some_and(|r| {
+                        r.nodes_done as usize == setup.nodes
+                            && r.nodes_in_progress == 0
+                            && r.nodes_pending == 0
+                    });
                 generation > policy_generation
                     && s.observed_generation == Some(generation)
                     && s.matched_nodes as usize == setup.nodes
                     && s.ready_vfs == wanted_vfs
                     && s.requested_vfs == wanted_vfs
+                    && rolled
             })
         })
     };
