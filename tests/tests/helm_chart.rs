@@ -1035,6 +1035,10 @@ fn rbac_is_least_privilege_and_exactly_what_the_code_calls() {
                 &["get", "list", "watch", "create", "patch"],
             ),
             ("", "nodes", &["get", "list", "watch"]),
+            // A rollout's evictions and Events (controller/src/controller.rs:
+            // evict_holders, post_event).
+            ("", "pods/eviction", &["create"]),
+            ("events.k8s.io", "events", &["create", "patch"]),
         ];
         if r.name == "dra" || r.name == "dra-binding" {
             // The pod webhook reads the claims a pod names
