@@ -383,6 +383,19 @@ impl Ledger {
                 .get(node)
                 .is_some_and(|at| now < *at + ADMISSION_UNSEEN_FOR)
     }
+
+    /// Every node counted busy at `now`: busy in the store, or admitted and
+    /// not yet seen.
+    fn busy_nodes(&self, now: Instant) -> BTreeSet<String> {
+        let mut all = self.busy.clone();
+        all.extend(
+            self.admitted
+                .iter()
+                .filter(|(_, at)| now < **at + ADMISSION_UNSEEN_FOR)
+                .map(|(n, _)| n.clone()),
+        );
+        all
+    }
 }
 
 impl Rollouts {
@@ -470,14 +483,7 @@ impl Rollouts {
             }
             ledger.counted = true;
         }
-        let mut busy_nodes: BTreeSet<&String> = ledger.busy.iter().collect();
-        busy_nodes.extend(
-            ledger
-                .admitted
-                .iter()
-                .filter(|(_, at)| now < **at + ADMISSION_UNSEEN_FOR)
-                .map(|(n, _)| n),
-        );
+        let busy_nodes = ledger.busy_nodes(now);
         for (policy, limit) in limits {
             let Some(spec) = policies.get(&ObjectRef::new(policy)).map(|p| p.spec.clone()) else {
                 continue;
@@ -497,7 +503,6 @@ impl Rollouts {
                     busy,
                     limit: *limit,
                 };
-                drop(busy_nodes);
                 if !ledger.waiting_since.contains_key(node) {
                     let seq = ledger.next;
                     ledger.next += 1;
@@ -507,7 +512,6 @@ impl Rollouts {
                 return full;
             }
         }
-        drop(busy_nodes);
         if let Some(seq) = ledger.waiting_since.remove(node) {
             ledger.waiting.remove(&seq);
         }
@@ -558,16 +562,7 @@ impl Rollouts {
 
     /// Nodes counted busy now (for tests and logs).
     pub fn busy_count(&self, now: Instant) -> usize {
-        let ledger = self.lock();
-        let mut all: BTreeSet<&String> = ledger.busy.iter().collect();
-        all.extend(
-            ledger
-                .admitted
-                .iter()
-                .filter(|(_, at)| now < **at + ADMISSION_UNSEEN_FOR)
-                .map(|(n, _)| n),
-        );
-        all.len()
+        self.lock().busy_nodes(now).len()
     }
 }
 
